@@ -1,0 +1,32 @@
+//! Renkei's protocol, defined once for the agent, the broker, the dashboard and integrators.
+//!
+//! Data flow: an agent builds an [`model::Envelope`], [`codec::encode`]s it and publishes it on
+//! [`topic::Topic::of`] the envelope; the broker and the dashboard [`codec::decode`] it (which
+//! [`validate`]s it), check it arrived on its own topic ([`validate::validate_for_topic`]) and
+//! [`reducer::State::apply`] it to the cross-ward state, from which they read per-ward
+//! [`reducer::WardRollup`]s.
+//!
+//! Layout:
+//! - [`ward`]: the 23 special wards and their official codes;
+//! - [`model`]: the messages of DOMAIN.md;
+//! - [`topic`]: every MQTT topic, built and parsed;
+//! - [`codec`]: postcard framing with a version byte and a size limit;
+//! - [`validate`]: what a decoded message must also satisfy;
+//! - [`reducer`]: the state and the one function that changes it;
+//! - [`sample`]: one example of every message (golden vectors, docs, tests).
+//!
+//! The crate builds for `wasm32-unknown-unknown` and has no I/O.
+
+pub mod codec;
+pub mod model;
+pub mod reducer;
+pub mod sample;
+pub mod topic;
+pub mod validate;
+pub mod ward;
+
+pub use codec::{CodecError, decode, encode};
+pub use model::*;
+pub use reducer::{Change, Level, Scope, State, WardRollup, World};
+pub use topic::Topic;
+pub use ward::{WARDS, Ward, WardCode};
