@@ -942,7 +942,10 @@ pub enum CommandAction {
     /// Send a fresh full report (rebirth).
     Rebirth,
     /// Change the heartbeat interval.
-    SetInterval { seconds: u32 },
+    SetInterval {
+        #[cfg_attr(test, proptest(strategy = "1u32..=86_400"))]
+        seconds: u32,
+    },
 }
 
 #[cfg(test)]

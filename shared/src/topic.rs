@@ -151,6 +151,7 @@ impl Topic {
                 request_id: id(request_id)?,
             }),
             ["cmd", w, s] => Ok(Topic::Command { site: site(w, s)? }),
+            ["hq" | "cmd", ..] => Err(TopicError::Shape),
             [w, s, channel] => {
                 let channel = match *channel {
                     "status" => SiteChannel::Status,
