@@ -1,1 +1,378 @@
-fn main() {}
+//! Developer commands for Renkei, run from anywhere in the repository:
+//!
+//! - `cargo xtask demo`  — builds the dashboard and the programs, starts the broker (data in
+//!   `var/demo`), starts a simulator for the 23 wards and prints the URL to open.
+//! - `cargo xtask test`  — every check CI runs: format, clippy (native and wasm32), the
+//!   dashboard's release build, all Rust tests, and the browser tests in real Chromium.
+//! - `cargo xtask setup` — installs only the tools the two commands above need.
+//!
+//! On a fresh machine the tools are installed from the package registries only: the wasm32
+//! target (rustup), Trunk and wasm-bindgen-cli (cargo install, versions pinned below and to
+//! Cargo.lock), Chromium, ChromeDriver and Mosquitto (Debian). Installed tools are reused when
+//! their versions match, so only the first run on a machine pays for them.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Trunk 0.22 needs a newer rustc than the stable toolchain here; 0.21.14 builds on it.
+const TRUNK_VERSION: &str = "0.21.14";
+/// Debian packages the tests use as real peers and browser.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("chromium", "/usr/bin/chromium"),
+    ("chromium-driver", "/usr/bin/chromedriver"),
+    ("mosquitto", "/usr/sbin/mosquitto"),
+    ("mosquitto-clients", "/usr/bin/mosquitto_sub"),
+];
+
+#[derive(Parser)]
+#[command(about = "Renkei developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Start the whole system with embedded defaults: broker, dashboard and simulated wards.
+    Demo {
+        /// Simulated sites across the 23 wards.
+        #[arg(long, default_value_t = 300)]
+        sites: u32,
+        /// HTTP port of the dashboard and API.
+        #[arg(long, default_value_t = 8080)]
+        http_port: u16,
+    },
+    /// Run every check and test that CI runs.
+    Test {
+        /// Also run the long tests (soaks, long fault injection).
+        #[arg(long)]
+        long: bool,
+    },
+    /// Install the tools the demo and the tests need.
+    Setup,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Task::Demo { sites, http_port } => demo(sites, http_port),
+        Task::Test { long } => test(long),
+        Task::Setup => setup(true),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The repository root (the parent of this crate).
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn cargo_bin_dir() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+        .join("bin")
+}
+
+/// A step announced on stderr, timed, failing with its command line.
+fn run(step: &str, cmd: &mut Command) -> Result<()> {
+    eprintln!("==> {step}");
+    let start = Instant::now();
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{step} failed ({status}): {cmd:?}");
+    }
+    eprintln!("    {step}: ok in {:.0?}", start.elapsed());
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+/// The first line a command prints, if it runs.
+fn version_of(program: &str, arg: &str) -> Option<String> {
+    let out = Command::new(program).arg(arg).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    Some(text.lines().next().unwrap_or_default().trim().to_owned())
+}
+
+/// The version of a package as Cargo.lock resolved it.
+fn locked_version(package: &str) -> Result<String> {
+    let lock = std::fs::read_to_string(root().join("Cargo.lock")).context("reading Cargo.lock")?;
+    let needle = format!("name = \"{package}\"\nversion = \"");
+    let start = lock
+        .find(&needle)
+        .with_context(|| format!("{package} is not in Cargo.lock"))?
+        + needle.len();
+    let end = lock[start..].find('"').context("Cargo.lock is malformed")? + start;
+    Ok(lock[start..end].to_owned())
+}
+
+/// Installs what is missing. `browser` also brings the Debian packages for the tests.
+fn setup(browser: bool) -> Result<()> {
+    let targets = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output();
+    let has_wasm = targets
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains("wasm32-unknown-unknown"))
+        .unwrap_or(false);
+    if !has_wasm {
+        run(
+            "rustup target add wasm32-unknown-unknown",
+            Command::new("rustup").args(["target", "add", "wasm32-unknown-unknown"]),
+        )?;
+    }
+
+    let wasm_bindgen = locked_version("wasm-bindgen")?;
+    let have = version_of(&tool("wasm-bindgen"), "--version").unwrap_or_default();
+    if have != format!("wasm-bindgen {wasm_bindgen}") {
+        // `--locked` fails here: a locked dependency of wasm-bindgen-cli is missing from the
+        // registry mirror. The version itself is pinned to Cargo.lock's wasm-bindgen.
+        run(
+            &format!("cargo install wasm-bindgen-cli {wasm_bindgen} (once per machine, ~4 min)"),
+            cargo().args(["install", "wasm-bindgen-cli", "--version", &wasm_bindgen]),
+        )?;
+    }
+
+    let have = version_of(&tool("trunk"), "--version").unwrap_or_default();
+    if have != format!("trunk {TRUNK_VERSION}") {
+        run(
+            &format!("cargo install trunk {TRUNK_VERSION} (once per machine, ~16 min)"),
+            cargo().args(["install", "--locked", "trunk", "--version", TRUNK_VERSION]),
+        )?;
+    }
+
+    if browser {
+        let missing: Vec<&str> = DEBIAN_PACKAGES
+            .iter()
+            .filter(|(_, file)| !Path::new(file).exists())
+            .map(|(pkg, _)| *pkg)
+            .collect();
+        if !missing.is_empty() {
+            run(
+                "apt-get update",
+                Command::new("apt-get").args(["update", "-qq"]),
+            )?;
+            run(
+                &format!("apt-get install {}", missing.join(" ")),
+                Command::new("apt-get")
+                    .env("DEBIAN_FRONTEND", "noninteractive")
+                    .args(["install", "-y", "-qq", "--no-install-recommends"])
+                    .args(&missing),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A tool's path: from ~/.cargo/bin when it is there, else by name from PATH.
+fn tool(name: &str) -> String {
+    let installed = cargo_bin_dir().join(name);
+    if installed.exists() {
+        installed.display().to_string()
+    } else {
+        name.to_owned()
+    }
+}
+
+/// A command with ~/.cargo/bin first on its PATH: Trunk looks up wasm-bindgen there, and a
+/// fresh machine's shell may not have it on PATH yet.
+fn with_path(mut cmd: Command) -> Command {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    paths.insert(0, cargo_bin_dir());
+    if let Ok(joined) = std::env::join_paths(paths) {
+        cmd.env("PATH", joined);
+    }
+    cmd
+}
+
+/// Builds the dashboard into `dist/` with Trunk, offline (no tool downloads).
+fn build_dashboard() -> Result<()> {
+    run("cargo fetch", cargo().args(["fetch", "--locked"]))?;
+    run(
+        "trunk build (dashboard, release)",
+        with_path(Command::new(tool("trunk"))).args(["build", "--release", "--offline"]),
+    )
+}
+
+fn test(long: bool) -> Result<()> {
+    let start = Instant::now();
+    setup(true)?;
+    run(
+        "cargo fmt --check",
+        cargo().args(["fmt", "--all", "--", "--check"]),
+    )?;
+    run(
+        "clippy (native, all targets)",
+        cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run(
+        "clippy (dashboard, wasm32)",
+        cargo().args([
+            "clippy",
+            "-p",
+            "renkei-dashboard",
+            "--target",
+            "wasm32-unknown-unknown",
+            "--locked",
+            "--",
+            "-D",
+            "warnings",
+        ]),
+    )?;
+    run(
+        "shared builds for wasm32",
+        cargo().args([
+            "build",
+            "-p",
+            "renkei-shared",
+            "--target",
+            "wasm32-unknown-unknown",
+            "--locked",
+        ]),
+    )?;
+    build_dashboard()?;
+    let mut tests = with_path(cargo());
+    tests.args(["test", "--workspace", "--locked"]);
+    if long {
+        tests.env("RENKEI_LONG_TESTS", "1");
+    }
+    run(
+        "cargo test --workspace (unit, integration and browser tests)",
+        &mut tests,
+    )?;
+    eprintln!("==> all checks passed in {:.0?}", start.elapsed());
+    Ok(())
+}
+
+/// Kills the demo's children when the demo ends, however it ends.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn demo(sites: u32, http_port: u16) -> Result<()> {
+    setup(false)?;
+    build_dashboard()?;
+    run(
+        "cargo build --release (broker, agent)",
+        cargo().args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "renkei-broker",
+            "-p",
+            "renkei-agent",
+        ]),
+    )?;
+    let bin = root().join("target/release");
+    let mut children = Children(Vec::new());
+
+    let mut broker = Command::new(bin.join("renkei-broker"))
+        .current_dir(root())
+        .args([
+            "serve",
+            "--demo",
+            "--data",
+            "var/demo",
+            "--dashboard",
+            "dist",
+        ])
+        .args(["--http", &format!("0.0.0.0:{http_port}")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting renkei-broker")?;
+    let stdout = broker.stdout.take().context("broker stdout")?;
+    children.0.push(broker);
+    let ready = wait_for_ready(stdout, Duration::from_secs(30))?;
+    let mqtt = ready
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("mqtt="))
+        .context("the broker's ready line names no mqtt address")?
+        .replace("0.0.0.0", "127.0.0.1");
+    let http = ready
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("http="))
+        .context("the broker's ready line names no http address")?
+        .replace("0.0.0.0", "127.0.0.1");
+
+    let simulator = Command::new(bin.join("renkei-agent"))
+        .current_dir(root())
+        .args([
+            "simulate",
+            "--broker",
+            &format!("mqtt://{mqtt}"),
+            "--sites",
+            &sites.to_string(),
+        ])
+        .args(["--state-dir", "var/demo/agents"])
+        .spawn()
+        .context("starting the simulator")?;
+    children.0.push(simulator);
+
+    println!();
+    println!("  Renkei is running: open http://{http}/  (Ctrl-C to stop)");
+    println!("  MQTT: mqtt://{mqtt}   {sites} simulated sites across the 23 wards");
+    println!();
+    // Wait until one of the children ends (or Ctrl-C ends us and the guard kills them).
+    loop {
+        for child in &mut children.0 {
+            if let Some(status) = child.try_wait()? {
+                bail!("a demo process exited: {status}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Reads the broker's stdout until its `renkei-broker ready …` line, then keeps draining it.
+fn wait_for_ready(stdout: std::process::ChildStdout, timeout: Duration) -> Result<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref().map_while(Result::ok) {
+            if line.starts_with("renkei-broker ready") {
+                let _ = tx.send(line);
+                break;
+            }
+        }
+        for _ in lines {}
+    });
+    rx.recv_timeout(timeout)
+        .context("the broker did not report ready in time")
+}
