@@ -1,0 +1,705 @@
+//! Settings of `renkei-agent run`: from a TOML file, overridden by command-line flags.
+//!
+//! The file and the flags fill the same [`RawConfig`] (every value as text, the keys named
+//! like the flags with `_` for `-`), so both go through one parser and every error names the
+//! key and the value that is wrong. [`RawConfig::resolve`] turns it into an [`AgentConfig`].
+//!
+//! ```toml
+//! broker = "mqtt://hq.example:1883"
+//! ward = 131041                  # or "13104"; the 23 special wards only
+//! site = "nishi-shinjuku-es"     # 1–64 of A–Z a–z 0–9 _ -
+//! name = "西新宿小学校"
+//! kind = "shelter"               # ward_office | shelter | depot
+//! interval = "30s"               # heartbeat: ms, s, m, h
+//! mode = "actual"                # actual | exercise | test
+//! state_dir = "/var/lib/renkei"  # default ./var/agent-{site}
+//! location = "35.6895,139.6917"  # optional, WGS84 degrees
+//! username = "agent-131041-nishi-shinjuku-es"
+//! password = "…"                 # or RENKEI_AGENT_PASSWORD
+//! evacuees = 120                 # shelters only
+//! capacity = 450
+//! shelter_state = "open"         # not_open | preparing | open | closed | unknown
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use renkei_shared::validate::MAX_NAME_BYTES;
+use renkei_shared::{GeoPoint, Id, Mode, ShelterState, SiteKind, SiteRef, WardCode};
+use serde::{Deserialize, Deserializer};
+
+/// Heartbeat interval when none is given.
+pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
+/// Port of a `mqtt://` address without one.
+pub const DEFAULT_MQTT_PORT: u16 = 1883;
+/// The longest heartbeat interval a status can carry (one day).
+pub const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
+
+/// Why the settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The config file is not valid TOML or has a key this agent does not know.
+    #[error("config file {}: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    /// A setting without a default was given nowhere.
+    #[error("missing {key}: give --{} or `{key} = …` in the config file", key.replace('_', "-"))]
+    Missing { key: &'static str },
+    /// A setting has a value that cannot be used.
+    #[error("{key} = {value:?}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Settings as given, before checking. Filled by the config file and by the flags alike.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Broker address: mqtt://HOST[:PORT]
+    #[arg(long, value_name = "URL")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub broker: Option<String>,
+    /// Ward code, six digits (131041) or five (13104)
+    #[arg(long, value_name = "CODE")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub ward: Option<String>,
+    /// Site id within Renkei (A–Z a–z 0–9 _ -)
+    #[arg(long, value_name = "ID")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub site: Option<String>,
+    /// The site's name as staff know it
+    #[arg(long)]
+    #[serde(default, deserialize_with = "scalar")]
+    pub name: Option<String>,
+    /// ward_office | shelter | depot [default: shelter]
+    #[arg(long)]
+    #[serde(default, deserialize_with = "scalar")]
+    pub kind: Option<String>,
+    /// Heartbeat interval, e.g. 30s, 2m [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub interval: Option<String>,
+    /// actual | exercise | test [default: actual]
+    #[arg(long)]
+    #[serde(default, deserialize_with = "scalar")]
+    pub mode: Option<String>,
+    /// Where the boot id is kept [default: ./var/agent-{site}]
+    #[arg(long, value_name = "DIR")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub state_dir: Option<String>,
+    /// The site's position, "LAT,LON" in degrees
+    #[arg(long, value_name = "LAT,LON", allow_hyphen_values = true)]
+    #[serde(default, deserialize_with = "scalar")]
+    pub location: Option<String>,
+    /// MQTT user name
+    #[arg(long)]
+    #[serde(default, deserialize_with = "scalar")]
+    pub username: Option<String>,
+    /// MQTT password
+    #[arg(long, env = "RENKEI_AGENT_PASSWORD", hide_env_values = true)]
+    #[serde(default, deserialize_with = "scalar")]
+    pub password: Option<String>,
+    /// Evacuees now at the shelter
+    #[arg(long, value_name = "N")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub evacuees: Option<String>,
+    /// The shelter's planned capacity
+    #[arg(long, value_name = "N")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub capacity: Option<String>,
+    /// not_open | preparing | open | closed | unknown [default: open with evacuees, else unknown]
+    #[arg(long, value_name = "STATE")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub shelter_state: Option<String>,
+}
+
+/// Accepts a TOML string, integer, float or boolean as text, so `ward = 131041` and
+/// `ward = "131041"` both work and the value is checked by the same parser as the flag.
+fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Int(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    Ok(Some(match Scalar::deserialize(d)? {
+        Scalar::Text(s) => s,
+        Scalar::Int(n) => n.to_string(),
+        Scalar::Float(x) => x.to_string(),
+        Scalar::Bool(b) => b.to_string(),
+    }))
+}
+
+/// A broker's network address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for BrokerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "mqtt://{}:{}", self.host, self.port)
+    }
+}
+
+/// MQTT user name and password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never print the password into a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a shelter's staff gave at start-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShelterInput {
+    pub state: ShelterState,
+    pub evacuees: Option<u32>,
+    pub capacity: Option<u32>,
+}
+
+/// Checked settings of one agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    pub broker: BrokerAddr,
+    pub credentials: Option<Credentials>,
+    pub site: SiteRef,
+    pub name: String,
+    pub kind: SiteKind,
+    pub location: Option<GeoPoint>,
+    pub interval: Duration,
+    pub mode: Mode,
+    /// Holds the boot id, which must survive restarts.
+    pub state_dir: PathBuf,
+    /// `Some` for a shelter whose staff gave any of its figures.
+    pub shelter: Option<ShelterInput>,
+}
+
+impl RawConfig {
+    /// Reads a config file.
+    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        RawConfig::from_toml(&text).map_err(|message| ConfigError::Syntax {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses config text; the error names the line and key (toml's message).
+    pub fn from_toml(text: &str) -> Result<RawConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// These settings, with `fallback`'s where these have none (flags over file).
+    pub fn or(self, fallback: RawConfig) -> RawConfig {
+        RawConfig {
+            broker: self.broker.or(fallback.broker),
+            ward: self.ward.or(fallback.ward),
+            site: self.site.or(fallback.site),
+            name: self.name.or(fallback.name),
+            kind: self.kind.or(fallback.kind),
+            interval: self.interval.or(fallback.interval),
+            mode: self.mode.or(fallback.mode),
+            state_dir: self.state_dir.or(fallback.state_dir),
+            location: self.location.or(fallback.location),
+            username: self.username.or(fallback.username),
+            password: self.password.or(fallback.password),
+            evacuees: self.evacuees.or(fallback.evacuees),
+            capacity: self.capacity.or(fallback.capacity),
+            shelter_state: self.shelter_state.or(fallback.shelter_state),
+        }
+    }
+
+    /// Checks every setting and fills the defaults.
+    pub fn resolve(&self) -> Result<AgentConfig, ConfigError> {
+        let required = |key, v: &Option<String>| v.clone().ok_or(ConfigError::Missing { key });
+
+        let broker = parse_broker("broker", &required("broker", &self.broker)?)?;
+        let ward_text = required("ward", &self.ward)?;
+        let ward: WardCode =
+            ward_text
+                .parse()
+                .map_err(|e: renkei_shared::ward::WardCodeError| {
+                    invalid("ward", &ward_text, e.to_string())
+                })?;
+        let site_text = required("site", &self.site)?;
+        let site = Id::new(site_text.clone())
+            .map_err(|_| invalid("site", &site_text, "1–64 characters of A–Z a–z 0–9 _ -"))?;
+        let name = required("name", &self.name)?;
+        if name.trim().is_empty() {
+            return Err(invalid("name", &name, "must not be empty"));
+        }
+        if name.len() > MAX_NAME_BYTES {
+            return Err(invalid(
+                "name",
+                &name,
+                format!("longer than {MAX_NAME_BYTES} bytes"),
+            ));
+        }
+        let kind = match &self.kind {
+            Some(k) => parse_kind("kind", k)?,
+            None => SiteKind::Shelter,
+        };
+        let interval = match &self.interval {
+            Some(i) => parse_interval("interval", i)?,
+            None => DEFAULT_INTERVAL,
+        };
+        let mode = match &self.mode {
+            Some(m) => parse_mode("mode", m)?,
+            None => Mode::Actual,
+        };
+        let state_dir = match &self.state_dir {
+            Some(d) if d.is_empty() => return Err(invalid("state_dir", d, "must not be empty")),
+            Some(d) => PathBuf::from(d),
+            None => PathBuf::from(format!("./var/agent-{site}")),
+        };
+        let location = self
+            .location
+            .as_deref()
+            .map(|l| parse_location("location", l))
+            .transpose()?;
+        let credentials = match (&self.username, &self.password) {
+            (Some(u), Some(p)) => Some(Credentials {
+                username: u.clone(),
+                password: p.clone(),
+            }),
+            (None, None) => None,
+            (Some(_), None) => return Err(ConfigError::Missing { key: "password" }),
+            (None, Some(_)) => return Err(ConfigError::Missing { key: "username" }),
+        };
+
+        let evacuees = self
+            .evacuees
+            .as_deref()
+            .map(|v| parse_count("evacuees", v))
+            .transpose()?;
+        let capacity = self
+            .capacity
+            .as_deref()
+            .map(|v| parse_count("capacity", v))
+            .transpose()?;
+        let state = self
+            .shelter_state
+            .as_deref()
+            .map(|v| parse_shelter_state("shelter_state", v))
+            .transpose()?;
+        let shelter = if evacuees.is_none() && capacity.is_none() && state.is_none() {
+            None
+        } else if kind != SiteKind::Shelter {
+            let (key, value) = [
+                ("evacuees", &self.evacuees),
+                ("capacity", &self.capacity),
+                ("shelter_state", &self.shelter_state),
+            ]
+            .into_iter()
+            .find_map(|(k, v)| v.clone().map(|v| (k, v)))
+            .unwrap_or(("evacuees", String::new()));
+            return Err(invalid(
+                key,
+                &value,
+                "only a shelter reports this (kind is not shelter)",
+            ));
+        } else {
+            let state = state.unwrap_or(match evacuees {
+                Some(n) if n > 0 => ShelterState::Open,
+                _ => ShelterState::Unknown,
+            });
+            Some(ShelterInput {
+                state,
+                evacuees,
+                capacity,
+            })
+        };
+
+        Ok(AgentConfig {
+            broker,
+            credentials,
+            site: SiteRef { ward, site },
+            name,
+            kind,
+            location,
+            interval,
+            mode,
+            state_dir,
+            shelter,
+        })
+    }
+}
+
+/// Parses `mqtt://HOST[:PORT]` (or `tcp://…`, or a bare `HOST[:PORT]`).
+pub fn parse_broker(key: &'static str, text: &str) -> Result<BrokerAddr, ConfigError> {
+    let rest = if let Some((scheme, rest)) = text.split_once("://") {
+        match scheme {
+            "mqtt" | "tcp" => rest,
+            "mqtts" | "ssl" | "tls" => {
+                return Err(invalid(key, text, "TLS is not supported by this agent yet"));
+            }
+            _ => return Err(invalid(key, text, "expected mqtt://HOST[:PORT]")),
+        }
+    } else {
+        text
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    // "[::1]:1883" for IPv6, else "host:port" or "host".
+    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or_else(|| invalid(key, text, "unclosed '[' in IPv6 address"))?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() || host.contains('/') || host.contains('@') {
+        return Err(invalid(key, text, "expected mqtt://HOST[:PORT]"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| invalid(key, text, "port must be 1–65535"))?,
+        None => DEFAULT_MQTT_PORT,
+    };
+    Ok(BrokerAddr {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// Parses a human duration: a whole number followed by `ms`, `s`, `m` or `h` (`30s`, `2m`).
+///
+/// Hand-written: these four units are all the agent's settings use, and it keeps the
+/// dependency tree of a small edge binary small.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let ms_per = match unit.trim() {
+        "ms" => 1,
+        "s" | "" => 1_000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    n.checked_mul(ms_per).map(Duration::from_millis)
+}
+
+/// A heartbeat interval: a duration of whole seconds from 1 s to one day.
+pub fn parse_interval(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
+    let d = parse_duration(text)
+        .ok_or_else(|| invalid(key, text, "expected a duration such as 30s, 2m or 1h"))?;
+    if d < Duration::from_secs(1) || d > MAX_INTERVAL {
+        return Err(invalid(key, text, "must be from 1s to 24h"));
+    }
+    if d.subsec_millis() != 0 {
+        return Err(invalid(key, text, "must be whole seconds"));
+    }
+    Ok(d)
+}
+
+pub fn parse_mode(key: &'static str, text: &str) -> Result<Mode, ConfigError> {
+    match text {
+        "actual" => Ok(Mode::Actual),
+        "exercise" => Ok(Mode::Exercise),
+        "test" => Ok(Mode::Test),
+        _ => Err(invalid(key, text, "expected actual, exercise or test")),
+    }
+}
+
+fn parse_kind(key: &'static str, text: &str) -> Result<SiteKind, ConfigError> {
+    match text {
+        "ward_office" | "ward-office" => Ok(SiteKind::WardOffice),
+        "shelter" => Ok(SiteKind::Shelter),
+        "depot" => Ok(SiteKind::Depot),
+        _ => Err(invalid(key, text, "expected ward_office, shelter or depot")),
+    }
+}
+
+fn parse_shelter_state(key: &'static str, text: &str) -> Result<ShelterState, ConfigError> {
+    match text {
+        "not_open" | "not-open" => Ok(ShelterState::NotOpen),
+        "preparing" => Ok(ShelterState::Preparing),
+        "open" => Ok(ShelterState::Open),
+        "closed" => Ok(ShelterState::Closed),
+        "unknown" => Ok(ShelterState::Unknown),
+        _ => Err(invalid(
+            key,
+            text,
+            "expected not_open, preparing, open, closed or unknown",
+        )),
+    }
+}
+
+fn parse_count(key: &'static str, text: &str) -> Result<u32, ConfigError> {
+    text.trim()
+        .parse()
+        .map_err(|_| invalid(key, text, "expected a whole number from 0"))
+}
+
+fn parse_location(key: &'static str, text: &str) -> Result<GeoPoint, ConfigError> {
+    let bad = || {
+        invalid(
+            key,
+            text,
+            "expected \"LAT,LON\" in degrees, e.g. 35.6895,139.6917",
+        )
+    };
+    let (lat, lon) = text.split_once(',').ok_or_else(bad)?;
+    let lat: f64 = lat.trim().parse().map_err(|_| bad())?;
+    let lon: f64 = lon.trim().parse().map_err(|_| bad())?;
+    if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+        return Err(bad());
+    }
+    // Within the checked ranges, micro-degrees fit an i32 exactly enough (±0.5e-6°).
+    #[allow(clippy::cast_possible_truncation)]
+    Ok(GeoPoint {
+        lat_e6: (lat * 1e6).round() as i32,
+        lon_e6: (lon * 1e6).round() as i32,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        broker = "mqtt://hq.example:1884"
+        ward = 131041
+        site = "nishi-shinjuku-es"
+        name = "西新宿小学校"
+    "#;
+
+    fn resolve(text: &str) -> Result<AgentConfig, ConfigError> {
+        RawConfig::from_toml(text).unwrap().resolve()
+    }
+
+    fn error_of(text: &str) -> String {
+        resolve(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn minimal_file_gets_the_defaults() {
+        let c = resolve(MINIMAL).unwrap();
+        assert_eq!(
+            c.broker,
+            BrokerAddr {
+                host: "hq.example".into(),
+                port: 1884
+            }
+        );
+        assert_eq!(c.site.ward, WardCode(131041));
+        assert_eq!(c.site.site.as_str(), "nishi-shinjuku-es");
+        assert_eq!(c.name, "西新宿小学校");
+        assert_eq!(c.kind, SiteKind::Shelter);
+        assert_eq!(c.interval, DEFAULT_INTERVAL);
+        assert_eq!(c.mode, Mode::Actual);
+        assert_eq!(c.state_dir, PathBuf::from("./var/agent-nishi-shinjuku-es"));
+        assert_eq!(c.shelter, None);
+        assert_eq!(c.credentials, None);
+        assert_eq!(c.location, None);
+    }
+
+    #[test]
+    fn full_file_parses_every_key() {
+        let c = resolve(&format!(
+            r#"{MINIMAL}
+            kind = "shelter"
+            interval = "2m"
+            mode = "exercise"
+            state_dir = "/tmp/renkei"
+            location = "35.6895,139.6917"
+            username = "agent-1"
+            password = "secret"
+            evacuees = 120
+            capacity = "450"
+            shelter_state = "preparing"
+        "#
+        ))
+        .unwrap();
+        assert_eq!(c.interval, Duration::from_secs(120));
+        assert_eq!(c.mode, Mode::Exercise);
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/renkei"));
+        assert_eq!(
+            c.location,
+            Some(GeoPoint {
+                lat_e6: 35_689_500,
+                lon_e6: 139_691_700
+            })
+        );
+        assert_eq!(
+            c.shelter,
+            Some(ShelterInput {
+                state: ShelterState::Preparing,
+                evacuees: Some(120),
+                capacity: Some(450)
+            })
+        );
+        let creds = c.credentials.unwrap();
+        assert_eq!(creds.username, "agent-1");
+        assert!(!format!("{creds:?}").contains("secret"));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let file = RawConfig::from_toml(MINIMAL).unwrap();
+        let flags = RawConfig {
+            ward: Some("13113".into()),
+            interval: Some("5s".into()),
+            ..RawConfig::default()
+        };
+        let c = flags.or(file).resolve().unwrap();
+        assert_eq!(
+            c.site.ward,
+            WardCode(131130),
+            "five-digit form gets its check digit"
+        );
+        assert_eq!(c.interval, Duration::from_secs(5));
+        assert_eq!(c.name, "西新宿小学校");
+    }
+
+    #[test]
+    fn evacuees_without_a_state_mean_open() {
+        let c = resolve(&format!("{MINIMAL}\nevacuees = 3")).unwrap();
+        assert_eq!(c.shelter.unwrap().state, ShelterState::Open);
+        let c = resolve(&format!("{MINIMAL}\ncapacity = 300")).unwrap();
+        assert_eq!(c.shelter.unwrap().state, ShelterState::Unknown);
+    }
+
+    #[test]
+    fn errors_name_the_key_and_the_value() {
+        let cases = [
+            ("ward = 132012", "ward = \"132012\""),
+            ("ward = 131042", "check digit"),
+            ("site = \"a/b\"", "site = \"a/b\""),
+            ("interval = \"30x\"", "interval = \"30x\""),
+            ("interval = \"0s\"", "from 1s to 24h"),
+            ("interval = \"1500ms\"", "whole seconds"),
+            (
+                "mode = \"real\"",
+                "mode = \"real\": expected actual, exercise or test",
+            ),
+            ("kind = \"school\"", "kind = \"school\""),
+            ("evacuees = -1", "evacuees = \"-1\""),
+            ("shelter_state = \"full\"", "shelter_state = \"full\""),
+            ("location = \"35.6\"", "location = \"35.6\""),
+            ("location = \"95,139\"", "location"),
+            ("name = \"  \"", "name"),
+            ("broker = \"mqtts://hq:8883\"", "TLS"),
+            ("broker = \"http://hq\"", "broker = \"http://hq\""),
+            ("broker = \"mqtt://hq:0\"", "port"),
+            ("broker = \"mqtt://:1883\"", "broker"),
+            ("username = \"u\"", "missing password"),
+        ];
+        for (line, expected) in cases {
+            // Later keys win in our test text only if we drop the minimal one they replace.
+            let key = line.split(' ').next().unwrap();
+            let base: String = MINIMAL
+                .lines()
+                .filter(|l| l.trim().split(' ').next() != Some(key))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let msg = error_of(&format!("{base}\n{line}"));
+            assert!(msg.contains(expected), "{line}: {msg}");
+        }
+    }
+
+    #[test]
+    fn shelter_figures_on_a_non_shelter_are_refused() {
+        let msg = error_of(&format!("{MINIMAL}\nkind = \"depot\"\ncapacity = 10"));
+        assert!(
+            msg.starts_with("capacity = \"10\": only a shelter"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_keys_say_how_to_give_them() {
+        let msg = RawConfig::default().resolve().unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "missing broker: give --broker or `broker = …` in the config file"
+        );
+        let msg = error_of("broker = \"h\"\nward = 131041\nsite = \"s\"");
+        assert!(msg.starts_with("missing name"), "{msg}");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_syntax_name_the_key() {
+        let err = RawConfig::from_toml("brokr = \"x\"").unwrap_err();
+        assert!(err.contains("brokr"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "ward = [1]").unwrap();
+        let err = RawConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("agent.toml") && err.contains("ward"), "{err}");
+        let err = RawConfig::from_file(&dir.path().join("none.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn broker_addresses() {
+        let ok = [
+            ("mqtt://localhost", "localhost", 1883),
+            ("tcp://10.0.0.1:1884", "10.0.0.1", 1884),
+            ("hq.example:2000", "hq.example", 2000),
+            ("mqtt://[::1]:1885/", "::1", 1885),
+            ("mqtt://[::1]", "::1", 1883),
+        ];
+        for (text, host, port) in ok {
+            assert_eq!(
+                parse_broker("broker", text).unwrap(),
+                BrokerAddr {
+                    host: host.into(),
+                    port
+                },
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30"), Some(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        for bad in ["", "s", "-1s", "1.5s", "3d", "99999999999999999999s"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+}

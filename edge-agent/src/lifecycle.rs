@@ -1,0 +1,272 @@
+//! Who is speaking and in which order: the boot id, the sequence numbers, birth and death.
+//!
+//! HQ keeps, for every piece of a site's state, the message with the highest `(boot, seq)`
+//! (see `renkei_shared::reducer`). So:
+//!
+//! - the **boot id** is a counter kept on disk and raised at every start ([`next_boot_id`]),
+//!   so that a restarted agent outranks everything it said before, even with a reset clock;
+//! - the **seq** grows with every message within a boot ([`Lifecycle::stamp`]);
+//! - before every connection attempt, [`Lifecycle::arm`] numbers that connection's birth `n`
+//!   and its last will (death) `n + 1`, and continues at `n + 2`. The will then outranks the
+//!   birth of its own connection (a drop shows as death) and is outranked by everything sent
+//!   after it and by the next connection's birth (a reconnect shows as alive again).
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use renkei_shared::{Body, Envelope, Header, Life, Mode, Origin, SiteRef, Timestamp};
+
+/// The file in the state directory that holds the last boot id, as decimal text.
+pub const BOOT_ID_FILE: &str = "boot_id";
+
+/// Why the boot id could not be raised. The agent refuses to start without one: reusing an
+/// old boot id would make HQ discard everything this boot says as outdated.
+#[derive(Debug, thiserror::Error)]
+pub enum BootIdError {
+    /// The state directory or file could not be created, read, written or synced.
+    #[error("boot id in {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file holds something other than a number (it is never half-written: see
+    /// [`next_boot_id`]), so a person must look at it.
+    #[error("boot id file {} holds {content:?}, not a number", path.display())]
+    Corrupt { path: PathBuf, content: String },
+    /// Four billion restarts.
+    #[error("boot id in {} is at its maximum", path.display())]
+    Exhausted { path: PathBuf },
+}
+
+/// Raises the boot id kept in `dir` by one and returns it (1 on the first start).
+///
+/// The new value is written to a temporary file, synced, renamed over the old one and the
+/// directory synced, so that a power cut leaves either the old or the new value, never a torn
+/// one, and a value once returned is never returned again.
+pub fn next_boot_id(dir: &Path) -> Result<u32, BootIdError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BootIdError::Io { path, source }
+    };
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(BOOT_ID_FILE);
+    let last = match fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| BootIdError::Corrupt {
+                path: path.clone(),
+                content: text.chars().take(40).collect(),
+            })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let next = last
+        .checked_add(1)
+        .ok_or_else(|| BootIdError::Exhausted { path: path.clone() })?;
+
+    let tmp = dir.join(format!("{BOOT_ID_FILE}.tmp"));
+    let mut file = File::create(&tmp).map_err(io(&tmp))?;
+    writeln!(file, "{next}").map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    fs::rename(&tmp, &path).map_err(io(&path))?;
+    // Makes the rename itself durable.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(next)
+}
+
+/// The numbers of one boot of one site: stamps every message it sends.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    site: SiteRef,
+    boot: u32,
+    mode: Mode,
+    /// The seq of the next message.
+    next_seq: u64,
+}
+
+/// A connection's birth and last will, numbered together by [`Lifecycle::arm`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Armed {
+    /// Sent on the connection's ConnAck; re-sent verbatim on a rebirth command.
+    pub birth: Envelope,
+    /// Given to the broker as the connection's last will.
+    pub will: Envelope,
+}
+
+impl Lifecycle {
+    pub fn new(site: SiteRef, boot: u32, mode: Mode) -> Lifecycle {
+        Lifecycle {
+            site,
+            boot,
+            mode,
+            next_seq: 1,
+        }
+    }
+
+    pub fn site(&self) -> &SiteRef {
+        &self.site
+    }
+
+    pub fn boot(&self) -> u32 {
+        self.boot
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    fn header(&self, seq: u64, now: Timestamp) -> Header {
+        Header {
+            origin: Origin::Site(self.site.clone()),
+            boot: self.boot,
+            seq,
+            sent_at: now,
+            mode: self.mode,
+            historical: false,
+        }
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    /// Makes `body` a message with the next sequence number.
+    pub fn stamp(&mut self, body: Body, now: Timestamp) -> Envelope {
+        let seq = self.take_seq();
+        Envelope {
+            header: self.header(seq, now),
+            body,
+        }
+    }
+
+    /// Numbers the birth and the will of the next connection attempt: will = birth + 1, and
+    /// every later message after both.
+    pub fn arm(&mut self, agent_version: &str, now: Timestamp) -> Armed {
+        let birth = self.stamp(
+            Body::Life(Life::Birth {
+                agent_version: agent_version.to_owned(),
+            }),
+            now,
+        );
+        let will = self.stamp(Body::Life(Life::Death), now);
+        Armed { birth, will }
+    }
+
+    /// The death a graceful exit sends itself; numbered after the will, so it stands.
+    pub fn death(&mut self, now: Timestamp) -> Envelope {
+        self.stamp(Body::Life(Life::Death), now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use renkei_shared::{State, sample};
+
+    use super::*;
+
+    fn lifecycle(boot: u32) -> Lifecycle {
+        Lifecycle::new(sample::site(), boot, Mode::Actual)
+    }
+
+    fn status() -> Body {
+        sample::status().body
+    }
+
+    #[test]
+    fn boot_id_starts_at_one_and_grows_across_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("nested/agent");
+        assert_eq!(next_boot_id(&state).unwrap(), 1);
+        assert_eq!(next_boot_id(&state).unwrap(), 2);
+        assert_eq!(next_boot_id(&state).unwrap(), 3);
+        let text = fs::read_to_string(state.join(BOOT_ID_FILE)).unwrap();
+        assert_eq!(text, "3\n");
+        assert!(!state.join("boot_id.tmp").exists());
+    }
+
+    #[test]
+    fn boot_id_continues_from_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(BOOT_ID_FILE), "41\n").unwrap();
+        assert_eq!(next_boot_id(dir.path()).unwrap(), 42);
+    }
+
+    #[test]
+    fn a_corrupt_boot_id_is_an_error_not_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(BOOT_ID_FILE), "garbage").unwrap();
+        let err = next_boot_id(dir.path()).unwrap_err();
+        assert!(matches!(err, BootIdError::Corrupt { .. }), "{err}");
+        // The file is left for a person to look at.
+        assert_eq!(
+            fs::read_to_string(dir.path().join(BOOT_ID_FILE)).unwrap(),
+            "garbage"
+        );
+        fs::write(dir.path().join(BOOT_ID_FILE), u32::MAX.to_string()).unwrap();
+        assert!(matches!(
+            next_boot_id(dir.path()),
+            Err(BootIdError::Exhausted { .. })
+        ));
+    }
+
+    #[test]
+    fn the_will_comes_right_after_its_birth_and_before_everything_else() {
+        let mut life = lifecycle(7);
+        let first = life.stamp(status(), Timestamp(1));
+        let armed = life.arm("0.1.0", Timestamp(2));
+        let after = life.stamp(status(), Timestamp(3));
+        assert_eq!(first.header.seq, 1);
+        assert_eq!(armed.birth.header.seq, 2);
+        assert_eq!(armed.will.header.seq, armed.birth.header.seq + 1);
+        assert!(after.header.seq > armed.will.header.seq);
+        assert!(matches!(armed.will.body, Body::Life(Life::Death)));
+        assert!(matches!(armed.birth.body, Body::Life(Life::Birth { .. })));
+        for env in [&first, &armed.birth, &armed.will, &after] {
+            assert_eq!(env.header.boot, 7);
+            assert_eq!(env.header.origin, Origin::Site(sample::site()));
+        }
+        let rearmed = life.arm("0.1.0", Timestamp(4));
+        assert!(rearmed.birth.header.seq > armed.will.header.seq);
+        let death = life.death(Timestamp(5));
+        assert!(death.header.seq > rearmed.will.header.seq);
+    }
+
+    /// The ordering above, as HQ's reducer sees it.
+    #[test]
+    fn hq_sees_death_when_the_will_fires_and_life_after_a_reconnect() {
+        let mut life = lifecycle(1);
+        let mut hq = State::new();
+        let site = sample::site();
+        let is_dead = |hq: &State| hq.world(Mode::Actual).sites[&site].is_dead();
+
+        let conn1 = life.arm("0.1.0", Timestamp(10));
+        hq.apply(&conn1.birth);
+        hq.apply(&life.stamp(status(), Timestamp(11)));
+        assert!(!is_dead(&hq));
+        hq.apply(&conn1.will); // the connection drops
+        assert!(is_dead(&hq));
+
+        let conn2 = life.arm("0.1.0", Timestamp(20));
+        // A late will of the first connection, redelivered, changes nothing.
+        hq.apply(&conn2.birth);
+        hq.apply(&conn1.will);
+        assert!(!is_dead(&hq));
+        // A rebirth re-sends the same birth: the armed will still outranks it.
+        hq.apply(&conn2.birth);
+        hq.apply(&conn2.will);
+        assert!(is_dead(&hq));
+
+        // A restart outranks the previous boot whatever its seq.
+        let mut next_boot = lifecycle(2);
+        let conn3 = next_boot.arm("0.1.0", Timestamp(5));
+        hq.apply(&conn3.birth);
+        assert!(!is_dead(&hq));
+    }
+}

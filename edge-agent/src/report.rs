@@ -1,0 +1,260 @@
+//! What a site reports, and how a report becomes an MQTT publish.
+//!
+//! A [`Site`] gives the bodies to send: its full state after every birth (so a dashboard that
+//! lost everything can draw the site again) and what to send on each heartbeat tick. The
+//! [`crate::link`] stamps them with [`crate::lifecycle::Lifecycle`] and [`frame`]s them.
+//! [`FixedSite`] is the site of `renkei-agent run`, reporting what its staff configured;
+//! `crate::simulate` has sites whose figures move by themselves.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use renkei_shared::topic::TopicForError;
+use renkei_shared::{
+    Body, CodecError, Comms, Crowding, Envelope, GeoPoint, HqState, PowerSource, ShelterStatus,
+    ShelterType, SiteKind, SiteStatus, Timestamp, Topic,
+};
+
+use crate::config::AgentConfig;
+
+/// The current time as the protocol counts it.
+pub fn now() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    Timestamp(ms)
+}
+
+/// What one site says.
+pub trait Site: Send {
+    /// Everything HQ needs to draw the site from scratch: sent after every birth.
+    fn full_state(&mut self, now: Timestamp) -> Vec<Body>;
+    /// What to send on a heartbeat tick: at least the status.
+    fn tick(&mut self, now: Timestamp) -> Vec<Body>;
+    /// HQ changed the heartbeat interval; the status must say so from now on.
+    fn set_interval(&mut self, interval: Duration);
+}
+
+/// A message ready to publish: its frame, its one topic, and whether the broker keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+/// Why a message of ours cannot be sent (a bug or a setting beyond the protocol's limits).
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("message does not encode: {0}")]
+    Codec(#[from] CodecError),
+    #[error("message has no topic: {0}")]
+    Topic(#[from] TopicForError),
+}
+
+/// Encodes a message onto its topic, retained where the topic says so.
+pub fn frame(env: &Envelope) -> Result<Outgoing, FrameError> {
+    let payload = renkei_shared::encode(env)?;
+    let topic = Topic::of(env)?;
+    Ok(Outgoing {
+        retain: topic.retained(),
+        topic: topic.to_string(),
+        payload,
+    })
+}
+
+/// Crowding from occupancy: full at capacity, crowded from [`CROWDED_PCT`].
+pub fn crowding(evacuees: Option<u32>, capacity: Option<u32>) -> Option<Crowding> {
+    let (n, cap) = (u64::from(evacuees?), u64::from(capacity?));
+    if cap == 0 {
+        return None;
+    }
+    let pct = n * 100 / cap;
+    Some(if pct >= 100 {
+        Crowding::Full
+    } else if pct >= CROWDED_PCT {
+        Crowding::Crowded
+    } else {
+        Crowding::Vacant
+    })
+}
+
+/// Occupancy (percent) from which a shelter reports itself crowded (混雑).
+pub const CROWDED_PCT: u64 = 80;
+
+/// Seconds of a heartbeat interval as the status carries them (at least 1).
+pub fn interval_secs(interval: Duration) -> u32 {
+    u32::try_from(interval.as_secs()).unwrap_or(u32::MAX).max(1)
+}
+
+/// The site of `renkei-agent run`: reports what its configuration says.
+#[derive(Debug, Clone)]
+pub struct FixedSite {
+    name: String,
+    kind: SiteKind,
+    location: Option<GeoPoint>,
+    interval_s: u32,
+    started: Instant,
+    shelter: Option<ShelterStatus>,
+}
+
+impl FixedSite {
+    pub fn from_config(config: &AgentConfig, now: Timestamp) -> FixedSite {
+        let shelter = config.shelter.as_ref().map(|s| ShelterStatus {
+            shelter_type: ShelterType::Designated,
+            state: s.state,
+            opened_at: None,
+            closed_at: None,
+            capacity: s.capacity,
+            evacuees: s.evacuees,
+            households: None,
+            crowding: crowding(s.evacuees, s.capacity),
+            care: Default::default(),
+            pets: None,
+            lifelines: Default::default(),
+            building_safety: None,
+            checked_at: Some(now),
+        });
+        FixedSite {
+            name: config.name.clone(),
+            kind: config.kind,
+            location: config.location,
+            interval_s: interval_secs(config.interval),
+            started: Instant::now(),
+            shelter,
+        }
+    }
+
+    /// The heartbeat. Power, HQ state and comms are not configured yet, so they say the
+    /// defaults: grid power, no HQ set up, channels unknown.
+    pub fn status(&self) -> SiteStatus {
+        SiteStatus {
+            name: self.name.clone(),
+            kind: self.kind,
+            location: self.location,
+            hq: HqState::None,
+            power: PowerSource::Grid,
+            battery_pct: None,
+            comms: Comms::default(),
+            interval_s: self.interval_s,
+            uptime_s: Some(self.started.elapsed().as_secs()),
+            // No outbox yet: nothing waits.
+            queue_depth: None,
+        }
+    }
+}
+
+impl Site for FixedSite {
+    fn full_state(&mut self, _now: Timestamp) -> Vec<Body> {
+        let mut bodies = vec![Body::Status(self.status())];
+        bodies.extend(self.shelter.clone().map(Body::Shelter));
+        bodies
+    }
+
+    fn tick(&mut self, _now: Timestamp) -> Vec<Body> {
+        vec![Body::Status(self.status())]
+    }
+
+    fn set_interval(&mut self, interval: Duration) {
+        self.interval_s = interval_secs(interval);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use renkei_shared::validate::validate_for_topic;
+    use renkei_shared::{Mode, ShelterState, decode};
+
+    use super::*;
+    use crate::config::RawConfig;
+    use crate::lifecycle::Lifecycle;
+
+    fn config(extra: &str) -> AgentConfig {
+        RawConfig::from_toml(&format!(
+            "broker = \"mqtt://localhost\"\nward = 131041\nsite = \"nishi-shinjuku-es\"\n\
+             name = \"西新宿小学校\"\n{extra}"
+        ))
+        .unwrap()
+        .resolve()
+        .unwrap()
+    }
+
+    /// Stamps, frames and decodes every body, checking it is valid on the topic it goes to.
+    fn send_all(life: &mut Lifecycle, bodies: Vec<Body>) -> Vec<Envelope> {
+        bodies
+            .into_iter()
+            .map(|b| {
+                let env = life.stamp(b, Timestamp(1_788_220_800_000));
+                let out = frame(&env).unwrap();
+                let topic = Topic::parse(&out.topic).unwrap();
+                validate_for_topic(&env, &topic).unwrap();
+                assert_eq!(out.retain, topic.retained());
+                assert_eq!(decode(&out.payload).unwrap(), env);
+                env
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_shelter_reports_status_and_shelter_state() {
+        let cfg =
+            config("evacuees = 120\ncapacity = 450\nshelter_state = \"open\"\ninterval = \"10s\"");
+        let mut site = FixedSite::from_config(&cfg, Timestamp(0));
+        let mut life = Lifecycle::new(cfg.site.clone(), 1, Mode::Actual);
+        let sent = send_all(&mut life, site.full_state(Timestamp(0)));
+        assert_eq!(sent.len(), 2);
+        let Body::Status(status) = &sent[0].body else {
+            panic!("first is the status")
+        };
+        assert_eq!(status.name, "西新宿小学校");
+        assert_eq!(status.kind, SiteKind::Shelter);
+        assert_eq!(status.interval_s, 10);
+        let Body::Shelter(shelter) = &sent[1].body else {
+            panic!("second is the shelter")
+        };
+        assert_eq!(shelter.state, ShelterState::Open);
+        assert_eq!(shelter.evacuees, Some(120));
+        assert_eq!(shelter.capacity, Some(450));
+        assert_eq!(shelter.crowding, Some(Crowding::Vacant));
+
+        site.set_interval(Duration::from_secs(5));
+        let ticked = send_all(&mut life, site.tick(Timestamp(0)));
+        let [Body::Status(status)] = &ticked.iter().map(|e| e.body.clone()).collect::<Vec<_>>()[..]
+        else {
+            panic!("a tick is one status")
+        };
+        assert_eq!(status.interval_s, 5);
+    }
+
+    #[test]
+    fn a_site_without_shelter_figures_reports_status_only() {
+        let cfg = config("kind = \"ward_office\"");
+        let mut site = FixedSite::from_config(&cfg, Timestamp(0));
+        let mut life = Lifecycle::new(cfg.site.clone(), 1, Mode::Exercise);
+        let sent = send_all(&mut life, site.full_state(Timestamp(0)));
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].header.mode, Mode::Exercise);
+    }
+
+    #[test]
+    fn birth_and_will_frame_onto_the_retained_life_topic() {
+        let mut life = Lifecycle::new(config("").site, 4, Mode::Actual);
+        let armed = life.arm(crate::AGENT_VERSION, now());
+        for env in [armed.birth, armed.will] {
+            let out = frame(&env).unwrap();
+            assert_eq!(out.topic, "renkei/v1/131041/nishi-shinjuku-es/life");
+            assert!(out.retain);
+            validate_for_topic(&env, &Topic::parse(&out.topic).unwrap()).unwrap();
+        }
+    }
+
+    #[test]
+    fn crowding_follows_occupancy() {
+        assert_eq!(crowding(Some(0), Some(100)), Some(Crowding::Vacant));
+        assert_eq!(crowding(Some(79), Some(100)), Some(Crowding::Vacant));
+        assert_eq!(crowding(Some(80), Some(100)), Some(Crowding::Crowded));
+        assert_eq!(crowding(Some(100), Some(100)), Some(Crowding::Full));
+        assert_eq!(crowding(Some(130), Some(100)), Some(Crowding::Full));
+        assert_eq!(crowding(Some(1), Some(0)), None);
+        assert_eq!(crowding(None, Some(100)), None);
+    }
+}

@@ -1,0 +1,682 @@
+//! Many simulated shelters in one process, for drills, demos and load tests.
+//!
+//! [`plan`] spreads N sites over the 23 wards in proportion to each ward's designated shelters
+//! ([`apportion`], largest remainder, at least one per ward once N ≥ 23), and gives each a
+//! name, a place near its ward office, a capacity and its own random stream, all derived from
+//! one seed: the same seed gives the same sites and the same story tick by tick.
+//!
+//! The story of one [`SimSite`], one step per heartbeat: closed at first, preparing, then open
+//! after a short random delay; evacuees arrive quickly and then settle towards a target, which
+//! for some shelters is near or above capacity (crowded, full); water and food are consumed
+//! (one tick is ten minutes of shelter life, so stock visibly falls) and a low stock or a
+//! random need raises a supply request; now and then an incident is reported nearby.
+//!
+//! Every site has its own MQTT connection ([`crate::link::run_site`]): a connection carries
+//! exactly one last will, and the broker lets a client publish only under its own site, so
+//! sharing connections would lose per-site death and break access control. A few hundred to a
+//! couple of thousand connections are well within one tokio runtime and one broker.
+
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use renkei_shared::{
+    Body, BuildingSafety, CareNeeds, Certainty, Comms, DamageCounts, GeoPoint, HqState, Id,
+    IncidentCategory, IncidentReport, Item, LifelineState, Lifelines, LinkState, Mode, PowerSource,
+    ReportVersion, RequestState, RoadState, Severity, ShelterState, ShelterStatus, ShelterType,
+    SiteKind, SiteRef, SiteStatus, StockLine, SupplyRequest, SupplyStock, Timestamp, WARDS, Ward,
+};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::{BrokerAddr, Credentials};
+use crate::lifecycle::Lifecycle;
+use crate::link::{LinkError, LinkOptions, run_site};
+use crate::report::{Site, crowding, interval_secs};
+
+/// Shelter-life minutes one tick stands for: keeps stock and needs moving at demo speed.
+const MINUTES_PER_TICK: u32 = 10;
+/// Ticks in a shelter-day.
+const TICKS_PER_DAY: u32 = 24 * 60 / MINUTES_PER_TICK;
+/// Litres of drinking water per person per day (the usual planning figure).
+const WATER_PER_PERSON_DAY: u32 = 3;
+/// Meals per person per day.
+const MEALS_PER_PERSON_DAY: u32 = 3;
+/// Capacity of a shelter in a ward that publishes none.
+const DEFAULT_CAPACITY: u32 = 700;
+
+/// Splits `total` seats over parties in proportion to `weights` by the largest-remainder
+/// method; once `total` reaches the number of parties, every party gets at least one (taken
+/// from the party most above its exact quota). Ties go to the larger weight, then the earlier.
+pub fn apportion(total: usize, weights: &[u32]) -> Vec<usize> {
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    let all_zero = weights.iter().all(|&w| w == 0);
+    let w: Vec<u128> = weights
+        .iter()
+        .map(|&w| if all_zero { 1 } else { u128::from(w) })
+        .collect();
+    let sum: u128 = w.iter().sum();
+    let n = total as u128;
+    let mut seats: Vec<usize> = w.iter().map(|&wi| (n * wi / sum) as usize).collect();
+    let given: usize = seats.iter().sum();
+    let mut order: Vec<usize> = (0..w.len()).collect();
+    order.sort_by(|&a, &b| {
+        (n * w[b] % sum)
+            .cmp(&(n * w[a] % sum))
+            .then(w[b].cmp(&w[a]))
+            .then(a.cmp(&b))
+    });
+    for &i in order.iter().take(total - given) {
+        seats[i] += 1;
+    }
+    if total >= w.len() {
+        // Surplus over the exact quota, in units of 1/sum.
+        let surplus =
+            |seats: &[usize], j: usize| seats[j] as i128 * sum as i128 - (n * w[j]) as i128;
+        let mut empty: Vec<usize> = (0..w.len()).filter(|&i| seats[i] == 0).collect();
+        empty.sort_by(|&a, &b| w[b].cmp(&w[a]).then(a.cmp(&b)));
+        for i in empty {
+            let donor = (0..w.len())
+                .filter(|&j| seats[j] > 1)
+                .max_by(|&a, &b| surplus(&seats, a).cmp(&surplus(&seats, b)).then(b.cmp(&a)));
+            if let Some(d) = donor {
+                seats[d] -= 1;
+                seats[i] += 1;
+            }
+        }
+    }
+    seats
+}
+
+/// One simulated shelter and where its story stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimSite {
+    pub site: SiteRef,
+    pub name: String,
+    pub location: GeoPoint,
+    pub capacity: u32,
+    interval_s: u32,
+    rng: StdRng,
+    started: Instant,
+    ticks: u32,
+    /// The tick at which the shelter opens (preparing the tick before).
+    opens_at: u32,
+    /// The number of evacuees the shelter tends towards.
+    target: u32,
+    /// Share of the gap to `target` that closes each tick.
+    fill_rate: f64,
+    evacuees: u32,
+    opened_at: Option<Timestamp>,
+    power: PowerSource,
+    battery_pct: Option<u8>,
+    lifelines: Lifelines,
+    water: u32,
+    food: u32,
+    blankets: u32,
+    next_request: u32,
+    next_incident: u32,
+    /// Whether a water request is open (so a low stock asks once).
+    water_requested: bool,
+}
+
+/// Sites spread over the wards, deterministic for a seed.
+pub fn plan(sites: usize, seed: u64, interval: Duration) -> Vec<SimSite> {
+    let weights: Vec<u32> = WARDS.iter().map(|w| w.shelters_2024).collect();
+    let per_ward = apportion(sites, &weights);
+    let mut out = Vec::with_capacity(sites);
+    for (ward, &count) in WARDS.iter().zip(&per_ward) {
+        for n in 1..=count {
+            // One stream per site, so a site's story does not depend on the others.
+            let stream = seed
+                ^ u64::from(ward.code.0).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                ^ (n as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
+            out.push(SimSite::new(
+                ward,
+                n,
+                StdRng::seed_from_u64(stream),
+                interval,
+            ));
+        }
+    }
+    out
+}
+
+fn jitter_e6(rng: &mut StdRng, around: i32, spread: i32) -> i32 {
+    around + rng.random_range(-spread..=spread)
+}
+
+fn some_lifeline(rng: &mut StdRng, ok: f64, limited: f64) -> Option<LifelineState> {
+    let x: f64 = rng.random();
+    Some(if x < ok {
+        LifelineState::Ok
+    } else if x < ok + limited {
+        LifelineState::Limited
+    } else {
+        LifelineState::Out
+    })
+}
+
+impl SimSite {
+    fn new(ward: &Ward, n: usize, mut rng: StdRng, interval: Duration) -> SimSite {
+        let slug = ward.name_en.to_ascii_lowercase();
+        let site = Id::new(format!("sim-{slug}-{n:03}")).expect("ward names and numbers make ids");
+        let mean = ward
+            .shelter_capacity_2024
+            .map_or(DEFAULT_CAPACITY, |c| c / ward.shelters_2024.max(1))
+            .clamp(150, 3000);
+        let capacity = ((f64::from(mean) * rng.random_range(0.5..1.5)) as u32 / 10 * 10).max(50);
+        let fullness = match rng.random_range(0..100) {
+            0..70 => rng.random_range(0.3..0.85),
+            70..90 => rng.random_range(0.85..1.0),
+            _ => rng.random_range(1.0..1.15),
+        };
+        let power = match rng.random_range(0..100) {
+            0..80 => PowerSource::Grid,
+            80..94 => PowerSource::Generator,
+            _ => PowerSource::Battery,
+        };
+        let lifelines = Lifelines {
+            power: some_lifeline(&mut rng, 0.8, 0.15),
+            water: some_lifeline(&mut rng, 0.6, 0.25),
+            gas: some_lifeline(&mut rng, 0.5, 0.2),
+            toilets: some_lifeline(&mut rng, 0.7, 0.25),
+            comms: some_lifeline(&mut rng, 0.8, 0.15),
+        };
+        SimSite {
+            site: SiteRef {
+                ward: ward.code,
+                site,
+            },
+            name: format!("{}第{n}避難所", ward.name_ja),
+            location: GeoPoint {
+                lat_e6: jitter_e6(&mut rng, ward.office_lat_e6, 22_000),
+                lon_e6: jitter_e6(&mut rng, ward.office_lon_e6, 27_000),
+            },
+            capacity,
+            interval_s: interval_secs(interval),
+            started: Instant::now(),
+            ticks: 0,
+            opens_at: rng.random_range(0..12),
+            target: (f64::from(capacity) * fullness) as u32,
+            fill_rate: rng.random_range(0.08..0.3),
+            evacuees: 0,
+            opened_at: None,
+            battery_pct: (power == PowerSource::Battery).then_some(100),
+            power,
+            lifelines,
+            // About a day of water and food for the target population.
+            water: capacity * WATER_PER_PERSON_DAY * rng.random_range(6..14) / 10,
+            food: capacity * MEALS_PER_PERSON_DAY * rng.random_range(6..14) / 10,
+            blankets: capacity * rng.random_range(3..9) / 10,
+            next_request: 1,
+            next_incident: 1,
+            water_requested: false,
+            rng,
+        }
+    }
+
+    fn state(&self) -> ShelterState {
+        if self.ticks + 1 < self.opens_at {
+            ShelterState::NotOpen
+        } else if self.ticks < self.opens_at {
+            ShelterState::Preparing
+        } else {
+            ShelterState::Open
+        }
+    }
+
+    pub fn evacuees(&self) -> u32 {
+        self.evacuees
+    }
+
+    fn status(&self) -> SiteStatus {
+        SiteStatus {
+            name: self.name.clone(),
+            kind: SiteKind::Shelter,
+            location: Some(self.location),
+            hq: if self.ticks >= 2 {
+                HqState::Established
+            } else {
+                HqState::Alert
+            },
+            power: self.power,
+            battery_pct: self.battery_pct,
+            comms: Comms {
+                internet: Some(LinkState::Ok),
+                mobile: Some(if self.lifelines.comms == Some(LifelineState::Ok) {
+                    LinkState::Ok
+                } else {
+                    LinkState::Degraded
+                }),
+                landline: None,
+                radio: Some(LinkState::Ok),
+            },
+            interval_s: self.interval_s,
+            uptime_s: Some(self.started.elapsed().as_secs()),
+            queue_depth: None,
+        }
+    }
+
+    fn shelter(&self, now: Timestamp) -> ShelterStatus {
+        let n = self.evacuees;
+        let share = |pct: u32| Some(n * pct / 100);
+        let open = self.state() == ShelterState::Open;
+        ShelterStatus {
+            shelter_type: ShelterType::Designated,
+            state: self.state(),
+            opened_at: self.opened_at,
+            closed_at: None,
+            capacity: Some(self.capacity),
+            evacuees: Some(n),
+            households: Some(n * 10 / 23),
+            crowding: if open {
+                crowding(Some(n), Some(self.capacity))
+            } else {
+                None
+            },
+            care: if open {
+                CareNeeds {
+                    elderly: share(12),
+                    disabled: share(2),
+                    infants: share(3),
+                    pregnant: share(1),
+                    medical: share(1),
+                    foreign_language: share(2),
+                    injured: share(1),
+                }
+            } else {
+                CareNeeds::default()
+            },
+            pets: open.then_some(n / 40),
+            lifelines: self.lifelines,
+            building_safety: open.then_some(BuildingSafety::Safe),
+            checked_at: Some(now),
+        }
+    }
+
+    fn supplies(&self) -> SupplyStock {
+        let n = self.evacuees.max(1);
+        SupplyStock {
+            lines: vec![
+                StockLine {
+                    item: Item::Water,
+                    on_hand: Some(self.water),
+                    daily_need: Some(n * WATER_PER_PERSON_DAY),
+                },
+                StockLine {
+                    item: Item::Food,
+                    on_hand: Some(self.food),
+                    daily_need: Some(n * MEALS_PER_PERSON_DAY),
+                },
+                StockLine {
+                    item: Item::Blankets,
+                    on_hand: Some(self.blankets),
+                    daily_need: None,
+                },
+            ],
+        }
+    }
+
+    /// One step of the story; returns the events it raised (requests, incidents).
+    fn advance(&mut self, now: Timestamp) -> Vec<Body> {
+        self.ticks += 1;
+        let mut events = Vec::new();
+        if self.state() != ShelterState::Open {
+            return events;
+        }
+        if self.opened_at.is_none() {
+            self.opened_at = Some(now);
+        }
+        // Arrivals close part of the gap to the target; a few people come and go anyway.
+        let gap = f64::from(self.target) - f64::from(self.evacuees);
+        let moved = (gap * self.fill_rate).round() as i64 + self.rng.random_range(-2..=4);
+        let cap = i64::from(self.capacity) * 6 / 5;
+        self.evacuees = (i64::from(self.evacuees) + moved).clamp(0, cap) as u32;
+        // Aftershocks and rumours move the target now and then.
+        if self.rng.random_bool(0.02) {
+            let f: f64 = self.rng.random_range(0.9..1.25);
+            self.target = ((f64::from(self.target) * f) as u32).min(self.capacity * 6 / 5);
+        }
+        if let Some(b) = self.battery_pct {
+            self.battery_pct = Some(b.saturating_sub(u8::from(self.rng.random_bool(0.3))).max(5));
+        }
+
+        let use_per_tick = |per_day: u32| (self.evacuees * per_day).div_ceil(TICKS_PER_DAY);
+        self.water = self
+            .water
+            .saturating_sub(use_per_tick(WATER_PER_PERSON_DAY));
+        self.food = self.food.saturating_sub(use_per_tick(MEALS_PER_PERSON_DAY));
+        let water_days_tenths =
+            u64::from(self.water) * 10 / u64::from((self.evacuees * WATER_PER_PERSON_DAY).max(1));
+        if water_days_tenths < 5 && !self.water_requested {
+            self.water_requested = true;
+            let quantity = (self.evacuees * WATER_PER_PERSON_DAY * 2).max(100);
+            events.push(self.request(Item::Water, quantity, "飲料水が残り半日分を切りました", now));
+        } else if self.rng.random_bool(0.004) {
+            let (item, note) = [
+                (Item::Blankets, "夜間の冷え込みに備えて毛布が必要"),
+                (Item::ChildDiapers, "乳幼児用おむつが不足"),
+                (
+                    Item::PortableToilets,
+                    "トイレが使用できないため簡易トイレを要請",
+                ),
+                (Item::Medicine, "常備薬を切らした避難者がいます"),
+                (Item::CardboardBeds, "高齢者用に段ボールベッドを要請"),
+            ][self.rng.random_range(0..5)];
+            let quantity = (self.evacuees / 4).max(10);
+            events.push(self.request(item, quantity, note, now));
+        }
+        if self.rng.random_bool(0.0015) {
+            events.push(self.incident());
+        }
+        events
+    }
+
+    fn request(&mut self, item: Item, quantity: u32, note: &str, now: Timestamp) -> Body {
+        let request_id = Id::new(format!("req-{:04}", self.next_request)).expect("request ids");
+        self.next_request += 1;
+        Body::Request(SupplyRequest {
+            request_id,
+            item,
+            quantity,
+            fulfilled: 0,
+            state: RequestState::Requested,
+            needed_by: Some(now.plus_secs(6 * 3600)),
+            note: note.into(),
+        })
+    }
+
+    fn incident(&mut self) -> Body {
+        let incident_id = Id::new(format!("inc-{:04}", self.next_incident)).expect("incident ids");
+        self.next_incident += 1;
+        let (category, description, severity) = [
+            (
+                IncidentCategory::Fire,
+                "避難所近くで火災発生",
+                Severity::Severe,
+            ),
+            (
+                IncidentCategory::BuildingCollapse,
+                "近隣の木造家屋が倒壊",
+                Severity::Severe,
+            ),
+            (
+                IncidentCategory::Road,
+                "前面道路に亀裂、車両通行困難",
+                Severity::Moderate,
+            ),
+            (
+                IncidentCategory::Lifeline,
+                "周辺一帯で断水",
+                Severity::Moderate,
+            ),
+            (IncidentCategory::Flood, "地下道が冠水", Severity::Minor),
+        ][self.rng.random_range(0..5)];
+        let counts = match category {
+            IncidentCategory::BuildingCollapse => DamageCounts {
+                houses_destroyed: Some(self.rng.random_range(1..4)),
+                injured_minor: Some(self.rng.random_range(0..5)),
+                ..DamageCounts::default()
+            },
+            IncidentCategory::Lifeline => DamageCounts {
+                without_water: Some(self.rng.random_range(50..2000)),
+                ..DamageCounts::default()
+            },
+            _ => DamageCounts::default(),
+        };
+        Body::Incident(IncidentReport {
+            incident_id,
+            category,
+            location: Some(GeoPoint {
+                lat_e6: jitter_e6(&mut self.rng, self.location.lat_e6, 3_000),
+                lon_e6: jitter_e6(&mut self.rng, self.location.lon_e6, 3_000),
+            }),
+            address: None,
+            counts,
+            road: (category == IncidentCategory::Road).then_some(RoadState::Restricted),
+            severity,
+            certainty: Certainty::Observed,
+            version: ReportVersion::First,
+            description: description.into(),
+        })
+    }
+}
+
+impl Site for SimSite {
+    fn full_state(&mut self, now: Timestamp) -> Vec<Body> {
+        vec![
+            Body::Status(self.status()),
+            Body::Shelter(self.shelter(now)),
+            Body::Supplies(self.supplies()),
+        ]
+    }
+
+    fn tick(&mut self, now: Timestamp) -> Vec<Body> {
+        let before = (self.state(), self.evacuees);
+        let events = self.advance(now);
+        let mut bodies = vec![Body::Status(self.status())];
+        if (self.state(), self.evacuees) != before {
+            bodies.push(Body::Shelter(self.shelter(now)));
+        }
+        if self.ticks.is_multiple_of(3) && self.state() == ShelterState::Open {
+            bodies.push(Body::Supplies(self.supplies()));
+        }
+        bodies.extend(events);
+        bodies
+    }
+
+    fn set_interval(&mut self, interval: Duration) {
+        self.interval_s = interval_secs(interval);
+    }
+}
+
+/// Settings of `renkei-agent simulate`.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub broker: BrokerAddr,
+    /// Shared by every site; `{ward}` and `{site}` in the user name are replaced per site.
+    pub credentials: Option<Credentials>,
+    pub sites: usize,
+    pub seed: u64,
+    pub interval: Duration,
+    pub mode: Mode,
+    /// The boot id of the whole simulation is raised here at every start.
+    pub boot: u32,
+}
+
+/// Starts every simulated site; each runs until `shutdown` turns true.
+pub fn spawn(
+    options: &SimOptions,
+    shutdown: &watch::Receiver<bool>,
+) -> JoinSet<Result<(), LinkError>> {
+    let mut tasks = JoinSet::new();
+    for (i, site) in plan(options.sites, options.seed, options.interval)
+        .into_iter()
+        .enumerate()
+    {
+        let credentials = options.credentials.as_ref().map(|c| Credentials {
+            username: c
+                .username
+                .replace("{ward}", &site.site.ward.to_string())
+                .replace("{site}", site.site.site.as_str()),
+            password: c.password.clone(),
+        });
+        let link = LinkOptions {
+            broker: options.broker.clone(),
+            credentials,
+            client_id: LinkOptions::client_id(&site.site),
+        };
+        let lifecycle = Lifecycle::new(site.site.clone(), options.boot, options.mode);
+        let interval = options.interval;
+        let shutdown = shutdown.clone();
+        // Spread the connects: a broker accepts on the order of a thousand per second.
+        let delay = Duration::from_millis(2) * u32::try_from(i).unwrap_or(u32::MAX);
+        let span = tracing::info_span!("site", site = %site.site.site);
+        tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                tokio::time::sleep(delay).await;
+                run_site(link, lifecycle, site, interval, shutdown).await
+            },
+            span,
+        ));
+    }
+    tasks
+}
+
+#[cfg(test)]
+mod tests {
+    use renkei_shared::validate::validate_for_topic;
+    use renkei_shared::{Topic, decode};
+
+    use super::*;
+    use crate::report::frame;
+
+    fn weights() -> Vec<u32> {
+        WARDS.iter().map(|w| w.shelters_2024).collect()
+    }
+
+    #[test]
+    fn apportionment_sums_to_n_and_gives_every_ward_a_site_from_23() {
+        for n in [0, 1, 5, 22, 23, 24, 50, 100, 300, 1000, 1698, 2000, 5000] {
+            let seats = apportion(n, &weights());
+            assert_eq!(seats.iter().sum::<usize>(), n, "n = {n}");
+            if n >= 23 {
+                assert!(seats.iter().all(|&s| s >= 1), "n = {n}: {seats:?}");
+            }
+        }
+        assert_eq!(apportion(23, &weights()), vec![1; 23]);
+    }
+
+    #[test]
+    fn apportionment_is_proportional() {
+        let w = weights();
+        let sum: f64 = w.iter().map(|&x| f64::from(x)).sum();
+        // At the surveyed total, every ward gets exactly its surveyed shelters.
+        assert_eq!(
+            apportion(1698, &w),
+            w.iter().map(|&x| x as usize).collect::<Vec<_>>()
+        );
+        for n in [300, 1000, 2000] {
+            let seats = apportion(n, &w);
+            for (i, &s) in seats.iter().enumerate() {
+                let quota = n as f64 * f64::from(w[i]) / sum;
+                assert!(
+                    (s as f64 - quota).abs() < 1.0,
+                    "n={n} ward {i}: {s} vs {quota}"
+                );
+            }
+        }
+        // 大田区 (217 shelters) gets the most, 千代田区 (16) the fewest.
+        let seats = apportion(300, &w);
+        let ota = WARDS.iter().position(|w| w.name_en == "Ota").unwrap();
+        let chiyoda = WARDS.iter().position(|w| w.name_en == "Chiyoda").unwrap();
+        assert_eq!(seats.iter().max(), Some(&seats[ota]));
+        assert_eq!(seats.iter().min(), Some(&seats[chiyoda]));
+        // Small sizes favour the largest wards.
+        let five = apportion(5, &w);
+        assert_eq!(five[ota], 1);
+        assert_eq!(five[chiyoda], 0);
+        assert_eq!(apportion(3, &[0, 0, 0]), vec![1, 1, 1]);
+        assert_eq!(apportion(7, &[]), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn plans_are_deterministic_for_a_seed() {
+        let a = plan(60, 42, Duration::from_secs(5));
+        let b = plan(60, 42, Duration::from_secs(5));
+        let c = plan(60, 43, Duration::from_secs(5));
+        let describe = |p: &[SimSite]| -> Vec<(SiteRef, String, GeoPoint, u32)> {
+            p.iter()
+                .map(|s| (s.site.clone(), s.name.clone(), s.location, s.capacity))
+                .collect()
+        };
+        assert_eq!(describe(&a), describe(&b));
+        assert_ne!(describe(&a), describe(&c));
+        assert_eq!(a.len(), 60);
+        let wards: std::collections::BTreeSet<_> = a.iter().map(|s| s.site.ward).collect();
+        assert_eq!(wards.len(), 23);
+        let ids: std::collections::BTreeSet<_> = a.iter().map(|s| s.site.clone()).collect();
+        assert_eq!(ids.len(), 60, "site ids are unique");
+        assert!(a.iter().any(|s| s.name == "新宿区第1避難所"));
+
+        // The stories too, tick by tick.
+        let story = |mut p: Vec<SimSite>| -> Vec<Vec<Body>> {
+            (0..40)
+                .flat_map(|t| {
+                    p.iter_mut()
+                        .map(move |s| s.tick(Timestamp(1_000 * t)))
+                        .collect::<Vec<_>>()
+                })
+                .map(|mut bodies| {
+                    // Uptime is wall-clock; everything else must match.
+                    if let Some(Body::Status(s)) = bodies.first_mut() {
+                        s.uptime_s = None;
+                    }
+                    bodies
+                })
+                .collect()
+        };
+        assert_eq!(story(a), story(b));
+    }
+
+    #[test]
+    fn shelters_open_fill_and_stay_plausible() {
+        let mut sites = plan(200, 7, Duration::from_secs(5));
+        let mut requests = 0;
+        for t in 0..60 {
+            for s in &mut sites {
+                for body in s.tick(Timestamp(t)) {
+                    requests += usize::from(matches!(body, Body::Request(_)));
+                }
+            }
+        }
+        let open = sites
+            .iter()
+            .filter(|s| s.state() == ShelterState::Open)
+            .count();
+        assert_eq!(open, 200, "every shelter opens within 12 ticks");
+        let crowded = sites
+            .iter()
+            .filter(|s| s.evacuees * 100 >= s.capacity * 80)
+            .count();
+        assert!(crowded > 10 && crowded < 150, "{crowded} crowded");
+        assert!(sites.iter().all(|s| s.evacuees <= s.capacity * 6 / 5));
+        assert!(requests > 0);
+    }
+
+    #[test]
+    fn numbers_move_within_the_first_ticks() {
+        let mut sites = plan(30, 1, Duration::from_secs(5));
+        for t in 0..3 {
+            for s in &mut sites {
+                s.tick(Timestamp(t));
+            }
+        }
+        assert!(sites.iter().filter(|s| s.evacuees() > 0).count() >= 3);
+    }
+
+    /// Every message a simulated site can send is valid on its topic.
+    #[test]
+    fn every_simulated_message_is_valid_on_its_topic() {
+        let mut sites = plan(100, 3, Duration::from_secs(5));
+        let mut kinds = std::collections::BTreeSet::new();
+        for s in &mut sites {
+            let mut life = Lifecycle::new(s.site.clone(), 1, Mode::Exercise);
+            let mut bodies = s.full_state(Timestamp(1));
+            for t in 0..200 {
+                bodies.extend(s.tick(Timestamp(1_788_220_800_000 + t)));
+            }
+            for body in bodies {
+                let env = life.stamp(body, Timestamp(1_788_220_800_000));
+                let out = frame(&env).unwrap();
+                let topic = Topic::parse(&out.topic).unwrap();
+                validate_for_topic(&env, &topic).unwrap();
+                assert_eq!(decode(&out.payload).unwrap(), env);
+                kinds.insert(env.body.kind());
+            }
+        }
+        assert!(kinds.len() >= 5, "{kinds:?}");
+    }
+}
