@@ -1,0 +1,64 @@
+//! MQTT 3.1.1 over a browser WebSocket, on the mqttbytes codec (rumqttc does not build for
+//! wasm32).
+//!
+//! - [`frames`]: bytes from the socket → MQTT packets;
+//! - [`session`]: the protocol of one connection (CONNECT, SUBSCRIBE, PUBACK, PINGREQ), no I/O;
+//! - [`backoff`]: delays between reconnections;
+//! - `client` (browser only): the loop that owns the socket, drives a session and reconnects,
+//!   reporting [`Event`]s through a callback so that no component holds the connection.
+
+pub mod backoff;
+#[cfg(target_arch = "wasm32")]
+pub mod client;
+pub mod frames;
+pub mod session;
+
+pub use session::Incoming;
+
+/// The connection as the view shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// Opening the socket or waiting for the broker to accept the session and subscription.
+    Connecting,
+    /// Subscribed: retained state has arrived or is arriving, live updates follow.
+    Connected,
+    /// Between attempts.
+    Disconnected,
+}
+
+impl ConnState {
+    /// The value of the indicator's `data-state` attribute.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnState::Connecting => "connecting",
+            ConnState::Connected => "connected",
+            ConnState::Disconnected => "disconnected",
+        }
+    }
+}
+
+/// What the client reports to the app.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    State(ConnState),
+    Message(Incoming),
+}
+
+/// A client id suffix from a random number in [0, 1): eight hex digits, enough that two
+/// dashboards do not take over each other's session.
+pub fn client_id(random: f64) -> String {
+    let n = (random.clamp(0.0, 1.0) * f64::from(u32::MAX)) as u32;
+    format!("dash-{n:08x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_ids_are_short_and_distinct() {
+        assert_eq!(client_id(0.0), "dash-00000000");
+        assert_eq!(client_id(0.5).len(), 13);
+        assert_ne!(client_id(0.25), client_id(0.26));
+    }
+}

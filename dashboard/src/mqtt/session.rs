@@ -1,0 +1,345 @@
+//! The MQTT 3.1.1 session of one connection, without I/O: packets in, packets and events out.
+//!
+//! ```text
+//! open ──CONNECT──▶ AwaitingConnAck ──CONNACK ok──SUBSCRIBE──▶ AwaitingSubAck ──SUBACK ok──▶ Subscribed
+//!                        │ refused                                   │ refused
+//!                        └──────────────────────▶ error: drop the connection, back off, retry
+//! ```
+//!
+//! The broker must see CONNACK before SUBSCRIBE (rumqttd drops a client that does otherwise),
+//! every QoS 1 publish is acknowledged at once, and a connection that has said nothing for
+//! longer than the keep-alive allows is treated as dead even if the socket looks open.
+
+use bytes::{Bytes, BytesMut};
+use mqttbytes::QoS;
+use mqttbytes::v4::{
+    ConnAck, Connect, ConnectReturnCode, Packet, PingReq, PubAck, Publish, SubAck, Subscribe,
+    SubscribeReasonCode,
+};
+
+/// Keep-alive announced in CONNECT, in seconds.
+pub const KEEP_ALIVE_S: u16 = 30;
+/// How often to send PINGREQ: well inside the keep-alive, so one late ping is not fatal.
+pub const PING_EVERY_MS: u32 = 20_000;
+/// Silence after which the connection is given up: keep-alive and a half, as the broker does.
+pub const DEAD_AFTER_MS: f64 = KEEP_ALIVE_S as f64 * 1500.0;
+/// Packet id of the one SUBSCRIBE; MQTT forbids 0.
+const SUBSCRIBE_PKID: u16 = 1;
+
+/// Where the session stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    AwaitingConnAck,
+    AwaitingSubAck,
+    Subscribed,
+}
+
+/// A message delivered by the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    pub topic: String,
+    pub payload: Bytes,
+    pub retained: bool,
+}
+
+/// What the session asks its driver to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Write these bytes to the socket.
+    Send(Bytes),
+    /// The subscription is in place: live data flows from now on.
+    Subscribed,
+    Deliver(Incoming),
+}
+
+/// Why the session cannot go on.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionError {
+    Refused(ConnectReturnCode),
+    SubscriptionRefused,
+    /// A packet the broker must not send in this phase.
+    Unexpected(&'static str, Phase),
+    /// Nothing heard for longer than [`DEAD_AFTER_MS`].
+    Silent,
+    Encode(mqttbytes::Error),
+}
+
+impl std::fmt::Display for SessionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionError::Refused(code) => write!(f, "broker refused the connection: {code:?}"),
+            SessionError::SubscriptionRefused => f.write_str("broker refused the subscription"),
+            SessionError::Unexpected(what, phase) => write!(f, "unexpected {what} in {phase:?}"),
+            SessionError::Silent => f.write_str("broker silent past the keep-alive"),
+            SessionError::Encode(e) => write!(f, "cannot encode a packet: {e:?}"),
+        }
+    }
+}
+
+/// One connection's protocol state.
+#[derive(Debug)]
+pub struct Session {
+    phase: Phase,
+    /// The topic filter subscribed to once connected.
+    filter: String,
+    /// When anything was last heard, in the driver's clock (ms).
+    last_heard_ms: f64,
+}
+
+impl Session {
+    /// Starts a session: the CONNECT to send first, and the state awaiting its answer.
+    pub fn open(
+        client_id: &str,
+        filter: &str,
+        now_ms: f64,
+    ) -> Result<(Session, Bytes), SessionError> {
+        let mut connect = Connect::new(client_id);
+        connect.keep_alive = KEEP_ALIVE_S;
+        // Each page load starts clean: retained messages give the whole picture at once.
+        connect.clean_session = true;
+        let bytes = encode(|buf| connect.write(buf))?;
+        let session = Session {
+            phase: Phase::AwaitingConnAck,
+            filter: filter.to_owned(),
+            last_heard_ms: now_ms,
+        };
+        Ok((session, bytes))
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Handles one packet from the broker.
+    pub fn on_packet(
+        &mut self,
+        packet: Packet,
+        now_ms: f64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), SessionError> {
+        self.last_heard_ms = now_ms;
+        match (self.phase, packet) {
+            (Phase::AwaitingConnAck, Packet::ConnAck(ConnAck { code, .. })) => {
+                if code != ConnectReturnCode::Success {
+                    return Err(SessionError::Refused(code));
+                }
+                let mut subscribe = Subscribe::new(self.filter.as_str(), QoS::AtLeastOnce);
+                // Subscribe::new leaves the packet id at 0, which brokers reject.
+                subscribe.pkid = SUBSCRIBE_PKID;
+                out.push(Output::Send(encode(|buf| subscribe.write(buf))?));
+                self.phase = Phase::AwaitingSubAck;
+            }
+            (Phase::AwaitingConnAck, _) => {
+                return Err(SessionError::Unexpected(
+                    "packet before CONNACK",
+                    self.phase,
+                ));
+            }
+            (Phase::AwaitingSubAck, Packet::SubAck(SubAck { pkid, return_codes }))
+                if pkid == SUBSCRIBE_PKID =>
+            {
+                if return_codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
+                    return Err(SessionError::SubscriptionRefused);
+                }
+                self.phase = Phase::Subscribed;
+                out.push(Output::Subscribed);
+            }
+            (_, Packet::Publish(publish)) => self.on_publish(publish, out)?,
+            (_, Packet::PingResp | Packet::PubAck(_) | Packet::SubAck(_)) => {}
+            (phase, Packet::ConnAck(_)) => {
+                return Err(SessionError::Unexpected("second CONNACK", phase));
+            }
+            (phase, Packet::Disconnect) => {
+                return Err(SessionError::Unexpected("DISCONNECT", phase));
+            }
+            // Nothing else is sent to a QoS 1 subscriber; ignoring it is safer than dropping
+            // a working connection.
+            (_, _) => {}
+        }
+        Ok(())
+    }
+
+    fn on_publish(&mut self, publish: Publish, out: &mut Vec<Output>) -> Result<(), SessionError> {
+        match publish.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => {
+                let ack = PubAck::new(publish.pkid);
+                out.push(Output::Send(encode(|buf| ack.write(buf))?));
+            }
+            // Not requested (the subscription is QoS 1), so not handled: the broker downgrades.
+            QoS::ExactlyOnce => {}
+        }
+        out.push(Output::Deliver(Incoming {
+            topic: publish.topic,
+            payload: publish.payload,
+            retained: publish.retain,
+        }));
+        Ok(())
+    }
+
+    /// Called on the ping timer: the PINGREQ to send, or an error if the broker went silent.
+    pub fn on_ping_timer(&mut self, now_ms: f64) -> Result<Bytes, SessionError> {
+        if now_ms - self.last_heard_ms > DEAD_AFTER_MS {
+            return Err(SessionError::Silent);
+        }
+        encode(|buf| PingReq.write(buf))
+    }
+}
+
+fn encode(
+    write: impl FnOnce(&mut BytesMut) -> Result<usize, mqttbytes::Error>,
+) -> Result<Bytes, SessionError> {
+    let mut buf = BytesMut::new();
+    write(&mut buf).map_err(SessionError::Encode)?;
+    Ok(buf.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+    use mqttbytes::v4::read;
+
+    use super::*;
+
+    fn decode(bytes: &Bytes) -> Packet {
+        read(&mut BytesMut::from(&bytes[..]), 1 << 20).unwrap()
+    }
+
+    fn connected() -> Session {
+        let (mut s, _) = Session::open("dash-x", "renkei/v1/#", 0.0).unwrap();
+        let mut out = Vec::new();
+        s.on_packet(
+            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+            1.0,
+            &mut out,
+        )
+        .unwrap();
+        s.on_packet(
+            Packet::SubAck(SubAck::new(
+                SUBSCRIBE_PKID,
+                vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+            )),
+            2.0,
+            &mut out,
+        )
+        .unwrap();
+        s
+    }
+
+    #[test]
+    fn connects_then_subscribes_with_a_packet_id() {
+        let (mut s, connect) = Session::open("dash-abc", "renkei/v1/#", 0.0).unwrap();
+        match decode(&connect) {
+            Packet::Connect(c) => {
+                assert_eq!(c.client_id, "dash-abc");
+                assert_eq!(c.keep_alive, 30);
+                assert!(c.clean_session);
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut out = Vec::new();
+        s.on_packet(
+            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+            1.0,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(s.phase(), Phase::AwaitingSubAck);
+        match &out[..] {
+            [Output::Send(bytes)] => match decode(bytes) {
+                Packet::Subscribe(sub) => {
+                    assert_ne!(sub.pkid, 0);
+                    assert_eq!(sub.filters[0].path, "renkei/v1/#");
+                    assert_eq!(sub.filters[0].qos, QoS::AtLeastOnce);
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+        out.clear();
+        s.on_packet(
+            Packet::SubAck(SubAck::new(
+                SUBSCRIBE_PKID,
+                vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+            )),
+            2.0,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, vec![Output::Subscribed]);
+        assert_eq!(s.phase(), Phase::Subscribed);
+    }
+
+    #[test]
+    fn refusals_end_the_session() {
+        let (mut s, _) = Session::open("d", "f/#", 0.0).unwrap();
+        let refused = Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false));
+        assert!(matches!(
+            s.on_packet(refused, 0.0, &mut Vec::new()),
+            Err(SessionError::Refused(ConnectReturnCode::NotAuthorized))
+        ));
+
+        let (mut s, _) = Session::open("d", "f/#", 0.0).unwrap();
+        assert!(s.on_packet(Packet::PingResp, 0.0, &mut Vec::new()).is_err());
+
+        let (mut s, _) = Session::open("d", "f/#", 0.0).unwrap();
+        let mut out = Vec::new();
+        s.on_packet(
+            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+            0.0,
+            &mut out,
+        )
+        .unwrap();
+        let refused = Packet::SubAck(SubAck::new(
+            SUBSCRIBE_PKID,
+            vec![SubscribeReasonCode::Failure],
+        ));
+        assert_eq!(
+            s.on_packet(refused, 0.0, &mut out),
+            Err(SessionError::SubscriptionRefused)
+        );
+    }
+
+    #[test]
+    fn acknowledges_qos1_and_delivers() {
+        let mut s = connected();
+        let mut publish = Publish::new("renkei/v1/x", QoS::AtLeastOnce, vec![1, 2]);
+        publish.pkid = 77;
+        publish.retain = true;
+        let mut out = Vec::new();
+        s.on_packet(Packet::Publish(publish), 3.0, &mut out)
+            .unwrap();
+        match &out[..] {
+            [Output::Send(ack), Output::Deliver(m)] => {
+                assert_eq!(decode(ack), Packet::PubAck(PubAck::new(77)));
+                assert_eq!(m.topic, "renkei/v1/x");
+                assert_eq!(&m.payload[..], &[1, 2]);
+                assert!(m.retained);
+            }
+            other => panic!("{other:?}"),
+        }
+        // QoS 0 needs no acknowledgement.
+        out.clear();
+        let publish = Publish::new("renkei/v1/y", QoS::AtMostOnce, vec![3]);
+        s.on_packet(Packet::Publish(publish), 4.0, &mut out)
+            .unwrap();
+        assert!(matches!(&out[..], [Output::Deliver(_)]));
+    }
+
+    #[test]
+    fn pings_until_the_broker_goes_silent() {
+        let mut s = connected();
+        let ping = s.on_ping_timer(20_000.0).unwrap();
+        assert_eq!(decode(&ping), Packet::PingReq);
+        s.on_packet(Packet::PingResp, 21_000.0, &mut Vec::new())
+            .unwrap();
+        assert!(s.on_ping_timer(21_000.0 + DEAD_AFTER_MS - 1.0).is_ok());
+        assert_eq!(
+            s.on_ping_timer(21_000.0 + DEAD_AFTER_MS + 1.0),
+            Err(SessionError::Silent)
+        );
+    }
+}

@@ -1,0 +1,157 @@
+use std::rc::Rc;
+
+use yew::prelude::*;
+
+use crate::i18n::{Label, Lang, level_class, ward_name};
+use crate::state::{Figures, Snapshot};
+
+/// A numeric column: its `data-field` key, headings, and where its value comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct Column {
+    pub field: &'static str,
+    ja: &'static str,
+    en: &'static str,
+    value: fn(&Figures) -> u64,
+}
+
+impl Column {
+    pub fn heading(&self, lang: Lang) -> &'static str {
+        lang.pick(self.ja, self.en)
+    }
+}
+
+/// The columns in display order. Tests read cells by `data-field`, so keys are stable.
+pub const COLUMNS: [Column; 9] = [
+    Column {
+        field: "sites",
+        ja: "拠点",
+        en: "Sites",
+        value: |f| f.sites,
+    },
+    Column {
+        field: "reporting",
+        ja: "報告中",
+        en: "Reporting",
+        value: |f| f.reporting,
+    },
+    Column {
+        field: "shelters_open",
+        ja: "開設避難所",
+        en: "Open shelters",
+        value: |f| f.shelters_open,
+    },
+    Column {
+        field: "evacuees",
+        ja: "避難者数",
+        en: "Evacuees",
+        value: |f| f.evacuees,
+    },
+    Column {
+        field: "capacity",
+        ja: "収容人数",
+        en: "Capacity",
+        value: |f| f.capacity,
+    },
+    Column {
+        field: "care_needed",
+        ja: "要配慮者",
+        en: "Needing care",
+        value: |f| f.care_needed,
+    },
+    Column {
+        field: "open_requests",
+        ja: "未完了要請",
+        en: "Open requests",
+        value: |f| f.open_requests,
+    },
+    Column {
+        field: "incidents",
+        ja: "被害報告",
+        en: "Incidents",
+        value: |f| f.incidents,
+    },
+    Column {
+        field: "silent",
+        ja: "途絶",
+        en: "Silent",
+        value: |f| f.silent,
+    },
+];
+
+#[derive(Debug, Properties, PartialEq)]
+pub struct WardTableProps {
+    pub lang: Lang,
+    pub snapshot: Rc<Snapshot>,
+}
+
+fn cells(figures: &Figures) -> Html {
+    COLUMNS
+        .iter()
+        .map(|c| {
+            let value = (c.value)(figures);
+            let class = (c.field == "silent" && value > 0).then_some("attention");
+            html! { <td data-field={c.field} class={classes!(class)}>{ value }</td> }
+        })
+        .collect()
+}
+
+/// One row per ward (all 23) of the actual world, and a totals row.
+#[component]
+pub fn WardTable(props: &WardTableProps) -> Html {
+    let lang = props.lang;
+    let rows = props.snapshot.rows.iter().map(|row| {
+        let name = ward_name(row.ward, lang);
+        html! {
+            <tr
+                key={row.ward.code.0}
+                data-ward={row.ward.code.to_string()}
+                class={level_class(row.level)}
+            >
+                <th scope="row" data-field="name">{ name }</th>
+                { cells(&row.figures) }
+            </tr>
+        }
+    });
+    html! {
+        <table id="wards">
+            <thead>
+                <tr>
+                    <th scope="col">{ Label::Ward.text(lang) }</th>
+                    { for COLUMNS.iter().map(|c| html! { <th scope="col" data-field={c.field}>{ c.heading(lang) }</th> }) }
+                </tr>
+            </thead>
+            <tbody>{ for rows }</tbody>
+            <tfoot>
+                <tr id="totals">
+                    <th scope="row" data-field="name">{ Label::Total.text(lang) }</th>
+                    { cells(&props.snapshot.totals) }
+                </tr>
+            </tfoot>
+        </table>
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_have_distinct_keys_and_two_headings() {
+        let f = Figures {
+            sites: 1,
+            reporting: 2,
+            shelters_open: 3,
+            evacuees: 4,
+            capacity: 5,
+            care_needed: 6,
+            open_requests: 7,
+            incidents: 8,
+            silent: 9,
+        };
+        let values: Vec<u64> = COLUMNS.iter().map(|c| (c.value)(&f)).collect();
+        assert_eq!(values, (1..=9).collect::<Vec<_>>());
+        for c in COLUMNS {
+            assert_ne!(c.heading(Lang::Ja), c.heading(Lang::En));
+        }
+    }
+}
