@@ -20,6 +20,7 @@ use crate::ward::WardCode;
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
 )]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(transparent)]
 pub struct Timestamp(pub i64);
 
@@ -41,8 +42,15 @@ impl Timestamp {
 /// them appears in a topic. Deserialising does not check the characters (the bytes come from
 /// the network); [`crate::validate`] does, and [`Id::new`] does for ids made locally.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(transparent)]
-pub struct Id(String);
+pub struct Id(
+    #[cfg_attr(
+        feature = "schema",
+        schemars(regex(pattern = r"^[A-Za-z0-9_-]{1,64}$"))
+    )]
+    String,
+);
 
 /// Longest [`Id`] in characters.
 pub const MAX_ID_LEN: usize = 64;
@@ -92,6 +100,7 @@ impl core::str::FromStr for Id {
 /// A site: a ward office, shelter or depot, named by its ward and its id within Renkei.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SiteRef {
     pub ward: WardCode,
     pub site: Id,
@@ -100,6 +109,7 @@ pub struct SiteRef {
 /// Whether a message is about the real world or a drill. Drills must never pass for reality.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// 実災害: a real event.
@@ -117,6 +127,7 @@ impl Mode {
 /// Who sent a message.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Origin {
     /// An edge agent at a site.
@@ -132,6 +143,7 @@ pub enum Origin {
 /// [`crate::codec`]), because a reader must know it before it can read the header at all.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Header {
     pub origin: Origin,
     /// Agent boot id: a counter persisted by the sender, raised at every start.
@@ -148,6 +160,7 @@ pub struct Header {
 /// One Renkei message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Envelope {
     pub header: Header,
     pub body: Body,
@@ -156,6 +169,7 @@ pub struct Envelope {
 /// What a message says. Variants are encoded by position: append only.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Body {
     Status(SiteStatus),
@@ -232,6 +246,7 @@ impl Body {
 /// A point in WGS84, in micro-degrees (integers: exact, compact, no NaN on the wire).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct GeoPoint {
     #[cfg_attr(test, proptest(strategy = "-90_000_000i32..=90_000_000"))]
     pub lat_e6: i32,
@@ -254,6 +269,7 @@ impl GeoPoint {
 /// A site's heartbeat: what it is and whether it can work. Sent on a timer, retained.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SiteStatus {
     /// The site's name as staff know it, e.g. 新宿区立西新宿小学校.
     pub name: String,
@@ -277,6 +293,7 @@ pub struct SiteStatus {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum SiteKind {
     /// 区役所
@@ -289,6 +306,7 @@ pub enum SiteKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum HqState {
     None,
@@ -302,6 +320,7 @@ pub enum HqState {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum PowerSource {
     Grid,
@@ -313,6 +332,7 @@ pub enum PowerSource {
 /// State of one communication channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum LinkState {
     Ok,
@@ -323,6 +343,7 @@ pub enum LinkState {
 /// The site's communication channels; `None` where the site does not have or know it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Comms {
     pub internet: Option<LinkState>,
     pub mobile: Option<LinkState>,
@@ -337,6 +358,7 @@ pub struct Comms {
 /// A shelter's state as its staff last reported it. Retained.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ShelterStatus {
     pub shelter_type: ShelterType,
     pub state: ShelterState,
@@ -360,6 +382,7 @@ pub struct ShelterStatus {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ShelterType {
     /// 指定避難所
@@ -376,6 +399,7 @@ pub enum ShelterType {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ShelterState {
     /// 未開設
@@ -392,6 +416,7 @@ pub enum ShelterState {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Crowding {
     /// 空き
@@ -405,6 +430,7 @@ pub enum Crowding {
 /// People needing special care (要配慮者), by need. `None` is "not counted".
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct CareNeeds {
     pub elderly: Option<u32>,
     pub disabled: Option<u32>,
@@ -437,6 +463,7 @@ impl CareNeeds {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum LifelineState {
     Ok,
@@ -447,6 +474,7 @@ pub enum LifelineState {
 /// Lifelines at the site.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Lifelines {
     pub power: Option<LifelineState>,
     pub water: Option<LifelineState>,
@@ -458,6 +486,7 @@ pub struct Lifelines {
 /// Building safety tags of 応急危険度判定: green, yellow, red.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BuildingSafety {
     Safe,
@@ -471,6 +500,7 @@ pub enum BuildingSafety {
 /// Supply items: Japan's basic 8 items (基本8品目) first, then the others staff ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Item {
     /// 食料 (meals)
@@ -555,6 +585,7 @@ impl Item {
 /// Stock on hand (在庫) at a site. Retained; each report replaces the previous one whole.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SupplyStock {
     #[cfg_attr(
         test,
@@ -567,6 +598,7 @@ pub struct SupplyStock {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct StockLine {
     pub item: Item,
     pub on_hand: Option<u32>,
@@ -589,6 +621,7 @@ impl StockLine {
 /// A supply request (物資要請) and where it stands in its lifecycle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SupplyRequest {
     /// Unique within the site.
     pub request_id: Id,
@@ -606,6 +639,7 @@ pub struct SupplyRequest {
 /// received 受領, or declined / cancelled at any point.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RequestState {
     Requested,
@@ -648,6 +682,7 @@ impl RequestState {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct IncidentReport {
     /// Unique within the site; later versions of the same report keep it.
     pub incident_id: Id,
@@ -664,6 +699,7 @@ pub struct IncidentReport {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum IncidentCategory {
     /// 火災
@@ -686,6 +722,7 @@ pub enum IncidentCategory {
 /// Counts following the national damage form (第4号様式). Unknown counts are `None`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DamageCounts {
     /// 死者
     pub dead: Option<u32>,
@@ -717,6 +754,7 @@ pub struct DamageCounts {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RoadState {
     Open,
@@ -729,6 +767,7 @@ pub enum RoadState {
 /// CAP 1.2 severity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
     Unknown,
@@ -741,6 +780,7 @@ pub enum Severity {
 /// CAP 1.2 certainty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Certainty {
     Observed,
@@ -753,6 +793,7 @@ pub enum Certainty {
 /// CAP 1.2 urgency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Urgency {
     Immediate,
@@ -765,6 +806,7 @@ pub enum Urgency {
 /// Which report of an incident this is: 第1報, 続報 (numbered), 確定.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ReportVersion {
     First,
@@ -778,6 +820,7 @@ pub enum ReportVersion {
 /// A CAP-style alert raised by HQ staff or by a broker rule. Retained while it matters.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Alert {
     pub alert_id: Id,
     pub source: AlertSource,
@@ -803,6 +846,7 @@ pub struct Alert {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AlertSource {
     Operator,
@@ -812,6 +856,7 @@ pub enum AlertSource {
 /// The broker's rules (DOMAIN.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RuleKind {
     /// Shelter occupancy at or above its threshold (90 %).
@@ -826,6 +871,7 @@ pub enum RuleKind {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AlertState {
     Active,
@@ -838,6 +884,7 @@ pub enum AlertState {
 /// An operator's answer to an alert or a supply request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Ack {
     pub target: AckTarget,
     pub by: Actor,
@@ -849,6 +896,7 @@ pub struct Ack {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AckTarget {
     Alert(Id),
@@ -858,6 +906,7 @@ pub enum AckTarget {
 /// Who acted.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Actor {
     pub user: Id,
     pub role: Role,
@@ -867,6 +916,7 @@ pub struct Actor {
 /// The roles of Renkei's users.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Agent,
@@ -879,6 +929,7 @@ pub enum Role {
 /// What an acknowledgement does. On supply requests the lifecycle steps move the request on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AckAction {
     /// 確認
@@ -920,6 +971,7 @@ impl AckAction {
 /// that birth and is itself outranked by the next connection's birth.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Life {
     Birth { agent_version: String },
@@ -929,6 +981,7 @@ pub enum Life {
 /// HQ → agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Command {
     pub command_id: Id,
     pub target: SiteRef,
@@ -937,6 +990,7 @@ pub struct Command {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum CommandAction {
     /// Send a fresh full report (rebirth).

@@ -14,8 +14,11 @@ use serde::{Deserialize, Serialize};
 /// Any `u32` can be held (it arrives from the network); [`WardCode::ward`] tells whether it is one
 /// of the 23, and validation refuses messages whose code is not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(transparent)]
-pub struct WardCode(pub u32);
+pub struct WardCode(
+    #[cfg_attr(feature = "schema", schemars(range(min = 131016, max = 131237)))] pub u32,
+);
 
 impl WardCode {
     /// The ward this code names, if it is one of the 23.

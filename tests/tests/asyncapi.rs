@@ -1,0 +1,109 @@
+//! `docs/asyncapi.yaml` is what the model says, and what the broker really sends matches it.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use renkei_shared::{Body, Envelope, Origin, Topic, codec, sample};
+use renkei_tests::{Broker, asyncapi, workspace_root};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+fn checked_in() -> Result<serde_json::Value> {
+    let path = workspace_root().join("docs/asyncapi.yaml");
+    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    Ok(serde_norway::from_str(&text)?)
+}
+
+#[test]
+fn the_checked_in_document_is_generated_from_the_model() -> Result<()> {
+    let path = workspace_root().join("docs/asyncapi.yaml");
+    let generated = asyncapi::yaml()?;
+    if std::env::var_os("RENKEI_BLESS").is_some() {
+        std::fs::write(&path, &generated)?;
+    }
+    let on_disk = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    assert!(
+        on_disk == generated,
+        "docs/asyncapi.yaml is out of date: regenerate with RENKEI_BLESS=1 cargo test -p renkei-tests --test asyncapi"
+    );
+    Ok(())
+}
+
+#[test]
+fn every_sample_message_validates_and_bad_ones_do_not() -> Result<()> {
+    let validator = asyncapi::envelope_validator(&checked_in()?)?;
+    for env in sample::all() {
+        let json = serde_json::to_value(&env)?;
+        let errors: Vec<String> = validator
+            .iter_errors(&json)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{:?}: {errors:?}", env.body.kind());
+    }
+    let mut bad = serde_json::to_value(sample::status())?;
+    bad["header"]["mode"] = "drill".into();
+    assert!(
+        !validator.is_valid(&bad),
+        "an unknown mode must not validate"
+    );
+    let mut bad = serde_json::to_value(sample::shelter())?;
+    bad["body"]["shelter"]["evacuees"] = (-1).into();
+    assert!(
+        !validator.is_valid(&bad),
+        "a negative count must not validate"
+    );
+    Ok(())
+}
+
+/// Real messages published to the real broker come out on the JSON mirror, valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_brokers_json_mirror_matches_the_document() -> Result<()> {
+    let validator = asyncapi::envelope_validator(&checked_in()?)?;
+    let data = tempfile::tempdir()?;
+    let broker = Broker::start(data.path(), &["--demo"])?;
+    let (host, port) = broker.mqtt_host_port()?;
+
+    let mut opts = MqttOptions::new("asyncapi-check", host, port);
+    opts.set_keep_alive(Duration::from_secs(10));
+    let (client, mut events) = AsyncClient::new(opts, 64);
+    client
+        .subscribe("renkei/json/v1/#", QoS::AtLeastOnce)
+        .await?;
+    // Publish every sample a site may send, from its own topic.
+    let site_samples: Vec<Envelope> = sample::all()
+        .into_iter()
+        .filter(|e| matches!(e.header.origin, Origin::Site(_)) && !matches!(e.body, Body::Life(_)))
+        .collect();
+    for env in &site_samples {
+        let topic = Topic::of(env)?;
+        client
+            .publish(
+                topic.to_string(),
+                QoS::AtLeastOnce,
+                topic.retained(),
+                codec::encode(env)?,
+            )
+            .await?;
+    }
+
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seen < site_samples.len() {
+        let event = tokio::time::timeout_at(deadline, events.poll())
+            .await
+            .context("timed out waiting for the JSON mirror")??;
+        if let Event::Incoming(Packet::Publish(p)) = event {
+            let topic = Topic::parse_json(&p.topic)?;
+            let json: serde_json::Value = serde_json::from_slice(&p.payload)?;
+            let errors: Vec<String> = validator
+                .iter_errors(&json)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(errors.is_empty(), "{}: {errors:?}", p.topic);
+            let env: Envelope = serde_json::from_value(json)?;
+            assert_eq!(Topic::of(&env)?, topic, "mirrored on its own topic");
+            assert!(site_samples.contains(&env), "mirrored unchanged");
+            seen += 1;
+        }
+    }
+    Ok(())
+}
