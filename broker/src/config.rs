@@ -1,0 +1,476 @@
+//! The broker's configuration: one TOML file over compiled-in defaults.
+//!
+//! Every key is optional; an empty file (or none at all) gives [`Config::default`]. Unknown keys
+//! are errors, so a typo never silently falls back to a default. Errors name the key
+//! (`mqtt.max_packet_size: …`). Sizes and durations are written in human units (`"20KiB"`,
+//! `"5s"`). `broker.example.toml` documents every key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use renkei_shared::codec::MAX_FRAME;
+use serde::Deserialize;
+
+/// Room on top of [`MAX_FRAME`] for the MQTT fixed header and the topic of a PUBLISH.
+pub const PACKET_HEADROOM: usize = 4 * 1024;
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("config is not valid TOML: {0}")]
+    Syntax(String),
+    /// A key is unknown, or its value has the wrong type or is out of range.
+    #[error("config key {key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+/// Everything the broker can be told.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub mqtt: MqttConfig,
+    pub http: HttpConfig,
+    pub data: DataConfig,
+}
+
+/// The embedded MQTT broker (rumqttd).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// MQTT 3.1.1 over TCP, for agents and integrators. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// MQTT 3.1.1 over WebSocket (subprotocol `mqtt`), for the dashboard. Port 0 picks one.
+    pub ws_listen: SocketAddr,
+    /// Connections the router accepts at once (2,000 sites plus dashboards and integrators).
+    pub max_connections: usize,
+    /// Largest MQTT packet accepted from a client; at least a Renkei frame plus its topic.
+    pub max_packet_size: ByteSize,
+    /// How long a new connection may take to send CONNECT before it is dropped.
+    pub connect_timeout: HumanDuration,
+    /// QoS 1 messages in flight to one subscriber.
+    pub max_inflight: u16,
+    /// Size of one segment of a topic filter's in-memory log.
+    pub segment_size: ByteSize,
+    /// Segments kept per topic filter: memory per filter is at most size × count.
+    pub segment_count: usize,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            ws_listen: SocketAddr::from(([0, 0, 0, 0], 8083)),
+            max_connections: 5_000,
+            max_packet_size: ByteSize(MAX_FRAME + PACKET_HEADROOM),
+            connect_timeout: HumanDuration(Duration::from_secs(5)),
+            max_inflight: 100,
+            // rumqttd's defaults (100 MB × 10 per filter) grow memory without need: Renkei's
+            // messages are small and subscribers read them as they come.
+            segment_size: ByteSize(1024 * 1024),
+            segment_count: 10,
+        }
+    }
+}
+
+/// The HTTP server: dashboard, API, health and metrics.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Where HTTP listens. Port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The built dashboard (Trunk's `dist/`), served at `/`.
+    pub dashboard_dir: PathBuf,
+    /// The MQTT-over-WebSocket URL handed to browsers in `/config.json`, when they must not
+    /// derive it from the page's host (a TLS proxy in front, another host or port).
+    pub public_mqtt_ws_url: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            dashboard_dir: PathBuf::from("dist"),
+            public_mqtt_ws_url: None,
+        }
+    }
+}
+
+/// Where the broker keeps its files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Created at start if missing.
+    pub dir: PathBuf,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dir: PathBuf::from("var/broker"),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, or returns the defaults when there is none.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            None => Ok(Config::default()),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Config::from_toml(&text)
+            }
+        }
+    }
+
+    /// Parses and checks a configuration.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax(one_line(&e)))?;
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            ConfigError::Invalid {
+                // An error about the whole document has the empty path ".".
+                key: if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                message: e.into_inner().message().to_owned(),
+            }
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks what the types alone cannot.
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| {
+            Err(ConfigError::Invalid {
+                key: key.into(),
+                message,
+            })
+        };
+        let m = &self.mqtt;
+        let min_packet = MAX_FRAME + PACKET_HEADROOM;
+        if m.max_packet_size.0 < min_packet {
+            return invalid(
+                "mqtt.max_packet_size",
+                format!(
+                    "{} is below {} (a Renkei frame plus its topic)",
+                    m.max_packet_size,
+                    ByteSize(min_packet)
+                ),
+            );
+        }
+        if m.segment_size.0 < m.max_packet_size.0 {
+            return invalid(
+                "mqtt.segment_size",
+                format!(
+                    "{} cannot hold one packet of mqtt.max_packet_size ({})",
+                    m.segment_size, m.max_packet_size
+                ),
+            );
+        }
+        if m.segment_count == 0 {
+            return invalid("mqtt.segment_count", "must be at least 1".into());
+        }
+        if m.max_connections == 0 {
+            return invalid("mqtt.max_connections", "must be at least 1".into());
+        }
+        if m.max_inflight == 0 {
+            return invalid("mqtt.max_inflight", "must be at least 1".into());
+        }
+        if m.connect_timeout.millis_u16().is_none() {
+            return invalid(
+                "mqtt.connect_timeout",
+                format!("{} is not between 1ms and 65s", m.connect_timeout),
+            );
+        }
+        if m.listen.port() != 0 && m.listen == m.ws_listen {
+            return invalid(
+                "mqtt.ws_listen",
+                format!("{} is also mqtt.listen", m.ws_listen),
+            );
+        }
+        if let Some(url) = &self.http.public_mqtt_ws_url
+            && !(url.starts_with("ws://") || url.starts_with("wss://"))
+        {
+            return invalid(
+                "http.public_mqtt_ws_url",
+                format!("{url:?} is not a ws:// or wss:// URL"),
+            );
+        }
+        Ok(())
+    }
+}
+
+fn one_line(e: &toml::de::Error) -> String {
+    e.to_string()
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A size in bytes, written `20480`, `"20KiB"` or `"1MiB"`.
+///
+/// Hand-written: two units do not justify another dependency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub usize);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+        let (number, unit) = s.split_at(digits);
+        let number: usize = number
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size such as \"20KiB\""))?;
+        let scale = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1024,
+            "MiB" => 1024 * 1024,
+            "GiB" => 1024 * 1024 * 1024,
+            other => {
+                return Err(format!(
+                    "unknown size unit {other:?} (use B, KiB, MiB, GiB)"
+                ));
+            }
+        };
+        number
+            .checked_mul(scale)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (scale, unit) in [
+            (1024 * 1024 * 1024, "GiB"),
+            (1024 * 1024, "MiB"),
+            (1024, "KiB"),
+        ] {
+            if n >= scale && n.is_multiple_of(scale) {
+                return write!(f, "{}{unit}", n / scale);
+            }
+        }
+        write!(f, "{n}B")
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bytes(n) => usize::try_from(n)
+                .map(ByteSize)
+                .map_err(|_| serde::de::Error::custom(format!("{n} is too large"))),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A duration, written `"500ms"`, `"5s"`, `"2m"` or `"1h"`.
+///
+/// Hand-written for the same reason as [`ByteSize`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    /// The duration in milliseconds, if it fits rumqttd's `u16` and is not zero.
+    pub fn millis_u16(self) -> Option<u16> {
+        u16::try_from(self.0.as_millis()).ok().filter(|&ms| ms > 0)
+    }
+}
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+        let (number, unit) = s.split_at(digits);
+        let number: u64 = number
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration such as \"5s\""))?;
+        let d = match unit.trim() {
+            "ms" => Duration::from_millis(number),
+            "s" => Duration::from_secs(number),
+            "m" => Duration::from_secs(number.saturating_mul(60)),
+            "h" => Duration::from_secs(number.saturating_mul(3600)),
+            other => {
+                return Err(format!(
+                    "unknown duration unit {other:?} (use ms, s, m or h)"
+                ));
+            }
+        };
+        Ok(HumanDuration(d))
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms.is_multiple_of(1000) {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn invalid(text: &str) -> (String, String) {
+        match Config::from_toml(text) {
+            Err(ConfigError::Invalid { key, message }) => (key, message),
+            other => panic!("expected an invalid key, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::from_toml("").unwrap(), Config::default());
+        assert_eq!(Config::load(None).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn defaults_pass_their_own_checks() {
+        Config::default().check().unwrap();
+        let m = MqttConfig::default();
+        assert_eq!(m.listen.port(), 1883);
+        assert_eq!(m.ws_listen.port(), 8083);
+        assert_eq!(HttpConfig::default().listen.port(), 8080);
+        assert!(m.max_packet_size.0 > MAX_FRAME);
+    }
+
+    #[test]
+    fn the_example_file_is_valid_and_matches_the_defaults() {
+        let text = include_str!("../broker.example.toml");
+        assert_eq!(Config::from_toml(text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn reads_human_units() {
+        let c = Config::from_toml(
+            r#"
+            [mqtt]
+            listen = "127.0.0.1:0"
+            max_packet_size = "64KiB"
+            segment_size = 2097152
+            connect_timeout = "1500ms"
+            [http]
+            dashboard_dir = "/srv/renkei/dist"
+            public_mqtt_ws_url = "wss://renkei.example/mqtt"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(c.mqtt.max_packet_size, ByteSize(64 * 1024));
+        assert_eq!(c.mqtt.segment_size, ByteSize(2 * 1024 * 1024));
+        assert_eq!(c.mqtt.connect_timeout.millis_u16(), Some(1500));
+        assert_eq!(c.http.dashboard_dir, PathBuf::from("/srv/renkei/dist"));
+        assert_eq!(c.data, DataConfig::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let (key, message) = invalid("[mqtt]\nlisten_addr = \"0.0.0.0:1\"\n");
+        assert_eq!(key, "mqtt.listen_addr");
+        assert!(message.contains("unknown field"), "{message}");
+        let (key, message) = invalid("[mqqt]\n");
+        assert_eq!(key, "mqqt");
+        assert!(message.contains("mqqt"), "{message}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let (key, message) = invalid("[mqtt]\nlisten = \"localhost\"\n");
+        assert_eq!(key, "mqtt.listen");
+        assert!(message.contains("socket address"), "{message}");
+        let (key, message) = invalid("[mqtt]\nmax_packet_size = \"20 parsecs\"\n");
+        assert_eq!(key, "mqtt.max_packet_size");
+        assert!(message.contains("parsecs"), "{message}");
+        let (key, _) = invalid("[http]\nlisten = 8080\n");
+        assert_eq!(key, "http.listen");
+        let (key, _) = invalid("[mqtt]\nconnect_timeout = \"5 fortnights\"\n");
+        assert_eq!(key, "mqtt.connect_timeout");
+    }
+
+    #[test]
+    fn checks_ranges_and_names_the_key() {
+        assert_eq!(
+            invalid("[mqtt]\nmax_packet_size = \"1KiB\"\n").0,
+            "mqtt.max_packet_size"
+        );
+        assert_eq!(
+            invalid("[mqtt]\nsegment_size = \"8KiB\"\n").0,
+            "mqtt.segment_size"
+        );
+        assert_eq!(
+            invalid("[mqtt]\nconnect_timeout = \"2m\"\n").0,
+            "mqtt.connect_timeout"
+        );
+        assert_eq!(
+            invalid("[mqtt]\nlisten = \"0.0.0.0:1\"\nws_listen = \"0.0.0.0:1\"\n").0,
+            "mqtt.ws_listen"
+        );
+        assert_eq!(
+            invalid("[http]\npublic_mqtt_ws_url = \"http://x\"\n").0,
+            "http.public_mqtt_ws_url"
+        );
+    }
+
+    #[test]
+    fn syntax_errors_are_reported_on_one_line() {
+        match Config::from_toml("[mqtt\n") {
+            Err(ConfigError::Syntax(message)) => assert!(!message.contains('\n')),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn unit_parsers() {
+        assert_eq!("0".parse::<ByteSize>(), Ok(ByteSize(0)));
+        assert_eq!("3 MiB".parse::<ByteSize>(), Ok(ByteSize(3 << 20)));
+        assert!("KiB".parse::<ByteSize>().is_err());
+        assert!("1TiB".parse::<ByteSize>().is_err());
+        assert_eq!(ByteSize(20 * 1024).to_string(), "20KiB");
+        assert_eq!(ByteSize(1000).to_string(), "1000B");
+        assert_eq!(
+            "2m".parse::<HumanDuration>(),
+            Ok(HumanDuration(Duration::from_secs(120)))
+        );
+        assert!("5".parse::<HumanDuration>().is_err());
+        assert_eq!(HumanDuration(Duration::from_millis(0)).millis_u16(), None);
+    }
+}

@@ -1,0 +1,182 @@
+//! The JSON shape of `GET /api/v1/state`.
+//!
+//! ```json
+//! {
+//!   "mode": "actual",
+//!   "now": 1788220810000,
+//!   "wards": [ { "ward": 131016, "name_ja": "千代田区", "name_en": "Chiyoda", "level": "no_data",
+//!                "sites": 0, "reporting": 0, "silent": 0, "shelters_open": 0, "evacuees": 0,
+//!                "capacity": 0, "care_needed": 0, "nearly_full": 0, "over_capacity": 0,
+//!                "unsafe_buildings": 0, "open_requests": 0, "incidents": 0, "dead": 0,
+//!                "missing": 0, "injured": 0, "active_alerts": 0, "worst_alert": null }, … ],
+//!   "sites": [ { "ward": 131041, "site": "nishi-shinjuku-es", "name": "西新宿小学校",
+//!                "last_heard": 1788220800000, "silent": false, "dead": false,
+//!                "occupancy_pct": 80, "open_requests": 1, "incidents": 0,
+//!                "status":   { "sent_at": …, "boot": 3, "seq": 10, "historical": false,
+//!                              "value": { …SiteStatus as in the JSON mirror… } },
+//!                "shelter":  null | { …same wrapper, ShelterStatus… },
+//!                "supplies": null | { …same wrapper, SupplyStock… } }, … ]
+//! }
+//! ```
+//!
+//! `wards` always lists all 23 in code order; `sites` lists every site heard from in the mode,
+//! in (ward, site) order. Times are Unix milliseconds; message values are serialised exactly as
+//! on the JSON mirror (`renkei/json/v1/…`). `level` is one of `no_data`, `normal`, `watch`,
+//! `warning`, `critical`.
+
+use renkei_shared::reducer::{SiteState, Versioned};
+use renkei_shared::{
+    Id, Level, Mode, Severity, ShelterStatus, SiteStatus, State, SupplyStock, Timestamp, WardCode,
+    WardRollup,
+};
+use serde::Serialize;
+
+/// The live state of one mode, as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct StateView<'a> {
+    pub mode: Mode,
+    pub now: Timestamp,
+    pub wards: Vec<WardView>,
+    pub sites: Vec<SiteView<'a>>,
+}
+
+impl<'a> StateView<'a> {
+    pub fn new(state: &'a State, mode: Mode, now: Timestamp) -> Self {
+        let world = state.world(mode);
+        StateView {
+            mode,
+            now,
+            wards: world.rollups(now).iter().map(WardView::new).collect(),
+            sites: world
+                .sites
+                .iter()
+                .filter(|(_, s)| s.last_heard.is_some())
+                .map(|(site, s)| SiteView::new(site.ward, &site.site, s, now))
+                .collect(),
+        }
+    }
+}
+
+/// One ward's roll-up.
+#[derive(Debug, Serialize)]
+pub struct WardView {
+    pub ward: WardCode,
+    pub name_ja: &'static str,
+    pub name_en: &'static str,
+    pub level: &'static str,
+    pub sites: u32,
+    pub reporting: u32,
+    pub silent: u32,
+    pub shelters_open: u32,
+    pub evacuees: u64,
+    pub capacity: u64,
+    pub care_needed: u64,
+    pub nearly_full: u32,
+    pub over_capacity: u32,
+    pub unsafe_buildings: u32,
+    pub open_requests: u32,
+    pub incidents: u32,
+    pub dead: u64,
+    pub missing: u64,
+    pub injured: u64,
+    pub active_alerts: u32,
+    pub worst_alert: Option<Severity>,
+}
+
+impl WardView {
+    fn new(r: &WardRollup) -> Self {
+        let ward = r.ward.ward();
+        WardView {
+            ward: r.ward,
+            name_ja: ward.map_or("", |w| w.name_ja),
+            name_en: ward.map_or("", |w| w.name_en),
+            level: level_name(r.level()),
+            sites: r.sites,
+            reporting: r.reporting(),
+            silent: r.silent,
+            shelters_open: r.shelters_open,
+            evacuees: r.evacuees,
+            capacity: r.capacity,
+            care_needed: r.care_needed,
+            nearly_full: r.nearly_full,
+            over_capacity: r.over_capacity,
+            unsafe_buildings: r.unsafe_buildings,
+            open_requests: r.open_requests,
+            incidents: r.incidents,
+            dead: r.dead,
+            missing: r.missing,
+            injured: r.injured,
+            active_alerts: r.active_alerts,
+            worst_alert: r.worst_alert,
+        }
+    }
+}
+
+/// The map colour names; `Level` itself is not serialisable (it lives in the reducer).
+pub fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::NoData => "no_data",
+        Level::Normal => "normal",
+        Level::Watch => "watch",
+        Level::Warning => "warning",
+        Level::Critical => "critical",
+    }
+}
+
+/// One site's latest reports.
+#[derive(Debug, Serialize)]
+pub struct SiteView<'a> {
+    pub ward: WardCode,
+    pub site: &'a Id,
+    pub name: Option<&'a str>,
+    pub last_heard: Option<Timestamp>,
+    pub silent: bool,
+    pub dead: bool,
+    pub occupancy_pct: Option<u64>,
+    pub open_requests: usize,
+    pub incidents: usize,
+    pub status: Option<Latest<'a, SiteStatus>>,
+    pub shelter: Option<Latest<'a, ShelterStatus>>,
+    pub supplies: Option<Latest<'a, SupplyStock>>,
+}
+
+impl<'a> SiteView<'a> {
+    fn new(ward: WardCode, site: &'a Id, s: &'a SiteState, now: Timestamp) -> Self {
+        SiteView {
+            ward,
+            site,
+            name: s.name(),
+            last_heard: s.last_heard,
+            silent: s.is_silent(now),
+            dead: s.is_dead(),
+            occupancy_pct: s.occupancy_pct(),
+            open_requests: s.requests.values().filter(|r| r.is_open()).count(),
+            incidents: s.incidents.len(),
+            status: s.status.as_ref().map(Latest::new),
+            shelter: s.shelter.as_ref().map(Latest::new),
+            supplies: s.supplies.as_ref().map(Latest::new),
+        }
+    }
+}
+
+/// A report with the header facts of the message that carried it.
+#[derive(Debug, Serialize)]
+pub struct Latest<'a, T> {
+    pub sent_at: Timestamp,
+    pub boot: u32,
+    pub seq: u64,
+    pub historical: bool,
+    pub value: &'a T,
+}
+
+impl<'a, T> Latest<'a, T> {
+    fn new(v: &'a Versioned<T>) -> Self {
+        Latest {
+            sent_at: v.sent_at,
+            boot: v.stamp.boot,
+            seq: v.stamp.seq,
+            historical: v.historical,
+            value: &v.value,
+        }
+    }
+}

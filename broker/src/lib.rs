@@ -1,0 +1,226 @@
+//! `renkei-broker`: the central process every ward, dashboard and integrator talks to.
+//!
+//! Data flow:
+//!
+//! ```text
+//! agents, dashboards ──MQTT (TCP :1883, WebSocket :8083)──▶ mqtt (embedded rumqttd) ──▶ subscribers
+//!                                                              │ in-process link, renkei/v1/#
+//!                                                              ▼
+//!                     ingest: topic → decode → validate → reducer ──▶ live State
+//!                        │ refused: counted by reason            │
+//!                        └─▶ JSON mirror renkei/json/v1/… ──▶ mqtt │
+//!                                                                ▼
+//! browsers, integrators ◀──────────── http: dashboard, /config.json, /api/v1/state, /metrics
+//! ```
+//!
+//! Layout:
+//! - [`config`]: the TOML configuration over compiled-in defaults;
+//! - [`mqtt`]: rumqttd's router and listeners, readiness probes, the per-connection guard;
+//! - [`ingest`]: the in-process consumer that keeps the live state and the JSON mirror;
+//! - [`http`]: the axum routes (`router(AppState)`), with the state API in [`http::api`];
+//! - [`metrics`]: the counters behind `/metrics`;
+//! - [`Broker`] (here): starts them in order and serves until shutdown.
+
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod mqtt;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::http::AppState;
+use crate::ingest::{Ingest, IngestError, LiveState};
+use crate::metrics::Metrics;
+use crate::mqtt::{Mqtt, MqttError};
+
+/// Why the broker did not start or stopped serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Mqtt(#[from] MqttError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
+    #[error("cannot listen for HTTP on {addr}: {source}")]
+    HttpBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// The addresses a started broker listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addrs {
+    pub mqtt: SocketAddr,
+    pub ws: SocketAddr,
+    pub http: SocketAddr,
+}
+
+impl Addrs {
+    /// The one line the binary prints on stdout once it serves; test harnesses parse it.
+    pub fn ready_line(&self) -> String {
+        format!(
+            "renkei-broker ready mqtt={} ws={} http={}",
+            self.mqtt, self.ws, self.http
+        )
+    }
+
+    /// Reads a [`Addrs::ready_line`] back.
+    pub fn from_ready_line(line: &str) -> Option<Addrs> {
+        let rest = line.trim_end().strip_prefix("renkei-broker ready ")?;
+        let mut fields = rest.split(' ');
+        let mut field = |name: &str| -> Option<SocketAddr> {
+            fields
+                .next()?
+                .strip_prefix(name)?
+                .strip_prefix('=')?
+                .parse()
+                .ok()
+        };
+        let addrs = Addrs {
+            mqtt: field("mqtt")?,
+            ws: field("ws")?,
+            http: field("http")?,
+        };
+        fields.next().is_none().then_some(addrs)
+    }
+}
+
+/// A started broker: MQTT listening, ingest consuming, HTTP bound but not yet serving.
+#[derive(Debug)]
+pub struct Broker {
+    addrs: Addrs,
+    mqtt: Mqtt,
+    ingest: Ingest,
+    http: TcpListener,
+    app: AppState,
+}
+
+impl Broker {
+    /// Starts everything in order: ingest subscribes before the MQTT listeners open, so no
+    /// message is missed, and the HTTP socket is bound last.
+    pub async fn start(config: Config) -> Result<Broker, Error> {
+        let data_dir = &config.data.dir;
+        std::fs::create_dir_all(data_dir).map_err(|source| Error::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
+        let dashboard_index = config.http.dashboard_dir.join("index.html");
+        if !dashboard_index.is_file() {
+            tracing::warn!(
+                path = %dashboard_index.display(),
+                "no built dashboard here: / will answer 404 (build it with Trunk)"
+            );
+        }
+
+        let metrics = Arc::new(Metrics::new());
+        let live = LiveState::default();
+        let mut mqtt = Mqtt::new(&config.mqtt, &metrics)?;
+        let ingest = Ingest::start(mqtt.link("ingest")?, live.clone(), metrics.clone())?;
+        mqtt.listen().await?;
+
+        let http_addr = config.http.listen;
+        let http = TcpListener::bind(http_addr)
+            .await
+            .map_err(|source| Error::HttpBind {
+                addr: http_addr,
+                source,
+            })?;
+        let http_addr = http.local_addr().map_err(|source| Error::HttpBind {
+            addr: http_addr,
+            source,
+        })?;
+
+        let addrs = Addrs {
+            mqtt: mqtt.tcp_addr,
+            ws: mqtt.ws_addr,
+            http: http_addr,
+        };
+        let app = AppState {
+            live,
+            metrics,
+            ws_port: addrs.ws.port(),
+            public_mqtt_ws_url: config.http.public_mqtt_ws_url.clone(),
+            dashboard_dir: config.http.dashboard_dir.clone(),
+            clock: http::system_clock(),
+        };
+        Ok(Broker {
+            addrs,
+            mqtt,
+            ingest,
+            http,
+            app,
+        })
+    }
+
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
+    }
+
+    /// What the HTTP handlers see (the live state and the counters).
+    pub fn app_state(&self) -> &AppState {
+        &self.app
+    }
+
+    /// Serves HTTP until `shutdown` resolves, then stops HTTP (letting requests in flight
+    /// finish) and ingest. Returns an error instead if an MQTT listener or ingest stops: the
+    /// process must not go on half-working.
+    ///
+    /// rumqttd cannot be stopped; its threads end with the process.
+    pub async fn serve(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), Error> {
+        let Broker {
+            mut mqtt,
+            mut ingest,
+            http,
+            app,
+            ..
+        } = self;
+        let server = axum::serve(http, http::router(app)).with_graceful_shutdown(shutdown);
+        let result = tokio::select! {
+            served = server => served.map_err(Error::Http),
+            stopped = mqtt.stopped() => Err(stopped.into()),
+            failed = ingest.failed() => Err(failed.into()),
+        };
+        // Joining waits for at most one poll interval of the ingest thread.
+        let _ = tokio::task::spawn_blocking(move || ingest.stop()).await;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ready_line_round_trips() {
+        let addrs = Addrs {
+            mqtt: "127.0.0.1:41883".parse().unwrap(),
+            ws: "127.0.0.1:48083".parse().unwrap(),
+            http: "[::1]:48080".parse().unwrap(),
+        };
+        let line = addrs.ready_line();
+        assert_eq!(
+            line,
+            "renkei-broker ready mqtt=127.0.0.1:41883 ws=127.0.0.1:48083 http=[::1]:48080"
+        );
+        assert_eq!(Addrs::from_ready_line(&format!("{line}\n")), Some(addrs));
+        assert_eq!(Addrs::from_ready_line("renkei-broker ready mqtt=x"), None);
+        assert_eq!(Addrs::from_ready_line(&format!("{line} extra=1")), None);
+    }
+}

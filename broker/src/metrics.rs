@@ -1,0 +1,222 @@
+//! Counters for `/metrics`, in the Prometheus text format.
+//!
+//! The set is small and fixed, so the text is written here rather than through a metrics
+//! library and a global recorder. Counters only grow; they are read without locking except the
+//! map of rejection reasons, which is touched once per refused message.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use renkei_shared::{BodyKind, Change};
+
+/// Everything the broker counts.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Accepted messages, indexed like [`BodyKind::ALL`].
+    accepted: [AtomicU64; BodyKind::ALL.len()],
+    /// Refused messages by stable reason (`CodecError::reason`, `ValidationError::reason`,
+    /// `bad_topic`).
+    rejected: Mutex<BTreeMap<&'static str, u64>>,
+    /// What the reducer made of accepted messages.
+    updated: AtomicU64,
+    duplicate: AtomicU64,
+    outdated: AtomicU64,
+    not_state: AtomicU64,
+    /// Messages re-published on the JSON mirror, and those that could not be.
+    json_republished: AtomicU64,
+    json_failed: AtomicU64,
+    /// Open MQTT connections per listener (shared with the listeners' protocol wrappers).
+    pub tcp_connections: Arc<AtomicI64>,
+    pub ws_connections: Arc<AtomicI64>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Metrics::default()
+    }
+
+    pub fn accepted(&self, kind: BodyKind, change: &Change) {
+        if let Some(i) = BodyKind::ALL.iter().position(|k| *k == kind) {
+            self.accepted[i].fetch_add(1, Ordering::Relaxed);
+        }
+        let outcome = match change {
+            Change::Updated { .. } => &self.updated,
+            Change::Duplicate => &self.duplicate,
+            Change::Outdated => &self.outdated,
+            Change::NotState => &self.not_state,
+        };
+        outcome.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rejected(&self, reason: &'static str) {
+        let mut map = self.rejected.lock().unwrap_or_else(PoisonError::into_inner);
+        *map.entry(reason).or_default() += 1;
+    }
+
+    pub fn json_republished(&self) {
+        self.json_republished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn json_failed(&self) {
+        self.json_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Accepted messages of all kinds.
+    pub fn accepted_total(&self) -> u64 {
+        self.accepted
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Refused messages with `reason`.
+    pub fn rejected_count(&self, reason: &str) -> u64 {
+        let map = self.rejected.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(reason).copied().unwrap_or(0)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+
+        header(
+            &mut out,
+            "renkei_mqtt_connections",
+            "gauge",
+            "Open MQTT connections per listener.",
+        );
+        for (listener, gauge) in [("tcp", &self.tcp_connections), ("ws", &self.ws_connections)] {
+            let n = gauge.load(Ordering::Relaxed).max(0);
+            let _ = writeln!(
+                out,
+                "renkei_mqtt_connections{{listener=\"{listener}\"}} {n}"
+            );
+        }
+
+        header(
+            &mut out,
+            "renkei_messages_accepted_total",
+            "counter",
+            "Messages that decoded, validated and arrived on their own topic, by kind.",
+        );
+        for (kind, count) in BodyKind::ALL.iter().zip(&self.accepted) {
+            let _ = writeln!(
+                out,
+                "renkei_messages_accepted_total{{kind=\"{}\"}} {}",
+                kind.as_str(),
+                load(count)
+            );
+        }
+
+        header(
+            &mut out,
+            "renkei_messages_rejected_total",
+            "counter",
+            "Messages refused, by reason.",
+        );
+        {
+            let map = self.rejected.lock().unwrap_or_else(PoisonError::into_inner);
+            for (reason, count) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "renkei_messages_rejected_total{{reason=\"{reason}\"}} {count}"
+                );
+            }
+        }
+
+        header(
+            &mut out,
+            "renkei_state_changes_total",
+            "counter",
+            "What applying accepted messages did to the live state.",
+        );
+        for (outcome, count) in [
+            ("updated", &self.updated),
+            ("duplicate", &self.duplicate),
+            ("outdated", &self.outdated),
+            ("not_state", &self.not_state),
+        ] {
+            let _ = writeln!(
+                out,
+                "renkei_state_changes_total{{outcome=\"{outcome}\"}} {}",
+                load(count)
+            );
+        }
+
+        header(
+            &mut out,
+            "renkei_json_republished_total",
+            "counter",
+            "Accepted messages re-published as JSON on renkei/json/v1/.",
+        );
+        let _ = writeln!(
+            out,
+            "renkei_json_republished_total {}",
+            load(&self.json_republished)
+        );
+        header(
+            &mut out,
+            "renkei_json_republish_failed_total",
+            "counter",
+            "Accepted messages that could not be re-published as JSON.",
+        );
+        let _ = writeln!(
+            out,
+            "renkei_json_republish_failed_total {}",
+            load(&self.json_failed)
+        );
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+#[cfg(test)]
+mod tests {
+    use renkei_shared::{Mode, Scope, sample};
+
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_labels() {
+        let m = Metrics::new();
+        let change = Change::Updated {
+            mode: Mode::Actual,
+            scope: Scope::Site(sample::site()),
+        };
+        m.accepted(BodyKind::Status, &change);
+        m.accepted(BodyKind::Status, &Change::Duplicate);
+        m.rejected("malformed");
+        m.rejected("malformed");
+        m.rejected("wrong_topic");
+        m.json_republished();
+        m.tcp_connections.fetch_add(3, Ordering::Relaxed);
+        let text = m.render();
+        for line in [
+            "renkei_mqtt_connections{listener=\"tcp\"} 3",
+            "renkei_mqtt_connections{listener=\"ws\"} 0",
+            "renkei_messages_accepted_total{kind=\"status\"} 2",
+            "renkei_messages_accepted_total{kind=\"alert\"} 0",
+            "renkei_messages_rejected_total{reason=\"malformed\"} 2",
+            "renkei_messages_rejected_total{reason=\"wrong_topic\"} 1",
+            "renkei_state_changes_total{outcome=\"updated\"} 1",
+            "renkei_state_changes_total{outcome=\"duplicate\"} 1",
+            "renkei_json_republished_total 1",
+            "# TYPE renkei_messages_rejected_total counter",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert_eq!(m.accepted_total(), 2);
+        assert_eq!(m.rejected_count("malformed"), 2);
+        assert_eq!(m.rejected_count("empty"), 0);
+    }
+}

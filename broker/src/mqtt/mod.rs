@@ -1,0 +1,371 @@
+//! The embedded MQTT broker: rumqttd's router and listeners, started the way Renkei needs.
+//!
+//! rumqttd's `Broker::start` binds from its config, blocks forever and hardwires the protocol;
+//! Renkei assembles the same public pieces instead (`Router`, `Server`, `LinkBuilder`) so that
+//! it can:
+//! - run each listener on its own thread and learn when one fails (a taken port, for example);
+//! - wrap the MQTT 3.1.1 codec in [`Guard`], which sees every packet of every connection: it
+//!   counts open connections now, and is where authentication and topic ACLs will go;
+//! - hand in-process consumers ([`crate::ingest`]) a link whenever they need one.
+//!
+//! rumqttd cannot report the port of a port-0 listener, so [`Mqtt::new`] picks free ports itself
+//! before handing them over, then waits until both listeners answer a real MQTT CONNECT
+//! ([`probe`]) before it reports the addresses.
+
+pub mod probe;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use renkei_shared::topic;
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::{self, Packet, Protocol};
+use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use tokio::sync::mpsc;
+
+use crate::config::MqttConfig;
+use crate::metrics::Metrics;
+
+/// Client ids of the broker's own in-process links. Remote clients may not use the prefix: the
+/// router drops an existing connection when a new one takes its id.
+pub const RESERVED_CLIENT_ID_PREFIX: &str = "renkei-broker-";
+
+/// How long [`Mqtt::listen`] waits for the listeners to answer.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the MQTT broker did not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    /// No free port could be found for a port-0 address.
+    #[error("cannot pick a free port on {addr}: {source}")]
+    PickPort {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// A listener thread could not be started.
+    #[error("cannot start the {listener} listener thread: {source}")]
+    Thread {
+        listener: Listener,
+        source: std::io::Error,
+    },
+    /// A listener stopped (at start: usually its address is taken).
+    #[error("MQTT {listener} listener on {addr} stopped: {reason}")]
+    ListenerStopped {
+        listener: Listener,
+        addr: SocketAddr,
+        reason: String,
+    },
+    /// The listeners did not answer a CONNECT in time.
+    #[error("MQTT listeners did not become ready within {READY_TIMEOUT:?}: {last}")]
+    NotReady { last: String },
+    /// The router refused an in-process link.
+    #[error("cannot open in-process link {client_id:?}: {source}")]
+    Link {
+        client_id: String,
+        // Boxed: rumqttd's error carries a whole router event.
+        source: Box<LinkError>,
+    },
+}
+
+/// One of the two MQTT listeners.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Tcp,
+    WebSocket,
+}
+
+impl std::fmt::Display for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Listener::Tcp => "TCP",
+            Listener::WebSocket => "WebSocket",
+        })
+    }
+}
+
+type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), Box<LinkError>> + Send + Sync;
+
+/// The embedded MQTT broker: its router runs from [`Mqtt::new`], its listeners from
+/// [`Mqtt::listen`], so that in-process consumers can subscribe in between and miss nothing.
+pub struct Mqtt {
+    /// The addresses the listeners use (port 0 already replaced by the port picked).
+    pub tcp_addr: SocketAddr,
+    pub ws_addr: SocketAddr,
+    /// Opens in-process links; holds the router's channel, whose type rumqttd does not export.
+    links: Arc<LinkFactory>,
+    /// Listeners built but not yet started.
+    pending: Vec<(Listener, SocketAddr, Server<Guard>)>,
+    /// Reports listeners that stop.
+    stopped_tx: mpsc::UnboundedSender<MqttError>,
+    stopped: mpsc::UnboundedReceiver<MqttError>,
+}
+
+impl std::fmt::Debug for Mqtt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mqtt")
+            .field("tcp_addr", &self.tcp_addr)
+            .field("ws_addr", &self.ws_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Mqtt {
+    /// Starts the router and prepares both listeners; open connections are counted in
+    /// `metrics`.
+    pub fn new(config: &MqttConfig, metrics: &Metrics) -> Result<Mqtt, MqttError> {
+        let tcp_addr = resolve_port(config.listen)?;
+        let ws_addr = resolve_port(config.ws_listen)?;
+        let router_tx = Router::new(0, router_config(config)).spawn();
+        let pending = [
+            (Listener::Tcp, tcp_addr, &metrics.tcp_connections),
+            (Listener::WebSocket, ws_addr, &metrics.ws_connections),
+        ]
+        .into_iter()
+        .map(|(listener, addr, gauge)| {
+            let server = Server::new(
+                server_settings(config, listener, addr),
+                router_tx.clone(),
+                Guard::listening(gauge.clone()),
+            );
+            (listener, addr, server)
+        })
+        .collect();
+        let links: Arc<LinkFactory> = Arc::new(move |client_id: &str| {
+            LinkBuilder::new(client_id, router_tx.clone())
+                .build()
+                .map(|(tx, rx, _ack)| (tx, rx))
+                .map_err(Box::new)
+        });
+        let (stopped_tx, stopped) = mpsc::unbounded_channel();
+        Ok(Mqtt {
+            tcp_addr,
+            ws_addr,
+            links,
+            pending,
+            stopped_tx,
+            stopped,
+        })
+    }
+
+    /// Opens an in-process link (`LinkTx`/`LinkRx`) named `name` under the reserved prefix.
+    pub fn link(&self, name: &str) -> Result<(LinkTx, LinkRx), MqttError> {
+        let client_id = format!("{RESERVED_CLIENT_ID_PREFIX}{name}");
+        (self.links)(&client_id).map_err(|source| MqttError::Link { client_id, source })
+    }
+
+    /// Starts the listeners and returns once both answer an MQTT CONNECT.
+    pub async fn listen(&mut self) -> Result<(), MqttError> {
+        for (listener, addr, server) in self.pending.drain(..) {
+            spawn_listener(listener, addr, server, self.stopped_tx.clone())?;
+        }
+        wait_until_ready(self.tcp_addr, self.ws_addr, &mut self.stopped).await?;
+        tracing::info!(tcp = %self.tcp_addr, ws = %self.ws_addr, "MQTT listeners ready");
+        Ok(())
+    }
+
+    /// Resolves when a listener stops; a healthy broker never resolves this.
+    pub async fn stopped(&mut self) -> MqttError {
+        match self.stopped.recv().await {
+            Some(e) => e,
+            // `self` holds a sender, so the channel cannot close while it is polled.
+            None => std::future::pending().await,
+        }
+    }
+}
+
+fn router_config(config: &MqttConfig) -> RouterConfig {
+    RouterConfig {
+        max_connections: config.max_connections,
+        max_outgoing_packet_count: 200,
+        max_segment_size: config.segment_size.0,
+        max_segment_count: config.segment_count,
+        custom_segment: None,
+        // Remote clients get no dynamic filters (a log per new topic would grow memory without
+        // bound), so a publish is accepted only where a filter exists. These two always do: the
+        // ingest link subscribes to the first, and the JSON mirror is published on the second
+        // whether or not an integrator listens.
+        initialized_filters: Some(vec![topic::ALL.to_owned(), topic::ALL_JSON.to_owned()]),
+        shared_subscriptions_strategy: Default::default(),
+    }
+}
+
+fn server_settings(config: &MqttConfig, listener: Listener, addr: SocketAddr) -> ServerSettings {
+    ServerSettings {
+        name: match listener {
+            Listener::Tcp => "mqtt-tcp".into(),
+            Listener::WebSocket => "mqtt-ws".into(),
+        },
+        listen: addr,
+        tls: None,
+        // rumqttd sleeps this long after every accept (≥ one timer tick even at 0): no throttle.
+        next_connection_delay_ms: 0,
+        connections: ConnectionSettings {
+            connection_timeout_ms: config.connect_timeout.millis_u16().unwrap_or(5_000),
+            max_payload_size: config.max_packet_size.0,
+            max_inflight_count: usize::from(config.max_inflight),
+            // Anonymous clients for now; authentication plugs in here and in `Guard`.
+            auth: None,
+            external_auth: None,
+            dynamic_filters: false,
+        },
+    }
+}
+
+/// A port-0 address becomes a free port on the same IP; others are kept.
+fn resolve_port(addr: SocketAddr) -> Result<SocketAddr, MqttError> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    // rumqttd binds from its config and cannot report the port it got: ask the OS for one,
+    // release it and hand it over. Another process could take it in between; the readiness
+    // probe then fails rather than report a port that is not ours.
+    let picked = TcpListener::bind(addr)
+        .and_then(|l| l.local_addr())
+        .map_err(|source| MqttError::PickPort { addr, source })?;
+    Ok(picked)
+}
+
+fn spawn_listener(
+    listener: Listener,
+    addr: SocketAddr,
+    mut server: Server<Guard>,
+    stopped: mpsc::UnboundedSender<MqttError>,
+) -> Result<(), MqttError> {
+    let name = match listener {
+        Listener::Tcp => "mqtt-tcp",
+        Listener::WebSocket => "mqtt-ws",
+    };
+    let link_type = match listener {
+        Listener::Tcp => LinkType::Remote,
+        Listener::WebSocket => LinkType::Websocket,
+    };
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            // One single-threaded runtime per listener, as rumqttd's own Broker does.
+            let reason = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => match runtime.block_on(server.start(link_type)) {
+                    Ok(()) => "accept loop ended".to_owned(),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => format!("cannot build its runtime: {e}"),
+            };
+            tracing::error!(%listener, %addr, %reason, "MQTT listener stopped");
+            let _ = stopped.send(MqttError::ListenerStopped {
+                listener,
+                addr,
+                reason,
+            });
+        })
+        .map(drop)
+        .map_err(|source| MqttError::Thread { listener, source })
+}
+
+async fn wait_until_ready(
+    tcp_addr: SocketAddr,
+    ws_addr: SocketAddr,
+    stopped: &mut mpsc::UnboundedReceiver<MqttError>,
+) -> Result<(), MqttError> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut tcp_ready = false;
+    let mut ws_ready = false;
+    loop {
+        if let Ok(e) = stopped.try_recv() {
+            return Err(e);
+        }
+        let mut last = String::new();
+        if !tcp_ready {
+            match probe::tcp(tcp_addr).await {
+                Ok(()) => tcp_ready = true,
+                Err(e) => last = format!("TCP {tcp_addr}: {e}"),
+            }
+        }
+        if !ws_ready {
+            match probe::websocket(ws_addr).await {
+                Ok(()) => ws_ready = true,
+                Err(e) => last = format!("WebSocket {ws_addr}: {e}"),
+            }
+        }
+        if tcp_ready && ws_ready {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(MqttError::NotReady { last });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// MQTT 3.1.1 as rumqttd reads it, plus the broker's own rules on every connection.
+///
+/// rumqttd clones the listener's protocol value for each accepted connection and drops the
+/// clone when the connection ends, so an armed clone is exactly one open connection.
+#[derive(Debug)]
+pub struct Guard {
+    inner: V4,
+    open: Arc<AtomicI64>,
+    /// False for the listener's own value, true for a connection's.
+    armed: bool,
+}
+
+impl Guard {
+    fn listening(open: Arc<AtomicI64>) -> Self {
+        Guard {
+            inner: V4,
+            open,
+            armed: false,
+        }
+    }
+}
+
+impl Clone for Guard {
+    fn clone(&self) -> Self {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Guard {
+            inner: self.inner.clone(),
+            open: self.open.clone(),
+            armed: true,
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Protocol for Guard {
+    fn read_mut(
+        &mut self,
+        stream: &mut BytesMut,
+        max_size: usize,
+    ) -> Result<Packet, protocol::Error> {
+        let packet = self.inner.read_mut(stream, max_size)?;
+        if let Packet::Connect(connect, ..) = &packet
+            && connect.client_id.starts_with(RESERVED_CLIENT_ID_PREFIX)
+        {
+            tracing::warn!(
+                client_id = %connect.client_id,
+                "refused CONNECT: client id uses the broker's reserved prefix"
+            );
+            // rumqttd has no "not authorised" error for a protocol to return; any error
+            // closes the connection before the router sees it.
+            return Err(protocol::Error::InvalidProtocol);
+        }
+        Ok(packet)
+    }
+
+    fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, protocol::Error> {
+        self.inner.write(packet, write)
+    }
+}
