@@ -671,6 +671,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent.example.toml");
+        let c = RawConfig::from_file(&path).unwrap().resolve().unwrap();
+        assert_eq!(c.site.site.as_str(), "nishi-shinjuku-es");
+        assert_eq!(c.shelter.unwrap().evacuees, Some(120));
+    }
+
+    #[test]
     fn broker_addresses() {
         let ok = [
             ("mqtt://localhost", "localhost", 1883),

@@ -1,0 +1,588 @@
+//! The built `renkei-agent` binary against a real MQTT broker (Debian's Mosquitto), watched by
+//! a rumqttc subscriber: what HQ would see on the wire.
+//!
+//! Each test starts its own Mosquitto on a free port and skips (with a message) where the
+//! binary is not installed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use renkei_shared::topic::SiteChannel;
+use renkei_shared::validate::validate_for_topic;
+use renkei_shared::{
+    Body, CommandAction, Envelope, Header, Id, Life, Mode, Origin, ShelterState, SiteKind, SiteRef,
+    Timestamp, Topic, WardCode,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+/// Generous: the machine is shared with other builds.
+const WAIT: Duration = Duration::from_secs(15);
+
+/// A Mosquitto on 127.0.0.1 and a free port, killed on drop.
+struct Broker {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start() -> Option<Broker> {
+        if !Path::new(MOSQUITTO).exists() {
+            eprintln!("SKIPPED: {MOSQUITTO} is not installed (apt-get install mosquitto)");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        Some(Broker::start_on(port))
+    }
+
+    /// A broker on a given port (to restart one where agents expect it).
+    fn start_on(port: u16) -> Broker {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf = dir.path().join("mosquitto.conf");
+        // No queue limit: Mosquitto's default silently drops QoS 1 messages beyond 1,000.
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\n"
+            ),
+        )
+        .expect("write mosquitto.conf");
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mosquitto");
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "mosquitto did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Broker {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running agent process, killed on drop; its stderr goes to a file for failure messages.
+struct Agent {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn spawn(args: &[&str], log_dir: &Path, name: &str) -> Agent {
+        let log = log_dir.join(format!("{name}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_renkei-agent"))
+            .args(args)
+            .env("RUST_LOG", "renkei_agent=debug")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("agent log"))
+            .spawn()
+            .expect("start renkei-agent");
+        Agent { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit by itself.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "agent did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One message as a subscriber received it.
+#[derive(Debug, Clone)]
+struct Received {
+    topic: Topic,
+    retain: bool,
+    env: Envelope,
+}
+
+/// A rumqttc subscriber to `filter`, ready (SubAck received) when returned. Every message
+/// must decode and be valid on its topic.
+async fn subscribe(
+    broker: &Broker,
+    client_id: &str,
+    filter: &str,
+) -> (AsyncClient, mpsc::UnboundedReceiver<Received>) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", broker.port);
+    options.set_keep_alive(Duration::from_secs(10));
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let topic = Topic::parse(&p.topic).expect("a renkei topic");
+                    let env = match renkei_shared::decode(&p.payload) {
+                        Ok(env) => env,
+                        // A test puts garbage on the command topic on purpose.
+                        Err(_) if matches!(topic, Topic::Command { .. }) => continue,
+                        Err(e) => panic!("not a renkei message on {}: {e}", p.topic),
+                    };
+                    validate_for_topic(&env, &topic).expect("valid on its topic");
+                    if tx
+                        .send(Received {
+                            topic,
+                            retain: p.retain,
+                            env,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    timeout(WAIT, ready_rx)
+        .await
+        .expect("SubAck in time")
+        .expect("subscriber running");
+    (client, rx)
+}
+
+/// The next message for which `pick` says yes, skipping others; panics with the agent's log
+/// after [`WAIT`].
+async fn next<T>(
+    rx: &mut mpsc::UnboundedReceiver<Received>,
+    agent: &Agent,
+    what: &str,
+    mut pick: impl FnMut(&Received) -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(m)) => {
+                if let Some(t) = pick(&m) {
+                    return t;
+                }
+            }
+            _ => panic!("no {what} within {WAIT:?}; agent log:\n{}", agent.log()),
+        }
+    }
+}
+
+fn site() -> SiteRef {
+    SiteRef {
+        ward: WardCode(131041),
+        site: Id::new("nishi-shinjuku-es").expect("a valid id"),
+    }
+}
+
+fn is_life(m: &Received, want_birth: bool) -> Option<Received> {
+    match &m.env.body {
+        Body::Life(Life::Birth { .. }) if want_birth => Some(m.clone()),
+        Body::Life(Life::Death) if !want_birth => Some(m.clone()),
+        _ => None,
+    }
+}
+
+fn run_args<'a>(url: &'a str, state_dir: &'a str, interval: &'a str) -> Vec<&'a str> {
+    vec![
+        "run",
+        "--broker",
+        url,
+        "--ward",
+        "131041",
+        "--site",
+        "nishi-shinjuku-es",
+        "--name",
+        "西新宿小学校",
+        "--kind",
+        "shelter",
+        "--interval",
+        interval,
+        "--mode",
+        "exercise",
+        "--state-dir",
+        state_dir,
+        "--evacuees",
+        "120",
+        "--capacity",
+        "450",
+        "--shelter-state",
+        "open",
+    ]
+}
+
+#[tokio::test]
+async fn birth_status_and_shelter_arrive_and_the_will_reports_a_killed_agent() {
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let url = broker.url();
+    let mut agent = Agent::spawn(
+        &run_args(&url, state.to_str().unwrap(), "1s"),
+        dir.path(),
+        "agent",
+    );
+
+    let birth = next(&mut rx, &agent, "birth", |m| is_life(m, true)).await;
+    assert_eq!(
+        birth.topic,
+        Topic::Site {
+            site: site(),
+            channel: SiteChannel::Life
+        }
+    );
+    assert_eq!(birth.env.header.origin, Origin::Site(site()));
+    assert_eq!(birth.env.header.boot, 1);
+    assert_eq!(birth.env.header.seq, 1);
+    assert_eq!(birth.env.header.mode, Mode::Exercise);
+
+    let status = next(&mut rx, &agent, "status", |m| match &m.env.body {
+        Body::Status(s) => Some((m.env.header.clone(), s.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(status.1.name, "西新宿小学校");
+    assert_eq!(status.1.kind, SiteKind::Shelter);
+    assert_eq!(status.1.interval_s, 1);
+    // The will (birth + 1) sits between the birth and everything after it.
+    assert!(status.0.seq > birth.env.header.seq + 1);
+
+    let shelter = next(&mut rx, &agent, "shelter", |m| match &m.env.body {
+        Body::Shelter(s) => Some((m.env.header.clone(), s.clone())),
+        _ => None,
+    })
+    .await;
+    assert_eq!(shelter.1.state, ShelterState::Open);
+    assert_eq!(shelter.1.evacuees, Some(120));
+    assert_eq!(shelter.1.capacity, Some(450));
+    assert!(shelter.0.seq > status.0.seq);
+
+    // Heartbeats follow, numbered on.
+    let heartbeat = next(&mut rx, &agent, "heartbeat", |m| match &m.env.body {
+        Body::Status(_) => Some(m.env.header.clone()),
+        _ => None,
+    })
+    .await;
+    assert!(heartbeat.seq > shelter.0.seq);
+
+    // kill -9: no DISCONNECT, so the broker publishes the will.
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let death = next(&mut rx, &agent, "death by last will", |m| is_life(m, false)).await;
+    assert_eq!(death.env.header.boot, 1);
+    assert_eq!(death.env.header.seq, birth.env.header.seq + 1);
+    assert_eq!(death.env.header.mode, Mode::Exercise);
+
+    // It is retained: a dashboard that connects later sees the site dead.
+    let life = Topic::Site {
+        site: site(),
+        channel: SiteChannel::Life,
+    };
+    let (_late, mut late_rx) = subscribe(&broker, "hq-late", &life.to_string()).await;
+    let retained = next(&mut late_rx, &agent, "retained death", |m| Some(m.clone())).await;
+    assert!(retained.retain);
+    assert_eq!(retained.env, death.env);
+}
+
+#[tokio::test]
+async fn sigterm_sends_a_death_and_a_restart_raises_the_boot_id() {
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let url = broker.url();
+    let args = run_args(&url, state.to_str().unwrap(), "30s");
+
+    let mut agent = Agent::spawn(&args, dir.path(), "first");
+    let birth = next(&mut rx, &agent, "birth", |m| is_life(m, true)).await;
+    next(&mut rx, &agent, "shelter", |m| {
+        matches!(m.env.body, Body::Shelter(_)).then_some(())
+    })
+    .await;
+    agent.signal("TERM");
+    let death = next(&mut rx, &agent, "death", |m| is_life(m, false)).await;
+    // Sent by the agent itself, after the will's number: not the will.
+    assert!(death.env.header.seq > birth.env.header.seq + 1);
+    assert!(agent.wait_exit().success(), "{}", agent.log());
+
+    let second = Agent::spawn(&args, dir.path(), "second");
+    let birth2 = next(&mut rx, &second, "second birth", |m| is_life(m, true)).await;
+    assert_eq!(birth2.env.header.boot, birth.env.header.boot + 1);
+    assert_eq!(birth2.env.header.seq, 1);
+}
+
+#[tokio::test]
+async fn commands_ask_for_a_rebirth_and_change_the_interval() {
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (hq, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let url = broker.url();
+    let agent = Agent::spawn(
+        &run_args(&url, state.to_str().unwrap(), "60s"),
+        dir.path(),
+        "agent",
+    );
+    let birth = next(&mut rx, &agent, "birth", |m| is_life(m, true)).await;
+    let first_shelter = next(&mut rx, &agent, "shelter", |m| {
+        matches!(m.env.body, Body::Shelter(_)).then(|| m.env.header.seq)
+    })
+    .await;
+
+    let command = |n: u64, action: CommandAction| Envelope {
+        header: Header {
+            origin: Origin::Hq(Id::new("hq-test").unwrap()),
+            boot: 1,
+            seq: n,
+            sent_at: Timestamp(0),
+            mode: Mode::Exercise,
+            historical: false,
+        },
+        body: Body::Command(renkei_shared::Command {
+            command_id: Id::new(format!("cmd-{n}")).unwrap(),
+            target: site(),
+            action,
+        }),
+    };
+    let send = |env: Envelope| {
+        let hq = hq.clone();
+        async move {
+            let topic = Topic::of(&env).unwrap();
+            hq.publish(
+                topic.to_string(),
+                QoS::AtLeastOnce,
+                topic.retained(),
+                renkei_shared::encode(&env).unwrap(),
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // Commands are published by this test's own client; its messages come back too, so skip them.
+    send(command(1, CommandAction::Rebirth)).await;
+    let rebirth = next(&mut rx, &agent, "rebirth", |m| is_life(m, true)).await;
+    // The same birth again, so that the will armed with it still outranks it.
+    assert_eq!(rebirth.env, birth.env);
+    let shelter_again = next(&mut rx, &agent, "full state again", |m| {
+        matches!(m.env.body, Body::Shelter(_)).then(|| m.env.header.seq)
+    })
+    .await;
+    assert!(shelter_again > first_shelter);
+
+    // Garbage on the command topic is logged and ignored.
+    hq.publish(
+        renkei_shared::topic::command_filter(&site()),
+        QoS::AtLeastOnce,
+        false,
+        vec![1, 2, 3],
+    )
+    .await
+    .unwrap();
+
+    send(command(2, CommandAction::SetInterval { seconds: 1 })).await;
+    let started = Instant::now();
+    let status = next(
+        &mut rx,
+        &agent,
+        "status at the new interval",
+        |m| match &m.env.body {
+            Body::Status(s) if s.interval_s == 1 => Some(s.clone()),
+            _ => None,
+        },
+    )
+    .await;
+    assert_eq!(status.interval_s, 1);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // And more follow at that pace.
+    next(&mut rx, &agent, "second fast heartbeat", |m| {
+        match &m.env.body {
+            Body::Status(s) if s.interval_s == 1 => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(
+        agent.log().contains("undecodable command"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[tokio::test]
+async fn simulate_fills_every_ward_and_numbers_move() {
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("sim");
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let url = broker.url();
+    let mut agent = Agent::spawn(
+        &[
+            "simulate",
+            "--broker",
+            &url,
+            "--sites",
+            "30",
+            "--seed",
+            "5",
+            "--interval",
+            "1s",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        dir.path(),
+        "sim",
+    );
+
+    let mut births = std::collections::BTreeSet::new();
+    let mut evacuees: std::collections::BTreeMap<SiteRef, Vec<u32>> = Default::default();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let moved = evacuees
+            .values()
+            .filter(|v| v.windows(2).any(|w| w[0] != w[1]))
+            .count();
+        if births.len() == 30 && moved >= 5 {
+            break;
+        }
+        let m = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(m)) => m,
+            _ => panic!(
+                "births {} and {moved} moving shelters; log:\n{}",
+                births.len(),
+                agent.log()
+            ),
+        };
+        assert_eq!(m.env.header.mode, Mode::Exercise);
+        let Origin::Site(site) = m.env.header.origin.clone() else {
+            panic!("simulated messages come from sites")
+        };
+        match &m.env.body {
+            Body::Life(Life::Birth { .. }) => {
+                births.insert(site);
+            }
+            Body::Shelter(s) => evacuees.entry(site).or_default().extend(s.evacuees),
+            _ => {}
+        }
+    }
+    let wards: std::collections::BTreeSet<_> = births.iter().map(|s| s.ward).collect();
+    assert_eq!(wards.len(), 23);
+
+    agent.signal("TERM");
+    assert!(agent.wait_exit().success(), "{}", agent.log());
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(agent.child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    assert_eq!(stdout, "renkei-agent simulate running sites=30\n");
+}
+
+#[tokio::test]
+async fn after_a_broker_restart_the_agent_is_born_again_with_a_fresh_will() {
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let port = broker.port;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let url = broker.url();
+    let mut agent = Agent::spawn(
+        &run_args(&url, state.to_str().unwrap(), "30s"),
+        dir.path(),
+        "agent",
+    );
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let birth = next(&mut rx, &agent, "birth", |m| is_life(m, true)).await;
+
+    // The broker goes away (and, without persistence, forgets everything retained).
+    drop(broker);
+    let broker = Broker::start_on(port);
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch-2", renkei_shared::topic::ALL).await;
+    let birth2 = next(&mut rx, &agent, "birth after reconnect", |m| {
+        is_life(m, true)
+    })
+    .await;
+    assert_eq!(birth2.env.header.boot, birth.env.header.boot);
+    // After the first connection's will and everything sent before the drop.
+    assert!(birth2.env.header.seq > birth.env.header.seq + 1);
+    next(&mut rx, &agent, "full state after reconnect", |m| {
+        matches!(m.env.body, Body::Shelter(_)).then_some(())
+    })
+    .await;
+
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let death = next(&mut rx, &agent, "death by the re-armed will", |m| {
+        is_life(m, false)
+    })
+    .await;
+    assert_eq!(death.env.header.seq, birth2.env.header.seq + 1);
+}
