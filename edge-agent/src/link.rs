@@ -215,6 +215,10 @@ impl<S: Site> Session<S> {
             warn!(error = %e, "ignoring a command on the wrong topic");
             return Ok(None);
         }
+        if !matches!(env.header.origin, renkei_shared::Origin::Hq(_)) {
+            warn!(origin = ?env.header.origin, "ignoring a command not from HQ");
+            return Ok(None);
+        }
         let Body::Command(command) = env.body else {
             warn!(
                 kind = env.body.kind().as_str(),
