@@ -316,6 +316,8 @@ pub enum HqState {
     Established,
     /// 廃止
     Dissolved,
+    /// Not known at the site (appended: wire index 4).
+    Unknown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -327,6 +329,8 @@ pub enum PowerSource {
     Generator,
     Battery,
     None,
+    /// Not known: the box cannot tell and staff did not say (appended: wire index 4).
+    Unknown,
 }
 
 /// State of one communication channel.

@@ -35,6 +35,8 @@ pub enum ValidationError {
     OutOfRange { field: &'static str, value: i64 },
     #[error("{0}")]
     NoTopic(#[from] TopicForError),
+    #[error("a {0} message must come from HQ, not from a site")]
+    NotFromHq(&'static str),
     #[error("published on {published} but belongs on {expected}")]
     WrongTopic { published: String, expected: String },
 }
@@ -48,6 +50,7 @@ impl ValidationError {
             ValidationError::TooLong { .. } => "too_long",
             ValidationError::OutOfRange { .. } => "out_of_range",
             ValidationError::NoTopic(_) => "no_topic",
+            ValidationError::NotFromHq(_) => "not_from_hq",
             ValidationError::WrongTopic { .. } => "wrong_topic",
         }
     }
@@ -60,6 +63,14 @@ pub fn validate(env: &Envelope) -> Result {
     match &env.header.origin {
         Origin::Site(site) => site_ref(site)?,
         Origin::Hq(node) => id("origin.hq", node)?,
+    }
+    // Alerts, acknowledgements and commands speak for HQ; a site may not forge them.
+    let from_hq = matches!(env.header.origin, Origin::Hq(_));
+    match &env.body {
+        Body::Alert(_) | Body::Ack(_) | Body::Command(_) if !from_hq => {
+            return Err(ValidationError::NotFromHq(env.body.kind().as_str()));
+        }
+        _ => {}
     }
     match &env.body {
         Body::Status(s) => {
@@ -274,6 +285,14 @@ mod tests {
         let other = Topic::parse("renkei/v1/131016/chiyoda-es/status").unwrap();
         let err = validate_for_topic(&env, &other).unwrap_err();
         assert_eq!(err.reason(), "wrong_topic");
+    }
+
+    #[test]
+    fn refuses_hq_messages_from_sites() {
+        for mut env in [sample::alert(), sample::ack(), sample::command()] {
+            env.header.origin = Origin::Site(sample::site());
+            assert_eq!(validate(&env).unwrap_err().reason(), "not_from_hq");
+        }
     }
 
     #[test]
