@@ -11,6 +11,9 @@ use renkei_broker::Broker;
 use renkei_broker::config::Config;
 use tracing_subscriber::EnvFilter;
 
+/// The log filter when `RUST_LOG` is not set.
+const DEFAULT_LOG: &str = "info,rumqttd=warn,rumqttd::server::broker=off";
+
 /// Renkei's central process: MQTT broker, live state and HTTP for the 23 wards.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -76,10 +79,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            // rumqttd logs every accept at info and every disconnect at error; warn keeps its
-            // real trouble and drops the per-connection chatter of 2,000 sites.
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,rumqttd=warn")),
+            // rumqttd logs every accept at info and every disconnect, even a clean one, at
+            // error (target rumqttd::server::broker): 2,000 reconnecting sites would bury
+            // everything else. Its router's warnings stay; listener failures are logged here.
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG)),
         )
         .init();
     match cli.command {
@@ -97,7 +100,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         writeln!(stdout, "{}", broker.addrs().ready_line())?;
         stdout.flush()?;
         drop(stdout);
-        tracing::info!(addrs = ?broker.addrs(), "serving");
+        let addrs = broker.addrs();
+        tracing::info!(mqtt = %addrs.mqtt, ws = %addrs.ws, http = %addrs.http, "serving");
         broker.serve(shutdown).await?;
         Ok(())
     })

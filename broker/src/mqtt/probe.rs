@@ -30,7 +30,7 @@ pub async fn tcp(addr: SocketAddr) -> Result<()> {
         stream.read_exact(&mut connack).await?;
         check_connack(&connack)?;
         stream.write_all(&DISCONNECT).await?;
-        stream.shutdown().await
+        wait_for_close(&mut stream).await
     })
     .await
 }
@@ -59,7 +59,7 @@ pub async fn websocket(addr: SocketAddr) -> Result<()> {
         check_connack(&connack)?;
         stream.write_all(&client_frame(0x2, &DISCONNECT)).await?;
         stream.write_all(&client_frame(0x8, &[])).await?;
-        stream.shutdown().await
+        wait_for_close(&mut stream).await
     })
     .await
 }
@@ -78,6 +78,14 @@ async fn within_timeout(probe: impl Future<Output = Result<()>>) -> Result<()> {
     tokio::time::timeout(PROBE_TIMEOUT, probe)
         .await
         .map_err(|_| Error::new(ErrorKind::TimedOut, "no answer"))?
+}
+
+/// Lets the broker close the connection after DISCONNECT: closing first races the router's
+/// own clean-up, which rumqttd then logs as an error.
+async fn wait_for_close(stream: &mut TcpStream) -> Result<()> {
+    let mut sink = [0u8; 64];
+    while stream.read(&mut sink).await? > 0 {}
+    Ok(())
 }
 
 fn check_connack(packet: &[u8]) -> Result<()> {

@@ -1,0 +1,277 @@
+//! The real broker binary, driven from outside over MQTT, WebSocket and HTTP.
+
+mod harness;
+
+use std::process::Command;
+
+use harness::{MqttClient, RunningBroker, eventually, http_get};
+use renkei_shared::codec::SCHEMA_VERSION;
+use renkei_shared::{Envelope, Topic, encode, sample, topic};
+use rumqttc::QoS;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+/// The value of one sample line of a Prometheus text exposition.
+fn metric(text: &str, series: &str) -> Option<i64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingests_mirrors_and_counts_over_real_mqtt() {
+    let broker = RunningBroker::start();
+    let addrs = broker.addrs;
+    assert!(broker.data_dir().is_dir(), "data directory created");
+
+    let mut integrator = MqttClient::connect(&addrs, "integrator").await;
+    integrator.subscribe(topic::ALL_JSON).await;
+    let agent = MqttClient::connect(&addrs, "agent-nishi-shinjuku-es").await;
+
+    let status = sample::status();
+    let status_topic = Topic::of(&status).unwrap().to_string();
+    let status_bytes = encode(&status).unwrap();
+    // Refused input first: the broker must count it and carry on.
+    let refused: [(&str, Vec<u8>); 3] = [
+        (&status_topic, vec![SCHEMA_VERSION, 0xff, 0xff, 0xff]),
+        // Another site's topic.
+        ("renkei/v1/131016/chiyoda-es/status", status_bytes.clone()),
+        (
+            "renkei/v1/131041/nishi-shinjuku-es/weather",
+            status_bytes.clone(),
+        ),
+    ];
+    for (topic, payload) in refused {
+        agent
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+    // Then a real heartbeat, retained as agents send it.
+    agent
+        .client
+        .publish(&status_topic, QoS::AtLeastOnce, true, status_bytes)
+        .await
+        .unwrap();
+
+    // The JSON mirror carries the accepted message, and only that one.
+    let mirrored = integrator.next_publish().await;
+    assert_eq!(
+        mirrored.topic,
+        "renkei/json/v1/131041/nishi-shinjuku-es/status"
+    );
+    let envelope: Envelope = serde_json::from_slice(&mirrored.payload).unwrap();
+    assert_eq!(envelope, status);
+
+    // The live state shows it.
+    let state = eventually("the site in /api/v1/state", || async {
+        let state = http_get(&addrs, "/api/v1/state?mode=actual").await.json();
+        let heard = state["sites"].as_array().is_some_and(|s| !s.is_empty());
+        heard.then_some(state)
+    })
+    .await;
+    let site = &state["sites"][0];
+    assert_eq!(site["ward"], 131041);
+    assert_eq!(site["site"], "nishi-shinjuku-es");
+    assert_eq!(site["name"], "西新宿小学校");
+    assert_eq!(site["status"]["value"]["interval_s"], 30);
+    let wards = state["wards"].as_array().unwrap();
+    assert_eq!(wards.len(), 23);
+    let shinjuku = wards.iter().find(|w| w["ward"] == 131041).unwrap();
+    assert_eq!(shinjuku["sites"], 1);
+
+    // Every refusal is counted by reason.
+    let metrics = eventually("refusals in /metrics", || async {
+        let text = http_get(&addrs, "/metrics").await.text();
+        let counted = ["malformed", "wrong_topic", "bad_topic"]
+            .iter()
+            .all(|reason| {
+                metric(
+                    &text,
+                    &format!("renkei_messages_rejected_total{{reason=\"{reason}\"}}"),
+                ) == Some(1)
+            });
+        counted.then_some(text)
+    })
+    .await;
+    assert_eq!(
+        metric(&metrics, "renkei_messages_accepted_total{kind=\"status\"}"),
+        Some(1)
+    );
+    assert_eq!(metric(&metrics, "renkei_json_republished_total"), Some(1));
+    let tcp = metric(&metrics, "renkei_mqtt_connections{listener=\"tcp\"}").unwrap();
+    assert!(tcp >= 2, "integrator and agent are connected: {tcp}");
+
+    // Still serving: health, and a late integrator receives the retained mirror at once.
+    let health = http_get(&addrs, "/healthz").await;
+    assert_eq!((health.status, health.text().as_str()), (200, "ok"));
+    let mut late = MqttClient::connect(&addrs, "late-integrator").await;
+    late.subscribe(topic::ALL_JSON).await;
+    let retained = late.next_publish().await;
+    assert!(retained.retain, "the mirror of a status is retained");
+    assert_eq!(retained.topic, mirrored.topic);
+
+    let exit = broker.terminate();
+    assert!(exit.success(), "SIGTERM exits cleanly: {exit:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_finds_the_websocket_and_it_speaks_mqtt() {
+    let broker = RunningBroker::start();
+    let addrs = broker.addrs;
+
+    let config = http_get(&addrs, "/config.json").await;
+    assert_eq!(config.status, 200);
+    assert!(
+        config
+            .head
+            .to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{}",
+        config.head
+    );
+    assert_eq!(
+        config.json()["mqtt_ws_url"],
+        format!("ws://127.0.0.1:{}", addrs.ws.port())
+    );
+    let index = http_get(&addrs, "/").await;
+    assert_eq!(index.status, 200);
+    assert!(index.text().contains("renkei dashboard"));
+
+    // A browser's upgrade request: Chromium refuses the socket unless `mqtt` is answered.
+    let mut ws = TcpStream::connect(addrs.ws).await.unwrap();
+    let request = format!(
+        "GET /mqtt HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Protocol: mqtt\r\n\r\n",
+        addrs.ws
+    );
+    ws.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        ws.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("sec-websocket-protocol: mqtt\r\n"), "{head}");
+    // The accept key of RFC 6455's own example.
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo=\r\n"),
+        "{head}"
+    );
+
+    assert!(broker.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_take_the_ingest_links_id() {
+    let broker = RunningBroker::start();
+    let addrs = broker.addrs;
+
+    let (_client, mut eventloop) =
+        rumqttc::AsyncClient::new(harness::options(&addrs, "renkei-broker-ingest"), 8);
+    let first = tokio::time::timeout(harness::PATIENCE, eventloop.poll())
+        .await
+        .unwrap();
+    assert!(first.is_err(), "reserved client id refused: {first:?}");
+
+    // Ingest still consumes.
+    let agent = MqttClient::connect(&addrs, "agent").await;
+    let status = sample::status();
+    agent
+        .client
+        .publish(
+            Topic::of(&status).unwrap().to_string(),
+            QoS::AtLeastOnce,
+            true,
+            encode(&status).unwrap(),
+        )
+        .await
+        .unwrap();
+    eventually("the heartbeat accepted", || async {
+        let text = http_get(&addrs, "/metrics").await.text();
+        (metric(&text, "renkei_messages_accepted_total{kind=\"status\"}") == Some(1)).then_some(())
+    })
+    .await;
+    assert!(broker.log().contains("reserved prefix"));
+    assert!(broker.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_garbage_is_counted_but_not_logged_line_by_line() {
+    const FLOOD: i64 = 200;
+    let broker = RunningBroker::start();
+    let addrs = broker.addrs;
+    let agent = MqttClient::connect(&addrs, "broken-agent").await;
+    let status_topic = Topic::of(&sample::status()).unwrap().to_string();
+    for _ in 0..FLOOD {
+        agent
+            .client
+            .publish(
+                &status_topic,
+                QoS::AtLeastOnce,
+                false,
+                vec![SCHEMA_VERSION, 0xff],
+            )
+            .await
+            .unwrap();
+    }
+    eventually("every refusal counted", || async {
+        let text = http_get(&addrs, "/metrics").await.text();
+        (metric(
+            &text,
+            "renkei_messages_rejected_total{reason=\"malformed\"}",
+        ) == Some(FLOOD))
+        .then_some(())
+    })
+    .await;
+    let logged = broker
+        .log()
+        .lines()
+        .filter(|l| l.contains("refused message"))
+        .count();
+    // A few lines per second at most, however long the flood took here.
+    assert!(
+        (1..=30).contains(&logged),
+        "{logged} lines for {FLOOD} refusals"
+    );
+    assert_eq!(http_get(&addrs, "/healthz").await.status, 200);
+    assert!(broker.terminate().success());
+}
+
+#[test]
+fn a_bad_config_key_is_named_and_the_broker_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("broker.toml");
+    std::fs::write(&config, "[mqtt]\nlisten_addr = \"0.0.0.0:1883\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no ready line");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mqtt.listen_addr"), "{stderr}");
+}
+
+#[test]
+fn a_taken_mqtt_port_fails_the_start() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
+        .args(["serve", "--mqtt", &format!("127.0.0.1:{port}")])
+        .args(["--ws", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no ready line");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("MQTT TCP listener"), "{stderr}");
+    drop(taken);
+}

@@ -1,0 +1,270 @@
+//! Starts the real `renkei-broker` binary on ephemeral ports and talks to it from outside:
+//! plain HTTP/1.1, MQTT through rumqttc, and raw TCP for the WebSocket handshake.
+//!
+//! Helpers panic on failure like the tests that call them.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{BufRead as _, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use renkei_broker::Addrs;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, Publish, QoS};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc as tokio_mpsc;
+
+/// How long anything in these tests may take before it counts as hung.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A broker process; killed on drop if a test did not stop it.
+pub struct RunningBroker {
+    child: Child,
+    pub addrs: Addrs,
+    /// Holds the dashboard, data directory and the broker's log.
+    pub dir: tempfile::TempDir,
+}
+
+impl RunningBroker {
+    /// Starts the broker with every listener on 127.0.0.1 port 0 and waits for its ready line.
+    pub fn start() -> RunningBroker {
+        let dir = tempfile::tempdir().unwrap();
+        let dashboard = dir.path().join("dist");
+        std::fs::create_dir(&dashboard).unwrap();
+        std::fs::write(
+            dashboard.join("index.html"),
+            "<html>renkei dashboard</html>",
+        )
+        .unwrap();
+        let log = File::create(dir.path().join("broker.log")).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
+            .args(["serve", "--mqtt", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
+            .args(["--http", "127.0.0.1:0", "--dashboard"])
+            .arg(&dashboard)
+            .arg("--data")
+            .arg(dir.path().join("data"))
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+
+        // Read the ready line on a thread so that a broker that never prints cannot hang us.
+        let stdout = child.stdout.take().unwrap();
+        let (line_tx, line_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let _ = line_tx.send(lines.next());
+            // Keep draining so the broker never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match line_rx.recv_timeout(PATIENCE) {
+            Ok(Some(Ok(line))) => line,
+            other => {
+                let _ = child.kill();
+                panic!(
+                    "no ready line ({other:?}); broker log:\n{}",
+                    std::fs::read_to_string(dir.path().join("broker.log")).unwrap_or_default()
+                );
+            }
+        };
+        let addrs = Addrs::from_ready_line(&line)
+            .unwrap_or_else(|| panic!("unexpected ready line {line:?}"));
+        RunningBroker { child, addrs, dir }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RunningBroker {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- broker log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A plain HTTP/1.1 response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// `GET path` with `Connection: close`; the broker's responses carry a Content-Length, so the
+/// body is everything after the head.
+pub async fn http_get(addrs: &Addrs, path: &str) -> HttpResponse {
+    let mut stream = TcpStream::connect(addrs.http).await.unwrap();
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        addrs.http
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut raw))
+        .await
+        .expect("HTTP response in time")
+        .unwrap();
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP head");
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    HttpResponse {
+        status,
+        head,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+/// Polls `check` until it returns `Some`, or panics after [`PATIENCE`] with `what`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An MQTT 3.1.1 client whose event loop runs in a task.
+pub struct MqttClient {
+    pub client: AsyncClient,
+    incoming: tokio_mpsc::UnboundedReceiver<Packet>,
+    /// Publishes that arrived while waiting for something else.
+    early: VecDeque<Publish>,
+}
+
+impl MqttClient {
+    /// Connects and waits for the CONNACK.
+    pub async fn connect(addrs: &Addrs, client_id: &str) -> MqttClient {
+        let (client, mut eventloop) = AsyncClient::new(options(addrs, client_id), 64);
+        let event = tokio::time::timeout(PATIENCE, eventloop.poll())
+            .await
+            .expect("CONNACK in time")
+            .unwrap_or_else(|e| panic!("{client_id} cannot connect: {e}"));
+        assert!(
+            matches!(event, Event::Incoming(Packet::ConnAck(_))),
+            "{event:?}"
+        );
+        let (tx, incoming) = tokio_mpsc::unbounded_channel();
+        tokio::spawn(drive(eventloop, tx));
+        MqttClient {
+            client,
+            incoming,
+            early: VecDeque::new(),
+        }
+    }
+
+    /// Subscribes and waits for the SUBACK, so that what is published next is seen.
+    pub async fn subscribe(&mut self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        loop {
+            match self.next_packet().await {
+                Packet::SubAck(_) => return,
+                Packet::Publish(p) => self.early.push_back(p),
+                _ => {}
+            }
+        }
+    }
+
+    /// The next publish received, within [`PATIENCE`].
+    pub async fn next_publish(&mut self) -> Publish {
+        if let Some(p) = self.early.pop_front() {
+            return p;
+        }
+        loop {
+            if let Packet::Publish(p) = self.next_packet().await {
+                return p;
+            }
+        }
+    }
+
+    async fn next_packet(&mut self) -> Packet {
+        tokio::time::timeout(PATIENCE, self.incoming.recv())
+            .await
+            .expect("a packet in time")
+            .expect("event loop running")
+    }
+}
+
+pub fn options(addrs: &Addrs, client_id: &str) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, addrs.mqtt.ip().to_string(), addrs.mqtt.port());
+    options.set_keep_alive(Duration::from_secs(5));
+    // JSON mirror messages are a few times larger than their postcard form.
+    options.set_max_packet_size(256 * 1024, 64 * 1024);
+    options
+}
+
+async fn drive(mut eventloop: EventLoop, incoming: tokio_mpsc::UnboundedSender<Packet>) {
+    while let Ok(event) = eventloop.poll().await {
+        if let Event::Incoming(packet) = event
+            && incoming.send(packet).is_err()
+        {
+            return;
+        }
+    }
+}
