@@ -2,7 +2,8 @@
 //!
 //! It holds a rumqttd link subscribed to `renkei/v1/#` and, for each publish: parses the topic,
 //! decodes the payload, checks that the message belongs on that topic, applies it to the live
-//! [`State`] and re-publishes it as JSON on the mirror topic for integrators. A message that
+//! [`State`] and, if it changed the state (or is a command, which carries none), re-publishes
+//! it as JSON on the mirror topic for integrators. A message that
 //! fails is counted by reason and logged, at most [`LOG_LINES_PER_SECOND`] lines per second per
 //! reason so that one broken sender cannot flood the log.
 //!
@@ -187,7 +188,10 @@ impl Consumer {
                 Notification::Forward(forward) => self.on_publish(&forward.publish),
                 // The router stops forwarding to a link whose buffer filled up until the link
                 // says it is ready again; by now everything before this marker was taken.
-                Notification::Unschedule => self.rx.ready()?,
+                Notification::Unschedule => {
+                    tracing::debug!("ingest link unscheduled by the router; ready again");
+                    self.rx.ready()?;
+                }
                 Notification::Disconnect(..) => return Err(IngestError::Disconnected),
                 other => tracing::debug!(?other, "ingest link notification"),
             }
@@ -200,7 +204,11 @@ impl Consumer {
             Ok(accepted) => {
                 self.metrics
                     .accepted(accepted.envelope.body.kind(), &accepted.change);
-                self.republish_json(&accepted);
+                // A redelivery adds nothing, and an older report arriving late must not
+                // replace the newer one retained on the mirror.
+                if matches!(accepted.change, Change::Updated { .. } | Change::NotState) {
+                    self.republish_json(&accepted);
+                }
             }
             Err(rejection) => {
                 self.metrics.rejected(rejection.reason);

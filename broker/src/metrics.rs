@@ -150,7 +150,7 @@ impl Metrics {
             &mut out,
             "renkei_json_republished_total",
             "counter",
-            "Accepted messages re-published as JSON on renkei/json/v1/.",
+            "Messages re-published as JSON on renkei/json/v1/ (those that changed the state, and commands).",
         );
         let _ = writeln!(
             out,

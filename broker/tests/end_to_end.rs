@@ -62,6 +62,17 @@ async fn ingests_mirrors_and_counts_over_real_mqtt() {
     );
     let envelope: Envelope = serde_json::from_slice(&mirrored.payload).unwrap();
     assert_eq!(envelope, status);
+    // A redelivery (QoS 1 after a lost PUBACK) is accepted but not mirrored again.
+    agent
+        .client
+        .publish(
+            &status_topic,
+            QoS::AtLeastOnce,
+            true,
+            encode(&status).unwrap(),
+        )
+        .await
+        .unwrap();
 
     // The live state shows it.
     let state = eventually("the site in /api/v1/state", || async {
@@ -91,11 +102,15 @@ async fn ingests_mirrors_and_counts_over_real_mqtt() {
                     &format!("renkei_messages_rejected_total{{reason=\"{reason}\"}}"),
                 ) == Some(1)
             });
-        counted.then_some(text)
+        let accepted = metric(&text, "renkei_messages_accepted_total{kind=\"status\"}");
+        (counted && accepted == Some(2)).then_some(text)
     })
     .await;
     assert_eq!(
-        metric(&metrics, "renkei_messages_accepted_total{kind=\"status\"}"),
+        metric(
+            &metrics,
+            "renkei_state_changes_total{outcome=\"duplicate\"}"
+        ),
         Some(1)
     );
     assert_eq!(metric(&metrics, "renkei_json_republished_total"), Some(1));
@@ -201,7 +216,7 @@ async fn a_client_cannot_take_the_ingest_links_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_garbage_is_counted_but_not_logged_line_by_line() {
-    const FLOOD: i64 = 200;
+    const FLOOD: i64 = 500;
     let broker = RunningBroker::start();
     let addrs = broker.addrs;
     let agent = MqttClient::connect(&addrs, "broken-agent").await;
@@ -239,6 +254,71 @@ async fn a_flood_of_garbage_is_counted_but_not_logged_line_by_line() {
     );
     assert_eq!(http_get(&addrs, "/healthz").await.status, 200);
     assert!(broker.terminate().success());
+}
+
+/// In process, through the library: ingest is held up (the live state locked) while a burst
+/// arrives, so the router fills the ingest link's buffer and unschedules it. Ingest must tell
+/// the router it is ready again, or every message after the first buffer-full is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_resumes_after_the_router_unschedules_it() {
+    const BURST: u64 = 1_000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = renkei_broker::config::Config::default();
+    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
+    config.mqtt.ws_listen = "127.0.0.1:0".parse().unwrap();
+    config.http.listen = "127.0.0.1:0".parse().unwrap();
+    config.http.dashboard_dir = dir.path().join("dist");
+    config.data.dir = dir.path().join("data");
+    let broker = renkei_broker::Broker::start(config).await.unwrap();
+    let addrs = broker.addrs();
+    let app = broker.app_state().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(broker.serve(async {
+        let _ = stopped.await;
+    }));
+
+    let agent = MqttClient::connect(&addrs, "bursting-agent").await;
+    let mut status = sample::status();
+    let topic = Topic::of(&status).unwrap().to_string();
+    // Hold the lock on a thread of its own: the ingest thread blocks on it, this task does not.
+    let (locked_tx, locked) = std::sync::mpsc::channel();
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let live = app.live.clone();
+    let holder = std::thread::spawn(move || {
+        let _held = live.write().unwrap();
+        locked_tx.send(()).unwrap();
+        let _ = released.recv();
+    });
+    locked.recv().unwrap();
+    for seq in 1..=BURST {
+        status.header.seq = seq;
+        agent
+            .client
+            .publish(&topic, QoS::AtLeastOnce, true, encode(&status).unwrap())
+            .await
+            .unwrap();
+    }
+    // Let the router push to ingest until its buffer is full.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    release.send(()).unwrap();
+    holder.join().unwrap();
+
+    eventually("every message of the burst ingested", || async {
+        (app.metrics.accepted_total() == BURST).then_some(())
+    })
+    .await;
+    let text = app.metrics.render();
+    assert_eq!(
+        metric(&text, "renkei_state_changes_total{outcome=\"updated\"}"),
+        Some(BURST as i64)
+    );
+    assert_eq!(
+        metric(&text, "renkei_json_republished_total"),
+        Some(BURST as i64)
+    );
+
+    let _ = stop.send(());
+    serving.await.unwrap().unwrap();
 }
 
 #[test]
