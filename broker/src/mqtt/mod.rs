@@ -78,6 +78,16 @@ pub enum Listener {
     WebSocket,
 }
 
+impl Listener {
+    /// The name of its thread, and of its server in rumqttd's logs.
+    fn thread_name(self) -> &'static str {
+        match self {
+            Listener::Tcp => "mqtt-tcp",
+            Listener::WebSocket => "mqtt-ws",
+        }
+    }
+}
+
 impl std::fmt::Display for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -180,6 +190,7 @@ impl Mqtt {
 fn router_config(config: &MqttConfig) -> RouterConfig {
     RouterConfig {
         max_connections: config.max_connections,
+        // Publishes read from a filter's log per scheduling turn (rumqttd's own example value).
         max_outgoing_packet_count: 200,
         max_segment_size: config.segment_size.0,
         max_segment_count: config.segment_count,
@@ -195,10 +206,7 @@ fn router_config(config: &MqttConfig) -> RouterConfig {
 
 fn server_settings(config: &MqttConfig, listener: Listener, addr: SocketAddr) -> ServerSettings {
     ServerSettings {
-        name: match listener {
-            Listener::Tcp => "mqtt-tcp".into(),
-            Listener::WebSocket => "mqtt-ws".into(),
-        },
+        name: listener.thread_name().into(),
         listen: addr,
         tls: None,
         // rumqttd sleeps this long after every accept (≥ one timer tick even at 0): no throttle.
@@ -235,16 +243,12 @@ fn spawn_listener(
     mut server: Server<Guard>,
     stopped: mpsc::UnboundedSender<MqttError>,
 ) -> Result<(), MqttError> {
-    let name = match listener {
-        Listener::Tcp => "mqtt-tcp",
-        Listener::WebSocket => "mqtt-ws",
-    };
     let link_type = match listener {
         Listener::Tcp => LinkType::Remote,
         Listener::WebSocket => LinkType::Websocket,
     };
     std::thread::Builder::new()
-        .name(name.into())
+        .name(listener.thread_name().into())
         .spawn(move || {
             // One single-threaded runtime per listener, as rumqttd's own Broker does.
             let reason = match tokio::runtime::Builder::new_current_thread()
