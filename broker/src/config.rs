@@ -41,6 +41,10 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
     pub data: DataConfig,
+    /// Demo mode: anonymous clients allowed (see [`crate::auth`]). Set only by `serve --demo`,
+    /// never from a file, so that a copied configuration cannot open a production broker.
+    #[serde(skip)]
+    pub demo: bool,
 }
 
 /// The embedded MQTT broker (rumqttd).

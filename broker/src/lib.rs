@@ -155,6 +155,7 @@ impl Broker {
             public_mqtt_ws_url: config.http.public_mqtt_ws_url.clone(),
             dashboard_dir: config.http.dashboard_dir.clone(),
             clock: http::system_clock(),
+            auth_required: !config.demo,
         };
         Ok(Broker {
             addrs,

@@ -49,6 +49,10 @@ struct ServeArgs {
     /// The broker's data directory (data.dir).
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// Demo mode: clients may connect without a user name (see the crate docs for what an
+    /// anonymous client may do); the dashboard shows no login form.
+    #[arg(long)]
+    demo: bool,
 }
 
 impl ServeArgs {
@@ -69,6 +73,7 @@ impl ServeArgs {
         if let Some(dir) = &self.data {
             config.data.dir = dir.clone();
         }
+        config.demo = self.demo;
         Ok(config)
     }
 }

@@ -149,6 +149,7 @@ async fn dashboard_finds_the_websocket_and_it_speaks_mqtt() {
         config.json()["mqtt_ws_url"],
         format!("ws://127.0.0.1:{}", addrs.ws.port())
     );
+    assert_eq!(config.json()["auth_required"], false, "demo mode");
     let index = http_get(&addrs, "/").await;
     assert_eq!(index.status, 200);
     assert!(index.text().contains("renkei dashboard"));

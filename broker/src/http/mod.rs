@@ -3,7 +3,7 @@
 //! | route              | answers                                                        |
 //! |--------------------|----------------------------------------------------------------|
 //! | `GET /healthz`     | `200 ok` while the process serves                              |
-//! | `GET /config.json` | `{"mqtt_ws_url": "ws://HOST:PORT", "version": "…"}`            |
+//! | `GET /config.json` | `{"mqtt_ws_url": "ws://HOST:PORT", "version": "…", "auth_required": true}` |
 //! | `GET /api/v1/state`| per-ward roll-ups and per-site latest reports ([`api`])        |
 //! | `GET /metrics`     | Prometheus text ([`crate::metrics`])                            |
 //! | anything else      | the built dashboard; unknown paths get its `index.html`        |
@@ -55,6 +55,8 @@ pub struct AppState {
     pub public_mqtt_ws_url: Option<String>,
     pub dashboard_dir: PathBuf,
     pub clock: Clock,
+    /// False in demo mode: the dashboard then shows no login form and the API is open.
+    pub auth_required: bool,
 }
 
 impl std::fmt::Debug for AppState {
@@ -63,6 +65,7 @@ impl std::fmt::Debug for AppState {
             .field("ws_port", &self.ws_port)
             .field("public_mqtt_ws_url", &self.public_mqtt_ws_url)
             .field("dashboard_dir", &self.dashboard_dir)
+            .field("auth_required", &self.auth_required)
             .finish_non_exhaustive()
     }
 }
@@ -126,7 +129,11 @@ async fn config_json(
         Some(url) => url.clone(),
         None => format!("ws://{}:{}", browser_host(&headers, &uri)?, app.ws_port),
     };
-    let body = Json(serde_json::json!({ "mqtt_ws_url": mqtt_ws_url, "version": VERSION }));
+    let body = Json(serde_json::json!({
+        "mqtt_ws_url": mqtt_ws_url,
+        "version": VERSION,
+        "auth_required": app.auth_required,
+    }));
     Ok((no_store(), body).into_response())
 }
 

@@ -30,23 +30,40 @@ pub struct RunningBroker {
 }
 
 impl RunningBroker {
-    /// Starts the broker with every listener on 127.0.0.1 port 0 and waits for its ready line.
+    /// Starts the broker in demo mode (anonymous clients allowed) with every listener on
+    /// 127.0.0.1 port 0 and waits for its ready line.
     pub fn start() -> RunningBroker {
+        RunningBroker::start_with(&["--demo"])
+    }
+
+    /// Starts the broker with `extra` arguments for `serve` (no `--demo`: every client must
+    /// authenticate).
+    pub fn start_with(extra: &[&str]) -> RunningBroker {
         let dir = tempfile::tempdir().unwrap();
+        RunningBroker::start_in(dir, extra)
+    }
+
+    /// Starts the broker on a directory a previous run left behind (its `data/` is kept).
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> RunningBroker {
         let dashboard = dir.path().join("dist");
-        std::fs::create_dir(&dashboard).unwrap();
+        std::fs::create_dir_all(&dashboard).unwrap();
         std::fs::write(
             dashboard.join("index.html"),
             "<html>renkei dashboard</html>",
         )
         .unwrap();
-        let log = File::create(dir.path().join("broker.log")).unwrap();
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("broker.log"))
+            .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
             .args(["serve", "--mqtt", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
             .args(["--http", "127.0.0.1:0", "--dashboard"])
             .arg(&dashboard)
             .arg("--data")
             .arg(dir.path().join("data"))
+            .args(extra)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
