@@ -15,6 +15,8 @@
 //!   the last will (death) outranks the birth of its connection and nothing after it;
 //! - [`report`]: the [`report::Site`] trait (what a site reports, on connect and on each tick),
 //!   the fixed site of `run`, and the framing of every envelope onto its topic;
+//! - [`outbox`]: the durable disk queue (segment log, CRC per record, torn tails cut, corrupt
+//!   segments quarantined, bounded by bytes) shared by the daemon and `renkei-agent report`;
 //! - [`link`]: one MQTT session per site: will, birth and full state on every ConnAck,
 //!   heartbeats on a timer, commands, reconnect with backoff and jitter, graceful death;
 //! - [`simulate`]: many simulated shelters across the 23 wards, for drills, demos and load.
@@ -26,6 +28,7 @@
 pub mod config;
 pub mod lifecycle;
 pub mod link;
+pub mod outbox;
 pub mod report;
 pub mod simulate;
 
