@@ -32,6 +32,10 @@ use serde::{Deserialize, Deserializer};
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 /// Port of a `mqtt://` address without one.
 pub const DEFAULT_MQTT_PORT: u16 = 1883;
+/// Backlog replay rate when none is given (messages per second).
+pub const DEFAULT_REPLAY_RATE: u32 = 10;
+/// The smallest outbox budget: one segment.
+pub const MIN_OUTBOX: u64 = 64 * 1024;
 /// The longest heartbeat interval a status can carry (one day).
 pub const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
 
@@ -127,6 +131,14 @@ pub struct RawConfig {
     #[arg(long, value_name = "STATE")]
     #[serde(default, deserialize_with = "scalar")]
     pub shelter_state: Option<String>,
+    /// Byte budget of the outbox, e.g. 16MiB [default: 16MiB]
+    #[arg(long, value_name = "SIZE")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub outbox_max: Option<String>,
+    /// Messages per second when replaying the backlog after an outage [default: 10]
+    #[arg(long, value_name = "N")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub replay_rate: Option<String>,
 }
 
 /// Accepts a TOML string, integer, float or boolean as text, so `ward = 131041` and
@@ -200,6 +212,10 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// `Some` for a shelter whose staff gave any of its figures.
     pub shelter: Option<ShelterInput>,
+    /// Byte budget of the outbox.
+    pub outbox_max: u64,
+    /// Backlog messages per second after a reconnect, so a thin link is not swamped.
+    pub replay_rate: u32,
 }
 
 impl RawConfig {
@@ -237,6 +253,8 @@ impl RawConfig {
             evacuees: self.evacuees.or(fallback.evacuees),
             capacity: self.capacity.or(fallback.capacity),
             shelter_state: self.shelter_state.or(fallback.shelter_state),
+            outbox_max: self.outbox_max.or(fallback.outbox_max),
+            replay_rate: self.replay_rate.or(fallback.replay_rate),
         }
     }
 
@@ -288,6 +306,23 @@ impl RawConfig {
             .as_deref()
             .map(|l| parse_location("location", l))
             .transpose()?;
+        let outbox_max = match &self.outbox_max {
+            Some(v) => parse_size(v).filter(|&n| n >= MIN_OUTBOX).ok_or_else(|| {
+                invalid("outbox_max", v, "expected a size from 64KiB, e.g. 16MiB")
+            })?,
+            None => crate::outbox::DEFAULT_MAX_BYTES,
+        };
+        let replay_rate = match &self.replay_rate {
+            Some(v) => v
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=10_000).contains(n))
+                .ok_or_else(|| {
+                    invalid("replay_rate", v, "expected messages per second, 1–10000")
+                })?,
+            None => DEFAULT_REPLAY_RATE,
+        };
         let credentials = match (&self.username, &self.password) {
             (Some(u), Some(p)) => Some(Credentials {
                 username: u.clone(),
@@ -352,6 +387,8 @@ impl RawConfig {
             mode,
             state_dir,
             shelter,
+            outbox_max,
+            replay_rate,
         })
     }
 }
@@ -397,6 +434,22 @@ pub fn parse_broker(key: &'static str, text: &str) -> Result<BrokerAddr, ConfigE
         host: host.to_owned(),
         port,
     })
+}
+
+/// Parses a size in bytes: a whole number with an optional `KiB`, `MiB` or `GiB` (`16MiB`).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    let per = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(per)
 }
 
 /// Parses a human duration: a whole number followed by `ms`, `s`, `m` or `h` (`30s`, `2m`).
@@ -470,7 +523,7 @@ fn parse_count(key: &'static str, text: &str) -> Result<u32, ConfigError> {
         .map_err(|_| invalid(key, text, "expected a whole number from 0"))
 }
 
-fn parse_location(key: &'static str, text: &str) -> Result<GeoPoint, ConfigError> {
+pub fn parse_location(key: &'static str, text: &str) -> Result<GeoPoint, ConfigError> {
     let bad = || {
         invalid(
             key,
@@ -672,7 +725,7 @@ mod tests {
 
     #[test]
     fn the_example_file_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("agent.example.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/agent.example.toml");
         let c = RawConfig::from_file(&path).unwrap().resolve().unwrap();
         assert_eq!(c.site.site.as_str(), "nishi-shinjuku-es");
         assert_eq!(c.shelter.unwrap().evacuees, Some(120));
@@ -697,6 +750,21 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn sizes_and_replay_rate() {
+        assert_eq!(parse_size("16MiB"), Some(16 << 20));
+        assert_eq!(parse_size("64KiB"), Some(64 << 10));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("1.5MiB"), None);
+        let c = resolve(&format!(
+            "{MINIMAL}\noutbox_max = \"1MiB\"\nreplay_rate = 5"
+        ))
+        .unwrap();
+        assert_eq!((c.outbox_max, c.replay_rate), (1 << 20, 5));
+        assert!(error_of(&format!("{MINIMAL}\noutbox_max = \"1KiB\"")).contains("outbox_max"));
+        assert!(error_of(&format!("{MINIMAL}\nreplay_rate = 0")).contains("replay_rate"));
     }
 
     #[test]

@@ -26,11 +26,13 @@
 //! staff CLI (`renkei-agent report …`).
 
 pub mod config;
+pub mod daemon;
 pub mod lifecycle;
 pub mod link;
 pub mod outbox;
 pub mod report;
 pub mod simulate;
+pub mod staff;
 
 /// This agent's version, sent in every birth.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -14,6 +14,11 @@
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::error;
+
+use crate::outbox::{Key, Outbox};
 
 use renkei_shared::{Body, Envelope, Header, Life, Mode, Origin, SiteRef, Timestamp};
 
@@ -87,6 +92,9 @@ pub struct Lifecycle {
     mode: Mode,
     /// The seq of the next message.
     next_seq: u64,
+    /// `run`: numbers come from the outbox, which `renkei-agent report` shares, so that the
+    /// daemon's messages and the staff's reports never share a `(boot, seq)`.
+    shared: Option<Arc<Outbox>>,
 }
 
 /// A connection's birth and last will, numbered together by [`Lifecycle::arm`].
@@ -105,7 +113,23 @@ impl Lifecycle {
             boot,
             mode,
             next_seq: 1,
+            shared: None,
         }
+    }
+
+    /// A lifecycle numbered by `outbox` (see [`Outbox`]); `boot` is the one it just started.
+    pub fn shared(site: SiteRef, boot: u32, mode: Mode, outbox: Arc<Outbox>) -> Lifecycle {
+        Lifecycle {
+            shared: Some(outbox),
+            ..Lifecycle::new(site, boot, mode)
+        }
+    }
+
+    /// Makes `body` a message with a key the outbox handed out.
+    pub fn envelope(&self, key: Key, body: Body, now: Timestamp) -> Envelope {
+        let mut header = self.header(key.seq, now);
+        header.boot = key.boot;
+        Envelope { header, body }
     }
 
     pub fn site(&self) -> &SiteRef {
@@ -131,15 +155,30 @@ impl Lifecycle {
         }
     }
 
-    fn take_seq(&mut self) -> u64 {
+    /// Takes `count` consecutive numbers; returns the first.
+    fn take_seqs(&mut self, count: u64) -> u64 {
+        if let Some(outbox) = &self.shared {
+            match outbox.lock().and_then(|mut l| l.take_seqs(count)) {
+                Ok(key) => {
+                    // A `report` run with no daemon may have started a newer boot meanwhile.
+                    self.boot = key.boot;
+                    self.next_seq = key.seq + count;
+                    return key.seq;
+                }
+                // Numbering in memory keeps the site talking; the disk is failing anyway.
+                Err(e) => {
+                    error!(error = %e, "sequence numbers from the outbox failed; numbering in memory")
+                }
+            }
+        }
         let seq = self.next_seq;
-        self.next_seq += 1;
+        self.next_seq += count;
         seq
     }
 
     /// Makes `body` a message with the next sequence number.
     pub fn stamp(&mut self, body: Body, now: Timestamp) -> Envelope {
-        let seq = self.take_seq();
+        let seq = self.take_seqs(1);
         Envelope {
             header: self.header(seq, now),
             body,
@@ -149,13 +188,17 @@ impl Lifecycle {
     /// Numbers the birth and the will of the next connection attempt: will = birth + 1, and
     /// every later message after both.
     pub fn arm(&mut self, agent_version: &str, now: Timestamp) -> Armed {
-        let birth = self.stamp(
-            Body::Life(Life::Birth {
+        let seq = self.take_seqs(2);
+        let birth = Envelope {
+            header: self.header(seq, now),
+            body: Body::Life(Life::Birth {
                 agent_version: agent_version.to_owned(),
             }),
-            now,
-        );
-        let will = self.stamp(Body::Life(Life::Death), now);
+        };
+        let will = Envelope {
+            header: self.header(seq + 1, now),
+            body: Body::Life(Life::Death),
+        };
         Armed { birth, will }
     }
 

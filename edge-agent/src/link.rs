@@ -55,7 +55,7 @@ impl LinkOptions {
         format!("agent-{}-{}", site.ward, site.site)
     }
 
-    fn mqtt_options(&self) -> MqttOptions {
+    pub(crate) fn mqtt_options(&self) -> MqttOptions {
         let mut mqtt = MqttOptions::new(&self.client_id, &self.broker.host, self.broker.port);
         mqtt.set_keep_alive(KEEP_ALIVE)
             // A persistent session: commands HQ sent while the link was down are delivered.
@@ -196,52 +196,65 @@ impl<S: Site> Session<S> {
         publish: &rumqttc::Publish,
         connection_birth: &Envelope,
     ) -> Result<Option<Duration>, LinkError> {
-        let own_topic = topic::command_filter(self.lifecycle.site());
-        if publish.topic != own_topic {
-            debug!(topic = %publish.topic, "ignoring a publish not for this site");
-            return Ok(None);
-        }
-        let env = match renkei_shared::decode(&publish.payload) {
-            Ok(env) => env,
-            Err(e) => {
-                warn!(reason = e.reason(), error = %e, "ignoring an undecodable command");
-                return Ok(None);
-            }
-        };
-        let checked = Topic::parse(&publish.topic)
-            .map_err(|e| e.to_string())
-            .and_then(|t| validate_for_topic(&env, &t).map_err(|e| e.to_string()));
-        if let Err(e) = checked {
-            warn!(error = %e, "ignoring a command on the wrong topic");
-            return Ok(None);
-        }
-        if !matches!(env.header.origin, renkei_shared::Origin::Hq(_)) {
-            warn!(origin = ?env.header.origin, "ignoring a command not from HQ");
-            return Ok(None);
-        }
-        let Body::Command(command) = env.body else {
-            warn!(
-                kind = env.body.kind().as_str(),
-                "ignoring a non-command on the command topic"
-            );
+        let Some((command, mode)) = command_of(publish, self.lifecycle.site()) else {
             return Ok(None);
         };
+        let env_mode = mode;
         match command.action {
             CommandAction::Rebirth => {
-                info!(command = %command.command_id, mode = ?env.header.mode, "rebirth requested");
+                info!(command = %command.command_id, mode = ?env_mode, "rebirth requested");
                 // The same birth again (a duplicate to HQ), so the armed will still outranks it.
                 self.announce(connection_birth)?;
                 Ok(None)
             }
             CommandAction::SetInterval { seconds } => {
                 let interval = Duration::from_secs(u64::from(seconds));
-                info!(command = %command.command_id, mode = ?env.header.mode, from_s = self.interval.as_secs(), to_s = seconds, "heartbeat interval changed");
+                info!(command = %command.command_id, mode = ?env_mode, from_s = self.interval.as_secs(), to_s = seconds, "heartbeat interval changed");
                 self.interval = interval;
                 self.site.set_interval(interval);
                 Ok(Some(interval))
             }
         }
     }
+}
+
+/// The command in a publish from the broker, with its mode, if it is a valid command from HQ
+/// for `site`; anything else is logged and dropped.
+pub(crate) fn command_of(
+    publish: &rumqttc::Publish,
+    site: &renkei_shared::SiteRef,
+) -> Option<(renkei_shared::Command, renkei_shared::Mode)> {
+    let own_topic = topic::command_filter(site);
+    if publish.topic != own_topic {
+        debug!(topic = %publish.topic, "ignoring a publish not for this site");
+        return None;
+    }
+    let env = match renkei_shared::decode(&publish.payload) {
+        Ok(env) => env,
+        Err(e) => {
+            warn!(reason = e.reason(), error = %e, "ignoring an undecodable command");
+            return None;
+        }
+    };
+    let checked = Topic::parse(&publish.topic)
+        .map_err(|e| e.to_string())
+        .and_then(|t| validate_for_topic(&env, &t).map_err(|e| e.to_string()));
+    if let Err(e) = checked {
+        warn!(error = %e, "ignoring a command on the wrong topic");
+        return None;
+    }
+    if !matches!(env.header.origin, renkei_shared::Origin::Hq(_)) {
+        warn!(origin = ?env.header.origin, "ignoring a command not from HQ");
+        return None;
+    }
+    let Body::Command(command) = env.body else {
+        warn!(
+            kind = env.body.kind().as_str(),
+            "ignoring a non-command on the command topic"
+        );
+        return None;
+    };
+    Some((command, env.header.mode))
 }
 
 /// Runs one site's session until `shutdown` turns true, then sends its death and disconnects.

@@ -1,14 +1,20 @@
 //! `renkei-agent`: the command line over the `renkei_agent` library.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use renkei_agent::config::{self, Credentials, RawConfig};
+use renkei_agent::config::{self, AgentConfig, Credentials, RawConfig};
+use renkei_agent::daemon::{DaemonOptions, run_daemon};
 use renkei_agent::lifecycle::{Lifecycle, next_boot_id};
-use renkei_agent::link::{LinkOptions, run_site};
+use renkei_agent::link::LinkOptions;
+use renkei_agent::outbox::{Durability, Outbox};
 use renkei_agent::report::{FixedSite, now};
 use renkei_agent::simulate::{self, SimOptions};
+use renkei_agent::staff::StaffReport;
+use renkei_shared::{Body, Envelope, Header, Origin};
 use tokio::sync::watch;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -30,6 +36,36 @@ enum Command {
     Run(RunArgs),
     /// Run many simulated shelters across the 23 wards (drills, demos, load tests).
     Simulate(SimArgs),
+    /// 報告: store a report for HQ (works with no network and no running daemon)
+    Report(ReportArgs),
+    /// 状態: link state, reports waiting, last delivered
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReportArgs {
+    /// The site's config file (the one `run` uses)
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "RENKEI_AGENT_CONFIG",
+        default_value = "/etc/renkei/agent.toml"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    report: StaffReport,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The site's config file (the one `run` uses)
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "RENKEI_AGENT_CONFIG",
+        default_value = "/etc/renkei/agent.toml"
+    )]
+    config: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -69,12 +105,13 @@ struct SimArgs {
     password: Option<String>,
 }
 
-fn main() -> Result<()> {
+fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     // A simulation runs hundreds of sessions: only their problems are worth a line each.
+    // Staff commands print their own result; the log is for what goes wrong.
     let default_filter = match cli.command {
         Command::Run(_) => "info",
-        Command::Simulate(_) => "warn",
+        Command::Simulate(_) | Command::Report(_) | Command::Status(_) => "warn",
     };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -83,13 +120,153 @@ fn main() -> Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter)),
         )
         .init();
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    match cli.command {
+        Command::Report(args) => return Ok(report(args)),
+        Command::Status(args) => return status(args).map(|()| ExitCode::SUCCESS),
+        _ => {}
+    }
+    // The daemon is one session: a single-threaded runtime keeps it small.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
             Command::Simulate(args) => simulate(args).await,
+            Command::Report(_) | Command::Status(_) => Ok(()),
         }
-    })
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_config(path: &std::path::Path) -> Result<AgentConfig> {
+    Ok(RawConfig::from_file(path)?.resolve()?)
+}
+
+/// `renkei-agent report …`: appends to the outbox directly and says "saved" only after fsync.
+fn report(args: ReportArgs) -> ExitCode {
+    match store_report(&args) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("保存できませんでした / NOT saved: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn store_report(args: &ReportArgs) -> Result<String> {
+    args.report.check()?;
+    let config = load_config(&args.config)?;
+    let outbox = Outbox::open(&config.state_dir, config.outbox_max)?;
+    let daemon = outbox.daemon_running()?;
+    let mut locked = outbox.lock()?;
+    if !daemon {
+        // No daemon keeps the numbering: start a boot of our own (see the outbox's notes).
+        locked.new_boot()?;
+    }
+    let latest_stock = match locked.latest().supplies.map(|e| e.body) {
+        Some(Body::Supplies(s)) => Some(s),
+        _ => None,
+    };
+    let mut refused = None;
+    let site = config.site.clone();
+    let mode = config.mode;
+    let appended = locked.append(
+        |key| {
+            let body = args
+                .report
+                .body(key, now(), latest_stock.as_ref())
+                .unwrap_or_else(|e| {
+                    refused = Some(e);
+                    // Checked above; never stored: `refused` makes the caller bail first.
+                    Body::Status(FixedSite::from_config(&config, now()).status())
+                });
+            Envelope {
+                header: Header {
+                    origin: Origin::Site(site),
+                    boot: key.boot,
+                    seq: key.seq,
+                    sent_at: now(),
+                    mode,
+                    historical: false,
+                },
+                body,
+            }
+        },
+        Durability::Sync,
+    );
+    if let Some(e) = refused {
+        bail!(e);
+    }
+    let appended = appended?;
+    let id = match &args.report {
+        StaffReport::Request(_) => format!(", id req-{}-{}", appended.key.boot, appended.key.seq),
+        StaffReport::Incident(i) if i.id.is_none() => {
+            format!(", id inc-{}-{}", appended.key.boot, appended.key.seq)
+        }
+        _ => String::new(),
+    };
+    Ok(format!(
+        "保存しました / saved (seq {}, queue depth {}{id})",
+        appended.key.seq, appended.depth
+    ))
+}
+
+/// `renkei-agent status`: the daemon's status file and the outbox, read directly.
+fn status(args: StatusArgs) -> Result<()> {
+    let config = load_config(&args.config)?;
+    let outbox = Outbox::open(&config.state_dir, config.outbox_max)?;
+    let running = outbox.daemon_running()?;
+    let stats = outbox.lock()?.stats()?;
+    let file = std::fs::read_to_string(config.state_dir.join("status")).unwrap_or_default();
+    let field = |key: &str| {
+        file.lines()
+            .find_map(|l| l.strip_prefix(key)?.trim_start().strip_prefix('='))
+            .map(|v| v.trim().trim_matches('"').to_owned())
+    };
+    let link = if running {
+        field("link").unwrap_or_else(|| "starting".into())
+    } else {
+        "daemon not running (reports are kept and sent when it starts)".into()
+    };
+    println!("site:            {} {}", config.site.ward, config.site.site);
+    println!("link:            {link}");
+    if let Some(since) = field("since_ms").and_then(|v| v.parse::<i64>().ok())
+        && running
+    {
+        println!(
+            "since:           {}s ago",
+            now().millis_since(renkei_shared::Timestamp(since)) / 1000
+        );
+    }
+    println!(
+        "queue depth:     {} ({} reports, {} heartbeats)",
+        stats.depth,
+        stats.reports,
+        stats.depth - stats.reports
+    );
+    println!("outbox bytes:    {} of {}", stats.bytes, stats.max_bytes);
+    println!(
+        "last acked:      {}",
+        if stats.acked.seq == 0 {
+            "none yet".into()
+        } else {
+            format!("boot {} seq {}", stats.acked.boot, stats.acked.seq)
+        }
+    );
+    println!("quarantined:     {}", stats.quarantined);
+    if let Some(e) = field("last_error") {
+        println!("last error:      {e}");
+    }
+    match &stats.alarm {
+        Some(alarm) => println!("ALARM:           {alarm}"),
+        None => println!("alarm:           none"),
+    }
+    Ok(())
 }
 
 /// A flag that turns true on SIGTERM or SIGINT.
@@ -115,20 +292,49 @@ async fn run(args: RunArgs) -> Result<()> {
         None => RawConfig::default(),
     };
     let config = args.settings.or(file).resolve()?;
-    let boot = next_boot_id(&config.state_dir)?;
+    let outbox = Arc::new(Outbox::open(&config.state_dir, config.outbox_max)?);
+    let Some(_claim) = outbox.claim_daemon()? else {
+        bail!(
+            "another renkei-agent run is using {}: one daemon per site",
+            config.state_dir.display()
+        );
+    };
+    let boot = outbox.lock()?.new_boot()?;
+    let stats = outbox.lock()?.stats()?;
     info!(
         ward = %config.site.ward, site = %config.site.site, boot, mode = ?config.mode,
-        interval_s = config.interval.as_secs(), broker = %config.broker, "starting"
+        interval_s = config.interval.as_secs(), broker = %config.broker,
+        queue_depth = stats.depth, acked = %stats.acked, "starting"
     );
+    if let Some(alarm) = &stats.alarm {
+        tracing::error!(alarm, "the outbox alarm is raised");
+    }
     let shutdown = shutdown_signal()?;
     let link = LinkOptions {
         broker: config.broker.clone(),
         credentials: config.credentials.clone(),
         client_id: LinkOptions::client_id(&config.site),
     };
-    let lifecycle = Lifecycle::new(config.site.clone(), boot, config.mode);
+    let lifecycle = Lifecycle::shared(config.site.clone(), boot, config.mode, outbox.clone());
     let site = FixedSite::from_config(&config, now());
-    run_site(link, lifecycle, site, config.interval, shutdown).await?;
+    // The configured shelter figures are the site's state until staff report: stored once,
+    // so that a restart never re-sends them over a newer report.
+    if let Some(shelter) = site.configured_shelter()
+        && outbox.lock()?.latest().shelter.is_none()
+    {
+        let body = Body::Shelter(shelter.clone());
+        let appended = outbox
+            .lock()?
+            .append(|key| lifecycle.envelope(key, body, now()), Durability::Sync)?;
+        info!(key = %appended.key, "configured shelter figures stored as the first report");
+    }
+    let options = DaemonOptions {
+        link,
+        interval: config.interval,
+        replay_rate: config.replay_rate,
+        state_dir: config.state_dir.clone(),
+    };
+    run_daemon(options, outbox, lifecycle, site, shutdown).await?;
     Ok(())
 }
 

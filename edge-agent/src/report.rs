@@ -95,6 +95,8 @@ pub struct FixedSite {
     interval_s: u32,
     started: Instant,
     shelter: Option<ShelterStatus>,
+    /// Records waiting in the outbox, where there is one (`run`).
+    queue_depth: Option<u32>,
 }
 
 impl FixedSite {
@@ -121,24 +123,34 @@ impl FixedSite {
             interval_s: interval_secs(config.interval),
             started: Instant::now(),
             shelter,
+            queue_depth: None,
         }
     }
 
-    /// The heartbeat. Power, HQ state and comms are not configured yet, so they say the
-    /// defaults: grid power, no HQ set up, channels unknown.
+    /// The shelter figures from the configuration, if any: the site's state until staff
+    /// report.
+    pub fn configured_shelter(&self) -> Option<&ShelterStatus> {
+        self.shelter.as_ref()
+    }
+
+    /// The outbox depth the next status carries.
+    pub fn set_queue_depth(&mut self, depth: u64) {
+        self.queue_depth = Some(u32::try_from(depth).unwrap_or(u32::MAX));
+    }
+
+    /// The heartbeat. Power, HQ state and comms are not known to the box, so they say so.
     pub fn status(&self) -> SiteStatus {
         SiteStatus {
             name: self.name.clone(),
             kind: self.kind,
             location: self.location,
-            hq: HqState::None,
-            power: PowerSource::Grid,
+            hq: HqState::Unknown,
+            power: PowerSource::Unknown,
             battery_pct: None,
             comms: Comms::default(),
             interval_s: self.interval_s,
             uptime_s: Some(self.started.elapsed().as_secs()),
-            // No outbox yet: nothing waits.
-            queue_depth: None,
+            queue_depth: self.queue_depth,
         }
     }
 }
