@@ -41,6 +41,7 @@ pub struct Config {
     pub mqtt: MqttConfig,
     pub http: HttpConfig,
     pub data: DataConfig,
+    pub auth: AuthConfig,
     /// Demo mode: anonymous clients allowed (see [`crate::auth`]). Set only by `serve --demo`,
     /// never from a file, so that a copied configuration cannot open a production broker.
     #[serde(skip)]
@@ -121,6 +122,39 @@ impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
             dir: PathBuf::from("var/broker"),
+        }
+    }
+}
+
+/// Logins: password hashing, the cache of verified logins, and failed-login limits.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// A verified login is remembered this long, so reconnects skip argon2.
+    pub login_cache_ttl: HumanDuration,
+    /// Failed logins of one user name within `failed_login_window` that lock it out.
+    pub max_failed_logins: u32,
+    pub failed_login_window: HumanDuration,
+    /// How long a locked-out name is refused.
+    pub lockout: HumanDuration,
+    /// Argon2 verifications run at once (each takes `hash_memory` and a core for a moment).
+    pub verify_threads: usize,
+    /// Argon2id cost of new password hashes (`user add`); existing hashes keep theirs.
+    pub hash_memory: ByteSize,
+    pub hash_iterations: u32,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            login_cache_ttl: HumanDuration(Duration::from_secs(300)),
+            max_failed_logins: 10,
+            failed_login_window: HumanDuration(Duration::from_secs(60)),
+            lockout: HumanDuration(Duration::from_secs(300)),
+            verify_threads: 2,
+            // OWASP's argon2id baseline (19 MiB, 2 passes, 1 lane).
+            hash_memory: ByteSize(19 * 1024 * 1024),
+            hash_iterations: 2,
         }
     }
 }
@@ -208,6 +242,19 @@ impl Config {
                 "mqtt.ws_listen",
                 format!("{} is also mqtt.listen", m.ws_listen),
             );
+        }
+        let a = &self.auth;
+        if a.max_failed_logins == 0 {
+            return invalid("auth.max_failed_logins", "must be at least 1".into());
+        }
+        if a.verify_threads == 0 {
+            return invalid("auth.verify_threads", "must be at least 1".into());
+        }
+        if a.hash_iterations == 0 {
+            return invalid("auth.hash_iterations", "must be at least 1".into());
+        }
+        if a.hash_memory.0 < 8 * 1024 {
+            return invalid("auth.hash_memory", "must be at least 8KiB".into());
         }
         if let Some(url) = &self.http.public_mqtt_ws_url
             && !(url.starts_with("ws://") || url.starts_with("wss://"))

@@ -15,13 +15,20 @@
 //!
 //! Layout:
 //! - [`config`]: the TOML configuration over compiled-in defaults;
-//! - [`mqtt`]: rumqttd's router and listeners, readiness probes, the per-connection guard;
+//! - [`db`]: the SQLite database in the data directory;
+//! - [`auth`]: users, roles and login checks (argon2, cache, lockout), for MQTT and HTTP;
+//! - [`acl`]: what each role may publish and subscribe to;
+//! - [`mqtt`]: rumqttd's router and listeners, readiness probes, the per-connection guard
+//!   that applies [`auth`] and [`acl`];
 //! - [`ingest`]: the in-process consumer that keeps the live state and the JSON mirror;
 //! - [`http`]: the axum routes (`router(AppState)`), with the state API in [`http::api`];
 //! - [`metrics`]: the counters behind `/metrics`;
 //! - [`Broker`] (here): starts them in order and serves until shutdown.
 
+pub mod acl;
+pub mod auth;
 pub mod config;
+pub mod db;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
@@ -33,6 +40,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::http::AppState;
 use crate::ingest::{Ingest, IngestError, LiveState};
@@ -49,6 +57,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Mqtt(#[from] MqttError),
+    #[error(transparent)]
+    Users(#[from] auth::UserError),
     #[error(transparent)]
     Ingest(#[from] IngestError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
@@ -126,8 +136,17 @@ impl Broker {
         }
 
         let metrics = Arc::new(Metrics::new());
+        let auth = Arc::new(Authenticator::new(
+            data_dir,
+            config.demo,
+            config.auth.clone(),
+            metrics.clone(),
+        )?);
+        if config.demo {
+            tracing::warn!("demo mode: clients may connect without a user name");
+        }
         let live = LiveState::default();
-        let mut mqtt = Mqtt::new(&config.mqtt, &metrics)?;
+        let mut mqtt = Mqtt::new(&config.mqtt, &auth, &metrics)?;
         let ingest = Ingest::start(mqtt.link("ingest")?, live.clone(), metrics.clone())?;
         mqtt.listen().await?;
 

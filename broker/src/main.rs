@@ -1,5 +1,8 @@
 //! `renkei-broker serve`: reads the configuration, starts the broker, prints the ready line on
 //! stdout and serves until SIGTERM or Ctrl-C. Logs go to stderr (`RUST_LOG` filters them).
+//!
+//! `renkei-broker user add|list|remove` edit the users of the broker's database (a running
+//! broker sees the change within seconds).
 
 use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
@@ -8,7 +11,10 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use renkei_broker::Broker;
+use renkei_broker::auth::{self, Access};
 use renkei_broker::config::Config;
+use renkei_broker::db;
+use renkei_shared::WardCode;
 use tracing_subscriber::EnvFilter;
 
 /// The log filter when `RUST_LOG` is not set.
@@ -26,6 +32,73 @@ struct Cli {
 enum Command {
     /// Runs the broker until SIGTERM or Ctrl-C.
     Serve(ServeArgs),
+    /// Manages the users that may connect (MQTT) and use the HTTP API.
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum UserCommand {
+    /// Adds a user, or replaces the one of the same name (new password, role, binding).
+    Add {
+        /// The user name (1–64 of A–Z a–z 0–9 _ -): it appears in acknowledgement topics.
+        name: String,
+        /// agent, ward, hq, integrator or admin.
+        #[arg(long, value_parser = parse_role)]
+        role: renkei_shared::Role,
+        /// The ward of an agent or ward operator (131041 or 13104).
+        #[arg(long)]
+        ward: Option<WardCode>,
+        /// The site id of an agent.
+        #[arg(long)]
+        site: Option<String>,
+        /// Reads the password from the first line of stdin; without it a random password is
+        /// made and printed once.
+        #[arg(long)]
+        password_stdin: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Lists users with their roles and bindings (never the hashes).
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Removes a user; its open connections stay until they reconnect.
+    Remove {
+        name: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// Where the users are: the data directory, from the config file or the flag.
+#[derive(Debug, clap::Args)]
+struct StoreArgs {
+    /// TOML configuration (for data.dir and the password hash cost).
+    #[arg(long, value_name = "FILE", env = "RENKEI_BROKER_CONFIG")]
+    config: Option<PathBuf>,
+    /// The broker's data directory (data.dir).
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn open(&self) -> anyhow::Result<(Config, rusqlite::Connection)> {
+        let mut config = Config::load(self.config.as_deref())?;
+        if let Some(dir) = &self.data {
+            config.data.dir = dir.clone();
+        }
+        std::fs::create_dir_all(&config.data.dir).with_context(|| {
+            format!("cannot create data directory {}", config.data.dir.display())
+        })?;
+        let conn = db::open(&config.data.dir)?;
+        Ok((config, conn))
+    }
+}
+
+fn parse_role(s: &str) -> Result<renkei_shared::Role, String> {
+    auth::parse_role(s).ok_or_else(|| format!("{s:?} is not agent, ward, hq, integrator or admin"))
 }
 
 /// Flags override the matching keys of the config file.
@@ -92,7 +165,62 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::User(command) => user(command),
     }
+}
+
+fn user(command: UserCommand) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match command {
+        UserCommand::Add {
+            name,
+            role,
+            ward,
+            site,
+            password_stdin,
+            store,
+        } => {
+            let access = auth::access_for(role, ward, site.as_deref())?;
+            let (config, conn) = store.open()?;
+            let (password, made) = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin()
+                    .read_line(&mut line)
+                    .context("cannot read the password from stdin")?;
+                (line.trim_end_matches(['\r', '\n']).to_owned(), false)
+            } else {
+                (format!("{:032x}", rand::random::<u128>()), true)
+            };
+            auth::add_user(&conn, &name, &access, &password, &config.auth)?;
+            if made {
+                writeln!(stdout, "added {name}; password: {password}")?;
+            } else {
+                writeln!(stdout, "added {name}")?;
+            }
+        }
+        UserCommand::List { store } => {
+            let (_, conn) = store.open()?;
+            for user in auth::list_users(&conn)? {
+                let (role, binding) = match &user.access {
+                    Access::Agent(site) => ("agent", format!("{}/{}", site.ward, site.site)),
+                    Access::Ward(ward) => ("ward", ward.to_string()),
+                    Access::Hq => ("hq", String::new()),
+                    Access::Integrator => ("integrator", String::new()),
+                    Access::Admin => ("admin", String::new()),
+                    Access::Demo | Access::Probe => continue,
+                };
+                writeln!(stdout, "{}\t{role}\t{binding}", user.name)?;
+            }
+        }
+        UserCommand::Remove { name, store } => {
+            let (_, conn) = store.open()?;
+            if !auth::remove_user(&conn, &name)? {
+                anyhow::bail!("no user {name:?}");
+            }
+            writeln!(stdout, "removed {name}")?;
+        }
+    }
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -27,6 +27,14 @@ pub struct Metrics {
     /// Messages re-published on the JSON mirror, and those that could not be.
     json_republished: AtomicU64,
     json_failed: AtomicU64,
+    /// Logins accepted, by whether the cache of verified logins answered.
+    logins_cached: AtomicU64,
+    logins_verified: AtomicU64,
+    /// Logins refused by reason (`auth::LoginRefusal::reason`), and lockouts started.
+    logins_refused: Mutex<BTreeMap<&'static str, u64>>,
+    lockouts: AtomicU64,
+    /// Publishes, subscriptions and last wills refused by topic access control, by reason.
+    acl_refused: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Open MQTT connections per listener (shared with the listeners' protocol wrappers).
     pub tcp_connections: Arc<AtomicI64>,
     pub ws_connections: Arc<AtomicI64>,
@@ -53,6 +61,36 @@ impl Metrics {
     pub fn rejected(&self, reason: &'static str) {
         let mut map = self.rejected.lock().unwrap_or_else(PoisonError::into_inner);
         *map.entry(reason).or_default() += 1;
+    }
+
+    pub fn login_ok(&self, cached: bool) {
+        let c = if cached {
+            &self.logins_cached
+        } else {
+            &self.logins_verified
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn login_refused(&self, reason: &'static str) {
+        let mut map = self
+            .logins_refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *map.entry(reason).or_default() += 1;
+    }
+
+    pub fn login_lockout(&self) {
+        self.lockouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `packet` is `publish`, `subscribe` or `will`.
+    pub fn acl_refused(&self, packet: &'static str, reason: &'static str) {
+        let mut map = self
+            .acl_refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *map.entry((packet, reason)).or_default() += 1;
     }
 
     pub fn json_republished(&self) {
@@ -94,6 +132,66 @@ impl Metrics {
                 out,
                 "renkei_mqtt_connections{{listener=\"{listener}\"}} {n}"
             );
+        }
+
+        header(
+            &mut out,
+            "renkei_logins_total",
+            "counter",
+            "Logins accepted, by whether a recent verification was reused (hit) or argon2 ran (miss).",
+        );
+        for (cache, count) in [
+            ("hit", &self.logins_cached),
+            ("miss", &self.logins_verified),
+        ] {
+            let _ = writeln!(
+                out,
+                "renkei_logins_total{{cache=\"{cache}\"}} {}",
+                load(count)
+            );
+        }
+        header(
+            &mut out,
+            "renkei_logins_refused_total",
+            "counter",
+            "Logins refused (MQTT and HTTP), by reason.",
+        );
+        {
+            let map = self
+                .logins_refused
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for (reason, count) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "renkei_logins_refused_total{{reason=\"{reason}\"}} {count}"
+                );
+            }
+        }
+        header(
+            &mut out,
+            "renkei_login_lockouts_total",
+            "counter",
+            "User names locked out after too many failed logins.",
+        );
+        let _ = writeln!(out, "renkei_login_lockouts_total {}", load(&self.lockouts));
+        header(
+            &mut out,
+            "renkei_acl_refused_total",
+            "counter",
+            "Publishes, subscriptions and last wills refused by topic access control.",
+        );
+        {
+            let map = self
+                .acl_refused
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            for ((packet, reason), count) in map.iter() {
+                let _ = writeln!(
+                    out,
+                    "renkei_acl_refused_total{{packet=\"{packet}\",reason=\"{reason}\"}} {count}"
+                );
+            }
         }
 
         header(

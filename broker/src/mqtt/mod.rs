@@ -5,7 +5,9 @@
 //! it can:
 //! - run each listener on its own thread and learn when one fails (a taken port, for example);
 //! - wrap the MQTT 3.1.1 codec in [`Guard`], which sees every packet of every connection: it
-//!   counts open connections now, and is where authentication and topic ACLs will go;
+//!   counts open connections, learns from CONNECT who the client claims to be (rumqttd's auth
+//!   hook then checks the password, see [`crate::auth`]), and applies [`crate::acl`] to the
+//!   last will, every PUBLISH and every SUBSCRIBE;
 //! - hand in-process consumers ([`crate::ingest`]) a link whenever they need one.
 //!
 //! rumqttd cannot report the port of a port-0 listener, so [`Mqtt::new`] picks free ports itself
@@ -14,19 +16,22 @@
 
 pub mod probe;
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use renkei_shared::topic;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{self, Packet, Protocol};
+use rumqttd::protocol::{self, Login, Packet, Protocol, SubscribeReasonCode};
 use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
 use tokio::sync::mpsc;
 
+use crate::acl;
+use crate::auth::{Access, Authenticator, Principal};
 use crate::config::MqttConfig;
 use crate::metrics::Metrics;
 
@@ -112,6 +117,8 @@ pub struct Mqtt {
     /// Reports listeners that stop.
     stopped_tx: mpsc::UnboundedSender<MqttError>,
     stopped: mpsc::UnboundedReceiver<MqttError>,
+    /// For the readiness probes' login.
+    auth: Arc<Authenticator>,
 }
 
 impl std::fmt::Debug for Mqtt {
@@ -124,9 +131,13 @@ impl std::fmt::Debug for Mqtt {
 }
 
 impl Mqtt {
-    /// Starts the router and prepares both listeners; open connections are counted in
-    /// `metrics`.
-    pub fn new(config: &MqttConfig, metrics: &Metrics) -> Result<Mqtt, MqttError> {
+    /// Starts the router and prepares both listeners; every connection authenticates with
+    /// `auth` and is counted in `metrics`.
+    pub fn new(
+        config: &MqttConfig,
+        auth: &Arc<Authenticator>,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Mqtt, MqttError> {
         let tcp_addr = resolve_port(config.listen)?;
         let ws_addr = resolve_port(config.ws_listen)?;
         let router_tx = Router::new(0, router_config(config)).spawn();
@@ -137,9 +148,9 @@ impl Mqtt {
         .into_iter()
         .map(|(listener, addr, gauge)| {
             let server = Server::new(
-                server_settings(config, listener, addr),
+                server_settings(config, listener, addr, auth),
                 router_tx.clone(),
-                Guard::listening(gauge.clone()),
+                Guard::listening(gauge.clone(), auth.clone(), metrics.clone()),
             );
             (listener, addr, server)
         })
@@ -158,6 +169,7 @@ impl Mqtt {
             pending,
             stopped_tx,
             stopped,
+            auth: auth.clone(),
         })
     }
 
@@ -172,7 +184,8 @@ impl Mqtt {
         for (listener, addr, server) in self.pending.drain(..) {
             spawn_listener(listener, addr, server, self.stopped_tx.clone())?;
         }
-        wait_until_ready(self.tcp_addr, self.ws_addr, &mut self.stopped).await?;
+        let connect = probe::connect_packet(crate::auth::PROBE_USER, self.auth.probe_password());
+        wait_until_ready(self.tcp_addr, self.ws_addr, &connect, &mut self.stopped).await?;
         tracing::info!(tcp = %self.tcp_addr, ws = %self.ws_addr, "MQTT listeners ready");
         Ok(())
     }
@@ -204,8 +217,13 @@ fn router_config(config: &MqttConfig) -> RouterConfig {
     }
 }
 
-fn server_settings(config: &MqttConfig, listener: Listener, addr: SocketAddr) -> ServerSettings {
-    ServerSettings {
+fn server_settings(
+    config: &MqttConfig,
+    listener: Listener,
+    addr: SocketAddr,
+    auth: &Arc<Authenticator>,
+) -> ServerSettings {
+    let mut settings = ServerSettings {
         name: listener.thread_name().into(),
         listen: addr,
         tls: None,
@@ -215,12 +233,19 @@ fn server_settings(config: &MqttConfig, listener: Listener, addr: SocketAddr) ->
             connection_timeout_ms: config.connect_timeout.millis_u16().unwrap_or(5_000),
             max_payload_size: config.max_packet_size.0,
             max_inflight_count: usize::from(config.max_inflight),
-            // Anonymous clients for now; authentication plugs in here and in `Guard`.
             auth: None,
+            // Set below: every CONNECT's password is checked there (`Guard` has already
+            // refused unknown names and given demo-mode anonymous clients an empty login).
             external_auth: None,
             dynamic_filters: false,
         },
-    }
+    };
+    let auth = auth.clone();
+    settings.set_auth_handler(move |_client_id, user: String, password: String| {
+        let auth = auth.clone();
+        async move { auth.verify(&user, &password).await.is_ok() }
+    });
+    settings
 }
 
 /// A port-0 address becomes a free port on the same IP; others are kept.
@@ -275,6 +300,7 @@ fn spawn_listener(
 async fn wait_until_ready(
     tcp_addr: SocketAddr,
     ws_addr: SocketAddr,
+    connect: &[u8],
     stopped: &mut mpsc::UnboundedReceiver<MqttError>,
 ) -> Result<(), MqttError> {
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -286,13 +312,13 @@ async fn wait_until_ready(
         }
         let mut last = String::new();
         if !tcp_ready {
-            match probe::tcp(tcp_addr).await {
+            match probe::tcp(tcp_addr, connect).await {
                 Ok(()) => tcp_ready = true,
                 Err(e) => last = format!("TCP {tcp_addr}: {e}"),
             }
         }
         if !ws_ready {
-            match probe::websocket(ws_addr).await {
+            match probe::websocket(ws_addr, connect).await {
                 Ok(()) => ws_ready = true,
                 Err(e) => last = format!("WebSocket {ws_addr}: {e}"),
             }
@@ -310,23 +336,156 @@ async fn wait_until_ready(
 /// MQTT 3.1.1 as rumqttd reads it, plus the broker's own rules on every connection.
 ///
 /// rumqttd clones the listener's protocol value for each accepted connection and drops the
-/// clone when the connection ends, so an armed clone is exactly one open connection.
-#[derive(Debug)]
+/// clone when the connection ends, so an armed clone is exactly one open connection, and the
+/// place to keep who that connection is.
+///
+/// A refused PUBLISH (or last will) closes the connection: MQTT 3.1.1 has no per-publish
+/// refusal, and the packet never reaches the router, so it is neither forwarded nor retained.
+/// A refused SUBSCRIBE filter is swapped for [`acl::REFUSED_FILTER`] on the way in, and its
+/// return code in the SUBACK on the way out becomes 0x80 (failure).
 pub struct Guard {
     inner: V4,
     open: Arc<AtomicI64>,
     /// False for the listener's own value, true for a connection's.
     armed: bool,
+    auth: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
+    /// Who the connection is, from its CONNECT.
+    principal: Option<Principal>,
+    /// SUBSCRIBE packet ids → positions of refused filters, until their SUBACK goes out.
+    /// A mutex because `Protocol::write` takes `&self`.
+    refused_filters: Mutex<HashMap<u16, Vec<usize>>>,
+}
+
+impl std::fmt::Debug for Guard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guard")
+            .field("armed", &self.armed)
+            .field("principal", &self.principal)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Guard {
-    fn listening(open: Arc<AtomicI64>) -> Self {
+    fn listening(open: Arc<AtomicI64>, auth: Arc<Authenticator>, metrics: Arc<Metrics>) -> Self {
         Guard {
             inner: V4,
             open,
             armed: false,
+            auth,
+            metrics,
+            principal: None,
+            refused_filters: Mutex::new(HashMap::new()),
         }
     }
+
+    fn on_connect(&mut self, packet: Packet) -> Result<Packet, protocol::Error> {
+        let Packet::Connect(connect, props, will, will_props, mut login) = packet else {
+            return Ok(packet);
+        };
+        if self.principal.is_some() {
+            return Err(protocol::Error::InvalidProtocol);
+        }
+        if connect.client_id.starts_with(RESERVED_CLIENT_ID_PREFIX) {
+            tracing::warn!(
+                client_id = %connect.client_id,
+                "refused CONNECT: client id uses the broker's reserved prefix"
+            );
+            // rumqttd has no "not authorised" error for a protocol to return; any error
+            // closes the connection before the router sees it.
+            return Err(protocol::Error::InvalidProtocol);
+        }
+        let name = login.as_ref().map(|l| l.username.as_str());
+        let principal = self.auth.identify(name).map_err(|refusal| {
+            tracing::info!(
+                client_id = %short(&connect.client_id),
+                user = %short(name.unwrap_or("")),
+                reason = refusal.reason(),
+                "refused CONNECT"
+            );
+            protocol::Error::InvalidProtocol
+        })?;
+        if let Some(will) = &will {
+            let topic = std::str::from_utf8(&will.topic).unwrap_or("");
+            if let Err(reason) = acl::may_publish(&principal, topic) {
+                self.metrics.acl_refused("will", reason);
+                tracing::info!(
+                    client_id = %short(&connect.client_id),
+                    user = %principal.name,
+                    topic = %short(topic),
+                    reason,
+                    "refused CONNECT: last will on a forbidden topic"
+                );
+                return Err(protocol::Error::InvalidProtocol);
+            }
+        }
+        if principal.access == Access::Demo && login.is_none() {
+            // rumqttd calls its auth hook only for a CONNECT with a login; an empty one is
+            // what the hook admits as anonymous in demo mode.
+            login = Some(Login {
+                username: String::new(),
+                password: String::new(),
+            });
+        }
+        self.principal = Some(principal);
+        Ok(Packet::Connect(connect, props, will, will_props, login))
+    }
+
+    fn check_publish(&self, topic: &[u8]) -> Result<(), protocol::Error> {
+        let principal = self
+            .principal
+            .as_ref()
+            .ok_or(protocol::Error::InvalidProtocol)?;
+        let verdict = std::str::from_utf8(topic)
+            .map_err(|_| "not_utf8")
+            .and_then(|topic| acl::may_publish(principal, topic));
+        if let Err(reason) = verdict {
+            self.metrics.acl_refused("publish", reason);
+            tracing::info!(
+                user = %principal.name,
+                topic = %short(&String::from_utf8_lossy(topic)),
+                reason,
+                "refused PUBLISH: disconnecting"
+            );
+            return Err(protocol::Error::InvalidProtocol);
+        }
+        Ok(())
+    }
+
+    fn check_subscribe(&self, packet: Packet) -> Result<Packet, protocol::Error> {
+        let Packet::Subscribe(mut subscribe, props) = packet else {
+            return Ok(packet);
+        };
+        let principal = self
+            .principal
+            .as_ref()
+            .ok_or(protocol::Error::InvalidProtocol)?;
+        let mut refused = Vec::new();
+        for (i, filter) in subscribe.filters.iter_mut().enumerate() {
+            if !acl::may_subscribe(principal, &filter.path) {
+                self.metrics.acl_refused("subscribe", "filter");
+                tracing::info!(
+                    user = %principal.name,
+                    filter = %short(&filter.path),
+                    "refused subscription"
+                );
+                filter.path = acl::REFUSED_FILTER.to_owned();
+                refused.push(i);
+            }
+        }
+        if !refused.is_empty() {
+            self.refused_filters
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(subscribe.pkid, refused);
+        }
+        Ok(Packet::Subscribe(subscribe, props))
+    }
+}
+
+/// Text from the network, cut short for a log line.
+fn short(text: &str) -> String {
+    text.chars().take(160).collect()
 }
 
 impl Clone for Guard {
@@ -336,6 +495,10 @@ impl Clone for Guard {
             inner: self.inner.clone(),
             open: self.open.clone(),
             armed: true,
+            auth: self.auth.clone(),
+            metrics: self.metrics.clone(),
+            principal: None,
+            refused_filters: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -355,21 +518,34 @@ impl Protocol for Guard {
         max_size: usize,
     ) -> Result<Packet, protocol::Error> {
         let packet = self.inner.read_mut(stream, max_size)?;
-        if let Packet::Connect(connect, ..) = &packet
-            && connect.client_id.starts_with(RESERVED_CLIENT_ID_PREFIX)
-        {
-            tracing::warn!(
-                client_id = %connect.client_id,
-                "refused CONNECT: client id uses the broker's reserved prefix"
-            );
-            // rumqttd has no "not authorised" error for a protocol to return; any error
-            // closes the connection before the router sees it.
-            return Err(protocol::Error::InvalidProtocol);
+        match packet {
+            Packet::Connect(..) => self.on_connect(packet),
+            Packet::Publish(ref publish, _) => {
+                self.check_publish(&publish.topic)?;
+                Ok(packet)
+            }
+            Packet::Subscribe(..) => self.check_subscribe(packet),
+            other => Ok(other),
         }
-        Ok(packet)
     }
 
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, protocol::Error> {
+        let packet = match packet {
+            Packet::SubAck(mut suback, props) => {
+                let refused = self
+                    .refused_filters
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&suback.pkid);
+                for i in refused.into_iter().flatten() {
+                    if let Some(code) = suback.return_codes.get_mut(i) {
+                        *code = SubscribeReasonCode::Failure;
+                    }
+                }
+                Packet::SubAck(suback, props)
+            }
+            other => other,
+        };
         self.inner.write(packet, write)
     }
 }

@@ -1,8 +1,10 @@
 //! Readiness probes: a real MQTT 3.1.1 CONNECT → CONNACK → DISCONNECT on each listener.
 //!
 //! A bare TCP connect would only prove the port is bound; a CONNACK proves the listener, the
-//! protocol and the router answer. The packets are fixed bytes and the WebSocket framing is
-//! the few lines a client needs, so no MQTT or WebSocket client library is linked for this.
+//! protocol, authentication and the router answer. The probe logs in as the process's own
+//! probe user ([`crate::auth::PROBE_USER`], a name no stored user can have, with a password
+//! made at start). The packets are a few bytes built here and the WebSocket framing is the few
+//! lines a client needs, so no MQTT or WebSocket client library is linked for this.
 
 use std::io::{Error, ErrorKind, Result};
 use std::net::SocketAddr;
@@ -15,17 +17,29 @@ use tokio::net::TcpStream;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// CONNECT, MQTT 3.1.1, clean session, keep-alive 10 s, empty client id (the broker assigns a
-/// unique one, so the probe never displaces a real client).
-const CONNECT: [u8; 14] = [
-    0x10, 12, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x0a, 0x00, 0x00,
-];
+/// unique one, so the probe never displaces a real client), with a user name and password.
+pub fn connect_packet(user: &str, password: &str) -> Vec<u8> {
+    let mut body = vec![
+        0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0xc2, 0x00, 0x0a, 0x00, 0x00,
+    ];
+    for field in [user, password] {
+        let len = u16::try_from(field.len()).unwrap_or(u16::MAX);
+        body.extend_from_slice(&len.to_be_bytes());
+        body.extend_from_slice(&field.as_bytes()[..usize::from(len)]);
+    }
+    // The probe's own short login: one length byte suffices (< 128).
+    let mut packet = vec![0x10, u8::try_from(body.len()).unwrap_or(0x7f)];
+    packet.extend_from_slice(&body);
+    packet
+}
+
 const DISCONNECT: [u8; 2] = [0xe0, 0x00];
 
 /// Probes the MQTT-over-TCP listener.
-pub async fn tcp(addr: SocketAddr) -> Result<()> {
+pub async fn tcp(addr: SocketAddr, connect: &[u8]) -> Result<()> {
     within_timeout(async {
         let mut stream = TcpStream::connect(addr).await?;
-        stream.write_all(&CONNECT).await?;
+        stream.write_all(connect).await?;
         let mut connack = [0u8; 4];
         stream.read_exact(&mut connack).await?;
         check_connack(&connack)?;
@@ -37,7 +51,7 @@ pub async fn tcp(addr: SocketAddr) -> Result<()> {
 
 /// Probes the MQTT-over-WebSocket listener, checking that it answers the subprotocol `mqtt`
 /// (browsers refuse the connection otherwise).
-pub async fn websocket(addr: SocketAddr) -> Result<()> {
+pub async fn websocket(addr: SocketAddr, connect: &[u8]) -> Result<()> {
     within_timeout(async {
         let mut stream = TcpStream::connect(addr).await?;
         let request = format!(
@@ -54,7 +68,7 @@ pub async fn websocket(addr: SocketAddr) -> Result<()> {
         if subprotocol(&head) != Some("mqtt") {
             return Err(invalid("upgrade does not answer subprotocol mqtt".into()));
         }
-        stream.write_all(&client_frame(0x2, &CONNECT)).await?;
+        stream.write_all(&client_frame(0x2, connect)).await?;
         let connack = read_server_frame(&mut stream).await?;
         check_connack(&connack)?;
         stream.write_all(&client_frame(0x2, &DISCONNECT)).await?;

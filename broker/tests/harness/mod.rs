@@ -2,7 +2,6 @@
 //! plain HTTP/1.1, MQTT through rumqttc, and raw TCP for the WebSocket handshake.
 //!
 //! Helpers panic on failure like the tests that call them.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -39,12 +38,15 @@ impl RunningBroker {
     /// Starts the broker with `extra` arguments for `serve` (no `--demo`: every client must
     /// authenticate).
     pub fn start_with(extra: &[&str]) -> RunningBroker {
-        let dir = tempfile::tempdir().unwrap();
-        RunningBroker::start_in(dir, extra)
+        RunningBroker::start_in(prepare(), extra)
     }
 
-    /// Starts the broker on a directory a previous run left behind (its `data/` is kept).
+    /// Starts the broker on a directory from [`prepare`], or one a previous run left behind
+    /// (its `data/` is kept), with its `broker.toml`.
     pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> RunningBroker {
+        if !dir.path().join(CONFIG).exists() {
+            write_config(dir.path(), "");
+        }
         let dashboard = dir.path().join("dist");
         std::fs::create_dir_all(&dashboard).unwrap();
         std::fs::write(
@@ -63,6 +65,8 @@ impl RunningBroker {
             .arg(&dashboard)
             .arg("--data")
             .arg(dir.path().join("data"))
+            .arg("--config")
+            .arg(dir.path().join(CONFIG))
             .args(extra)
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
@@ -122,6 +126,50 @@ impl RunningBroker {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The config file the harness writes into a broker's directory.
+pub const CONFIG: &str = "broker.toml";
+
+/// A directory for a broker: its config (cheap password hashes, so that debug builds verify
+/// logins quickly) and, once started, `data/` and `broker.log`.
+pub fn prepare() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_config(dir.path(), "");
+    dir
+}
+
+/// Writes the harness's config with `extra` TOML appended (sections other than `[auth]`, or
+/// `[auth]` keys other than the hash cost).
+pub fn write_config(dir: &std::path::Path, extra: &str) {
+    std::fs::write(
+        dir.join(CONFIG),
+        format!("[auth]\nhash_memory = \"64KiB\"\nhash_iterations = 1\n{extra}"),
+    )
+    .unwrap();
+}
+
+/// Adds a user to the broker directory's database with the real `user add` command.
+pub fn add_user(dir: &std::path::Path, name: &str, role_args: &[&str], password: &str) {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
+        .args(["user", "add", name, "--password-stdin", "--config"])
+        .arg(dir.join(CONFIG))
+        .arg("--data")
+        .arg(dir.join("data"))
+        .args(role_args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{password}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "user add {name}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Drop for RunningBroker {
@@ -188,6 +236,12 @@ pub async fn http_get(addrs: &Addrs, path: &str) -> HttpResponse {
     }
 }
 
+/// The value of one sample line of a Prometheus text exposition.
+pub fn metric(text: &str, series: &str) -> Option<i64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// Polls `check` until it returns `Some`, or panics after [`PATIENCE`] with `what`.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
@@ -213,23 +267,82 @@ pub struct MqttClient {
 }
 
 impl MqttClient {
-    /// Connects and waits for the CONNACK.
+    /// Connects anonymously (demo mode) and waits for the CONNACK.
     pub async fn connect(addrs: &Addrs, client_id: &str) -> MqttClient {
-        let (client, mut eventloop) = AsyncClient::new(options(addrs, client_id), 64);
+        MqttClient::try_connect(options(addrs, client_id))
+            .await
+            .unwrap_or_else(|e| panic!("{client_id} cannot connect: {e}"))
+    }
+
+    /// Connects as a user and waits for the CONNACK.
+    pub async fn connect_as(addrs: &Addrs, user: &str, password: &str) -> MqttClient {
+        let mut options = options(addrs, user);
+        options.set_credentials(user, password);
+        MqttClient::try_connect(options)
+            .await
+            .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"))
+    }
+
+    /// Connects with `options`; the error if the broker does not answer with a CONNACK.
+    pub async fn try_connect(options: MqttOptions) -> Result<MqttClient, String> {
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
         let event = tokio::time::timeout(PATIENCE, eventloop.poll())
             .await
-            .expect("CONNACK in time")
-            .unwrap_or_else(|e| panic!("{client_id} cannot connect: {e}"));
+            .expect("an answer in time")
+            .map_err(|e| e.to_string())?;
         assert!(
             matches!(event, Event::Incoming(Packet::ConnAck(_))),
             "{event:?}"
         );
         let (tx, incoming) = tokio_mpsc::unbounded_channel();
         tokio::spawn(drive(eventloop, tx));
-        MqttClient {
+        Ok(MqttClient {
             client,
             incoming,
             early: VecDeque::new(),
+        })
+    }
+
+    /// Subscribes and returns the SUBACK's return codes.
+    pub async fn subscribe_codes(&mut self, filter: &str) -> Vec<rumqttc::SubscribeReasonCode> {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        loop {
+            match self.next_packet().await {
+                Packet::SubAck(ack) => return ack.return_codes,
+                Packet::Publish(p) => self.early.push_back(p),
+                _ => {}
+            }
+        }
+    }
+
+    /// The next publish if one arrives within `wait`.
+    pub async fn publish_within(&mut self, wait: Duration) -> Option<Publish> {
+        if let Some(p) = self.early.pop_front() {
+            return Some(p);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.incoming.recv()).await {
+                Ok(Some(Packet::Publish(p))) => return Some(p),
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// Whether the event loop has ended (the broker closed the connection) within `wait`.
+    pub async fn closed_within(&mut self, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.incoming.recv()).await {
+                Ok(Some(Packet::Publish(p))) => self.early.push_back(p),
+                Ok(Some(_)) => continue,
+                Ok(None) => return true,
+                Err(_) => return false,
+            }
         }
     }
 

@@ -1,0 +1,272 @@
+//! Topic access control: what each [`Access`] may publish and subscribe to.
+//!
+//! | access            | publish                                                      | subscribe                                                                    |
+//! |-------------------|--------------------------------------------------------------|------------------------------------------------------------------------------|
+//! | agent (site S)    | `renkei/v1/{S.ward}/{S.site}/…` (its last will included)      | `renkei/v1/cmd/{S.ward}/{S.site}` only                                        |
+//! | ward (ward W)     | alert acks as itself; request acks and commands for W's sites | `renkei/v1/{W}/#`, `renkei/v1/hq/#`, `renkei/json/v1/{W}/#` and narrower      |
+//! | hq                | alerts, acks, commands                                        | everything                                                                   |
+//! | integrator        | nothing                                                       | `renkei/json/v1/#`, `renkei/v1/#` and narrower                               |
+//! | admin             | anything under `renkei/v1/`                                   | everything                                                                   |
+//! | demo (anonymous)  | any Renkei topic under `renkei/v1/` (site, alert, ack, command)| everything                                                                  |
+//!
+//! Nobody but the broker's own links publishes under `renkei/json/v1/` (the mirror is derived
+//! from validated messages only), and nothing outside `renkei/v1/` is published at all.
+//! Filters are checked level by level: a wildcard where a fixed level is required (e.g.
+//! `renkei/v1/+/…` for a ward operator) is refused, since it would reach other wards.
+//! Shared subscriptions (`$share/{group}/…`) are checked on the filter after the group.
+
+use renkei_shared::topic::{self, JSON_ROOT, ROOT};
+use renkei_shared::{SiteRef, Topic};
+
+use crate::auth::{Access, Principal};
+
+/// Why a publish was refused; labels `renkei_acl_refused_total`.
+pub type Refusal = &'static str;
+
+/// A filter no publish can ever match: it replaces a refused filter inside a SUBSCRIBE so
+/// that the router answers it (with a code the guard then turns into a failure).
+pub const REFUSED_FILTER: &str = "renkei/refused/subscription";
+
+/// Whether `principal` may publish on `topic`.
+pub fn may_publish(principal: &Principal, topic: &str) -> Result<(), Refusal> {
+    if topic.starts_with(JSON_ROOT) {
+        return Err("json_mirror");
+    }
+    let Some(rest) = topic.strip_prefix(ROOT).filter(|r| r.starts_with('/')) else {
+        return Err("outside_tree");
+    };
+    if principal.access == Access::Admin {
+        // Even an admin's topic must be a plain topic, not a filter.
+        return if rest.contains(['+', '#']) {
+            Err("not_a_renkei_topic")
+        } else {
+            Ok(())
+        };
+    }
+    if matches!(principal.access, Access::Integrator | Access::Probe) {
+        return Err("read_only");
+    }
+    let parsed = Topic::parse(topic).map_err(|_| "not_a_renkei_topic")?;
+    match (&principal.access, &parsed) {
+        (Access::Demo, _) => Ok(()),
+        (Access::Agent(own), Topic::Site { site, .. }) => same_site(own, site),
+        (Access::Agent(_), _) => Err("role"),
+        (Access::Ward(_), Topic::AlertAck { user, .. }) => {
+            if user.as_str() == principal.name {
+                Ok(())
+            } else {
+                Err("other_user")
+            }
+        }
+        (Access::Ward(ward), Topic::RequestAck { site, .. } | Topic::Command { site }) => {
+            if site.ward == *ward {
+                Ok(())
+            } else {
+                Err("other_ward")
+            }
+        }
+        (Access::Ward(_), _) => Err("role"),
+        (
+            Access::Hq,
+            Topic::Alert { .. }
+            | Topic::AlertAck { .. }
+            | Topic::RequestAck { .. }
+            | Topic::Command { .. },
+        ) => Ok(()),
+        (Access::Hq, Topic::Site { .. }) => Err("role"),
+        (Access::Integrator | Access::Admin | Access::Probe, _) => Err("role"),
+    }
+}
+
+fn same_site(own: &SiteRef, site: &SiteRef) -> Result<(), Refusal> {
+    if own == site {
+        Ok(())
+    } else {
+        Err("other_site")
+    }
+}
+
+/// Whether `principal` may subscribe to `filter`.
+pub fn may_subscribe(principal: &Principal, filter: &str) -> bool {
+    let filter = match filter.strip_prefix("$share/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((group, f)) if !group.is_empty() => f,
+            _ => return false,
+        },
+        None => filter,
+    };
+    if filter.is_empty() {
+        return false;
+    }
+    match &principal.access {
+        Access::Admin | Access::Hq | Access::Demo => true,
+        Access::Integrator => within(filter, topic::ALL_JSON) || within(filter, topic::ALL),
+        Access::Ward(ward) => {
+            within(filter, &topic::ward_filter(*ward))
+                || within(filter, topic::HQ_FILTER)
+                || within(filter, &format!("{JSON_ROOT}/{ward}/#"))
+        }
+        Access::Agent(site) => filter == topic::command_filter(site),
+        Access::Probe => false,
+    }
+}
+
+/// Whether `filter` matches only topics that `allowed` (`a/b/#`) matches: its levels up to
+/// the `#` must be the same fixed levels.
+fn within(filter: &str, allowed: &str) -> bool {
+    let Some(prefix) = allowed.strip_suffix("/#") else {
+        return filter == allowed;
+    };
+    let mut levels = filter.split('/');
+    prefix
+        .split('/')
+        .all(|fixed| levels.next().is_some_and(|level| level == fixed))
+}
+
+#[cfg(test)]
+mod tests {
+    use renkei_shared::{Id, WardCode};
+
+    use super::*;
+
+    fn principal(name: &str, access: Access) -> Principal {
+        Principal {
+            name: name.into(),
+            access,
+        }
+    }
+
+    fn site(ward: u32, site: &str) -> SiteRef {
+        SiteRef {
+            ward: WardCode(ward),
+            site: Id::new(site).unwrap(),
+        }
+    }
+
+    #[test]
+    fn agents_publish_only_their_own_site() {
+        let agent = principal("a", Access::Agent(site(131041, "es-1")));
+        assert_eq!(may_publish(&agent, "renkei/v1/131041/es-1/status"), Ok(()));
+        assert_eq!(
+            may_publish(&agent, "renkei/v1/131041/es-1/request/r-1"),
+            Ok(())
+        );
+        assert_eq!(
+            may_publish(&agent, "renkei/v1/131041/es-2/status"),
+            Err("other_site")
+        );
+        assert_eq!(
+            may_publish(&agent, "renkei/v1/131016/es-1/status"),
+            Err("other_site")
+        );
+        assert_eq!(may_publish(&agent, "renkei/v1/hq/alert/x"), Err("role"));
+        assert_eq!(
+            may_publish(&agent, "renkei/json/v1/131041/es-1/status"),
+            Err("json_mirror")
+        );
+        assert_eq!(
+            may_publish(&agent, "renkei/v1/131041/es-1/weather"),
+            Err("not_a_renkei_topic")
+        );
+        assert!(may_subscribe(&agent, "renkei/v1/cmd/131041/es-1"));
+        assert!(!may_subscribe(&agent, "renkei/v1/cmd/131041/+"));
+        assert!(!may_subscribe(&agent, "renkei/v1/#"));
+    }
+
+    #[test]
+    fn ward_operators_stay_in_their_ward() {
+        let ward = principal("tanaka", Access::Ward(WardCode(131041)));
+        assert_eq!(
+            may_publish(&ward, "renkei/v1/hq/ack/alert/a1/tanaka"),
+            Ok(())
+        );
+        assert_eq!(
+            may_publish(&ward, "renkei/v1/hq/ack/alert/a1/sato"),
+            Err("other_user")
+        );
+        assert_eq!(
+            may_publish(&ward, "renkei/v1/hq/ack/request/131041/es-1/r-1"),
+            Ok(())
+        );
+        assert_eq!(
+            may_publish(&ward, "renkei/v1/hq/ack/request/131016/es-1/r-1"),
+            Err("other_ward")
+        );
+        assert_eq!(may_publish(&ward, "renkei/v1/cmd/131041/es-1"), Ok(()));
+        assert_eq!(
+            may_publish(&ward, "renkei/v1/cmd/131016/es-1"),
+            Err("other_ward")
+        );
+        assert_eq!(may_publish(&ward, "renkei/v1/hq/alert/a1"), Err("role"));
+        assert_eq!(
+            may_publish(&ward, "renkei/v1/131041/es-1/status"),
+            Err("role")
+        );
+        for ok in [
+            "renkei/v1/131041/#",
+            "renkei/v1/131041/es-1/status",
+            "renkei/v1/131041",
+            "renkei/v1/hq/#",
+            "renkei/v1/hq/alert/+",
+            "renkei/json/v1/131041/#",
+            "$share/dash/renkei/v1/131041/#",
+        ] {
+            assert!(may_subscribe(&ward, ok), "{ok}");
+        }
+        for refused in [
+            "renkei/v1/#",
+            "renkei/v1/+/es-1/status",
+            "renkei/v1/131016/#",
+            "renkei/json/v1/#",
+            "#",
+            "renkei/#",
+            "$share//renkei/v1/131041/#",
+            "$share/g",
+        ] {
+            assert!(!may_subscribe(&ward, refused), "{refused}");
+        }
+    }
+
+    #[test]
+    fn hq_integrators_admins_and_demo() {
+        let hq = principal("sato", Access::Hq);
+        assert_eq!(may_publish(&hq, "renkei/v1/hq/alert/a1"), Ok(()));
+        assert_eq!(may_publish(&hq, "renkei/v1/hq/ack/alert/a1/other"), Ok(()));
+        assert_eq!(
+            may_publish(&hq, "renkei/v1/131041/es-1/status"),
+            Err("role")
+        );
+        assert!(may_subscribe(&hq, "#"));
+
+        let integrator = principal("dis", Access::Integrator);
+        assert_eq!(
+            may_publish(&integrator, "renkei/v1/hq/alert/a1"),
+            Err("read_only")
+        );
+        assert!(may_subscribe(&integrator, "renkei/json/v1/#"));
+        assert!(may_subscribe(&integrator, "renkei/v1/131041/#"));
+        assert!(!may_subscribe(&integrator, "#"));
+        assert!(!may_subscribe(&integrator, "+/v1/#"));
+
+        let admin = principal("root", Access::Admin);
+        assert_eq!(may_publish(&admin, "renkei/v1/anything/at/all"), Ok(()));
+        assert_eq!(
+            may_publish(&admin, "renkei/json/v1/131041/es-1/status"),
+            Err("json_mirror")
+        );
+        assert_eq!(may_publish(&admin, REFUSED_FILTER), Err("outside_tree"));
+
+        let demo = Principal::demo();
+        assert_eq!(may_publish(&demo, "renkei/v1/131041/es-1/status"), Ok(()));
+        assert_eq!(may_publish(&demo, "renkei/v1/hq/ack/alert/a/u"), Ok(()));
+        assert_eq!(
+            may_publish(&demo, "renkei/v1/131041/es-1/weather"),
+            Err("not_a_renkei_topic")
+        );
+        assert_eq!(
+            may_publish(&demo, "renkei/json/v1/131041/es-1/status"),
+            Err("json_mirror")
+        );
+        assert!(may_subscribe(&demo, "renkei/#"));
+    }
+}

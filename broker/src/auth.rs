@@ -1,0 +1,648 @@
+//! Who may connect: users with roles, stored in the database, and the checks on every login.
+//!
+//! - A user has a [`Role`] (`agent`, `ward`, `hq`, `integrator`, `admin`); agents are bound to
+//!   one site, ward operators to one ward ([`Access`]). `renkei-broker user add|list|remove`
+//!   edits the `users` table; a running broker sees the change within
+//!   [`DIRECTORY_REFRESH`].
+//! - Passwords are stored as argon2id hashes (PHC strings). Argon2 is slow by design, so
+//!   [`Authenticator::verify`] runs it on a blocking thread, at most `auth.verify_threads` at
+//!   once, and remembers a successful login for `auth.login_cache_ttl` as a keyed BLAKE2 digest
+//!   (never the password): 2,000 agents reconnecting after an outage cost one argon2 run each.
+//! - Failed logins are counted per user name: `auth.max_failed_logins` within
+//!   `auth.failed_login_window` locks the name out for `auth.lockout` (rumqttd tells neither
+//!   its protocol wrapper nor its auth hook the client's address, so the name is the key). A
+//!   password already verified and cached still gets in, so that guessing at an agent's name
+//!   cannot lock the real agent out.
+//! - In demo mode a client without a user name is [`Access::Demo`]; named users are still
+//!   checked.
+//!
+//! What each [`Access`] may publish and subscribe to is [`crate::acl`]'s business.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString, rand_core::OsRng};
+use argon2::{Argon2, PasswordVerifier};
+use blake2::{Blake2b512, Digest};
+use renkei_shared::{Id, Role, SiteRef, WardCode};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::Semaphore;
+
+use crate::config::AuthConfig;
+use crate::db;
+use crate::metrics::Metrics;
+
+/// The readiness probe's user name: not an [`Id`], so no stored user can take it.
+pub const PROBE_USER: &str = "renkei-broker:probe";
+
+/// How stale the in-memory copy of the users table may get.
+pub const DIRECTORY_REFRESH: Duration = Duration::from_secs(2);
+
+/// What a connected client is allowed, by role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// Anonymous, demo mode only.
+    Demo,
+    /// The broker's own readiness probe: may connect, nothing else.
+    Probe,
+    Agent(SiteRef),
+    Ward(WardCode),
+    Hq,
+    Integrator,
+    Admin,
+}
+
+impl Access {
+    pub fn role(&self) -> Option<Role> {
+        match self {
+            Access::Demo | Access::Probe => None,
+            Access::Agent(_) => Some(Role::Agent),
+            Access::Ward(_) => Some(Role::Ward),
+            Access::Hq => Some(Role::Hq),
+            Access::Integrator => Some(Role::Integrator),
+            Access::Admin => Some(Role::Admin),
+        }
+    }
+}
+
+/// An authenticated (or, in demo mode, anonymous) client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    /// The user name; empty for [`Access::Demo`].
+    pub name: String,
+    pub access: Access,
+}
+
+impl Principal {
+    pub fn demo() -> Principal {
+        Principal {
+            name: String::new(),
+            access: Access::Demo,
+        }
+    }
+}
+
+/// One row of the `users` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub name: String,
+    pub access: Access,
+    pub password_hash: String,
+}
+
+/// Why a user cannot be added, or the users table cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("users table: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("cannot hash the password: {0}")]
+    Hash(String),
+}
+
+/// The role name stored in the database and given on the command line.
+pub fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Agent => "agent",
+        Role::Ward => "ward",
+        Role::Hq => "hq",
+        Role::Integrator => "integrator",
+        Role::Admin => "admin",
+    }
+}
+
+/// Parses [`role_name`].
+pub fn parse_role(s: &str) -> Option<Role> {
+    [
+        Role::Agent,
+        Role::Ward,
+        Role::Hq,
+        Role::Integrator,
+        Role::Admin,
+    ]
+    .into_iter()
+    .find(|r| role_name(*r) == s)
+}
+
+/// Builds the access of a role from its bindings, checking that they fit the role.
+pub fn access_for(
+    role: Role,
+    ward: Option<WardCode>,
+    site: Option<&str>,
+) -> Result<Access, UserError> {
+    let invalid = |m: &str| Err(UserError::Invalid(m.into()));
+    if let Some(ward) = ward
+        && !ward.is_known()
+    {
+        return Err(UserError::Invalid(format!(
+            "{ward} is not one of the 23 special wards"
+        )));
+    }
+    match (role, ward, site) {
+        (Role::Agent, Some(ward), Some(site)) => {
+            let site = Id::new(site).map_err(|e| UserError::Invalid(e.to_string()))?;
+            Ok(Access::Agent(SiteRef { ward, site }))
+        }
+        (Role::Agent, _, _) => invalid("an agent needs --ward and --site"),
+        (Role::Ward, Some(ward), None) => Ok(Access::Ward(ward)),
+        (Role::Ward, _, _) => invalid("a ward operator needs --ward and no --site"),
+        (_, None, None) => Ok(match role {
+            Role::Hq => Access::Hq,
+            Role::Integrator => Access::Integrator,
+            _ => Access::Admin,
+        }),
+        _ => invalid("only agents and ward operators take --ward / --site"),
+    }
+}
+
+/// Hashes a password with argon2id at the given cost.
+pub fn hash_password(password: &str, config: &AuthConfig) -> Result<String, UserError> {
+    let memory_kib = u32::try_from(config.hash_memory.0 / 1024).unwrap_or(u32::MAX);
+    let params = argon2::Params::new(memory_kib, config.hash_iterations, 1, None)
+        .map_err(|e| UserError::Hash(e.to_string()))?;
+    let argon = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+    let salt = SaltString::generate(&mut OsRng);
+    argon
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| UserError::Hash(e.to_string()))
+}
+
+/// Adds a user (or replaces one of the same name).
+pub fn add_user(
+    conn: &Connection,
+    name: &str,
+    access: &Access,
+    password: &str,
+    config: &AuthConfig,
+) -> Result<(), UserError> {
+    // User names appear in acknowledgement topics, so they must be topic levels.
+    Id::new(name).map_err(|e| UserError::Invalid(e.to_string()))?;
+    if password.is_empty() {
+        return Err(UserError::Invalid("the password is empty".into()));
+    }
+    let role = access
+        .role()
+        .ok_or_else(|| UserError::Invalid("demo access is not a role".into()))?;
+    let (ward, site) = match access {
+        Access::Agent(s) => (Some(s.ward.0), Some(s.site.to_string())),
+        Access::Ward(w) => (Some(w.0), None),
+        _ => (None, None),
+    };
+    let hash = hash_password(password, config)?;
+    conn.execute(
+        "INSERT OR REPLACE INTO users (name, role, ward, site, password_hash, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![name, role_name(role), ward, site, hash, now_ms()],
+    )?;
+    Ok(())
+}
+
+/// Removes a user; false if there was none of that name.
+pub fn remove_user(conn: &Connection, name: &str) -> Result<bool, UserError> {
+    Ok(conn.execute("DELETE FROM users WHERE name = ?1", [name])? > 0)
+}
+
+/// Every user, by name.
+pub fn list_users(conn: &Connection) -> Result<Vec<User>, UserError> {
+    let mut stmt =
+        conn.prepare("SELECT name, role, ward, site, password_hash FROM users ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, Option<u32>>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, String>(4)?,
+        ))
+    })?;
+    let mut users = Vec::new();
+    for row in rows {
+        let (name, role, ward, site, password_hash) = row?;
+        // A row edited by hand into something meaningless is skipped, not fatal.
+        let Some(role) = parse_role(&role) else {
+            tracing::warn!(%name, %role, "users: unknown role, ignored");
+            continue;
+        };
+        match access_for(role, ward.map(WardCode), site.as_deref()) {
+            Ok(access) => users.push(User {
+                name,
+                access,
+                password_hash,
+            }),
+            Err(e) => tracing::warn!(%name, error = %e, "users: unusable row, ignored"),
+        }
+    }
+    Ok(users)
+}
+
+/// One user, if present.
+pub fn find_user(conn: &Connection, name: &str) -> Result<Option<String>, UserError> {
+    Ok(conn
+        .query_row("SELECT name FROM users WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Why a login was refused; the names label `renkei_logins_refused_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoginRefusal {
+    /// No user name, outside demo mode.
+    Anonymous,
+    UnknownUser,
+    BadPassword,
+    /// Too many failures for this name lately.
+    LockedOut,
+}
+
+impl LoginRefusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            LoginRefusal::Anonymous => "anonymous",
+            LoginRefusal::UnknownUser => "unknown_user",
+            LoginRefusal::BadPassword => "bad_password",
+            LoginRefusal::LockedOut => "locked_out",
+        }
+    }
+}
+
+/// Checks logins for MQTT and HTTP alike.
+pub struct Authenticator {
+    db_path: PathBuf,
+    demo: bool,
+    config: AuthConfig,
+    metrics: Arc<Metrics>,
+    directory: RwLock<Directory>,
+    /// Successful logins: name → digest of the password and the hash it matched.
+    cache: Mutex<HashMap<String, CachedLogin>>,
+    failures: Mutex<HashMap<String, Failures>>,
+    verify_slots: Semaphore,
+    /// Keys the cache digests, so that a memory dump does not give away password digests
+    /// that could be checked offline.
+    secret: [u8; 32],
+    /// The readiness probe's password, made at start and never stored.
+    probe_password: String,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("db_path", &self.db_path)
+            .field("demo", &self.demo)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Directory {
+    users: HashMap<String, User>,
+    loaded_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+struct CachedLogin {
+    digest: [u8; 64],
+    password_hash: String,
+    until: Instant,
+}
+
+#[derive(Debug)]
+struct Failures {
+    window_start: Instant,
+    count: u32,
+    locked_until: Option<Instant>,
+}
+
+impl Authenticator {
+    /// Reads the users table of the database in `data_dir`.
+    pub fn new(
+        data_dir: &Path,
+        demo: bool,
+        config: AuthConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Authenticator, UserError> {
+        let auth = Authenticator {
+            db_path: data_dir.to_owned(),
+            demo,
+            verify_slots: Semaphore::new(config.verify_threads.max(1)),
+            config,
+            metrics,
+            directory: RwLock::new(Directory::default()),
+            cache: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            secret: rand::random(),
+            probe_password: format!("{:032x}", rand::random::<u128>()),
+        };
+        auth.reload()?;
+        Ok(auth)
+    }
+
+    pub fn demo(&self) -> bool {
+        self.demo
+    }
+
+    pub fn probe_password(&self) -> &str {
+        &self.probe_password
+    }
+
+    fn probe() -> Principal {
+        Principal {
+            name: PROBE_USER.into(),
+            access: Access::Probe,
+        }
+    }
+
+    fn reload(&self) -> Result<(), UserError> {
+        let conn = db::open(&self.db_path)?;
+        let users = list_users(&conn)?;
+        let mut dir = self
+            .directory
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        dir.users = users.into_iter().map(|u| (u.name.clone(), u)).collect();
+        dir.loaded_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// The user of that name, from a copy of the table at most [`DIRECTORY_REFRESH`] old.
+    fn user(&self, name: &str) -> Option<User> {
+        let stale = {
+            let dir = self
+                .directory
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            dir.loaded_at
+                .is_none_or(|t| t.elapsed() >= DIRECTORY_REFRESH)
+        };
+        if stale && let Err(e) = self.reload() {
+            tracing::error!(error = %e, "cannot re-read the users table; using the last copy");
+        }
+        let dir = self
+            .directory
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        dir.users.get(name).cloned()
+    }
+
+    /// Who a CONNECT claims to be, without checking the password ([`Authenticator::verify`]
+    /// does, before the connection is accepted). `None` user name: anonymous.
+    pub fn identify(&self, name: Option<&str>) -> Result<Principal, LoginRefusal> {
+        let refused = |r: LoginRefusal| {
+            self.metrics.login_refused(r.reason());
+            Err(r)
+        };
+        match name {
+            None | Some("") if self.demo => Ok(Principal::demo()),
+            None | Some("") => refused(LoginRefusal::Anonymous),
+            Some(PROBE_USER) => Ok(Authenticator::probe()),
+            Some(name) => match self.user(name) {
+                Some(user) => Ok(Principal {
+                    name: user.name,
+                    access: user.access,
+                }),
+                None => {
+                    self.record_failure(name);
+                    refused(LoginRefusal::UnknownUser)
+                }
+            },
+        }
+    }
+
+    /// Checks a user name and password; the argon2 work runs off the async threads.
+    pub async fn verify(&self, name: &str, password: &str) -> Result<Principal, LoginRefusal> {
+        if name.is_empty() {
+            return self.identify(None);
+        }
+        let refused = |r: LoginRefusal| {
+            self.metrics.login_refused(r.reason());
+            Err(r)
+        };
+        if name == PROBE_USER {
+            let right = self.digest(name, &self.probe_password);
+            return if self.digest(name, password) == right {
+                Ok(Authenticator::probe())
+            } else {
+                refused(LoginRefusal::BadPassword)
+            };
+        }
+        let Some(user) = self.user(name) else {
+            self.record_failure(name);
+            return refused(LoginRefusal::UnknownUser);
+        };
+        let principal = Principal {
+            name: user.name.clone(),
+            access: user.access.clone(),
+        };
+        let digest = self.digest(name, password);
+        if self.cached(name, &digest, &user.password_hash) {
+            self.metrics.login_ok(true);
+            return Ok(principal);
+        }
+        if self.is_locked(name) {
+            return refused(LoginRefusal::LockedOut);
+        }
+        let ok = {
+            let Ok(_slot) = self.verify_slots.acquire().await else {
+                return refused(LoginRefusal::BadPassword);
+            };
+            let hash = user.password_hash.clone();
+            let password = password.to_owned();
+            tokio::task::spawn_blocking(move || {
+                PasswordHash::new(&hash).is_ok_and(|parsed| {
+                    Argon2::default()
+                        .verify_password(password.as_bytes(), &parsed)
+                        .is_ok()
+                })
+            })
+            .await
+            .unwrap_or(false)
+        };
+        if ok {
+            let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+            if cache.len() > 50_000 {
+                let now = Instant::now();
+                cache.retain(|_, c| c.until > now);
+            }
+            cache.insert(
+                name.to_owned(),
+                CachedLogin {
+                    digest,
+                    password_hash: user.password_hash,
+                    until: Instant::now() + self.config.login_cache_ttl.0,
+                },
+            );
+            self.metrics.login_ok(false);
+            Ok(principal)
+        } else {
+            self.record_failure(name);
+            refused(LoginRefusal::BadPassword)
+        }
+    }
+
+    fn digest(&self, name: &str, password: &str) -> [u8; 64] {
+        let mut h = Blake2b512::new();
+        h.update(self.secret);
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(password.as_bytes());
+        h.finalize().into()
+    }
+
+    fn cached(&self, name: &str, digest: &[u8; 64], password_hash: &str) -> bool {
+        let cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        cache.get(name).is_some_and(|c| {
+            // A changed password (user re-added) invalidates the entry.
+            c.until > Instant::now() && c.password_hash == password_hash && c.digest == *digest
+        })
+    }
+
+    fn is_locked(&self, name: &str) -> bool {
+        let failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        failures
+            .get(name)
+            .and_then(|f| f.locked_until)
+            .is_some_and(|t| t > Instant::now())
+    }
+
+    fn record_failure(&self, name: &str) {
+        let now = Instant::now();
+        let window = self.config.failed_login_window.0;
+        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        if failures.len() > 10_000 {
+            failures.retain(|_, f| {
+                now.saturating_duration_since(f.window_start) < window
+                    || f.locked_until.is_some_and(|t| t > now)
+            });
+        }
+        // Names from the network are cut short before they are kept.
+        let key: String = name.chars().take(64).collect();
+        let f = failures.entry(key).or_insert(Failures {
+            window_start: now,
+            count: 0,
+            locked_until: None,
+        });
+        if now.saturating_duration_since(f.window_start) >= window {
+            f.window_start = now;
+            f.count = 0;
+        }
+        f.count += 1;
+        if f.count >= self.config.max_failed_logins && f.locked_until.is_none_or(|t| t <= now) {
+            f.locked_until = Some(now + self.config.lockout.0);
+            self.metrics.login_lockout();
+            tracing::warn!(user = %name.chars().take(64).collect::<String>(),
+                failures = f.count, "too many failed logins: locked out");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ByteSize, HumanDuration};
+
+    pub(crate) fn cheap() -> AuthConfig {
+        AuthConfig {
+            hash_memory: ByteSize(64 * 1024),
+            hash_iterations: 1,
+            max_failed_logins: 3,
+            ..AuthConfig::default()
+        }
+    }
+
+    fn shinjuku_agent() -> Access {
+        Access::Agent(SiteRef {
+            ward: WardCode(131041),
+            site: Id::new("nishi-shinjuku-es").unwrap(),
+        })
+    }
+
+    #[test]
+    fn roles_and_bindings_must_fit() {
+        assert_eq!(
+            access_for(
+                Role::Agent,
+                Some(WardCode(131041)),
+                Some("nishi-shinjuku-es")
+            )
+            .unwrap(),
+            shinjuku_agent()
+        );
+        assert!(access_for(Role::Agent, Some(WardCode(131041)), None).is_err());
+        assert!(access_for(Role::Ward, Some(WardCode(999999)), None).is_err());
+        assert!(access_for(Role::Hq, Some(WardCode(131041)), None).is_err());
+        assert_eq!(access_for(Role::Hq, None, None).unwrap(), Access::Hq);
+        assert_eq!(parse_role("integrator"), Some(Role::Integrator));
+        assert_eq!(parse_role("root"), None);
+    }
+
+    #[tokio::test]
+    async fn verifies_caches_and_locks_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(dir.path()).unwrap();
+        add_user(&conn, "agent-1", &shinjuku_agent(), "s3cret", &cheap()).unwrap();
+        assert!(add_user(&conn, "bad name", &Access::Hq, "x", &cheap()).is_err());
+        let metrics = Arc::new(Metrics::new());
+        let mut config = cheap();
+        config.lockout = HumanDuration(Duration::from_secs(60));
+        let auth = Authenticator::new(dir.path(), false, config, metrics.clone()).unwrap();
+
+        let p = auth.verify("agent-1", "s3cret").await.unwrap();
+        assert_eq!(p.access, shinjuku_agent());
+        auth.verify("agent-1", "s3cret").await.unwrap();
+        let text = metrics.render();
+        assert!(
+            text.contains("renkei_logins_total{cache=\"hit\"} 1"),
+            "{text}"
+        );
+
+        assert_eq!(auth.identify(None), Err(LoginRefusal::Anonymous));
+        assert_eq!(
+            auth.verify("nobody", "x").await,
+            Err(LoginRefusal::UnknownUser)
+        );
+        for _ in 0..3 {
+            assert_eq!(
+                auth.verify("agent-1", "wrong").await,
+                Err(LoginRefusal::BadPassword)
+            );
+        }
+        // Locked out now, but the cached right password still gets in.
+        assert_eq!(
+            auth.verify("agent-1", "guess").await,
+            Err(LoginRefusal::LockedOut)
+        );
+        assert!(auth.verify("agent-1", "s3cret").await.is_ok());
+
+        // Removal is seen after the refresh interval.
+        remove_user(&conn, "agent-1").unwrap();
+        auth.directory.write().unwrap().loaded_at = None;
+        assert_eq!(
+            auth.verify("agent-1", "s3cret").await,
+            Err(LoginRefusal::UnknownUser)
+        );
+    }
+
+    #[tokio::test]
+    async fn demo_mode_lets_anonymous_in_and_still_checks_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = Authenticator::new(dir.path(), true, cheap(), Arc::new(Metrics::new())).unwrap();
+        assert_eq!(auth.identify(None), Ok(Principal::demo()));
+        assert_eq!(auth.verify("", "").await, Ok(Principal::demo()));
+        assert_eq!(
+            auth.verify("someone", "x").await,
+            Err(LoginRefusal::UnknownUser)
+        );
+    }
+}

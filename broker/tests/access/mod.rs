@@ -1,0 +1,465 @@
+//! Authentication and topic access control, with real clients: rumqttc, Mosquitto's command
+//! line clients and paho-mqtt (Python).
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use renkei_shared::{Topic, encode, sample, topic};
+use rumqttc::{QoS, SubscribeReasonCode};
+
+use crate::harness::{
+    self, MqttClient, PATIENCE, RunningBroker, add_user, eventually, http_get, metric, options,
+};
+
+/// How long a test waits to be sure something does *not* arrive.
+const QUIET: Duration = Duration::from_millis(1500);
+
+const PASSWORD: &str = "correct horse battery staple";
+
+/// A broker with one user of every role: `agent-nishi` (131041/nishi-shinjuku-es),
+/// `agent-chiyoda` (131016/chiyoda-es), `tanaka` (ward 131041), `sato` (hq), `dis`
+/// (integrator), `root` (admin), all with [`PASSWORD`].
+fn broker_with_users(config: &str) -> RunningBroker {
+    let dir = harness::prepare();
+    harness::write_config(dir.path(), config);
+    let users: [(&str, &[&str]); 6] = [
+        (
+            "agent-nishi",
+            &[
+                "--role",
+                "agent",
+                "--ward",
+                "131041",
+                "--site",
+                "nishi-shinjuku-es",
+            ],
+        ),
+        (
+            "agent-chiyoda",
+            &["--role", "agent", "--ward", "13101", "--site", "chiyoda-es"],
+        ),
+        ("tanaka", &["--role", "ward", "--ward", "131041"]),
+        ("sato", &["--role", "hq"]),
+        ("dis", &["--role", "integrator"]),
+        ("root", &["--role", "admin"]),
+    ];
+    for (name, args) in users {
+        add_user(dir.path(), name, args, PASSWORD);
+    }
+    RunningBroker::start_in(dir, &[])
+}
+
+async fn metrics(broker: &RunningBroker) -> String {
+    http_get(&broker.addrs, "/metrics").await.text()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_and_wrong_passwords_are_refused_and_counted() {
+    let broker = broker_with_users("max_failed_logins = 3\n");
+    let addrs = broker.addrs;
+    let config = http_get(&addrs, "/config.json").await.json();
+    assert_eq!(config["auth_required"], true);
+
+    let anonymous = MqttClient::try_connect(options(&addrs, "anonymous")).await;
+    assert!(anonymous.is_err(), "anonymous refused without --demo");
+    let mut wrong = options(&addrs, "agent-nishi");
+    wrong.set_credentials("agent-nishi", "wrong");
+    assert!(MqttClient::try_connect(wrong).await.is_err());
+    let mut unknown = options(&addrs, "nobody");
+    unknown.set_credentials("nobody", PASSWORD);
+    assert!(MqttClient::try_connect(unknown).await.is_err());
+
+    // The right password gets in.
+    let _agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    let text = metrics(&broker).await;
+    assert_eq!(
+        metric(&text, "renkei_logins_refused_total{reason=\"anonymous\"}"),
+        Some(1)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "renkei_logins_refused_total{reason=\"bad_password\"}"
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "renkei_logins_refused_total{reason=\"unknown_user\"}"
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        metric(&text, "renkei_logins_total{cache=\"miss\"}"),
+        Some(1)
+    );
+    // Mosquitto's client is refused the same way (the broker closes without a CONNACK).
+    let out = Command::new("timeout")
+        .args(["10", "mosquitto_sub", "-h", "127.0.0.1", "-p"])
+        .arg(addrs.mqtt.port().to_string())
+        .args(["-u", "sato", "-P", "wrong", "-t", "renkei/v1/#", "-C", "1"])
+        .args(["-W", "3"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "mosquitto_sub with a wrong password");
+
+    let text = metrics(&broker).await;
+    assert!(
+        metric(
+            &text,
+            "renkei_logins_refused_total{reason=\"bad_password\"}"
+        )
+        .unwrap_or(0)
+            >= 2,
+        "{text}"
+    );
+
+    // Three failures lock a name out, even for the right password, unless it was verified
+    // (and cached) before: the real agent keeps working while someone guesses.
+    for _ in 0..3 {
+        let mut guess = options(&addrs, "guess");
+        guess.set_credentials("tanaka", "guess");
+        assert!(MqttClient::try_connect(guess).await.is_err());
+    }
+    let mut right = options(&addrs, "tanaka");
+    right.set_credentials("tanaka", PASSWORD);
+    assert!(MqttClient::try_connect(right).await.is_err(), "locked out");
+    let _again = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    let text = metrics(&broker).await;
+    assert!(metric(&text, "renkei_login_lockouts_total").unwrap_or(0) >= 1);
+    assert!(metric(&text, "renkei_logins_refused_total{reason=\"locked_out\"}").unwrap_or(0) >= 1);
+    assert_eq!(metric(&text, "renkei_logins_total{cache=\"hit\"}"), Some(1));
+    assert!(broker.terminate().success());
+}
+
+/// Publishes `payload` with `mosquitto_pub` as `user`; returns whether it exited cleanly.
+fn mosquitto_pub(port: u16, user: &str, topic: &str, payload: &Path, retain: bool) -> bool {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["10", "mosquitto_pub", "-h", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .args(["-u", user, "-P", PASSWORD, "-q", "1", "-t", topic, "-f"])
+        .arg(payload);
+    if retain {
+        cmd.arg("-r");
+    }
+    cmd.stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_site_publish_is_refused_never_delivered_nor_retained() {
+    let broker = broker_with_users("");
+    let addrs = broker.addrs;
+    let mut hq = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    hq.subscribe(topic::ALL).await;
+
+    // agent-nishi speaks for Chiyoda's school: refused at the broker's door.
+    let mut forged = sample::status();
+    forged.header.origin = renkei_shared::Origin::Site(renkei_shared::SiteRef {
+        ward: renkei_shared::WardCode(131016),
+        site: renkei_shared::Id::new("chiyoda-es").unwrap(),
+    });
+    let forged_topic = Topic::of(&forged).unwrap().to_string();
+    let payload = broker.dir.path().join("forged.bin");
+    std::fs::write(&payload, encode(&forged).unwrap()).unwrap();
+    let _ = mosquitto_pub(
+        addrs.mqtt.port(),
+        "agent-nishi",
+        &forged_topic,
+        &payload,
+        true,
+    );
+    // With rumqttc too: the connection is closed.
+    let mut agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    agent
+        .client
+        .publish(
+            &forged_topic,
+            QoS::AtLeastOnce,
+            true,
+            encode(&forged).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(agent.closed_within(PATIENCE).await, "disconnected");
+    assert!(
+        hq.publish_within(QUIET).await.is_none(),
+        "nothing delivered"
+    );
+
+    // Chiyoda's own agent may; a new subscriber then sees only that, retained.
+    let own = payload.with_file_name("own.bin");
+    std::fs::write(&own, encode(&forged).unwrap()).unwrap();
+    assert!(mosquitto_pub(
+        addrs.mqtt.port(),
+        "agent-chiyoda",
+        &forged_topic,
+        &own,
+        true
+    ));
+    let delivered = hq.next_publish().await;
+    assert_eq!(delivered.topic, forged_topic);
+    let mut late = MqttClient::connect_as(&addrs, "root", PASSWORD).await;
+    late.subscribe(topic::ALL).await;
+    let retained = late.next_publish().await;
+    assert!(retained.retain);
+    assert!(
+        late.publish_within(QUIET).await.is_none(),
+        "one retained message only"
+    );
+
+    // And nothing was retained from the refused ones: a fresh broker-side view agrees.
+    let text = metrics(&broker).await;
+    assert!(
+        metric(
+            &text,
+            "renkei_acl_refused_total{packet=\"publish\",reason=\"other_site\"}"
+        )
+        .unwrap_or(0)
+            >= 1,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "renkei_messages_accepted_total{kind=\"status\"}"),
+        Some(1)
+    );
+    assert!(broker.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_subscriptions_fail_and_receive_nothing() {
+    let broker = broker_with_users("");
+    let addrs = broker.addrs;
+    let mut ward = MqttClient::connect_as(&addrs, "tanaka", PASSWORD).await;
+    assert_eq!(
+        ward.subscribe_codes("renkei/v1/#").await,
+        [SubscribeReasonCode::Failure]
+    );
+    assert_eq!(
+        ward.subscribe_codes("renkei/v1/131016/#").await,
+        [SubscribeReasonCode::Failure]
+    );
+    assert_eq!(
+        ward.subscribe_codes("renkei/v1/131041/#").await,
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    let mut agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    assert_eq!(
+        agent.subscribe_codes("renkei/v1/hq/#").await,
+        [SubscribeReasonCode::Failure]
+    );
+    assert_eq!(
+        agent
+            .subscribe_codes("renkei/v1/cmd/131041/nishi-shinjuku-es")
+            .await,
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+
+    // Chiyoda's report does not reach Shinjuku's operator; Shinjuku's does.
+    let chiyoda = MqttClient::connect_as(&addrs, "agent-chiyoda", PASSWORD).await;
+    let mut report = sample::status();
+    report.header.origin = renkei_shared::Origin::Site(renkei_shared::SiteRef {
+        ward: renkei_shared::WardCode(131016),
+        site: renkei_shared::Id::new("chiyoda-es").unwrap(),
+    });
+    chiyoda
+        .client
+        .publish(
+            Topic::of(&report).unwrap().to_string(),
+            QoS::AtLeastOnce,
+            true,
+            encode(&report).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(ward.publish_within(QUIET).await.is_none());
+    let status = sample::status();
+    agent
+        .client
+        .publish(
+            Topic::of(&status).unwrap().to_string(),
+            QoS::AtLeastOnce,
+            true,
+            encode(&status).unwrap(),
+        )
+        .await
+        .unwrap();
+    let got = ward.next_publish().await;
+    assert_eq!(got.topic, "renkei/v1/131041/nishi-shinjuku-es/status");
+
+    let text = metrics(&broker).await;
+    assert_eq!(
+        metric(
+            &text,
+            "renkei_acl_refused_total{packet=\"subscribe\",reason=\"filter\"}"
+        ),
+        Some(3)
+    );
+    assert!(broker.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn integrators_read_the_mirror_and_publish_nothing() {
+    let broker = broker_with_users("");
+    let addrs = broker.addrs;
+    let mut integrator = MqttClient::connect_as(&addrs, "dis", PASSWORD).await;
+    integrator.subscribe(topic::ALL_JSON).await;
+    let mut hq = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    hq.subscribe(topic::HQ_FILTER).await;
+
+    let alert = sample::alert();
+    integrator
+        .client
+        .publish(
+            Topic::of(&alert).unwrap().to_string(),
+            QoS::AtLeastOnce,
+            true,
+            encode(&alert).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(integrator.closed_within(PATIENCE).await, "disconnected");
+    assert!(hq.publish_within(QUIET).await.is_none());
+
+    // Nobody, not even an admin, publishes on the JSON mirror.
+    let mut admin = MqttClient::connect_as(&addrs, "root", PASSWORD).await;
+    admin
+        .client
+        .publish(
+            "renkei/json/v1/131041/nishi-shinjuku-es/status",
+            QoS::AtLeastOnce,
+            true,
+            "{}",
+        )
+        .await
+        .unwrap();
+    assert!(admin.closed_within(PATIENCE).await);
+
+    // An agent whose last will names another site is refused at CONNECT.
+    let mut will = options(&addrs, "agent-nishi");
+    will.set_credentials("agent-nishi", PASSWORD);
+    will.set_last_will(rumqttc::LastWill::new(
+        "renkei/v1/131016/chiyoda-es/life",
+        encode(&sample::death()).unwrap(),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    assert!(MqttClient::try_connect(will).await.is_err());
+
+    // HQ may raise the alert; the integrator reads it on the mirror.
+    let mut integrator = MqttClient::connect_as(&addrs, "dis", PASSWORD).await;
+    integrator.subscribe(topic::ALL_JSON).await;
+    hq.client
+        .publish(
+            Topic::of(&alert).unwrap().to_string(),
+            QoS::AtLeastOnce,
+            true,
+            encode(&alert).unwrap(),
+        )
+        .await
+        .unwrap();
+    let mirrored = integrator.next_publish().await;
+    assert_eq!(
+        mirrored.topic,
+        "renkei/json/v1/hq/alert/occ-131041-nishi-shinjuku-es"
+    );
+    let text = metrics(&broker).await;
+    for series in [
+        "renkei_acl_refused_total{packet=\"publish\",reason=\"read_only\"}",
+        "renkei_acl_refused_total{packet=\"publish\",reason=\"json_mirror\"}",
+        "renkei_acl_refused_total{packet=\"will\",reason=\"other_site\"}",
+    ] {
+        assert_eq!(metric(&text, series), Some(1), "{series}\n{text}");
+    }
+    assert!(broker.terminate().success());
+}
+
+/// paho-mqtt, the client most integrators script with: a refused filter is reported as 128,
+/// and a forbidden publish ends the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_sees_refusals_as_an_mqtt_client_should() {
+    let has_paho = || {
+        Command::new("python3")
+            .args(["-c", "import paho.mqtt.client"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !has_paho() {
+        let _ = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "paho-mqtt"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+    if !has_paho() {
+        eprintln!(
+            "SKIPPED paho_sees_refusals_as_an_mqtt_client_should: python3 with paho-mqtt is not \
+             available (pip install paho-mqtt)"
+        );
+        return;
+    }
+    let broker = broker_with_users("");
+    let addrs = broker.addrs;
+    let script = r#"
+import sys, time, threading
+import paho.mqtt.client as mqtt
+port, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+done = threading.Event()
+granted = {}
+def on_connect(c, u, flags, rc, props=None):
+    print("connack", rc, flush=True)
+    c.subscribe([("renkei/v1/#", 1), ("renkei/v1/131041/#", 1)])
+def on_subscribe(c, u, mid, codes, props=None):
+    print("suback", " ".join(str(int(getattr(x, "value", x))) for x in codes), flush=True)
+    c.publish("renkei/v1/131016/chiyoda-es/status", b"\x01", qos=1)
+def on_disconnect(c, u, *rest):
+    print("disconnected", flush=True)
+    done.set()
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-" + user)
+c.username_pw_set(user, password)
+c.on_connect, c.on_subscribe, c.on_disconnect = on_connect, on_subscribe, on_disconnect
+c.connect("127.0.0.1", port, 10)
+c.loop_start()
+done.wait(10)
+c.loop_stop()
+"#;
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            script,
+            &addrs.mqtt.port().to_string(),
+            "tanaka",
+            PASSWORD,
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines,
+        ["connack Success", "suback 128 1", "disconnected"],
+        "{stdout}"
+    );
+    eventually("the refused publish counted", || async {
+        let text = metrics(&broker).await;
+        (metric(
+            &text,
+            "renkei_acl_refused_total{packet=\"publish\",reason=\"role\"}",
+        ) == Some(1))
+        .then_some(())
+    })
+    .await;
+    assert!(broker.terminate().success());
+}
