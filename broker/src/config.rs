@@ -42,6 +42,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub data: DataConfig,
     pub auth: AuthConfig,
+    pub recorder: RecorderConfig,
     /// Demo mode: anonymous clients allowed (see [`crate::auth`]). Set only by `serve --demo`,
     /// never from a file, so that a copied configuration cannot open a production broker.
     #[serde(skip)]
@@ -159,6 +160,31 @@ impl Default for AuthConfig {
     }
 }
 
+/// The recorder: batching of database writes and the quarantine of refused payloads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecorderConfig {
+    /// Records waiting for the disk before ingest waits too.
+    pub queue_capacity: usize,
+    /// Most records in one transaction.
+    pub batch_size: usize,
+    /// How long a batch may wait to fill up.
+    pub batch_time: HumanDuration,
+    /// Refused payloads kept for inspection (the oldest go first).
+    pub quarantine_rows: usize,
+}
+
+impl Default for RecorderConfig {
+    fn default() -> Self {
+        RecorderConfig {
+            queue_capacity: 10_000,
+            batch_size: 500,
+            batch_time: HumanDuration(Duration::from_millis(200)),
+            quarantine_rows: 10_000,
+        }
+    }
+}
+
 impl Config {
     /// Reads `path`, or returns the defaults when there is none.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -242,6 +268,13 @@ impl Config {
                 "mqtt.ws_listen",
                 format!("{} is also mqtt.listen", m.ws_listen),
             );
+        }
+        let r = &self.recorder;
+        if r.queue_capacity == 0 {
+            return invalid("recorder.queue_capacity", "must be at least 1".into());
+        }
+        if r.batch_size == 0 {
+            return invalid("recorder.batch_size", "must be at least 1".into());
         }
         let a = &self.auth;
         if a.max_failed_logins == 0 {

@@ -2,9 +2,9 @@
 //!
 //! It holds a rumqttd link subscribed to `renkei/v1/#` and, for each publish: parses the topic,
 //! decodes the payload, checks that the message belongs on that topic, applies it to the live
-//! [`State`] and, if it changed the state (or is a command, which carries none), re-publishes
-//! it as JSON on the mirror topic for integrators. A message that
-//! fails is counted by reason and logged, at most [`LOG_LINES_PER_SECOND`] lines per second per
+//! [`State`], hands it to the [`crate::recorder`] and, if it changed the state (or is a
+//! command, which carries none), re-publishes it as JSON on the mirror topic for integrators.
+//! A message that fails is quarantined by the recorder, counted by reason and logged, at most [`LOG_LINES_PER_SECOND`] lines per second per
 //! reason so that one broken sender cannot flood the log.
 //!
 //! rumqttd's link API is blocking (its router is a thread fed by channels), so ingest runs on a
@@ -25,6 +25,7 @@ use rumqttd::protocol::{Packet, Publish};
 use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
+use crate::recorder::{Record, RecorderTx};
 
 /// The live cross-ward state, written by ingest and read by HTTP.
 pub type LiveState = Arc<RwLock<State>>;
@@ -116,6 +117,7 @@ impl Ingest {
         link: (LinkTx, LinkRx),
         state: LiveState,
         metrics: Arc<Metrics>,
+        recorder: Option<RecorderTx>,
     ) -> Result<Ingest, IngestError> {
         let (mut tx, rx) = link;
         tx.subscribe(topic::ALL)?;
@@ -126,6 +128,7 @@ impl Ingest {
             rx,
             state,
             metrics,
+            recorder,
             log: LogLimiter::new(LOG_LINES_PER_SECOND, Duration::from_secs(1)),
             stop: stop.clone(),
         };
@@ -171,6 +174,7 @@ struct Consumer {
     rx: LinkRx,
     state: LiveState,
     metrics: Arc<Metrics>,
+    recorder: Option<RecorderTx>,
     log: LogLimiter,
     stop: Arc<AtomicBool>,
 }
@@ -200,6 +204,7 @@ impl Consumer {
     }
 
     fn on_publish(&mut self, publish: &Publish) {
+        let received_at = crate::http::now();
         match process(&self.state, &publish.topic, &publish.payload) {
             Ok(accepted) => {
                 self.metrics
@@ -209,9 +214,27 @@ impl Consumer {
                 if matches!(accepted.change, Change::Updated { .. } | Change::NotState) {
                     self.republish_json(&accepted);
                 }
+                if let Some(recorder) = &self.recorder {
+                    recorder.send(Record::Accepted {
+                        received_at,
+                        topic: accepted.topic,
+                        envelope: Box::new(accepted.envelope),
+                        payload: publish.payload.to_vec(),
+                    });
+                }
             }
             Err(rejection) => {
                 self.metrics.rejected(rejection.reason);
+                if let Some(recorder) = &self.recorder {
+                    let topic = String::from_utf8_lossy(&publish.topic);
+                    recorder.send(Record::Rejected {
+                        received_at,
+                        topic: topic.chars().take(MAX_LOGGED_TOPIC).collect(),
+                        reason: rejection.reason,
+                        detail: rejection.detail.clone(),
+                        payload: publish.payload.to_vec(),
+                    });
+                }
                 if let Some(suppressed) = self.log.admit(rejection.reason, Instant::now()) {
                     let topic = String::from_utf8_lossy(&publish.topic);
                     let topic: String = topic.chars().take(MAX_LOGGED_TOPIC).collect();

@@ -33,6 +33,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
+pub mod recorder;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,7 +46,8 @@ use crate::config::Config;
 use crate::http::AppState;
 use crate::ingest::{Ingest, IngestError, LiveState};
 use crate::metrics::Metrics;
-use crate::mqtt::{Mqtt, MqttError};
+use crate::mqtt::{Mqtt, MqttError, Publisher};
+use crate::recorder::Recorder;
 
 /// Why the broker did not start or stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,10 @@ pub enum Error {
     Mqtt(#[from] MqttError),
     #[error(transparent)]
     Users(#[from] auth::UserError),
+    #[error(transparent)]
+    Recorder(#[from] recorder::RecorderError),
+    #[error(transparent)]
+    Db(#[from] db::DbError),
     #[error(transparent)]
     Ingest(#[from] IngestError),
     #[error("cannot listen for HTTP on {addr}: {source}")]
@@ -114,8 +120,13 @@ pub struct Broker {
     addrs: Addrs,
     mqtt: Mqtt,
     ingest: Ingest,
+    recorder: Recorder,
     http: TcpListener,
     app: AppState,
+    /// The broker's own link for what it publishes (restored retained state).
+    _publisher: Publisher,
+    /// Raised at every start and kept in the database: the `boot` of the broker's messages.
+    pub boot: u32,
 }
 
 impl Broker {
@@ -145,9 +156,38 @@ impl Broker {
         if config.demo {
             tracing::warn!("demo mode: clients may connect without a user name");
         }
-        let live = LiveState::default();
+        let boot = {
+            let conn = db::open(data_dir)?;
+            db::bump_counter(&conn, "broker_boot").map_err(|source| db::DbError {
+                path: db::path(data_dir),
+                source,
+            })?
+        };
+        let restored = recorder::restore(data_dir)?;
+        tracing::info!(
+            boot,
+            messages = restored.messages,
+            unreadable = restored.unreadable,
+            retained = restored.retained.len(),
+            "state rebuilt from the database"
+        );
+        let live: LiveState = Arc::new(std::sync::RwLock::new(restored.state));
+        let recorder = Recorder::start(data_dir, config.recorder.clone(), metrics.clone())?;
         let mut mqtt = Mqtt::new(&config.mqtt, &auth, &metrics)?;
-        let ingest = Ingest::start(mqtt.link("ingest")?, live.clone(), metrics.clone())?;
+        let ingest = Ingest::start(
+            mqtt.link("ingest")?,
+            live.clone(),
+            metrics.clone(),
+            recorder.tx(),
+        )?;
+        let mut publisher = Publisher::new(mqtt.link("publisher")?);
+        // Before the listeners open: a client that connects sees the state as it was.
+        for (topic, envelope, payload) in &restored.retained {
+            publisher.publish(topic.to_string(), payload.clone(), true)?;
+            if let Ok(json) = serde_json::to_vec(envelope) {
+                publisher.publish(topic.json(), json, true)?;
+            }
+        }
         mqtt.listen().await?;
 
         let http_addr = config.http.listen;
@@ -180,8 +220,11 @@ impl Broker {
             addrs,
             mqtt,
             ingest,
+            recorder,
             http,
             app,
+            _publisher: publisher,
+            boot,
         })
     }
 
@@ -206,6 +249,7 @@ impl Broker {
         let Broker {
             mut mqtt,
             mut ingest,
+            recorder,
             http,
             app,
             ..
@@ -216,8 +260,13 @@ impl Broker {
             stopped = mqtt.stopped() => Err(stopped.into()),
             failed = ingest.failed() => Err(failed.into()),
         };
-        // Joining waits for at most one poll interval of the ingest thread.
-        let _ = tokio::task::spawn_blocking(move || ingest.stop()).await;
+        // Joining waits for at most one poll interval of the ingest thread; the recorder then
+        // writes what ingest handed it (its last sender is gone with ingest).
+        let _ = tokio::task::spawn_blocking(move || {
+            ingest.stop();
+            recorder.stop();
+        })
+        .await;
         tracing::info!("stopped");
         result
     }

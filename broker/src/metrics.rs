@@ -35,6 +35,14 @@ pub struct Metrics {
     lockouts: AtomicU64,
     /// Publishes, subscriptions and last wills refused by topic access control, by reason.
     acl_refused: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Records waiting for the recorder thread (shared with its senders).
+    pub recorder_queue: Arc<AtomicI64>,
+    recorder_batches: AtomicU64,
+    recorder_rows: AtomicU64,
+    recorder_inserted: AtomicU64,
+    recorder_last_batch: AtomicU64,
+    recorder_failed: AtomicU64,
+    recorder_db_bytes: AtomicU64,
     /// Open MQTT connections per listener (shared with the listeners' protocol wrappers).
     pub tcp_connections: Arc<AtomicI64>,
     pub ws_connections: Arc<AtomicI64>,
@@ -91,6 +99,24 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         *map.entry((packet, reason)).or_default() += 1;
+    }
+
+    pub fn recorder_batch(&self, rows: usize, inserted: usize) {
+        self.recorder_batches.fetch_add(1, Ordering::Relaxed);
+        self.recorder_rows.fetch_add(rows as u64, Ordering::Relaxed);
+        self.recorder_inserted
+            .fetch_add(inserted as u64, Ordering::Relaxed);
+        self.recorder_last_batch
+            .store(rows as u64, Ordering::Relaxed);
+    }
+
+    pub fn recorder_failed(&self, rows: usize) {
+        self.recorder_failed
+            .fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    pub fn recorder_db_bytes(&self, bytes: u64) {
+        self.recorder_db_bytes.store(bytes, Ordering::Relaxed);
     }
 
     pub fn json_republished(&self) {
@@ -242,6 +268,55 @@ impl Metrics {
                 "renkei_state_changes_total{{outcome=\"{outcome}\"}} {}",
                 load(count)
             );
+        }
+
+        let gauges: [(&str, &str, &str, u64); 7] = [
+            (
+                "renkei_recorder_queue",
+                "gauge",
+                "Records waiting for the recorder thread (its lag).",
+                u64::try_from(self.recorder_queue.load(Ordering::Relaxed).max(0)).unwrap_or(0),
+            ),
+            (
+                "renkei_recorder_batches_total",
+                "counter",
+                "Transactions the recorder committed.",
+                load(&self.recorder_batches),
+            ),
+            (
+                "renkei_recorder_rows_total",
+                "counter",
+                "Records written (messages and quarantined payloads).",
+                load(&self.recorder_rows),
+            ),
+            (
+                "renkei_recorder_messages_inserted_total",
+                "counter",
+                "Messages new to the database (redeliveries are recorded once).",
+                load(&self.recorder_inserted),
+            ),
+            (
+                "renkei_recorder_last_batch_size",
+                "gauge",
+                "Records in the last batch.",
+                load(&self.recorder_last_batch),
+            ),
+            (
+                "renkei_recorder_failed_total",
+                "counter",
+                "Records lost because their batch could not be written.",
+                load(&self.recorder_failed),
+            ),
+            (
+                "renkei_database_bytes",
+                "gauge",
+                "Size of the database file and its write-ahead log.",
+                load(&self.recorder_db_bytes),
+            ),
+        ];
+        for (name, kind, help, value) in gauges {
+            header(&mut out, name, kind, help);
+            let _ = writeln!(out, "{name} {value}");
         }
 
         header(

@@ -4,6 +4,7 @@
 
 mod access;
 mod harness;
+mod persistence;
 
 use std::process::Command;
 

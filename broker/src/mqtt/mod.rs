@@ -200,6 +200,43 @@ impl Mqtt {
     }
 }
 
+/// The broker's own voice on MQTT: an in-process link that publishes (the restored retained
+/// state at start, alerts from the rules), past the guard, so it may also write the mirror.
+pub struct Publisher {
+    tx: LinkTx,
+    /// Kept open: the router drops a link whose receiver is gone.
+    _rx: LinkRx,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    pub fn new((tx, rx): (LinkTx, LinkRx)) -> Publisher {
+        Publisher { tx, _rx: rx }
+    }
+
+    /// Publishes, retained or not. `LinkTx::send` is async in signature only (it queues and
+    /// signals the router's channel) and is the one call that sets retain.
+    pub fn publish(
+        &mut self,
+        topic: String,
+        payload: Vec<u8>,
+        retain: bool,
+    ) -> Result<(), MqttError> {
+        let publish = rumqttd::protocol::Publish::new(topic.into_bytes(), payload, retain);
+        futures::executor::block_on(self.tx.send(Packet::Publish(publish, None)))
+            .map(drop)
+            .map_err(|e| MqttError::Link {
+                client_id: "publisher".into(),
+                source: Box::new(e),
+            })
+    }
+}
+
 fn router_config(config: &MqttConfig) -> RouterConfig {
     RouterConfig {
         max_connections: config.max_connections,
@@ -517,7 +554,20 @@ impl Protocol for Guard {
         stream: &mut BytesMut,
         max_size: usize,
     ) -> Result<Packet, protocol::Error> {
-        let packet = self.inner.read_mut(stream, max_size)?;
+        let packet = match self.inner.read_mut(stream, max_size) {
+            Ok(packet) => packet,
+            Err(protocol::Error::PayloadSizeLimitExceeded(len)) => {
+                // rumqttd closes the connection; the refusal is counted with ingest's.
+                self.metrics.rejected("oversize_packet");
+                tracing::info!(
+                    len,
+                    max_size,
+                    "refused a packet over mqtt.max_packet_size: disconnecting"
+                );
+                return Err(protocol::Error::PayloadSizeLimitExceeded(len));
+            }
+            Err(e) => return Err(e),
+        };
         match packet {
             Packet::Connect(..) => self.on_connect(packet),
             Packet::Publish(ref publish, _) => {

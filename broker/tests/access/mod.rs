@@ -9,45 +9,14 @@ use renkei_shared::{Topic, encode, sample, topic};
 use rumqttc::{QoS, SubscribeReasonCode};
 
 use crate::harness::{
-    self, MqttClient, PATIENCE, RunningBroker, add_user, eventually, http_get, metric, options,
+    self, MqttClient, PASSWORD, PATIENCE, RunningBroker, eventually, http_get, metric, options,
 };
 
 /// How long a test waits to be sure something does *not* arrive.
 const QUIET: Duration = Duration::from_millis(1500);
 
-const PASSWORD: &str = "correct horse battery staple";
-
-/// A broker with one user of every role: `agent-nishi` (131041/nishi-shinjuku-es),
-/// `agent-chiyoda` (131016/chiyoda-es), `tanaka` (ward 131041), `sato` (hq), `dis`
-/// (integrator), `root` (admin), all with [`PASSWORD`].
 fn broker_with_users(config: &str) -> RunningBroker {
-    let dir = harness::prepare();
-    harness::write_config(dir.path(), config);
-    let users: [(&str, &[&str]); 6] = [
-        (
-            "agent-nishi",
-            &[
-                "--role",
-                "agent",
-                "--ward",
-                "131041",
-                "--site",
-                "nishi-shinjuku-es",
-            ],
-        ),
-        (
-            "agent-chiyoda",
-            &["--role", "agent", "--ward", "13101", "--site", "chiyoda-es"],
-        ),
-        ("tanaka", &["--role", "ward", "--ward", "131041"]),
-        ("sato", &["--role", "hq"]),
-        ("dis", &["--role", "integrator"]),
-        ("root", &["--role", "admin"]),
-    ];
-    for (name, args) in users {
-        add_user(dir.path(), name, args, PASSWORD);
-    }
-    RunningBroker::start_in(dir, &[])
+    RunningBroker::start_in(harness::with_users(config), &[])
 }
 
 async fn metrics(broker: &RunningBroker) -> String {

@@ -107,8 +107,19 @@ impl RunningBroker {
         std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default()
     }
 
+    /// Sends SIGTERM, waits for the exit, and hands back the directory for a restart.
+    pub fn terminate_keeping_dir(mut self) -> (ExitStatus, tempfile::TempDir) {
+        let status = self.stop();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (status, dir)
+    }
+
     /// Sends SIGTERM and waits for the process to exit.
     pub fn terminate(mut self) -> ExitStatus {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> ExitStatus {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -172,6 +183,41 @@ pub fn add_user(dir: &std::path::Path, name: &str, role_args: &[&str], password:
     );
 }
 
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// A broker directory with one user of every role: `agent-nishi` (131041/nishi-shinjuku-es),
+/// `agent-chiyoda` (131016/chiyoda-es), `tanaka` (ward 131041), `sato` (hq), `dis`
+/// (integrator), `root` (admin), all with [`PASSWORD`].
+pub fn with_users(config: &str) -> tempfile::TempDir {
+    let dir = prepare();
+    write_config(dir.path(), config);
+    let users: [(&str, &[&str]); 6] = [
+        (
+            "agent-nishi",
+            &[
+                "--role",
+                "agent",
+                "--ward",
+                "131041",
+                "--site",
+                "nishi-shinjuku-es",
+            ],
+        ),
+        (
+            "agent-chiyoda",
+            &["--role", "agent", "--ward", "13101", "--site", "chiyoda-es"],
+        ),
+        ("tanaka", &["--role", "ward", "--ward", "131041"]),
+        ("sato", &["--role", "hq"]),
+        ("dis", &["--role", "integrator"]),
+        ("root", &["--role", "admin"]),
+    ];
+    for (name, args) in users {
+        add_user(dir.path(), name, args, PASSWORD);
+    }
+    dir
+}
+
 impl Drop for RunningBroker {
     fn drop(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
@@ -206,9 +252,22 @@ impl HttpResponse {
 /// `GET path` with `Connection: close`; the broker's responses carry a Content-Length, so the
 /// body is everything after the head.
 pub async fn http_get(addrs: &Addrs, path: &str) -> HttpResponse {
+    http_get_as(addrs, path, None).await
+}
+
+/// [`http_get`] with HTTP Basic credentials.
+pub async fn http_get_as(addrs: &Addrs, path: &str, user: Option<(&str, &str)>) -> HttpResponse {
+    use base64::Engine as _;
     let mut stream = TcpStream::connect(addrs.http).await.unwrap();
+    let authorization = user
+        .map(|(name, password)| {
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("{name}:{password}"));
+            format!("Authorization: Basic {token}\r\n")
+        })
+        .unwrap_or_default();
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        "GET {path} HTTP/1.1\r\nHost: {}\r\n{authorization}Connection: close\r\n\r\n",
         addrs.http
     );
     stream.write_all(request.as_bytes()).await.unwrap();

@@ -1,0 +1,400 @@
+//! The recorder: every message ingest accepted, and every payload it refused, into SQLite.
+//!
+//! Ingest hands each outcome to [`RecorderTx::send`]: a bounded channel to one thread that
+//! writes in batches (up to `recorder.batch_size` rows, or whatever arrived within
+//! `recorder.batch_time`), one transaction per batch. A full channel blocks ingest, and the
+//! router then holds messages for it, so nothing is dropped while the disk catches up.
+//!
+//! - Accepted messages go to `messages` with `INSERT OR IGNORE` on the key
+//!   `(origin, boot, seq)`: a redelivery, or the retained copies re-published at start-up,
+//!   are recorded once.
+//! - Refused payloads go to `quarantine` (at most `recorder.quarantine_rows`, the oldest
+//!   deleted first; payloads cut to [`QUARANTINE_PAYLOAD_BYTES`]).
+//!
+//! At start-up [`restore`] replays `messages` in received order through the reducer, which
+//! rebuilds the live state and finds the latest message of every retained topic, so that the
+//! broker can publish them again (rumqttd keeps retained messages only in memory).
+//! [`Recorder::stop`] drains the channel and commits before it returns (graceful shutdown).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use renkei_shared::{Change, Envelope, Mode, Origin, State, Timestamp, Topic, decode};
+use rusqlite::{Connection, params};
+
+use crate::config::RecorderConfig;
+use crate::db;
+use crate::metrics::Metrics;
+
+/// Longest payload kept in quarantine (a refused payload may be anything up to the MQTT limit).
+pub const QUARANTINE_PAYLOAD_BYTES: usize = 4096;
+
+/// One thing to write.
+#[derive(Debug)]
+pub enum Record {
+    Accepted {
+        received_at: Timestamp,
+        topic: Topic,
+        // Boxed: an envelope is several times the size of a refusal.
+        envelope: Box<Envelope>,
+        payload: Vec<u8>,
+    },
+    Rejected {
+        received_at: Timestamp,
+        topic: String,
+        reason: &'static str,
+        detail: String,
+        payload: Vec<u8>,
+    },
+}
+
+/// Why the recorder did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RecorderError {
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("cannot start the recorder thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The sending end, cloned into ingest and the rules.
+#[derive(Debug, Clone)]
+pub struct RecorderTx {
+    tx: SyncSender<Record>,
+    queued: Arc<AtomicI64>,
+}
+
+impl RecorderTx {
+    /// Queues a record, waiting while the queue is full. False if the recorder has stopped.
+    pub fn send(&self, record: Record) -> bool {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        let sent = match self.tx.try_send(record) {
+            Ok(()) => true,
+            Err(TrySendError::Full(record)) => self.tx.send(record).is_ok(),
+            Err(TrySendError::Disconnected(_)) => false,
+        };
+        if !sent {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        sent
+    }
+}
+
+/// The running recorder thread.
+#[derive(Debug)]
+pub struct Recorder {
+    tx: Option<RecorderTx>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Recorder {
+    /// Opens the database and starts the writer thread.
+    pub fn start(
+        data_dir: &Path,
+        config: RecorderConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Recorder, RecorderError> {
+        let conn = db::open(data_dir)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity.max(1));
+        let queued = metrics.recorder_queue.clone();
+        let writer = Writer {
+            conn,
+            db_path: db::path(data_dir),
+            config,
+            metrics,
+            queued: queued.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("renkei-recorder".into())
+            .spawn(move || writer.run(rx))
+            .map_err(RecorderError::Thread)?;
+        Ok(Recorder {
+            tx: Some(RecorderTx { tx, queued }),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn tx(&self) -> Option<RecorderTx> {
+        self.tx.clone()
+    }
+
+    /// Writes what is queued and stops. Every other [`RecorderTx`] must be dropped first (the
+    /// thread ends when the last sender goes).
+    pub fn stop(mut self) {
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct Writer {
+    conn: Connection,
+    db_path: PathBuf,
+    config: RecorderConfig,
+    metrics: Arc<Metrics>,
+    queued: Arc<AtomicI64>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Record>) {
+        let mut batch = Vec::with_capacity(self.config.batch_size);
+        // Wait for the first record, then gather more until the batch is full or its time is up.
+        while let Ok(record) = rx.recv() {
+            batch.push(record);
+            let deadline = Instant::now() + self.config.batch_time.0;
+            let mut closed = false;
+            while batch.len() < self.config.batch_size {
+                match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                    Ok(record) => batch.push(record),
+                    Err(RecvTimeoutError::Timeout) => break,
+                    Err(RecvTimeoutError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+            self.write(&mut batch);
+            if closed {
+                break;
+            }
+        }
+        tracing::info!("recorder flushed and stopped");
+    }
+
+    fn write(&mut self, batch: &mut Vec<Record>) {
+        let rows = batch.len();
+        self.queued.fetch_sub(rows as i64, Ordering::Relaxed);
+        let started = Instant::now();
+        match write_batch(&mut self.conn, batch, self.config.quarantine_rows) {
+            Ok(inserted) => self.metrics.recorder_batch(rows, inserted),
+            Err(e) => {
+                self.metrics.recorder_failed(rows);
+                tracing::error!(error = %e, rows, "recorder: cannot write a batch");
+            }
+        }
+        batch.clear();
+        let bytes = [self.db_path.clone(), self.db_path.with_extension("db-wal")]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum::<u64>();
+        self.metrics.recorder_db_bytes(bytes);
+        tracing::trace!(rows, elapsed = ?started.elapsed(), "recorder batch");
+    }
+}
+
+/// `site:{ward}/{site}` or `hq:{node}`.
+pub fn origin_key(origin: &Origin) -> String {
+    match origin {
+        Origin::Site(s) => format!("site:{}/{}", s.ward, s.site),
+        Origin::Hq(node) => format!("hq:{node}"),
+    }
+}
+
+pub fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Actual => "actual",
+        Mode::Exercise => "exercise",
+        Mode::Test => "test",
+    }
+}
+
+/// Writes one batch in one transaction; returns the rows new to `messages`.
+fn write_batch(
+    conn: &mut Connection,
+    batch: &[Record],
+    quarantine_rows: usize,
+) -> rusqlite::Result<usize> {
+    let tx = conn.transaction()?;
+    let mut inserted = 0;
+    let mut quarantined = false;
+    {
+        let mut message = tx.prepare_cached(
+            "INSERT OR IGNORE INTO messages
+             (received_at, origin, boot, seq, topic, kind, mode, ward, site, payload, json)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )?;
+        let mut quarantine = tx.prepare_cached(
+            "INSERT INTO quarantine (received_at, topic, reason, detail, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for record in batch {
+            match record {
+                Record::Accepted {
+                    received_at,
+                    topic,
+                    envelope,
+                    payload,
+                } => {
+                    let h = &envelope.header;
+                    let (ward, site) = match &h.origin {
+                        Origin::Site(s) => (Some(s.ward.0), Some(s.site.as_str())),
+                        Origin::Hq(_) => (None, None),
+                    };
+                    let json = serde_json::to_string(envelope).unwrap_or_default();
+                    inserted += message.execute(params![
+                        received_at.0,
+                        origin_key(&h.origin),
+                        h.boot,
+                        // SQLite integers are signed: a seq beyond i64 is kept as its bits.
+                        h.seq as i64,
+                        topic.to_string(),
+                        envelope.body.kind().as_str(),
+                        mode_name(h.mode),
+                        ward,
+                        site,
+                        payload,
+                        json,
+                    ])?;
+                }
+                Record::Rejected {
+                    received_at,
+                    topic,
+                    reason,
+                    detail,
+                    payload,
+                } => {
+                    let cut = &payload[..payload.len().min(QUARANTINE_PAYLOAD_BYTES)];
+                    quarantine.execute(params![received_at.0, topic, reason, detail, cut])?;
+                    quarantined = true;
+                }
+            }
+        }
+    }
+    if quarantined {
+        tx.execute(
+            "DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?1",
+            [i64::try_from(quarantine_rows).unwrap_or(i64::MAX)],
+        )?;
+    }
+    tx.commit()?;
+    Ok(inserted)
+}
+
+/// What start-up found in the database.
+#[derive(Debug, Default)]
+pub struct Restored {
+    pub state: State,
+    /// The latest message of every retained topic, with its encoded payload.
+    pub retained: Vec<(Topic, Envelope, Vec<u8>)>,
+    pub messages: u64,
+    /// Rows that no longer decode (a schema change); counted and skipped.
+    pub unreadable: u64,
+}
+
+/// Replays every recorded message in received order through the reducer.
+pub fn restore(data_dir: &Path) -> Result<Restored, RecorderError> {
+    let conn = db::open(data_dir)?;
+    let mut restored = Restored::default();
+    let mut latest: HashMap<Topic, (u64, Envelope, Vec<u8>)> = HashMap::new();
+    let mut stmt = conn.prepare("SELECT topic, payload FROM messages ORDER BY id")?;
+    let mut rows = stmt.query([])?;
+    let mut order = 0u64;
+    while let Some(row) = rows.next()? {
+        let topic: String = row.get(0)?;
+        let payload: Vec<u8> = row.get(1)?;
+        let (Ok(topic), Ok(envelope)) = (Topic::parse(&topic), decode(&payload)) else {
+            restored.unreadable += 1;
+            continue;
+        };
+        restored.messages += 1;
+        order += 1;
+        let change = restored.state.apply(&envelope);
+        if topic.retained() && matches!(change, Change::Updated { .. }) {
+            latest.insert(topic, (order, envelope, payload));
+        }
+    }
+    let mut retained: Vec<_> = latest.into_iter().collect();
+    // Publish in the order they arrived, as the original publishers did.
+    retained.sort_by_key(|(_, (order, ..))| *order);
+    restored.retained = retained
+        .into_iter()
+        .map(|(topic, (_, envelope, payload))| (topic, envelope, payload))
+        .collect();
+    Ok(restored)
+}
+
+#[cfg(test)]
+mod tests {
+    use renkei_shared::{encode, sample};
+
+    use super::*;
+
+    fn accepted(envelope: Envelope) -> Record {
+        Record::Accepted {
+            received_at: sample::SENT_AT,
+            topic: Topic::of(&envelope).unwrap(),
+            payload: encode(&envelope).unwrap(),
+            envelope: Box::new(envelope),
+        }
+    }
+
+    #[test]
+    fn records_once_quarantines_bounded_and_restores() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let config = RecorderConfig {
+            quarantine_rows: 3,
+            ..RecorderConfig::default()
+        };
+        let recorder = Recorder::start(dir.path(), config, metrics.clone()).unwrap();
+        let tx = recorder.tx().unwrap();
+        for env in sample::all() {
+            assert!(tx.send(accepted(env)));
+        }
+        // A redelivery is recorded once.
+        assert!(tx.send(accepted(sample::status())));
+        for i in 0..5u8 {
+            assert!(tx.send(Record::Rejected {
+                received_at: sample::SENT_AT,
+                topic: "renkei/v1/131041/x/status".into(),
+                reason: "malformed",
+                detail: format!("bad {i}"),
+                payload: vec![i; 10_000],
+            }));
+        }
+        drop(tx);
+        recorder.stop();
+
+        let conn = db::open(dir.path()).unwrap();
+        let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(count("SELECT COUNT(*) FROM messages"), 10);
+        assert_eq!(count("SELECT COUNT(*) FROM quarantine"), 3);
+        assert_eq!(
+            count("SELECT MAX(length(payload)) FROM quarantine"),
+            QUARANTINE_PAYLOAD_BYTES as i64
+        );
+        let detail: String = conn
+            .query_row(
+                "SELECT detail FROM quarantine ORDER BY id LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(detail, "bad 2", "the oldest went first");
+        assert!(metrics.render().contains("renkei_recorder_rows_total 16"));
+
+        let restored = restore(dir.path()).unwrap();
+        assert_eq!(restored.messages, 10);
+        let mut live = State::new();
+        for env in sample::all() {
+            live.apply(&env);
+        }
+        assert_eq!(restored.state, live);
+        // Every retained kind comes back once; commands are not retained.
+        assert_eq!(
+            restored.retained.len(),
+            8,
+            "birth and death share the life topic"
+        );
+        assert!(restored.retained.iter().all(|(t, ..)| t.retained()));
+    }
+}
