@@ -591,3 +591,318 @@ async fn after_a_broker_restart_the_agent_is_born_again_with_a_fresh_will() {
     .await;
     assert_eq!(death.env.header.seq, birth2.env.header.seq + 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// The outbox: staff reports survive kill -9, outages and damage, and reach HQ once, in order.
+
+/// Long enough for a backoff step, a restart and a rate-limited backlog on a shared machine.
+const LONG_WAIT: Duration = Duration::from_secs(60);
+
+/// A config file for the test site at `port`, with extra lines.
+fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
+    let path = dir.join("agent.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "broker = \"mqtt://127.0.0.1:{port}\"\nward = 131041\nsite = \"nishi-shinjuku-es\"\n\
+             name = \"西新宿小学校\"\nmode = \"exercise\"\ninterval = \"1s\"\n\
+             state_dir = {:?}\n{extra}\n",
+            dir.join("state").display().to_string()
+        ),
+    )
+    .expect("write agent.toml");
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Runs `renkei-agent report …` to the end: (exit success, stdout + stderr).
+fn report(config: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_renkei-agent"))
+        .arg("report")
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()
+        .expect("run renkei-agent report");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn agent_status(config: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_renkei-agent"))
+        .arg("status")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run renkei-agent status");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Shelter reports received, keyed by their evacuee count (unique per report in these
+/// tests), checked the way HQ's reducer would apply them: each (boot, seq) applied once, and
+/// first arrivals in increasing (boot, seq) order.
+#[derive(Default)]
+struct Hq {
+    state: renkei_shared::State,
+    applied: std::collections::BTreeMap<(u32, u64), u32>,
+    first_arrivals: Vec<(u32, u64)>,
+    evacuees: std::collections::BTreeSet<u32>,
+    historical: usize,
+}
+
+impl Hq {
+    fn take(&mut self, m: &Received) {
+        let Body::Shelter(s) = &m.env.body else {
+            return;
+        };
+        let key = (m.env.header.boot, m.env.header.seq);
+        let change = self.state.apply(&m.env);
+        if self.applied.contains_key(&key) {
+            assert!(
+                !matches!(change, renkei_shared::reducer::Change::Updated { .. }),
+                "{key:?} applied twice"
+            );
+            return;
+        }
+        self.applied.insert(key, s.evacuees.unwrap_or(0));
+        self.first_arrivals.push(key);
+        self.evacuees.extend(s.evacuees);
+        self.historical += usize::from(m.env.header.historical);
+    }
+
+    async fn until_all(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Received>,
+        want: &std::collections::BTreeSet<u32>,
+        log: impl Fn() -> String,
+    ) {
+        let deadline = Instant::now() + LONG_WAIT;
+        while !want.is_subset(&self.evacuees) {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(m)) => self.take(&m),
+                _ => panic!(
+                    "missing reports {:?}; log:\n{}",
+                    want.difference(&self.evacuees).collect::<Vec<_>>(),
+                    log()
+                ),
+            }
+        }
+        let mut sorted = self.first_arrivals.clone();
+        sorted.sort();
+        assert_eq!(self.first_arrivals, sorted, "reports out of order");
+    }
+}
+
+#[tokio::test]
+async fn confirmed_reports_survive_kill_9_of_report_and_daemon_and_arrive_once_in_order() {
+    if !Path::new(MOSQUITTO).exists() {
+        eprintln!("SKIPPED: {MOSQUITTO} is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = write_config(dir.path(), port, "");
+    let run = ["run", "--config", config.to_str().unwrap()];
+    // No broker yet: the site is offline.
+    let mut daemon = Agent::spawn(&run, dir.path(), "daemon-0");
+    let mut confirmed = std::collections::BTreeSet::new();
+    let mut rng = rand::rng();
+    for i in 0..50u32 {
+        let evacuees = 1000 + i;
+        let child = Command::new(env!("CARGO_BIN_EXE_renkei-agent"))
+            .args(["report", "--config", config.to_str().unwrap()])
+            .args(["shelter", "--evacuees", &evacuees.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        // Kill it at a random moment of its short life (some finish first).
+        std::thread::sleep(Duration::from_millis(rand::Rng::random_range(
+            &mut rng,
+            0..25,
+        )));
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        let out = child.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if stdout.contains("saved (seq") {
+            confirmed.insert(evacuees);
+        }
+        if i % 10 == 9 {
+            // The daemon dies too, mid-whatever, and comes back.
+            daemon.child.kill().unwrap();
+            daemon.child.wait().unwrap();
+            daemon = Agent::spawn(&run, dir.path(), &format!("daemon-{i}"));
+        }
+    }
+    eprintln!("{} of 50 reports confirmed before kill -9", confirmed.len());
+    assert!(!confirmed.is_empty(), "no report finished in time");
+    // A report run to the end is always confirmed.
+    let (ok, text) = report(&config, &["shelter", "--evacuees", "2000"]);
+    assert!(ok && text.contains("保存しました / saved (seq"), "{text}");
+    confirmed.insert(2000);
+
+    // One last kill -9, and the broker comes up with HQ watching before the daemon returns
+    // (a daemon still alive would deliver before HQ subscribed).
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let broker = Broker::start_on(port);
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let daemon = Agent::spawn(&run, dir.path(), "daemon-final");
+    let mut hq = Hq::default();
+    hq.until_all(&mut rx, &confirmed, || daemon.log()).await;
+    assert!(
+        hq.historical >= confirmed.len(),
+        "backlog is marked historical"
+    );
+    // And the outbox empties.
+    let deadline = Instant::now() + LONG_WAIT;
+    loop {
+        let status = agent_status(&config);
+        if status.contains("queue depth:     0") {
+            assert!(status.contains("link:            connected"), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "outbox never drained:\n{status}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn broker_down_then_back_the_backlog_arrives_in_order_once_and_paced() {
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let port = broker.port;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), port, "replay_rate = 20");
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let agent = Agent::spawn(
+        &["run", "--config", config.to_str().unwrap()],
+        dir.path(),
+        "agent",
+    );
+    next(&mut rx, &agent, "birth", |m| is_life(m, true)).await;
+    let mut hq = Hq::default();
+    let live: std::collections::BTreeSet<u32> = (1..=3).collect();
+    for n in &live {
+        let (ok, text) = report(&config, &["shelter", "--evacuees", &n.to_string()]);
+        assert!(ok, "{text}");
+    }
+    hq.until_all(&mut rx, &live, || agent.log()).await;
+
+    drop(broker);
+    let offline: std::collections::BTreeSet<u32> = (100..160).collect();
+    for n in &offline {
+        let (ok, text) = report(&config, &["shelter", "--evacuees", &n.to_string()]);
+        assert!(ok, "{text}");
+    }
+    let status = agent_status(&config);
+    assert!(
+        status.contains("offline") || status.contains("connecting"),
+        "{status}"
+    );
+    // All 60, and perhaps a live one whose PubAck the broker's death cut off (re-sent).
+    let waiting: u32 = status
+        .split_once("queue depth:")
+        .and_then(|(_, rest)| rest.split_once('(')?.1.split_once(' ')?.0.parse().ok())
+        .unwrap_or(0);
+    assert!((60..=63).contains(&waiting), "{status}");
+
+    let broker = Broker::start_on(port);
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch-2", renkei_shared::topic::ALL).await;
+    let started = Instant::now();
+    hq.until_all(&mut rx, &offline, || agent.log()).await;
+    let took = started.elapsed();
+    assert!(
+        hq.historical >= offline.len(),
+        "backlog is marked historical"
+    );
+    // 60 reports plus the heartbeats stored meanwhile, at 20/s with a one-second burst.
+    assert!(
+        took >= Duration::from_secs(2),
+        "backlog not paced: {took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_corrupt_outbox_segment_is_quarantined_and_the_agent_carries_on() {
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), broker.port, "");
+    for n in 1..=3 {
+        let (ok, text) = report(&config, &["shelter", "--evacuees", &n.to_string()]);
+        assert!(ok, "{text}");
+    }
+    let outbox = dir.path().join("state/outbox");
+    let segment = std::fs::read_dir(&outbox)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "seg"))
+        .expect("a segment");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let last = bytes.len() - 3;
+    bytes[last / 2] ^= 0x55; // inside the second record
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let agent = Agent::spawn(
+        &["run", "--config", config.to_str().unwrap()],
+        dir.path(),
+        "agent",
+    );
+    let mut hq = Hq::default();
+    hq.until_all(&mut rx, &[1].into(), || agent.log()).await;
+    let (ok, text) = report(&config, &["shelter", "--evacuees", "4"]);
+    assert!(ok, "{text}");
+    hq.until_all(&mut rx, &[4].into(), || agent.log()).await;
+    let status = agent_status(&config);
+    assert!(status.contains("quarantined:     1"), "{status}");
+    assert!(outbox.join("quarantine").read_dir().unwrap().count() == 1);
+}
+
+#[tokio::test]
+async fn a_full_outbox_refuses_new_reports_with_an_alarm_and_keeps_the_saved_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), free_port(), "outbox_max = \"64KiB\"");
+    let note = "x".repeat(3000);
+    let mut saved = 0;
+    let refusal = loop {
+        let (ok, text) = report(
+            &config,
+            &[
+                "request",
+                "--item",
+                "water",
+                "--quantity",
+                "10",
+                "--note",
+                &note,
+            ],
+        );
+        if !ok {
+            break text;
+        }
+        saved += 1;
+        assert!(saved < 100, "the outbox never filled");
+    };
+    assert!(
+        refusal.contains("NOT saved") && refusal.contains("outbox is full"),
+        "{refusal}"
+    );
+    let status = agent_status(&config);
+    assert!(status.contains(&format!("({saved} reports")), "{status}");
+    assert!(status.contains("ALARM"), "{status}");
+}
