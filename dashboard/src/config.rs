@@ -1,8 +1,9 @@
-//! Where the broker's WebSocket listener is.
+//! Where the broker's WebSocket listener is, and whether it wants a login.
 //!
-//! In order: a `?ws=ws://…` query parameter (tests, debugging); `mqtt_ws_url` from
+//! The URL, in order: a `?ws=ws://…` query parameter (tests, debugging); `mqtt_ws_url` from
 //! `/config.json`, served by the broker next to the dashboard; else port 8083 on the page's
-//! host (a dashboard served by a development server).
+//! host (a dashboard served by a development server). `auth_required` comes from
+//! `/config.json` only; a missing field or file means no login (demo mode).
 
 use serde::Deserialize;
 
@@ -15,6 +16,21 @@ pub const DEFAULT_WS_PORT: u16 = 8083;
 #[derive(Debug, Deserialize)]
 struct ServedConfig {
     mqtt_ws_url: Option<String>,
+    #[serde(default)]
+    auth_required: bool,
+}
+
+/// What the page needs to connect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub url: String,
+    /// The broker refuses connections without a user name and password.
+    pub auth_required: bool,
+}
+
+/// Whether a `/config.json` body asks for a login; anything unreadable does not.
+pub fn auth_required(body: &str) -> bool {
+    serde_json::from_str::<ServedConfig>(body).is_ok_and(|c| c.auth_required)
 }
 
 /// The URL from a `/config.json` body, if it holds a usable one.
@@ -51,9 +67,10 @@ pub fn fallback(page_protocol: &str, page_hostname: &str) -> String {
     format!("{scheme}://{page_hostname}:{DEFAULT_WS_PORT}")
 }
 
-/// Finds the URL in the browser: query, then `/config.json`, then the fallback.
+/// Finds the endpoint in the browser: the URL from the query, then `/config.json`, then the
+/// fallback; the login requirement from `/config.json`.
 #[cfg(target_arch = "wasm32")]
-pub async fn resolve() -> String {
+pub async fn resolve() -> Endpoint {
     let location = web_sys::window().map(|w| w.location());
     let (search, protocol, hostname) = match &location {
         Some(l) => (
@@ -67,17 +84,18 @@ pub async fn resolve() -> String {
         .ok()
         .and_then(|p| p.get("ws"))
         .and_then(|url| usable(&url, &hostname));
-    if let Some(url) = from_query {
-        return url;
+    let body = fetch_config().await.unwrap_or_default();
+    let url = from_query
+        .or_else(|| from_config_json(&body, &hostname))
+        .unwrap_or_else(|| fallback(&protocol, &hostname));
+    Endpoint {
+        url,
+        auth_required: auth_required(&body),
     }
-    if let Some(url) = fetch_config(&hostname).await {
-        return url;
-    }
-    fallback(&protocol, &hostname)
 }
 
 #[cfg(target_arch = "wasm32")]
-async fn fetch_config(hostname: &str) -> Option<String> {
+async fn fetch_config() -> Option<String> {
     let response = gloo_net::http::Request::get(CONFIG_PATH)
         .send()
         .await
@@ -85,7 +103,7 @@ async fn fetch_config(hostname: &str) -> Option<String> {
     if !response.ok() {
         return None;
     }
-    from_config_json(&response.text().await.ok()?, hostname)
+    response.text().await.ok()
 }
 
 #[cfg(test)]
@@ -102,6 +120,22 @@ mod tests {
         assert_eq!(from_config_json("{}", "h"), None);
         assert_eq!(from_config_json("not json", "h"), None);
         assert_eq!(from_config_json(r#"{"mqtt_ws_url":"http://x"}"#, "h"), None);
+    }
+
+    #[test]
+    fn a_login_is_required_only_when_said_so() {
+        assert!(auth_required(
+            r#"{"mqtt_ws_url":"ws://h:1","auth_required":true}"#
+        ));
+        assert!(!auth_required(
+            r#"{"mqtt_ws_url":"ws://h:1","auth_required":false}"#
+        ));
+        assert!(
+            !auth_required(r#"{"mqtt_ws_url":"ws://h:1"}"#),
+            "missing means demo"
+        );
+        assert!(!auth_required(""));
+        assert!(!auth_required(r#"{"auth_required":"yes"}"#));
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! Labels in Japanese (first) and English, and the formats shown next to them.
 
-use renkei_shared::{Level, Timestamp, Ward};
+use renkei_shared::{
+    AckAction, IncidentCategory, Item, Level, Mode, ReportVersion, RequestState, Severity,
+    ShelterState, Timestamp, Ward,
+};
 
+use crate::age::Age;
 use crate::mqtt::ConnState;
 
 /// The display language.
@@ -49,6 +53,48 @@ pub enum Label {
     Received,
     Rejected,
     Conn(ConnState),
+    Map,
+    BackToOverview,
+    Alerts,
+    NoAlerts,
+    Acknowledge,
+    AcknowledgedBy,
+    Shelters,
+    NoShelters,
+    Stock,
+    Requests,
+    Incidents,
+    Nothing,
+    Filter,
+    Name,
+    State,
+    Evacuees,
+    Occupancy,
+    CareNeeded,
+    Updated,
+    Site,
+    Item,
+    OnHand,
+    DailyNeed,
+    DaysLeft,
+    Requested,
+    Delivered,
+    Category,
+    Casualties,
+    Severity,
+    Report,
+    Wards,
+    Silent,
+    Stale,
+    Offline,
+    ViewWorld,
+    /// The banner over a drill world that is being viewed.
+    ViewingDrill,
+    Demo,
+    LogIn,
+    User,
+    Password,
+    Unknown,
 }
 
 impl Label {
@@ -65,7 +111,200 @@ impl Label {
             Label::Conn(ConnState::Connecting) => lang.pick("接続中…", "Connecting…"),
             Label::Conn(ConnState::Connected) => lang.pick("接続済み", "Connected"),
             Label::Conn(ConnState::Disconnected) => lang.pick("切断", "Disconnected"),
+            Label::Map => lang.pick("23区地図", "23-ward map"),
+            Label::BackToOverview => lang.pick("← 全区一覧", "← All wards"),
+            Label::Alerts => lang.pick("通知", "Alerts"),
+            Label::NoAlerts => lang.pick("有効な通知はありません", "No active alerts"),
+            Label::Acknowledge => lang.pick("確認", "Acknowledge"),
+            Label::AcknowledgedBy => lang.pick("確認済み", "Acknowledged by"),
+            Label::Shelters => lang.pick("避難所", "Shelters"),
+            Label::NoShelters => {
+                lang.pick("報告のある避難所はありません", "No shelter has reported")
+            }
+            Label::Stock => lang.pick("物資在庫", "Stock on hand"),
+            Label::Requests => lang.pick("物資要請", "Supply requests"),
+            Label::Incidents => lang.pick("被害報告", "Incidents"),
+            Label::Nothing => lang.pick("なし", "None"),
+            Label::Filter => lang.pick("名称で絞り込み", "Filter by name"),
+            Label::Name => lang.pick("名称", "Name"),
+            Label::State => lang.pick("状態", "State"),
+            Label::Evacuees => lang.pick("避難者数 / 収容人数", "Evacuees / capacity"),
+            Label::Occupancy => lang.pick("収容率", "Occupancy"),
+            Label::CareNeeded => lang.pick("要配慮者", "Needing care"),
+            Label::Updated => lang.pick("更新", "Updated"),
+            Label::Site => lang.pick("拠点", "Site"),
+            Label::Item => lang.pick("品目", "Item"),
+            Label::OnHand => lang.pick("在庫", "On hand"),
+            Label::DailyNeed => lang.pick("1日必要量", "Daily need"),
+            Label::DaysLeft => lang.pick("残日数", "Days left"),
+            Label::Requested => lang.pick("要請数", "Requested"),
+            Label::Delivered => lang.pick("到着済", "Delivered"),
+            Label::Category => lang.pick("種別", "Category"),
+            Label::Casualties => lang.pick("人的・住家被害", "Casualties and damage"),
+            Label::Severity => lang.pick("深刻度", "Severity"),
+            Label::Report => lang.pick("報", "Report"),
+            Label::Wards => lang.pick("対象区", "Wards"),
+            Label::Silent => lang.pick("途絶", "silent"),
+            Label::Stale => lang.pick("古い情報", "stale"),
+            Label::Offline => lang.pick("切断", "offline"),
+            Label::ViewWorld => lang.pick("表示", "View"),
+            Label::ViewingDrill => lang.pick(
+                "訓練・試験データを表示中 — 実災害の情報ではありません",
+                "Showing EXERCISE / TEST data — not the actual situation",
+            ),
+            Label::Demo => lang.pick("デモ", "demo"),
+            Label::LogIn => lang.pick("ログイン", "Log in"),
+            Label::User => lang.pick("ユーザー名", "User"),
+            Label::Password => lang.pick("パスワード", "Password"),
+            Label::Unknown => lang.pick("不明", "unknown"),
         }
+    }
+}
+
+/// The message shown when the broker turns a login away.
+pub fn login_refused(lang: Lang) -> &'static str {
+    lang.pick(
+        "ログインできませんでした（ユーザー名・パスワードが違うか、接続が閉じられました）",
+        "Login failed: wrong user name or password, or the broker closed the connection",
+    )
+}
+
+/// How old a figure is: "3分前" / "3 min ago".
+pub fn age(age: Age, lang: Lang) -> String {
+    match (age, lang) {
+        (Age::JustNow, _) => lang.pick("たった今", "just now").into(),
+        (Age::Seconds(n), Lang::Ja) => format!("{n}秒前"),
+        (Age::Seconds(n), Lang::En) => format!("{n} s ago"),
+        (Age::Minutes(n), Lang::Ja) => format!("{n}分前"),
+        (Age::Minutes(n), Lang::En) => format!("{n} min ago"),
+        (Age::Hours(n), Lang::Ja) => format!("{n}時間前"),
+        (Age::Hours(n), Lang::En) => format!("{n} h ago"),
+        (Age::Days(n), Lang::Ja) => format!("{n}日前"),
+        (Age::Days(n), Lang::En) => format!("{n} d ago"),
+    }
+}
+
+pub fn mode(mode: Mode, lang: Lang) -> &'static str {
+    match mode {
+        Mode::Actual => lang.pick("実災害", "Actual"),
+        Mode::Exercise => lang.pick("訓練", "Exercise"),
+        Mode::Test => lang.pick("試験", "Test"),
+    }
+}
+
+/// The value of `data-mode` attributes.
+pub fn mode_key(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Actual => "actual",
+        Mode::Exercise => "exercise",
+        Mode::Test => "test",
+    }
+}
+
+pub fn shelter_state(state: ShelterState, lang: Lang) -> &'static str {
+    match state {
+        ShelterState::NotOpen => lang.pick("未開設", "Not open"),
+        ShelterState::Preparing => lang.pick("開設準備中", "Preparing"),
+        ShelterState::Open => lang.pick("開設", "Open"),
+        ShelterState::Closed => lang.pick("閉鎖", "Closed"),
+        ShelterState::Unknown => lang.pick("不明", "Unknown"),
+    }
+}
+
+pub fn request_state(state: RequestState, lang: Lang) -> &'static str {
+    match state {
+        RequestState::Requested => lang.pick("要請", "Requested"),
+        RequestState::Accepted => lang.pick("受付", "Accepted"),
+        RequestState::Committed => lang.pick("調達確定", "Committed"),
+        RequestState::Shipped => lang.pick("出荷", "Shipped"),
+        RequestState::Delivered => lang.pick("到着", "Delivered"),
+        RequestState::Received => lang.pick("受領", "Received"),
+        RequestState::Declined => lang.pick("辞退", "Declined"),
+        RequestState::Cancelled => lang.pick("取消", "Cancelled"),
+    }
+}
+
+pub fn category(category: IncidentCategory, lang: Lang) -> &'static str {
+    match category {
+        IncidentCategory::Fire => lang.pick("火災", "Fire"),
+        IncidentCategory::BuildingCollapse => lang.pick("建物倒壊", "Building collapse"),
+        IncidentCategory::Casualties => lang.pick("人的被害", "Casualties"),
+        IncidentCategory::Road => lang.pick("道路", "Road"),
+        IncidentCategory::Lifeline => lang.pick("ライフライン", "Lifeline"),
+        IncidentCategory::Flood => lang.pick("浸水", "Flood"),
+        IncidentCategory::Landslide => lang.pick("崖崩れ", "Landslide"),
+        IncidentCategory::Other => lang.pick("その他", "Other"),
+    }
+}
+
+pub fn severity(severity: Severity, lang: Lang) -> &'static str {
+    match severity {
+        Severity::Unknown => lang.pick("不明", "Unknown"),
+        Severity::Minor => lang.pick("軽微", "Minor"),
+        Severity::Moderate => lang.pick("中程度", "Moderate"),
+        Severity::Severe => lang.pick("重大", "Severe"),
+        Severity::Extreme => lang.pick("極めて重大", "Extreme"),
+    }
+}
+
+/// The value of `data-severity` attributes and the suffix of `severity-…` classes.
+pub fn severity_key(severity: Severity) -> &'static str {
+    match severity {
+        Severity::Unknown => "unknown",
+        Severity::Minor => "minor",
+        Severity::Moderate => "moderate",
+        Severity::Severe => "severe",
+        Severity::Extreme => "extreme",
+    }
+}
+
+pub fn report_version(version: ReportVersion, lang: Lang) -> String {
+    match (version, lang) {
+        (ReportVersion::First, _) => lang.pick("第1報", "First").into(),
+        (ReportVersion::Update(n), Lang::Ja) => format!("続報{n}"),
+        (ReportVersion::Update(n), Lang::En) => format!("Update {n}"),
+        (ReportVersion::Final, _) => lang.pick("確定", "Final").into(),
+    }
+}
+
+pub fn ack_action(action: AckAction, lang: Lang) -> &'static str {
+    match action {
+        AckAction::Ack => lang.pick("確認", "acknowledged"),
+        AckAction::Accept => lang.pick("対応", "accepted"),
+        AckAction::Decline => lang.pick("辞退", "declined"),
+        AckAction::Escalate => lang.pick("上申", "escalated"),
+        AckAction::Resolved => lang.pick("解決", "resolved"),
+        AckAction::Commit => lang.pick("調達確定", "committed"),
+        AckAction::Ship => lang.pick("出荷", "shipped"),
+        AckAction::Deliver => lang.pick("到着", "delivered"),
+    }
+}
+
+pub fn item(item: Item, lang: Lang) -> &'static str {
+    match item {
+        Item::Food => lang.pick("食料", "Food"),
+        Item::Blankets => lang.pick("毛布", "Blankets"),
+        Item::InfantFormula => lang.pick("乳児用ミルク", "Infant formula"),
+        Item::ChildDiapers => lang.pick("乳幼児用おむつ", "Child diapers"),
+        Item::AdultDiapers => lang.pick("大人用おむつ", "Adult diapers"),
+        Item::PortableToilets => lang.pick("携帯・簡易トイレ", "Portable toilets"),
+        Item::ToiletPaper => lang.pick("トイレットペーパー", "Toilet paper"),
+        Item::SanitaryProducts => lang.pick("生理用品", "Sanitary products"),
+        Item::Water => lang.pick("飲料水", "Water"),
+        Item::Medicine => lang.pick("医薬品", "Medicine"),
+        Item::AllergySafeFood => lang.pick("アレルギー対応食", "Allergy-safe food"),
+        Item::CardboardBeds => lang.pick("段ボールベッド", "Cardboard beds"),
+        Item::Fuel => lang.pick("燃料", "Fuel"),
+        Item::Other => lang.pick("その他", "Other"),
+    }
+}
+
+/// Tenths of a day as "2.5日" / "2.5 d".
+pub fn days_tenths(tenths: u64, lang: Lang) -> String {
+    let (whole, tenth) = (tenths / 10, tenths % 10);
+    match lang {
+        Lang::Ja => format!("{whole}.{tenth}日"),
+        Lang::En => format!("{whole}.{tenth} d"),
     }
 }
 
@@ -114,6 +353,47 @@ mod tests {
             Label::Conn(ConnState::Connecting),
             Label::Conn(ConnState::Connected),
             Label::Conn(ConnState::Disconnected),
+            Label::Map,
+            Label::BackToOverview,
+            Label::Alerts,
+            Label::NoAlerts,
+            Label::Acknowledge,
+            Label::AcknowledgedBy,
+            Label::Shelters,
+            Label::NoShelters,
+            Label::Stock,
+            Label::Requests,
+            Label::Incidents,
+            Label::Nothing,
+            Label::Filter,
+            Label::Name,
+            Label::State,
+            Label::Evacuees,
+            Label::Occupancy,
+            Label::CareNeeded,
+            Label::Updated,
+            Label::Site,
+            Label::Item,
+            Label::OnHand,
+            Label::DailyNeed,
+            Label::DaysLeft,
+            Label::Requested,
+            Label::Delivered,
+            Label::Category,
+            Label::Casualties,
+            Label::Severity,
+            Label::Report,
+            Label::Wards,
+            Label::Silent,
+            Label::Stale,
+            Label::Offline,
+            Label::ViewWorld,
+            Label::ViewingDrill,
+            Label::Demo,
+            Label::LogIn,
+            Label::User,
+            Label::Password,
+            Label::Unknown,
         ];
         for l in labels {
             assert!(!l.text(Lang::Ja).is_empty());
@@ -122,6 +402,34 @@ mod tests {
         assert_eq!(ward_name(&WARDS[0], Lang::Ja), "千代田区");
         assert_eq!(ward_name(&WARDS[0], Lang::En), "Chiyoda");
         assert_eq!(Lang::Ja.other(), Lang::En);
+    }
+
+    #[test]
+    fn ages_read_naturally_in_both_languages() {
+        assert_eq!(age(Age::Minutes(3), Lang::Ja), "3分前");
+        assert_eq!(age(Age::Minutes(3), Lang::En), "3 min ago");
+        assert_eq!(age(Age::Seconds(20), Lang::Ja), "20秒前");
+        assert_eq!(age(Age::Hours(2), Lang::En), "2 h ago");
+        assert_eq!(age(Age::Days(1), Lang::Ja), "1日前");
+        assert_eq!(age(Age::JustNow, Lang::Ja), "たった今");
+        assert_eq!(days_tenths(25, Lang::Ja), "2.5日");
+        assert_eq!(days_tenths(5, Lang::En), "0.5 d");
+    }
+
+    #[test]
+    fn enum_names_differ_between_languages() {
+        for s in [
+            ShelterState::Open,
+            ShelterState::Preparing,
+            ShelterState::Closed,
+        ] {
+            assert_ne!(shelter_state(s, Lang::Ja), shelter_state(s, Lang::En));
+        }
+        assert_eq!(request_state(RequestState::Committed, Lang::Ja), "調達確定");
+        assert_eq!(category(IncidentCategory::Fire, Lang::Ja), "火災");
+        assert_eq!(item(Item::Water, Lang::En), "Water");
+        assert_eq!(mode(Mode::Exercise, Lang::Ja), "訓練");
+        assert_eq!(report_version(ReportVersion::Update(2), Lang::Ja), "続報2");
     }
 
     #[test]

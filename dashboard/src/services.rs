@@ -1,13 +1,17 @@
 //! The long-lived work behind the page, kept out of components: find the broker, run the MQTT
-//! client, coalesce its messages into batches, and tick the clock so silence shows without
-//! new messages. All of it reports to the reducer through its dispatcher.
+//! client, coalesce its messages into batches, tick the clock so silence shows without new
+//! messages, follow the URL hash, and publish what operators send. All of it reports to the
+//! reducer through its dispatcher.
 
+use renkei_shared::{Id, Mode};
 use yew::UseReducerDispatcher;
 
 use crate::i18n::Lang;
+use crate::mqtt::Credentials;
+use crate::route::Route;
 use crate::state::Dashboard;
 
-/// How often silence is re-evaluated without messages, in ms.
+/// How often silence and ages are re-evaluated without messages, in ms.
 pub const TICK_MS: u32 = 2_000;
 
 /// The page's clock in Unix milliseconds.
@@ -23,6 +27,29 @@ pub fn start(dispatcher: UseReducerDispatcher<Dashboard>) {
     drop(dispatcher);
 }
 
+/// Connects with a login the operator typed.
+pub fn log_in(dispatcher: UseReducerDispatcher<Dashboard>, url: &str, credentials: Credentials) {
+    #[cfg(target_arch = "wasm32")]
+    browser::connect(dispatcher, url.to_owned(), Some(credentials));
+    #[cfg(not(target_arch = "wasm32"))]
+    drop((dispatcher, url, credentials));
+}
+
+/// Publishes the current user's acknowledgement of an alert of `mode`'s world.
+pub fn acknowledge(alert_id: Id, mode: Mode) {
+    #[cfg(target_arch = "wasm32")]
+    browser::acknowledge(alert_id, mode);
+    #[cfg(not(target_arch = "wasm32"))]
+    drop((alert_id, mode));
+}
+
+/// Shows `route` by changing the URL hash (the hash listener then updates the state).
+pub fn go(route: Route) {
+    if let Some(location) = web_sys::window().map(|w| w.location()) {
+        let _ = location.set_hash(&route.hash());
+    }
+}
+
 /// Keeps `<html lang>` in step with the language shown, for fonts and screen readers.
 pub fn set_document_lang(lang: Lang) {
     if let Some(root) = web_sys::window()
@@ -35,17 +62,42 @@ pub fn set_document_lang(lang: Lang) {
 
 #[cfg(target_arch = "wasm32")]
 mod browser {
+    use std::cell::RefCell;
     use std::rc::Rc;
 
+    use futures::channel::mpsc::{self, UnboundedSender};
     use gloo_timers::callback::{Interval, Timeout};
-    use renkei_shared::{Timestamp, topic};
+    use renkei_shared::{Id, Mode, Timestamp, Topic, encode, topic};
+    use wasm_bindgen::JsCast;
+    use wasm_bindgen::closure::Closure;
     use yew::UseReducerDispatcher;
 
     use super::{TICK_MS, now_ms};
+    use crate::alerts::{DEFAULT_USER, HqSender, user_id};
     use crate::config;
     use crate::inbox::{FLUSH_MS, Inbox};
-    use crate::mqtt::{self, Event};
-    use crate::state::{Action, Dashboard};
+    use crate::log;
+    use crate::mqtt::{self, ConnState, Credentials, Event, Outgoing};
+    use crate::perf;
+    use crate::route::Route;
+    use crate::state::{Access, Action, Dashboard};
+
+    /// The way out to the broker, once connected.
+    struct Publisher {
+        sender: HqSender,
+        outgoing: UnboundedSender<Outgoing>,
+    }
+
+    thread_local! {
+        static PUBLISHER: RefCell<Option<Publisher>> = const { RefCell::new(None) };
+    }
+
+    fn current_route() -> Route {
+        let hash = web_sys::window()
+            .and_then(|w| w.location().hash().ok())
+            .unwrap_or_default();
+        Route::parse(&hash)
+    }
 
     pub fn start(dispatcher: UseReducerDispatcher<Dashboard>) {
         let tick = dispatcher.clone();
@@ -54,26 +106,112 @@ mod browser {
         })
         .forget();
 
+        dispatcher.dispatch(Action::Route(current_route(), Timestamp(now_ms())));
+        let on_hash = dispatcher.clone();
+        let listener = Closure::<dyn Fn()>::new(move || {
+            on_hash.dispatch(Action::Route(current_route(), Timestamp(now_ms())));
+        });
+        if let Some(window) = web_sys::window() {
+            let _ = window
+                .add_event_listener_with_callback("hashchange", listener.as_ref().unchecked_ref());
+        }
+        // The listener lives as long as the page.
+        listener.forget();
+
         wasm_bindgen_futures::spawn_local(async move {
-            let url = config::resolve().await;
-            dispatcher.dispatch(Action::Endpoint(url.as_str().into()));
-            let inbox = Rc::new(Inbox::new());
-            mqtt::client::spawn(url, topic::ALL, move |event| match event {
+            let endpoint = config::resolve().await;
+            dispatcher.dispatch(Action::Endpoint(endpoint.url.as_str().into()));
+            if endpoint.auth_required {
+                // Nothing connects until someone logs in: say so rather than "connecting".
+                dispatcher.dispatch(Action::Connection(ConnState::Disconnected));
+                dispatcher.dispatch(Action::Access(Access::Login { error: None }));
+            } else {
+                dispatcher.dispatch(Action::Access(Access::Demo));
+                connect(dispatcher, endpoint.url, None);
+            }
+        });
+    }
+
+    /// Runs the MQTT client, with `credentials` if the broker wants a login.
+    pub fn connect(
+        dispatcher: UseReducerDispatcher<Dashboard>,
+        url: String,
+        credentials: Option<Credentials>,
+    ) {
+        let user = credentials
+            .as_ref()
+            .map_or_else(|| user_id(DEFAULT_USER), |c| user_id(&c.user));
+        if let Some(c) = &credentials {
+            dispatcher.dispatch(Action::Access(Access::LoggedIn {
+                user: c.user.as_str().into(),
+            }));
+        }
+        let boot = (js_sys::Math::random() * f64::from(u32::MAX)) as u32;
+        let (outgoing, receiver) = mpsc::unbounded();
+        PUBLISHER.with(|p| {
+            *p.borrow_mut() = Some(Publisher {
+                sender: HqSender::new(user, boot),
+                outgoing,
+            });
+        });
+        let inbox = Rc::new(Inbox::new());
+        mqtt::client::spawn(
+            url,
+            topic::ALL,
+            credentials,
+            receiver,
+            move |event| match event {
                 Event::State(conn) => dispatcher.dispatch(Action::Connection(conn)),
+                Event::Refused(why) => {
+                    PUBLISHER.with(|p| p.borrow_mut().take());
+                    dispatcher.dispatch(Action::Access(Access::Login {
+                        error: Some(why.into()),
+                    }));
+                }
                 Event::Message(message) => {
                     if inbox.push(message) {
                         let inbox = inbox.clone();
                         let dispatcher = dispatcher.clone();
-                        Timeout::new(FLUSH_MS, move || {
-                            dispatcher.dispatch(Action::Batch {
-                                messages: inbox.take(),
-                                now: Timestamp(now_ms()),
-                            });
-                        })
-                        .forget();
+                        Timeout::new(FLUSH_MS, move || flush(&dispatcher, &inbox)).forget();
                     }
                 }
-            });
+            },
+        );
+    }
+
+    /// Hands the queued messages to the reducer and measures the batch to the end of its
+    /// render.
+    fn flush(dispatcher: &UseReducerDispatcher<Dashboard>, inbox: &Inbox) {
+        let started = perf::browser::now();
+        perf::browser::batch_started();
+        dispatcher.dispatch(Action::Batch {
+            messages: inbox.take(),
+            now: Timestamp(now_ms()),
+        });
+        // Yew renders in a task queued by the dispatch; this one is queued after it, so it
+        // runs once the render is done.
+        wasm_bindgen_futures::spawn_local(async move {
+            perf::browser::batch_finished(started);
+        });
+    }
+
+    pub fn acknowledge(alert_id: Id, mode: Mode) {
+        PUBLISHER.with(|p| {
+            let mut p = p.borrow_mut();
+            let Some(publisher) = p.as_mut() else {
+                log::warn("renkei: not connected; the acknowledgement was not sent");
+                return;
+            };
+            let env = publisher.sender.ack(alert_id, mode, Timestamp(now_ms()));
+            let message = match (Topic::of(&env), encode(&env)) {
+                (Ok(topic), Ok(payload)) => Outgoing {
+                    topic: topic.to_string(),
+                    payload,
+                },
+                (Err(e), _) => return log::warn(&format!("renkei: ack has no topic: {e}")),
+                (_, Err(e)) => return log::warn(&format!("renkei: ack does not encode: {e}")),
+            };
+            let _ = publisher.outgoing.unbounded_send(message);
         });
     }
 }

@@ -2,8 +2,9 @@
 //!
 //! Messages arrive in batches ([`Action::Batch`], see [`crate::inbox`]); each is checked
 //! ([`ingest`]: topic, codec, topic/body agreement) and applied with [`State::apply`]. The view
-//! never reads the `State` itself: after each batch or clock tick the per-ward figures are
-//! derived into a [`Snapshot`], and a snapshot equal to the last one skips the re-render.
+//! never reads the `State` itself: after each batch or clock tick what the page shows (the
+//! per-ward figures of the world being viewed, its active alerts, and the open ward's detail)
+//! is derived into a [`Snapshot`], and a snapshot equal to the last one skips the re-render.
 //!
 //! The `State` lives in a `RefCell` shared by successive [`Dashboard`] values instead of being
 //! cloned per action: Yew keeps the previous value alive during `reduce`, so a pure reducer
@@ -17,8 +18,12 @@ use renkei_shared::validate::validate_for_topic;
 use renkei_shared::{Change, Level, Mode, State, Timestamp, Topic, Ward, WardRollup, decode};
 use yew::Reducible;
 
+use crate::age::Age;
+use crate::alerts::{AlertRow, active_alerts};
+use crate::detail::WardDetail;
 use crate::log::{self, RateLimit};
 use crate::mqtt::{ConnState, Incoming};
+use crate::route::Route;
 
 /// Bad messages are logged at most once per this period.
 const LOG_EVERY_MS: i64 = 5_000;
@@ -100,20 +105,30 @@ impl std::ops::AddAssign for Figures {
     }
 }
 
-/// One ward's row.
+/// One ward's row (and map tile).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WardRow {
     pub ward: &'static Ward,
     pub figures: Figures,
     pub level: Level,
+    /// Age of the ward's freshest report.
+    pub newest: Option<Age>,
+    /// Every site of the ward that ever reported is silent: its figures are all old.
+    pub all_silent: bool,
 }
 
 /// What the view shows, derived from the state at one instant.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Snapshot {
-    /// All 23 wards in code order, from the actual world only.
+    /// The world the rows, totals, alerts and detail come from.
+    pub mode: Mode,
+    /// All 23 wards in code order, from the viewed world only.
     pub rows: Vec<WardRow>,
     pub totals: Figures,
+    /// Active alerts of the viewed world, worst first.
+    pub alerts: Rc<Vec<AlertRow>>,
+    /// The open ward's view, when one is open.
+    pub detail: Option<Rc<WardDetail>>,
     /// The non-actual modes that hold any data: drills are shown, never added in.
     pub drills: Vec<Mode>,
     /// When a message last changed the state (the dashboard's clock).
@@ -174,8 +189,16 @@ impl Engine {
         changed
     }
 
-    fn snapshot(&self, now: Timestamp, last_update: Option<Timestamp>) -> Snapshot {
-        let rollups = self.state.world(Mode::Actual).rollups(now);
+    fn snapshot(&self, now: Timestamp, last_update: Option<Timestamp>, view: View) -> Snapshot {
+        let world = self.state.world(view.mode);
+        let rollups = world.rollups(now);
+        let mut newest: BTreeMap<_, Timestamp> = BTreeMap::new();
+        for (site, state) in &world.sites {
+            if let Some(heard) = state.last_heard {
+                let slot = newest.entry(site.ward).or_insert(heard);
+                *slot = (*slot).max(heard);
+            }
+        }
         let mut totals = Figures::default();
         let rows = rollups
             .iter()
@@ -186,9 +209,15 @@ impl Engine {
                     ward: r.ward.ward()?,
                     figures,
                     level: r.level(),
+                    newest: newest.get(&r.ward).map(|&t| Age::between(now, t)),
+                    all_silent: r.sites > 0 && r.silent == r.sites,
                 })
             })
             .collect();
+        let detail = match view.route {
+            Route::Ward(ward) => Some(Rc::new(WardDetail::derive(world, ward, now))),
+            Route::Overview => None,
+        };
         let drills = [Mode::Exercise, Mode::Test]
             .into_iter()
             .filter(|&mode| {
@@ -197,8 +226,11 @@ impl Engine {
             })
             .collect();
         Snapshot {
+            mode: view.mode,
             rows,
             totals,
+            alerts: Rc::new(active_alerts(world, now)),
+            detail,
             drills,
             last_update,
             received: self.received,
@@ -220,6 +252,42 @@ pub enum Action {
     Connection(ConnState),
     /// The broker's WebSocket URL, once found.
     Endpoint(Rc<str>),
+    /// The page's hash changed.
+    Route(Route, Timestamp),
+    /// The operator chose which world to view.
+    ViewMode(Mode, Timestamp),
+    Access(Access),
+}
+
+/// What is shown of the state: which world, which page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    pub mode: Mode,
+    pub route: Route,
+}
+
+impl Default for View {
+    /// The actual world's overview: drills are only ever shown when asked for.
+    fn default() -> Self {
+        View {
+            mode: Mode::Actual,
+            route: Route::Overview,
+        }
+    }
+}
+
+/// Whether and as whom the page may connect.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Access {
+    /// `/config.json` not read yet.
+    #[default]
+    Resolving,
+    /// No login required: the broker runs in demo mode.
+    Demo,
+    /// The broker requires a login; `error` says why the last attempt failed.
+    Login { error: Option<Rc<str>> },
+    /// Credentials given; the client uses them.
+    LoggedIn { user: Rc<str> },
 }
 
 /// The value behind `use_reducer`.
@@ -229,6 +297,8 @@ pub struct Dashboard {
     pub snapshot: Rc<Snapshot>,
     pub conn: ConnState,
     pub endpoint: Option<Rc<str>>,
+    pub view: View,
+    pub access: Access,
 }
 
 impl Default for Dashboard {
@@ -240,18 +310,21 @@ impl Default for Dashboard {
 impl Dashboard {
     pub fn new(now: Timestamp) -> Self {
         let engine = Engine::default();
-        let snapshot = Rc::new(engine.snapshot(now, None));
+        let view = View::default();
+        let snapshot = Rc::new(engine.snapshot(now, None, view));
         Dashboard {
             engine: Rc::new(RefCell::new(engine)),
             snapshot,
             conn: ConnState::Connecting,
             endpoint: None,
+            view,
+            access: Access::Resolving,
         }
     }
 
     /// A new value with the snapshot at `now`, or `self` if nothing visible changed.
     fn refresh(self: Rc<Self>, now: Timestamp, last_update: Option<Timestamp>) -> Rc<Self> {
-        let snapshot = self.engine.borrow().snapshot(now, last_update);
+        let snapshot = self.engine.borrow().snapshot(now, last_update, self.view);
         if snapshot == *self.snapshot {
             return self;
         }
@@ -259,6 +332,19 @@ impl Dashboard {
             snapshot: Rc::new(snapshot),
             ..(*self).clone()
         })
+    }
+
+    /// A new value showing `view`, its snapshot taken at `now`.
+    fn show(self: Rc<Self>, view: View, now: Timestamp) -> Rc<Self> {
+        if view == self.view {
+            return self;
+        }
+        let last_update = self.snapshot.last_update;
+        Rc::new(Dashboard {
+            view,
+            ..(*self).clone()
+        })
+        .refresh(now, last_update)
     }
 }
 
@@ -268,6 +354,8 @@ impl PartialEq for Dashboard {
             && self.snapshot == other.snapshot
             && self.conn == other.conn
             && self.endpoint == other.endpoint
+            && self.view == other.view
+            && self.access == other.access
     }
 }
 
@@ -296,6 +384,19 @@ impl Reducible for Dashboard {
             }),
             Action::Endpoint(url) => Rc::new(Dashboard {
                 endpoint: Some(url),
+                ..(*self).clone()
+            }),
+            Action::Route(route, now) => {
+                let view = View { route, ..self.view };
+                self.show(view, now)
+            }
+            Action::ViewMode(mode, now) => {
+                let view = View { mode, ..self.view };
+                self.show(view, now)
+            }
+            Action::Access(access) if access == self.access => self,
+            Action::Access(access) => Rc::new(Dashboard {
+                access,
                 ..(*self).clone()
             }),
         }
@@ -368,7 +469,8 @@ mod tests {
             now,
         );
         // Interval 30 s: silent after 90 s.
-        let same = d.clone().reduce(Action::Tick(now.plus_secs(10)));
+        // Within the same age step (under ten seconds) nothing visible changes.
+        let same = d.clone().reduce(Action::Tick(now.plus_secs(5)));
         assert!(Rc::ptr_eq(&d, &same), "nothing visible changed");
         let later = d.reduce(Action::Tick(now.plus_secs(91)));
         assert_eq!(row(&later, 131041).figures.silent, 1);

@@ -1,5 +1,6 @@
 //! The browser side of the MQTT link: owns the WebSocket, feeds [`Session`], reconnects.
 
+use futures::channel::mpsc::UnboundedReceiver;
 use futures::future::{Either, select};
 use futures::{SinkExt, StreamExt};
 use gloo_net::websocket::{Message, futures::WebSocket};
@@ -7,70 +8,145 @@ use gloo_timers::future::{IntervalStream, TimeoutFuture};
 
 use super::backoff::Backoff;
 use super::frames::{Frame, Splitter};
-use super::session::{Output, PING_EVERY_MS, Session};
-use super::{ConnState, Event, client_id};
+use super::session::{Credentials, Output, PING_EVERY_MS, Phase, Session, SessionError};
+use super::{ConnState, Event, Outgoing, client_id};
 use crate::log;
 
-/// Starts the client; it runs for the life of the page.
-pub fn spawn(url: String, filter: &'static str, on_event: impl Fn(Event) + 'static) {
-    wasm_bindgen_futures::spawn_local(run(url, filter, on_event));
+/// Starts the client; it runs for the life of the page, or until a login is refused.
+pub fn spawn(
+    url: String,
+    filter: &'static str,
+    credentials: Option<Credentials>,
+    outgoing: UnboundedReceiver<Outgoing>,
+    on_event: impl Fn(Event) + 'static,
+) {
+    wasm_bindgen_futures::spawn_local(run(url, filter, credentials, outgoing, on_event));
 }
 
-async fn run(url: String, filter: &'static str, on_event: impl Fn(Event)) {
+/// How one connection ended.
+enum Ended {
+    /// Worth retrying: the broker was unreachable or the link dropped.
+    Dropped(String),
+    /// The broker turned the login away: retrying with the same credentials cannot help.
+    Refused(String),
+}
+
+/// What survives reconnections.
+struct Link<'a> {
+    url: &'a str,
+    filter: &'a str,
+    credentials: Option<&'a Credentials>,
+    outgoing: UnboundedReceiver<Outgoing>,
+    /// Publishes taken from `outgoing` while not subscribed, sent once subscribed.
+    pending: Vec<Outgoing>,
+}
+
+async fn run(
+    url: String,
+    filter: &'static str,
+    credentials: Option<Credentials>,
+    outgoing: UnboundedReceiver<Outgoing>,
+    on_event: impl Fn(Event),
+) {
     let mut backoff = Backoff::new();
+    let mut link = Link {
+        url: &url,
+        filter,
+        credentials: credentials.as_ref(),
+        outgoing,
+        pending: Vec::new(),
+    };
     loop {
         on_event(Event::State(ConnState::Connecting));
-        let why = connect_once(&url, filter, &on_event, &mut backoff).await;
+        let ended = connect_once(&mut link, &on_event, &mut backoff).await;
         on_event(Event::State(ConnState::Disconnected));
-        let delay = backoff.next_delay_ms(js_sys::Math::random());
-        log::warn(&format!(
-            "renkei: MQTT connection to {url} ended ({why}); retrying in {delay} ms"
-        ));
-        TimeoutFuture::new(delay).await;
+        match ended {
+            Ended::Refused(why) if link.credentials.is_some() => {
+                log::warn(&format!("renkei: MQTT login at {url} refused ({why})"));
+                on_event(Event::Refused(why));
+                return;
+            }
+            Ended::Refused(why) | Ended::Dropped(why) => {
+                let delay = backoff.next_delay_ms(js_sys::Math::random());
+                log::warn(&format!(
+                    "renkei: MQTT connection to {url} ended ({why}); retrying in {delay} ms"
+                ));
+                TimeoutFuture::new(delay).await;
+            }
+        }
     }
 }
 
-/// One connection from open to close; returns why it ended.
+/// One connection from open to close.
 async fn connect_once(
-    url: &str,
-    filter: &str,
+    link: &mut Link<'_>,
     on_event: &impl Fn(Event),
     backoff: &mut Backoff,
-) -> String {
-    let mut ws = match WebSocket::open_with_protocol(url, "mqtt") {
+) -> Ended {
+    let mut ws = match WebSocket::open_with_protocol(link.url, "mqtt") {
         Ok(ws) => ws,
-        Err(e) => return format!("cannot open: {e}"),
+        Err(e) => return Ended::Dropped(format!("cannot open: {e}")),
     };
-    let (mut session, connect) =
-        match Session::open(&client_id(js_sys::Math::random()), filter, now_ms()) {
-            Ok(s) => s,
-            Err(e) => return e.to_string(),
-        };
-    // Waits for the socket to open; an error that closes it shows up on the stream below.
+    let (mut session, connect) = match Session::open(
+        &client_id(js_sys::Math::random()),
+        link.filter,
+        link.credentials,
+        now_ms(),
+    ) {
+        Ok(s) => s,
+        Err(e) => return Ended::Dropped(e.to_string()),
+    };
+    // Waits for the socket to open; an unreachable broker fails here.
     if let Err(e) = ws.send(Message::Bytes(connect.to_vec())).await {
-        return format!("cannot send CONNECT: {e}");
+        return Ended::Dropped(format!("cannot send CONNECT: {e}"));
     }
+    // rumqttd answers bad credentials by closing the socket without a CONNACK: a close
+    // before CONNACK is a refusal.
+    let closed = |session: &Session, why: String| {
+        if session.phase() == Phase::AwaitingConnAck {
+            Ended::Refused(format!(
+                "connection closed before the broker accepted it ({why})"
+            ))
+        } else {
+            Ended::Dropped(why)
+        }
+    };
     let mut splitter = Splitter::new();
     let mut ping = IntervalStream::new(PING_EVERY_MS);
     let mut outputs = Vec::new();
     loop {
-        let woken = select(ws.next(), ping.next()).await;
+        let woken = select(select(ws.next(), ping.next()), link.outgoing.next()).await;
         let bytes = match woken {
-            Either::Left((Some(Ok(Message::Bytes(bytes))), _)) => bytes,
-            Either::Left((Some(Ok(Message::Text(_))), _)) => {
-                return "broker sent a text frame".into();
+            Either::Left((Either::Left((Some(Ok(Message::Bytes(bytes))), _)), _)) => bytes,
+            Either::Left((Either::Left((Some(Ok(Message::Text(_))), _)), _)) => {
+                return Ended::Dropped("broker sent a text frame".into());
             }
-            Either::Left((Some(Err(e)), _)) => return e.to_string(),
-            Either::Left((None, _)) => return "socket closed".into(),
-            Either::Right(_) => match session.on_ping_timer(now_ms()) {
+            Either::Left((Either::Left((Some(Err(e)), _)), _)) => {
+                return closed(&session, e.to_string());
+            }
+            Either::Left((Either::Left((None, _)), _)) => {
+                return closed(&session, "socket closed".into());
+            }
+            Either::Left((Either::Right(_), _)) => match session.on_ping_timer(now_ms()) {
                 Ok(ping) => {
                     if let Err(e) = ws.send(Message::Bytes(ping.to_vec())).await {
-                        return e.to_string();
+                        return Ended::Dropped(e.to_string());
                     }
                     continue;
                 }
-                Err(e) => return e.to_string(),
+                Err(e) => return Ended::Dropped(e.to_string()),
             },
+            Either::Right((Some(message), _)) => {
+                link.pending.push(message);
+                if session.phase() == Phase::Subscribed
+                    && let Err(e) = flush(&mut session, &mut ws, &mut link.pending).await
+                {
+                    return Ended::Dropped(e);
+                }
+                continue;
+            }
+            // The sender lives as long as the page; nothing more will be published.
+            Either::Right((None, _)) => continue,
         };
         splitter.push(&bytes);
         loop {
@@ -87,28 +163,51 @@ async fn connect_once(
                     ));
                     continue;
                 }
-                Err(e) => return format!("MQTT stream out of step: {:?}", e.0),
+                Err(e) => return Ended::Dropped(format!("MQTT stream out of step: {:?}", e.0)),
             };
             let phase = session.phase();
-            if let Err(e) = session.on_packet(packet, now_ms(), &mut outputs) {
-                return format!("{e} (while {phase:?})");
+            match session.on_packet(packet, now_ms(), &mut outputs) {
+                Ok(()) => {}
+                Err(e @ SessionError::Refused(_)) => return Ended::Refused(e.to_string()),
+                Err(e) => return Ended::Dropped(format!("{e} (while {phase:?})")),
             }
             for output in outputs.drain(..) {
                 match output {
                     Output::Send(bytes) => {
                         if let Err(e) = ws.send(Message::Bytes(bytes.to_vec())).await {
-                            return e.to_string();
+                            return Ended::Dropped(e.to_string());
                         }
                     }
                     Output::Subscribed => {
                         backoff.reset();
                         on_event(Event::State(ConnState::Connected));
+                        if let Err(e) = flush(&mut session, &mut ws, &mut link.pending).await {
+                            return Ended::Dropped(e);
+                        }
                     }
                     Output::Deliver(message) => on_event(Event::Message(message)),
                 }
             }
         }
     }
+}
+
+/// Sends the waiting publishes, oldest first; on failure the unsent ones stay waiting.
+async fn flush(
+    session: &mut Session,
+    ws: &mut WebSocket,
+    pending: &mut Vec<Outgoing>,
+) -> Result<(), String> {
+    while let Some(message) = pending.first() {
+        let bytes = session
+            .publish(&message.topic, &message.payload)
+            .map_err(|e| e.to_string())?;
+        ws.send(Message::Bytes(bytes.to_vec()))
+            .await
+            .map_err(|e| e.to_string())?;
+        pending.remove(0);
+    }
+    Ok(())
 }
 
 fn now_ms() -> f64 {

@@ -13,7 +13,7 @@ pub mod client;
 pub mod frames;
 pub mod session;
 
-pub use session::Incoming;
+pub use session::{Credentials, Incoming};
 
 /// The connection as the view shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +42,16 @@ impl ConnState {
 pub enum Event {
     State(ConnState),
     Message(Incoming),
+    /// The broker refused the login (or closed the connection before accepting it): the
+    /// client has stopped, and a new login is needed.
+    Refused(String),
+}
+
+/// A message the page publishes (an acknowledgement).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
 }
 
 /// A client id suffix from a random number in [0, 1): eight hex digits, enough that two

@@ -25,6 +25,24 @@ pub const PING_EVERY_MS: u32 = 20_000;
 pub const DEAD_AFTER_MS: f64 = KEEP_ALIVE_S as f64 * 1500.0;
 /// Packet id of the one SUBSCRIBE; MQTT forbids 0.
 const SUBSCRIBE_PKID: u16 = 1;
+/// First packet id of the page's own publishes, clear of [`SUBSCRIBE_PKID`].
+const FIRST_PUBLISH_PKID: u16 = 2;
+
+/// A user name and password for CONNECT, held in memory only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    /// Never prints the password, even in a debug log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Where the session stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +102,8 @@ pub struct Session {
     filter: String,
     /// When anything was last heard, in the driver's clock (ms).
     last_heard_ms: f64,
+    /// Packet id of the next publish.
+    next_pkid: u16,
 }
 
 impl Session {
@@ -91,19 +111,38 @@ impl Session {
     pub fn open(
         client_id: &str,
         filter: &str,
+        credentials: Option<&Credentials>,
         now_ms: f64,
     ) -> Result<(Session, Bytes), SessionError> {
         let mut connect = Connect::new(client_id);
         connect.keep_alive = KEEP_ALIVE_S;
         // Each page load starts clean: retained messages give the whole picture at once.
         connect.clean_session = true;
+        if let Some(c) = credentials {
+            connect.set_login(&c.user, &c.password);
+        }
         let bytes = encode(|buf| connect.write(buf))?;
         let session = Session {
             phase: Phase::AwaitingConnAck,
             filter: filter.to_owned(),
             last_heard_ms: now_ms,
+            next_pkid: FIRST_PUBLISH_PKID,
         };
         Ok((session, bytes))
+    }
+
+    /// A retained QoS 1 PUBLISH of `payload` on `topic`. Its PUBACK needs no handling: what
+    /// was published comes back through the subscription, and that is what the view shows.
+    pub fn publish(&mut self, topic: &str, payload: &[u8]) -> Result<Bytes, SessionError> {
+        let mut publish =
+            Publish::from_bytes(topic, QoS::AtLeastOnce, Bytes::copy_from_slice(payload));
+        publish.retain = true;
+        publish.pkid = self.next_pkid;
+        self.next_pkid = match self.next_pkid.wrapping_add(1) {
+            0 | SUBSCRIBE_PKID => FIRST_PUBLISH_PKID,
+            n => n,
+        };
+        encode(|buf| publish.write(buf))
     }
 
     pub fn phase(&self) -> Phase {
@@ -209,7 +248,7 @@ mod tests {
     }
 
     fn connected() -> Session {
-        let (mut s, _) = Session::open("dash-x", "renkei/v1/#", 0.0).unwrap();
+        let (mut s, _) = Session::open("dash-x", "renkei/v1/#", None, 0.0).unwrap();
         let mut out = Vec::new();
         s.on_packet(
             Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
@@ -231,12 +270,13 @@ mod tests {
 
     #[test]
     fn connects_then_subscribes_with_a_packet_id() {
-        let (mut s, connect) = Session::open("dash-abc", "renkei/v1/#", 0.0).unwrap();
+        let (mut s, connect) = Session::open("dash-abc", "renkei/v1/#", None, 0.0).unwrap();
         match decode(&connect) {
             Packet::Connect(c) => {
                 assert_eq!(c.client_id, "dash-abc");
                 assert_eq!(c.keep_alive, 30);
                 assert!(c.clean_session);
+                assert!(c.login.is_none(), "no login in demo mode");
             }
             other => panic!("{other:?}"),
         }
@@ -275,17 +315,17 @@ mod tests {
 
     #[test]
     fn refusals_end_the_session() {
-        let (mut s, _) = Session::open("d", "f/#", 0.0).unwrap();
+        let (mut s, _) = Session::open("d", "f/#", None, 0.0).unwrap();
         let refused = Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false));
         assert!(matches!(
             s.on_packet(refused, 0.0, &mut Vec::new()),
             Err(SessionError::Refused(ConnectReturnCode::NotAuthorized))
         ));
 
-        let (mut s, _) = Session::open("d", "f/#", 0.0).unwrap();
+        let (mut s, _) = Session::open("d", "f/#", None, 0.0).unwrap();
         assert!(s.on_packet(Packet::PingResp, 0.0, &mut Vec::new()).is_err());
 
-        let (mut s, _) = Session::open("d", "f/#", 0.0).unwrap();
+        let (mut s, _) = Session::open("d", "f/#", None, 0.0).unwrap();
         let mut out = Vec::new();
         s.on_packet(
             Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
@@ -327,6 +367,47 @@ mod tests {
         s.on_packet(Packet::Publish(publish), 4.0, &mut out)
             .unwrap();
         assert!(matches!(&out[..], [Output::Deliver(_)]));
+    }
+
+    #[test]
+    fn sends_the_login_in_connect_and_hides_the_password() {
+        let creds = Credentials {
+            user: "sato".into(),
+            password: "s3cret".into(),
+        };
+        let (_, connect) = Session::open("dash-1", "f/#", Some(&creds), 0.0).unwrap();
+        match decode(&connect) {
+            Packet::Connect(c) => {
+                let login = c.login.unwrap();
+                assert_eq!(login.username, "sato");
+                assert_eq!(login.password, "s3cret");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!format!("{creds:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn publishes_retained_qos1_with_fresh_packet_ids() {
+        let mut s = connected();
+        let first = s
+            .publish("renkei/v1/hq/ack/alert/a/sato", &[1, 2, 3])
+            .unwrap();
+        let second = s.publish("renkei/v1/hq/ack/alert/a/sato", &[4]).unwrap();
+        let (Packet::Publish(p1), Packet::Publish(p2)) = (decode(&first), decode(&second)) else {
+            panic!("not publishes");
+        };
+        assert_eq!(p1.topic, "renkei/v1/hq/ack/alert/a/sato");
+        assert_eq!(&p1.payload[..], &[1, 2, 3]);
+        assert_eq!(p1.qos, QoS::AtLeastOnce);
+        assert!(p1.retain);
+        assert_ne!(p1.pkid, 0);
+        assert_ne!(p1.pkid, SUBSCRIBE_PKID);
+        assert_ne!(p1.pkid, p2.pkid);
+        // Packet ids wrap past 0 and the subscription's id.
+        s.next_pkid = u16::MAX;
+        s.publish("t", &[]).unwrap();
+        assert_eq!(s.next_pkid, FIRST_PUBLISH_PKID);
     }
 
     #[test]

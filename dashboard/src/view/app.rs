@@ -1,11 +1,18 @@
 use renkei_shared::{Mode, Timestamp};
+use web_sys::HtmlSelectElement;
 use yew::prelude::*;
 
+use super::alerts_panel::AlertsPanel;
 use super::header::Header;
+use super::login::Login;
+use super::ward_map::WardMap;
 use super::ward_table::WardTable;
-use crate::i18n::{Label, Lang};
+use super::ward_view::WardView;
+use crate::i18n::{self, Label, Lang};
+use crate::mqtt::Credentials;
+use crate::route::Route;
 use crate::services;
-use crate::state::Dashboard;
+use crate::state::{Access, Action, Dashboard};
 
 /// The whole page.
 #[component]
@@ -17,6 +24,15 @@ pub fn App() -> Html {
         use_effect_with((), move |_| services::start(dispatcher));
     }
     use_effect_with(*lang, |lang| services::set_document_lang(*lang));
+    // Effects run after the render is in the DOM: this is when a site first shows.
+    use_effect_with(dashboard.snapshot.totals.sites > 0, |&shown| {
+        #[cfg(target_arch = "wasm32")]
+        if shown {
+            crate::perf::browser::first_render();
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        let _ = shown;
+    });
 
     let toggle_lang = {
         let lang = lang.clone();
@@ -24,14 +40,44 @@ pub fn App() -> Html {
     };
     let lang = *lang;
     let snapshot = dashboard.snapshot.clone();
+    let access = match &dashboard.access {
+        Access::Demo => Some(("demo", AttrValue::from(Label::Demo.text(lang)))),
+        Access::LoggedIn { user } => Some(("user", AttrValue::from(user.to_string()))),
+        Access::Resolving | Access::Login { .. } => None,
+    };
+    let header = html! {
+        <Header
+            {lang}
+            conn={dashboard.conn}
+            endpoint={dashboard.endpoint.clone()}
+            last_update={snapshot.last_update}
+            {access}
+            on_toggle_lang={toggle_lang}
+        />
+    };
+
+    if let Access::Login { error } = &dashboard.access {
+        let on_login = {
+            let dispatcher = dashboard.dispatcher();
+            let url = dashboard.endpoint.clone();
+            Callback::from(move |credentials: Credentials| {
+                if let Some(url) = &url {
+                    services::log_in(dispatcher.clone(), url, credentials);
+                }
+            })
+        };
+        return html! {
+            <>
+                { header }
+                <main><Login {lang} error={error.as_deref().map(|e| AttrValue::from(e.to_owned()))} {on_login} /></main>
+            </>
+        };
+    }
+
     let drills = snapshot
         .drills
         .iter()
-        .map(|m| match m {
-            Mode::Actual => "actual",
-            Mode::Exercise => "exercise",
-            Mode::Test => "test",
-        })
+        .map(|&m| i18n::mode_key(m))
         .collect::<Vec<_>>()
         .join(" ");
     let rejected_detail = snapshot
@@ -40,22 +86,59 @@ pub fn App() -> Html {
         .map(|(reason, n)| format!("{reason}: {n}"))
         .collect::<Vec<_>>()
         .join(", ");
+    let on_mode = {
+        let dispatcher = dashboard.dispatcher();
+        Callback::from(move |e: Event| {
+            let select: HtmlSelectElement = e.target_unchecked_into();
+            let mode = Mode::ALL
+                .into_iter()
+                .find(|&m| i18n::mode_key(m) == select.value())
+                .unwrap_or(Mode::Actual);
+            dispatcher.dispatch(Action::ViewMode(mode, Timestamp(services::now_ms())));
+        })
+    };
+    let viewed = snapshot.mode;
+    let content = match dashboard.view.route {
+        Route::Overview => html! {
+            <>
+                <WardMap {lang} snapshot={snapshot.clone()} />
+                <section class="table-section">
+                    <WardTable {lang} snapshot={snapshot.clone()} />
+                </section>
+            </>
+        },
+        Route::Ward(ward) => html! {
+            <WardView key={ward.0} {lang} {ward} detail={snapshot.detail.clone()} />
+        },
+    };
 
     html! {
         <>
-            <Header
-                {lang}
-                conn={dashboard.conn}
-                endpoint={dashboard.endpoint.clone()}
-                last_update={snapshot.last_update}
-                on_toggle_lang={toggle_lang}
-            />
+            { header }
             if !snapshot.drills.is_empty() {
                 // Fixed bilingual text: a drill must be unmistakable whatever the language.
                 <div id="mode-banner" data-modes={drills} role="alert">{ "訓練 EXERCISE" }</div>
             }
-            <main>
-                <WardTable {lang} snapshot={snapshot.clone()} />
+            if viewed != Mode::Actual {
+                <div id="view-mode-banner" data-mode={i18n::mode_key(viewed)} role="alert">
+                    { format!("{} — {}", i18n::mode(viewed, lang), Label::ViewingDrill.text(lang)) }
+                </div>
+            }
+            <nav class="toolbar">
+                <label>
+                    { Label::ViewWorld.text(lang) }{ " " }
+                    <select id="mode-select" onchange={on_mode}>
+                        { for Mode::ALL.into_iter().map(|m| html! {
+                            <option value={i18n::mode_key(m)} selected={m == viewed}>
+                                { i18n::mode(m, lang) }
+                            </option>
+                        }) }
+                    </select>
+                </label>
+            </nav>
+            <main class={classes!("layout", (viewed != Mode::Actual).then_some("drill"))} data-mode={i18n::mode_key(viewed)}>
+                <div class="content">{ content }</div>
+                <AlertsPanel {lang} mode={viewed} alerts={snapshot.alerts.clone()} />
             </main>
             <footer>
                 <span id="received" data-count={snapshot.received.to_string()}>

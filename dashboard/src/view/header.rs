@@ -13,10 +13,12 @@ pub struct HeaderProps {
     /// The broker's WebSocket URL, once known.
     pub endpoint: Option<Rc<str>>,
     pub last_update: Option<Timestamp>,
+    /// `("demo", label)` when no login is required, `("user", name)` when logged in.
+    pub access: Option<(&'static str, AttrValue)>,
     pub on_toggle_lang: Callback<MouseEvent>,
 }
 
-/// Title, connection indicator, last update and the language switch.
+/// Title, connection indicator, who is connected, last update and the language switch.
 #[component]
 pub fn Header(props: &HeaderProps) -> Html {
     let lang = props.lang;
@@ -36,6 +38,9 @@ pub fn Header(props: &HeaderProps) -> Html {
             >
                 { Label::Conn(props.conn).text(lang) }
             </span>
+            if let Some((kind, text)) = &props.access {
+                <span id="access" data-access={*kind}>{ text.clone() }</span>
+            }
             <span class="last-update">{ Label::LastUpdate.text(lang) }{ " " }{ last_update }</span>
             <button id="lang-switch" type="button" lang={lang.other().tag()} onclick={props.on_toggle_lang.clone()}>
                 { Label::Switch.text(lang) }

@@ -2,8 +2,11 @@ use std::rc::Rc;
 
 use yew::prelude::*;
 
+use super::age_text;
 use crate::i18n::{Label, Lang, level_class, ward_name};
-use crate::state::{Figures, Snapshot};
+use crate::route::Route;
+use crate::services;
+use crate::state::{Figures, Snapshot, WardRow};
 
 /// A numeric column: its `data-field` key, headings, and where its value comes from.
 #[derive(Debug, Clone, Copy)]
@@ -95,22 +98,39 @@ fn cells(figures: &Figures) -> Html {
         .collect()
 }
 
-/// One row per ward (all 23) of the actual world, and a totals row.
+#[derive(Debug, Properties, PartialEq)]
+pub struct WardRowProps {
+    pub lang: Lang,
+    pub row: WardRow,
+}
+
+/// One ward's row; re-renders only when its own figures (or the language) change.
+#[component]
+pub fn WardRowView(props: &WardRowProps) -> Html {
+    let WardRowProps { lang, row } = props;
+    let code = row.ward.code;
+    let open = Callback::from(move |_: MouseEvent| services::go(Route::Ward(code)));
+    html! {
+        <tr
+            data-ward={code.to_string()}
+            class={classes!(level_class(row.level), row.all_silent.then_some("stale"))}
+            onclick={open}
+        >
+            <th scope="row" data-field="name">
+                <a href={Route::Ward(code).hash()}>{ ward_name(row.ward, *lang) }</a>
+            </th>
+            { cells(&row.figures) }
+            <td data-field="age">{ age_text(row.newest, *lang) }</td>
+        </tr>
+    }
+}
+
+/// One row per ward (all 23) of the viewed world, and a totals row.
 #[component]
 pub fn WardTable(props: &WardTableProps) -> Html {
     let lang = props.lang;
     let rows = props.snapshot.rows.iter().map(|row| {
-        let name = ward_name(row.ward, lang);
-        html! {
-            <tr
-                key={row.ward.code.0}
-                data-ward={row.ward.code.to_string()}
-                class={level_class(row.level)}
-            >
-                <th scope="row" data-field="name">{ name }</th>
-                { cells(&row.figures) }
-            </tr>
-        }
+        html! { <WardRowView key={row.ward.code.0} {lang} row={row.clone()} /> }
     });
     html! {
         <table id="wards">
@@ -118,6 +138,7 @@ pub fn WardTable(props: &WardTableProps) -> Html {
                 <tr>
                     <th scope="col">{ Label::Ward.text(lang) }</th>
                     { for COLUMNS.iter().map(|c| html! { <th scope="col" data-field={c.field}>{ c.heading(lang) }</th> }) }
+                    <th scope="col" data-field="age">{ Label::Updated.text(lang) }</th>
                 </tr>
             </thead>
             <tbody>{ for rows }</tbody>
@@ -125,6 +146,7 @@ pub fn WardTable(props: &WardTableProps) -> Html {
                 <tr id="totals">
                     <th scope="row" data-field="name">{ Label::Total.text(lang) }</th>
                     { cells(&props.snapshot.totals) }
+                    <td data-field="age"></td>
                 </tr>
             </tfoot>
         </table>

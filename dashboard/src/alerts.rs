@@ -1,0 +1,187 @@
+//! The alerts panel's rows, and the acknowledgement an operator publishes from it.
+//!
+//! An acknowledgement is an ordinary Renkei message from HQ: the reducer applies it like any
+//! other once the broker hands it back, so the panel shows an ack only after it went round
+//! the broker, never optimistically.
+
+use renkei_shared::{
+    Ack, AckAction, AckTarget, Actor, Body, Envelope, Header, Id, Mode, Origin, Role, Severity,
+    Timestamp, WardCode, World,
+};
+
+use crate::age::Age;
+
+/// The user named on acknowledgements when nobody logged in (demo mode).
+pub const DEFAULT_USER: &str = "hq-operator";
+
+/// One active alert.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertRow {
+    pub alert_id: Id,
+    pub severity: Severity,
+    pub headline: String,
+    pub wards: Vec<WardCode>,
+    pub ack_required: bool,
+    pub age: Age,
+    /// Who answered, in user order.
+    pub acks: Vec<AckRow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckRow {
+    pub user: Id,
+    pub action: AckAction,
+    pub age: Age,
+}
+
+/// The active alerts of `world` at `now`, worst first, newest first within a severity.
+pub fn active_alerts(world: &World, now: Timestamp) -> Vec<AlertRow> {
+    let mut rows: Vec<(Timestamp, AlertRow)> = world
+        .alerts
+        .values()
+        .filter(|entry| entry.is_active(now))
+        .filter_map(|entry| {
+            let (_, sent_at, alert) = entry.alert.as_ref()?;
+            let acks = entry
+                .acks
+                .iter()
+                .map(|(user, (_, at, ack))| AckRow {
+                    user: user.clone(),
+                    action: ack.action,
+                    age: Age::between(now, *at),
+                })
+                .collect();
+            Some((
+                *sent_at,
+                AlertRow {
+                    alert_id: alert.alert_id.clone(),
+                    severity: alert.severity,
+                    headline: alert.headline.clone(),
+                    wards: alert.wards.clone(),
+                    ack_required: alert.ack_required,
+                    age: Age::between(now, *sent_at),
+                    acks,
+                },
+            ))
+        })
+        .collect();
+    rows.sort_by(|(ta, a), (tb, b)| b.severity.cmp(&a.severity).then(tb.cmp(ta)));
+    rows.into_iter().map(|(_, row)| row).collect()
+}
+
+/// A user name as an [`Id`]: login names may hold characters a topic level cannot.
+pub fn user_id(login: &str) -> Id {
+    let cleaned: String = login
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        // Leaves room for the "dash-" of the origin id.
+        .take(renkei_shared::MAX_ID_LEN - 5)
+        .collect();
+    Id::new(cleaned).unwrap_or_else(|_| Id::new(DEFAULT_USER).expect("a valid id"))
+}
+
+/// Who this page publishes as, and the counters that order its messages.
+#[derive(Debug, Clone)]
+pub struct HqSender {
+    pub user: Id,
+    /// Random per page load: two tabs of one user never collide on `(boot, seq)`.
+    pub boot: u32,
+    seq: u64,
+}
+
+impl HqSender {
+    pub fn new(user: Id, boot: u32) -> Self {
+        HqSender { user, boot, seq: 0 }
+    }
+
+    /// The acknowledgement of `alert_id` in `mode`, sent at `now`.
+    pub fn ack(&mut self, alert_id: Id, mode: Mode, now: Timestamp) -> Envelope {
+        self.seq += 1;
+        let origin = Id::new(format!("dash-{}", self.user))
+            .unwrap_or_else(|_| Id::new("dash").expect("a valid id"));
+        Envelope {
+            header: Header {
+                origin: Origin::Hq(origin),
+                boot: self.boot,
+                seq: self.seq,
+                sent_at: now,
+                mode,
+                historical: false,
+            },
+            body: Body::Ack(Ack {
+                target: AckTarget::Alert(alert_id),
+                by: Actor {
+                    user: self.user.clone(),
+                    role: Role::Hq,
+                    organisation: String::new(),
+                },
+                action: AckAction::Ack,
+                fulfilled: None,
+                note: String::new(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use renkei_shared::{State, Topic, decode, encode, sample};
+
+    use super::*;
+
+    #[test]
+    fn acks_go_to_the_users_topic_and_round_trip_through_the_reducer() {
+        let mut sender = HqSender::new(user_id("sato"), 7);
+        let alert = sample::alert();
+        let Body::Alert(a) = &alert.body else {
+            panic!()
+        };
+        let now = sample::SENT_AT.plus_secs(60);
+        let ack = sender.ack(a.alert_id.clone(), Mode::Actual, now);
+        let second = sender.ack(a.alert_id.clone(), Mode::Actual, now);
+        assert!(second.header.seq > ack.header.seq);
+        assert_eq!(ack.header.origin, Origin::Hq(Id::new("dash-sato").unwrap()));
+        let topic = Topic::of(&ack).unwrap().to_string();
+        assert_eq!(topic, format!("renkei/v1/hq/ack/alert/{}/sato", a.alert_id));
+        let bytes = encode(&ack).unwrap();
+        assert_eq!(decode(&bytes).unwrap(), ack);
+
+        let mut state = State::new();
+        state.apply(&alert);
+        let before = active_alerts(state.world(Mode::Actual), now);
+        assert_eq!(before.len(), 1);
+        assert!(before[0].acks.is_empty());
+        state.apply(&ack);
+        let after = active_alerts(state.world(Mode::Actual), now);
+        assert_eq!(after[0].acks.len(), 1);
+        assert_eq!(after[0].acks[0].user.as_str(), "sato");
+        assert_eq!(after[0].acks[0].action, AckAction::Ack);
+    }
+
+    #[test]
+    fn user_names_become_ids() {
+        assert_eq!(user_id("sato").as_str(), "sato");
+        assert_eq!(user_id("佐藤 a.b").as_str(), "___a_b");
+        assert_eq!(user_id("").as_str(), DEFAULT_USER);
+        assert_eq!(user_id(&"x".repeat(100)).as_str().len(), 59);
+    }
+
+    #[test]
+    fn expired_and_cleared_alerts_leave_the_panel() {
+        let mut state = State::new();
+        let mut alert = sample::alert();
+        if let Body::Alert(a) = &mut alert.body {
+            a.expires_at = Some(sample::SENT_AT.plus_secs(10));
+        }
+        state.apply(&alert);
+        let world = state.world(Mode::Actual);
+        assert_eq!(active_alerts(world, sample::SENT_AT).len(), 1);
+        assert!(active_alerts(world, sample::SENT_AT.plus_secs(11)).is_empty());
+    }
+}

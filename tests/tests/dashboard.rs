@@ -1,0 +1,417 @@
+//! The dashboard in real headless Chromium against the real broker and real agents: data on
+//! the map, table and ward view; a killed agent turning silent; an alert acknowledged from the
+//! page and seen on the MQTT side; the language switch; the exercise banner and world
+//! selector; and the page's own performance figures with 2,000 simulated sites.
+//!
+//! Each test starts its own broker and browser. They run one at a time: a machine with two
+//! cores cannot run several Chromiums and brokers at once without timing out.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use fantoccini::Locator;
+use renkei_shared::{Ack, AckTarget, Body, Envelope, Id, Role, Timestamp, Topic, WardCode};
+use renkei_tests::{Broker, Browser, Process, agent, eventually, workspace_root};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tempfile::TempDir;
+
+/// Serialises the tests of this file (see the module docs).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A broker in demo mode, a browser on its dashboard, and the temp dirs they use.
+struct Bench {
+    broker: Broker,
+    browser: Browser,
+    _dirs: Vec<TempDir>,
+}
+
+impl Bench {
+    async fn start() -> Result<Bench> {
+        let dist = workspace_root().join("dist/index.html");
+        anyhow::ensure!(
+            dist.exists(),
+            "{} is missing: build the dashboard first (`cargo xtask test` does it)",
+            dist.display()
+        );
+        let data = tempfile::tempdir()?;
+        let broker = Broker::start(data.path(), &["--demo"])?;
+        let browser = Browser::start().await?;
+        browser
+            .client
+            .goto(&format!("http://{}/", broker.http))
+            .await?;
+        Ok(Bench {
+            broker,
+            browser,
+            _dirs: vec![data],
+        })
+    }
+
+    /// Runs one shelter agent in Shinjuku.
+    fn shelter(&mut self, site: &str, extra: &[&str]) -> Result<Process> {
+        let state = tempfile::tempdir()?;
+        let state_dir = state.path().to_str().context("utf-8 temp path")?.to_owned();
+        self._dirs.push(state);
+        let url = self.broker.mqtt_url();
+        let mut args = vec![
+            "run",
+            "--broker",
+            &url,
+            "--ward",
+            "131041",
+            "--site",
+            site,
+            "--name",
+            "試験避難所",
+            "--kind",
+            "shelter",
+            "--evacuees",
+            "123",
+            "--capacity",
+            "456",
+            "--shelter-state",
+            "open",
+            "--state-dir",
+            &state_dir,
+        ];
+        args.extend_from_slice(extra);
+        agent(&args)
+    }
+
+    async fn click(&self, css: &str) -> Result<()> {
+        let el = eventually(WAIT, css, || async {
+            self.browser.client.find(Locator::Css(css)).await.ok()
+        })
+        .await?;
+        el.click().await?;
+        Ok(())
+    }
+
+    async fn exists(&self, css: &str) -> Result<()> {
+        eventually(WAIT, css, || async {
+            self.browser.client.find(Locator::Css(css)).await.ok()
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Runs `checks`, saving a screenshot named after the test if they fail.
+    async fn checked(&self, name: &str, checks: impl Future<Output = Result<()>>) -> Result<()> {
+        if let Err(e) = checks.await {
+            let shot = workspace_root().join(format!("target/dashboard-{name}.png"));
+            let _ = self.browser.screenshot(&shot).await;
+            return Err(e.context(format!("screenshot at {}", shot.display())));
+        }
+        self.browser.client.clone().close().await?;
+        Ok(())
+    }
+}
+
+fn tile(field: &str) -> String {
+    format!(".tile[data-ward=\"131041\"] [data-field=\"{field}\"]")
+}
+
+fn row(field: &str) -> String {
+    format!("tr[data-ward=\"131041\"] td[data-field=\"{field}\"]")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_shows_on_the_map_the_table_and_the_ward_view() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut bench = Bench::start().await?;
+    let _agent = bench.shelter("dash-shelter", &["--interval", "2s"])?;
+    let b = &bench.browser;
+    bench
+        .checked("report", async {
+            b.wait_for_text(&tile("evacuees"), "123 / 456", WAIT)
+                .await?;
+            b.wait_for_text(&row("evacuees"), "123", WAIT).await?;
+            bench.exists("#access[data-access=\"demo\"]").await?;
+            bench
+                .exists(".tile[data-ward=\"131041\"].level-watch")
+                .await?;
+            // The age of the figure is shown next to it.
+            let age = b.text(&row("age")).await.unwrap_or_default();
+            anyhow::ensure!(age == "たった今" || age.ends_with('前'), "age {age:?}");
+
+            bench.click(".tile[data-ward=\"131041\"]").await?;
+            bench.exists("#ward-view[data-ward=\"131041\"]").await?;
+            let shelter = "#shelters tr[data-site=\"dash-shelter\"]";
+            b.wait_for_text(
+                &format!("{shelter} td[data-field=\"evacuees\"]"),
+                "123 / 456",
+                WAIT,
+            )
+            .await?;
+            b.wait_for_text(
+                &format!("{shelter} td[data-field=\"occupancy\"]"),
+                "26%",
+                WAIT,
+            )
+            .await?;
+            // The filter hides what does not match, and shows it again when cleared.
+            let filter = b.client.find(Locator::Css("#shelter-filter")).await?;
+            filter.send_keys("no-such-shelter").await?;
+            bench.exists("#shelters[data-count=\"0\"]").await?;
+            filter.clear().await?;
+            filter.send_keys("試験").await?;
+            bench.exists("#shelters[data-count=\"1\"]").await?;
+            // Back to the overview through the link; the table is still there.
+            bench.click("#back").await?;
+            b.wait_for_text(&row("evacuees"), "123", WAIT).await?;
+            Ok(())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_turns_its_site_silent() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut bench = Bench::start().await?;
+    let mut agent = bench.shelter("dash-killed", &["--interval", "1s"])?;
+    let b = &bench.browser;
+    bench
+        .checked("killed", async {
+            b.wait_for_text(&row("silent"), "0", WAIT).await?;
+            b.wait_for_text(&row("sites"), "1", WAIT).await?;
+            b.client
+                .goto(&format!("http://{}/#/ward/131041", bench.broker.http))
+                .await?;
+            bench
+                .exists("#shelters tr[data-site=\"dash-killed\"][data-dead=\"false\"]")
+                .await?;
+            agent.kill9();
+            // The broker publishes the agent's last will: the site is flagged at once, well
+            // before three missed intervals would make it stale.
+            bench
+                .exists("#shelters tr[data-site=\"dash-killed\"][data-dead=\"true\"].stale")
+                .await?;
+            // Three missed one-second intervals later it is stale as well.
+            bench
+                .exists("#shelters tr[data-site=\"dash-killed\"][data-stale=\"true\"]")
+                .await?;
+            bench.click("#back").await?;
+            b.wait_for_text(&row("silent"), "1", WAIT).await?;
+            b.wait_for_text(&row("reporting"), "0", WAIT).await?;
+            Ok(())
+        })
+        .await
+}
+
+/// The HQ alert the test raises, sent now.
+fn alert(alert_id: &str) -> Result<Envelope> {
+    let mut env = renkei_shared::sample::alert();
+    env.header.sent_at = Timestamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+            .try_into()?,
+    );
+    let Body::Alert(a) = &mut env.body else {
+        bail!("the sample alert is not an alert")
+    };
+    a.alert_id = Id::new(alert_id)?;
+    a.wards = vec![WardCode(131041)];
+    a.headline = "テスト通知 / test alert".into();
+    Ok(env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_acknowledged_in_the_page_reaches_mqtt_and_comes_back() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let bench = Bench::start().await?;
+    let (host, port) = bench.broker.mqtt_host_port()?;
+    let mut options = MqttOptions::new("test-hq", host, port);
+    options.set_keep_alive(Duration::from_secs(10));
+    let (client, mut events) = AsyncClient::new(options, 64);
+    let env = alert("dash-test-alert")?;
+    client
+        .subscribe("renkei/v1/hq/ack/#", QoS::AtLeastOnce)
+        .await?;
+    client
+        .publish(
+            Topic::of(&env)?.to_string(),
+            QoS::AtLeastOnce,
+            true,
+            renkei_shared::encode(&env)?,
+        )
+        .await?;
+    // The event loop runs beside the browser and hands over the first acknowledgement.
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mqtt = tokio::spawn(async move {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = ack_tx.send((p.topic.clone(), p.retain, p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    });
+    let result = bench
+        .checked("ack", async {
+            let item = "li.alert[data-alert=\"dash-test-alert\"]";
+            bench.exists(item).await?;
+            bench.exists(".tile[data-ward=\"131041\"].level-warning").await?;
+            bench
+                .click(&format!("{item} button.ack"))
+                .await?;
+            let (topic, _retain, payload) = tokio::time::timeout(WAIT, ack_rx.recv())
+                .await
+                .context("no acknowledgement reached MQTT")?
+                .context("the MQTT loop ended")?;
+            assert_eq!(topic, "renkei/v1/hq/ack/alert/dash-test-alert/hq-operator");
+            let ack = renkei_shared::decode(&payload)?;
+            let Body::Ack(Ack { target, by, .. }) = &ack.body else {
+                bail!("not an ack: {ack:?}")
+            };
+            assert_eq!(*target, AckTarget::Alert(Id::new("dash-test-alert")?));
+            assert_eq!(by.user.as_str(), "hq-operator");
+            assert_eq!(by.role, Role::Hq);
+            assert!(
+                matches!(&ack.header.origin, renkei_shared::Origin::Hq(id) if id.as_str() == "dash-hq-operator")
+            );
+            // And the page lists who acknowledged, once the broker handed it back.
+            bench
+                .exists(&format!("{item} .acks li[data-user=\"hq-operator\"]"))
+                .await?;
+            Ok(())
+        })
+        .await;
+    mqtt.abort();
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_language_switch_changes_every_label() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let bench = Bench::start().await?;
+    let b = &bench.browser;
+    bench
+        .checked("lang", async {
+            b.wait_for_text("header h1", "連携 23区災害情報共有", WAIT)
+                .await?;
+            b.wait_for_text("#alerts h2", "通知", WAIT).await?;
+            bench.click("#lang-switch").await?;
+            b.wait_for_text("header h1", "Renkei: 23-ward disaster picture", WAIT)
+                .await?;
+            b.wait_for_text("#alerts h2", "Alerts", WAIT).await?;
+            b.wait_for_text("#totals th", "Total", WAIT).await?;
+            b.wait_for_text(".tile[data-ward=\"131041\"] .tile-name", "Shinjuku", WAIT)
+                .await?;
+            let lang = b
+                .client
+                .execute("return document.documentElement.lang", vec![])
+                .await?;
+            assert_eq!(lang, "en");
+            bench.click("#lang-switch").await?;
+            b.wait_for_text("#totals th", "合計", WAIT).await?;
+            Ok(())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exercise_data_is_bannered_kept_out_of_totals_and_viewable_on_request() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut bench = Bench::start().await?;
+    let _agent = bench.shelter("dash-drill", &["--interval", "2s", "--mode", "exercise"])?;
+    let b = &bench.browser;
+    bench
+        .checked("exercise", async {
+            bench
+                .exists("#mode-banner[data-modes~=\"exercise\"]")
+                .await?;
+            // Actual totals stay empty, and the page is not labelled as a drill view.
+            b.wait_for_text("#totals td[data-field=\"sites\"]", "0", WAIT)
+                .await?;
+            anyhow::ensure!(
+                b.client
+                    .find(Locator::Css("#view-mode-banner"))
+                    .await
+                    .is_err(),
+                "the actual view is labelled as a drill"
+            );
+            let select = b.client.find(Locator::Css("#mode-select")).await?;
+            select.select_by_value("exercise").await?;
+            bench
+                .exists("#view-mode-banner[data-mode=\"exercise\"]")
+                .await?;
+            b.wait_for_text("#totals td[data-field=\"sites\"]", "1", WAIT)
+                .await?;
+            b.wait_for_text(&row("evacuees"), "123", WAIT).await?;
+            let select = b.client.find(Locator::Css("#mode-select")).await?;
+            select.select_by_value("actual").await?;
+            b.wait_for_text("#totals td[data-field=\"sites\"]", "0", WAIT)
+                .await?;
+            Ok(())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stays_smooth_with_2000_simulated_sites() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut bench = Bench::start().await?;
+    let state = tempfile::tempdir()?;
+    let state_dir = state.path().to_str().context("utf-8 temp path")?.to_owned();
+    bench._dirs.push(state);
+    let url = bench.broker.mqtt_url();
+    let b = &bench.browser;
+    bench.exists("#conn[data-state=\"connected\"]").await?;
+    let _sim = agent(&[
+        "simulate",
+        "--broker",
+        &url,
+        "--sites",
+        "2000",
+        "--interval",
+        "1s",
+        "--mode",
+        "actual",
+        "--state-dir",
+        &state_dir,
+    ])?;
+    bench
+        .checked("perf", async {
+            let sites = || async {
+                b.text("#totals td[data-field=\"sites\"]")
+                    .await
+                    .and_then(|t| t.parse::<u64>().ok())
+            };
+            let all_in = Instant::now();
+            eventually(
+                Duration::from_secs(120),
+                "2,000 sites on screen",
+                || async { sites().await.filter(|&n| n >= 2_000) },
+            )
+            .await?;
+            let all_in = all_in.elapsed();
+            // Keep the updates flowing for a while before reading the figures.
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            let perf = b
+                .client
+                .execute("return window.__renkeiPerf", vec![])
+                .await?;
+            let received = b.text("#received").await.unwrap_or_default();
+            println!(
+                "renkei dashboard with 2,000 sites at 1 s: all on screen after {all_in:.1?}; \
+                 {received}; window.__renkeiPerf = {perf}"
+            );
+            let ms = |key: &str| perf.get(key).and_then(serde_json::Value::as_f64);
+            anyhow::ensure!(ms("first_render_ms").is_some(), "no first render: {perf}");
+            anyhow::ensure!(
+                ms("batches").unwrap_or(0.0) > 10.0,
+                "too few batches: {perf}"
+            );
+            // Generous bounds for a shared two-core machine: a regression that makes every
+            // batch a visible stall still fails.
+            let p50 = ms("batch_p50_ms").unwrap_or(f64::MAX);
+            anyhow::ensure!(p50 < 250.0, "median batch {p50} ms: {perf}");
+            Ok(())
+        })
+        .await
+}
