@@ -3,7 +3,7 @@
 //! Every key is optional; an empty file (or none at all) gives [`Config::default`]. Unknown keys
 //! are errors, so a typo never silently falls back to a default. Errors name the key
 //! (`mqtt.max_packet_size: …`). Sizes and durations are written in human units (`"20KiB"`,
-//! `"5s"`). `broker.example.toml` documents every key.
+//! `"5s"`). `docs/broker.example.toml` documents every key.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -459,7 +459,7 @@ mod tests {
 
     #[test]
     fn the_example_file_is_valid_and_matches_the_defaults() {
-        let text = include_str!("../broker.example.toml");
+        let text = include_str!("../../docs/broker.example.toml");
         assert_eq!(Config::from_toml(text).unwrap(), Config::default());
     }
 

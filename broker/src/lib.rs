@@ -214,7 +214,8 @@ impl Broker {
             public_mqtt_ws_url: config.http.public_mqtt_ws_url.clone(),
             dashboard_dir: config.http.dashboard_dir.clone(),
             clock: http::system_clock(),
-            auth_required: !config.demo,
+            auth: (!config.demo).then(|| auth.clone()),
+            data_dir: data_dir.clone(),
         };
         Ok(Broker {
             addrs,

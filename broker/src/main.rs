@@ -104,7 +104,7 @@ fn parse_role(s: &str) -> Result<renkei_shared::Role, String> {
 /// Flags override the matching keys of the config file.
 #[derive(Debug, clap::Args)]
 struct ServeArgs {
-    /// TOML configuration (see broker.example.toml); compiled-in defaults without it.
+    /// TOML configuration (see docs/broker.example.toml); compiled-in defaults without it.
     #[arg(long, value_name = "FILE", env = "RENKEI_BROKER_CONFIG")]
     config: Option<PathBuf>,
     /// MQTT over TCP (mqtt.listen); port 0 picks a free port.

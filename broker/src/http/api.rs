@@ -19,7 +19,7 @@
 //! }
 //! ```
 //!
-//! `wards` always lists all 23 in code order; `sites` lists every site heard from in the mode,
+//! `wards` lists all 23 in code order (a ward operator sees only its own ward and its sites); `sites` lists every site heard from in the mode,
 //! in (ward, site) order. Times are Unix milliseconds; message values are serialised exactly as
 //! on the JSON mirror (`renkei/json/v1/…`). `level` is one of `no_data`, `normal`, `watch`,
 //! `warning`, `critical`.
@@ -41,16 +41,24 @@ pub struct StateView<'a> {
 }
 
 impl<'a> StateView<'a> {
-    pub fn new(state: &'a State, mode: Mode, now: Timestamp) -> Self {
+    /// The state of `mode`; limited to one ward's roll-up and sites when `ward` is given (a
+    /// ward operator's view).
+    pub fn new(state: &'a State, mode: Mode, now: Timestamp, ward: Option<WardCode>) -> Self {
         let world = state.world(mode);
+        let shown = |w: WardCode| ward.is_none_or(|own| own == w);
         StateView {
             mode,
             now,
-            wards: world.rollups(now).iter().map(WardView::new).collect(),
+            wards: world
+                .rollups(now)
+                .iter()
+                .filter(|r| shown(r.ward))
+                .map(WardView::new)
+                .collect(),
             sites: world
                 .sites
                 .iter()
-                .filter(|(_, s)| s.last_heard.is_some())
+                .filter(|(site, s)| s.last_heard.is_some() && shown(site.ward))
                 .map(|(site, s)| SiteView::new(site.ward, &site.site, s, now))
                 .collect(),
         }

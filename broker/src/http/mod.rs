@@ -1,32 +1,45 @@
 //! HTTP: the dashboard's files, where it should connect, the live state, health and metrics.
 //!
-//! | route              | answers                                                        |
-//! |--------------------|----------------------------------------------------------------|
-//! | `GET /healthz`     | `200 ok` while the process serves                              |
-//! | `GET /config.json` | `{"mqtt_ws_url": "ws://HOST:PORT", "version": "…", "auth_required": true}` |
-//! | `GET /api/v1/state`| per-ward roll-ups and per-site latest reports ([`api`])        |
-//! | `GET /metrics`     | Prometheus text ([`crate::metrics`])                            |
-//! | anything else      | the built dashboard; unknown paths get its `index.html`        |
+//! | route                                          | answers                                    |
+//! |------------------------------------------------|--------------------------------------------|
+//! | `GET /healthz`                                 | `200 ok` while the process serves (open)   |
+//! | `GET /config.json`                             | `{"mqtt_ws_url", "version", "auth_required"}` (open) |
+//! | `GET /api/v1/state?mode=`                      | roll-ups and latest reports ([`api`])       |
+//! | `GET /api/v1/sites/{ward}/{site}/history?kind=&limit=` | one site's recorded messages ([`history`]) |
+//! | `GET /api/v1/events?since=&since_time=&limit=` | recorded messages after a row id or a time |
+//! | `GET /api/v1/export/sites.csv?mode=`           | sites, one line each ([`export`])          |
+//! | `GET /api/v1/export/sites.geojson?mode=`       | sites with a location, as Points           |
+//! | `GET /api/v1/export/alerts.cap.xml?mode=`      | active alerts, CAP 1.2                     |
+//! | `GET /metrics`                                 | Prometheus text ([`crate::metrics`])       |
+//! | anything else                                  | the built dashboard (open); unknown paths get its `index.html` |
 //!
-//! [`router`] builds the routes without a socket, so tests drive it with `oneshot`.
+//! Everything but the open routes needs HTTP Basic credentials of a user who is not an agent
+//! ([`viewer::Viewer`]); a ward operator sees only its ward. In demo mode all is open.
+//! `docs/openapi.yaml` documents the API. [`router`] builds the routes without a socket, so
+//! tests drive it with `oneshot`.
 
 pub mod api;
+pub mod export;
+pub mod history;
+pub mod viewer;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::{Query, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use renkei_shared::{Mode, Timestamp};
+use renkei_shared::{BodyKind, Id, Mode, Timestamp, WardCode};
 use serde::Deserialize;
 use tower_http::services::{ServeDir, ServeFile};
 use tower_http::trace::TraceLayer;
 
+use crate::auth::Authenticator;
 use crate::ingest::LiveState;
 use crate::metrics::Metrics;
+use viewer::Viewer;
 
 /// The broker's version, as `/config.json` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -58,8 +71,11 @@ pub struct AppState {
     pub public_mqtt_ws_url: Option<String>,
     pub dashboard_dir: PathBuf,
     pub clock: Clock,
-    /// False in demo mode: the dashboard then shows no login form and the API is open.
-    pub auth_required: bool,
+    /// Checks API credentials; `None` in demo mode, where the API is open and the dashboard
+    /// shows no login form.
+    pub auth: Option<Arc<Authenticator>>,
+    /// Where the recorder's database is, for history and events.
+    pub data_dir: PathBuf,
 }
 
 impl std::fmt::Debug for AppState {
@@ -68,10 +84,25 @@ impl std::fmt::Debug for AppState {
             .field("ws_port", &self.ws_port)
             .field("public_mqtt_ws_url", &self.public_mqtt_ws_url)
             .field("dashboard_dir", &self.dashboard_dir)
-            .field("auth_required", &self.auth_required)
+            .field("auth_required", &self.auth.is_some())
+            .field("data_dir", &self.data_dir)
             .finish_non_exhaustive()
     }
 }
+
+/// Every route [`router`] serves besides the dashboard, as axum writes them; each must be in
+/// `docs/openapi.yaml` (checked by the broker's tests).
+pub const ROUTES: [&str; 9] = [
+    "/healthz",
+    "/config.json",
+    "/api/v1/state",
+    "/api/v1/sites/{ward}/{site}/history",
+    "/api/v1/events",
+    "/api/v1/export/sites.csv",
+    "/api/v1/export/sites.geojson",
+    "/api/v1/export/alerts.cap.xml",
+    "/metrics",
+];
 
 /// All routes.
 pub fn router(state: AppState) -> Router {
@@ -82,6 +113,11 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/config.json", get(config_json))
         .route("/api/v1/state", get(state_api))
+        .route("/api/v1/sites/{ward}/{site}/history", get(site_history))
+        .route("/api/v1/events", get(events))
+        .route("/api/v1/export/sites.csv", get(export_csv))
+        .route("/api/v1/export/sites.geojson", get(export_geojson))
+        .route("/api/v1/export/alerts.cap.xml", get(export_cap))
         .route("/metrics", get(metrics))
         .fallback_service(dashboard)
         .layer(TraceLayer::new_for_http())
@@ -94,6 +130,9 @@ pub enum AppError {
     /// The request itself is wrong (a bad query, no usable Host header).
     #[error("{0}")]
     BadRequest(String),
+    /// The viewer may not see this (another ward's site).
+    #[error("{0}")]
+    Forbidden(String),
     /// The broker failed to answer.
     #[error("{0}")]
     Internal(String),
@@ -103,6 +142,7 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let status = match self {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AppError::Forbidden(_) => StatusCode::FORBIDDEN,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status.is_server_error() {
@@ -135,7 +175,7 @@ async fn config_json(
     let body = Json(serde_json::json!({
         "mqtt_ws_url": mqtt_ws_url,
         "version": VERSION,
-        "auth_required": app.auth_required,
+        "auth_required": app.auth.is_some(),
     }));
     Ok((no_store(), body).into_response())
 }
@@ -173,21 +213,30 @@ struct StateQuery {
     mode: Option<String>,
 }
 
+fn parse_mode(mode: Option<&str>) -> Result<Mode, AppError> {
+    match mode {
+        None | Some("actual") => Ok(Mode::Actual),
+        Some("exercise") => Ok(Mode::Exercise),
+        Some("test") => Ok(Mode::Test),
+        Some(other) => Err(AppError::BadRequest(format!(
+            "mode {other:?} is not actual, exercise or test"
+        ))),
+    }
+}
+
+type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
+fn query<T>(q: QueryResult<T>) -> Result<T, AppError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| AppError::BadRequest(e.body_text()))
+}
+
 async fn state_api(
     State(app): State<AppState>,
-    query: Result<Query<StateQuery>, axum::extract::rejection::QueryRejection>,
+    viewer: Viewer,
+    q: QueryResult<StateQuery>,
 ) -> Result<Response, AppError> {
-    let Query(query) = query.map_err(|e| AppError::BadRequest(e.body_text()))?;
-    let mode = match query.mode.as_deref() {
-        None | Some("actual") => Mode::Actual,
-        Some("exercise") => Mode::Exercise,
-        Some("test") => Mode::Test,
-        Some(other) => {
-            return Err(AppError::BadRequest(format!(
-                "mode {other:?} is not actual, exercise or test"
-            )));
-        }
-    };
+    let mode = parse_mode(query(q)?.mode.as_deref())?;
     let now = (app.clock)();
     let body = {
         let state = app
@@ -196,7 +245,7 @@ async fn state_api(
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Serialised under the read lock: the view borrows from the state, and copying 2,000
         // sites to release the lock earlier would cost more than the ingest thread waits.
-        serde_json::to_vec(&api::StateView::new(&state, mode, now))
+        serde_json::to_vec(&api::StateView::new(&state, mode, now, viewer.ward()))
             .map_err(|e| AppError::Internal(format!("cannot encode state: {e}")))?
     };
     let headers = [
@@ -209,7 +258,200 @@ async fn state_api(
     Ok((headers, body).into_response())
 }
 
-async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+#[derive(Debug, Deserialize)]
+struct HistoryQuery {
+    kind: Option<String>,
+    limit: Option<u32>,
+}
+
+fn limit(limit: Option<u32>) -> Result<u32, AppError> {
+    match limit.unwrap_or(history::DEFAULT_LIMIT) {
+        n @ 1..=history::MAX_LIMIT => Ok(n),
+        n => Err(AppError::BadRequest(format!(
+            "limit {n} is not between 1 and {}",
+            history::MAX_LIMIT
+        ))),
+    }
+}
+
+fn json_response(body: &impl serde::Serialize) -> Result<Response, AppError> {
+    let body =
+        serde_json::to_vec(body).map_err(|e| AppError::Internal(format!("cannot encode: {e}")))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        no_store(),
+        body,
+    )
+        .into_response())
+}
+
+/// Runs a database read on a blocking thread.
+async fn read_db<T: Send + 'static>(
+    f: impl FnOnce() -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, AppError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| AppError::Internal(format!("database read failed: {e}")))?
+        .map_err(|e| AppError::Internal(format!("database: {e}")))
+}
+
+async fn site_history(
+    State(app): State<AppState>,
+    viewer: Viewer,
+    Path((ward, site)): Path<(String, String)>,
+    q: QueryResult<HistoryQuery>,
+) -> Result<Response, AppError> {
+    let q = query(q)?;
+    let ward: WardCode = ward
+        .parse()
+        .map_err(|e: renkei_shared::ward::WardCodeError| AppError::BadRequest(e.to_string()))?;
+    let site = Id::new(site).map_err(|e| AppError::BadRequest(e.to_string()))?;
+    if !viewer.sees(ward) {
+        return Err(AppError::Forbidden(format!("ward {ward} is not yours")));
+    }
+    if let Some(kind) = &q.kind
+        && !BodyKind::ALL.iter().any(|k| k.as_str() == kind)
+    {
+        return Err(AppError::BadRequest(format!("unknown kind {kind:?}")));
+    }
+    let limit = limit(q.limit)?;
+    let dir = app.data_dir.clone();
+    let (site_for_query, kind) = (site.clone(), q.kind.clone());
+    let events =
+        read_db(move || history::site_history(&dir, ward, &site_for_query, kind.as_deref(), limit))
+            .await?;
+    let events: Vec<_> = events
+        .into_iter()
+        .map(|e| serde_json::json!({ "received_at": e.received_at, "envelope": e.envelope }))
+        .collect();
+    json_response(&serde_json::json!({
+        "site": { "ward": ward, "site": site },
+        "events": events,
+    }))
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    /// A row id: events after it.
+    since: Option<i64>,
+    /// Unix ms: events received at or after it.
+    since_time: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn events(
+    State(app): State<AppState>,
+    viewer: Viewer,
+    q: QueryResult<EventsQuery>,
+) -> Result<Response, AppError> {
+    let q = query(q)?;
+    let since = match (q.since, q.since_time) {
+        (Some(_), Some(_)) => {
+            return Err(AppError::BadRequest(
+                "give since (a row id) or since_time (ms), not both".into(),
+            ));
+        }
+        (_, Some(t)) => history::Since::Time(t),
+        (id, None) => history::Since::Id(id.unwrap_or(0)),
+    };
+    let limit = limit(q.limit)?;
+    let dir = app.data_dir.clone();
+    let ward = viewer.ward();
+    let events = read_db(move || history::events(&dir, since, ward, limit)).await?;
+    let next = events.last().map(|e| e.id);
+    json_response(&serde_json::json!({ "events": events, "next": next }))
+}
+
+#[derive(Debug, Deserialize)]
+struct ExportQuery {
+    mode: Option<String>,
+}
+
+fn export<F>(
+    app: &AppState,
+    viewer: &Viewer,
+    q: QueryResult<ExportQuery>,
+    f: F,
+) -> Result<Vec<u8>, AppError>
+where
+    F: FnOnce(&renkei_shared::State, Mode, Option<WardCode>, Timestamp) -> Vec<u8>,
+{
+    let mode = parse_mode(query(q)?.mode.as_deref())?;
+    let now = (app.clock)();
+    let state = app
+        .live
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Ok(f(&state, mode, viewer.ward(), now))
+}
+
+async fn export_csv(
+    State(app): State<AppState>,
+    viewer: Viewer,
+    q: QueryResult<ExportQuery>,
+) -> Result<Response, AppError> {
+    let body = export(&app, &viewer, q, |s, m, w, n| {
+        export::sites_csv(s, m, w, n).into_bytes()
+    })?;
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/csv; charset=utf-8"),
+            ),
+            (
+                header::CONTENT_DISPOSITION,
+                HeaderValue::from_static("attachment; filename=\"sites.csv\""),
+            ),
+        ],
+        no_store(),
+        body,
+    )
+        .into_response())
+}
+
+async fn export_geojson(
+    State(app): State<AppState>,
+    viewer: Viewer,
+    q: QueryResult<ExportQuery>,
+) -> Result<Response, AppError> {
+    let body = export(&app, &viewer, q, |s, m, w, n| {
+        serde_json::to_vec(&export::sites_geojson(s, m, w, n)).unwrap_or_default()
+    })?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/geo+json"),
+        )],
+        no_store(),
+        body,
+    )
+        .into_response())
+}
+
+async fn export_cap(
+    State(app): State<AppState>,
+    viewer: Viewer,
+    q: QueryResult<ExportQuery>,
+) -> Result<Response, AppError> {
+    let body = export(&app, &viewer, q, |s, m, w, n| {
+        export::alerts_cap(s, m, w, n).into_bytes()
+    })?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/xml; charset=utf-8"),
+        )],
+        no_store(),
+        body,
+    )
+        .into_response())
+}
+
+async fn metrics(State(app): State<AppState>, _viewer: Viewer) -> impl IntoResponse {
     let content_type = HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8");
     ([(header::CONTENT_TYPE, content_type)], app.metrics.render())
 }

@@ -7,7 +7,9 @@ use renkei_shared::codec::SCHEMA_VERSION;
 use renkei_shared::{Envelope, Topic, encode, sample, topic};
 use rumqttc::QoS;
 
-use crate::harness::{self, MqttClient, PASSWORD, RunningBroker, eventually, http_get, metric};
+use crate::harness::{self, MqttClient, PASSWORD, RunningBroker, eventually, http_get_as, metric};
+
+const ROOT: Option<(&str, &str)> = Some(("root", PASSWORD));
 
 fn count(db: &std::path::Path, sql: &str) -> i64 {
     let conn = rusqlite::Connection::open(db).unwrap();
@@ -41,7 +43,7 @@ async fn the_state_survives_a_restart_and_refusals_are_quarantined() {
             .unwrap();
     }
     eventually("recorded", || async {
-        let text = http_get(&addrs, "/metrics").await.text();
+        let text = http_get_as(&addrs, "/metrics", ROOT).await.text();
         let rows = metric(&text, "renkei_recorder_rows_total").unwrap_or(0);
         (rows == 5).then_some(())
     })
@@ -53,7 +55,7 @@ async fn the_state_survives_a_restart_and_refusals_are_quarantined() {
         .await
         .unwrap();
     assert!(big.closed_within(harness::PATIENCE).await);
-    let text = http_get(&addrs, "/metrics").await.text();
+    let text = http_get_as(&addrs, "/metrics", ROOT).await.text();
     for (reason, n) in [("malformed", 1), ("too_large", 1), ("oversize_packet", 1)] {
         assert_eq!(
             metric(
