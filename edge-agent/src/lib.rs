@@ -4,8 +4,9 @@
 //! Data flow:
 //!
 //! ```text
-//! config ─▶ report::Site (what the site says) ─▶ lifecycle (boot id, seq, birth/death)
-//!        ─▶ report::Outgoing (postcard frame + topic) ─▶ link (rumqttc) ─▶ broker
+//! staff ─ `report` CLI ─┐
+//! heartbeat timer ──────┴▶ outbox (disk, fsync) ─▶ daemon pump ─▶ link (rumqttc) ─▶ broker
+//!                              ▲ cursor moved by PubAck ◀──────────────────────────┘
 //! broker ─▶ link ─▶ commands (rebirth, set interval) ─▶ back into the same loop
 //! ```
 //!
@@ -13,17 +14,21 @@
 //! - [`config`]: the `run` settings, from a TOML file and CLI flags, with errors that name the key;
 //! - [`lifecycle`]: the persisted boot id and the per-boot sequence numbers, arranged so that
 //!   the last will (death) outranks the birth of its connection and nothing after it;
-//! - [`report`]: the [`report::Site`] trait (what a site reports, on connect and on each tick),
-//!   the fixed site of `run`, and the framing of every envelope onto its topic;
 //! - [`outbox`]: the durable disk queue (segment log, CRC per record, torn tails cut, corrupt
 //!   segments quarantined, bounded by bytes) shared by the daemon and `renkei-agent report`;
-//! - [`link`]: one MQTT session per site: will, birth and full state on every ConnAck,
-//!   heartbeats on a timer, commands, reconnect with backoff and jitter, graceful death;
+//!   it also hands out every `(boot, seq)` of `run`, so CLI reports and daemon messages share
+//!   one order;
+//! - [`staff`]: the reports staff enter (shelter, supplies, request, incident), checked;
+//! - [`report`]: the [`report::Site`] trait (what a site reports, on connect and on each tick),
+//!   the fixed site of `run`, and the framing of every envelope onto its topic;
+//! - [`daemon`]: `run`'s session: birth and snapshot on every ConnAck, the outbox delivered in
+//!   order within a PubAck-tracked window, backlog replay marked historical and rate-limited;
+//! - [`link`]: the MQTT pieces both sessions share (options, backoff, commands) and the live
+//!   session of [`simulate`], which has no outbox;
 //! - [`simulate`]: many simulated shelters across the 23 wards, for drills, demos and load.
 //!
-//! Not here yet: the durable outbox of ARCHITECTURE.md (reports are sent live only; the full
-//! state is re-sent after every reconnect, so HQ converges on the latest state), TLS, and the
-//! staff CLI (`renkei-agent report …`).
+//! Not here yet: TLS (`mqtts://`), the local web form, and a heartbeat field for the outbox
+//! alarm (the shared model has none; the alarm is in the log, `status` and the outbox).
 
 pub mod config;
 pub mod daemon;
