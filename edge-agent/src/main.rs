@@ -125,11 +125,15 @@ fn main() -> Result<ExitCode> {
         Command::Status(args) => return status(args).map(|()| ExitCode::SUCCESS),
         _ => {}
     }
-    // The daemon is one session: a single-threaded runtime keeps it small.
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    // The daemon is one session: a single-threaded runtime keeps it small. A simulation runs
+    // hundreds of sessions and uses every core.
+    let runtime = match cli.command {
+        Command::Run(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Runtime::new(),
+    }
+    .context("cannot start the async runtime")?;
     runtime.block_on(async {
         match cli.command {
             Command::Run(args) => run(args).await,
