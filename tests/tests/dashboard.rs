@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use fantoccini::Locator;
 use renkei_shared::{Ack, AckTarget, Body, Envelope, Id, Role, Timestamp, Topic, WardCode};
-use renkei_tests::{Broker, Browser, Process, agent, eventually, workspace_root};
+use renkei_tests::{Broker, Browser, Process, agent, binary, eventually, workspace_root};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tempfile::TempDir;
 
@@ -28,15 +28,20 @@ struct Bench {
 }
 
 impl Bench {
+    /// A broker in demo mode (no login).
     async fn start() -> Result<Bench> {
+        let data = tempfile::tempdir()?;
+        Bench::start_in(data, &["--demo"]).await
+    }
+
+    async fn start_in(data: TempDir, extra: &[&str]) -> Result<Bench> {
         let dist = workspace_root().join("dist/index.html");
         anyhow::ensure!(
             dist.exists(),
             "{} is missing: build the dashboard first (`cargo xtask test` does it)",
             dist.display()
         );
-        let data = tempfile::tempdir()?;
-        let broker = Broker::start(data.path(), &["--demo"])?;
+        let broker = Broker::start(data.path(), extra)?;
         let browser = Browser::start().await?;
         browser
             .client
@@ -195,6 +200,56 @@ async fn a_killed_agent_turns_its_site_silent() -> Result<()> {
             bench.click("#back").await?;
             b.wait_for_text(&row("silent"), "1", WAIT).await?;
             b.wait_for_text(&row("reporting"), "0", WAIT).await?;
+            Ok(())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_requires_a_login_gets_one_and_a_wrong_password_is_told() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let data = tempfile::tempdir()?;
+    let mut add = std::process::Command::new(binary("renkei-broker", "renkei-broker")?)
+        .args(["user", "add", "--role", "hq", "--password-stdin", "--data"])
+        .arg(data.path())
+        .arg("sato")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    {
+        use std::io::Write;
+        add.stdin
+            .take()
+            .context("stdin of user add")?
+            .write_all(b"correct horse battery staple\n")?;
+    }
+    anyhow::ensure!(add.wait()?.success(), "renkei-broker user add failed");
+    let bench = Bench::start_in(data, &[]).await?;
+    let b = &bench.browser;
+    bench
+        .checked("login", async {
+            bench.exists("#login").await?;
+            bench.exists("#conn[data-state=\"disconnected\"]").await?;
+            let fill = |password: &'static str| async move {
+                let user = b.client.find(Locator::Css("#login-user")).await?;
+                user.clear().await?;
+                user.send_keys("sato").await?;
+                let pw = b.client.find(Locator::Css("#login-password")).await?;
+                pw.send_keys(password).await?;
+                b.client
+                    .find(Locator::Css("#login-submit"))
+                    .await?
+                    .click()
+                    .await?;
+                anyhow::Ok(())
+            };
+            fill("wrong").await?;
+            bench.exists("#login-error").await?;
+            fill("correct horse battery staple").await?;
+            bench.exists("#conn[data-state=\"connected\"]").await?;
+            b.wait_for_text("#access[data-access=\"user\"]", "sato", WAIT)
+                .await?;
+            bench.exists("table#wards").await?;
             Ok(())
         })
         .await
