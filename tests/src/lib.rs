@@ -23,19 +23,30 @@ pub fn workspace_root() -> PathBuf {
 
 /// The directory Cargo puts this build's binaries in (`target/debug`).
 fn bin_dir() -> PathBuf {
-    // The test executable lives in target/<profile>/deps/.
-    std::env::current_exe()
+    // Test executables live in target/<profile>/deps/, binaries in target/<profile>/.
+    let exe_dir = std::env::current_exe()
         .ok()
-        .and_then(|exe| exe.parent()?.parent().map(Path::to_path_buf))
-        .unwrap_or_else(|| workspace_root().join("target/debug"))
+        .and_then(|exe| exe.parent().map(Path::to_path_buf));
+    match exe_dir {
+        Some(dir) if dir.ends_with("deps") => dir.parent().map(Path::to_path_buf).unwrap_or(dir),
+        Some(dir) => dir,
+        None => workspace_root().join("target/debug"),
+    }
 }
 
 /// The path of a workspace binary, building its package first if this run has not.
 pub fn binary(package: &str, name: &str) -> Result<PathBuf> {
-    let path = bin_dir().join(name);
+    let dir = bin_dir();
+    let path = dir.join(name);
     if !path.exists() {
+        let profile: &[&str] = if dir.ends_with("release") {
+            &["--release"]
+        } else {
+            &[]
+        };
         let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
             .args(["build", "-p", package])
+            .args(profile)
             .current_dir(workspace_root())
             .status()
             .context("running cargo build")?;

@@ -1,0 +1,482 @@
+//! `renkei-bench`: the load tool. It drives N MQTT publishers with real Renkei messages at a
+//! broker and measures throughput and publish → subscriber latency, counting gaps and
+//! duplicates, against several brokers in the same run so results are ratios, not absolutes:
+//!
+//! - `renkei`: `renkei-broker serve --demo` (ingest, validation, reducer, JSON mirror, and
+//!   whatever else the broker does to every accepted message);
+//! - `rumqttd`: bare rumqttd with the same router settings and no Renkei layer (this binary's
+//!   `bare-rumqttd` subcommand, run as its own process);
+//! - `mosquitto`: Debian's Mosquitto 2.0 with `max_queued_messages 0`, since its default
+//!   silently drops QoS 1 messages to a subscriber that falls behind.
+//!
+//! ```text
+//! cargo run --release -p renkei-tests --bin renkei-bench -- load --publishers 100 --messages 2000
+//! ```
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use renkei_shared::{
+    Body, Comms, Envelope, Header, HqState, Id, Mode, Origin, PowerSource, SiteKind, SiteRef,
+    SiteStatus, Timestamp, Topic, WARDS, codec,
+};
+use renkei_tests::{Broker, Process, free_port};
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+#[derive(Parser)]
+#[command(
+    about = "Renkei load tool: the same MQTT load against Renkei, bare rumqttd and Mosquitto"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the load against each target, `runs` times, and print a summary.
+    Load {
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "renkei,rumqttd,mosquitto"
+        )]
+        targets: Vec<Target>,
+        #[arg(long, default_value_t = 100)]
+        publishers: usize,
+        #[arg(long, default_value_t = 2000)]
+        messages: u64,
+        /// Runs per target; the summary reports medians.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Give up on a run when nothing arrives for this many seconds.
+        #[arg(long, default_value_t = 20)]
+        idle_timeout_s: u64,
+    },
+    /// Serve bare rumqttd (Renkei's router settings, no Renkei layer) on a port.
+    BareRumqttd {
+        #[arg(long)]
+        port: u16,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+enum Target {
+    Renkei,
+    Rumqttd,
+    Mosquitto,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone)]
+struct RunResult {
+    delivered: u64,
+    expected: u64,
+    duplicates: u64,
+    seconds: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+impl RunResult {
+    fn rate(&self) -> f64 {
+        self.delivered as f64 / self.seconds
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::BareRumqttd { port } => bare_rumqttd(port),
+        Cmd::Load {
+            targets,
+            publishers,
+            messages,
+            runs,
+            idle_timeout_s,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(load(
+                targets,
+                publishers,
+                messages,
+                runs,
+                Duration::from_secs(idle_timeout_s),
+            ))
+        }
+    }
+}
+
+fn bare_rumqttd(port: u16) -> Result<()> {
+    // The same router limits renkei-broker configures (1 MiB × 10 segments, 100 in flight).
+    let config = format!(
+        r#"
+id = 0
+[router]
+id = 0
+max_connections = 10010
+max_outgoing_packet_count = 200
+max_segment_size = 1048576
+max_segment_count = 10
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 1
+    [v4.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 20480
+    max_inflight_count = 100
+    dynamic_filters = true
+"#
+    );
+    let config: rumqttd::Config = toml::from_str(&config).context("bare rumqttd config")?;
+    let mut broker = rumqttd::Broker::new(config);
+    println!("bare-rumqttd ready port={port}");
+    broker.start().context("rumqttd stopped")?;
+    Ok(())
+}
+
+/// A running target broker and how to reach it; dropping it stops the broker.
+struct Server {
+    port: u16,
+    _broker: Option<Broker>,
+    _process: Option<Process>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn start(target: Target) -> Result<Server> {
+    match target {
+        Target::Renkei => {
+            let data = tempfile::tempdir()?;
+            let broker = Broker::start(data.path(), &["--demo"])?;
+            let (_, port) = broker.mqtt_host_port()?;
+            Ok(Server {
+                port,
+                _broker: Some(broker),
+                _process: None,
+                _dir: Some(data),
+            })
+        }
+        Target::Rumqttd => {
+            let port = free_port()?;
+            let exe = std::env::current_exe()?;
+            let mut child = Command::new(exe)
+                .args(["bare-rumqttd", "--port", &port.to_string()])
+                .stdout(Stdio::piped())
+                .spawn()?;
+            let stdout = child.stdout.take().context("stdout")?;
+            let process = Process {
+                child,
+                name: "bare-rumqttd".into(),
+            };
+            renkei_tests::ready_line(stdout, "bare-rumqttd ready", Duration::from_secs(10))?;
+            wait_listening(port)?;
+            Ok(Server {
+                port,
+                _broker: None,
+                _process: Some(process),
+                _dir: None,
+            })
+        }
+        Target::Mosquitto => {
+            let port = free_port()?;
+            let dir = tempfile::tempdir()?;
+            let conf: PathBuf = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                     max_queued_messages 0\nmax_inflight_messages 100\nlog_type error\n"
+                ),
+            )?;
+            let child = Command::new("/usr/sbin/mosquitto")
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting /usr/sbin/mosquitto (apt-get install mosquitto)")?;
+            let process = Process {
+                child,
+                name: "mosquitto".into(),
+            };
+            wait_listening(port)?;
+            Ok(Server {
+                port,
+                _broker: None,
+                _process: Some(process),
+                _dir: Some(dir),
+            })
+        }
+    }
+}
+
+fn wait_listening(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// A ~200-byte status message of publisher `p`, sequence `seq`: what a real site sends.
+fn message(p: usize, seq: u64) -> Result<(Topic, Vec<u8>)> {
+    let ward = WARDS[p % WARDS.len()];
+    let site = SiteRef {
+        ward: ward.code,
+        site: Id::new(format!("bench-{p:05}"))?,
+    };
+    let env = Envelope {
+        header: Header {
+            origin: Origin::Site(site),
+            boot: 1,
+            seq,
+            sent_at: Timestamp(1_788_220_800_000 + seq as i64),
+            mode: Mode::Test,
+            historical: false,
+        },
+        body: Body::Status(SiteStatus {
+            name: format!(
+                "{}立第{p}小学校 体育館 指定避難所 (負荷試験用の拠点名・校舎棟とプール棟を含む運営区画)",
+                ward.name_ja
+            ),
+            kind: SiteKind::Shelter,
+            location: None,
+            hq: HqState::Established,
+            power: PowerSource::Generator,
+            battery_pct: Some(80),
+            comms: Comms::default(),
+            interval_s: 30,
+            uptime_s: Some(seq),
+            queue_depth: Some(0),
+        }),
+    };
+    Ok((Topic::of(&env)?, codec::encode(&env)?))
+}
+
+async fn load(
+    targets: Vec<Target>,
+    publishers: usize,
+    messages: u64,
+    runs: usize,
+    idle: Duration,
+) -> Result<()> {
+    let size = message(0, 1)?.1.len();
+    println!(
+        "load: {publishers} publishers x {messages} QoS 1 messages of {size} B (retained status \
+         reports), one QoS 1 subscriber to renkei/v1/#, {runs} runs per target"
+    );
+    let mut all: HashMap<Target, Vec<RunResult>> = HashMap::new();
+    for run in 1..=runs {
+        // Interleave targets so that machine noise falls on all of them alike.
+        for &target in &targets {
+            let server = start(target)?;
+            let result = one_run(server.port, publishers, messages, idle).await?;
+            println!(
+                "run {run} {target:?}: {:.0} msg/s delivered {}/{} dup {} in {:.2}s, latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+                result.rate(),
+                result.delivered,
+                result.expected,
+                result.duplicates,
+                result.seconds,
+                result.p50_ms,
+                result.p99_ms,
+                result.max_ms
+            );
+            all.entry(target).or_default().push(result);
+            drop(server);
+        }
+    }
+    println!("\nmedians over {runs} runs:");
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let mut rates = HashMap::new();
+    for &target in &targets {
+        let results = &all[&target];
+        let mut r: Vec<f64> = results.iter().map(RunResult::rate).collect();
+        let mut p99: Vec<f64> = results.iter().map(|r| r.p99_ms).collect();
+        let lost: u64 = results.iter().map(|r| r.expected - r.delivered).sum();
+        let dups: u64 = results.iter().map(|r| r.duplicates).sum();
+        let rate = median(&mut r);
+        rates.insert(target, rate);
+        println!(
+            "  {target:?}: {rate:.0} msg/s, p99 {:.1} ms, lost {lost}, duplicates {dups}",
+            median(&mut p99)
+        );
+    }
+    if let Some(renkei) = rates.get(&Target::Renkei) {
+        for (peer, rate) in &rates {
+            if *peer != Target::Renkei {
+                println!("  Renkei / {peer:?} = {:.2}", renkei / rate);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn one_run(port: u16, publishers: usize, messages: u64, idle: Duration) -> Result<RunResult> {
+    let expected = publishers as u64 * messages;
+    let start = Instant::now();
+    // Publish times in µs since `start`, per publisher and sequence (seq starts at 1).
+    let sent: Arc<Vec<Vec<AtomicU64>>> = Arc::new(
+        (0..publishers)
+            .map(|_| (0..=messages).map(|_| AtomicU64::new(0)).collect())
+            .collect(),
+    );
+
+    // The subscriber, connected and subscribed before anyone publishes.
+    let mut opts = MqttOptions::new(
+        format!("bench-sub-{}", std::process::id()),
+        "127.0.0.1",
+        port,
+    );
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(64 * 1024, 64 * 1024);
+    opts.set_inflight(100);
+    let (sub, mut sub_events) = AsyncClient::new(opts, 1000);
+    sub.subscribe("renkei/v1/#", QoS::AtLeastOnce).await?;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), sub_events.poll())
+            .await
+            .context("subscriber did not connect")??;
+        if let Event::Incoming(Packet::SubAck(_)) = event {
+            break;
+        }
+    }
+    let receiver = {
+        let sent = Arc::clone(&sent);
+        tokio::spawn(async move {
+            let mut seen: Vec<Vec<bool>> = (0..publishers)
+                .map(|_| vec![false; messages as usize + 1])
+                .collect();
+            let mut latencies_us: Vec<u64> = Vec::with_capacity(expected as usize);
+            let (mut delivered, mut duplicates) = (0u64, 0u64);
+            let mut last = Instant::now();
+            while delivered < expected {
+                let event = match tokio::time::timeout(idle, sub_events.poll()).await {
+                    Ok(Ok(e)) => e,
+                    Ok(Err(e)) => {
+                        eprintln!("subscriber: {e}");
+                        break;
+                    }
+                    Err(_) => break, // idle: whatever is missing is lost
+                };
+                if let Event::Incoming(Packet::Publish(p)) = event {
+                    let now_us = start.elapsed().as_micros() as u64;
+                    let Ok(env) = codec::decode(&p.payload) else {
+                        continue;
+                    };
+                    let Origin::Site(site) = &env.header.origin else {
+                        continue;
+                    };
+                    let Some(idx) = site
+                        .site
+                        .as_str()
+                        .strip_prefix("bench-")
+                        .and_then(|s| s.parse::<usize>().ok())
+                    else {
+                        continue;
+                    };
+                    let seq = env.header.seq as usize;
+                    if idx >= publishers || seq > messages as usize {
+                        continue;
+                    }
+                    if seen[idx][seq] {
+                        duplicates += 1;
+                    } else {
+                        seen[idx][seq] = true;
+                        delivered += 1;
+                        let t0 = sent[idx][seq].load(Ordering::Relaxed);
+                        latencies_us.push(now_us.saturating_sub(t0));
+                    }
+                    last = Instant::now();
+                }
+            }
+            (delivered, duplicates, latencies_us, last)
+        })
+    };
+
+    let acked = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for p in 0..publishers {
+        let sent = Arc::clone(&sent);
+        let acked = Arc::clone(&acked);
+        let ward = WARDS[p % WARDS.len()].code;
+        tasks.push(tokio::spawn(async move {
+            let mut opts =
+                MqttOptions::new(format!("agent-{ward}-bench-{p:05}"), "127.0.0.1", port);
+            opts.set_keep_alive(Duration::from_secs(30));
+            opts.set_inflight(100);
+            let (client, mut events) = AsyncClient::new(opts, 200);
+            let poller = tokio::spawn(async move {
+                let mut acks = 0u64;
+                while acks < messages {
+                    match events.poll().await {
+                        Ok(Event::Incoming(Packet::PubAck(_))) => acks += 1,
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                        Ok(_) => {}
+                        Err(e) => {
+                            eprintln!("publisher {p}: {e}");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                }
+                acks
+            });
+            for seq in 1..=messages {
+                let Ok((topic, payload)) = message(p, seq) else {
+                    continue;
+                };
+                sent[p][seq as usize].store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+                if client
+                    .publish(
+                        topic.to_string(),
+                        QoS::AtLeastOnce,
+                        topic.retained(),
+                        payload,
+                    )
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            if let Ok(acks) = tokio::time::timeout(Duration::from_secs(120), poller).await {
+                acked.fetch_add(acks.unwrap_or(0) as usize, Ordering::Relaxed);
+            }
+            let _ = client.disconnect().await;
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let (delivered, duplicates, mut lat, last) = receiver.await?;
+    let _ = sub.disconnect().await;
+    lat.sort_unstable();
+    let pct = |q: f64| -> f64 {
+        if lat.is_empty() {
+            return f64::NAN;
+        }
+        lat[((lat.len() - 1) as f64 * q) as usize] as f64 / 1000.0
+    };
+    Ok(RunResult {
+        delivered,
+        expected,
+        duplicates,
+        seconds: last.duration_since(start).as_secs_f64(),
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+    })
+}
