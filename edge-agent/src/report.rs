@@ -151,6 +151,7 @@ impl FixedSite {
             interval_s: self.interval_s,
             uptime_s: Some(self.started.elapsed().as_secs()),
             queue_depth: self.queue_depth,
+            outbox_alarm: false,
         }
     }
 }

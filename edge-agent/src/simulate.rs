@@ -256,6 +256,7 @@ impl SimSite {
             interval_s: self.interval_s,
             uptime_s: Some(self.started.elapsed().as_secs()),
             queue_depth: None,
+            outbox_alarm: false,
         }
     }
 

@@ -289,6 +289,9 @@ pub struct SiteStatus {
     pub uptime_s: Option<u64>,
     /// Reports waiting in the agent's outbox.
     pub queue_depth: Option<u32>,
+    /// The agent's outbox is full (or its disk is): it is refusing new staff reports until the
+    /// backlog drains, so HQ should call the site.
+    pub outbox_alarm: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -511,6 +511,8 @@ pub struct WardRollup {
     pub injured: u64,
     pub active_alerts: u32,
     pub worst_alert: Option<Severity>,
+    /// Sites whose agent says its outbox is full: they cannot store new reports.
+    pub outbox_alarms: u32,
 }
 
 impl WardRollup {
@@ -533,6 +535,7 @@ impl WardRollup {
             injured: 0,
             active_alerts: 0,
             worst_alert: None,
+            outbox_alarms: 0,
         }
     }
 
@@ -545,6 +548,9 @@ impl WardRollup {
         self.sites += 1;
         if site.is_silent(now) {
             self.silent += 1;
+        }
+        if site.status.as_ref().is_some_and(|s| s.value.outbox_alarm) {
+            self.outbox_alarms += 1;
         }
         if site.is_open_shelter() {
             if let Some(shelter) = site.shelter.as_ref().map(|s| &s.value) {
@@ -587,7 +593,11 @@ impl WardRollup {
             || self.worst_alert == Some(Severity::Extreme)
         {
             Level::Critical
-        } else if self.nearly_full > 0 || self.silent > 0 || self.active_alerts > 0 {
+        } else if self.nearly_full > 0
+            || self.silent > 0
+            || self.active_alerts > 0
+            || self.outbox_alarms > 0
+        {
             Level::Warning
         } else if self.shelters_open > 0 || self.open_requests > 0 {
             Level::Watch

@@ -68,6 +68,7 @@ pub fn status() -> Envelope {
             interval_s: 30,
             uptime_s: Some(3600),
             queue_depth: Some(0),
+            outbox_alarm: false,
         }),
     )
 }

@@ -104,13 +104,19 @@ impl Bench {
 
     /// Runs `checks`, saving a screenshot named after the test if they fail.
     async fn checked(&self, name: &str, checks: impl Future<Output = Result<()>>) -> Result<()> {
-        if let Err(e) = checks.await {
-            let shot = workspace_root().join(format!("target/dashboard-{name}.png"));
-            let _ = self.browser.screenshot(&shot).await;
-            return Err(e.context(format!("screenshot at {}", shot.display())));
-        }
+        let result = checks.await;
+        let result = match result {
+            Err(e) => {
+                let shot = workspace_root().join(format!("target/dashboard-{name}.png"));
+                let _ = self.browser.screenshot(&shot).await;
+                Err(e.context(format!("screenshot at {}", shot.display())))
+            }
+            Ok(()) => Ok(()),
+        };
+        // Closing the session ends Chromium; dropping the harness only kills ChromeDriver,
+        // which leaves the browser running.
         self.browser.client.clone().close().await?;
-        Ok(())
+        result
     }
 }
 

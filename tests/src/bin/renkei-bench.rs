@@ -258,6 +258,7 @@ fn message(p: usize, seq: u64) -> Result<(Topic, Vec<u8>)> {
             interval_s: 30,
             uptime_s: Some(seq),
             queue_depth: Some(0),
+            outbox_alarm: false,
         }),
     };
     Ok((Topic::of(&env)?, codec::encode(&env)?))
