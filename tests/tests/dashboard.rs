@@ -200,9 +200,11 @@ async fn a_killed_agent_turns_its_site_silent() -> Result<()> {
                 .exists("#shelters tr[data-site=\"dash-killed\"][data-dead=\"true\"].stale")
                 .await?;
             // Three missed one-second intervals later it is stale as well.
-            bench
-                .exists("#shelters tr[data-site=\"dash-killed\"][data-stale=\"true\"]")
-                .await?;
+            let stale = "#shelters tr[data-site=\"dash-killed\"][data-stale=\"true\"]";
+            eventually(Duration::from_secs(60), stale, || async {
+                b.client.find(Locator::Css(stale)).await.ok()
+            })
+            .await?;
             bench.click("#back").await?;
             b.wait_for_text(&row("silent"), "1", WAIT).await?;
             b.wait_for_text(&row("reporting"), "0", WAIT).await?;
