@@ -122,6 +122,8 @@ struct Daemon {
     cursor: Key,
     cursor_dirty: bool,
     heartbeats_dropped: u64,
+    /// The last heartbeat found no room (outbox or disk full): the alarm stands until one fits.
+    heartbeat_refused: bool,
     last_error: Option<String>,
 }
 
@@ -199,7 +201,11 @@ impl Daemon {
 
     fn refresh_depth(&mut self) {
         match self.outbox.lock().and_then(|mut l| l.stats()) {
-            Ok(stats) => self.site.set_queue_depth(stats.depth),
+            Ok(stats) => {
+                self.site.set_queue_depth(stats.depth);
+                self.site
+                    .set_outbox_alarm(stats.alarm.is_some() || self.heartbeat_refused);
+            }
             Err(e) => warn!(error = %e, "outbox depth unknown"),
         }
     }
@@ -214,11 +220,28 @@ impl Daemon {
             .lock()
             .and_then(|mut l| l.append(stamped, Durability::Lazy));
         match appended {
-            Ok(a) => debug!(key = %a.key, depth = a.depth, "heartbeat stored"),
+            Ok(a) => {
+                self.heartbeat_refused = false;
+                debug!(key = %a.key, depth = a.depth, "heartbeat stored");
+            }
             Err(e) => {
                 self.heartbeats_dropped += 1;
                 warn!(error = %e, dropped = self.heartbeats_dropped, "heartbeat not stored");
                 self.last_error = Some(e.to_string());
+                if e.is_full() {
+                    self.heartbeat_refused = true;
+                    self.site.set_outbox_alarm(true);
+                    // The outbox cannot carry this heartbeat, yet HQ must hear the alarm it
+                    // raises: sent live while connected (lost if the link drops meanwhile).
+                    if self.state == LinkState::Connected {
+                        let status = self
+                            .lifecycle
+                            .stamp(Body::Status(self.site.status()), now());
+                        if let Err(e) = self.publish_live(&status) {
+                            warn!(error = %e, "live heartbeat not sent");
+                        }
+                    }
+                }
             }
         }
     }
@@ -450,6 +473,7 @@ pub async fn run_daemon(
         cursor,
         cursor_dirty: false,
         heartbeats_dropped: 0,
+        heartbeat_refused: false,
         last_error: None,
     };
     let mut backoff = Backoff::new(

@@ -27,8 +27,10 @@
 //!   session of [`simulate`], which has no outbox;
 //! - [`simulate`]: many simulated shelters across the 23 wards, for drills, demos and load.
 //!
-//! Not here yet: TLS (`mqtts://`), the local web form, and a heartbeat field for the outbox
-//! alarm (the shared model has none; the alarm is in the log, `status` and the outbox).
+//! The outbox alarm (reports refused: outbox or disk full) rides on every heartbeat as
+//! `outbox_alarm` until the backlog drains; a heartbeat that finds no room itself is sent live.
+//!
+//! Not here yet: TLS (`mqtts://`) and the local web form.
 
 pub mod config;
 pub mod daemon;

@@ -97,6 +97,8 @@ pub struct FixedSite {
     shelter: Option<ShelterStatus>,
     /// Records waiting in the outbox, where there is one (`run`).
     queue_depth: Option<u32>,
+    /// The outbox (or its disk) is refusing reports: HQ should call the site.
+    outbox_alarm: bool,
 }
 
 impl FixedSite {
@@ -124,6 +126,7 @@ impl FixedSite {
             started: Instant::now(),
             shelter,
             queue_depth: None,
+            outbox_alarm: false,
         }
     }
 
@@ -136,6 +139,11 @@ impl FixedSite {
     /// The outbox depth the next status carries.
     pub fn set_queue_depth(&mut self, depth: u64) {
         self.queue_depth = Some(u32::try_from(depth).unwrap_or(u32::MAX));
+    }
+
+    /// Whether the next status says the outbox is refusing reports.
+    pub fn set_outbox_alarm(&mut self, alarm: bool) {
+        self.outbox_alarm = alarm;
     }
 
     /// The heartbeat. Power, HQ state and comms are not known to the box, so they say so.
@@ -151,7 +159,7 @@ impl FixedSite {
             interval_s: self.interval_s,
             uptime_s: Some(self.started.elapsed().as_secs()),
             queue_depth: self.queue_depth,
-            outbox_alarm: false,
+            outbox_alarm: self.outbox_alarm,
         }
     }
 }

@@ -906,3 +906,87 @@ async fn a_full_outbox_refuses_new_reports_with_an_alarm_and_keeps_the_saved_one
     assert!(status.contains(&format!("({saved} reports")), "{status}");
     assert!(status.contains("ALARM"), "{status}");
 }
+
+#[tokio::test]
+async fn a_full_outbox_raises_the_alarm_in_heartbeats_until_the_backlog_drains() {
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        "outbox_max = \"64KiB\"\nreplay_rate = 50",
+    );
+    // Filled while no daemon runs, until staff are told "NOT saved".
+    let note = "x".repeat(3000);
+    let mut saved = 0;
+    loop {
+        let (ok, text) = report(
+            &config,
+            &[
+                "request",
+                "--item",
+                "water",
+                "--quantity",
+                "10",
+                "--note",
+                &note,
+            ],
+        );
+        if !ok {
+            assert!(text.contains("outbox is full"), "{text}");
+            break;
+        }
+        saved += 1;
+        assert!(saved < 100, "the outbox never filled");
+    }
+
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let agent = Agent::spawn(
+        &["run", "--config", config.to_str().unwrap()],
+        dir.path(),
+        "agent",
+    );
+    let mut hq = renkei_shared::State::new();
+    let mut requests = 0;
+    let alarmed = next(&mut rx, &agent, "a status with the alarm", |m| {
+        hq.apply(&m.env);
+        match &m.env.body {
+            Body::Status(s) if s.outbox_alarm => Some((m.env.header.boot, m.env.header.seq)),
+            _ => None,
+        }
+    })
+    .await;
+    // HQ's ward roll-up counts the site as one that cannot take reports.
+    let rollup = hq
+        .world(Mode::Exercise)
+        .rollup(WardCode(131041), renkei_shared::Timestamp(i64::MAX / 2));
+    assert_eq!(rollup.outbox_alarms, 1);
+
+    // The backlog drains, the alarm clears, and a later live heartbeat says so.
+    let cleared = next(&mut rx, &agent, "a status without the alarm", |m| {
+        let key = (m.env.header.boot, m.env.header.seq);
+        match &m.env.body {
+            Body::Request(_) => {
+                requests += 1;
+                None
+            }
+            Body::Status(s) if !s.outbox_alarm && !m.env.header.historical && key > alarmed => {
+                Some(s.clone())
+            }
+            _ => None,
+        }
+    })
+    .await;
+    assert!(!cleared.outbox_alarm);
+    assert_eq!(
+        requests, saved,
+        "every saved request arrived before the alarm cleared"
+    );
+    let status = agent_status(&config);
+    assert!(status.contains("alarm:           none"), "{status}");
+    // Staff can report again.
+    let (ok, text) = report(&config, &["shelter", "--evacuees", "5"]);
+    assert!(ok, "{text}");
+}
