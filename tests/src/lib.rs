@@ -6,6 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -97,6 +98,18 @@ impl Process {
 impl Drop for Process {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// Kills ChromeDriver and everything it started (its process group).
+#[derive(Debug)]
+struct DriverGroup(Process);
+
+impl Drop for DriverGroup {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.0.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        self.0.kill9();
     }
 }
 
@@ -213,7 +226,7 @@ pub fn agent(args: &[&str]) -> Result<Process> {
 #[derive(Debug)]
 pub struct Browser {
     pub client: Client,
-    _driver: Process,
+    _driver: DriverGroup,
     _profile: tempfile::TempDir,
 }
 
@@ -232,10 +245,13 @@ impl Browser {
             }
         }
         let port = free_port()?;
+        // Its own process group, so that dropping the browser ends Chromium too (ChromeDriver
+        // does not take its browser down when it is killed).
         let child = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .context("starting chromedriver")?;
         let driver = Process {
@@ -278,7 +294,7 @@ impl Browser {
         };
         Ok(Browser {
             client,
-            _driver: driver,
+            _driver: DriverGroup(driver),
             _profile: profile,
         })
     }
@@ -329,3 +345,4 @@ where
     }
 }
 pub mod asyncapi;
+

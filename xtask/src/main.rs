@@ -162,6 +162,18 @@ fn setup(browser: bool) -> Result<()> {
     }
 
     if browser {
+        // paho-mqtt from PyPI is one of the real third-party clients the broker is tested with.
+        let has_paho = Command::new("python3")
+            .args(["-c", "import paho.mqtt.client"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !has_paho {
+            run(
+                "pip install paho-mqtt",
+                Command::new("python3").args(["-m", "pip", "install", "--quiet", "paho-mqtt>=2,<3"]),
+            )?;
+        }
         let missing: Vec<&str> = DEBIAN_PACKAGES
             .iter()
             .filter(|(_, file)| !Path::new(file).exists())
