@@ -345,4 +345,3 @@ where
     }
 }
 pub mod asyncapi;
-
