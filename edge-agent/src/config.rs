@@ -139,6 +139,10 @@ pub struct RawConfig {
     #[arg(long, value_name = "N")]
     #[serde(default, deserialize_with = "scalar")]
     pub replay_rate: Option<String>,
+    /// Free disk space the outbox never uses; reports are refused below it [default: 1MiB]
+    #[arg(long, value_name = "SIZE")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub disk_reserve: Option<String>,
 }
 
 /// Accepts a TOML string, integer, float or boolean as text, so `ward = 131041` and
@@ -216,6 +220,8 @@ pub struct AgentConfig {
     pub outbox_max: u64,
     /// Backlog messages per second after a reconnect, so a thin link is not swamped.
     pub replay_rate: u32,
+    /// Free bytes kept on the outbox's disk: reports are refused (with the alarm) below it.
+    pub disk_reserve: u64,
 }
 
 impl RawConfig {
@@ -255,6 +261,7 @@ impl RawConfig {
             shelter_state: self.shelter_state.or(fallback.shelter_state),
             outbox_max: self.outbox_max.or(fallback.outbox_max),
             replay_rate: self.replay_rate.or(fallback.replay_rate),
+            disk_reserve: self.disk_reserve.or(fallback.disk_reserve),
         }
     }
 
@@ -323,6 +330,12 @@ impl RawConfig {
                 })?,
             None => DEFAULT_REPLAY_RATE,
         };
+        let disk_reserve = match &self.disk_reserve {
+            Some(v) => parse_size(v).ok_or_else(|| {
+                invalid("disk_reserve", v, "expected a size, e.g. 1MiB (0: none)")
+            })?,
+            None => crate::outbox::DEFAULT_DISK_RESERVE,
+        };
         let credentials = match (&self.username, &self.password) {
             (Some(u), Some(p)) => Some(Credentials {
                 username: u.clone(),
@@ -389,6 +402,7 @@ impl RawConfig {
             shelter,
             outbox_max,
             replay_rate,
+            disk_reserve,
         })
     }
 }
@@ -765,6 +779,13 @@ mod tests {
         assert_eq!((c.outbox_max, c.replay_rate), (1 << 20, 5));
         assert!(error_of(&format!("{MINIMAL}\noutbox_max = \"1KiB\"")).contains("outbox_max"));
         assert!(error_of(&format!("{MINIMAL}\nreplay_rate = 0")).contains("replay_rate"));
+        assert_eq!(
+            resolve(MINIMAL).unwrap().disk_reserve,
+            crate::outbox::DEFAULT_DISK_RESERVE
+        );
+        let c = resolve(&format!("{MINIMAL}\ndisk_reserve = \"8MiB\"")).unwrap();
+        assert_eq!(c.disk_reserve, 8 << 20);
+        assert!(error_of(&format!("{MINIMAL}\ndisk_reserve = \"lots\"")).contains("disk_reserve"));
     }
 
     #[test]

@@ -204,7 +204,7 @@ impl Daemon {
             Ok(stats) => {
                 self.site.set_queue_depth(stats.depth);
                 self.site
-                    .set_outbox_alarm(stats.alarm.is_some() || self.heartbeat_refused);
+                    .set_outbox_alarm(stats.alarming() || self.heartbeat_refused);
             }
             Err(e) => warn!(error = %e, "outbox depth unknown"),
         }

@@ -148,6 +148,10 @@ fn load_config(path: &std::path::Path) -> Result<AgentConfig> {
     Ok(RawConfig::from_file(path)?.resolve()?)
 }
 
+fn open_outbox(config: &AgentConfig) -> Result<Outbox> {
+    Ok(Outbox::open(&config.state_dir, config.outbox_max)?.with_disk_reserve(config.disk_reserve))
+}
+
 /// `renkei-agent report …`: appends to the outbox directly and says "saved" only after fsync.
 fn report(args: ReportArgs) -> ExitCode {
     match store_report(&args) {
@@ -165,7 +169,7 @@ fn report(args: ReportArgs) -> ExitCode {
 fn store_report(args: &ReportArgs) -> Result<String> {
     args.report.check()?;
     let config = load_config(&args.config)?;
-    let outbox = Outbox::open(&config.state_dir, config.outbox_max)?;
+    let outbox = open_outbox(&config)?;
     let daemon = outbox.daemon_running()?;
     let mut locked = outbox.lock()?;
     if !daemon {
@@ -223,7 +227,7 @@ fn store_report(args: &ReportArgs) -> Result<String> {
 /// `renkei-agent status`: the daemon's status file and the outbox, read directly.
 fn status(args: StatusArgs) -> Result<()> {
     let config = load_config(&args.config)?;
-    let outbox = Outbox::open(&config.state_dir, config.outbox_max)?;
+    let outbox = open_outbox(&config)?;
     let running = outbox.daemon_running()?;
     let stats = outbox.lock()?.stats()?;
     let file = std::fs::read_to_string(config.state_dir.join("status")).unwrap_or_default();
@@ -262,6 +266,17 @@ fn status(args: StatusArgs) -> Result<()> {
             format!("boot {} seq {}", stats.acked.boot, stats.acked.seq)
         }
     );
+    if let Some(free) = stats.disk_free {
+        println!(
+            "disk free:       {free} bytes (reserve {}{})",
+            stats.disk_reserve,
+            if free < stats.disk_reserve {
+                ": reports are refused"
+            } else {
+                ""
+            }
+        );
+    }
     println!("quarantined:     {}", stats.quarantined);
     if let Some(e) = field("last_error") {
         println!("last error:      {e}");
@@ -296,7 +311,7 @@ async fn run(args: RunArgs) -> Result<()> {
         None => RawConfig::default(),
     };
     let config = args.settings.or(file).resolve()?;
-    let outbox = Arc::new(Outbox::open(&config.state_dir, config.outbox_max)?);
+    let outbox = Arc::new(open_outbox(&config)?);
     let Some(_claim) = outbox.claim_daemon()? else {
         bail!(
             "another renkei-agent run is using {}: one daemon per site",
@@ -327,10 +342,20 @@ async fn run(args: RunArgs) -> Result<()> {
         && outbox.lock()?.latest().shelter.is_none()
     {
         let body = Body::Shelter(shelter.clone());
-        let appended = outbox
+        match outbox
             .lock()?
-            .append(|key| lifecycle.envelope(key, body, now()), Durability::Sync)?;
-        info!(key = %appended.key, "configured shelter figures stored as the first report");
+            .append(|key| lifecycle.envelope(key, body, now()), Durability::Sync)
+        {
+            Ok(appended) => {
+                info!(key = %appended.key, "configured shelter figures stored as the first report")
+            }
+            // A full outbox or disk must not keep the site silent: it starts, and its
+            // heartbeats carry the alarm.
+            Err(e) if e.is_full() => {
+                tracing::error!(error = %e, "configured shelter figures not stored")
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     let options = DaemonOptions {
         link,

@@ -33,6 +33,11 @@
 //! are evicted oldest first; if that is not enough, a heartbeat is dropped and counted, and a
 //! staff report is refused with [`OutboxError::Full`] and the alarm is raised — a confirmed
 //! report is never dropped to make room.
+//!
+//! Bounded by free disk too: an append that would leave less than the disk reserve free on the
+//! outbox's filesystem (statvfs) is refused with [`OutboxError::DiskLow`] before anything is
+//! written, so the cursor, the alarm and the system keep room to work; a report refused this way
+//! raises the alarm like a full outbox.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -50,6 +55,9 @@ use crate::lifecycle::{BOOT_ID_FILE, BootIdError, next_boot_id};
 pub const SEGMENT_BYTES: u64 = 64 * 1024;
 /// Default byte budget of the outbox: about a month of 30 s heartbeats offline.
 pub const DEFAULT_MAX_BYTES: u64 = 16 * 1024 * 1024;
+/// Default free space kept on the outbox's disk: room for the cursor, the alarm, a segment
+/// rewrite and whatever else the box must write to keep going.
+pub const DEFAULT_DISK_RESERVE: u64 = 1024 * 1024;
 /// Bytes before each frame: length and CRC.
 const RECORD_HEADER: usize = 8;
 /// Largest frame a record may claim; anything longer is corruption, not a message.
@@ -138,6 +146,16 @@ pub enum OutboxError {
     /// The disk (or its quota) is full: nothing more can be stored until space is freed.
     #[error("the disk holding {} is full: free some space (the report was NOT saved)", path.display())]
     DiskFull { path: PathBuf },
+    /// The disk holding the outbox has less free space than the configured reserve.
+    #[error(
+        "the disk holding {} is nearly full ({available} bytes free, {reserve} kept in reserve): \
+         free some space (the report was NOT saved)", path.display()
+    )]
+    DiskLow {
+        path: PathBuf,
+        available: u64,
+        reserve: u64,
+    },
     /// The outbox holds its whole byte budget of undelivered reports.
     #[error(
         "the outbox is full ({used} of {max} bytes, {depth} reports waiting for the link): \
@@ -173,7 +191,7 @@ impl OutboxError {
     pub fn is_full(&self) -> bool {
         matches!(
             self,
-            OutboxError::Full { .. } | OutboxError::DiskFull { .. }
+            OutboxError::Full { .. } | OutboxError::DiskFull { .. } | OutboxError::DiskLow { .. }
         )
     }
 }
@@ -206,6 +224,18 @@ pub struct Stats {
     pub quarantined: u64,
     /// Why reports are being refused, while they are.
     pub alarm: Option<String>,
+    /// Free bytes on the outbox's disk, where statvfs could tell.
+    pub disk_free: Option<u64>,
+    /// Free bytes the outbox never uses.
+    pub disk_reserve: u64,
+}
+
+impl Stats {
+    /// Whether the site should be flagged to HQ: reports were refused, or the disk is below
+    /// its reserve so the next one would be.
+    pub fn alarming(&self) -> bool {
+        self.alarm.is_some() || self.disk_free.is_some_and(|free| free < self.disk_reserve)
+    }
 }
 
 /// What one segment holds, as its last scan found it.
@@ -229,6 +259,8 @@ pub struct Outbox {
     state_dir: PathBuf,
     dir: PathBuf,
     max_bytes: u64,
+    /// Free space left on the disk, never used (see the module notes).
+    disk_reserve: u64,
     inner: Mutex<Inner>,
 }
 
@@ -264,6 +296,7 @@ impl Outbox {
             state_dir: state_dir.to_owned(),
             dir,
             max_bytes,
+            disk_reserve: DEFAULT_DISK_RESERVE,
             inner: Mutex::new(Inner {
                 lock_file,
                 summaries: HashMap::new(),
@@ -284,6 +317,41 @@ impl Outbox {
 
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes
+    }
+
+    /// This outbox, keeping `bytes` free on its disk (0: up to the last byte).
+    pub fn with_disk_reserve(mut self, bytes: u64) -> Outbox {
+        self.disk_reserve = bytes;
+        self
+    }
+
+    /// Bytes an unprivileged process may still write on the outbox's filesystem.
+    pub fn disk_free(&self) -> Result<u64> {
+        let vfs = rustix::fs::statvfs(&self.dir)
+            .map_err(|e| OutboxError::io(&self.dir, io::Error::from(e)))?;
+        Ok(vfs.f_bavail.saturating_mul(vfs.f_frsize))
+    }
+
+    /// Refuses an append of `need` bytes that would eat into the disk reserve. A failing
+    /// statvfs does not refuse: the write itself still reports a full disk.
+    fn check_disk(&self, need: u64) -> Result<()> {
+        if self.disk_reserve == 0 {
+            return Ok(());
+        }
+        match self.disk_free() {
+            Ok(available) if available < self.disk_reserve.saturating_add(need) => {
+                Err(OutboxError::DiskLow {
+                    path: self.dir.clone(),
+                    available,
+                    reserve: self.disk_reserve,
+                })
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                warn!(error = %e, "free disk space unknown; the report is written anyway");
+                Ok(())
+            }
+        }
     }
 
     /// Takes the outbox for one operation: the in-process mutex, then the file lock; the
@@ -610,6 +678,12 @@ impl Locked<'_> {
             }
             return Err(err);
         }
+        if let Err(e) = self.outbox.check_disk(need) {
+            if kind != BodyKind::Status {
+                self.raise_alarm(&e.to_string());
+            }
+            return Err(e);
+        }
         match self.write_record(key, &bytes, durability) {
             Ok(()) => {}
             Err(e) => {
@@ -782,8 +856,12 @@ impl Locked<'_> {
             sync_dir(&self.outbox.dir)?;
         }
         self.write_key("acked", key, true)?;
-        // A quarter of the budget free again: reports are welcome.
-        if self.alarm().is_some() && self.bytes()? <= self.outbox.max_bytes / 4 * 3 {
+        // A quarter of the budget free again, and the disk above its reserve: reports are
+        // welcome.
+        if self.alarm().is_some()
+            && self.bytes()? <= self.outbox.max_bytes / 4 * 3
+            && self.outbox.check_disk(0).is_ok()
+        {
             self.clear_alarm();
         }
         Ok(())
@@ -796,6 +874,8 @@ impl Locked<'_> {
             acked,
             max_bytes: self.outbox.max_bytes,
             alarm: self.alarm(),
+            disk_free: self.outbox.disk_free().ok(),
+            disk_reserve: self.outbox.disk_reserve,
             ..Stats::default()
         };
         for (name, s) in self.summaries()? {
@@ -1201,7 +1281,10 @@ mod tests {
             }
         }
         let _unmount = Unmount(dir.path());
-        let outbox = Outbox::open(dir.path(), DEFAULT_MAX_BYTES).unwrap();
+        // No reserve: this is the last line of defence, a write that meets ENOSPC.
+        let outbox = Outbox::open(dir.path(), DEFAULT_MAX_BYTES)
+            .unwrap()
+            .with_disk_reserve(0);
         let mut confirmed = Vec::new();
         let err = loop {
             match append(&outbox, shelter()) {
@@ -1218,6 +1301,87 @@ mod tests {
         // appends work again.
         let last = *confirmed.last().unwrap();
         outbox.lock().unwrap().set_acked(last).unwrap();
+        append(&outbox, shelter()).unwrap();
+    }
+
+    #[test]
+    fn an_append_that_would_eat_into_the_disk_reserve_is_refused_with_the_alarm() {
+        let dir = tempfile::tempdir().unwrap();
+        let free = Outbox::open(dir.path(), DEFAULT_MAX_BYTES)
+            .unwrap()
+            .disk_free()
+            .unwrap();
+        let outbox = Outbox::open(dir.path(), DEFAULT_MAX_BYTES)
+            .unwrap()
+            .with_disk_reserve(free.saturating_mul(2));
+        let err = append(&outbox, shelter()).unwrap_err();
+        assert!(matches!(err, OutboxError::DiskLow { .. }), "{err}");
+        assert!(err.is_full());
+        let text = err.to_string();
+        assert!(
+            text.contains("nearly full") && text.contains("NOT saved"),
+            "{text}"
+        );
+        let err = append(&outbox, heartbeat()).unwrap_err();
+        assert!(matches!(err, OutboxError::DiskLow { .. }), "{err}");
+        assert!(segments(&outbox).is_empty(), "nothing was written");
+        let stats = outbox.lock().unwrap().stats().unwrap();
+        assert!(stats.alarm.is_some() && stats.alarming(), "{stats:?}");
+
+        // With room again, a report is accepted and the alarm clears.
+        let outbox = Outbox::open(dir.path(), DEFAULT_MAX_BYTES)
+            .unwrap()
+            .with_disk_reserve(0);
+        append(&outbox, shelter()).unwrap();
+        let stats = outbox.lock().unwrap().stats().unwrap();
+        assert!(!stats.alarming(), "{stats:?}");
+    }
+
+    /// A real small disk: a 256 KiB tmpfs with a 128 KiB reserve (needs root; skipped
+    /// otherwise). The reserve refuses before the disk is full, so the cursor still fits.
+    #[test]
+    fn a_small_disk_refuses_reports_at_its_reserve_and_delivery_clears_the_alarm() {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
+            return;
+        }
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path());
+        let reserve = 128 * 1024;
+        let outbox = Outbox::open(dir.path(), DEFAULT_MAX_BYTES)
+            .unwrap()
+            .with_disk_reserve(reserve);
+        let mut confirmed = Vec::new();
+        let err = loop {
+            match append(&outbox, shelter()) {
+                Ok(a) => confirmed.push(a.key),
+                Err(e) => break e,
+            }
+            assert!(confirmed.len() < 10_000, "the reserve never bit");
+        };
+        assert!(matches!(err, OutboxError::DiskLow { .. }), "{err}");
+        assert!(!confirmed.is_empty());
+        let stats = outbox.lock().unwrap().stats().unwrap();
+        assert!(stats.alarm.is_some(), "{stats:?}");
+        assert!(stats.disk_free.unwrap() >= reserve / 2, "{stats:?}");
+        let stored: Vec<Key> = all(&outbox).iter().map(|r| r.key).collect();
+        assert_eq!(stored, confirmed);
+        // Delivery frees the segments and the alarm clears with it.
+        let last = *confirmed.last().unwrap();
+        outbox.lock().unwrap().set_acked(last).unwrap();
+        let stats = outbox.lock().unwrap().stats().unwrap();
+        assert!(!stats.alarming(), "{stats:?}");
         append(&outbox, shelter()).unwrap();
     }
 

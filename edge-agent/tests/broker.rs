@@ -990,3 +990,53 @@ async fn a_full_outbox_raises_the_alarm_in_heartbeats_until_the_backlog_drains()
     let (ok, text) = report(&config, &["shelter", "--evacuees", "5"]);
     assert!(ok, "{text}");
 }
+
+#[tokio::test]
+async fn below_the_disk_reserve_reports_are_refused_and_live_heartbeats_carry_the_alarm() {
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // More than any disk here has free: the disk counts as full without filling one.
+    let config = write_config(dir.path(), broker.port, "disk_reserve = \"1000000GiB\"");
+    let (ok, text) = report(&config, &["shelter", "--evacuees", "7"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("NOT saved") && text.contains("nearly full") && text.contains("reserve"),
+        "{text}"
+    );
+    let status = agent_status(&config);
+    assert!(
+        status.contains("ALARM") && status.contains("reports are refused"),
+        "{status}"
+    );
+
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let agent = Agent::spawn(
+        &["run", "--config", config.to_str().unwrap()],
+        dir.path(),
+        "agent",
+    );
+    let snapshot = next(&mut rx, &agent, "the snapshot status", |m| {
+        match &m.env.body {
+            Body::Status(s) => Some((m.env.header.seq, s.outbox_alarm)),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(snapshot.1, "the snapshot carries the alarm");
+    // No heartbeat fits in the outbox, so they go live, still flagged.
+    let live = next(&mut rx, &agent, "a live heartbeat", |m| match &m.env.body {
+        Body::Status(s) if m.env.header.seq > snapshot.0 => {
+            Some((m.env.header.historical, s.outbox_alarm))
+        }
+        _ => None,
+    })
+    .await;
+    assert_eq!(live, (false, true));
+    assert!(
+        agent.log().contains("heartbeat not stored"),
+        "{}",
+        agent.log()
+    );
+}
