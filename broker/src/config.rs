@@ -43,6 +43,7 @@ pub struct Config {
     pub data: DataConfig,
     pub auth: AuthConfig,
     pub recorder: RecorderConfig,
+    pub rules: RulesConfig,
     /// Demo mode: anonymous clients allowed (see [`crate::auth`]). Set only by `serve --demo`,
     /// never from a file, so that a copied configuration cannot open a production broker.
     #[serde(skip)]
@@ -185,6 +186,34 @@ impl Default for RecorderConfig {
     }
 }
 
+/// The rules that raise alerts (see [`crate::rules`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RulesConfig {
+    /// Off when another system raises these alerts.
+    pub enabled: bool,
+    /// How often the rules look at the whole state (they also look soon after every change).
+    pub evaluate_every: HumanDuration,
+    /// Occupancy of an open shelter, in percent of capacity, that raises an alert.
+    pub occupancy_pct: u64,
+    /// Water or food stock below this many days of need raises an alert ("24h" = one day).
+    pub stock_below: HumanDuration,
+    /// A supply request still `requested` this long after it was made raises an alert.
+    pub request_unanswered_after: HumanDuration,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            enabled: true,
+            evaluate_every: HumanDuration(Duration::from_secs(5)),
+            occupancy_pct: 90,
+            stock_below: HumanDuration(Duration::from_secs(24 * 3600)),
+            request_unanswered_after: HumanDuration(Duration::from_secs(2 * 3600)),
+        }
+    }
+}
+
 impl Config {
     /// Reads `path`, or returns the defaults when there is none.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -275,6 +304,13 @@ impl Config {
         }
         if r.batch_size == 0 {
             return invalid("recorder.batch_size", "must be at least 1".into());
+        }
+        let rules = &self.rules;
+        if rules.evaluate_every.0 < Duration::from_millis(100) {
+            return invalid("rules.evaluate_every", "must be at least 100ms".into());
+        }
+        if !(1..=1000).contains(&rules.occupancy_pct) {
+            return invalid("rules.occupancy_pct", "must be between 1 and 1000".into());
         }
         let a = &self.auth;
         if a.max_failed_logins == 0 {

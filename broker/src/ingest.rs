@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use renkei_shared::topic;
 use renkei_shared::validate::validate_for_topic;
-use renkei_shared::{BodyKind, Change, Envelope, State, Topic, decode};
+use renkei_shared::{BodyKind, Change, Envelope, Scope, State, Topic, decode};
 use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish};
@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 
 use crate::metrics::Metrics;
 use crate::recorder::{Record, RecorderTx};
+use crate::rules::Trigger;
 
 /// The live cross-ward state, written by ingest and read by HTTP.
 pub type LiveState = Arc<RwLock<State>>;
@@ -118,6 +119,7 @@ impl Ingest {
         state: LiveState,
         metrics: Arc<Metrics>,
         recorder: Option<RecorderTx>,
+        rules: Option<Trigger>,
     ) -> Result<Ingest, IngestError> {
         let (mut tx, rx) = link;
         tx.subscribe(topic::ALL)?;
@@ -129,6 +131,8 @@ impl Ingest {
             state,
             metrics,
             recorder,
+            rules,
+            next_offset: None,
             log: LogLimiter::new(LOG_LINES_PER_SECOND, Duration::from_secs(1)),
             stop: stop.clone(),
         };
@@ -175,6 +179,10 @@ struct Consumer {
     state: LiveState,
     metrics: Arc<Metrics>,
     recorder: Option<RecorderTx>,
+    /// Woken when a site's state changed.
+    rules: Option<Trigger>,
+    /// The offset in the router's `renkei/v1/#` log of the next message ingest expects.
+    next_offset: Option<u64>,
     log: LogLimiter,
     stop: Arc<AtomicBool>,
 }
@@ -189,7 +197,10 @@ impl Consumer {
                 Err(e) => return Err(e.into()),
             };
             match notification {
-                Notification::Forward(forward) => self.on_publish(&forward.publish),
+                Notification::Forward(forward) => {
+                    self.check_offset(forward.cursor);
+                    self.on_publish(&forward.publish);
+                }
                 // The router stops forwarding to a link whose buffer filled up until the link
                 // says it is ready again; by now everything before this marker was taken.
                 Notification::Unschedule => {
@@ -203,6 +214,31 @@ impl Consumer {
         Ok(())
     }
 
+    /// Counts messages the router dropped before ingest read them.
+    ///
+    /// rumqttd keeps one in-memory log per subscribed filter, numbered by a per-log offset that
+    /// grows by one per message across segments. When a reader falls further behind than the
+    /// log holds, the oldest segment is dropped and the reader's next read silently starts at the
+    /// oldest one left: the only trace a local link gets is a jump in the offsets it is handed.
+    /// (Retained messages sent on subscribing carry no offset.)
+    fn check_offset(&mut self, cursor: Option<(u64, u64)>) {
+        let Some((_, offset)) = cursor else { return };
+        if let Some(expected) = self.next_offset
+            && offset > expected
+        {
+            let lost = offset - expected;
+            self.metrics.ingest_skipped(lost);
+            tracing::error!(
+                lost,
+                from_offset = expected,
+                to_offset = offset,
+                "ingest fell behind the router's log and lost messages: they are neither \
+                 recorded nor applied (raise mqtt.ingest_segment_size or _count)"
+            );
+        }
+        self.next_offset = Some(offset + 1);
+    }
+
     fn on_publish(&mut self, publish: &Publish) {
         let received_at = crate::http::now();
         match process(&self.state, &publish.topic, &publish.payload) {
@@ -213,6 +249,16 @@ impl Consumer {
                 // replace the newer one retained on the mirror.
                 if matches!(accepted.change, Change::Updated { .. } | Change::NotState) {
                     self.republish_json(&accepted);
+                }
+                if let (
+                    Change::Updated {
+                        scope: Scope::Site(_),
+                        ..
+                    },
+                    Some(rules),
+                ) = (&accepted.change, &self.rules)
+                {
+                    rules.poke();
                 }
                 if let Some(recorder) = &self.recorder {
                     recorder.send(Record::Accepted {

@@ -9,6 +9,7 @@
 //!                     ingest: topic → decode → validate → reducer ──▶ live State
 //!                        │ refused: counted by reason            │
 //!                        └─▶ JSON mirror renkei/json/v1/… ──▶ mqtt │
+//!                     rules: State → alerts ──▶ mqtt (retained) ──▶ ingest, as above
 //!                                                                ▼
 //! browsers, integrators ◀──────────── http: dashboard, /config.json, /api/v1/state, /metrics
 //! ```
@@ -21,6 +22,8 @@
 //! - [`mqtt`]: rumqttd's router and listeners, readiness probes, the per-connection guard
 //!   that applies [`auth`] and [`acl`];
 //! - [`ingest`]: the in-process consumer that keeps the live state and the JSON mirror;
+//! - [`rules`]: alerts raised and cleared from the live state, published through MQTT so that
+//!   they take the same path as every other message;
 //! - [`http`]: the axum routes (`router(AppState)`), with the state API in [`http::api`];
 //! - [`metrics`]: the counters behind `/metrics`;
 //! - [`Broker`] (here): starts them in order and serves until shutdown.
@@ -34,6 +37,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
 pub mod recorder;
+pub mod rules;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +52,7 @@ use crate::ingest::{Ingest, IngestError, LiveState};
 use crate::metrics::Metrics;
 use crate::mqtt::{Mqtt, MqttError, Publisher};
 use crate::recorder::Recorder;
+use crate::rules::Rules;
 
 /// Why the broker did not start or stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +72,8 @@ pub enum Error {
     Db(#[from] db::DbError),
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    #[error("cannot start the rules thread: {0}")]
+    Rules(std::io::Error),
     #[error("cannot listen for HTTP on {addr}: {source}")]
     HttpBind {
         addr: SocketAddr,
@@ -121,10 +128,10 @@ pub struct Broker {
     mqtt: Mqtt,
     ingest: Ingest,
     recorder: Recorder,
+    /// `None` when `rules.enabled` is off.
+    rules: Option<Rules>,
     http: TcpListener,
     app: AppState,
-    /// The broker's own link for what it publishes (restored retained state).
-    _publisher: Publisher,
     /// Raised at every start and kept in the database: the `boot` of the broker's messages.
     pub boot: u32,
 }
@@ -174,11 +181,13 @@ impl Broker {
         let live: LiveState = Arc::new(std::sync::RwLock::new(restored.state));
         let recorder = Recorder::start(data_dir, config.recorder.clone(), metrics.clone())?;
         let mut mqtt = Mqtt::new(&config.mqtt, &auth, &metrics)?;
+        let (trigger, triggered) = Rules::trigger();
         let ingest = Ingest::start(
             mqtt.link("ingest")?,
             live.clone(),
             metrics.clone(),
             recorder.tx(),
+            config.rules.enabled.then_some(trigger),
         )?;
         let mut publisher = Publisher::new(mqtt.link("publisher")?);
         // Before the listeners open: a client that connects sees the state as it was.
@@ -188,6 +197,21 @@ impl Broker {
                 publisher.publish(topic.json(), json, true)?;
             }
         }
+        // The rules start from the restored state (its alerts included), so what they already
+        // raised is not raised again; what they publish reaches ingest like any message.
+        let rules = if config.rules.enabled {
+            let setup = rules::Setup {
+                config: config.rules.clone(),
+                live: live.clone(),
+                publisher,
+                metrics: metrics.clone(),
+                boot,
+                started_at: http::now(),
+            };
+            Some(Rules::start(setup, triggered).map_err(Error::Rules)?)
+        } else {
+            None
+        };
         mqtt.listen().await?;
 
         let http_addr = config.http.listen;
@@ -222,9 +246,9 @@ impl Broker {
             mqtt,
             ingest,
             recorder,
+            rules,
             http,
             app,
-            _publisher: publisher,
             boot,
         })
     }
@@ -251,6 +275,7 @@ impl Broker {
             mut mqtt,
             mut ingest,
             recorder,
+            rules,
             http,
             app,
             ..
@@ -263,7 +288,11 @@ impl Broker {
         };
         // Joining waits for at most one poll interval of the ingest thread; the recorder then
         // writes what ingest handed it (its last sender is gone with ingest).
+        // The rules stop first, so that ingest still records the last alerts they published.
         let _ = tokio::task::spawn_blocking(move || {
+            if let Some(rules) = rules {
+                rules.stop();
+            }
             ingest.stop();
             recorder.stop();
         })

@@ -43,6 +43,11 @@ pub struct Metrics {
     recorder_last_batch: AtomicU64,
     recorder_failed: AtomicU64,
     recorder_db_bytes: AtomicU64,
+    /// Rule alerts published, raised (active) and cleared.
+    rule_alerts_active: AtomicU64,
+    rule_alerts_cleared: AtomicU64,
+    /// Messages the router dropped from ingest's filter log before ingest read them.
+    ingest_skipped: AtomicU64,
     /// Open MQTT connections per listener (shared with the listeners' protocol wrappers).
     pub tcp_connections: Arc<AtomicI64>,
     pub ws_connections: Arc<AtomicI64>,
@@ -125,6 +130,18 @@ impl Metrics {
 
     pub fn json_failed(&self) {
         self.json_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn rule_alert(&self, state: renkei_shared::AlertState) {
+        let c = match state {
+            renkei_shared::AlertState::Active => &self.rule_alerts_active,
+            renkei_shared::AlertState::Cleared => &self.rule_alerts_cleared,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn ingest_skipped(&self, lost: u64) {
+        self.ingest_skipped.fetch_add(lost, Ordering::Relaxed);
     }
 
     /// Accepted messages of all kinds.
@@ -270,7 +287,7 @@ impl Metrics {
             );
         }
 
-        let gauges: [(&str, &str, &str, u64); 7] = [
+        let gauges: [(&str, &str, &str, u64); 8] = [
             (
                 "renkei_recorder_queue",
                 "gauge",
@@ -308,6 +325,12 @@ impl Metrics {
                 load(&self.recorder_failed),
             ),
             (
+                "renkei_ingest_skipped_total",
+                "counter",
+                "Messages ingest never saw: the router's log for renkei/v1/# dropped them before ingest read them (see mqtt.ingest_segment_size).",
+                load(&self.ingest_skipped),
+            ),
+            (
                 "renkei_database_bytes",
                 "gauge",
                 "Size of the database file and its write-ahead log.",
@@ -319,6 +342,22 @@ impl Metrics {
             let _ = writeln!(out, "{name} {value}");
         }
 
+        header(
+            &mut out,
+            "renkei_rule_alerts_total",
+            "counter",
+            "Alerts the broker's rules published, by the state they carried.",
+        );
+        for (state, count) in [
+            ("active", &self.rule_alerts_active),
+            ("cleared", &self.rule_alerts_cleared),
+        ] {
+            let _ = writeln!(
+                out,
+                "renkei_rule_alerts_total{{state=\"{state}\"}} {}",
+                load(count)
+            );
+        }
         header(
             &mut out,
             "renkei_json_republished_total",

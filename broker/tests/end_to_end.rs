@@ -6,6 +6,7 @@ mod access;
 mod api;
 mod harness;
 mod persistence;
+mod rules;
 
 use std::process::Command;
 

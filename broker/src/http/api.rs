@@ -15,7 +15,15 @@
 //!                "status":   { "sent_at": …, "boot": 3, "seq": 10, "historical": false,
 //!                              "value": { …SiteStatus as in the JSON mirror… } },
 //!                "shelter":  null | { …same wrapper, ShelterStatus… },
-//!                "supplies": null | { …same wrapper, SupplyStock… } }, … ]
+//!                "supplies": null | { …same wrapper, SupplyStock… } }, … ],
+//!   "alerts": [ { "alert_id": "occ-131041-nishi-shinjuku-es", "source": { "rule": "shelter_occupancy" },
+//!                 "state": "active", "severity": "moderate", "urgency": "expected",
+//!                 "certainty": "observed", "headline": "…", "description": "…",
+//!                 "instruction": "…", "wards": [131041], "site": { "ward": 131041, "site": "…" },
+//!                 "expires_at": null, "ack_required": true, "sent_at": 1788220810000,
+//!                 "acknowledged": true,
+//!                 "acks": [ { "user": "sato", "role": "hq", "organisation": "…",
+//!                             "action": "accept", "note": "…", "sent_at": … } ] }, … ]
 //! }
 //! ```
 //!
@@ -24,10 +32,10 @@
 //! on the JSON mirror (`renkei/json/v1/…`). `level` is one of `no_data`, `normal`, `watch`,
 //! `warning`, `critical`.
 
-use renkei_shared::reducer::{SiteState, Versioned};
+use renkei_shared::reducer::{AlertEntry, SiteState, Versioned};
 use renkei_shared::{
-    Id, Level, Mode, Severity, ShelterStatus, SiteStatus, State, SupplyStock, Timestamp, WardCode,
-    WardRollup,
+    AckAction, Alert, Id, Level, Mode, Role, Severity, ShelterStatus, SiteStatus, State,
+    SupplyStock, Timestamp, WardCode, WardRollup,
 };
 use serde::Serialize;
 
@@ -38,6 +46,7 @@ pub struct StateView<'a> {
     pub now: Timestamp,
     pub wards: Vec<WardView>,
     pub sites: Vec<SiteView<'a>>,
+    pub alerts: Vec<AlertView<'a>>,
 }
 
 impl<'a> StateView<'a> {
@@ -61,6 +70,17 @@ impl<'a> StateView<'a> {
                 .filter(|(site, s)| s.last_heard.is_some() && shown(site.ward))
                 .map(|(site, s)| SiteView::new(site.ward, &site.site, s, now))
                 .collect(),
+            alerts: {
+                let mut alerts: Vec<AlertView<'a>> = world
+                    .alerts
+                    .values()
+                    .filter(|entry| entry.is_active(now))
+                    .filter_map(AlertView::new)
+                    .filter(|a| ward.is_none_or(|own| a.alert.wards.contains(&own)))
+                    .collect();
+                alerts.sort_by_key(|a| std::cmp::Reverse(a.sent_at));
+                alerts
+            },
         }
     }
 }
@@ -187,4 +207,50 @@ impl<'a, T> Latest<'a, T> {
             value: &v.value,
         }
     }
+}
+
+/// An active alert with the answers it got.
+#[derive(Debug, Serialize)]
+pub struct AlertView<'a> {
+    #[serde(flatten)]
+    pub alert: &'a Alert,
+    /// When this version of the alert was sent.
+    pub sent_at: Timestamp,
+    pub acknowledged: bool,
+    /// Each user's latest answer, in user order.
+    pub acks: Vec<AckView<'a>>,
+}
+
+impl<'a> AlertView<'a> {
+    fn new(entry: &'a AlertEntry) -> Option<Self> {
+        let (_, sent_at, alert) = entry.alert.as_ref()?;
+        Some(AlertView {
+            alert,
+            sent_at: *sent_at,
+            acknowledged: entry.is_acknowledged(),
+            acks: entry
+                .acks
+                .values()
+                .map(|(_, sent_at, ack)| AckView {
+                    user: &ack.by.user,
+                    role: ack.by.role,
+                    organisation: &ack.by.organisation,
+                    action: ack.action,
+                    note: &ack.note,
+                    sent_at: *sent_at,
+                })
+                .collect(),
+        })
+    }
+}
+
+/// One user's answer to an alert.
+#[derive(Debug, Serialize)]
+pub struct AckView<'a> {
+    pub user: &'a Id,
+    pub role: Role,
+    pub organisation: &'a str,
+    pub action: AckAction,
+    pub note: &'a str,
+    pub sent_at: Timestamp,
 }

@@ -219,8 +219,12 @@ impl Publisher {
         Publisher { tx, _rx: rx }
     }
 
-    /// Publishes, retained or not. `LinkTx::send` is async in signature only (it queues and
-    /// signals the router's channel) and is the one call that sets retain.
+    /// Publishes, retained or not.
+    ///
+    /// rumqttd does not let a local link set a publish's QoS (the field is private) and does
+    /// not need it to: the router hands every message, retained ones included, to each
+    /// subscriber at the QoS of that subscription, so a QoS 1 subscriber receives what the
+    /// broker publishes at QoS 1, and the in-process hop itself is a memory queue.
     pub fn publish(
         &mut self,
         topic: String,
@@ -228,6 +232,12 @@ impl Publisher {
         retain: bool,
     ) -> Result<(), MqttError> {
         let publish = rumqttd::protocol::Publish::new(topic.into_bytes(), payload, retain);
+        self.send(publish)
+    }
+
+    /// `LinkTx::send` is async in signature only (it queues and signals the router's channel)
+    /// and is the one call that sets retain and QoS.
+    fn send(&mut self, publish: rumqttd::protocol::Publish) -> Result<(), MqttError> {
         futures::executor::block_on(self.tx.send(Packet::Publish(publish, None)))
             .map(drop)
             .map_err(|e| MqttError::Link {
