@@ -32,6 +32,8 @@ use serde::{Deserialize, Deserializer};
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
 /// Port of a `mqtt://` address without one.
 pub const DEFAULT_MQTT_PORT: u16 = 1883;
+/// Port of a `mqtts://` address without one.
+pub const DEFAULT_MQTTS_PORT: u16 = 8883;
 /// Backlog replay rate when none is given (messages per second).
 pub const DEFAULT_REPLAY_RATE: u32 = 10;
 /// The smallest outbox budget: one segment.
@@ -75,10 +77,14 @@ fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> ConfigE
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    /// Broker address: mqtt://HOST[:PORT]
+    /// Broker address: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS (needs --ca-file)
     #[arg(long, value_name = "URL")]
     #[serde(default, deserialize_with = "scalar")]
     pub broker: Option<String>,
+    /// PEM file of the CA that signed the broker's certificate (mqtts:// only)
+    #[arg(long, value_name = "FILE")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub ca_file: Option<String>,
     /// Ward code, six digits (131041) or five (13104)
     #[arg(long, value_name = "CODE")]
     #[serde(default, deserialize_with = "scalar")]
@@ -169,11 +175,18 @@ fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
 pub struct BrokerAddr {
     pub host: String,
     pub port: u16,
+    /// `mqtts://`: the connection is TLS, checked against the configured CA.
+    pub tls: bool,
 }
 
 impl std::fmt::Display for BrokerAddr {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "mqtt://{}:{}", self.host, self.port)
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -205,6 +218,8 @@ pub struct ShelterInput {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
     pub broker: BrokerAddr,
+    /// The CA the broker's certificate must chain to; `Some` exactly when the broker is TLS.
+    pub ca_file: Option<PathBuf>,
     pub credentials: Option<Credentials>,
     pub site: SiteRef,
     pub name: String,
@@ -246,6 +261,7 @@ impl RawConfig {
     pub fn or(self, fallback: RawConfig) -> RawConfig {
         RawConfig {
             broker: self.broker.or(fallback.broker),
+            ca_file: self.ca_file.or(fallback.ca_file),
             ward: self.ward.or(fallback.ward),
             site: self.site.or(fallback.site),
             name: self.name.or(fallback.name),
@@ -270,6 +286,26 @@ impl RawConfig {
         let required = |key, v: &Option<String>| v.clone().ok_or(ConfigError::Missing { key });
 
         let broker = parse_broker("broker", &required("broker", &self.broker)?)?;
+        let ca_file = match (&self.ca_file, broker.tls) {
+            (Some(f), _) if f.is_empty() => return Err(invalid("ca_file", f, "must not be empty")),
+            (Some(f), true) => Some(PathBuf::from(f)),
+            (None, false) => None,
+            (None, true) => {
+                return Err(invalid(
+                    "broker",
+                    self.broker.as_deref().unwrap_or_default(),
+                    "mqtts:// needs ca_file (--ca-file): the PEM file of the CA that signed \
+                     the broker's certificate",
+                ));
+            }
+            (Some(f), false) => {
+                return Err(invalid(
+                    "ca_file",
+                    f,
+                    "only used with an mqtts:// broker; the broker is plain mqtt://",
+                ));
+            }
+        };
         let ward_text = required("ward", &self.ward)?;
         let ward: WardCode =
             ward_text
@@ -391,6 +427,7 @@ impl RawConfig {
 
         Ok(AgentConfig {
             broker,
+            ca_file,
             credentials,
             site: SiteRef { ward, site },
             name,
@@ -407,18 +444,23 @@ impl RawConfig {
     }
 }
 
-/// Parses `mqtt://HOST[:PORT]` (or `tcp://…`, or a bare `HOST[:PORT]`).
+/// Parses `mqtt://HOST[:PORT]` (or `tcp://…`, or a bare `HOST[:PORT]`), and
+/// `mqtts://HOST[:PORT]` (or `ssl://…`, `tls://…`) for TLS.
 pub fn parse_broker(key: &'static str, text: &str) -> Result<BrokerAddr, ConfigError> {
-    let rest = if let Some((scheme, rest)) = text.split_once("://") {
+    let (rest, tls) = if let Some((scheme, rest)) = text.split_once("://") {
         match scheme {
-            "mqtt" | "tcp" => rest,
-            "mqtts" | "ssl" | "tls" => {
-                return Err(invalid(key, text, "TLS is not supported by this agent yet"));
+            "mqtt" | "tcp" => (rest, false),
+            "mqtts" | "ssl" | "tls" => (rest, true),
+            _ => {
+                return Err(invalid(
+                    key,
+                    text,
+                    "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]",
+                ));
             }
-            _ => return Err(invalid(key, text, "expected mqtt://HOST[:PORT]")),
         }
     } else {
-        text
+        (text, false)
     };
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     // "[::1]:1883" for IPv6, else "host:port" or "host".
@@ -442,11 +484,13 @@ pub fn parse_broker(key: &'static str, text: &str) -> Result<BrokerAddr, ConfigE
             .ok()
             .filter(|&p| p != 0)
             .ok_or_else(|| invalid(key, text, "port must be 1–65535"))?,
+        None if tls => DEFAULT_MQTTS_PORT,
         None => DEFAULT_MQTT_PORT,
     };
     Ok(BrokerAddr {
         host: host.to_owned(),
         port,
+        tls,
     })
 }
 
@@ -585,7 +629,8 @@ mod tests {
             c.broker,
             BrokerAddr {
                 host: "hq.example".into(),
-                port: 1884
+                port: 1884,
+                tls: false
             }
         );
         assert_eq!(c.site.ward, WardCode(131041));
@@ -685,7 +730,11 @@ mod tests {
             ("location = \"35.6\"", "location = \"35.6\""),
             ("location = \"95,139\"", "location"),
             ("name = \"  \"", "name"),
-            ("broker = \"mqtts://hq:8883\"", "TLS"),
+            ("broker = \"mqtts://hq:8883\"", "mqtts:// needs ca_file"),
+            (
+                "ca_file = \"/etc/ca.pem\"",
+                "only used with an mqtts:// broker",
+            ),
             ("broker = \"http://hq\"", "broker = \"http://hq\""),
             ("broker = \"mqtt://hq:0\"", "port"),
             ("broker = \"mqtt://:1883\"", "broker"),
@@ -748,22 +797,35 @@ mod tests {
     #[test]
     fn broker_addresses() {
         let ok = [
-            ("mqtt://localhost", "localhost", 1883),
-            ("tcp://10.0.0.1:1884", "10.0.0.1", 1884),
-            ("hq.example:2000", "hq.example", 2000),
-            ("mqtt://[::1]:1885/", "::1", 1885),
-            ("mqtt://[::1]", "::1", 1883),
+            ("mqtt://localhost", "localhost", 1883, false),
+            ("tcp://10.0.0.1:1884", "10.0.0.1", 1884, false),
+            ("hq.example:2000", "hq.example", 2000, false),
+            ("mqtt://[::1]:1885/", "::1", 1885, false),
+            ("mqtt://[::1]", "::1", 1883, false),
+            ("mqtts://hq.example", "hq.example", 8883, true),
+            ("ssl://[::1]:9883", "::1", 9883, true),
         ];
-        for (text, host, port) in ok {
+        for (text, host, port, tls) in ok {
+            let addr = parse_broker("broker", text).unwrap();
             assert_eq!(
-                parse_broker("broker", text).unwrap(),
+                addr,
                 BrokerAddr {
                     host: host.into(),
-                    port
+                    port,
+                    tls
                 },
                 "{text}"
             );
+            // Printed back as an address that parses to the same.
+            assert_eq!(parse_broker("broker", &addr.to_string()).unwrap(), addr);
         }
+        let c = resolve(&format!(
+            "{}\nbroker = \"mqtts://hq.example\"\nca_file = \"/etc/renkei/ca.pem\"",
+            MINIMAL.replace("broker = \"mqtt://hq.example:1884\"", "")
+        ))
+        .unwrap();
+        assert!(c.broker.tls);
+        assert_eq!(c.ca_file, Some(PathBuf::from("/etc/renkei/ca.pem")));
     }
 
     #[test]

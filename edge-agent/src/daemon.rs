@@ -32,7 +32,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
 use crate::lifecycle::Lifecycle;
-use crate::link::{Backoff, LinkError, LinkOptions, LinkState, command_of};
+use crate::link::{Backoff, LinkError, LinkOptions, LinkState, command_of, connection_hint};
 use crate::outbox::{Durability, Key, Outbox, Record};
 use crate::report::{FixedSite, Site, frame, now};
 
@@ -523,7 +523,7 @@ pub async fn run_daemon(
                     daemon.connection_lost(&mut eventloop);
                     daemon.transition(LinkState::Backoff);
                     let delay = backoff.next_delay();
-                    warn!(broker = %daemon.options.link.broker, error = %e, retry_in_ms = delay.as_millis() as u64, "connection lost");
+                    warn!(broker = %daemon.options.link.broker, error = %e, hint = connection_hint(&e), retry_in_ms = delay.as_millis() as u64, "connection lost");
                     let sleep = tokio::time::sleep(delay);
                     tokio::pin!(sleep);
                     // Heartbeats go on being stored while the link is down.

@@ -25,12 +25,13 @@
 //!   order within a PubAck-tracked window, backlog replay marked historical and rate-limited;
 //! - [`link`]: the MQTT pieces both sessions share (options, backoff, commands) and the live
 //!   session of [`simulate`], which has no outbox;
-//! - [`simulate`]: many simulated shelters across the 23 wards, for drills, demos and load.
+//! - [`simulate`]: many simulated shelters across the 23 wards, for drills, demos and load;
+//! - [`tls`]: `mqtts://` brokers, trusted through the site's `ca_file` only.
 //!
 //! The outbox alarm (reports refused: outbox or disk full) rides on every heartbeat as
 //! `outbox_alarm` until the backlog drains; a heartbeat that finds no room itself is sent live.
 //!
-//! Not here yet: TLS (`mqtts://`) and the local web form.
+//! Not here yet: the local web form.
 
 pub mod config;
 pub mod daemon;
@@ -40,6 +41,7 @@ pub mod outbox;
 pub mod report;
 pub mod simulate;
 pub mod staff;
+pub mod tls;
 
 /// This agent's version, sent in every birth.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

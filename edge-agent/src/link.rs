@@ -16,6 +16,7 @@
 //! the request channel filled. While disconnected, heartbeats are skipped rather than queued:
 //! without an outbox they would be stale on arrival, and the full state follows every birth.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::StdRng;
@@ -23,7 +24,10 @@ use rand::{Rng, SeedableRng};
 use renkei_shared::codec::MAX_FRAME;
 use renkei_shared::validate::validate_for_topic;
 use renkei_shared::{Body, CommandAction, Envelope, Topic, topic};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, MqttOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
+    TlsConfiguration, Transport,
+};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
@@ -47,6 +51,8 @@ pub struct LinkOptions {
     pub credentials: Option<Credentials>,
     /// The MQTT client id: stable per site, so the broker resumes the session.
     pub client_id: String,
+    /// For an `mqtts://` broker: whom to trust (see [`crate::tls`]).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl LinkOptions {
@@ -64,7 +70,26 @@ impl LinkOptions {
         if let Some(c) = &self.credentials {
             mqtt.set_credentials(&c.username, &c.password);
         }
+        if let Some(tls) = &self.tls {
+            mqtt.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                tls.clone(),
+            )));
+        }
         mqtt
+    }
+}
+
+/// A hint for the log when a connection fails in a way a person must fix at the site.
+pub fn connection_hint(error: &ConnectionError) -> Option<&'static str> {
+    match error {
+        ConnectionError::Tls(_) => Some(
+            "TLS handshake failed: check that ca_file holds the CA that signed the broker's \
+             certificate and that the broker's name matches the certificate",
+        ),
+        ConnectionError::ConnectionRefused(_) => {
+            Some("the broker refused the connection: check username and password")
+        }
+        _ => None,
     }
 }
 
@@ -331,7 +356,7 @@ pub async fn run_site<S: Site>(
                     session.birth = None;
                     session.transition(LinkState::Backoff);
                     let delay = backoff.next_delay();
-                    warn!(broker = %options.broker, error = %e, retry_in_ms = delay.as_millis() as u64, "connection lost");
+                    warn!(broker = %options.broker, error = %e, hint = connection_hint(&e), retry_in_ms = delay.as_millis() as u64, "connection lost");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         changed = shutdown.changed() => if changed.is_err() { break },

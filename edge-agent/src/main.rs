@@ -79,9 +79,12 @@ struct RunArgs {
 
 #[derive(Debug, Args)]
 struct SimArgs {
-    /// Broker address: mqtt://HOST[:PORT]
+    /// Broker address: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] with --ca-file
     #[arg(long, value_name = "URL")]
     broker: String,
+    /// PEM file of the CA that signed the broker's certificate (mqtts:// only)
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// Number of simulated sites
     #[arg(long, value_name = "N")]
     sites: usize,
@@ -311,6 +314,12 @@ async fn run(args: RunArgs) -> Result<()> {
         None => RawConfig::default(),
     };
     let config = args.settings.or(file).resolve()?;
+    // Before anything is touched: a bad CA file is a setting to fix, not a boot to count.
+    let tls = config
+        .ca_file
+        .as_deref()
+        .map(renkei_agent::tls::client_config)
+        .transpose()?;
     let outbox = Arc::new(open_outbox(&config)?);
     let Some(_claim) = outbox.claim_daemon()? else {
         bail!(
@@ -333,6 +342,7 @@ async fn run(args: RunArgs) -> Result<()> {
         broker: config.broker.clone(),
         credentials: config.credentials.clone(),
         client_id: LinkOptions::client_id(&config.site),
+        tls,
     };
     let lifecycle = Lifecycle::shared(config.site.clone(), boot, config.mode, outbox.clone());
     let site = FixedSite::from_config(&config, now());
@@ -369,6 +379,12 @@ async fn run(args: RunArgs) -> Result<()> {
 
 async fn simulate(args: SimArgs) -> Result<()> {
     let broker = config::parse_broker("broker", &args.broker)?;
+    let tls = match (&args.ca_file, broker.tls) {
+        (Some(ca), true) => Some(renkei_agent::tls::client_config(ca)?),
+        (None, false) => None,
+        (None, true) => bail!("--broker {}: mqtts:// needs --ca-file", args.broker),
+        (Some(_), false) => bail!("--ca-file is only used with an mqtts:// broker"),
+    };
     let interval = config::parse_interval("interval", &args.interval)?;
     let mode = config::parse_mode("mode", &args.mode)?;
     if args.sites == 0 {
@@ -386,6 +402,7 @@ async fn simulate(args: SimArgs) -> Result<()> {
     let shutdown = shutdown_signal()?;
     let options = SimOptions {
         broker,
+        tls,
         credentials,
         sites: args.sites,
         seed: args.seed,

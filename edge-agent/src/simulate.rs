@@ -477,6 +477,8 @@ impl Site for SimSite {
 #[derive(Debug, Clone)]
 pub struct SimOptions {
     pub broker: BrokerAddr,
+    /// For an `mqtts://` broker, shared by every site.
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// Shared by every site; `{ward}` and `{site}` in the user name are replaced per site.
     pub credentials: Option<Credentials>,
     pub sites: usize,
@@ -508,6 +510,7 @@ pub fn spawn(
             broker: options.broker.clone(),
             credentials,
             client_id: LinkOptions::client_id(&site.site),
+            tls: options.tls.clone(),
         };
         let lifecycle = Lifecycle::new(site.site.clone(), options.boot, options.mode);
         let interval = options.interval;

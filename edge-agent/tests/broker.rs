@@ -44,13 +44,18 @@ impl Broker {
 
     /// A broker on a given port (to restart one where agents expect it).
     fn start_on(port: u16) -> Broker {
+        Broker::start_conf(port, "", None)
+    }
+
+    /// A broker on `port` with `extra` configuration; also waits for `also_port` to listen.
+    fn start_conf(port: u16, extra: &str, also_port: Option<u16>) -> Broker {
         let dir = tempfile::tempdir().expect("temp dir");
         let conf = dir.path().join("mosquitto.conf");
         // No queue limit: Mosquitto's default silently drops QoS 1 messages beyond 1,000.
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\npersistence false\n{extra}"
             ),
         )
         .expect("write mosquitto.conf");
@@ -62,12 +67,14 @@ impl Broker {
             .spawn()
             .expect("start mosquitto");
         let deadline = std::time::Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "mosquitto did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        for port in std::iter::once(port).chain(also_port) {
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "mosquitto did not listen on {port}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
         Broker {
             child,
@@ -1038,5 +1045,135 @@ async fn below_the_disk_reserve_reports_are_refused_and_live_heartbeats_carry_th
         agent.log().contains("heartbeat not stored"),
         "{}",
         agent.log()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS: mqtts:// against Mosquitto's TLS listener, certificates made here.
+
+/// A CA and a server certificate for 127.0.0.1 and localhost, as PEM files in `dir`.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn make_pki(dir: &Path, name: &str) -> Pki {
+    let ca_key = rcgen::KeyPair::generate().expect("test PKI");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("test PKI");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+    let ca_cert = ca_params.self_signed(&ca_key).expect("test PKI");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().expect("test PKI");
+    let params =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .expect("test PKI");
+    let cert = params.signed_by(&key, &issuer).expect("test PKI");
+    let pki = Pki {
+        ca: dir.join(format!("{name}-ca.pem")),
+        cert: dir.join(format!("{name}-cert.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+    };
+    std::fs::write(&pki.ca, ca_cert.pem()).expect("test PKI");
+    std::fs::write(&pki.cert, cert.pem()).expect("test PKI");
+    std::fs::write(&pki.key, key.serialize_pem()).expect("test PKI");
+    pki
+}
+
+/// A Mosquitto with a plain listener (for the test's subscriber) and a TLS one serving `pki`.
+fn tls_broker(pki: &Pki) -> Option<(Broker, u16)> {
+    if !Path::new(MOSQUITTO).exists() {
+        eprintln!("SKIPPED: {MOSQUITTO} is not installed");
+        return None;
+    }
+    let (plain, tls) = (free_port(), free_port());
+    let extra = format!(
+        "listener {tls} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n",
+        pki.ca.display(),
+        pki.cert.display(),
+        pki.key.display()
+    );
+    Some((Broker::start_conf(plain, &extra, Some(tls)), tls))
+}
+
+#[tokio::test]
+async fn over_tls_birth_and_status_arrive() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "hq");
+    let Some((broker, tls_port)) = tls_broker(&pki) else {
+        return;
+    };
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let url = format!("mqtts://127.0.0.1:{tls_port}");
+    let state = dir.path().join("state");
+    let mut args = run_args(&url, state.to_str().unwrap(), "1s");
+    args.extend(["--ca-file", pki.ca.to_str().unwrap()]);
+    let agent = Agent::spawn(&args, dir.path(), "agent");
+    let birth = next(&mut rx, &agent, "birth over TLS", |m| is_life(m, true)).await;
+    assert_eq!(birth.env.header.origin, Origin::Site(site()));
+    let status = next(&mut rx, &agent, "status over TLS", |m| match &m.env.body {
+        Body::Status(s) => Some(s.clone()),
+        _ => None,
+    })
+    .await;
+    assert_eq!(status.name, "西新宿小学校");
+    next(&mut rx, &agent, "shelter over TLS", |m| {
+        matches!(m.env.body, Body::Shelter(_)).then_some(())
+    })
+    .await;
+    let log = agent.log();
+    assert!(
+        log.contains(&format!("mqtts://127.0.0.1:{tls_port}")),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn over_tls_a_wrong_ca_is_refused_clearly_and_retried_and_no_ca_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "hq");
+    let other = make_pki(dir.path(), "other");
+    let Some((broker, tls_port)) = tls_broker(&pki) else {
+        return;
+    };
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let url = format!("mqtts://127.0.0.1:{tls_port}");
+    let state = dir.path().join("state");
+
+    // mqtts:// without a CA file: refused at start, naming what is missing.
+    let mut no_ca = Agent::spawn(
+        &run_args(&url, state.to_str().unwrap(), "1s"),
+        dir.path(),
+        "no-ca",
+    );
+    assert!(!no_ca.wait_exit().success());
+    let log = no_ca.log();
+    assert!(log.contains("mqtts:// needs ca_file"), "{log}");
+
+    // A CA that did not sign the broker's certificate: every attempt fails the handshake,
+    // says why, and backs off.
+    let mut args = run_args(&url, state.to_str().unwrap(), "1s");
+    args.extend(["--ca-file", other.ca.to_str().unwrap()]);
+    let agent = Agent::spawn(&args, dir.path(), "wrong-ca");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let log = agent.log();
+        if log.matches("TLS handshake failed").count() >= 2 {
+            assert!(log.contains("retry_in_ms"), "{log}");
+            assert!(log.to_lowercase().contains("certificate"), "{log}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no retried TLS failure:\n{log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Nothing got through.
+    assert!(
+        timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "a message arrived over an untrusted link"
     );
 }
