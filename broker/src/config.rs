@@ -81,10 +81,12 @@ impl Default for MqttConfig {
             max_packet_size: ByteSize(MAX_FRAME + PACKET_HEADROOM),
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             max_inflight: 100,
-            // rumqttd's defaults (100 MB × 10 per filter) grow memory without need: Renkei's
-            // messages are small and subscribers read them as they come.
-            segment_size: ByteSize(1024 * 1024),
-            segment_count: 10,
+            // 64MiB per filter log: holds a reconnect storm (2,000 sites flushing ~100
+            // queued reports of ~200 B is ~40 MB) for a reader that falls behind, where the
+            // former 1MiB × 10 lost most of such a burst; rumqttd's own 100 MB × 10 is a
+            // gigabyte per filter. See docs/broker.example.toml.
+            segment_size: ByteSize(16 * 1024 * 1024),
+            segment_count: 4,
         }
     }
 }

@@ -233,7 +233,7 @@ impl Consumer {
                 from_offset = expected,
                 to_offset = offset,
                 "ingest fell behind the router's log and lost messages: they are neither \
-                 recorded nor applied (raise mqtt.ingest_segment_size or _count)"
+                 recorded nor applied (raise mqtt.segment_size or mqtt.segment_count)"
             );
         }
         self.next_offset = Some(offset + 1);

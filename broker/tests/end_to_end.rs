@@ -4,6 +4,7 @@
 
 mod access;
 mod api;
+mod burst;
 mod harness;
 mod persistence;
 mod rules;

@@ -1,0 +1,176 @@
+//! A reconnect storm: many agents flush their queues at once. Every message the broker
+//! acknowledged must be recorded exactly once, or, if the router's log could not hold the
+//! burst, be counted as skipped — never lost silently.
+
+use std::time::{Duration, Instant};
+
+use renkei_shared::{Envelope, Id, Origin, SiteRef, Topic, WardCode, encode, sample, topic};
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+
+use crate::harness::{self, RunningBroker, http_get, metric};
+
+const PUBLISHERS: u64 = 50;
+const PER_PUBLISHER: u64 = 1_000;
+const TOTAL: i64 = (PUBLISHERS * PER_PUBLISHER) as i64;
+
+/// What one burst left behind.
+#[derive(Debug)]
+struct Outcome {
+    /// Rows in the recorder's `messages` table.
+    recorded: i64,
+    /// Origins whose rows are exactly seq 1..=PER_PUBLISHER, once each.
+    complete_origins: i64,
+    skipped: i64,
+    /// What a QoS 1 subscriber to renkei/v1/# (a dashboard) received.
+    subscriber_received: u64,
+    elapsed: Duration,
+}
+
+fn status_of(site: u64, seq: u64) -> Envelope {
+    let mut env = sample::status();
+    env.header.origin = Origin::Site(SiteRef {
+        ward: WardCode(131041),
+        site: Id::new(format!("burst-{site}")).unwrap(),
+    });
+    env.header.seq = seq;
+    env
+}
+
+/// Publishes `PER_PUBLISHER` QoS 1 reports from each of `PUBLISHERS` clients at once and
+/// returns when every one was acknowledged by the broker.
+async fn storm(addrs: &renkei_broker::Addrs) {
+    let mut tasks = Vec::new();
+    for site in 0..PUBLISHERS {
+        let mut options = harness::options(addrs, &format!("burst-{site}"));
+        options.set_inflight(100);
+        let (client, mut eventloop) = AsyncClient::new(options, 200);
+        tasks.push(tokio::spawn(async move {
+            let sender = tokio::spawn(async move {
+                for seq in 1..=PER_PUBLISHER {
+                    let env = status_of(site, seq);
+                    let topic = Topic::of(&env).unwrap().to_string();
+                    client
+                        .publish(topic, QoS::AtLeastOnce, false, encode(&env).unwrap())
+                        .await
+                        .unwrap();
+                }
+                client
+            });
+            let mut acked = 0;
+            while acked < PER_PUBLISHER {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                    Ok(_) => {}
+                    Err(e) => panic!("publisher {site}: {e}"),
+                }
+            }
+            drop(sender.await.unwrap());
+        }));
+    }
+    for task in tasks {
+        tokio::time::timeout(Duration::from_secs(300), task)
+            .await
+            .expect("every publish acknowledged in time")
+            .unwrap();
+    }
+}
+
+async fn burst(mqtt_config: &str) -> Outcome {
+    let dir = harness::prepare();
+    harness::write_config(
+        dir.path(),
+        &format!("[rules]\nenabled = false\n[mqtt]\n{mqtt_config}\n"),
+    );
+    let broker = RunningBroker::start_in(dir, &["--demo"]);
+    let addrs = broker.addrs;
+
+    // A dashboard's view: QoS 1 on the whole tree, reading as fast as it can.
+    let mut options = harness::options(&addrs, "dashboard");
+    options.set_inflight(100);
+    let (dashboard, mut dashboard_loop) = AsyncClient::new(options, 100);
+    dashboard
+        .subscribe(topic::ALL, QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (received_tx, mut received_rx) = tokio::sync::watch::channel(0u64);
+    tokio::spawn(async move {
+        let mut received = 0;
+        while let Ok(event) = dashboard_loop.poll().await {
+            if let Event::Incoming(Packet::Publish(_)) = event {
+                received += 1;
+                let _ = received_tx.send(received);
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    storm(&addrs).await;
+    // Ingest and the recorder catch up: wait until every message is recorded or counted.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let (inserted, skipped) = loop {
+        let text = http_get(&addrs, "/metrics").await.text();
+        let inserted = metric(&text, "renkei_recorder_messages_inserted_total").unwrap_or(0);
+        let skipped = metric(&text, "renkei_ingest_skipped_total").unwrap_or(0);
+        if inserted + skipped >= TOTAL || Instant::now() > deadline {
+            break (inserted, skipped);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let elapsed = started.elapsed();
+    // The dashboard gets a moment more; it reads over TCP.
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while *received_rx.borrow() < TOTAL as u64 {
+            if received_rx.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    let subscriber_received = *received_rx.borrow();
+    eprintln!("inserted {inserted}, skipped {skipped}");
+
+    let (status, dir) = broker.terminate_keeping_dir();
+    assert!(status.success());
+    let conn =
+        rusqlite::Connection::open(renkei_broker::db::path(&dir.path().join("data"))).unwrap();
+    let recorded: i64 = conn
+        .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    let complete_origins: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM (SELECT origin FROM messages GROUP BY origin
+             HAVING COUNT(*) = ?1 AND COUNT(DISTINCT seq) = ?1 AND MIN(seq) = 1 AND MAX(seq) = ?1)",
+            [PER_PUBLISHER as i64],
+            |r| r.get(0),
+        )
+        .unwrap();
+    Outcome {
+        recorded,
+        complete_origins,
+        skipped,
+        subscriber_received,
+        elapsed,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_is_recorded_exactly_once_with_the_default_logs() {
+    let outcome = burst("").await;
+    eprintln!(
+        "default segments: {outcome:?}, {:.0} messages/s recorded",
+        TOTAL as f64 / outcome.elapsed.as_secs_f64()
+    );
+    assert_eq!(outcome.skipped, 0, "{outcome:?}");
+    assert_eq!(outcome.recorded, TOTAL, "{outcome:?}");
+    assert_eq!(outcome.complete_origins, PUBLISHERS as i64, "{outcome:?}");
+    assert_eq!(outcome.subscriber_received, TOTAL as u64, "{outcome:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_logs_too_small_for_the_burst_every_loss_is_counted() {
+    // Two segments of 24KiB: about 250 messages of backlog before the router drops some.
+    let outcome = burst("segment_size = \"24KiB\"\nsegment_count = 2").await;
+    eprintln!("small segments: {outcome:?}");
+    assert_eq!(outcome.recorded + outcome.skipped, TOTAL, "{outcome:?}");
+}
