@@ -108,92 +108,103 @@ pub struct WardDetail {
     pub incidents: Vec<IncidentRow>,
 }
 
-fn site_name(site: &SiteState, id: &Id) -> String {
+pub(crate) fn site_name(site: &SiteState, id: &Id) -> String {
     site.name().unwrap_or(id.as_str()).to_owned()
 }
 
 impl WardDetail {
-    /// The ward's detail in `world` at `now`.
-    pub fn derive(world: &World, ward: WardCode, now: Timestamp) -> WardDetail {
-        let mut detail = WardDetail {
+    /// A detail with no rows yet.
+    pub fn empty(ward: WardCode) -> WardDetail {
+        WardDetail {
             ward,
             shelters: Vec::new(),
             stock: Vec::new(),
             requests: Vec::new(),
             incidents: Vec::new(),
-        };
+        }
+    }
+
+    /// The ward's detail in `world` at `now`.
+    pub fn derive(world: &World, ward: WardCode, now: Timestamp) -> WardDetail {
+        let mut detail = WardDetail::empty(ward);
         // Sites are keyed by (ward, site), so one ward's sites are one contiguous range.
         for (site_ref, site) in world.sites.iter().filter(|(s, _)| s.ward == ward) {
-            let name = site_name(site, &site_ref.site);
-            let freshness = Freshness::of(site, now);
-            let is_shelter = site.shelter.is_some()
-                || site.status.as_ref().map(|s| s.value.kind) == Some(SiteKind::Shelter);
-            if is_shelter {
-                let shelter = site.shelter.as_ref();
-                let value = shelter.map(|s| &s.value);
-                detail.shelters.push(ShelterRow {
-                    site: site_ref.site.clone(),
-                    name: name.clone(),
-                    state: value.map(|s| s.state),
-                    evacuees: value.and_then(|s| s.evacuees),
-                    capacity: value.and_then(|s| s.capacity),
-                    occupancy_pct: site.occupancy_pct(),
-                    care_needed: value.and_then(|s| s.care.total()),
-                    reported_at: shelter.map(|s| s.sent_at),
-                    reported_age: shelter.map(|s| Age::between(now, s.sent_at)),
-                    freshness,
-                });
-            }
-            if let Some(supplies) = &site.supplies {
-                let age = Age::between(now, supplies.sent_at);
-                detail
-                    .stock
-                    .extend(supplies.value.lines.iter().map(|line| StockRow {
-                        site_name: name.clone(),
-                        item: line.item,
-                        on_hand: line.on_hand,
-                        daily_need: line.daily_need,
-                        days_left_tenths: line.days_left_tenths(),
-                        age,
-                        stale: freshness.silent(),
-                    }));
-            }
-            for (request_id, entry) in &site.requests {
-                let detail_value = entry.detail.as_ref().map(|d| &d.value);
-                detail.requests.push(RequestRow {
-                    site: site_ref.site.clone(),
-                    site_name: name.clone(),
-                    request_id: request_id.clone(),
-                    item: detail_value.map(|d| d.item),
-                    quantity: detail_value.map(|d| d.quantity),
-                    fulfilled: entry.fulfilled,
-                    state: entry.state,
-                    age: Age::between(now, entry.updated_at),
-                });
-            }
-            for (incident_id, incident) in &site.incidents {
-                let i = &incident.value;
-                detail.incidents.push(IncidentRow {
-                    site: site_ref.site.clone(),
-                    site_name: name.clone(),
-                    incident_id: incident_id.clone(),
-                    category: i.category,
-                    counts: i.counts,
-                    severity: i.severity,
-                    version: i.version,
-                    age: Age::between(now, incident.sent_at),
-                    stale: freshness.silent(),
-                });
-            }
+            detail.add_site(&site_ref.site, site, now);
         }
-        // Open requests first (oldest state first), then closed ones.
+        detail.sort();
         detail
-            .requests
+    }
+
+    /// Adds the rows of one site of the ward.
+    pub fn add_site(&mut self, id: &Id, site: &SiteState, now: Timestamp) {
+        let name = site_name(site, id);
+        let freshness = Freshness::of(site, now);
+        let is_shelter = site.shelter.is_some()
+            || site.status.as_ref().map(|s| s.value.kind) == Some(SiteKind::Shelter);
+        if is_shelter {
+            let shelter = site.shelter.as_ref();
+            let value = shelter.map(|s| &s.value);
+            self.shelters.push(ShelterRow {
+                site: id.clone(),
+                name: name.clone(),
+                state: value.map(|s| s.state),
+                evacuees: value.and_then(|s| s.evacuees),
+                capacity: value.and_then(|s| s.capacity),
+                occupancy_pct: site.occupancy_pct(),
+                care_needed: value.and_then(|s| s.care.total()),
+                reported_at: shelter.map(|s| s.sent_at),
+                reported_age: shelter.map(|s| Age::between(now, s.sent_at)),
+                freshness,
+            });
+        }
+        if let Some(supplies) = &site.supplies {
+            let age = Age::between(now, supplies.sent_at);
+            self.stock
+                .extend(supplies.value.lines.iter().map(|line| StockRow {
+                    site_name: name.clone(),
+                    item: line.item,
+                    on_hand: line.on_hand,
+                    daily_need: line.daily_need,
+                    days_left_tenths: line.days_left_tenths(),
+                    age,
+                    stale: freshness.silent(),
+                }));
+        }
+        for (request_id, entry) in &site.requests {
+            let detail_value = entry.detail.as_ref().map(|d| &d.value);
+            self.requests.push(RequestRow {
+                site: id.clone(),
+                site_name: name.clone(),
+                request_id: request_id.clone(),
+                item: detail_value.map(|d| d.item),
+                quantity: detail_value.map(|d| d.quantity),
+                fulfilled: entry.fulfilled,
+                state: entry.state,
+                age: Age::between(now, entry.updated_at),
+            });
+        }
+        for (incident_id, incident) in &site.incidents {
+            let i = &incident.value;
+            self.incidents.push(IncidentRow {
+                site: id.clone(),
+                site_name: name.clone(),
+                incident_id: incident_id.clone(),
+                category: i.category,
+                counts: i.counts,
+                severity: i.severity,
+                version: i.version,
+                age: Age::between(now, incident.sent_at),
+                stale: freshness.silent(),
+            });
+        }
+    }
+
+    /// Open requests first (oldest state first), then closed ones; worst incidents first.
+    pub fn sort(&mut self) {
+        self.requests
             .sort_by_key(|r| (r.state.is_closed(), r.state.rank()));
-        detail
-            .incidents
+        self.incidents
             .sort_by_key(|i| std::cmp::Reverse(i.severity));
-        detail
     }
 }
 

@@ -1,8 +1,9 @@
 //! Labels in Japanese (first) and English, and the formats shown next to them.
 
 use renkei_shared::{
-    AckAction, IncidentCategory, Item, Level, Mode, ReportVersion, RequestState, Severity,
-    ShelterState, Timestamp, Ward,
+    AckAction, BuildingSafety, Crowding, HqState, IncidentCategory, Item, Level, LifelineState,
+    LinkState, Mode, PowerSource, ReportVersion, RequestState, Severity, ShelterState, ShelterType,
+    SiteKind, Timestamp, Ward,
 };
 
 use crate::age::Age;
@@ -95,6 +96,41 @@ pub enum Label {
     User,
     Password,
     Unknown,
+    SiteStatus,
+    ShelterDetails,
+    History,
+    HistoryLoading,
+    HistoryEmpty,
+    HistoryFailed,
+    Capacity,
+    Kind,
+    Power,
+    Battery,
+    Comms,
+    Internet,
+    Mobile,
+    Landline,
+    Radio,
+    HqState,
+    Interval,
+    QueueDepth,
+    OutboxAlarm,
+    OutboxFull,
+    LastHeard,
+    ShelterType,
+    Households,
+    Crowding,
+    Pets,
+    BuildingSafety,
+    Lifelines,
+    Water,
+    Gas,
+    Toilets,
+    CareBreakdown,
+    NoSiteData,
+    OtherSites,
+    NoOtherSites,
+    EvacueeCount,
 }
 
 impl Label {
@@ -157,6 +193,55 @@ impl Label {
             Label::User => lang.pick("ユーザー名", "User"),
             Label::Password => lang.pick("パスワード", "Password"),
             Label::Unknown => lang.pick("不明", "unknown"),
+            Label::SiteStatus => lang.pick("拠点状態", "Site status"),
+            Label::ShelterDetails => lang.pick("避難所状況", "Shelter details"),
+            Label::History => lang.pick("避難者数の推移", "Evacuees over time"),
+            Label::HistoryLoading => lang.pick("履歴を読み込み中…", "Loading history…"),
+            Label::HistoryEmpty => lang.pick(
+                "記録された避難所報告はありません",
+                "No shelter reports recorded",
+            ),
+            Label::HistoryFailed => {
+                lang.pick("履歴を取得できませんでした", "Could not load the history")
+            }
+            Label::Capacity => lang.pick("収容人数", "Capacity"),
+            Label::Kind => lang.pick("拠点種別", "Kind"),
+            Label::Power => lang.pick("電源", "Power"),
+            Label::Battery => lang.pick("バッテリー", "Battery"),
+            Label::Comms => lang.pick("通信", "Communications"),
+            Label::Internet => lang.pick("インターネット", "Internet"),
+            Label::Mobile => lang.pick("携帯電話", "Mobile"),
+            Label::Landline => lang.pick("固定電話", "Landline"),
+            Label::Radio => lang.pick("防災行政無線", "Disaster radio"),
+            Label::HqState => lang.pick("災害対策本部", "Disaster HQ"),
+            Label::Interval => lang.pick("報告間隔", "Reporting interval"),
+            Label::QueueDepth => lang.pick("未送信の報告", "Reports queued"),
+            Label::OutboxAlarm => lang.pick(
+                "送信待ちが満杯: 新しい報告を保存できません。拠点に連絡してください",
+                "Outbox full: the site cannot store new reports. Call the site",
+            ),
+            Label::OutboxFull => lang.pick("送信待ち満杯", "outbox full"),
+            Label::LastHeard => lang.pick("最終受信", "Last heard"),
+            Label::ShelterType => lang.pick("避難所種別", "Shelter type"),
+            Label::Households => lang.pick("世帯数", "Households"),
+            Label::Crowding => lang.pick("混雑", "Crowding"),
+            Label::Pets => lang.pick("ペット", "Pets"),
+            Label::BuildingSafety => lang.pick("建物の安全", "Building safety"),
+            Label::Lifelines => lang.pick("ライフライン", "Lifelines"),
+            Label::Water => lang.pick("水道", "Water"),
+            Label::Gas => lang.pick("ガス", "Gas"),
+            Label::Toilets => lang.pick("トイレ", "Toilets"),
+            Label::CareBreakdown => lang.pick("要配慮者の内訳", "People needing care"),
+            Label::NoSiteData => lang.pick(
+                "この拠点からの報告はまだありません",
+                "Nothing received from this site yet",
+            ),
+            Label::OtherSites => lang.pick("区役所・物資拠点", "Ward offices and depots"),
+            Label::EvacueeCount => lang.pick("避難者数", "Evacuees"),
+            Label::NoOtherSites => lang.pick(
+                "報告のある区役所・物資拠点はありません",
+                "No ward office or depot has reported",
+            ),
         }
     }
 }
@@ -308,6 +393,98 @@ pub fn days_tenths(tenths: u64, lang: Lang) -> String {
     }
 }
 
+pub fn site_kind(kind: SiteKind, lang: Lang) -> &'static str {
+    match kind {
+        SiteKind::WardOffice => lang.pick("区役所", "Ward office"),
+        SiteKind::Shelter => lang.pick("避難所", "Shelter"),
+        SiteKind::Depot => lang.pick("物資拠点", "Supply depot"),
+    }
+}
+
+/// The value of `data-kind` attributes.
+pub fn site_kind_key(kind: SiteKind) -> &'static str {
+    match kind {
+        SiteKind::WardOffice => "ward_office",
+        SiteKind::Shelter => "shelter",
+        SiteKind::Depot => "depot",
+    }
+}
+
+pub fn hq_state(state: HqState, lang: Lang) -> &'static str {
+    match state {
+        HqState::None => lang.pick("未設置", "None"),
+        HqState::Alert => lang.pick("警戒", "Alert"),
+        HqState::Established => lang.pick("設置", "Established"),
+        HqState::Dissolved => lang.pick("廃止", "Dissolved"),
+        HqState::Unknown => lang.pick("不明", "Unknown"),
+    }
+}
+
+pub fn power(power: PowerSource, lang: Lang) -> &'static str {
+    match power {
+        PowerSource::Grid => lang.pick("商用電源", "Grid"),
+        PowerSource::Generator => lang.pick("発電機", "Generator"),
+        PowerSource::Battery => lang.pick("バッテリー", "Battery"),
+        PowerSource::None => lang.pick("停電", "None"),
+        PowerSource::Unknown => lang.pick("不明", "Unknown"),
+    }
+}
+
+pub fn link_state(state: LinkState, lang: Lang) -> &'static str {
+    match state {
+        LinkState::Ok => lang.pick("正常", "OK"),
+        LinkState::Degraded => lang.pick("不安定", "Degraded"),
+        LinkState::Down => lang.pick("不通", "Down"),
+    }
+}
+
+pub fn shelter_type(t: ShelterType, lang: Lang) -> &'static str {
+    match t {
+        ShelterType::Designated => lang.pick("指定避難所", "Designated shelter"),
+        ShelterType::Welfare => lang.pick("福祉避難所", "Welfare shelter"),
+        ShelterType::Temporary => lang.pick("臨時避難所", "Temporary shelter"),
+        ShelterType::EmergencySite => lang.pick("指定緊急避難場所", "Emergency evacuation site"),
+        ShelterType::WideArea => lang.pick("広域避難場所", "Wide-area evacuation site"),
+    }
+}
+
+pub fn crowding(c: Crowding, lang: Lang) -> &'static str {
+    match c {
+        Crowding::Vacant => lang.pick("空き", "Vacant"),
+        Crowding::Crowded => lang.pick("混雑", "Crowded"),
+        Crowding::Full => lang.pick("定員一杯", "Full"),
+    }
+}
+
+pub fn lifeline_state(state: LifelineState, lang: Lang) -> &'static str {
+    match state {
+        LifelineState::Ok => lang.pick("使用可", "OK"),
+        LifelineState::Limited => lang.pick("一部制限", "Limited"),
+        LifelineState::Out => lang.pick("使用不可", "Out"),
+    }
+}
+
+pub fn building_safety(b: BuildingSafety, lang: Lang) -> &'static str {
+    match b {
+        BuildingSafety::Safe => lang.pick("調査済（緑）", "Inspected (green)"),
+        BuildingSafety::Caution => lang.pick("要注意（黄）", "Caution (yellow)"),
+        BuildingSafety::Unsafe => lang.pick("危険（赤）", "Unsafe (red)"),
+    }
+}
+
+/// The kinds of care need (要配慮者), in the model's order.
+pub fn care_needs(lang: Lang) -> [&'static str; 7] {
+    [
+        lang.pick("要介護高齢者", "Elderly needing care"),
+        lang.pick("障害者", "Disabled"),
+        lang.pick("乳幼児", "Infants"),
+        lang.pick("妊産婦", "Pregnant"),
+        lang.pick("医療的ケア", "Medical care"),
+        lang.pick("外国語話者", "Foreign-language speakers"),
+        lang.pick("負傷者", "Injured"),
+    ]
+}
+
 /// A ward's name in `lang`.
 pub fn ward_name(ward: &Ward, lang: Lang) -> &'static str {
     lang.pick(ward.name_ja, ward.name_en)
@@ -394,6 +571,41 @@ mod tests {
             Label::User,
             Label::Password,
             Label::Unknown,
+            Label::SiteStatus,
+            Label::ShelterDetails,
+            Label::History,
+            Label::HistoryLoading,
+            Label::HistoryEmpty,
+            Label::HistoryFailed,
+            Label::Capacity,
+            Label::Kind,
+            Label::Power,
+            Label::Battery,
+            Label::Comms,
+            Label::Internet,
+            Label::Mobile,
+            Label::Landline,
+            Label::Radio,
+            Label::HqState,
+            Label::Interval,
+            Label::QueueDepth,
+            Label::OutboxAlarm,
+            Label::OutboxFull,
+            Label::LastHeard,
+            Label::ShelterType,
+            Label::Households,
+            Label::Crowding,
+            Label::Pets,
+            Label::BuildingSafety,
+            Label::Lifelines,
+            Label::Water,
+            Label::Gas,
+            Label::Toilets,
+            Label::CareBreakdown,
+            Label::NoSiteData,
+            Label::OtherSites,
+            Label::NoOtherSites,
+            Label::EvacueeCount,
         ];
         for l in labels {
             assert!(!l.text(Lang::Ja).is_empty());

@@ -3,7 +3,8 @@
 //! Data flow: [`config`] finds the broker's WebSocket URL and whether it wants a login →
 //! [`mqtt`] connects, subscribes to `renkei/v1/#` and delivers messages → [`inbox`] batches
 //! them → [`state`] checks each one and applies it with the shared reducer, then derives what
-//! the page shows (ward figures, [`alerts`], one ward's [`detail`]) → `view` renders it.
+//! the page shows (ward figures, [`alerts`], one ward's [`detail`], one [`site`]) → `view` renders
+//! it; the site view also fetches the site's [`history`] over HTTP.
 //! Acknowledgements go the other way: [`alerts`] builds them, the client publishes them, and
 //! they show once the broker hands them back. `services` wires it together outside any
 //! component; [`perf`] measures batches and renders.
@@ -13,7 +14,10 @@
 //! - [`mqtt`]: MQTT 3.1.1 over WebSocket on mqttbytes (framing, session, backoff, client);
 //! - [`inbox`]: the batching queue between client and reducer;
 //! - [`state`]: `use_reducer` state around `renkei_shared::State`;
-//! - [`detail`], [`alerts`], [`age`], [`route`]: the view models, plain data tested natively;
+//! - [`detail`], [`site`], [`alerts`], [`age`], [`route`]: the view models, plain data tested
+//!   natively;
+//! - [`history`]: a shelter's recorded reports from the broker's HTTP API, and its chart's
+//!   geometry;
 //! - [`i18n`]: Japanese and English labels, ages, time format;
 //! - [`perf`]: User Timing marks and the `window.__renkeiPerf` summary;
 //! - `log`: console output and its rate limit;
@@ -30,6 +34,7 @@ pub mod age;
 pub mod alerts;
 pub mod config;
 pub mod detail;
+pub mod history;
 pub mod i18n;
 pub mod inbox;
 mod log;
@@ -37,6 +42,7 @@ pub mod mqtt;
 pub mod perf;
 pub mod route;
 mod services;
+pub mod site;
 pub mod state;
 mod view;
 

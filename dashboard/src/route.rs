@@ -1,14 +1,16 @@
-//! Hash routing: `#/` is the overview, `#/ward/131041` one ward's view. The hash keeps a view
-//! bookmarkable and the back button working without a server-side router.
+//! Hash routing: `#/` is the overview, `#/ward/131041` one ward's view, `#/site/131041/{site}`
+//! one site's view. The hash keeps a view bookmarkable and the back button working without a
+//! server-side router.
 
-use renkei_shared::WardCode;
+use renkei_shared::{Id, SiteRef, WardCode};
 
 /// The page shown.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Route {
     #[default]
     Overview,
     Ward(WardCode),
+    Site(SiteRef),
 }
 
 impl Route {
@@ -19,15 +21,20 @@ impl Route {
             ["ward", code] => code
                 .parse::<WardCode>()
                 .map_or(Route::Overview, Route::Ward),
+            ["site", code, site] => match (code.parse::<WardCode>(), Id::new(site)) {
+                (Ok(ward), Ok(site)) => Route::Site(SiteRef { ward, site }),
+                _ => Route::Overview,
+            },
             _ => Route::Overview,
         }
     }
 
     /// The hash that shows this route.
-    pub fn hash(self) -> String {
+    pub fn hash(&self) -> String {
         match self {
             Route::Overview => "#/".into(),
             Route::Ward(code) => format!("#/ward/{code}"),
+            Route::Site(site) => format!("#/site/{}/{}", site.ward, site.site),
         }
     }
 }
@@ -50,5 +57,19 @@ mod tests {
             Route::parse(&Route::Ward(WardCode(131016)).hash()),
             Route::Ward(WardCode(131016))
         );
+    }
+
+    #[test]
+    fn a_site_route_names_its_ward_and_site() {
+        let site = SiteRef {
+            ward: WardCode(131041),
+            site: Id::new("nishi-shinjuku-es").unwrap(),
+        };
+        let route = Route::Site(site.clone());
+        assert_eq!(route.hash(), "#/site/131041/nishi-shinjuku-es");
+        assert_eq!(Route::parse(&route.hash()), route);
+        assert_eq!(Route::parse("#/site/13104/nishi-shinjuku-es"), route);
+        assert_eq!(Route::parse("#/site/131041/bad site"), Route::Overview);
+        assert_eq!(Route::parse("#/site/999999/x"), Route::Overview);
     }
 }

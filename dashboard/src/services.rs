@@ -3,9 +3,10 @@
 //! messages, follow the URL hash, and publish what operators send. All of it reports to the
 //! reducer through its dispatcher.
 
-use renkei_shared::{Id, Mode};
+use renkei_shared::{Id, Mode, SiteRef};
 use yew::UseReducerDispatcher;
 
+use crate::history::{HistoryError, Point};
 use crate::i18n::Lang;
 use crate::mqtt::Credentials;
 use crate::route::Route;
@@ -43,6 +44,23 @@ pub fn acknowledge(alert_id: Id, mode: Mode) {
     drop((alert_id, mode));
 }
 
+/// Fetches the shelter reports of `site` in `mode`'s world from the broker's HTTP API, as
+/// the logged-in user, and hands them to `done`.
+pub fn fetch_history(
+    site: SiteRef,
+    mode: Mode,
+    done: impl FnOnce(Result<Vec<Point>, HistoryError>) + 'static,
+) {
+    #[cfg(target_arch = "wasm32")]
+    wasm_bindgen_futures::spawn_local(async move {
+        done(browser::fetch_history(&site, mode).await);
+    });
+    #[cfg(not(target_arch = "wasm32"))]
+    done(Err(HistoryError::Network(format!(
+        "no browser to fetch {site:?} in {mode:?}"
+    ))));
+}
+
 /// Shows `route` by changing the URL hash (the hash listener then updates the state).
 pub fn go(route: Route) {
     if let Some(location) = web_sys::window().map(|w| w.location()) {
@@ -67,7 +85,7 @@ mod browser {
 
     use futures::channel::mpsc::{self, UnboundedSender};
     use gloo_timers::callback::{Interval, Timeout};
-    use renkei_shared::{Id, Mode, Timestamp, Topic, encode, topic};
+    use renkei_shared::{Id, Mode, SiteRef, Timestamp, Topic, encode, topic};
     use wasm_bindgen::JsCast;
     use wasm_bindgen::closure::Closure;
     use yew::UseReducerDispatcher;
@@ -75,6 +93,7 @@ mod browser {
     use super::{TICK_MS, now_ms};
     use crate::alerts::{DEFAULT_USER, HqSender, user_id};
     use crate::config;
+    use crate::history::{self, HistoryError, Point};
     use crate::inbox::{FLUSH_MS, Inbox};
     use crate::log;
     use crate::mqtt::{self, ConnState, Credentials, Event, Outgoing};
@@ -90,6 +109,9 @@ mod browser {
 
     thread_local! {
         static PUBLISHER: RefCell<Option<Publisher>> = const { RefCell::new(None) };
+        /// The login the broker accepted over MQTT, for the HTTP API's Basic auth. Kept in
+        /// this page's memory only, never in storage or the state.
+        static LOGIN: RefCell<Option<Credentials>> = const { RefCell::new(None) };
     }
 
     fn current_route() -> Route {
@@ -146,6 +168,7 @@ mod browser {
                 user: c.user.as_str().into(),
             }));
         }
+        LOGIN.with(|l| *l.borrow_mut() = credentials.clone());
         let boot = (js_sys::Math::random() * f64::from(u32::MAX)) as u32;
         let (outgoing, receiver) = mpsc::unbounded();
         PUBLISHER.with(|p| {
@@ -164,6 +187,7 @@ mod browser {
                 Event::State(conn) => dispatcher.dispatch(Action::Connection(conn)),
                 Event::Refused(why) => {
                     PUBLISHER.with(|p| p.borrow_mut().take());
+                    LOGIN.with(|l| l.borrow_mut().take());
                     dispatcher.dispatch(Action::Access(Access::Login {
                         error: Some(why.into()),
                     }));
@@ -213,5 +237,24 @@ mod browser {
             };
             let _ = publisher.outgoing.unbounded_send(message);
         });
+    }
+
+    pub async fn fetch_history(site: &SiteRef, mode: Mode) -> Result<Vec<Point>, HistoryError> {
+        let mut request = gloo_net::http::Request::get(&history::path(site));
+        if let Some(c) = LOGIN.with(|l| l.borrow().clone()) {
+            request = request.header("Authorization", &history::basic_auth(&c.user, &c.password));
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| HistoryError::Network(e.to_string()))?;
+        if !response.ok() {
+            return Err(HistoryError::Status(response.status()));
+        }
+        let body = response
+            .text()
+            .await
+            .map_err(|e| HistoryError::Network(e.to_string()))?;
+        history::points(&body, mode)
     }
 }

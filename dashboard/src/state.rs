@@ -24,6 +24,7 @@ use crate::detail::WardDetail;
 use crate::log::{self, RateLimit};
 use crate::mqtt::{ConnState, Incoming};
 use crate::route::Route;
+use crate::site::SiteDetail;
 
 /// Bad messages are logged at most once per this period.
 const LOG_EVERY_MS: i64 = 5_000;
@@ -129,6 +130,8 @@ pub struct Snapshot {
     pub alerts: Rc<Vec<AlertRow>>,
     /// The open ward's view, when one is open.
     pub detail: Option<Rc<WardDetail>>,
+    /// The open site's view, when one is open.
+    pub site: Option<Rc<SiteDetail>>,
     /// The non-actual modes that hold any data: drills are shown, never added in.
     pub drills: Vec<Mode>,
     /// When a message last changed the state (the dashboard's clock).
@@ -189,7 +192,7 @@ impl Engine {
         changed
     }
 
-    fn snapshot(&self, now: Timestamp, last_update: Option<Timestamp>, view: View) -> Snapshot {
+    fn snapshot(&self, now: Timestamp, last_update: Option<Timestamp>, view: &View) -> Snapshot {
         let world = self.state.world(view.mode);
         let rollups = world.rollups(now);
         let mut newest: BTreeMap<_, Timestamp> = BTreeMap::new();
@@ -214,9 +217,13 @@ impl Engine {
                 })
             })
             .collect();
-        let detail = match view.route {
-            Route::Ward(ward) => Some(Rc::new(WardDetail::derive(world, ward, now))),
-            Route::Overview => None,
+        let detail = match &view.route {
+            Route::Ward(ward) => Some(Rc::new(WardDetail::derive(world, *ward, now))),
+            Route::Overview | Route::Site(_) => None,
+        };
+        let site = match &view.route {
+            Route::Site(site) => Some(Rc::new(SiteDetail::derive(world, site, now))),
+            Route::Overview | Route::Ward(_) => None,
         };
         let drills = [Mode::Exercise, Mode::Test]
             .into_iter()
@@ -231,6 +238,7 @@ impl Engine {
             totals,
             alerts: Rc::new(active_alerts(world, now)),
             detail,
+            site,
             drills,
             last_update,
             received: self.received,
@@ -260,7 +268,7 @@ pub enum Action {
 }
 
 /// What is shown of the state: which world, which page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct View {
     pub mode: Mode,
     pub route: Route,
@@ -311,7 +319,7 @@ impl Dashboard {
     pub fn new(now: Timestamp) -> Self {
         let engine = Engine::default();
         let view = View::default();
-        let snapshot = Rc::new(engine.snapshot(now, None, view));
+        let snapshot = Rc::new(engine.snapshot(now, None, &view));
         Dashboard {
             engine: Rc::new(RefCell::new(engine)),
             snapshot,
@@ -324,7 +332,7 @@ impl Dashboard {
 
     /// A new value with the snapshot at `now`, or `self` if nothing visible changed.
     fn refresh(self: Rc<Self>, now: Timestamp, last_update: Option<Timestamp>) -> Rc<Self> {
-        let snapshot = self.engine.borrow().snapshot(now, last_update, self.view);
+        let snapshot = self.engine.borrow().snapshot(now, last_update, &self.view);
         if snapshot == *self.snapshot {
             return self;
         }
@@ -387,11 +395,17 @@ impl Reducible for Dashboard {
                 ..(*self).clone()
             }),
             Action::Route(route, now) => {
-                let view = View { route, ..self.view };
+                let view = View {
+                    route,
+                    ..self.view.clone()
+                };
                 self.show(view, now)
             }
             Action::ViewMode(mode, now) => {
-                let view = View { mode, ..self.view };
+                let view = View {
+                    mode,
+                    ..self.view.clone()
+                };
                 self.show(view, now)
             }
             Action::Access(access) if access == self.access => self,

@@ -15,6 +15,7 @@ use mqttbytes::v4::{
     self, ConnAck, ConnectReturnCode, Packet, Publish, SubAck, SubscribeReasonCode,
 };
 use renkei_dashboard::alerts::{HqSender, active_alerts, user_id};
+use renkei_dashboard::history;
 use renkei_dashboard::mqtt::Credentials;
 use renkei_dashboard::mqtt::frames::{Frame, Splitter};
 use renkei_dashboard::mqtt::session::{Output, Session};
@@ -147,4 +148,28 @@ fn the_perf_summary_serialises_as_the_page_publishes_it() {
     assert_eq!(json["batches"], 2);
     assert_eq!(json["batch_p50_ms"], 4.0);
     assert_eq!(json["max_batch_ms"], 8.0);
+}
+
+#[wasm_bindgen_test]
+fn a_history_answer_reads_and_lays_out_in_the_browser() {
+    // The broker's JSON for two shelter reports and a drill, as the HTTP API sends it.
+    let mut later = sample::shelter();
+    later.header.seq += 1;
+    later.header.sent_at = later.header.sent_at.plus_secs(600);
+    let mut drill = sample::shelter();
+    drill.header.mode = Mode::Exercise;
+    let events: Vec<_> = [sample::shelter(), drill, later]
+        .iter()
+        .map(|e| serde_json::json!({ "received_at": 1, "envelope": e }))
+        .collect();
+    let body = serde_json::json!({ "site": { "ward": 131041, "site": "x" }, "events": events });
+    let points = history::points(&body.to_string(), Mode::Actual).unwrap();
+    assert_eq!(points.len(), 2);
+    let chart = history::chart(&points).unwrap();
+    assert_eq!(chart.plotted(), 2);
+    assert_eq!(chart.x_ticks.first().unwrap().1, "09:00");
+    assert_eq!(
+        history::basic_auth("Aladdin", "open sesame"),
+        "Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="
+    );
 }

@@ -1,7 +1,8 @@
 //! The dashboard in real headless Chromium against the real broker and real agents: data on
 //! the map, table and ward view; a killed agent turning silent; an alert acknowledged from the
-//! page and seen on the MQTT side; the language switch; the exercise banner and world
-//! selector; and the page's own performance figures with 2,000 simulated sites.
+//! page and seen on the MQTT side; a site's history charted from the broker's HTTP API; the
+//! language switch; the exercise banner and world selector; and the page's own performance
+//! figures with 2,000 simulated sites.
 //!
 //! Each test starts its own broker and browser. They run one at a time: a machine with two
 //! cores cannot run several Chromiums and brokers at once without timing out.
@@ -258,6 +259,14 @@ async fn a_broker_that_requires_a_login_gets_one_and_a_wrong_password_is_told() 
             b.wait_for_text("#access[data-access=\"user\"]", "sato", WAIT)
                 .await?;
             bench.exists("table#wards").await?;
+            // The site view's history comes over HTTP with the same login (Basic auth): an
+            // empty chart, not an error.
+            b.client
+                .execute("location.hash = '#/site/131041/nobody'", vec![])
+                .await?;
+            bench
+                .exists("#site-view #history-chart[data-state=\"empty\"]")
+                .await?;
             Ok(())
         })
         .await
@@ -340,6 +349,143 @@ async fn an_alert_acknowledged_in_the_page_reaches_mqtt_and_comes_back() -> Resu
             // And the page lists who acknowledged, once the broker handed it back.
             bench
                 .exists(&format!("{item} .acks li[data-user=\"hq-operator\"]"))
+                .await?;
+            Ok(())
+        })
+        .await;
+    mqtt.abort();
+    result
+}
+
+/// Now, in Unix milliseconds.
+fn now() -> Result<Timestamp> {
+    Ok(Timestamp(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+            .try_into()?,
+    ))
+}
+
+/// A test client on the broker's MQTT listener, its event loop running in the background.
+async fn mqtt_client(
+    broker: &Broker,
+    id: &str,
+) -> Result<(AsyncClient, tokio::task::JoinHandle<()>)> {
+    let (host, port) = broker.mqtt_host_port()?;
+    let mut options = MqttOptions::new(id, host, port);
+    options.set_keep_alive(Duration::from_secs(10));
+    let (client, mut events) = AsyncClient::new(options, 64);
+    let task = tokio::spawn(async move {
+        loop {
+            if events.poll().await.is_err() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    Ok((client, task))
+}
+
+/// Publishes `env` where it belongs, retained at QoS 1, as an agent would.
+async fn publish(client: &AsyncClient, env: &Envelope) -> Result<()> {
+    client
+        .publish(
+            Topic::of(env)?.to_string(),
+            QoS::AtLeastOnce,
+            true,
+            renkei_shared::encode(env)?,
+        )
+        .await?;
+    Ok(())
+}
+
+/// The sample message `env` as sent now by site `site` of Shinjuku, `seq` in boot 1.
+fn from_site(mut env: Envelope, site: &str, seq: u64) -> Result<Envelope> {
+    env.header.origin = renkei_shared::Origin::Site(renkei_shared::SiteRef {
+        ward: WardCode(131041),
+        site: Id::new(site)?,
+    });
+    env.header.boot = 1;
+    env.header.seq = seq;
+    env.header.sent_at = now()?;
+    Ok(env)
+}
+
+/// A shelter report of `evacuees`, sent `ago_s` seconds ago.
+fn shelter_report(site: &str, seq: u64, evacuees: u32, ago_s: i64) -> Result<Envelope> {
+    let mut env = from_site(renkei_shared::sample::shelter(), site, seq)?;
+    env.header.sent_at = env.header.sent_at.plus_secs(-ago_s);
+    if let Body::Shelter(s) = &mut env.body {
+        s.evacuees = Some(evacuees);
+    }
+    Ok(env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sites_history_is_charted_from_the_http_api_and_follows_new_reports() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let bench = Bench::start().await?;
+    let (client, mqtt) = mqtt_client(&bench.broker, "test-history").await?;
+    let site = "dash-history";
+    publish(
+        &client,
+        &from_site(renkei_shared::sample::status(), site, 1)?,
+    )
+    .await?;
+    // Reports ten minutes apart, the last one now.
+    for (i, evacuees) in [40, 80, 120, 160, 200].into_iter().enumerate() {
+        let ago = 600 * (4 - i as i64);
+        publish(&client, &shelter_report(site, 2 + i as u64, evacuees, ago)?).await?;
+    }
+    let b = &bench.browser;
+    let result = bench
+        .checked("history", async {
+            // From the ward view, a click on the shelter's row opens its site view.
+            b.client
+                .goto(&format!("http://{}/#/ward/131041", bench.broker.http))
+                .await?;
+            let row = format!("#shelters tr[data-site=\"{site}\"]");
+            b.wait_for_text(
+                &format!("{row} td[data-field=\"evacuees\"]"),
+                "200 / 450",
+                WAIT,
+            )
+            .await?;
+            bench
+                .click(&format!("{row} td[data-field=\"state\"]"))
+                .await?;
+            bench
+                .exists(&format!(
+                    "#site-view[data-ward=\"131041\"][data-site=\"{site}\"]"
+                ))
+                .await?;
+            b.wait_for_text(
+                "#shelter-details [data-field=\"evacuees\"] dd",
+                "200 / 450",
+                WAIT,
+            )
+            .await?;
+            bench.exists("#site-status[data-kind=\"shelter\"]").await?;
+            bench
+                .exists("#history-chart[data-state=\"ready\"][data-points=\"5\"]")
+                .await?;
+            bench.exists("#history-chart svg polyline.capacity").await?;
+            // A new report reaches the chart without a reload.
+            publish(&client, &shelter_report(site, 7, 240, 0)?).await?;
+            bench
+                .exists("#history-chart[data-state=\"ready\"][data-points=\"6\"]")
+                .await?;
+            // A site that never reported says so in the chart's place.
+            b.client
+                .goto(&format!(
+                    "http://{}/#/site/131041/no-such-site",
+                    bench.broker.http
+                ))
+                .await?;
+            bench
+                .exists(
+                    "#site-view[data-site=\"no-such-site\"] #history-chart[data-state=\"empty\"]",
+                )
                 .await?;
             Ok(())
         })

@@ -5,6 +5,7 @@ use yew::prelude::*;
 use super::alerts_panel::AlertsPanel;
 use super::header::Header;
 use super::login::Login;
+use super::site_view::SiteView;
 use super::ward_map::WardMap;
 use super::ward_table::WardTable;
 use super::ward_view::WardView;
@@ -98,7 +99,7 @@ pub fn App() -> Html {
         })
     };
     let viewed = snapshot.mode;
-    let content = match dashboard.view.route {
+    let content = match &dashboard.view.route {
         Route::Overview => html! {
             <>
                 <WardMap {lang} snapshot={snapshot.clone()} />
@@ -108,7 +109,17 @@ pub fn App() -> Html {
             </>
         },
         Route::Ward(ward) => html! {
-            <WardView key={ward.0} {lang} {ward} detail={snapshot.detail.clone()} />
+            <WardView key={ward.0} {lang} ward={*ward} detail={snapshot.detail.clone()} />
+        },
+        // Keyed by site and world: another site, or another world's history, starts afresh.
+        Route::Site(site) => html! {
+            <SiteView
+                key={format!("{}/{}/{}", site.ward, site.site, i18n::mode_key(viewed))}
+                {lang}
+                mode={viewed}
+                site={site.clone()}
+                detail={snapshot.site.clone()}
+            />
         },
     };
 

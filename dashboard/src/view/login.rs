@@ -1,5 +1,6 @@
 //! The login form shown before connecting to a broker that requires one. The password goes
-//! into CONNECT and nowhere else: not storage, not the URL, not the state.
+//! into CONNECT and the HTTP API's `Authorization` header, held in the page's memory by the
+//! services; never into storage, the URL or the state.
 
 use web_sys::HtmlInputElement;
 use yew::prelude::*;

@@ -7,7 +7,10 @@
 mod alerts_panel;
 mod app;
 mod header;
+mod history_chart;
 mod login;
+mod site_tables;
+mod site_view;
 mod ward_map;
 mod ward_table;
 mod ward_view;

@@ -2,26 +2,36 @@
 
 use std::rc::Rc;
 
-use renkei_shared::{DamageCounts, WardCode};
+use renkei_shared::{SiteRef, WardCode};
 use web_sys::HtmlInputElement;
 use yew::prelude::*;
 
+use super::site_tables::{incidents_table, requests_table};
 use super::{age_text, figure};
 use crate::detail::{ShelterRow, SortKey, WardDetail, sort_and_filter};
 use crate::i18n::{self, Label, Lang, ward_name};
 use crate::route::Route;
+use crate::services;
 
 #[derive(Debug, Properties, PartialEq)]
 pub struct ShelterRowProps {
     pub lang: Lang,
+    pub ward: WardCode,
     pub row: ShelterRow,
 }
 
 /// One shelter; greyed out when its site has gone quiet, flagged when its agent dropped.
+/// Clicking it opens the site's view.
 #[component]
 pub fn ShelterRowView(props: &ShelterRowProps) -> Html {
-    let ShelterRowProps { lang, row } = props;
+    let ShelterRowProps { lang, ward, row } = props;
     let lang = *lang;
+    let route = Route::Site(SiteRef {
+        ward: *ward,
+        site: row.site.clone(),
+    });
+    let href = route.hash();
+    let open = Callback::from(move |_: MouseEvent| services::go(route.clone()));
     let f = &row.freshness;
     let flag = if f.dead {
         Some(Label::Offline)
@@ -36,9 +46,10 @@ pub fn ShelterRowView(props: &ShelterRowProps) -> Html {
             class={classes!(f.silent().then_some("stale"))}
             data-stale={f.stale.to_string()}
             data-dead={f.dead.to_string()}
+            onclick={open}
         >
             <th scope="row" data-field="name">
-                { &row.name }
+                <a href={href}>{ &row.name }</a>
                 if let Some(flag) = flag {
                     { " " }<span class="flag">{ flag.text(lang) }</span>
                 }
@@ -72,32 +83,6 @@ fn sort_heading(lang: Lang) -> impl Fn(SortKey) -> &'static str {
     }
 }
 
-fn counts_text(c: &DamageCounts, lang: Lang) -> String {
-    let parts = [
-        (lang.pick("死者", "dead"), c.dead),
-        (lang.pick("行方不明", "missing"), c.missing),
-        (lang.pick("重傷", "seriously injured"), c.injured_serious),
-        (lang.pick("軽傷", "slightly injured"), c.injured_minor),
-        (lang.pick("全壊", "destroyed"), c.houses_destroyed),
-        (lang.pick("半壊", "half destroyed"), c.houses_half_destroyed),
-        (
-            lang.pick("床上浸水", "flooded above floor"),
-            c.flooded_above_floor,
-        ),
-        (lang.pick("停電", "without power"), c.without_power),
-        (lang.pick("断水", "without water"), c.without_water),
-    ];
-    let known: Vec<String> = parts
-        .iter()
-        .filter_map(|(name, n)| n.map(|n| format!("{name} {n}")))
-        .collect();
-    if known.is_empty() {
-        "—".into()
-    } else {
-        known.join("・")
-    }
-}
-
 #[component]
 pub fn WardView(props: &WardViewProps) -> Html {
     let lang = props.lang;
@@ -111,13 +96,7 @@ pub fn WardView(props: &WardViewProps) -> Html {
         })
     };
     let name = props.ward.ward().map_or("", |w| ward_name(w, lang));
-    let empty = WardDetail {
-        ward: props.ward,
-        shelters: Vec::new(),
-        stock: Vec::new(),
-        requests: Vec::new(),
-        incidents: Vec::new(),
-    };
+    let empty = WardDetail::empty(props.ward);
     let detail = props.detail.as_deref().unwrap_or(&empty);
     let (key, descending) = *sort;
     let shown = sort_and_filter(&detail.shelters, key, descending, &filter);
@@ -170,7 +149,7 @@ pub fn WardView(props: &WardViewProps) -> Html {
                 </thead>
                 <tbody>
                     { for shown.iter().map(|row| html! {
-                        <ShelterRowView key={row.site.to_string()} {lang} row={(*row).clone()} />
+                        <ShelterRowView key={row.site.to_string()} {lang} ward={props.ward} row={(*row).clone()} />
                     }) }
                 </tbody>
             </table>
@@ -209,68 +188,10 @@ pub fn WardView(props: &WardViewProps) -> Html {
             }
 
             <h3>{ Label::Requests.text(lang) }</h3>
-            if detail.requests.is_empty() {
-                <p class="empty">{ Label::Nothing.text(lang) }</p>
-            } else {
-                <table id="requests">
-                    <thead><tr>
-                        <th scope="col">{ Label::Site.text(lang) }</th>
-                        <th scope="col">{ Label::Item.text(lang) }</th>
-                        <th scope="col">{ Label::State.text(lang) }</th>
-                        <th scope="col">{ Label::Delivered.text(lang) }{ " / " }{ Label::Requested.text(lang) }</th>
-                        <th scope="col">{ Label::Updated.text(lang) }</th>
-                    </tr></thead>
-                    <tbody>
-                        { for detail.requests.iter().map(|r| html! {
-                            <tr
-                                key={format!("{}/{}", r.site, r.request_id)}
-                                data-request={r.request_id.to_string()}
-                                data-state={format!("{:?}", r.state).to_lowercase()}
-                                class={classes!(r.state.is_closed().then_some("closed"))}
-                            >
-                                <td>{ &r.site_name }</td>
-                                <td>{ r.item.map_or(Label::Unknown.text(lang), |i| i18n::item(i, lang)) }</td>
-                                <td data-field="state">{ i18n::request_state(r.state, lang) }</td>
-                                <td data-field="fulfilled">{ r.fulfilled }{ " / " }{ figure(r.quantity) }</td>
-                                <td data-field="age">{ i18n::age(r.age, lang) }</td>
-                            </tr>
-                        }) }
-                    </tbody>
-                </table>
-            }
+            { requests_table(&detail.requests, lang) }
 
             <h3>{ Label::Incidents.text(lang) }</h3>
-            if detail.incidents.is_empty() {
-                <p class="empty">{ Label::Nothing.text(lang) }</p>
-            } else {
-                <table id="incidents">
-                    <thead><tr>
-                        <th scope="col">{ Label::Site.text(lang) }</th>
-                        <th scope="col">{ Label::Category.text(lang) }</th>
-                        <th scope="col">{ Label::Casualties.text(lang) }</th>
-                        <th scope="col">{ Label::Severity.text(lang) }</th>
-                        <th scope="col">{ Label::Report.text(lang) }</th>
-                        <th scope="col">{ Label::Updated.text(lang) }</th>
-                    </tr></thead>
-                    <tbody>
-                        { for detail.incidents.iter().map(|i| html! {
-                            <tr
-                                key={format!("{}/{}", i.site, i.incident_id)}
-                                data-incident={i.incident_id.to_string()}
-                                data-severity={i18n::severity_key(i.severity)}
-                                class={classes!(i.stale.then_some("stale"))}
-                            >
-                                <td>{ &i.site_name }</td>
-                                <td data-field="category">{ i18n::category(i.category, lang) }</td>
-                                <td data-field="counts">{ counts_text(&i.counts, lang) }</td>
-                                <td data-field="severity">{ i18n::severity(i.severity, lang) }</td>
-                                <td>{ i18n::report_version(i.version, lang) }</td>
-                                <td data-field="age">{ i18n::age(i.age, lang) }</td>
-                            </tr>
-                        }) }
-                    </tbody>
-                </table>
-            }
+            { incidents_table(&detail.incidents, lang) }
         </section>
     }
 }
