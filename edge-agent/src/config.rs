@@ -149,6 +149,19 @@ pub struct RawConfig {
     #[arg(long, value_name = "SIZE")]
     #[serde(default, deserialize_with = "scalar")]
     pub disk_reserve: Option<String>,
+    /// Serve the staff web form on ADDR, e.g. 0.0.0.0:8090 [default: off]
+    #[arg(long = "form", value_name = "ADDR")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_listen: Option<String>,
+    /// PIN the web form asks for before it saves a report [default: none]
+    #[arg(
+        long,
+        value_name = "PIN",
+        env = "RENKEI_AGENT_FORM_PIN",
+        hide_env_values = true
+    )]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_pin: Option<String>,
 }
 
 /// Accepts a TOML string, integer, float or boolean as text, so `ward = 131041` and
@@ -237,6 +250,20 @@ pub struct AgentConfig {
     pub replay_rate: u32,
     /// Free bytes kept on the outbox's disk: reports are refused (with the alarm) below it.
     pub disk_reserve: u64,
+    /// Where the staff web form listens, if anywhere.
+    pub form_listen: Option<std::net::SocketAddr>,
+    /// What the web form asks for before it saves, if anything.
+    pub form_pin: Option<FormPin>,
+}
+
+/// The web form's PIN; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FormPin(pub String);
+
+impl std::fmt::Debug for FormPin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FormPin(…)")
+    }
 }
 
 impl RawConfig {
@@ -278,6 +305,8 @@ impl RawConfig {
             outbox_max: self.outbox_max.or(fallback.outbox_max),
             replay_rate: self.replay_rate.or(fallback.replay_rate),
             disk_reserve: self.disk_reserve.or(fallback.disk_reserve),
+            form_listen: self.form_listen.or(fallback.form_listen),
+            form_pin: self.form_pin.or(fallback.form_pin),
         }
     }
 
@@ -366,6 +395,30 @@ impl RawConfig {
                 })?,
             None => DEFAULT_REPLAY_RATE,
         };
+        let form_listen = self
+            .form_listen
+            .as_deref()
+            .map(|a| {
+                a.trim().parse::<std::net::SocketAddr>().map_err(|_| {
+                    invalid("form_listen", a, "expected ADDRESS:PORT, e.g. 0.0.0.0:8090")
+                })
+            })
+            .transpose()?;
+        let form_pin = match &self.form_pin {
+            Some(p) if p.trim().len() < 4 || p.trim().len() > 64 => {
+                // The value is a secret: not repeated in the error.
+                return Err(invalid("form_pin", "…", "expected 4 to 64 characters"));
+            }
+            Some(p) => Some(FormPin(p.trim().to_owned())),
+            None => None,
+        };
+        if form_pin.is_some() && form_listen.is_none() {
+            return Err(invalid(
+                "form_pin",
+                "…",
+                "only used with the web form (form_listen / --form)",
+            ));
+        }
         let disk_reserve = match &self.disk_reserve {
             Some(v) => parse_size(v).ok_or_else(|| {
                 invalid("disk_reserve", v, "expected a size, e.g. 1MiB (0: none)")
@@ -440,6 +493,8 @@ impl RawConfig {
             outbox_max,
             replay_rate,
             disk_reserve,
+            form_listen,
+            form_pin,
         })
     }
 }
@@ -848,6 +903,24 @@ mod tests {
         let c = resolve(&format!("{MINIMAL}\ndisk_reserve = \"8MiB\"")).unwrap();
         assert_eq!(c.disk_reserve, 8 << 20);
         assert!(error_of(&format!("{MINIMAL}\ndisk_reserve = \"lots\"")).contains("disk_reserve"));
+    }
+
+    #[test]
+    fn the_web_form_is_off_by_default_and_its_pin_is_never_printed() {
+        assert_eq!(resolve(MINIMAL).unwrap().form_listen, None);
+        let c = resolve(&format!(
+            "{MINIMAL}\nform_listen = \"0.0.0.0:8090\"\nform_pin = \"2468\""
+        ))
+        .unwrap();
+        assert_eq!(c.form_listen, Some("0.0.0.0:8090".parse().unwrap()));
+        assert_eq!(c.form_pin, Some(FormPin("2468".into())));
+        assert!(!format!("{c:?}").contains("2468"));
+        assert!(error_of(&format!("{MINIMAL}\nform_listen = \"8090\"")).contains("form_listen"));
+        let msg = error_of(&format!(
+            "{MINIMAL}\nform_listen = \"127.0.0.1:1\"\nform_pin = \"12\""
+        ));
+        assert!(msg.contains("form_pin") && !msg.contains("12\""), "{msg}");
+        assert!(error_of(&format!("{MINIMAL}\nform_pin = \"2468\"")).contains("only used"));
     }
 
     #[test]

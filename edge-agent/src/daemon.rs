@@ -56,6 +56,8 @@ pub struct DaemonOptions {
     pub replay_rate: u32,
     /// Where `status` is written.
     pub state_dir: PathBuf,
+    /// Told every link state change (the web form shows it).
+    pub link_watch: Option<watch::Sender<LinkState>>,
 }
 
 /// A token bucket: `rate` per second, bursts of up to one second's worth.
@@ -132,6 +134,9 @@ impl Daemon {
         if self.state != to {
             info!(from = ?self.state, to = ?to, "link state");
             self.state = to;
+            if let Some(watch) = &self.options.link_watch {
+                watch.send_replace(to);
+            }
             self.since = now();
             self.write_status();
         }

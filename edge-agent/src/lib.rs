@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! staff ─ `report` CLI ─┐
+//! staff ─ web form ─────┤
 //! heartbeat timer ──────┴▶ outbox (disk, fsync) ─▶ daemon pump ─▶ link (rumqttc) ─▶ broker
 //!                              ▲ cursor moved by PubAck ◀──────────────────────────┘
 //! broker ─▶ link ─▶ commands (rebirth, set interval) ─▶ back into the same loop
@@ -18,9 +19,12 @@
 //!   segments quarantined, bounded by bytes) shared by the daemon and `renkei-agent report`;
 //!   it also hands out every `(boot, seq)` of `run`, so CLI reports and daemon messages share
 //!   one order;
-//! - [`staff`]: the reports staff enter (shelter, supplies, request, incident), checked;
+//! - [`staff`]: the reports staff enter (shelter, supplies, request, incident), checked, and
+//!   [`staff::store`], the one path by which the CLI and the web form save them;
 //! - [`report`]: the [`report::Site`] trait (what a site reports, on connect and on each tick),
 //!   the fixed site of `run`, and the framing of every envelope onto its topic;
+//! - [`form`]: the staff web form the daemon serves on the shelter's network (`form_listen`),
+//!   parsed, checked and stored by the same code as `renkei-agent report`;
 //! - [`daemon`]: `run`'s session: birth and snapshot on every ConnAck, the outbox delivered in
 //!   order within a PubAck-tracked window, backlog replay marked historical and rate-limited;
 //! - [`link`]: the MQTT pieces both sessions share (options, backoff, commands) and the live
@@ -30,11 +34,10 @@
 //!
 //! The outbox alarm (reports refused: outbox or disk full) rides on every heartbeat as
 //! `outbox_alarm` until the backlog drains; a heartbeat that finds no room itself is sent live.
-//!
-//! Not here yet: the local web form.
 
 pub mod config;
 pub mod daemon;
+pub mod form;
 pub mod lifecycle;
 pub mod link;
 pub mod outbox;

@@ -8,13 +8,14 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use renkei_agent::config::{self, AgentConfig, Credentials, RawConfig};
 use renkei_agent::daemon::{DaemonOptions, run_daemon};
+use renkei_agent::form::{self, FormState};
 use renkei_agent::lifecycle::{Lifecycle, next_boot_id};
-use renkei_agent::link::LinkOptions;
+use renkei_agent::link::{LinkOptions, LinkState};
 use renkei_agent::outbox::{Durability, Outbox};
 use renkei_agent::report::{FixedSite, now};
 use renkei_agent::simulate::{self, SimOptions};
-use renkei_agent::staff::StaffReport;
-use renkei_shared::{Body, Envelope, Header, Origin};
+use renkei_agent::staff::{self, StaffReport};
+use renkei_shared::Body;
 use tokio::sync::watch;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -33,7 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Report one site's state to HQ until SIGTERM / SIGINT.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run many simulated shelters across the 23 wards (drills, demos, load tests).
     Simulate(SimArgs),
     /// 報告: store a report for HQ (works with no network and no running daemon)
@@ -139,7 +140,7 @@ fn main() -> Result<ExitCode> {
     .context("cannot start the async runtime")?;
     runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(*args).await,
             Command::Simulate(args) => simulate(args).await,
             Command::Report(_) | Command::Status(_) => Ok(()),
         }
@@ -173,58 +174,10 @@ fn store_report(args: &ReportArgs) -> Result<String> {
     args.report.check()?;
     let config = load_config(&args.config)?;
     let outbox = open_outbox(&config)?;
-    let daemon = outbox.daemon_running()?;
-    let mut locked = outbox.lock()?;
-    if !daemon {
-        // No daemon keeps the numbering: start a boot of our own (see the outbox's notes).
-        locked.new_boot()?;
-    }
-    let latest_stock = match locked.latest().supplies.map(|e| e.body) {
-        Some(Body::Supplies(s)) => Some(s),
-        _ => None,
-    };
-    let mut refused = None;
-    let site = config.site.clone();
-    let mode = config.mode;
-    let appended = locked.append(
-        |key| {
-            let body = args
-                .report
-                .body(key, now(), latest_stock.as_ref())
-                .unwrap_or_else(|e| {
-                    refused = Some(e);
-                    // Checked above; never stored: `refused` makes the caller bail first.
-                    Body::Status(FixedSite::from_config(&config, now()).status())
-                });
-            Envelope {
-                header: Header {
-                    origin: Origin::Site(site),
-                    boot: key.boot,
-                    seq: key.seq,
-                    sent_at: now(),
-                    mode,
-                    historical: false,
-                },
-                body,
-            }
-        },
-        Durability::Sync,
-    );
-    if let Some(e) = refused {
-        bail!(e);
-    }
-    let appended = appended?;
-    let id = match &args.report {
-        StaffReport::Request(_) => format!(", id req-{}-{}", appended.key.boot, appended.key.seq),
-        StaffReport::Incident(i) if i.id.is_none() => {
-            format!(", id inc-{}-{}", appended.key.boot, appended.key.seq)
-        }
-        _ => String::new(),
-    };
-    Ok(format!(
-        "保存しました / saved (seq {}, queue depth {}{id})",
-        appended.key.seq, appended.depth
-    ))
+    // No daemon keeps the numbering: the report starts a boot of its own.
+    let new_boot = !outbox.daemon_running()?;
+    let saved = staff::store(&outbox, &config.site, config.mode, &args.report, new_boot)?;
+    Ok(saved.to_string())
 }
 
 /// `renkei-agent status`: the daemon's status file and the outbox, read directly.
@@ -327,6 +280,14 @@ async fn run(args: RunArgs) -> Result<()> {
             config.state_dir.display()
         );
     };
+    let form_listener = match config.form_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("form_listen = \"{addr}\": cannot listen there"))?,
+        ),
+        None => None,
+    };
     let boot = outbox.lock()?.new_boot()?;
     let stats = outbox.lock()?.stats()?;
     info!(
@@ -338,6 +299,25 @@ async fn run(args: RunArgs) -> Result<()> {
         tracing::error!(alarm, "the outbox alarm is raised");
     }
     let shutdown = shutdown_signal()?;
+    let (link_watch, link_state) = watch::channel(LinkState::Connecting);
+    if let Some(listener) = form_listener {
+        let form = FormState {
+            outbox: outbox.clone(),
+            site: config.site.clone(),
+            name: config.name.clone(),
+            mode: config.mode,
+            pin: config.form_pin.clone().map(|p| p.0),
+            link: link_state,
+        };
+        let addr = listener.local_addr().ok();
+        info!(addr = ?addr, pin = form.pin.is_some(), "staff web form listening");
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = form::serve(listener, form, shutdown).await {
+                tracing::error!(error = %e, "the staff web form stopped");
+            }
+        });
+    }
     let link = LinkOptions {
         broker: config.broker.clone(),
         credentials: config.credentials.clone(),
@@ -372,6 +352,7 @@ async fn run(args: RunArgs) -> Result<()> {
         interval: config.interval,
         replay_rate: config.replay_rate,
         state_dir: config.state_dir.clone(),
+        link_watch: Some(link_watch),
     };
     run_daemon(options, outbox, lifecycle, site, shutdown).await?;
     Ok(())

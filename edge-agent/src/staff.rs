@@ -7,14 +7,14 @@
 use clap::{Args, Subcommand, ValueEnum};
 use renkei_shared::validate::{MAX_NAME_BYTES, MAX_TEXT_BYTES};
 use renkei_shared::{
-    Body, BuildingSafety, CareNeeds, Certainty, DamageCounts, GeoPoint, Id, IncidentCategory,
-    IncidentReport, Item, LifelineState, Lifelines, ReportVersion, RequestState, RoadState,
-    Severity, ShelterState, ShelterStatus, ShelterType, StockLine, SupplyRequest, SupplyStock,
-    Timestamp,
+    Body, BuildingSafety, CareNeeds, Certainty, DamageCounts, Envelope, GeoPoint, Header, Id,
+    IncidentCategory, IncidentReport, Item, LifelineState, Lifelines, Mode, Origin, ReportVersion,
+    RequestState, RoadState, Severity, ShelterState, ShelterStatus, ShelterType, SiteRef,
+    StockLine, SupplyRequest, SupplyStock, Timestamp,
 };
 
-use crate::outbox::Key;
-use crate::report::crowding;
+use crate::outbox::{Durability, Key, Outbox, OutboxError};
+use crate::report::{crowding, now};
 
 /// Largest head count a single shelter report may carry: the biggest wide-area evacuation
 /// sites hold tens of thousands; more is a typing mistake.
@@ -523,6 +523,93 @@ impl StaffReport {
             }
         })
     }
+}
+
+/// A report stored in the outbox; its `Display` is what staff are told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saved {
+    pub key: Key,
+    /// Records waiting for delivery, this one included.
+    pub depth: u64,
+    /// The id HQ will know a new request or incident by.
+    pub id: Option<String>,
+}
+
+impl std::fmt::Display for Saved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "保存しました / saved (seq {}, queue depth {}",
+            self.key.seq, self.depth
+        )?;
+        if let Some(id) = &self.id {
+            write!(f, ", id {id}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// Why a report was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The report itself is wrong: staff can correct it.
+    #[error(transparent)]
+    Invalid(#[from] ReportError),
+    /// The outbox refused or failed (full, disk full, I/O).
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+}
+
+/// Checks `report` and stores it for `site`, fsynced, before anyone is told "saved": the one
+/// path of `renkei-agent report` and of the daemon's web form. `new_boot` is for a writer with
+/// no daemon running, which must number a boot of its own (see [`crate::outbox`]).
+pub fn store(
+    outbox: &Outbox,
+    site: &SiteRef,
+    mode: Mode,
+    report: &StaffReport,
+    new_boot: bool,
+) -> Result<Saved, StoreError> {
+    report.check()?;
+    let mut locked = outbox.lock()?;
+    if new_boot {
+        locked.new_boot()?;
+    }
+    let latest_stock = match locked.latest().supplies.map(|e| e.body) {
+        Some(Body::Supplies(s)) => Some(s),
+        _ => None,
+    };
+    // A dry run, so that anything `body` could still refuse is refused before a key is taken.
+    let dry = report.body(Key::default(), now(), latest_stock.as_ref())?;
+    let appended = locked.append(
+        |key| Envelope {
+            header: Header {
+                origin: Origin::Site(site.clone()),
+                boot: key.boot,
+                seq: key.seq,
+                sent_at: now(),
+                mode,
+                historical: false,
+            },
+            // Passed the dry run with the same input: only the key differs.
+            body: report
+                .body(key, now(), latest_stock.as_ref())
+                .unwrap_or(dry),
+        },
+        Durability::Sync,
+    )?;
+    let id = match report {
+        StaffReport::Request(_) => Some(format!("req-{}-{}", appended.key.boot, appended.key.seq)),
+        StaffReport::Incident(i) if i.id.is_none() => {
+            Some(format!("inc-{}-{}", appended.key.boot, appended.key.seq))
+        }
+        _ => None,
+    };
+    Ok(Saved {
+        key: appended.key,
+        depth: appended.depth,
+        id,
+    })
 }
 
 /// An id unique within the site: the report's own key.

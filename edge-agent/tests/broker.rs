@@ -1177,3 +1177,170 @@ async fn over_tls_a_wrong_ca_is_refused_clearly_and_retried_and_no_ca_does_not_s
         "a message arrived over an untrusted link"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The staff web form, served by the daemon, over a plain socket as a phone would use it.
+
+/// One HTTP/1.1 request: (status code, body).
+fn http(port: u16, method: &str, path: &str, form: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the web form");
+    stream.set_read_timeout(Some(WAIT)).expect("read timeout");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
+        form.len()
+    );
+    stream
+        .write_all(request.as_bytes())
+        .expect("send the request");
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .expect("read the response");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_input() {
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let form_port = free_port();
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        &format!("form_listen = \"127.0.0.1:{form_port}\"\nform_pin = \"2468\""),
+    );
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let agent = Agent::spawn(
+        &["run", "--config", config.to_str().unwrap()],
+        dir.path(),
+        "agent",
+    );
+    next(&mut rx, &agent, "birth", |m| is_life(m, true)).await;
+    let deadline = Instant::now() + WAIT;
+    while std::net::TcpStream::connect(("127.0.0.1", form_port)).is_err() {
+        assert!(Instant::now() < deadline, "no web form:\n{}", agent.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (code, page) = http(form_port, "GET", "/", "");
+    assert_eq!(code, 200, "{page}");
+    for text in [
+        "避難所状況 / Shelter status",
+        "物資要請 / Supply request",
+        "被害報告 / Incident",
+        "接続中 / connected",
+        "送信待ち / queue depth",
+        "訓練 / EXERCISE",
+        "暗証番号 / PIN",
+    ] {
+        assert!(page.contains(text), "{text} missing:\n{page}");
+    }
+
+    // Refused, each with its reason in both languages, and nothing stored.
+    let (code, page) = http(
+        form_port,
+        "POST",
+        "/report/shelter",
+        "evacuees=321&pin=1111",
+    );
+    assert_eq!(code, 403);
+    assert!(
+        page.contains("暗証番号が違います") && page.contains("wrong PIN"),
+        "{page}"
+    );
+    let (code, page) = http(
+        form_port,
+        "POST",
+        "/report/shelter",
+        "evacuees=50&households=80&pin=2468",
+    );
+    assert_eq!(code, 422);
+    assert!(
+        page.contains("入力が正しくありません / invalid input") && page.contains("--households"),
+        "{page}"
+    );
+    // The form comes back filled in, so staff only fix the wrong field.
+    assert!(
+        page.contains(
+            "name=\"evacuees\" type=\"number\" min=\"0\" inputmode=\"numeric\" value=\"50\""
+        ) && page.contains("value=\"80\""),
+        "{page}"
+    );
+    let (code, page) = http(
+        form_port,
+        "POST",
+        "/report/shelter",
+        "evacuees=abc&pin=2468",
+    );
+    assert_eq!(code, 422);
+    assert!(page.contains("abc") && page.contains("evacuees"), "{page}");
+    let (code, page) = http(
+        form_port,
+        "POST",
+        "/report/request",
+        "item=water&quantity=0&note=%3Cscript%3E&pin=2468",
+    );
+    assert_eq!(code, 422);
+    assert!(
+        page.contains("&lt;script&gt;") && !page.contains("<script>"),
+        "{page}"
+    );
+
+    let (code, page) = http(
+        form_port,
+        "POST",
+        "/report/shelter",
+        "evacuees=321&capacity=400&state=open&households=100&elderly=5&pin=2468",
+    );
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("保存しました / saved (seq"), "{page}");
+    assert!(page.contains("queue depth"), "{page}");
+    // The first shelter report HQ sees is this one: none of the refused ones was stored.
+    let shelter = next(&mut rx, &agent, "the posted shelter report", |m| {
+        match &m.env.body {
+            Body::Shelter(s) => Some(s.clone()),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(shelter.evacuees, Some(321));
+    assert_eq!(shelter.capacity, Some(400));
+    assert_eq!(shelter.households, Some(100));
+    assert_eq!(shelter.care.elderly, Some(5));
+    assert_eq!(shelter.state, ShelterState::Open);
+
+    let (code, page) = http(
+        form_port,
+        "POST",
+        "/report/request",
+        "item=water&quantity=20&note=for+the+gym&pin=2468",
+    );
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains(", id req-"), "{page}");
+    let request = next(&mut rx, &agent, "the posted request", |m| {
+        match &m.env.body {
+            Body::Request(r) => Some(r.clone()),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(
+        (request.quantity, request.note.as_str()),
+        (20, "for the gym")
+    );
+}
