@@ -1,12 +1,13 @@
-//! The alerts panel's rows, and the acknowledgement an operator publishes from it.
+//! The alerts panel's rows, and the acknowledgements an operator publishes: of an alert, or
+//! a step on a supply request.
 //!
 //! An acknowledgement is an ordinary Renkei message from HQ: the reducer applies it like any
-//! other once the broker hands it back, so the panel shows an ack only after it went round
-//! the broker, never optimistically.
+//! other once the broker hands it back, so the page shows an ack (or a request's new state)
+//! only after it went round the broker, never optimistically.
 
 use renkei_shared::{
-    Ack, AckAction, AckTarget, Actor, Body, Envelope, Header, Id, Mode, Origin, Role, Severity,
-    Timestamp, WardCode, World,
+    Ack, AckAction, AckTarget, Actor, Body, Envelope, Header, Id, Mode, Origin, RequestState, Role,
+    Severity, SiteRef, Timestamp, WardCode, World,
 };
 
 use crate::age::Age;
@@ -102,6 +103,27 @@ impl HqSender {
 
     /// The acknowledgement of `alert_id` in `mode`, sent at `now`.
     pub fn ack(&mut self, alert_id: Id, mode: Mode, now: Timestamp) -> Envelope {
+        self.envelope(AckTarget::Alert(alert_id), AckAction::Ack, None, mode, now)
+    }
+
+    /// HQ's step `action` on a supply request of `mode`'s world, sent at `now`; `fulfilled`
+    /// is the quantity delivered so far, when the step says it.
+    pub fn request_step(&mut self, step: RequestStep, mode: Mode, now: Timestamp) -> Envelope {
+        let target = AckTarget::Request {
+            site: step.site,
+            request_id: step.request_id,
+        };
+        self.envelope(target, step.action, step.fulfilled, mode, now)
+    }
+
+    fn envelope(
+        &mut self,
+        target: AckTarget,
+        action: AckAction,
+        fulfilled: Option<u32>,
+        mode: Mode,
+        now: Timestamp,
+    ) -> Envelope {
         self.seq += 1;
         let origin = Id::new(format!("dash-{}", self.user))
             .unwrap_or_else(|_| Id::new("dash").expect("a valid id"));
@@ -115,18 +137,46 @@ impl HqSender {
                 historical: false,
             },
             body: Body::Ack(Ack {
-                target: AckTarget::Alert(alert_id),
+                target,
                 by: Actor {
                     user: self.user.clone(),
                     role: Role::Hq,
                     organisation: String::new(),
                 },
-                action: AckAction::Ack,
-                fulfilled: None,
+                action,
+                fulfilled,
                 note: String::new(),
             }),
         }
     }
+}
+
+/// An operator's step on one supply request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestStep {
+    pub site: SiteRef,
+    pub request_id: Id,
+    pub action: AckAction,
+    /// For deliveries: the quantity delivered so far.
+    pub fulfilled: Option<u32>,
+}
+
+/// The steps HQ can take on a request in `state`: those that move it forward in its
+/// lifecycle, none once it is closed.
+pub fn request_actions(state: RequestState) -> Vec<AckAction> {
+    if state.is_closed() {
+        return Vec::new();
+    }
+    [
+        AckAction::Accept,
+        AckAction::Commit,
+        AckAction::Ship,
+        AckAction::Deliver,
+        AckAction::Decline,
+    ]
+    .into_iter()
+    .filter(|a| a.request_state().is_some_and(|s| s.rank() > state.rank()))
+    .collect()
 }
 
 #[cfg(test)]
@@ -162,6 +212,59 @@ mod tests {
         assert_eq!(after[0].acks.len(), 1);
         assert_eq!(after[0].acks[0].user.as_str(), "sato");
         assert_eq!(after[0].acks[0].action, AckAction::Ack);
+    }
+
+    #[test]
+    fn request_steps_go_to_the_requests_topic_and_move_it_forward() {
+        let mut sender = HqSender::new(user_id("sato"), 7);
+        let site = sample::site();
+        let request_id = Id::new("req-0001").unwrap();
+        let now = sample::SENT_AT.plus_secs(60);
+        let step = |action, fulfilled| RequestStep {
+            site: site.clone(),
+            request_id: request_id.clone(),
+            action,
+            fulfilled,
+        };
+        let accept = sender.request_step(step(AckAction::Accept, None), Mode::Actual, now);
+        assert_eq!(
+            Topic::of(&accept).unwrap().to_string(),
+            format!(
+                "renkei/v1/hq/ack/request/{}/{}/req-0001",
+                site.ward, site.site
+            )
+        );
+        let mut state = State::new();
+        state.apply(&sample::request());
+        state.apply(&accept);
+        let entry =
+            |state: &State| state.world(Mode::Actual).sites[&site].requests[&request_id].clone();
+        assert_eq!(entry(&state).state, RequestState::Accepted);
+        let deliver = sender.request_step(
+            step(AckAction::Deliver, Some(1500)),
+            Mode::Actual,
+            now.plus_secs(1),
+        );
+        state.apply(&deliver);
+        assert_eq!(entry(&state).state, RequestState::Delivered);
+        assert_eq!(entry(&state).fulfilled, 1500);
+    }
+
+    #[test]
+    fn only_forward_steps_are_offered() {
+        use AckAction::*;
+        assert_eq!(
+            request_actions(RequestState::Requested),
+            [Accept, Commit, Ship, Deliver, Decline]
+        );
+        assert_eq!(
+            request_actions(RequestState::Committed),
+            [Ship, Deliver, Decline]
+        );
+        assert_eq!(request_actions(RequestState::Delivered), [Decline]);
+        assert!(request_actions(RequestState::Received).is_empty());
+        assert!(request_actions(RequestState::Declined).is_empty());
+        assert!(request_actions(RequestState::Cancelled).is_empty());
     }
 
     #[test]

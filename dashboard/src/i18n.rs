@@ -131,6 +131,8 @@ pub enum Label {
     OtherSites,
     NoOtherSites,
     EvacueeCount,
+    Actions,
+    DeliveredQuantity,
 }
 
 impl Label {
@@ -238,6 +240,8 @@ impl Label {
             ),
             Label::OtherSites => lang.pick("区役所・物資拠点", "Ward offices and depots"),
             Label::EvacueeCount => lang.pick("避難者数", "Evacuees"),
+            Label::Actions => lang.pick("対応", "Actions"),
+            Label::DeliveredQuantity => lang.pick("到着数量", "Quantity delivered"),
             Label::NoOtherSites => lang.pick(
                 "報告のある区役所・物資拠点はありません",
                 "No ward office or depot has reported",
@@ -362,6 +366,32 @@ pub fn ack_action(action: AckAction, lang: Lang) -> &'static str {
         AckAction::Commit => lang.pick("調達確定", "committed"),
         AckAction::Ship => lang.pick("出荷", "shipped"),
         AckAction::Deliver => lang.pick("到着", "delivered"),
+    }
+}
+
+/// The button that takes HQ's step on a supply request.
+pub fn request_action(action: AckAction, lang: Lang) -> &'static str {
+    match action {
+        AckAction::Accept => lang.pick("受付", "Accept"),
+        AckAction::Commit => lang.pick("調達確定", "Commit"),
+        AckAction::Ship => lang.pick("出荷", "Ship"),
+        AckAction::Deliver => lang.pick("到着", "Deliver"),
+        AckAction::Decline => lang.pick("辞退", "Decline"),
+        AckAction::Ack | AckAction::Escalate | AckAction::Resolved => ack_action(action, lang),
+    }
+}
+
+/// The value of `data-action` attributes: the action's wire name.
+pub fn ack_action_key(action: AckAction) -> &'static str {
+    match action {
+        AckAction::Ack => "ack",
+        AckAction::Accept => "accept",
+        AckAction::Decline => "decline",
+        AckAction::Escalate => "escalate",
+        AckAction::Resolved => "resolved",
+        AckAction::Commit => "commit",
+        AckAction::Ship => "ship",
+        AckAction::Deliver => "deliver",
     }
 }
 
@@ -606,6 +636,8 @@ mod tests {
             Label::OtherSites,
             Label::NoOtherSites,
             Label::EvacueeCount,
+            Label::Actions,
+            Label::DeliveredQuantity,
         ];
         for l in labels {
             assert!(!l.text(Lang::Ja).is_empty());

@@ -6,6 +6,7 @@
 use renkei_shared::{Id, Mode, SiteRef};
 use yew::UseReducerDispatcher;
 
+use crate::alerts::RequestStep;
 use crate::history::{HistoryError, Point};
 use crate::i18n::Lang;
 use crate::mqtt::Credentials;
@@ -42,6 +43,14 @@ pub fn acknowledge(alert_id: Id, mode: Mode) {
     browser::acknowledge(alert_id, mode);
     #[cfg(not(target_arch = "wasm32"))]
     drop((alert_id, mode));
+}
+
+/// Publishes the current user's step on a supply request of `mode`'s world.
+pub fn request_step(step: RequestStep, mode: Mode) {
+    #[cfg(target_arch = "wasm32")]
+    browser::request_step(step, mode);
+    #[cfg(not(target_arch = "wasm32"))]
+    drop((step, mode));
 }
 
 /// Fetches the shelter reports of `site` in `mode`'s world from the broker's HTTP API, as
@@ -91,7 +100,7 @@ mod browser {
     use yew::UseReducerDispatcher;
 
     use super::{TICK_MS, now_ms};
-    use crate::alerts::{DEFAULT_USER, HqSender, user_id};
+    use crate::alerts::{DEFAULT_USER, HqSender, RequestStep, user_id};
     use crate::config;
     use crate::history::{self, HistoryError, Point};
     use crate::inbox::{FLUSH_MS, Inbox};
@@ -220,20 +229,33 @@ mod browser {
     }
 
     pub fn acknowledge(alert_id: Id, mode: Mode) {
+        publish("acknowledgement", |sender| {
+            sender.ack(alert_id, mode, Timestamp(now_ms()))
+        });
+    }
+
+    pub fn request_step(step: RequestStep, mode: Mode) {
+        publish("request step", |sender| {
+            sender.request_step(step, mode, Timestamp(now_ms()))
+        });
+    }
+
+    /// Publishes what `build` makes as the page's HQ sender (retained, QoS 1).
+    fn publish(what: &str, build: impl FnOnce(&mut HqSender) -> renkei_shared::Envelope) {
         PUBLISHER.with(|p| {
             let mut p = p.borrow_mut();
             let Some(publisher) = p.as_mut() else {
-                log::warn("renkei: not connected; the acknowledgement was not sent");
+                log::warn(&format!("renkei: not connected; the {what} was not sent"));
                 return;
             };
-            let env = publisher.sender.ack(alert_id, mode, Timestamp(now_ms()));
+            let env = build(&mut publisher.sender);
             let message = match (Topic::of(&env), encode(&env)) {
                 (Ok(topic), Ok(payload)) => Outgoing {
                     topic: topic.to_string(),
                     payload,
                 },
-                (Err(e), _) => return log::warn(&format!("renkei: ack has no topic: {e}")),
-                (_, Err(e)) => return log::warn(&format!("renkei: ack does not encode: {e}")),
+                (Err(e), _) => return log::warn(&format!("renkei: {what} has no topic: {e}")),
+                (_, Err(e)) => return log::warn(&format!("renkei: {what} does not encode: {e}")),
             };
             let _ = publisher.outgoing.unbounded_send(message);
         });

@@ -367,23 +367,32 @@ fn now() -> Result<Timestamp> {
     ))
 }
 
-/// A test client on the broker's MQTT listener, its event loop running in the background.
+/// What a test client received: topic and payload.
+type Received = tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>;
+
+/// A test client on the broker's MQTT listener, its event loop running in the background and
+/// handing over what arrives.
 async fn mqtt_client(
     broker: &Broker,
     id: &str,
-) -> Result<(AsyncClient, tokio::task::JoinHandle<()>)> {
+) -> Result<(AsyncClient, Received, tokio::task::JoinHandle<()>)> {
     let (host, port) = broker.mqtt_host_port()?;
     let mut options = MqttOptions::new(id, host, port);
     options.set_keep_alive(Duration::from_secs(10));
     let (client, mut events) = AsyncClient::new(options, 64);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
         loop {
-            if events.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+            match events.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }
     });
-    Ok((client, task))
+    Ok((client, rx, task))
 }
 
 /// Publishes `env` where it belongs, retained at QoS 1, as an agent would.
@@ -425,7 +434,7 @@ fn shelter_report(site: &str, seq: u64, evacuees: u32, ago_s: i64) -> Result<Env
 async fn a_sites_history_is_charted_from_the_http_api_and_follows_new_reports() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let bench = Bench::start().await?;
-    let (client, mqtt) = mqtt_client(&bench.broker, "test-history").await?;
+    let (client, _received, mqtt) = mqtt_client(&bench.broker, "test-history").await?;
     let site = "dash-history";
     publish(
         &client,
@@ -487,6 +496,126 @@ async fn a_sites_history_is_charted_from_the_http_api_and_follows_new_reports() 
                     "#site-view[data-site=\"no-such-site\"] #history-chart[data-state=\"empty\"]",
                 )
                 .await?;
+            Ok(())
+        })
+        .await;
+    mqtt.abort();
+    result
+}
+
+/// The next request step that reaches MQTT, decoded.
+async fn next_ack(received: &mut Received) -> Result<(String, Envelope)> {
+    let (topic, payload) = tokio::time::timeout(WAIT, received.recv())
+        .await
+        .context("no request step reached MQTT")?
+        .context("the MQTT loop ended")?;
+    Ok((topic, renkei_shared::decode(&payload)?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_steps_taken_in_the_page_reach_mqtt_and_move_the_request_on() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let bench = Bench::start().await?;
+    let (client, mut received, mqtt) = mqtt_client(&bench.broker, "test-requests").await?;
+    client
+        .subscribe("renkei/v1/hq/ack/request/#", QoS::AtLeastOnce)
+        .await?;
+    let site = "dash-requests";
+    publish(
+        &client,
+        &from_site(renkei_shared::sample::status(), site, 1)?,
+    )
+    .await?;
+    // The sample request: 2,000 litres of water, req-0001.
+    publish(
+        &client,
+        &from_site(renkei_shared::sample::request(), site, 2)?,
+    )
+    .await?;
+    let b = &bench.browser;
+    let result = bench
+        .checked("requests", async {
+            b.client
+                .goto(&format!("http://{}/#/ward/131041", bench.broker.http))
+                .await?;
+            let row = "#requests tr[data-request=\"req-0001\"]";
+            bench
+                .exists(&format!("{row}[data-state=\"requested\"]"))
+                .await?;
+            bench
+                .click(&format!("{row} button.req-action[data-action=\"accept\"]"))
+                .await?;
+            let (topic, ack) = next_ack(&mut received).await?;
+            assert_eq!(
+                topic,
+                format!("renkei/v1/hq/ack/request/131041/{site}/req-0001")
+            );
+            let Body::Ack(Ack {
+                target, action, by, ..
+            }) = &ack.body
+            else {
+                bail!("not an ack: {ack:?}")
+            };
+            assert_eq!(*action, renkei_shared::AckAction::Accept);
+            assert_eq!(by.user.as_str(), "hq-operator");
+            let AckTarget::Request {
+                site: on,
+                request_id,
+            } = target
+            else {
+                bail!("not a request step: {target:?}")
+            };
+            assert_eq!((on.ward, on.site.as_str()), (WardCode(131041), site));
+            assert_eq!(request_id.as_str(), "req-0001");
+            // The row moves on once the broker hands the step back; Accept is no longer offered.
+            bench
+                .exists(&format!("{row}[data-state=\"accepted\"]"))
+                .await?;
+            b.wait_for_text(&format!("{row} td[data-field=\"state\"]"), "受付", WAIT)
+                .await?;
+            anyhow::ensure!(
+                b.client
+                    .find(Locator::Css(&format!(
+                        "{row} button[data-action=\"accept\"]"
+                    )))
+                    .await
+                    .is_err(),
+                "Accept is still offered on an accepted request"
+            );
+
+            // In the site view, a delivery says how much arrived.
+            b.client
+                .goto(&format!(
+                    "http://{}/#/site/131041/{site}",
+                    bench.broker.http
+                ))
+                .await?;
+            let input = format!("{row} input.req-fulfilled");
+            bench.exists(&input).await?;
+            let quantity = b.client.find(Locator::Css(&input)).await?;
+            quantity.clear().await?;
+            quantity.send_keys("1500").await?;
+            bench
+                .click(&format!("{row} button.req-action[data-action=\"deliver\"]"))
+                .await?;
+            let (_, ack) = next_ack(&mut received).await?;
+            let Body::Ack(Ack {
+                action, fulfilled, ..
+            }) = &ack.body
+            else {
+                bail!("not an ack: {ack:?}")
+            };
+            assert_eq!(*action, renkei_shared::AckAction::Deliver);
+            assert_eq!(*fulfilled, Some(1500));
+            bench
+                .exists(&format!("{row}[data-state=\"delivered\"]"))
+                .await?;
+            b.wait_for_text(
+                &format!("{row} td[data-field=\"fulfilled\"]"),
+                "1500 / 2000",
+                WAIT,
+            )
+            .await?;
             Ok(())
         })
         .await;

@@ -1,12 +1,95 @@
 //! The supply request and incident tables, shown in the ward view (every site of the ward)
 //! and the site view (that site only).
 
-use renkei_shared::DamageCounts;
+use renkei_shared::{AckAction, DamageCounts, Mode, SiteRef, WardCode};
+use web_sys::HtmlInputElement;
 use yew::prelude::*;
 
 use super::figure;
+use crate::alerts::{RequestStep, request_actions};
 use crate::detail::{IncidentRow, RequestRow};
 use crate::i18n::{self, Label, Lang};
+use crate::services;
+
+#[derive(Debug, Properties, PartialEq)]
+pub struct RequestActionsProps {
+    pub lang: Lang,
+    pub mode: Mode,
+    pub ward: WardCode,
+    pub row: RequestRow,
+}
+
+/// The buttons that move one open request forward; a delivery asks how much arrived.
+#[component]
+pub fn RequestActions(props: &RequestActionsProps) -> Html {
+    let RequestActionsProps {
+        lang,
+        mode,
+        ward,
+        row,
+    } = props;
+    let (lang, mode) = (*lang, *mode);
+    let quantity = use_node_ref();
+    let actions = request_actions(row.state);
+    if actions.is_empty() {
+        return html! {};
+    }
+    let button = |action: AckAction| {
+        let quantity = quantity.clone();
+        let site = SiteRef {
+            ward: *ward,
+            site: row.site.clone(),
+        };
+        let request_id = row.request_id.clone();
+        let onclick = Callback::from(move |_: MouseEvent| {
+            let fulfilled = (action == AckAction::Deliver).then(|| {
+                quantity
+                    .cast::<HtmlInputElement>()
+                    .and_then(|i| i.value().trim().parse::<u32>().ok())
+            });
+            if fulfilled == Some(None) {
+                // A delivery without a readable quantity is not sent.
+                return;
+            }
+            services::request_step(
+                RequestStep {
+                    site: site.clone(),
+                    request_id: request_id.clone(),
+                    action,
+                    fulfilled: fulfilled.flatten(),
+                },
+                mode,
+            );
+        });
+        html! {
+            <button
+                type="button"
+                class={classes!("req-action", format!("req-{}", i18n::ack_action_key(action)))}
+                data-action={i18n::ack_action_key(action)}
+                {onclick}
+            >
+                { i18n::request_action(action, lang) }
+            </button>
+        }
+    };
+    let default_quantity = row.quantity.unwrap_or(row.fulfilled).to_string();
+    html! {
+        <span class="req-actions">
+            if actions.contains(&AckAction::Deliver) {
+                <input
+                    ref={quantity.clone()}
+                    class="req-fulfilled"
+                    type="number"
+                    min="0"
+                    value={default_quantity}
+                    aria-label={Label::DeliveredQuantity.text(lang)}
+                    title={Label::DeliveredQuantity.text(lang)}
+                />
+            }
+            { for actions.into_iter().map(button) }
+        </span>
+    }
+}
 
 fn counts_text(c: &DamageCounts, lang: Lang) -> String {
     let parts = [
@@ -34,8 +117,8 @@ fn counts_text(c: &DamageCounts, lang: Lang) -> String {
     }
 }
 
-/// `#requests`: each request with its lifecycle state.
-pub fn requests_table(requests: &[RequestRow], lang: Lang) -> Html {
+/// `#requests`: each request with its lifecycle state and the steps HQ can take on it.
+pub fn requests_table(requests: &[RequestRow], ward: WardCode, mode: Mode, lang: Lang) -> Html {
     if requests.is_empty() {
         return html! { <p class="empty">{ Label::Nothing.text(lang) }</p> };
     }
@@ -47,6 +130,7 @@ pub fn requests_table(requests: &[RequestRow], lang: Lang) -> Html {
                 <th scope="col">{ Label::State.text(lang) }</th>
                 <th scope="col">{ Label::Delivered.text(lang) }{ " / " }{ Label::Requested.text(lang) }</th>
                 <th scope="col">{ Label::Updated.text(lang) }</th>
+                <th scope="col">{ Label::Actions.text(lang) }</th>
             </tr></thead>
             <tbody>
                 { for requests.iter().map(|r| html! {
@@ -62,6 +146,9 @@ pub fn requests_table(requests: &[RequestRow], lang: Lang) -> Html {
                         <td data-field="state">{ i18n::request_state(r.state, lang) }</td>
                         <td data-field="fulfilled">{ r.fulfilled }{ " / " }{ figure(r.quantity) }</td>
                         <td data-field="age">{ i18n::age(r.age, lang) }</td>
+                        <td data-field="actions">
+                            <RequestActions {lang} {mode} {ward} row={r.clone()} />
+                        </td>
                     </tr>
                 }) }
             </tbody>

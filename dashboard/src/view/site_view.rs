@@ -217,7 +217,7 @@ pub fn SiteView(props: &SiteViewProps) -> Html {
             <HistoryChart {lang} history={(*history).clone()} />
 
             <h3>{ Label::Requests.text(lang) }</h3>
-            { requests_table(detail.map_or(&[][..], |d| &d.rows.requests), lang) }
+            { requests_table(detail.map_or(&[][..], |d| &d.rows.requests), site.ward, props.mode, lang) }
 
             <h3>{ Label::Incidents.text(lang) }</h3>
             { incidents_table(detail.map_or(&[][..], |d| &d.rows.incidents), lang) }

@@ -2,7 +2,7 @@
 
 use std::rc::Rc;
 
-use renkei_shared::{SiteRef, WardCode};
+use renkei_shared::{Mode, SiteRef, WardCode};
 use web_sys::HtmlInputElement;
 use yew::prelude::*;
 
@@ -68,6 +68,8 @@ pub fn ShelterRowView(props: &ShelterRowProps) -> Html {
 #[derive(Debug, Properties, PartialEq)]
 pub struct WardViewProps {
     pub lang: Lang,
+    /// The world shown: steps on its requests are sent in it.
+    pub mode: Mode,
     pub ward: WardCode,
     pub detail: Option<Rc<WardDetail>>,
 }
@@ -188,7 +190,7 @@ pub fn WardView(props: &WardViewProps) -> Html {
             }
 
             <h3>{ Label::Requests.text(lang) }</h3>
-            { requests_table(&detail.requests, lang) }
+            { requests_table(&detail.requests, props.ward, props.mode, lang) }
 
             <h3>{ Label::Incidents.text(lang) }</h3>
             { incidents_table(&detail.incidents, lang) }
