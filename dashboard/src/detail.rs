@@ -8,8 +8,8 @@ use std::cmp::Ordering;
 
 use renkei_shared::reducer::SiteState;
 use renkei_shared::{
-    DamageCounts, Id, IncidentCategory, Item, ReportVersion, RequestState, Severity, ShelterState,
-    SiteKind, Timestamp, WardCode, World,
+    DamageCounts, HqState, Id, IncidentCategory, Item, LinkState, PowerSource, ReportVersion,
+    RequestState, Severity, ShelterState, SiteKind, Timestamp, WardCode, World,
 };
 
 use crate::age::Age;
@@ -56,6 +56,24 @@ pub struct ShelterRow {
     /// When the shelter figures were sent.
     pub reported_at: Option<Timestamp>,
     pub reported_age: Option<Age>,
+    pub freshness: Freshness,
+    /// The agent's outbox is full: the shelter cannot store new reports.
+    pub outbox_alarm: bool,
+}
+
+/// A site that is not a shelter (a ward office, a depot), by its heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteRow {
+    pub site: Id,
+    pub name: String,
+    pub kind: SiteKind,
+    pub hq: HqState,
+    pub power: PowerSource,
+    pub battery_pct: Option<u8>,
+    /// The worst of its communication channels, where any is known.
+    pub worst_link: Option<LinkState>,
+    pub queue_depth: Option<u32>,
+    pub outbox_alarm: bool,
     pub freshness: Freshness,
 }
 
@@ -106,6 +124,17 @@ pub struct WardDetail {
     pub stock: Vec<StockRow>,
     pub requests: Vec<RequestRow>,
     pub incidents: Vec<IncidentRow>,
+    /// Ward offices and depots, by name.
+    pub other_sites: Vec<SiteRow>,
+}
+
+/// How bad a link state is, for picking the worst.
+fn link_rank(state: LinkState) -> u8 {
+    match state {
+        LinkState::Ok => 0,
+        LinkState::Degraded => 1,
+        LinkState::Down => 2,
+    }
 }
 
 pub(crate) fn site_name(site: &SiteState, id: &Id) -> String {
@@ -121,6 +150,7 @@ impl WardDetail {
             stock: Vec::new(),
             requests: Vec::new(),
             incidents: Vec::new(),
+            other_sites: Vec::new(),
         }
     }
 
@@ -139,8 +169,10 @@ impl WardDetail {
     pub fn add_site(&mut self, id: &Id, site: &SiteState, now: Timestamp) {
         let name = site_name(site, id);
         let freshness = Freshness::of(site, now);
-        let is_shelter = site.shelter.is_some()
-            || site.status.as_ref().map(|s| s.value.kind) == Some(SiteKind::Shelter);
+        let status = site.status.as_ref().map(|s| &s.value);
+        let outbox_alarm = status.is_some_and(|s| s.outbox_alarm);
+        let is_shelter =
+            site.shelter.is_some() || status.map(|s| s.kind) == Some(SiteKind::Shelter);
         if is_shelter {
             let shelter = site.shelter.as_ref();
             let value = shelter.map(|s| &s.value);
@@ -154,6 +186,24 @@ impl WardDetail {
                 care_needed: value.and_then(|s| s.care.total()),
                 reported_at: shelter.map(|s| s.sent_at),
                 reported_age: shelter.map(|s| Age::between(now, s.sent_at)),
+                freshness,
+                outbox_alarm,
+            });
+        } else if let Some(status) = status {
+            let c = &status.comms;
+            self.other_sites.push(SiteRow {
+                site: id.clone(),
+                name: name.clone(),
+                kind: status.kind,
+                hq: status.hq,
+                power: status.power,
+                battery_pct: status.battery_pct,
+                worst_link: [c.internet, c.mobile, c.landline, c.radio]
+                    .into_iter()
+                    .flatten()
+                    .max_by_key(|&l| link_rank(l)),
+                queue_depth: status.queue_depth,
+                outbox_alarm,
                 freshness,
             });
         }
@@ -199,8 +249,16 @@ impl WardDetail {
         }
     }
 
-    /// Open requests first (oldest state first), then closed ones; worst incidents first.
+    /// Open requests first (oldest state first), then closed ones; worst incidents first;
+    /// other sites by kind (ward office first), then name.
     pub fn sort(&mut self) {
+        self.other_sites.sort_by(|a, b| {
+            (a.kind != SiteKind::WardOffice, &a.name, &a.site).cmp(&(
+                b.kind != SiteKind::WardOffice,
+                &b.name,
+                &b.site,
+            ))
+        });
         self.requests
             .sort_by_key(|r| (r.state.is_closed(), r.state.rank()));
         self.incidents
@@ -342,6 +400,7 @@ mod tests {
                 stale: false,
                 dead: false,
             },
+            outbox_alarm: false,
         }
     }
 
@@ -413,6 +472,54 @@ mod tests {
         let other = WardDetail::derive(state.world(Mode::Actual), WardCode(131016), now);
         assert!(other.shelters.is_empty() && other.requests.is_empty());
         assert!(matches!(sample::shelter().body, Body::Shelter(_)));
+    }
+
+    #[test]
+    fn flags_full_outboxes_and_lists_ward_offices_and_depots() {
+        let mut state = State::new();
+        let mut shelter_status = sample::status();
+        if let Body::Status(s) = &mut shelter_status.body {
+            s.outbox_alarm = true;
+        }
+        state.apply(&shelter_status);
+        for (site, kind, name) in [
+            ("depot-1", SiteKind::Depot, "新宿区備蓄倉庫"),
+            ("office", SiteKind::WardOffice, "新宿区役所"),
+        ] {
+            let mut env = sample::status();
+            env.header.origin = renkei_shared::Origin::Site(renkei_shared::SiteRef {
+                ward: sample::site().ward,
+                site: Id::new(site).unwrap(),
+            });
+            if let Body::Status(s) = &mut env.body {
+                s.kind = kind;
+                s.name = name.into();
+                s.comms.internet = Some(LinkState::Degraded);
+                s.comms.landline = Some(LinkState::Down);
+            }
+            state.apply(&env);
+        }
+        let detail = WardDetail::derive(
+            state.world(Mode::Actual),
+            sample::site().ward,
+            sample::SENT_AT,
+        );
+        assert_eq!(detail.shelters.len(), 1);
+        assert!(detail.shelters[0].outbox_alarm);
+        let others: Vec<_> = detail
+            .other_sites
+            .iter()
+            .map(|s| (s.site.as_str(), s.kind))
+            .collect();
+        assert_eq!(
+            others,
+            [
+                ("office", SiteKind::WardOffice),
+                ("depot-1", SiteKind::Depot)
+            ]
+        );
+        assert_eq!(detail.other_sites[1].worst_link, Some(LinkState::Down));
+        assert!(!detail.other_sites[1].outbox_alarm);
     }
 
     #[test]

@@ -74,6 +74,8 @@ pub struct Figures {
     pub open_requests: u64,
     pub incidents: u64,
     pub silent: u64,
+    /// Sites whose outbox is full: they cannot store new reports.
+    pub outbox_alarms: u64,
 }
 
 impl From<&WardRollup> for Figures {
@@ -88,6 +90,7 @@ impl From<&WardRollup> for Figures {
             open_requests: r.open_requests.into(),
             incidents: r.incidents.into(),
             silent: r.silent.into(),
+            outbox_alarms: r.outbox_alarms.into(),
         }
     }
 }
@@ -103,6 +106,7 @@ impl std::ops::AddAssign for Figures {
         self.open_requests += o.open_requests;
         self.incidents += o.incidents;
         self.silent += o.silent;
+        self.outbox_alarms += o.outbox_alarms;
     }
 }
 

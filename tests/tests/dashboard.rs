@@ -503,6 +503,71 @@ async fn a_sites_history_is_charted_from_the_http_api_and_follows_new_reports() 
     result
 }
 
+/// The sample heartbeat as sent now by `site`: a `kind` named `name`, its outbox full or not.
+fn heartbeat(
+    site: &str,
+    kind: renkei_shared::SiteKind,
+    name: &str,
+    outbox_alarm: bool,
+) -> Result<Envelope> {
+    let mut env = from_site(renkei_shared::sample::status(), site, 1)?;
+    if let Body::Status(s) = &mut env.body {
+        s.kind = kind;
+        s.name = name.into();
+        s.outbox_alarm = outbox_alarm;
+        s.queue_depth = Some(if outbox_alarm { 10_000 } else { 0 });
+    }
+    Ok(env)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_outboxes_are_flagged_and_depots_listed() -> Result<()> {
+    use renkei_shared::SiteKind;
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let bench = Bench::start().await?;
+    let (client, _received, mqtt) = mqtt_client(&bench.broker, "test-outbox").await?;
+    for env in [
+        heartbeat("dash-full", SiteKind::Shelter, "満杯小学校", true)?,
+        heartbeat("dash-depot", SiteKind::Depot, "新宿区備蓄倉庫", true)?,
+        heartbeat("dash-office", SiteKind::WardOffice, "新宿区役所", false)?,
+    ] {
+        publish(&client, &env).await?;
+    }
+    let b = &bench.browser;
+    let result = bench
+        .checked("outbox", async {
+            b.wait_for_text(&row("outbox_alarms"), "2", WAIT).await?;
+            b.wait_for_text("#totals td[data-field=\"outbox_alarms\"]", "2", WAIT)
+                .await?;
+            bench.click(".tile[data-ward=\"131041\"]").await?;
+            bench
+                .exists("#shelters tr[data-site=\"dash-full\"][data-outbox-alarm=\"true\"] .flag.outbox")
+                .await?;
+            bench.exists("#other-sites[data-count=\"2\"]").await?;
+            bench
+                .exists("#other-sites tr[data-site=\"dash-office\"][data-kind=\"ward_office\"][data-outbox-alarm=\"false\"]")
+                .await?;
+            let depot = "#other-sites tr[data-site=\"dash-depot\"][data-kind=\"depot\"]";
+            bench.exists(&format!("{depot}[data-outbox-alarm=\"true\"]")).await?;
+            // The depot opens its own site view, alarm first.
+            bench.click(&format!("{depot} td[data-field=\"kind\"]")).await?;
+            bench
+                .exists("#site-view[data-site=\"dash-depot\"][data-outbox-alarm=\"true\"] #outbox-alarm")
+                .await?;
+            bench.exists("#site-status[data-kind=\"depot\"]").await?;
+            b.wait_for_text(
+                "#site-status [data-field=\"queue_depth\"] dd",
+                "10000",
+                WAIT,
+            )
+            .await?;
+            Ok(())
+        })
+        .await;
+    mqtt.abort();
+    result
+}
+
 /// The next request step that reaches MQTT, decoded.
 async fn next_ack(received: &mut Received) -> Result<(String, Envelope)> {
     let (topic, payload) = tokio::time::timeout(WAIT, received.recv())

@@ -24,7 +24,7 @@ impl Column {
 }
 
 /// The columns in display order. Tests read cells by `data-field`, so keys are stable.
-pub const COLUMNS: [Column; 9] = [
+pub const COLUMNS: [Column; 10] = [
     Column {
         field: "sites",
         ja: "拠点",
@@ -79,7 +79,16 @@ pub const COLUMNS: [Column; 9] = [
         en: "Silent",
         value: |f| f.silent,
     },
+    Column {
+        field: "outbox_alarms",
+        ja: "送信待ち満杯",
+        en: "Outbox full",
+        value: |f| f.outbox_alarms,
+    },
 ];
+
+/// Columns whose every non-zero value needs someone to act: the cell is flagged.
+const ATTENTION: [&str; 2] = ["silent", "outbox_alarms"];
 
 #[derive(Debug, Properties, PartialEq)]
 pub struct WardTableProps {
@@ -92,7 +101,7 @@ fn cells(figures: &Figures) -> Html {
         .iter()
         .map(|c| {
             let value = (c.value)(figures);
-            let class = (c.field == "silent" && value > 0).then_some("attention");
+            let class = (ATTENTION.contains(&c.field) && value > 0).then_some("attention");
             html! { <td data-field={c.field} class={classes!(class)}>{ value }</td> }
         })
         .collect()
@@ -169,9 +178,10 @@ mod tests {
             open_requests: 7,
             incidents: 8,
             silent: 9,
+            outbox_alarms: 10,
         };
         let values: Vec<u64> = COLUMNS.iter().map(|c| (c.value)(&f)).collect();
-        assert_eq!(values, (1..=9).collect::<Vec<_>>());
+        assert_eq!(values, (1..=10).collect::<Vec<_>>());
         for c in COLUMNS {
             assert_ne!(c.heading(Lang::Ja), c.heading(Lang::En));
         }

@@ -1,4 +1,5 @@
-//! One ward's view: its shelters (sortable, filterable), stock, supply requests and incidents.
+//! One ward's view: its shelters (sortable, filterable, each opening its site view), ward
+//! offices and depots, stock, supply requests and incidents.
 
 use std::rc::Rc;
 
@@ -8,7 +9,7 @@ use yew::prelude::*;
 
 use super::site_tables::{incidents_table, requests_table};
 use super::{age_text, figure};
-use crate::detail::{ShelterRow, SortKey, WardDetail, sort_and_filter};
+use crate::detail::{ShelterRow, SiteRow, SortKey, WardDetail, sort_and_filter};
 use crate::i18n::{self, Label, Lang, ward_name};
 use crate::route::Route;
 use crate::services;
@@ -46,12 +47,16 @@ pub fn ShelterRowView(props: &ShelterRowProps) -> Html {
             class={classes!(f.silent().then_some("stale"))}
             data-stale={f.stale.to_string()}
             data-dead={f.dead.to_string()}
+            data-outbox-alarm={row.outbox_alarm.to_string()}
             onclick={open}
         >
             <th scope="row" data-field="name">
                 <a href={href}>{ &row.name }</a>
                 if let Some(flag) = flag {
                     { " " }<span class="flag">{ flag.text(lang) }</span>
+                }
+                if row.outbox_alarm {
+                    { " " }<span class="flag outbox" title={Label::OutboxAlarm.text(lang)}>{ Label::OutboxFull.text(lang) }</span>
                 }
             </th>
             <td data-field="state">
@@ -61,6 +66,59 @@ pub fn ShelterRowView(props: &ShelterRowProps) -> Html {
             <td data-field="occupancy">{ figure(row.occupancy_pct.map(|p| format!("{p}%"))) }</td>
             <td data-field="care">{ figure(row.care_needed) }</td>
             <td data-field="age">{ age_text(row.reported_age.or(f.age), lang) }</td>
+        </tr>
+    }
+}
+
+#[derive(Debug, Properties, PartialEq)]
+pub struct OtherSiteRowProps {
+    pub lang: Lang,
+    pub ward: WardCode,
+    pub row: SiteRow,
+}
+
+/// A ward office or depot, by its heartbeat; clicking it opens the site's view.
+#[component]
+pub fn OtherSiteRowView(props: &OtherSiteRowProps) -> Html {
+    let OtherSiteRowProps { lang, ward, row } = props;
+    let lang = *lang;
+    let route = Route::Site(SiteRef {
+        ward: *ward,
+        site: row.site.clone(),
+    });
+    let href = route.hash();
+    let open = Callback::from(move |_: MouseEvent| services::go(route.clone()));
+    let f = &row.freshness;
+    html! {
+        <tr
+            data-site={row.site.to_string()}
+            data-kind={i18n::site_kind_key(row.kind)}
+            data-outbox-alarm={row.outbox_alarm.to_string()}
+            data-stale={f.stale.to_string()}
+            data-dead={f.dead.to_string()}
+            class={classes!(f.silent().then_some("stale"))}
+            onclick={open}
+        >
+            <th scope="row" data-field="name">
+                <a href={href}>{ &row.name }</a>
+                if f.dead {
+                    { " " }<span class="flag">{ Label::Offline.text(lang) }</span>
+                } else if f.stale {
+                    { " " }<span class="flag">{ Label::Stale.text(lang) }</span>
+                }
+                if row.outbox_alarm {
+                    { " " }<span class="flag outbox" title={Label::OutboxAlarm.text(lang)}>{ Label::OutboxFull.text(lang) }</span>
+                }
+            </th>
+            <td data-field="kind">{ i18n::site_kind(row.kind, lang) }</td>
+            <td data-field="hq">{ i18n::hq_state(row.hq, lang) }</td>
+            <td data-field="power">
+                { i18n::power(row.power, lang) }
+                if let Some(pct) = row.battery_pct { { format!(" ({pct}%)") } }
+            </td>
+            <td data-field="comms">{ figure(row.worst_link.map(|l| i18n::link_state(l, lang))) }</td>
+            <td data-field="queue_depth" class={classes!(row.outbox_alarm.then_some("attention"))}>{ figure(row.queue_depth) }</td>
+            <td data-field="age">{ age_text(f.age, lang) }</td>
         </tr>
     }
 }
@@ -157,6 +215,28 @@ pub fn WardView(props: &WardViewProps) -> Html {
             </table>
             if detail.shelters.is_empty() {
                 <p class="empty">{ Label::NoShelters.text(lang) }</p>
+            }
+
+            <h3>{ Label::OtherSites.text(lang) }</h3>
+            if detail.other_sites.is_empty() {
+                <p class="empty">{ Label::NoOtherSites.text(lang) }</p>
+            } else {
+                <table id="other-sites" data-count={detail.other_sites.len().to_string()}>
+                    <thead><tr>
+                        <th scope="col">{ Label::Name.text(lang) }</th>
+                        <th scope="col">{ Label::Kind.text(lang) }</th>
+                        <th scope="col">{ Label::HqState.text(lang) }</th>
+                        <th scope="col">{ Label::Power.text(lang) }</th>
+                        <th scope="col">{ Label::Comms.text(lang) }</th>
+                        <th scope="col">{ Label::QueueDepth.text(lang) }</th>
+                        <th scope="col">{ Label::LastHeard.text(lang) }</th>
+                    </tr></thead>
+                    <tbody>
+                        { for detail.other_sites.iter().map(|row| html! {
+                            <OtherSiteRowView key={row.site.to_string()} {lang} ward={props.ward} row={row.clone()} />
+                        }) }
+                    </tbody>
+                </table>
             }
 
             <h3>{ Label::Stock.text(lang) }</h3>
