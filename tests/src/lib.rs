@@ -345,3 +345,4 @@ where
     }
 }
 pub mod asyncapi;
+pub mod proxy;
