@@ -5,7 +5,8 @@
 //! key and the value that is wrong. [`RawConfig::resolve`] turns it into an [`AgentConfig`].
 //!
 //! ```toml
-//! broker = "mqtt://hq.example:1883"
+//! broker = "mqtt://hq.example:1883"   # or mqtts://… with ca_file
+//! ca_file = "/etc/renkei/hq-ca.pem"   # mqtts:// only, then required
 //! ward = 131041                  # or "13104"; the 23 special wards only
 //! site = "nishi-shinjuku-es"     # 1–64 of A–Z a–z 0–9 _ -
 //! name = "西新宿小学校"
@@ -19,6 +20,11 @@
 //! evacuees = 120                 # shelters only
 //! capacity = 450
 //! shelter_state = "open"         # not_open | preparing | open | closed | unknown
+//! outbox_max = "16MiB"           # byte budget of undelivered messages
+//! replay_rate = 10               # backlog messages per second after an outage
+//! disk_reserve = "1MiB"          # free disk never used; reports refused below it
+//! form_listen = "0.0.0.0:8090"   # the staff web form (--form); off by default
+//! form_pin = "…"                 # or RENKEI_AGENT_FORM_PIN
 //! ```
 
 use std::path::{Path, PathBuf};
