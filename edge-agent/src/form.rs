@@ -20,7 +20,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, Form, Path, State};
 use axum::http::StatusCode;
 use axum::response::Html;
-use axum::routing::{get, post};
+use axum::routing::get;
 use clap::Parser;
 use renkei_shared::{Mode, SiteRef};
 use tokio::sync::watch;
@@ -276,7 +276,8 @@ fn value<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
 pub fn router(state: FormState) -> Router {
     Router::new()
         .route("/", get(page))
-        .route("/report/{kind}", post(submit))
+        // GET too: a phone reloading or bookmarking the page after a post gets the forms back.
+        .route("/report/{kind}", get(page).post(submit))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(Arc::new(state))
 }

@@ -1239,6 +1239,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
 
     let (code, page) = http(form_port, "GET", "/", "");
     assert_eq!(code, 200, "{page}");
+    assert_eq!(http(form_port, "GET", "/report/shelter", "").0, 200);
     for text in [
         "避難所状況 / Shelter status",
         "物資要請 / Supply request",
