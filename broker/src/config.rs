@@ -70,6 +70,19 @@ pub struct MqttConfig {
     pub segment_size: ByteSize,
     /// Segments kept per topic filter: memory per filter is at most size × count.
     pub segment_count: usize,
+    /// MQTT 3.1.1 over TLS; served only when `tls_cert_file` and `tls_key_file` are set.
+    pub tls_listen: SocketAddr,
+    /// PEM: the server certificate, then any intermediates.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub tls_key_file: Option<PathBuf>,
+}
+
+impl MqttConfig {
+    /// Whether the MQTTS listener is on.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_cert_file.is_some() && self.tls_key_file.is_some()
+    }
 }
 
 impl Default for MqttConfig {
@@ -87,6 +100,9 @@ impl Default for MqttConfig {
             // gigabyte per filter. See docs/broker.example.toml.
             segment_size: ByteSize(16 * 1024 * 1024),
             segment_count: 4,
+            tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -298,6 +314,30 @@ impl Config {
             return invalid(
                 "mqtt.ws_listen",
                 format!("{} is also mqtt.listen", m.ws_listen),
+            );
+        }
+        match (&m.tls_cert_file, &m.tls_key_file) {
+            (Some(_), None) => {
+                return invalid(
+                    "mqtt.tls_key_file",
+                    "missing: mqtt.tls_cert_file is set, TLS needs both".into(),
+                );
+            }
+            (None, Some(_)) => {
+                return invalid(
+                    "mqtt.tls_cert_file",
+                    "missing: mqtt.tls_key_file is set, TLS needs both".into(),
+                );
+            }
+            _ => {}
+        }
+        if m.tls_enabled()
+            && m.tls_listen.port() != 0
+            && (m.tls_listen == m.listen || m.tls_listen == m.ws_listen)
+        {
+            return invalid(
+                "mqtt.tls_listen",
+                format!("{} is also mqtt.listen or mqtt.ws_listen", m.tls_listen),
             );
         }
         let r = &self.recorder;
@@ -565,6 +605,21 @@ mod tests {
         assert_eq!(
             invalid("[mqtt]\nlisten = \"0.0.0.0:1\"\nws_listen = \"0.0.0.0:1\"\n").0,
             "mqtt.ws_listen"
+        );
+        assert_eq!(
+            invalid("[mqtt]\ntls_cert_file = \"c.pem\"\n").0,
+            "mqtt.tls_key_file"
+        );
+        assert_eq!(
+            invalid("[mqtt]\ntls_key_file = \"k.pem\"\n").0,
+            "mqtt.tls_cert_file"
+        );
+        assert_eq!(
+            invalid(
+                "[mqtt]\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\ntls_listen = \"0.0.0.0:1883\"\n"
+            )
+            .0,
+            "mqtt.tls_listen"
         );
         assert_eq!(
             invalid("[http]\npublic_mqtt_ws_url = \"http://x\"\n").0,

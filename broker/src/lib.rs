@@ -3,7 +3,7 @@
 //! Data flow:
 //!
 //! ```text
-//! agents, dashboards ──MQTT (TCP :1883, WebSocket :8083)──▶ mqtt (embedded rumqttd) ──▶ subscribers
+//! agents, dashboards ──MQTT (TCP :1883, WebSocket :8083, TLS :8883)──▶ mqtt (embedded rumqttd) ──▶ subscribers
 //!                                                              │ in-process link, renkei/v1/#
 //!                                                              ▼
 //!                     ingest: topic → decode → validate → reducer ──▶ live State
@@ -19,8 +19,8 @@
 //! - [`db`]: the SQLite database in the data directory;
 //! - [`auth`]: users, roles and login checks (argon2, cache, lockout), for MQTT and HTTP;
 //! - [`acl`]: what each role may publish and subscribe to;
-//! - [`mqtt`]: rumqttd's router and listeners, readiness probes, the per-connection guard
-//!   that applies [`auth`] and [`acl`];
+//! - [`mqtt`]: rumqttd's router and listeners, the MQTTS relay ([`mqtt::tls`]), readiness
+//!   probes, the per-connection guard that applies [`auth`] and [`acl`];
 //! - [`ingest`]: the in-process consumer that keeps the live state and the JSON mirror;
 //! - [`rules`]: alerts raised and cleared from the live state, published through MQTT so that
 //!   they take the same path as every other message;
@@ -87,35 +87,51 @@ pub enum Error {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Addrs {
     pub mqtt: SocketAddr,
-    pub ws: SocketAddr,
+    /// `None` when there is no MQTT-over-WebSocket listener to point a client at.
+    pub ws: Option<SocketAddr>,
     pub http: SocketAddr,
+    /// The MQTTS listener, when TLS is configured.
+    pub mqtts: Option<SocketAddr>,
 }
 
 impl Addrs {
-    /// The one line the binary prints on stdout once it serves; test harnesses parse it.
+    /// The one line the binary prints on stdout once it serves; test harnesses parse it as
+    /// `key=value` pairs, so optional keys go last.
     pub fn ready_line(&self) -> String {
-        format!(
-            "renkei-broker ready mqtt={} ws={} http={}",
-            self.mqtt, self.ws, self.http
-        )
+        let ws = self
+            .ws
+            .map_or_else(|| "none".to_owned(), |ws| ws.to_string());
+        let mut line = format!(
+            "renkei-broker ready mqtt={} ws={ws} http={}",
+            self.mqtt, self.http
+        );
+        if let Some(mqtts) = self.mqtts {
+            line.push_str(&format!(" mqtts={mqtts}"));
+        }
+        line
     }
 
     /// Reads a [`Addrs::ready_line`] back.
     pub fn from_ready_line(line: &str) -> Option<Addrs> {
         let rest = line.trim_end().strip_prefix("renkei-broker ready ")?;
         let mut fields = rest.split(' ');
-        let mut field = |name: &str| -> Option<SocketAddr> {
-            fields
-                .next()?
-                .strip_prefix(name)?
-                .strip_prefix('=')?
-                .parse()
-                .ok()
+        let mut field =
+            |name: &str| -> Option<&str> { fields.next()?.strip_prefix(name)?.strip_prefix('=') };
+        let mqtt = field("mqtt")?.parse().ok()?;
+        let ws = match field("ws")? {
+            "none" => None,
+            ws => Some(ws.parse().ok()?),
+        };
+        let http = field("http")?.parse().ok()?;
+        let mqtts = match fields.next() {
+            None => None,
+            Some(kv) => Some(kv.strip_prefix("mqtts=")?.parse().ok()?),
         };
         let addrs = Addrs {
-            mqtt: field("mqtt")?,
-            ws: field("ws")?,
-            http: field("http")?,
+            mqtt,
+            ws,
+            http,
+            mqtts,
         };
         fields.next().is_none().then_some(addrs)
     }
@@ -228,13 +244,14 @@ impl Broker {
 
         let addrs = Addrs {
             mqtt: mqtt.tcp_addr,
-            ws: mqtt.ws_addr,
+            ws: Some(mqtt.ws_addr),
             http: http_addr,
+            mqtts: mqtt.tls_addr,
         };
         let app = AppState {
             live,
             metrics,
-            ws_port: addrs.ws.port(),
+            ws_port: mqtt.ws_addr.port(),
             public_mqtt_ws_url: config.http.public_mqtt_ws_url.clone(),
             dashboard_dir: config.http.dashboard_dir.clone(),
             clock: http::system_clock(),
@@ -310,8 +327,9 @@ mod tests {
     fn the_ready_line_round_trips() {
         let addrs = Addrs {
             mqtt: "127.0.0.1:41883".parse().unwrap(),
-            ws: "127.0.0.1:48083".parse().unwrap(),
+            ws: Some("127.0.0.1:48083".parse().unwrap()),
             http: "[::1]:48080".parse().unwrap(),
+            mqtts: None,
         };
         let line = addrs.ready_line();
         assert_eq!(
@@ -321,5 +339,17 @@ mod tests {
         assert_eq!(Addrs::from_ready_line(&format!("{line}\n")), Some(addrs));
         assert_eq!(Addrs::from_ready_line("renkei-broker ready mqtt=x"), None);
         assert_eq!(Addrs::from_ready_line(&format!("{line} extra=1")), None);
+
+        let tls = Addrs {
+            mqtts: Some("0.0.0.0:8883".parse().unwrap()),
+            ws: None,
+            ..addrs
+        };
+        let line = tls.ready_line();
+        assert_eq!(
+            line,
+            "renkei-broker ready mqtt=127.0.0.1:41883 ws=none http=[::1]:48080 mqtts=0.0.0.0:8883"
+        );
+        assert_eq!(Addrs::from_ready_line(&line), Some(tls));
     }
 }

@@ -113,6 +113,9 @@ struct ServeArgs {
     /// MQTT over WebSocket (mqtt.ws_listen); port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
     ws: Option<SocketAddr>,
+    /// MQTT over TLS (mqtt.tls_listen); needs mqtt.tls_cert_file and mqtt.tls_key_file.
+    #[arg(long, value_name = "ADDR")]
+    mqtts: Option<SocketAddr>,
     /// HTTP (http.listen); port 0 picks a free port.
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
@@ -136,6 +139,13 @@ impl ServeArgs {
         }
         if let Some(addr) = self.ws {
             config.mqtt.ws_listen = addr;
+        }
+        if let Some(addr) = self.mqtts {
+            anyhow::ensure!(
+                config.mqtt.tls_enabled(),
+                "--mqtts needs mqtt.tls_cert_file and mqtt.tls_key_file in the config file"
+            );
+            config.mqtt.tls_listen = addr;
         }
         if let Some(addr) = self.http {
             config.http.listen = addr;
@@ -234,7 +244,13 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         stdout.flush()?;
         drop(stdout);
         let addrs = broker.addrs();
-        tracing::info!(mqtt = %addrs.mqtt, ws = %addrs.ws, http = %addrs.http, "serving");
+        tracing::info!(
+            mqtt = %addrs.mqtt,
+            ws = ?addrs.ws,
+            http = %addrs.http,
+            mqtts = ?addrs.mqtts,
+            "serving"
+        );
         broker.serve(shutdown).await?;
         Ok(())
     })

@@ -51,6 +51,9 @@ pub struct Metrics {
     /// Open MQTT connections per listener (shared with the listeners' protocol wrappers).
     pub tcp_connections: Arc<AtomicI64>,
     pub ws_connections: Arc<AtomicI64>,
+    pub tls_connections: Arc<AtomicI64>,
+    /// TLS handshakes that failed or timed out on the MQTTS listener.
+    tls_handshakes_failed: AtomicU64,
 }
 
 impl Metrics {
@@ -140,6 +143,10 @@ impl Metrics {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn tls_handshake_failed(&self) {
+        self.tls_handshakes_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn ingest_skipped(&self, lost: u64) {
         self.ingest_skipped.fetch_add(lost, Ordering::Relaxed);
     }
@@ -169,13 +176,28 @@ impl Metrics {
             "gauge",
             "Open MQTT connections per listener.",
         );
-        for (listener, gauge) in [("tcp", &self.tcp_connections), ("ws", &self.ws_connections)] {
+        for (listener, gauge) in [
+            ("tcp", &self.tcp_connections),
+            ("ws", &self.ws_connections),
+            ("tls", &self.tls_connections),
+        ] {
             let n = gauge.load(Ordering::Relaxed).max(0);
             let _ = writeln!(
                 out,
                 "renkei_mqtt_connections{{listener=\"{listener}\"}} {n}"
             );
         }
+        header(
+            &mut out,
+            "renkei_tls_handshakes_failed_total",
+            "counter",
+            "TLS handshakes on the MQTTS listener that failed or timed out.",
+        );
+        let _ = writeln!(
+            out,
+            "renkei_tls_handshakes_failed_total {}",
+            load(&self.tls_handshakes_failed)
+        );
 
         header(
             &mut out,

@@ -8,6 +8,7 @@ mod burst;
 mod harness;
 mod persistence;
 mod rules;
+mod tls;
 
 use std::process::Command;
 
@@ -145,7 +146,7 @@ async fn dashboard_finds_the_websocket_and_it_speaks_mqtt() {
     );
     assert_eq!(
         config.json()["mqtt_ws_url"],
-        format!("ws://127.0.0.1:{}", addrs.ws.port())
+        format!("ws://127.0.0.1:{}", addrs.ws.unwrap().port())
     );
     assert_eq!(config.json()["auth_required"], false, "demo mode");
     let index = http_get(&addrs, "/").await;
@@ -153,12 +154,12 @@ async fn dashboard_finds_the_websocket_and_it_speaks_mqtt() {
     assert!(index.text().contains("renkei dashboard"));
 
     // A browser's upgrade request: Chromium refuses the socket unless `mqtt` is answered.
-    let mut ws = TcpStream::connect(addrs.ws).await.unwrap();
+    let mut ws = TcpStream::connect(addrs.ws.unwrap()).await.unwrap();
     let request = format!(
         "GET /mqtt HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
          Sec-WebSocket-Protocol: mqtt\r\n\r\n",
-        addrs.ws
+        addrs.ws.unwrap()
     );
     ws.write_all(request.as_bytes()).await.unwrap();
     let mut head = Vec::new();

@@ -15,6 +15,7 @@
 //! ([`probe`]) before it reports the addresses.
 
 pub mod probe;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
@@ -64,6 +65,15 @@ pub enum MqttError {
         addr: SocketAddr,
         reason: String,
     },
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsFileError),
+    /// The MQTTS address cannot be bound.
+    #[error("cannot listen for MQTTS on {addr} (mqtt.tls_listen): {source}")]
+    TlsBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// The listeners did not answer a CONNECT in time.
     #[error("MQTT listeners did not become ready within {READY_TIMEOUT:?}: {last}")]
     NotReady { last: String },
@@ -76,11 +86,13 @@ pub enum MqttError {
     },
 }
 
-/// One of the two MQTT listeners.
+/// One of the MQTT listeners.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Listener {
     Tcp,
     WebSocket,
+    /// The loopback listener behind the MQTTS relay ([`tls`]).
+    Tls,
 }
 
 impl Listener {
@@ -89,6 +101,7 @@ impl Listener {
         match self {
             Listener::Tcp => "mqtt-tcp",
             Listener::WebSocket => "mqtt-ws",
+            Listener::Tls => "mqtt-tls",
         }
     }
 }
@@ -98,6 +111,7 @@ impl std::fmt::Display for Listener {
         f.write_str(match self {
             Listener::Tcp => "TCP",
             Listener::WebSocket => "WebSocket",
+            Listener::Tls => "TLS",
         })
     }
 }
@@ -110,6 +124,10 @@ pub struct Mqtt {
     /// The addresses the listeners use (port 0 already replaced by the port picked).
     pub tcp_addr: SocketAddr,
     pub ws_addr: SocketAddr,
+    /// The MQTTS address, once [`Mqtt::listen`] bound it; `None` without TLS.
+    pub tls_addr: Option<SocketAddr>,
+    /// The MQTTS relay, until [`Mqtt::listen`] starts it.
+    tls: Option<TlsFront>,
     /// Opens in-process links; holds the router's channel, whose type rumqttd does not export.
     links: Arc<LinkFactory>,
     /// Listeners built but not yet started.
@@ -126,8 +144,19 @@ impl std::fmt::Debug for Mqtt {
         f.debug_struct("Mqtt")
             .field("tcp_addr", &self.tcp_addr)
             .field("ws_addr", &self.ws_addr)
+            .field("tls_addr", &self.tls_addr)
             .finish_non_exhaustive()
     }
+}
+
+/// What the MQTTS relay needs to start.
+struct TlsFront {
+    listen: SocketAddr,
+    identity: tls::TlsIdentity,
+    /// The loopback rumqttd listener it relays to.
+    backend: SocketAddr,
+    handshake_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Mqtt {
@@ -140,21 +169,36 @@ impl Mqtt {
     ) -> Result<Mqtt, MqttError> {
         let tcp_addr = resolve_port(config.listen)?;
         let ws_addr = resolve_port(config.ws_listen)?;
+        // Read before anything starts: a bad file is a start-up error, not a failed handshake.
+        let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsFront {
+                listen: config.tls_listen,
+                identity: tls::TlsIdentity::load(cert, key)?,
+                backend: resolve_port(SocketAddr::from(([127, 0, 0, 1], 0)))?,
+                handshake_timeout: config.connect_timeout.0,
+                metrics: metrics.clone(),
+            }),
+            _ => None,
+        };
         let router_tx = Router::new(0, router_config(config)).spawn();
-        let pending = [
+        let mut listeners = vec![
             (Listener::Tcp, tcp_addr, &metrics.tcp_connections),
             (Listener::WebSocket, ws_addr, &metrics.ws_connections),
-        ]
-        .into_iter()
-        .map(|(listener, addr, gauge)| {
-            let server = Server::new(
-                server_settings(config, listener, addr, auth),
-                router_tx.clone(),
-                Guard::listening(gauge.clone(), auth.clone(), metrics.clone()),
-            );
-            (listener, addr, server)
-        })
-        .collect();
+        ];
+        if let Some(front) = &tls {
+            listeners.push((Listener::Tls, front.backend, &metrics.tls_connections));
+        }
+        let pending = listeners
+            .into_iter()
+            .map(|(listener, addr, gauge)| {
+                let server = Server::new(
+                    server_settings(config, listener, addr, auth),
+                    router_tx.clone(),
+                    Guard::listening(gauge.clone(), auth.clone(), metrics.clone()),
+                );
+                (listener, addr, server)
+            })
+            .collect();
         let links: Arc<LinkFactory> = Arc::new(move |client_id: &str| {
             LinkBuilder::new(client_id, router_tx.clone())
                 .build()
@@ -165,6 +209,8 @@ impl Mqtt {
         Ok(Mqtt {
             tcp_addr,
             ws_addr,
+            tls_addr: None,
+            tls,
             links,
             pending,
             stopped_tx,
@@ -179,14 +225,59 @@ impl Mqtt {
         (self.links)(&client_id).map_err(|source| MqttError::Link { client_id, source })
     }
 
-    /// Starts the listeners and returns once both answer an MQTT CONNECT.
+    /// Starts the listeners and returns once each answers an MQTT CONNECT (MQTTS through a
+    /// real TLS handshake).
     pub async fn listen(&mut self) -> Result<(), MqttError> {
         for (listener, addr, server) in self.pending.drain(..) {
             spawn_listener(listener, addr, server, self.stopped_tx.clone())?;
         }
+        let mut probes = vec![
+            probe::Target::Tcp(self.tcp_addr),
+            probe::Target::WebSocket(self.ws_addr),
+        ];
+        if let Some(front) = self.tls.take() {
+            let addr = front.listen;
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| MqttError::TlsBind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| MqttError::TlsBind { addr, source })?;
+            let connector = front
+                .identity
+                .probe_client()
+                .map_err(|e| MqttError::TlsBind {
+                    addr,
+                    source: std::io::Error::other(e),
+                })?;
+            probes.push(probe::Target::Tcp(front.backend));
+            probes.push(probe::Target::Tls(probe::reachable(bound), connector));
+            let stopped = self.stopped_tx.clone();
+            tokio::spawn(async move {
+                let e = tls::relay(
+                    listener,
+                    front.identity,
+                    front.backend,
+                    front.handshake_timeout,
+                    front.metrics,
+                )
+                .await;
+                let _ = stopped.send(MqttError::ListenerStopped {
+                    listener: Listener::Tls,
+                    addr: bound,
+                    reason: e.to_string(),
+                });
+            });
+            self.tls_addr = Some(bound);
+        }
         let connect = probe::connect_packet(crate::auth::PROBE_USER, self.auth.probe_password());
-        wait_until_ready(self.tcp_addr, self.ws_addr, &connect, &mut self.stopped).await?;
-        tracing::info!(tcp = %self.tcp_addr, ws = %self.ws_addr, "MQTT listeners ready");
+        wait_until_ready(probes, &connect, &mut self.stopped).await?;
+        tracing::info!(
+            tcp = %self.tcp_addr,
+            ws = %self.ws_addr,
+            tls = ?self.tls_addr,
+            "MQTT listeners ready"
+        );
         Ok(())
     }
 
@@ -316,7 +407,7 @@ fn spawn_listener(
     stopped: mpsc::UnboundedSender<MqttError>,
 ) -> Result<(), MqttError> {
     let link_type = match listener {
-        Listener::Tcp => LinkType::Remote,
+        Listener::Tcp | Listener::Tls => LinkType::Remote,
         Listener::WebSocket => LinkType::Websocket,
     };
     std::thread::Builder::new()
@@ -345,34 +436,27 @@ fn spawn_listener(
 }
 
 async fn wait_until_ready(
-    tcp_addr: SocketAddr,
-    ws_addr: SocketAddr,
+    mut targets: Vec<probe::Target>,
     connect: &[u8],
     stopped: &mut mpsc::UnboundedReceiver<MqttError>,
 ) -> Result<(), MqttError> {
     let deadline = Instant::now() + READY_TIMEOUT;
-    let mut tcp_ready = false;
-    let mut ws_ready = false;
     loop {
         if let Ok(e) = stopped.try_recv() {
             return Err(e);
         }
         let mut last = String::new();
-        if !tcp_ready {
-            match probe::tcp(tcp_addr, connect).await {
-                Ok(()) => tcp_ready = true,
-                Err(e) => last = format!("TCP {tcp_addr}: {e}"),
+        let mut waiting = Vec::new();
+        for target in targets {
+            if let Err(e) = target.probe(connect).await {
+                last = format!("{target}: {e}");
+                waiting.push(target);
             }
         }
-        if !ws_ready {
-            match probe::websocket(ws_addr, connect).await {
-                Ok(()) => ws_ready = true,
-                Err(e) => last = format!("WebSocket {ws_addr}: {e}"),
-            }
-        }
-        if tcp_ready && ws_ready {
+        if waiting.is_empty() {
             return Ok(());
         }
+        targets = waiting;
         if Instant::now() >= deadline {
             return Err(MqttError::NotReady { last });
         }

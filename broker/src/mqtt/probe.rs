@@ -4,14 +4,61 @@
 //! protocol, authentication and the router answer. The probe logs in as the process's own
 //! probe user ([`crate::auth::PROBE_USER`], a name no stored user can have, with a password
 //! made at start). The packets are a few bytes built here and the WebSocket framing is the few
-//! lines a client needs, so no MQTT or WebSocket client library is linked for this.
+//! lines a client needs, so no MQTT or WebSocket client library is linked for this. The MQTTS
+//! probe runs the same CONNECT through a real TLS handshake that pins the configured
+//! certificate ([`super::tls`]).
 
 use std::io::{Error, ErrorKind, Result};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// A listener to probe.
+pub enum Target {
+    Tcp(SocketAddr),
+    WebSocket(SocketAddr),
+    Tls(SocketAddr, TlsConnector),
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Tcp(addr) => write!(f, "TCP {addr}"),
+            Target::WebSocket(addr) => write!(f, "WebSocket {addr}"),
+            Target::Tls(addr, _) => write!(f, "MQTTS {addr}"),
+        }
+    }
+}
+
+impl Target {
+    pub async fn probe(&self, connect: &[u8]) -> Result<()> {
+        match self {
+            Target::Tcp(addr) => tcp(*addr, connect).await,
+            Target::WebSocket(addr) => websocket(*addr, connect).await,
+            Target::Tls(addr, connector) => tls(*addr, connector, connect).await,
+        }
+    }
+}
+
+/// Where to reach a listener bound to `addr` from this host: a wildcard address is reached on
+/// loopback.
+pub fn reachable(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
+}
 
 /// How long one probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -39,14 +86,32 @@ const DISCONNECT: [u8; 2] = [0xe0, 0x00];
 pub async fn tcp(addr: SocketAddr, connect: &[u8]) -> Result<()> {
     within_timeout(async {
         let mut stream = TcpStream::connect(addr).await?;
-        stream.write_all(connect).await?;
-        let mut connack = [0u8; 4];
-        stream.read_exact(&mut connack).await?;
-        check_connack(&connack)?;
-        stream.write_all(&DISCONNECT).await?;
-        wait_for_close(&mut stream).await
+        connect_disconnect(&mut stream, connect).await
     })
     .await
+}
+
+/// Probes the MQTTS listener: TLS handshake, then CONNECT → CONNACK → DISCONNECT inside.
+pub async fn tls(addr: SocketAddr, connector: &TlsConnector, connect: &[u8]) -> Result<()> {
+    within_timeout(async {
+        let mut stream = super::tls::connect(addr, connector).await?;
+        connect_disconnect(&mut stream, connect).await
+    })
+    .await
+}
+
+async fn connect_disconnect(
+    stream: &mut (impl AsyncRead + AsyncWrite + Unpin),
+    connect: &[u8],
+) -> Result<()> {
+    stream.write_all(connect).await?;
+    stream.flush().await?;
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).await?;
+    check_connack(&connack)?;
+    stream.write_all(&DISCONNECT).await?;
+    stream.flush().await?;
+    wait_for_close(stream).await
 }
 
 /// Probes the MQTT-over-WebSocket listener, checking that it answers the subprotocol `mqtt`
@@ -96,10 +161,18 @@ async fn within_timeout(probe: impl Future<Output = Result<()>>) -> Result<()> {
 
 /// Lets the broker close the connection after DISCONNECT: closing first races the router's
 /// own clean-up, which rumqttd then logs as an error.
-async fn wait_for_close(stream: &mut TcpStream) -> Result<()> {
+async fn wait_for_close(stream: &mut (impl AsyncRead + Unpin)) -> Result<()> {
     let mut sink = [0u8; 64];
-    while stream.read(&mut sink).await? > 0 {}
-    Ok(())
+    loop {
+        match stream.read(&mut sink).await {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            // A TLS peer that closes without close_notify: the relay drops the connection
+            // when rumqttd does, which is the close this waits for.
+            Err(e) if e.kind() == ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 fn check_connack(packet: &[u8]) -> Result<()> {

@@ -1,0 +1,240 @@
+//! MQTTS: certificates made here with rcgen, clients that trust (or do not trust) their CA:
+//! rumqttc over rustls (ring) and Mosquitto's `mosquitto_sub --cafile`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use renkei_shared::{Topic, encode, sample};
+use rumqttc::{MqttOptions, QoS, TlsConfiguration, Transport};
+use tokio::net::TcpStream;
+
+use crate::harness::{self, MqttClient, PASSWORD, RunningBroker, eventually, http_get_as, metric};
+
+const ROOT: Option<(&str, &str)> = Some(("root", PASSWORD));
+
+/// A CA and a server certificate it signed for `localhost` and 127.0.0.1, as PEM files.
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn make_pki(dir: &Path, name: &str) -> Pki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let pki = Pki {
+        ca: dir.join(format!("{name}-ca.pem")),
+        cert: dir.join(format!("{name}-cert.pem")),
+        key: dir.join(format!("{name}-key.pem")),
+    };
+    std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
+    std::fs::write(&pki.cert, cert.pem()).unwrap();
+    std::fs::write(&pki.key, key.serialize_pem()).unwrap();
+    pki
+}
+
+fn tls_config(pki: &Pki) -> String {
+    format!(
+        "[mqtt]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+        pki.cert.display().to_string(),
+        pki.key.display().to_string()
+    )
+}
+
+/// rumqttc options for the MQTTS port, trusting only `ca`.
+fn tls_options(port: u16, user: &str, ca: &Path) -> MqttOptions {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile_certs(ca) {
+        roots.add(cert).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let mut options = MqttOptions::new(user, "localhost", port);
+    options.set_credentials(user, PASSWORD);
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(config),
+    )));
+    options
+}
+
+fn rustls_pemfile_certs(path: &Path) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject as _;
+    rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_publishes_over_mqtts_and_an_untrusting_client_is_refused() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(pki_dir.path(), "renkei");
+    let stranger = make_pki(pki_dir.path(), "stranger");
+    let broker = RunningBroker::start_in(
+        harness::with_users(&tls_config(&pki)),
+        &["--mqtts", "127.0.0.1:0"],
+    );
+    let addrs = broker.addrs;
+    let mqtts = addrs
+        .mqtts
+        .expect("the ready line names the MQTTS listener");
+    assert_ne!(mqtts.port(), 0);
+
+    // A connection that never starts its handshake must not hold up the others.
+    let _idle = TcpStream::connect(mqtts).await.unwrap();
+
+    let agent = MqttClient::try_connect(tls_options(mqtts.port(), "agent-nishi", &pki.ca))
+        .await
+        .expect("agent-nishi connects over TLS");
+    let status = sample::status();
+    let topic = Topic::of(&status).unwrap().to_string();
+    agent
+        .client
+        .publish(&topic, QoS::AtLeastOnce, true, encode(&status).unwrap())
+        .await
+        .unwrap();
+    eventually("the state to show the site", || async {
+        let state = http_get_as(&addrs, "/api/v1/state", ROOT).await.json();
+        let sites = state["sites"].as_array()?.len();
+        (sites == 1).then_some(())
+    })
+    .await;
+
+    // The guard behind TLS is the same: a wrong password and a forbidden topic are refused.
+    let mut wrong = tls_options(mqtts.port(), "agent-nishi", &pki.ca);
+    wrong.set_credentials("agent-nishi", "wrong");
+    assert!(MqttClient::try_connect(wrong).await.is_err());
+
+    // A client that trusts another CA refuses the broker's certificate.
+    let refused =
+        MqttClient::try_connect(tls_options(mqtts.port(), "agent-nishi", &stranger.ca)).await;
+    let Err(error) = refused else {
+        panic!("a client that does not trust the CA connected")
+    };
+    assert!(
+        error.to_lowercase().contains("certificate") || error.to_lowercase().contains("tls"),
+        "{error}"
+    );
+    let text = http_get_as(&addrs, "/metrics", ROOT).await.text();
+    assert!(
+        metric(&text, "renkei_tls_handshakes_failed_total").unwrap_or(0) >= 1,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "renkei_mqtt_connections{listener=\"tls\"}"),
+        Some(1),
+        "the agent's connection, and not the idle one, counts on the TLS listener"
+    );
+
+    // Mosquitto's client over TLS reads the retained JSON mirror as HQ.
+    let mirror = Topic::of(&status).unwrap().json();
+    let out = mosquitto_sub(mqtts.port(), &pki.ca, "sato", &mirror);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["header"]["seq"], status.header.seq);
+    // …and refuses a server its CA file does not vouch for.
+    let out = mosquitto_sub(mqtts.port(), &stranger.ca, "sato", &mirror);
+    assert!(!out.status.success(), "mosquitto_sub trusting another CA");
+
+    // The plain listener still serves alongside.
+    let _plain = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    assert!(broker.terminate().success());
+}
+
+fn mosquitto_sub(port: u16, ca: &Path, user: &str, topic: &str) -> std::process::Output {
+    Command::new("timeout")
+        .args(["10", "mosquitto_sub", "-h", "localhost", "-p"])
+        .arg(port.to_string())
+        .arg("--cafile")
+        .arg(ca)
+        .args([
+            "-u", user, "-P", PASSWORD, "-t", topic, "-C", "1", "-W", "5",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Runs `serve` with `config` and returns its exit status and stderr (it must not start).
+fn start_fails(config: &str) -> String {
+    let dir = harness::prepare();
+    harness::write_config(dir.path(), config);
+    let out = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
+        .args(["serve", "--mqtt", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
+        .args([
+            "--http",
+            "127.0.0.1:0",
+            "--mqtts",
+            "127.0.0.1:0",
+            "--config",
+        ])
+        .arg(dir.path().join(harness::CONFIG))
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the broker started with {config}");
+    assert!(out.stdout.is_empty(), "no ready line");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_certificate_files_stop_the_start_with_the_key_and_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path(), "renkei");
+    let other = make_pki(dir.path(), "other");
+
+    let missing = dir.path().join("missing.pem");
+    let stderr = start_fails(&format!(
+        "[mqtt]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+        missing.display().to_string(),
+        pki.key.display().to_string()
+    ));
+    assert!(stderr.contains("mqtt.tls_cert_file"), "{stderr}");
+    assert!(stderr.contains("missing.pem"), "{stderr}");
+
+    // A key that does not belong to the certificate.
+    let stderr = start_fails(&format!(
+        "[mqtt]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+        pki.cert.display().to_string(),
+        other.key.display().to_string()
+    ));
+    assert!(stderr.contains("mqtt.tls_key_file"), "{stderr}");
+    assert!(stderr.contains("other-key.pem"), "{stderr}");
+
+    // A certificate file that holds only a key.
+    let stderr = start_fails(&format!(
+        "[mqtt]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
+        pki.key.display().to_string(),
+        pki.key.display().to_string()
+    ));
+    assert!(stderr.contains("mqtt.tls_cert_file"), "{stderr}");
+
+    // --mqtts without a certificate.
+    let stderr = start_fails("");
+    assert!(stderr.contains("--mqtts"), "{stderr}");
+}
