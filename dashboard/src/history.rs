@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 
-use renkei_shared::{Body, Envelope, Mode, SiteRef, Timestamp};
+use renkei_shared::{Mode, SiteRef, Timestamp};
 use serde::Deserialize;
 
 use crate::i18n::clock_jst;
@@ -88,12 +88,36 @@ struct Answer {
 
 #[derive(Deserialize)]
 struct Event {
+    /// `null` where the broker could not read its own row.
     envelope: serde_json::Value,
+}
+
+/// The fields of a recorded envelope the chart reads. Reading only these, not the whole
+/// [`renkei_shared::Envelope`], keeps a JSON reader for every message type out of the wasm.
+#[derive(Deserialize)]
+struct Recorded {
+    header: RecordedHeader,
+    /// `{"shelter": {...}}` for a shelter report; any other kind is skipped.
+    body: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct RecordedHeader {
+    boot: u32,
+    seq: u64,
+    sent_at: Timestamp,
+    mode: Mode,
+}
+
+#[derive(Deserialize)]
+struct RecordedShelter {
+    evacuees: Option<u32>,
+    capacity: Option<u32>,
 }
 
 /// The shelter reports of `mode`'s world in an API answer, in the order they were sent.
 ///
-/// The recorder keeps every world, so drills are filtered out here. An envelope that does not
+/// The recorder keeps every world, so drills are filtered out here. A report that does not
 /// read is skipped rather than failing the chart; the same report recorded twice counts once.
 pub fn points(body: &str, mode: Mode) -> Result<Vec<Point>, HistoryError> {
     let answer: Answer =
@@ -102,20 +126,22 @@ pub fn points(body: &str, mode: Mode) -> Result<Vec<Point>, HistoryError> {
     let mut points: Vec<(u32, u64, Point)> = answer
         .events
         .into_iter()
-        .filter_map(|e| serde_json::from_value::<Envelope>(e.envelope).ok())
+        .filter_map(|e| Recorded::deserialize(&e.envelope).ok())
         .filter(|env| env.header.mode == mode)
         .filter(|env| seen.insert((env.header.boot, env.header.seq)))
-        .filter_map(|env| match env.body {
-            Body::Shelter(s) => Some((
-                env.header.boot,
-                env.header.seq,
+        .filter_map(|env| {
+            let shelter = env.body.get("shelter")?;
+            let s = RecordedShelter::deserialize(shelter).ok()?;
+            let h = env.header;
+            Some((
+                h.boot,
+                h.seq,
                 Point {
-                    at: env.header.sent_at,
+                    at: h.sent_at,
                     evacuees: s.evacuees,
                     capacity: s.capacity,
                 },
-            )),
-            _ => None,
+            ))
         })
         .collect();
     points.sort_by_key(|&(boot, seq, p)| (p.at, boot, seq));
@@ -277,7 +303,7 @@ pub fn plot_area() -> (f64, f64, f64, f64) {
 
 #[cfg(test)]
 mod tests {
-    use renkei_shared::{Id, WardCode, sample};
+    use renkei_shared::{Body, Envelope, Id, WardCode, sample};
 
     use super::*;
 
@@ -311,6 +337,13 @@ mod tests {
             shelter(Some(30), 3, 30),
             sample::status(),
         ]);
+        // A row the broker could not read comes as null and is skipped.
+        let body = body.replacen(
+            r#""events":["#,
+            r#""events":[{"received_at":0,"envelope":null},"#,
+            1,
+        );
+        assert!(body.contains("null"));
         let points = points(&body, Mode::Actual).unwrap();
         let evacuees: Vec<_> = points.iter().map(|p| p.evacuees).collect();
         assert_eq!(evacuees, [Some(10), Some(30)]);
