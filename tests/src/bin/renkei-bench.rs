@@ -58,6 +58,11 @@ enum Cmd {
         /// Give up on a run when nothing arrives for this many seconds.
         #[arg(long, default_value_t = 20)]
         idle_timeout_s: u64,
+        /// Total publish rate in messages per second, spread over the publishers (default: as
+        /// fast as the brokers take them). A paced run measures latency at a realistic load; an
+        /// unpaced one measures throughput, and its latencies are queueing.
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// Serve bare rumqttd (Renkei's router settings, no Renkei layer) on a port.
     BareRumqttd {
@@ -101,34 +106,31 @@ fn main() -> Result<()> {
             messages,
             runs,
             idle_timeout_s,
+            rate,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(load(
-                targets,
-                publishers,
-                messages,
-                runs,
-                Duration::from_secs(idle_timeout_s),
-            ))
+            let idle = Duration::from_secs(idle_timeout_s);
+            rt.block_on(load(targets, publishers, messages, runs, idle, rate))
         }
     }
 }
 
 fn bare_rumqttd(port: u16) -> Result<()> {
-    // The same router limits renkei-broker configures (1 MiB × 10 segments, 100 in flight).
+    // The same router limits renkei-broker configures by default (16 MiB × 4 segments per
+    // filter log, 100 in flight, 5,000 connections), so the difference is the Renkei layer.
     let config = format!(
         r#"
 id = 0
 [router]
 id = 0
-max_connections = 10010
+max_connections = 5000
 max_outgoing_packet_count = 200
-max_segment_size = 1048576
-max_segment_count = 10
+max_segment_size = 16777216
+max_segment_count = 4
 [v4.1]
 name = "v4-1"
 listen = "127.0.0.1:{port}"
-next_connection_delay_ms = 1
+next_connection_delay_ms = 0
     [v4.1.connections]
     connection_timeout_ms = 60000
     max_payload_size = 20480
@@ -270,18 +272,22 @@ async fn load(
     messages: u64,
     runs: usize,
     idle: Duration,
+    rate: Option<f64>,
 ) -> Result<()> {
     let size = message(0, 1)?.1.len();
+    let pace = rate.map_or("unpaced".to_owned(), |r| {
+        format!("paced at {r:.0} msg/s in all")
+    });
     println!(
         "load: {publishers} publishers x {messages} QoS 1 messages of {size} B (retained status \
-         reports), one QoS 1 subscriber to renkei/v1/#, {runs} runs per target"
+         reports), {pace}, one QoS 1 subscriber to renkei/v1/#, {runs} runs per target"
     );
     let mut all: HashMap<Target, Vec<RunResult>> = HashMap::new();
     for run in 1..=runs {
         // Interleave targets so that machine noise falls on all of them alike.
         for &target in &targets {
             let server = start(target)?;
-            let result = one_run(server.port, publishers, messages, idle).await?;
+            let result = one_run(server.port, publishers, messages, idle, rate).await?;
             println!(
                 "run {run} {target:?}: {:.0} msg/s delivered {}/{} dup {} in {:.2}s, latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
                 result.rate(),
@@ -326,7 +332,13 @@ async fn load(
     Ok(())
 }
 
-async fn one_run(port: u16, publishers: usize, messages: u64, idle: Duration) -> Result<RunResult> {
+async fn one_run(
+    port: u16,
+    publishers: usize,
+    messages: u64,
+    idle: Duration,
+    rate: Option<f64>,
+) -> Result<RunResult> {
     let expected = publishers as u64 * messages;
     let start = Instant::now();
     // Publish times in µs since `start`, per publisher and sequence (seq starts at 1).
@@ -435,7 +447,17 @@ async fn one_run(port: u16, publishers: usize, messages: u64, idle: Duration) ->
                 }
                 acks
             });
+            // Each publisher's share of the total rate, started at a spread-out phase so the
+            // publishers do not fire in lockstep.
+            let mut pacer = rate.map(|r| {
+                let period = Duration::from_secs_f64(publishers as f64 / r);
+                let phase = period.mul_f64((p as f64 * 0.618_033_988_7) % 1.0);
+                tokio::time::interval_at(tokio::time::Instant::now() + phase, period)
+            });
             for seq in 1..=messages {
+                if let Some(pacer) = pacer.as_mut() {
+                    pacer.tick().await;
+                }
                 let Ok((topic, payload)) = message(p, seq) else {
                     continue;
                 };
