@@ -44,6 +44,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub recorder: RecorderConfig,
     pub rules: RulesConfig,
+    pub external: ExternalConfig,
     /// Demo mode: anonymous clients allowed (see [`crate::auth`]). Set only by `serve --demo`,
     /// never from a file, so that a copied configuration cannot open a production broker.
     #[serde(skip)]
@@ -232,6 +233,39 @@ impl Default for RulesConfig {
     }
 }
 
+/// External-broker mode: recorder, rules and HTTP against a broker run elsewhere (a cluster),
+/// instead of the embedded one (see [`crate::external`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExternalConfig {
+    /// `mqtt://HOST[:PORT]`; set, it turns the mode on and the embedded listeners off.
+    pub broker: Option<String>,
+    /// The broker's MQTT-over-WebSocket URL for browsers (`ws://…` or `wss://…`), when it has one.
+    pub ws_url: Option<String>,
+    /// Login at the external broker; the password is the first line of `password_file`.
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Stable, unique per instance: the external broker keeps this session's subscription
+    /// and queues its QoS 1 messages while the instance is away.
+    pub client_id: String,
+    /// Shared-subscription group (`$share/GROUP/renkei/v1/#`): instances in one group split
+    /// the stream. Empty: a plain subscription, every instance gets every message.
+    pub share_group: String,
+}
+
+impl Default for ExternalConfig {
+    fn default() -> Self {
+        ExternalConfig {
+            broker: None,
+            ws_url: None,
+            user: None,
+            password_file: None,
+            client_id: "renkei-broker".into(),
+            share_group: "renkei".into(),
+        }
+    }
+}
+
 impl Config {
     /// Reads `path`, or returns the defaults when there is none.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -338,6 +372,35 @@ impl Config {
             return invalid(
                 "mqtt.tls_listen",
                 format!("{} is also mqtt.listen or mqtt.ws_listen", m.tls_listen),
+            );
+        }
+        let x = &self.external;
+        if let Some(url) = &x.broker
+            && let Err(message) = crate::external::parse_url(url)
+        {
+            return invalid("external.broker", message);
+        }
+        if let Some(url) = &x.ws_url
+            && !(url.starts_with("ws://") || url.starts_with("wss://"))
+        {
+            return invalid(
+                "external.ws_url",
+                format!("{url:?} is not a ws:// or wss:// URL"),
+            );
+        }
+        if x.password_file.is_some() && x.user.is_none() {
+            return invalid(
+                "external.user",
+                "missing: external.password_file is set".into(),
+            );
+        }
+        if x.client_id.is_empty() || x.client_id.len() > 23 * 4 {
+            return invalid("external.client_id", "must be 1 to 92 bytes".into());
+        }
+        if x.share_group.contains(['/', '+', '#']) {
+            return invalid(
+                "external.share_group",
+                format!("{:?} may not contain / + #", x.share_group),
             );
         }
         let r = &self.recorder;

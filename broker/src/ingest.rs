@@ -1,6 +1,8 @@
-//! The in-process consumer of every Renkei message.
+//! The consumer of every Renkei message.
 //!
-//! It holds a rumqttd link subscribed to `renkei/v1/#` and, for each publish: parses the topic,
+//! Its source is a rumqttd link subscribed to `renkei/v1/#` (embedded broker), or the messages
+//! an external broker delivers to [`crate::external`]; both feed [`Pipeline::handle`], which
+//! for each publish: parses the topic,
 //! decodes the payload, checks that the message belongs on that topic, applies it to the live
 //! [`State`], hands it to the [`crate::recorder`] and, if it changed the state (or is a
 //! command, which carries none), re-publishes it as JSON on the mirror topic for integrators.
@@ -8,10 +10,12 @@
 //! reason so that one broken sender cannot flood the log.
 //!
 //! rumqttd's link API is blocking (its router is a thread fed by channels), so ingest runs on a
-//! thread of its own rather than on the async runtime that serves HTTP.
+//! thread of its own rather than on the async runtime that serves HTTP; so does the external
+//! source, whose client runs its own event loop thread.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,10 +25,11 @@ use renkei_shared::validate::validate_for_topic;
 use renkei_shared::{BodyKind, Change, Envelope, Scope, State, Topic, decode};
 use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish};
 use tokio::sync::oneshot;
 
+use crate::external::Incoming;
 use crate::metrics::Metrics;
+use crate::mqtt::Publisher;
 use crate::recorder::{Record, RecorderTx};
 use crate::rules::Trigger;
 
@@ -48,6 +53,8 @@ pub enum IngestError {
     Link(Box<LinkError>),
     #[error("the router disconnected the ingest link")]
     Disconnected,
+    #[error("the external broker's client stopped")]
+    ExternalGone,
     #[error("cannot start the ingest thread: {0}")]
     Thread(std::io::Error),
 }
@@ -109,37 +116,73 @@ pub struct Ingest {
     failed: Option<oneshot::Receiver<IngestError>>,
 }
 
+/// What every source hands each message to.
+#[derive(Debug)]
+pub struct Setup {
+    pub state: LiveState,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Option<RecorderTx>,
+    /// Woken when a site's state changed.
+    pub rules: Option<Trigger>,
+}
+
 impl Ingest {
-    /// Subscribes `link` to every Renkei message and starts consuming.
+    /// Subscribes `link` (embedded broker) to every Renkei message and starts consuming.
     ///
     /// The subscription is sent before this returns, so a listener started afterwards cannot
     /// deliver a message that ingest misses.
-    pub fn start(
-        link: (LinkTx, LinkRx),
-        state: LiveState,
-        metrics: Arc<Metrics>,
-        recorder: Option<RecorderTx>,
-        rules: Option<Trigger>,
-    ) -> Result<Ingest, IngestError> {
+    pub fn start(link: (LinkTx, LinkRx), setup: Setup) -> Result<Ingest, IngestError> {
         let (mut tx, rx) = link;
         tx.subscribe(topic::ALL)?;
+        let mirror = Publisher::Embedded { tx, _rx: None };
+        Ingest::spawn(move |stop| {
+            let consumer = Consumer {
+                rx,
+                pipeline: Pipeline::new(setup, mirror),
+                next_offset: None,
+                stop,
+            };
+            consumer.run()
+        })
+    }
+
+    /// Consumes what an external broker delivers (see [`crate::external`]), mirroring through
+    /// `client`, and acknowledges each message once handled.
+    pub fn start_external(
+        incoming: std::sync::mpsc::Receiver<Incoming>,
+        client: rumqttc::AsyncClient,
+        setup: Setup,
+    ) -> Result<Ingest, IngestError> {
+        Ingest::spawn(move |stop| {
+            let mut pipeline = Pipeline::new(setup, Publisher::External(client.clone()));
+            while !stop.load(Ordering::Relaxed) {
+                let message = match incoming.recv_timeout(STOP_POLL) {
+                    Ok(message) => message,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return Err(IngestError::ExternalGone),
+                };
+                pipeline.handle(message.publish.topic.as_bytes(), &message.publish.payload);
+                // Acknowledged once handed to the recorder's queue, as the embedded path
+                // takes a message off the router's log: the broker redelivers what was not
+                // acknowledged when the connection drops, and the recorder keeps it once.
+                if let Err(e) = futures::executor::block_on(client.ack(&message.publish)) {
+                    tracing::debug!(error = %e, "cannot acknowledge: the client is stopping");
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn spawn(
+        body: impl FnOnce(Arc<AtomicBool>) -> Result<(), IngestError> + Send + 'static,
+    ) -> Result<Ingest, IngestError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (failed_tx, failed) = oneshot::channel();
-        let consumer = Consumer {
-            tx,
-            rx,
-            state,
-            metrics,
-            recorder,
-            rules,
-            next_offset: None,
-            log: LogLimiter::new(LOG_LINES_PER_SECOND, Duration::from_secs(1)),
-            stop: stop.clone(),
-        };
+        let thread_stop = stop.clone();
         let thread = std::thread::Builder::new()
             .name("renkei-ingest".into())
             .spawn(move || {
-                if let Err(e) = consumer.run() {
+                if let Err(e) = body(thread_stop) {
                     tracing::error!(error = %e, "ingest stopped");
                     let _ = failed_tx.send(e);
                 }
@@ -173,17 +216,12 @@ impl Ingest {
     }
 }
 
+/// The embedded broker's source: ingest's rumqttd link.
 struct Consumer {
-    tx: LinkTx,
     rx: LinkRx,
-    state: LiveState,
-    metrics: Arc<Metrics>,
-    recorder: Option<RecorderTx>,
-    /// Woken when a site's state changed.
-    rules: Option<Trigger>,
+    pipeline: Pipeline,
     /// The offset in the router's `renkei/v1/#` log of the next message ingest expects.
     next_offset: Option<u64>,
-    log: LogLimiter,
     stop: Arc<AtomicBool>,
 }
 
@@ -199,7 +237,8 @@ impl Consumer {
             match notification {
                 Notification::Forward(forward) => {
                     self.check_offset(forward.cursor);
-                    self.on_publish(&forward.publish);
+                    self.pipeline
+                        .handle(&forward.publish.topic, &forward.publish.payload);
                 }
                 // The router stops forwarding to a link whose buffer filled up until the link
                 // says it is ready again; by now everything before this marker was taken.
@@ -227,7 +266,7 @@ impl Consumer {
             && offset > expected
         {
             let lost = offset - expected;
-            self.metrics.ingest_skipped(lost);
+            self.pipeline.metrics.ingest_skipped(lost);
             tracing::error!(
                 lost,
                 from_offset = expected,
@@ -238,10 +277,40 @@ impl Consumer {
         }
         self.next_offset = Some(offset + 1);
     }
+}
 
-    fn on_publish(&mut self, publish: &Publish) {
+/// Decode, validate, apply, record, mirror: the one path of every message, whatever its source.
+pub struct Pipeline {
+    state: LiveState,
+    metrics: Arc<Metrics>,
+    recorder: Option<RecorderTx>,
+    rules: Option<Trigger>,
+    mirror: Publisher,
+    log: LogLimiter,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline").finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    pub fn new(setup: Setup, mirror: Publisher) -> Pipeline {
+        Pipeline {
+            state: setup.state,
+            metrics: setup.metrics,
+            recorder: setup.recorder,
+            rules: setup.rules,
+            mirror,
+            log: LogLimiter::new(LOG_LINES_PER_SECOND, Duration::from_secs(1)),
+        }
+    }
+
+    /// Handles one publish received on `topic`.
+    pub fn handle(&mut self, topic: &[u8], payload: &[u8]) {
         let received_at = crate::http::now();
-        match process(&self.state, &publish.topic, &publish.payload) {
+        match process(&self.state, topic, payload) {
             Ok(accepted) => {
                 self.metrics
                     .accepted(accepted.envelope.body.kind(), &accepted.change);
@@ -265,29 +334,29 @@ impl Consumer {
                         received_at,
                         topic: accepted.topic,
                         envelope: Box::new(accepted.envelope),
-                        payload: publish.payload.to_vec(),
+                        payload: payload.to_vec(),
                     });
                 }
             }
             Err(rejection) => {
                 self.metrics.rejected(rejection.reason);
                 if let Some(recorder) = &self.recorder {
-                    let topic = String::from_utf8_lossy(&publish.topic);
+                    let topic = String::from_utf8_lossy(topic);
                     recorder.send(Record::Rejected {
                         received_at,
                         topic: topic.chars().take(MAX_LOGGED_TOPIC).collect(),
                         reason: rejection.reason,
                         detail: rejection.detail.clone(),
-                        payload: publish.payload.to_vec(),
+                        payload: payload.to_vec(),
                     });
                 }
                 if let Some(suppressed) = self.log.admit(rejection.reason, Instant::now()) {
-                    let topic = String::from_utf8_lossy(&publish.topic);
+                    let topic = String::from_utf8_lossy(topic);
                     let topic: String = topic.chars().take(MAX_LOGGED_TOPIC).collect();
                     tracing::warn!(
                         reason = rejection.reason,
                         %topic,
-                        bytes = publish.payload.len(),
+                        bytes = payload.len(),
                         suppressed,
                         "refused message: {}",
                         rejection.detail
@@ -307,15 +376,11 @@ impl Consumer {
                 return;
             }
         };
-        let publish = Publish::new(
-            accepted.topic.json().into_bytes(),
-            json,
-            accepted.topic.retained(),
-        );
-        // `send` is async in signature only (it queues and signals the router channel); it is
-        // the one LinkTx call that publishes with the retain flag set.
-        match futures::executor::block_on(self.tx.send(Packet::Publish(publish, None))) {
-            Ok(_) => self.metrics.json_republished(),
+        match self
+            .mirror
+            .publish(accepted.topic.json(), json, accepted.topic.retained())
+        {
+            Ok(()) => self.metrics.json_republished(),
             Err(e) => {
                 self.metrics.json_failed();
                 tracing::error!(error = %e, "cannot re-publish JSON mirror");

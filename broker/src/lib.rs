@@ -21,7 +21,9 @@
 //! - [`acl`]: what each role may publish and subscribe to;
 //! - [`mqtt`]: rumqttd's router and listeners, the MQTTS relay ([`mqtt::tls`]), readiness
 //!   probes, the per-connection guard that applies [`auth`] and [`acl`];
-//! - [`ingest`]: the in-process consumer that keeps the live state and the JSON mirror;
+//! - [`ingest`]: the consumer that keeps the live state and the JSON mirror;
+//! - [`external`]: external-broker mode, where a clustered broker replaces the embedded one
+//!   and ingest, the mirror and the rules speak to it as an MQTT client;
 //! - [`rules`]: alerts raised and cleared from the live state, published through MQTT so that
 //!   they take the same path as every other message;
 //! - [`http`]: the axum routes (`router(AppState)`), with the state API in [`http::api`];
@@ -32,6 +34,7 @@ pub mod acl;
 pub mod auth;
 pub mod config;
 pub mod db;
+pub mod external;
 pub mod http;
 pub mod ingest;
 pub mod metrics;
@@ -47,6 +50,7 @@ use tokio::net::TcpListener;
 
 use crate::auth::Authenticator;
 use crate::config::Config;
+use crate::external::{External, ExternalError};
 use crate::http::AppState;
 use crate::ingest::{Ingest, IngestError, LiveState};
 use crate::metrics::Metrics;
@@ -72,6 +76,10 @@ pub enum Error {
     Db(#[from] db::DbError),
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    #[error(transparent)]
+    External(#[from] ExternalError),
+    #[error("cannot publish the restored retained state: {0}")]
+    Restore(mqtt::PublishError),
     #[error("cannot start the rules thread: {0}")]
     Rules(std::io::Error),
     #[error("cannot listen for HTTP on {addr}: {source}")]
@@ -137,11 +145,19 @@ impl Addrs {
     }
 }
 
-/// A started broker: MQTT listening, ingest consuming, HTTP bound but not yet serving.
+/// Where the MQTT messages come from.
+#[derive(Debug)]
+enum Source {
+    Embedded(Mqtt),
+    External(External),
+}
+
+/// A started broker: MQTT listening (or the external broker connected), ingest consuming,
+/// HTTP bound but not yet serving.
 #[derive(Debug)]
 pub struct Broker {
     addrs: Addrs,
-    mqtt: Mqtt,
+    source: Source,
     ingest: Ingest,
     recorder: Recorder,
     /// `None` when `rules.enabled` is off.
@@ -196,21 +212,50 @@ impl Broker {
         );
         let live: LiveState = Arc::new(std::sync::RwLock::new(restored.state));
         let recorder = Recorder::start(data_dir, config.recorder.clone(), metrics.clone())?;
-        let mut mqtt = Mqtt::new(&config.mqtt, &auth, &metrics)?;
         let (trigger, triggered) = Rules::trigger();
-        let ingest = Ingest::start(
-            mqtt.link("ingest")?,
-            live.clone(),
-            metrics.clone(),
-            recorder.tx(),
-            config.rules.enabled.then_some(trigger),
-        )?;
-        let mut publisher = Publisher::new(mqtt.link("publisher")?);
-        // Before the listeners open: a client that connects sees the state as it was.
+        let setup = ingest::Setup {
+            state: live.clone(),
+            metrics: metrics.clone(),
+            recorder: recorder.tx(),
+            rules: config.rules.enabled.then_some(trigger),
+        };
+        let (mut source, ingest, mut publisher, held) = match &config.external.broker {
+            None => {
+                let mqtt = Mqtt::new(&config.mqtt, &auth, &metrics)?;
+                let ingest = Ingest::start(mqtt.link("ingest")?, setup)?;
+                let publisher = Publisher::new(mqtt.link("publisher")?);
+                (Source::Embedded(mqtt), ingest, publisher, None)
+            }
+            Some(url) => {
+                let held = external::retained_topics(&config.external, url).await?;
+                let mut external = External::connect(&config.external, url).await?;
+                let incoming = external.incoming.take().ok_or(IngestError::ExternalGone)?;
+                let ingest = Ingest::start_external(incoming, external.client.clone(), setup)?;
+                let publisher = Publisher::External(external.client.clone());
+                tracing::info!(
+                    %url,
+                    filter = %external::filter(&config.external),
+                    client_id = %config.external.client_id,
+                    already_retained = held.len(),
+                    "external-broker mode: the embedded MQTT listeners are off"
+                );
+                (Source::External(external), ingest, publisher, Some(held))
+            }
+        };
+        // Before the listeners open: a client that connects sees the state as it was. An
+        // external broker keeps its retained messages: only what it lacks is published.
         for (topic, envelope, payload) in &restored.retained {
-            publisher.publish(topic.to_string(), payload.clone(), true)?;
+            let topic_name = topic.to_string();
+            if held.as_ref().is_some_and(|held| held.contains(&topic_name)) {
+                continue;
+            }
+            publisher
+                .publish(topic_name, payload.clone(), true)
+                .map_err(Error::Restore)?;
             if let Ok(json) = serde_json::to_vec(envelope) {
-                publisher.publish(topic.json(), json, true)?;
+                publisher
+                    .publish(topic.json(), json, true)
+                    .map_err(Error::Restore)?;
             }
         }
         // The rules start from the restored state (its alerts included), so what they already
@@ -228,7 +273,9 @@ impl Broker {
         } else {
             None
         };
-        mqtt.listen().await?;
+        if let Source::Embedded(mqtt) = &mut source {
+            mqtt.listen().await?;
+        }
 
         let http_addr = config.http.listen;
         let http = TcpListener::bind(http_addr)
@@ -242,17 +289,34 @@ impl Broker {
             source,
         })?;
 
-        let addrs = Addrs {
-            mqtt: mqtt.tcp_addr,
-            ws: Some(mqtt.ws_addr),
-            http: http_addr,
-            mqtts: mqtt.tls_addr,
+        let addrs = match &source {
+            Source::Embedded(mqtt) => Addrs {
+                mqtt: mqtt.tcp_addr,
+                ws: Some(mqtt.ws_addr),
+                http: http_addr,
+                mqtts: mqtt.tls_addr,
+            },
+            Source::External(external) => Addrs {
+                mqtt: external.addr,
+                ws: external.ws_addr,
+                http: http_addr,
+                mqtts: None,
+            },
+        };
+        // Browsers must reach the external broker's WebSocket, not this host's.
+        let public_mqtt_ws_url = match &config.external.broker {
+            Some(_) => config
+                .http
+                .public_mqtt_ws_url
+                .clone()
+                .or_else(|| config.external.ws_url.clone()),
+            None => config.http.public_mqtt_ws_url.clone(),
         };
         let app = AppState {
             live,
             metrics,
-            ws_port: mqtt.ws_addr.port(),
-            public_mqtt_ws_url: config.http.public_mqtt_ws_url.clone(),
+            ws_port: addrs.ws.map_or(0, |ws| ws.port()),
+            public_mqtt_ws_url,
             dashboard_dir: config.http.dashboard_dir.clone(),
             clock: http::system_clock(),
             auth: (!config.demo).then(|| auth.clone()),
@@ -260,7 +324,7 @@ impl Broker {
         };
         Ok(Broker {
             addrs,
-            mqtt,
+            source,
             ingest,
             recorder,
             rules,
@@ -289,7 +353,7 @@ impl Broker {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), Error> {
         let Broker {
-            mut mqtt,
+            mut source,
             mut ingest,
             recorder,
             rules,
@@ -298,9 +362,15 @@ impl Broker {
             ..
         } = self;
         let server = axum::serve(http, http::router(app)).with_graceful_shutdown(shutdown);
+        let mqtt_stopped = async {
+            match &mut source {
+                Source::Embedded(mqtt) => mqtt.stopped().await,
+                Source::External(_) => std::future::pending().await,
+            }
+        };
         let result = tokio::select! {
             served = server => served.map_err(Error::Http),
-            stopped = mqtt.stopped() => Err(stopped.into()),
+            stopped = mqtt_stopped => Err(stopped.into()),
             failed = ingest.failed() => Err(failed.into()),
         };
         // Joining waits for at most one poll interval of the ingest thread; the recorder then
@@ -311,6 +381,10 @@ impl Broker {
                 rules.stop();
             }
             ingest.stop();
+            // After ingest: the last mirror and alert publishes are queued before DISCONNECT.
+            if let Source::External(external) = source {
+                external.stop();
+            }
             recorder.stop();
         })
         .await;

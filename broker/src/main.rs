@@ -31,7 +31,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Runs the broker until SIGTERM or Ctrl-C.
-    Serve(ServeArgs),
+    // Boxed: it holds many more flags than the other commands.
+    Serve(Box<ServeArgs>),
     /// Manages the users that may connect (MQTT) and use the HTTP API.
     #[command(subcommand)]
     User(UserCommand),
@@ -125,6 +126,22 @@ struct ServeArgs {
     /// The broker's data directory (data.dir).
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
+    /// External-broker mode (external.broker): mqtt://HOST[:PORT] of the MQTT broker (cluster)
+    /// to consume and publish to; the embedded listeners (--mqtt, --ws, --mqtts) are off.
+    #[arg(long, value_name = "URL")]
+    external: Option<String>,
+    /// Login at the external broker (external.user).
+    #[arg(long, value_name = "USER", requires = "external")]
+    external_user: Option<String>,
+    /// File whose first line is the external broker's password (external.password_file).
+    #[arg(long, value_name = "FILE", requires = "external_user")]
+    external_password_file: Option<PathBuf>,
+    /// Client id at the external broker, unique per instance (external.client_id).
+    #[arg(long, value_name = "ID", requires = "external")]
+    external_client_id: Option<String>,
+    /// Shared-subscription group, "" for a plain subscription (external.share_group).
+    #[arg(long, value_name = "GROUP", requires = "external")]
+    external_share_group: Option<String>,
     /// Demo mode: clients may connect without a user name (see the crate docs for what an
     /// anonymous client may do); the dashboard shows no login form.
     #[arg(long)]
@@ -156,6 +173,23 @@ impl ServeArgs {
         if let Some(dir) = &self.data {
             config.data.dir = dir.clone();
         }
+        if let Some(url) = &self.external {
+            renkei_broker::external::parse_url(url)
+                .map_err(|message| anyhow::anyhow!("--external: {message}"))?;
+            config.external.broker = Some(url.clone());
+        }
+        if let Some(user) = &self.external_user {
+            config.external.user = Some(user.clone());
+        }
+        if let Some(file) = &self.external_password_file {
+            config.external.password_file = Some(file.clone());
+        }
+        if let Some(id) = &self.external_client_id {
+            config.external.client_id = id.clone();
+        }
+        if let Some(group) = &self.external_share_group {
+            config.external.share_group = group.clone();
+        }
         config.demo = self.demo;
         Ok(config)
     }
@@ -174,7 +208,7 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::User(command) => user(command),
     }
 }

@@ -5,6 +5,7 @@
 mod access;
 mod api;
 mod burst;
+mod external;
 mod harness;
 mod persistence;
 mod rules;

@@ -291,50 +291,73 @@ impl Mqtt {
     }
 }
 
-/// The broker's own voice on MQTT: an in-process link that publishes (the restored retained
-/// state at start, alerts from the rules), past the guard, so it may also write the mirror.
-pub struct Publisher {
-    tx: LinkTx,
-    /// Kept open: the router drops a link whose receiver is gone.
-    _rx: LinkRx,
+/// The broker's own voice on MQTT (the restored retained state at start, alerts from the
+/// rules, the JSON mirror from ingest): an in-process link past the guard of the embedded
+/// broker, so it may also write the mirror, or the client of an external broker.
+pub enum Publisher {
+    Embedded {
+        tx: LinkTx,
+        /// Kept open: the router drops a link whose receiver is gone. `None` when the link's
+        /// receiver is read elsewhere (ingest's own link).
+        _rx: Option<LinkRx>,
+    },
+    External(rumqttc::AsyncClient),
 }
 
 impl std::fmt::Debug for Publisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Publisher").finish_non_exhaustive()
+        f.write_str(match self {
+            Publisher::Embedded { .. } => "Publisher::Embedded",
+            Publisher::External(_) => "Publisher::External",
+        })
     }
+}
+
+/// Why a publish could not be handed over.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("the in-process link refused it: {0}")]
+    Link(Box<LinkError>),
+    #[error("the external broker's client is gone: {0}")]
+    External(#[from] rumqttc::ClientError),
 }
 
 impl Publisher {
     pub fn new((tx, rx): (LinkTx, LinkRx)) -> Publisher {
-        Publisher { tx, _rx: rx }
+        Publisher::Embedded { tx, _rx: Some(rx) }
     }
 
-    /// Publishes, retained or not.
+    /// Publishes, retained or not, at QoS 1.
     ///
     /// rumqttd does not let a local link set a publish's QoS (the field is private) and does
     /// not need it to: the router hands every message, retained ones included, to each
-    /// subscriber at the QoS of that subscription, so a QoS 1 subscriber receives what the
-    /// broker publishes at QoS 1, and the in-process hop itself is a memory queue.
+    /// subscriber at the QoS of that subscription, and the in-process hop itself is a memory
+    /// queue. To an external broker the publish goes at QoS 1; this waits only while the
+    /// client's request queue is full, never for the broker's PUBACK.
+    ///
+    /// Blocks: call it from a thread, not from an async task.
     pub fn publish(
         &mut self,
         topic: String,
         payload: Vec<u8>,
         retain: bool,
-    ) -> Result<(), MqttError> {
-        let publish = rumqttd::protocol::Publish::new(topic.into_bytes(), payload, retain);
-        self.send(publish)
-    }
-
-    /// `LinkTx::send` is async in signature only (it queues and signals the router's channel)
-    /// and is the one call that sets retain and QoS.
-    fn send(&mut self, publish: rumqttd::protocol::Publish) -> Result<(), MqttError> {
-        futures::executor::block_on(self.tx.send(Packet::Publish(publish, None)))
-            .map(drop)
-            .map_err(|e| MqttError::Link {
-                client_id: "publisher".into(),
-                source: Box::new(e),
-            })
+    ) -> Result<(), PublishError> {
+        match self {
+            // `LinkTx::send` is async in signature only (it queues and signals the router's
+            // channel) and is the one call that sets retain.
+            Publisher::Embedded { tx, .. } => {
+                let publish = rumqttd::protocol::Publish::new(topic.into_bytes(), payload, retain);
+                futures::executor::block_on(tx.send(Packet::Publish(publish, None)))
+                    .map(drop)
+                    .map_err(|e| PublishError::Link(Box::new(e)))
+            }
+            Publisher::External(client) => Ok(futures::executor::block_on(client.publish(
+                topic,
+                rumqttc::QoS::AtLeastOnce,
+                retain,
+                payload,
+            ))?),
+        }
     }
 }
 

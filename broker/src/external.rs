@@ -1,0 +1,437 @@
+//! External-broker mode: Renkei's recorder, rules and HTTP against an MQTT broker run elsewhere
+//! (a cluster: EMQX, HiveMQ, VerneMQ; Mosquitto in the tests), with the embedded one off.
+//!
+//! ```text
+//! agents, dashboards ──MQTT──▶ external broker ──$share/renkei/renkei/v1/# (QoS 1)──▶ client
+//!        ▲                           ▲                                                 │
+//!        │                           │ JSON mirror, rule alerts, restored retained     ▼
+//!        └── subscriptions ──────────┴──────────────────── Publisher ◀── ingest::Pipeline
+//! ```
+//!
+//! One rumqttc client per instance, with a stable client id and `clean_session = false`: the
+//! external broker keeps the subscription and queues QoS 1 messages while the instance is down.
+//! Messages are acknowledged by hand once ingest has handled them (recorded queue, state,
+//! mirror), so a message in hand when the process dies is delivered again. Its event loop runs
+//! on a thread of its own (a current-thread runtime), so that ingest and the rules may block on
+//! publishing while the loop keeps reading; what it reads waits for ingest in a channel bounded
+//! in practice by the broker's in-flight window, since nothing is acknowledged before ingest
+//! took it.
+//!
+//! Access control lives in the external broker: Renkei's users and roles still guard the HTTP
+//! API, but MQTT logins and topic rules must be configured there (docs/scaling.md).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use renkei_shared::codec::MAX_FRAME;
+use renkei_shared::topic;
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
+use tokio::sync::oneshot;
+
+use crate::config::{ExternalConfig, PACKET_HEADROOM};
+
+/// How long the start waits for the external broker to accept the connection and subscription.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Longest wait between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// Why external mode did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ExternalError {
+    #[error("config key external.broker: {0}")]
+    Url(String),
+    #[error("cannot resolve the external broker {host}:{port}: {source}")]
+    Resolve {
+        host: String,
+        port: u16,
+        source: std::io::Error,
+    },
+    #[error("cannot read external.password_file {path}: {source}")]
+    Password {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the external broker's client thread: {0}")]
+    Thread(std::io::Error),
+    #[error("external broker {url}: {reason}")]
+    Connect { url: String, reason: String },
+}
+
+/// `mqtt://HOST[:PORT]` → (host, port); the only scheme supported for now.
+pub fn parse_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .ok_or_else(|| format!("{url:?} is not an mqtt://HOST[:PORT] URL"))?;
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains(['/', '?', '@']) {
+        return Err(format!("{url:?} is not an mqtt://HOST[:PORT] URL"));
+    }
+    // A bracketed IPv6 literal keeps its colons.
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => {
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| format!("{url:?}: {port:?} is not a port"))?;
+            (host, port)
+        }
+        _ => (rest, 1883),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// The filter ingest subscribes with.
+pub fn filter(config: &ExternalConfig) -> String {
+    if config.share_group.is_empty() {
+        topic::ALL.to_owned()
+    } else {
+        format!("$share/{}/{}", config.share_group, topic::ALL)
+    }
+}
+
+/// A message delivered by the external broker, to be acknowledged once handled.
+#[derive(Debug)]
+pub struct Incoming {
+    pub publish: rumqttc::Publish,
+}
+
+/// The connected client: its event loop thread, the messages it delivers, and the address the
+/// broker resolved to (for the ready line).
+#[derive(Debug)]
+pub struct External {
+    pub client: AsyncClient,
+    pub incoming: Option<std::sync::mpsc::Receiver<Incoming>>,
+    pub addr: SocketAddr,
+    /// The broker's WebSocket address, from `external.ws_url`, when it resolves.
+    pub ws_addr: Option<SocketAddr>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl External {
+    /// Connects, subscribes, and returns once the broker has acknowledged the subscription.
+    pub async fn connect(config: &ExternalConfig, url: &str) -> Result<External, ExternalError> {
+        let (host, port) = parse_url(url).map_err(ExternalError::Url)?;
+        let addr = resolve(&host, port).await?;
+        let ws_addr = match &config.ws_url {
+            Some(ws) => ws_socket_addr(ws).await,
+            None => None,
+        };
+        let mut options = MqttOptions::new(config.client_id.clone(), host, port);
+        options
+            .set_clean_session(false)
+            .set_manual_acks(true)
+            .set_keep_alive(Duration::from_secs(30))
+            // In: Renkei frames. Out: their JSON mirror, a few times larger.
+            .set_max_packet_size(MAX_FRAME + PACKET_HEADROOM, 256 * 1024);
+        if let Some(user) = &config.user {
+            options.set_credentials(user.clone(), read_password(config)?);
+        }
+        let (client, eventloop) = AsyncClient::new(options, 1024);
+        let (tx, incoming) = std::sync::mpsc::channel();
+        let (ready_tx, ready) = oneshot::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let driver = Driver {
+            client: client.clone(),
+            filter: filter(config),
+            incoming: tx,
+            ready: Some(ready_tx),
+            stop: stop.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("renkei-external".into())
+            .spawn(move || driver.run(eventloop))
+            .map_err(ExternalError::Thread)?;
+        let mut external = External {
+            client,
+            incoming: Some(incoming),
+            addr,
+            ws_addr,
+            stop,
+            thread: Some(thread),
+        };
+        let failed = |reason: String| ExternalError::Connect {
+            url: url.to_owned(),
+            reason,
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, ready).await {
+            Ok(Ok(Ok(()))) => Ok(external),
+            Ok(Ok(Err(reason))) => {
+                external.stop_blocking().await;
+                Err(failed(reason))
+            }
+            Ok(Err(_)) => {
+                external.stop_blocking().await;
+                Err(failed("the client thread ended".into()))
+            }
+            Err(_) => {
+                external.stop_blocking().await;
+                Err(failed(format!(
+                    "no connection and subscription within {CONNECT_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+
+    async fn stop_blocking(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.client.try_disconnect();
+        if let Some(thread) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+
+    /// Disconnects cleanly (the session stays with the broker) and waits for the thread.
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.client.try_disconnect();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+async fn resolve(host: &str, port: u16) -> Result<SocketAddr, ExternalError> {
+    let resolve_error = |source| ExternalError::Resolve {
+        host: host.to_owned(),
+        port,
+        source,
+    };
+    tokio::net::lookup_host((host, port))
+        .await
+        .map_err(resolve_error)?
+        .next()
+        .ok_or_else(|| resolve_error(std::io::Error::other("no address")))
+}
+
+/// `ws://HOST:PORT/…` → its socket address, if it names a port and resolves.
+async fn ws_socket_addr(url: &str) -> Option<SocketAddr> {
+    let rest = url
+        .strip_prefix("ws://")
+        .or_else(|| url.strip_prefix("wss://"))?;
+    let authority = rest.split('/').next()?;
+    let (host, port) = authority.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    resolve(host, port.parse().ok()?).await.ok()
+}
+
+/// How long [`retained_topics`] waits after the last retained message before it stops reading.
+const RETAINED_QUIET: Duration = Duration::from_millis(500);
+
+/// The topics under `renkei/v1/#` on which the external broker holds a retained message, read
+/// through a short clean session of its own (a shared subscription receives no retained
+/// messages). At start the broker re-publishes only the retained state the external broker
+/// lacks: the cluster outlives an instance, and what it holds may be newer than the database.
+pub async fn retained_topics(
+    config: &ExternalConfig,
+    url: &str,
+) -> Result<std::collections::HashSet<String>, ExternalError> {
+    let (host, port) = parse_url(url).map_err(ExternalError::Url)?;
+    let failed = |reason: String| ExternalError::Connect {
+        url: url.to_owned(),
+        reason,
+    };
+    let mut options = MqttOptions::new(format!("{}-restore", config.client_id), host, port);
+    options
+        .set_clean_session(true)
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(MAX_FRAME + PACKET_HEADROOM, 256 * 1024);
+    if let Some(user) = &config.user {
+        let password = read_password(config)?;
+        options.set_credentials(user.clone(), password);
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    let mut topics = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut subscribed = false;
+    loop {
+        let wait = if subscribed {
+            RETAINED_QUIET
+        } else {
+            deadline.saturating_duration_since(tokio::time::Instant::now())
+        };
+        match tokio::time::timeout(wait, eventloop.poll()).await {
+            Err(_) if subscribed => break,
+            Err(_) => return Err(failed("no answer to the retained-state check".into())),
+            Ok(Err(e)) => return Err(failed(format!("retained-state check: {e}"))),
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => {
+                client
+                    .subscribe(topic::ALL, QoS::AtMostOnce)
+                    .await
+                    .map_err(|e| failed(e.to_string()))?;
+            }
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => subscribed = true,
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.retain => {
+                topics.insert(p.topic);
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    let _ = client.try_disconnect();
+    // Let the DISCONNECT out; the session is discarded either way.
+    let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+    Ok(topics)
+}
+
+fn read_password(config: &ExternalConfig) -> Result<String, ExternalError> {
+    match &config.password_file {
+        Some(path) => Ok(std::fs::read_to_string(path)
+            .map_err(|source| ExternalError::Password {
+                path: path.clone(),
+                source,
+            })?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()),
+        None => Ok(String::new()),
+    }
+}
+
+/// Runs the client's event loop: subscribes whenever the broker has no session for it,
+/// forwards publishes to ingest, reconnects with backoff.
+struct Driver {
+    client: AsyncClient,
+    filter: String,
+    incoming: std::sync::mpsc::Sender<Incoming>,
+    /// Told the outcome of the first connection and subscription.
+    ready: Option<oneshot::Sender<Result<(), String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Driver {
+    fn run(mut self, mut eventloop: rumqttc::EventLoop) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                self.tell(Err(format!("cannot build the client's runtime: {e}")));
+                return;
+            }
+        };
+        runtime.block_on(async {
+            let mut backoff = Duration::from_millis(100);
+            let mut failing_since: Option<Instant> = None;
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        backoff = Duration::from_millis(100);
+                        if let Some(since) = failing_since.take() {
+                            tracing::info!(
+                                down_for = ?since.elapsed(),
+                                "external broker reconnected"
+                            );
+                        }
+                        if !ack.session_present {
+                            // A new session (first start, or the broker forgot it): the
+                            // subscription must be made again.
+                            if let Err(e) = self.client.try_subscribe(&self.filter, QoS::AtLeastOnce)
+                            {
+                                tracing::error!(error = %e, "cannot subscribe");
+                            }
+                        } else {
+                            self.tell(Ok(()));
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        if ack
+                            .return_codes
+                            .iter()
+                            .any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        {
+                            let reason = format!(
+                                "the broker refused the subscription {:?} (not allowed, or no \
+                                 shared subscriptions: set external.share_group = \"\")",
+                                self.filter
+                            );
+                            tracing::error!("{reason}");
+                            self.tell(Err(reason));
+                        } else {
+                            tracing::info!(filter = %self.filter, "subscribed at the external broker");
+                            self.tell(Ok(()));
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        if self.incoming.send(Incoming { publish }).is_err() {
+                            // Ingest is gone: nothing is acknowledged any more.
+                            return;
+                        }
+                    }
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                        if self.stop.load(Ordering::Relaxed) {
+                            // Let the DISCONNECT reach the broker.
+                            let _ = eventloop.poll().await;
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if self.stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        if let rumqttc::ConnectionError::ConnectionRefused(code) = &e
+                            && self.ready.is_some()
+                            && matches!(
+                                code,
+                                ConnectReturnCode::BadUserNamePassword
+                                    | ConnectReturnCode::NotAuthorized
+                            )
+                        {
+                            self.tell(Err(format!("login refused ({code:?})")));
+                            return;
+                        }
+                        if failing_since.is_none() {
+                            failing_since = Some(Instant::now());
+                            tracing::warn!(error = %e, "external broker connection lost; reconnecting");
+                        } else {
+                            tracing::debug!(error = %e, "external broker still unreachable");
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+        });
+    }
+
+    fn tell(&mut self, outcome: Result<(), String>) {
+        if let Some(ready) = self.ready.take() {
+            let _ = ready.send(outcome);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_broker_urls() {
+        assert_eq!(parse_url("mqtt://hq:1884"), Ok(("hq".into(), 1884)));
+        assert_eq!(parse_url("mqtt://hq"), Ok(("hq".into(), 1883)));
+        assert_eq!(parse_url("mqtt://[::1]:1884"), Ok(("::1".into(), 1884)));
+        assert_eq!(parse_url("mqtt://[::1]"), Ok(("::1".into(), 1883)));
+        assert!(parse_url("mqtts://hq:8883").is_err());
+        assert!(parse_url("hq:1883").is_err());
+        assert!(parse_url("mqtt://hq:port").is_err());
+        assert!(parse_url("mqtt://").is_err());
+        assert!(parse_url("mqtt://u:p@hq").is_err());
+    }
+
+    #[test]
+    fn shares_the_subscription_unless_told_not_to() {
+        let mut config = ExternalConfig::default();
+        assert_eq!(filter(&config), "$share/renkei/renkei/v1/#");
+        config.share_group.clear();
+        assert_eq!(filter(&config), "renkei/v1/#");
+    }
+}

@@ -1,0 +1,313 @@
+//! External-broker mode against a real Mosquitto 2.0 from Debian, started here on free ports
+//! (MQTT and WebSocket listeners, `max_queued_messages 0`, anonymous clients, no persistence).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use renkei_shared::{Envelope, Topic, encode, sample, topic};
+use rumqttc::QoS;
+
+use crate::harness::{
+    self, MqttClient, PASSWORD, PATIENCE, RunningBroker, eventually, http_get, http_get_as, metric,
+};
+
+const MOSQUITTO: &str = "/usr/sbin/mosquitto";
+const ROOT: Option<(&str, &str)> = Some(("root", PASSWORD));
+
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    ws_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Mosquitto {
+    fn start() -> Mosquitto {
+        Mosquitto::start_on(free_port(), free_port())
+    }
+
+    fn start_on(port: u16, ws_port: u16) -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "per_listener_settings false\nallow_anonymous true\npersistence false\n\
+                 max_queued_messages 0\nlistener {port} 127.0.0.1\n\
+                 listener {ws_port} 127.0.0.1\nprotocol websockets\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(MOSQUITTO)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Mosquitto {
+            child,
+            port,
+            ws_port,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    fn addrs(&self) -> renkei_broker::Addrs {
+        renkei_broker::Addrs {
+            mqtt: ([127, 0, 0, 1], self.port).into(),
+            ws: None,
+            http: ([127, 0, 0, 1], 1).into(),
+            mqtts: None,
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status(seq: u64) -> Envelope {
+    let mut env = sample::status();
+    env.header.seq = seq;
+    env.header.sent_at = renkei_shared::Timestamp(env.header.sent_at.0 + seq as i64 * 1000);
+    env
+}
+
+/// The retained message on `topic` at Mosquitto, read by a fresh subscriber.
+async fn retained(mosquitto: &Mosquitto, topic: &str) -> Option<rumqttc::Publish> {
+    let mut reader = MqttClient::connect(&mosquitto.addrs(), "retained-reader").await;
+    reader.subscribe(topic).await;
+    reader.publish_within(Duration::from_secs(2)).await
+}
+
+fn db_keys(db: &Path) -> Vec<(String, i64, i64)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT origin, boot, seq FROM messages")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_message_through_mosquitto_is_recorded_mirrored_and_restored() {
+    let mosquitto = Mosquitto::start();
+    let config = format!(
+        "[external]\nws_url = \"ws://127.0.0.1:{}/mqtt\"\n",
+        mosquitto.ws_port
+    );
+    let url = mosquitto.url();
+    let args = [
+        "--external",
+        url.as_str(),
+        "--external-client-id",
+        "renkei-a",
+    ];
+    let broker = RunningBroker::start_in(harness::with_users(&config), &args);
+    let addrs = broker.addrs;
+    // The ready line names the external broker, and browsers are sent to its WebSocket.
+    assert_eq!(addrs.mqtt.port(), mosquitto.port);
+    assert_eq!(addrs.ws.map(|ws| ws.port()), Some(mosquitto.ws_port));
+    assert_eq!(addrs.mqtts, None);
+    let config = http_get(&addrs, "/config.json").await.json();
+    assert_eq!(
+        config["mqtt_ws_url"],
+        format!("ws://127.0.0.1:{}/mqtt", mosquitto.ws_port)
+    );
+
+    // An integrator on Mosquitto sees the JSON mirror of an agent's report sent to Mosquitto.
+    let mut integrator = MqttClient::connect(&addrs, "integrator").await;
+    integrator.subscribe(topic::ALL_JSON).await;
+    let agent = MqttClient::connect(&addrs, "agent-nishi").await;
+    let first = status(1);
+    let status_topic = Topic::of(&first).unwrap();
+    agent
+        .client
+        .publish(
+            status_topic.to_string(),
+            QoS::AtLeastOnce,
+            true,
+            encode(&first).unwrap(),
+        )
+        .await
+        .unwrap();
+    let mirrored = integrator.next_publish().await;
+    assert_eq!(mirrored.topic, status_topic.json());
+    assert!(mirrored.retain || mirrored.qos == QoS::AtLeastOnce);
+    let json: serde_json::Value = serde_json::from_slice(&mirrored.payload).unwrap();
+    assert_eq!(json["header"]["seq"], 1);
+    eventually("the state to show the site", || async {
+        let state = http_get_as(&addrs, "/api/v1/state", ROOT).await.json();
+        (state["sites"].as_array()?.len() == 1).then_some(())
+    })
+    .await;
+    eventually("the message recorded", || async {
+        let text = http_get_as(&addrs, "/metrics", ROOT).await.text();
+        (metric(&text, "renkei_recorder_rows_total") == Some(1)).then_some(())
+    })
+    .await;
+
+    // While the broker is down a newer report reaches Mosquitto: the restart must not put the
+    // older retained copy from its database back over it, and the persistent session hands
+    // the missed message over.
+    let (exit, dir) = broker.terminate_keeping_dir();
+    assert!(exit.success());
+    let second = status(2);
+    agent
+        .client
+        .publish(
+            status_topic.to_string(),
+            QoS::AtLeastOnce,
+            true,
+            encode(&second).unwrap(),
+        )
+        .await
+        .unwrap();
+    eventually("Mosquitto to retain the newer report", || async {
+        let p = retained(&mosquitto, &status_topic.to_string()).await?;
+        (renkei_shared::decode(&p.payload).ok()?.header.seq == 2).then_some(())
+    })
+    .await;
+    let broker = RunningBroker::start_in(dir, &args);
+    let addrs = broker.addrs;
+    eventually("the missed report recorded", || async {
+        let text = http_get_as(&addrs, "/metrics", ROOT).await.text();
+        (metric(&text, "renkei_recorder_rows_total") == Some(1)).then_some(())
+    })
+    .await;
+    let p = retained(&mosquitto, &status_topic.to_string())
+        .await
+        .unwrap();
+    assert_eq!(renkei_shared::decode(&p.payload).unwrap().header.seq, 2);
+    let (exit, dir) = broker.terminate_keeping_dir();
+    assert!(exit.success());
+    let keys = db_keys(&dir.path().join("data/renkei.db"));
+    assert_eq!(keys.len(), 2, "both reports recorded once: {keys:?}");
+
+    // A fresh Mosquitto holds nothing: the restart publishes the restored state to it.
+    let (port, ws_port) = (mosquitto.port, mosquitto.ws_port);
+    drop(integrator);
+    drop(agent);
+    drop(mosquitto);
+    let mosquitto = Mosquitto::start_on(port, ws_port);
+    assert!(
+        retained(&mosquitto, &status_topic.to_string())
+            .await
+            .is_none()
+    );
+    let broker = RunningBroker::start_in(dir, &args);
+    let p = retained(&mosquitto, &status_topic.to_string())
+        .await
+        .unwrap();
+    assert_eq!(renkei_shared::decode(&p.payload).unwrap().header.seq, 2);
+    let p = retained(&mosquitto, &status_topic.json()).await.unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+    assert_eq!(json["header"]["seq"], 2);
+    assert!(broker.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_in_one_share_group_split_the_stream_and_record_each_message_once() {
+    const N: u64 = 300;
+    let mosquitto = Mosquitto::start();
+    let url = mosquitto.url();
+    let start = |id: &str| {
+        RunningBroker::start_in(
+            harness::with_users("[rules]\nenabled = false\n"),
+            &["--external", &url, "--external-client-id", id],
+        )
+    };
+    let a = start("renkei-a");
+    let b = start("renkei-b");
+    // Mosquitto hands a shared subscription's messages to one member at a time, to MQTT
+    // 3.1.1 clients (rumqttc here) as to v5 ones.
+    let agent = MqttClient::connect(&mosquitto.addrs(), "agent-nishi").await;
+    for seq in 1..=N {
+        let env = status(seq);
+        agent
+            .client
+            .publish(
+                Topic::of(&env).unwrap().to_string(),
+                QoS::AtLeastOnce,
+                false,
+                encode(&env).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let rows = |text: &str| metric(text, "renkei_recorder_rows_total").unwrap_or(0);
+    let (rows_a, rows_b) = eventually("every message recorded by one instance", || async {
+        let ra = rows(&http_get_as(&a.addrs, "/metrics", ROOT).await.text());
+        let rb = rows(&http_get_as(&b.addrs, "/metrics", ROOT).await.text());
+        (ra + rb >= N as i64).then_some((ra, rb))
+    })
+    .await;
+    // Nothing more arrives late.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        rows(&http_get_as(&a.addrs, "/metrics", ROOT).await.text())
+            + rows(&http_get_as(&b.addrs, "/metrics", ROOT).await.text()),
+        N as i64
+    );
+    assert!(rows_a > 0 && rows_b > 0, "split {rows_a} / {rows_b}");
+    let (exit_a, dir_a) = a.terminate_keeping_dir();
+    let (exit_b, dir_b) = b.terminate_keeping_dir();
+    assert!(exit_a.success() && exit_b.success());
+    let keys_a = db_keys(&dir_a.path().join("data/renkei.db"));
+    let keys_b = db_keys(&dir_b.path().join("data/renkei.db"));
+    let set_a: HashSet<_> = keys_a.iter().cloned().collect();
+    let set_b: HashSet<_> = keys_b.iter().cloned().collect();
+    assert!(set_a.is_disjoint(&set_b), "a message recorded by both");
+    assert_eq!(set_a.len() + set_b.len(), N as usize);
+    eprintln!(
+        "shared subscription split: {} / {}",
+        set_a.len(),
+        set_b.len()
+    );
+}
+
+#[test]
+fn an_unreachable_external_broker_stops_the_start() {
+    let port = free_port();
+    let dir = harness::prepare();
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let out = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
+        .args(["serve", "--http", "127.0.0.1:0", "--external", &url])
+        .arg("--config")
+        .arg(dir.path().join(harness::CONFIG))
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no ready line");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&url), "{stderr}");
+}
