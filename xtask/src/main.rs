@@ -171,7 +171,13 @@ fn setup(browser: bool) -> Result<()> {
         if !has_paho {
             run(
                 "pip install paho-mqtt",
-                Command::new("python3").args(["-m", "pip", "install", "--quiet", "paho-mqtt>=2,<3"]),
+                Command::new("python3").args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "paho-mqtt>=2,<3",
+                ]),
             )?;
         }
         let missing: Vec<&str> = DEBIAN_PACKAGES

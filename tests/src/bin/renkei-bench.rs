@@ -432,11 +432,18 @@ async fn one_run(
             opts.set_keep_alive(Duration::from_secs(30));
             opts.set_inflight(100);
             let (client, mut events) = AsyncClient::new(opts, 200);
+            let (connected_tx, connected) = tokio::sync::oneshot::channel::<()>();
             let poller = tokio::spawn(async move {
                 let mut acks = 0u64;
+                let mut connected_tx = Some(connected_tx);
                 while acks < messages {
                     match events.poll().await {
                         Ok(Event::Incoming(Packet::PubAck(_))) => acks += 1,
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            if let Some(tx) = connected_tx.take() {
+                                let _ = tx.send(());
+                            }
+                        }
                         Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
                         Ok(_) => {}
                         Err(e) => {
@@ -447,6 +454,11 @@ async fn one_run(
                 }
                 acks
             });
+            // A paced publisher starts once connected: a realistic site publishes over a live
+            // link, and the connection storm is measured by the unpaced runs.
+            if rate.is_some() {
+                let _ = tokio::time::timeout(Duration::from_secs(60), connected).await;
+            }
             // Each publisher's share of the total rate, started at a spread-out phase so the
             // publishers do not fire in lockstep.
             let mut pacer = rate.map(|r| {
