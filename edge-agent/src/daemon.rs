@@ -15,6 +15,8 @@
 //! is emptied after every connection loss, so the outbox is the one source of what is resent.
 //! PubAcks are matched to records through rumqttc's `Outgoing::Publish(pkid)` events, which
 //! come in the order the publishes were queued; the cursor moves over the acknowledged prefix.
+//! rumqttc is polled by the link's `Driver` task, so a tick never cancels a connection attempt,
+//! and every attempt carries a freshly numbered will (see [`crate::link`]).
 //!
 //! The daemon also writes `{state_dir}/status` (atomically) for `renkei-agent status`.
 
@@ -26,13 +28,15 @@ use std::time::Duration;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use renkei_shared::{Body, CommandAction, Envelope, topic};
-use rumqttc::{AsyncClient, Event, EventLoop, LastWill, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
 use crate::lifecycle::Lifecycle;
-use crate::link::{Backoff, LinkError, LinkOptions, LinkState, command_of, connection_hint};
+use crate::link::{
+    Backoff, Driver, LinkError, LinkOptions, LinkState, command_of, connection_hint, last_will,
+};
 use crate::outbox::{Durability, Key, Outbox, Record};
 use crate::report::{FixedSite, Site, frame, now};
 
@@ -142,15 +146,10 @@ impl Daemon {
         }
     }
 
-    fn arm(&mut self, eventloop: &mut EventLoop) -> Result<(), LinkError> {
+    /// Numbers a fresh birth and will and starts a connection attempt with that will.
+    fn arm(&mut self, driver: &Driver) -> Result<(), LinkError> {
         let armed = self.lifecycle.arm(crate::AGENT_VERSION, now());
-        let will = frame(&armed.will)?;
-        eventloop.mqtt_options.set_last_will(LastWill::new(
-            will.topic,
-            will.payload,
-            QoS::AtLeastOnce,
-            will.retain,
-        ));
+        driver.connect(last_will(&armed.will)?);
         self.birth = Some(armed.birth);
         self.transition(LinkState::Connecting);
         Ok(())
@@ -350,20 +349,18 @@ impl Daemon {
     }
 
     /// Forgets the connection's in-flight state: everything unacknowledged is re-sent from
-    /// the outbox on the next connection.
-    fn connection_lost(&mut self, eventloop: &mut EventLoop) {
-        eventloop.pending.clear();
+    /// the outbox on the next connection (the driver drops rumqttc's own queue).
+    fn connection_lost(&mut self) {
         self.save_cursor();
         self.delivery = Delivery::default();
     }
 
-    fn connected(&mut self, eventloop: &mut EventLoop) -> Result<Option<Envelope>, LinkError> {
+    fn connected(&mut self) -> Result<Option<Envelope>, LinkError> {
         let Some(birth) = self.birth.take() else {
-            warn!("connected without an armed will; reconnecting");
-            eventloop.clean();
+            // Not possible: the driver connects only with a will armed here.
+            warn!("connected without an armed birth; ignored");
             return Ok(None);
         };
-        eventloop.pending.clear();
         self.delivery = Delivery {
             last_sent: self.cursor,
             backlog_until: self
@@ -463,6 +460,7 @@ pub async fn run_daemon(
     eventloop
         .network_options
         .set_connection_timeout(CONNECT_TIMEOUT_S);
+    let mut driver = Driver::spawn(eventloop, REQUEST_CAPACITY);
     let cursor = outbox.lock().and_then(|l| l.acked()).unwrap_or_default();
     let mut daemon = Daemon {
         client,
@@ -491,21 +489,25 @@ pub async fn run_daemon(
     let mut poll = tokio::time::interval(POLL);
     poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut connection_birth: Option<Envelope> = None;
+    // An attempt or a connection is under way: it ends with an error event.
+    let mut attempting = false;
     daemon.write_status();
 
     loop {
         if *shutdown.borrow() {
             break;
         }
-        if eventloop.network.is_none() && daemon.birth.is_none() {
-            daemon.arm(&mut eventloop)?;
+        if !attempting {
+            daemon.arm(&driver)?;
+            attempting = true;
         }
         tokio::select! {
             changed = shutdown.changed() => if changed.is_err() { break },
-            event = eventloop.poll() => match event {
+            // Ticks may win here freely: the driver's poll goes on regardless.
+            event = driver.next() => match event.ok_or(LinkError::Stopped)? {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff.reset();
-                    connection_birth = daemon.connected(&mut eventloop)?;
+                    connection_birth = daemon.connected()?;
                     daemon.pump();
                 }
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => daemon.on_outgoing_publish(pkid),
@@ -524,8 +526,11 @@ pub async fn run_daemon(
                 Ok(_) => {}
                 Err(e) => {
                     connection_birth = None;
+                    // The broker may have registered this attempt's will (and fire it): the
+                    // next attempt is armed afresh, so its birth outranks that will.
                     daemon.birth = None;
-                    daemon.connection_lost(&mut eventloop);
+                    attempting = false;
+                    daemon.connection_lost();
                     daemon.transition(LinkState::Backoff);
                     let delay = backoff.next_delay();
                     warn!(broker = %daemon.options.link.broker, error = %e, hint = connection_hint(&e), retry_in_ms = delay.as_millis() as u64, "connection lost");
@@ -564,13 +569,13 @@ pub async fn run_daemon(
         // Acks that arrive while closing still move the cursor.
         let closing = async {
             loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                match driver.next().await {
+                    Some(Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) | None => break,
+                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
                         daemon.on_outgoing_publish(pkid)
                     }
-                    Ok(Event::Incoming(Packet::PubAck(ack))) => daemon.on_puback(ack.pkid),
-                    Ok(_) => {}
+                    Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => daemon.on_puback(ack.pkid),
+                    Some(Ok(_)) => {}
                 }
             }
         };

@@ -27,8 +27,8 @@
 //!   parsed, checked and stored by the same code as `renkei-agent report`;
 //! - [`daemon`]: `run`'s session: birth and snapshot on every ConnAck, the outbox delivered in
 //!   order within a PubAck-tracked window, backlog replay marked historical and rate-limited;
-//! - [`link`]: the MQTT pieces both sessions share (options, backoff, commands) and the live
-//!   session of [`simulate`], which has no outbox;
+//! - [`link`]: the MQTT pieces both sessions share (options, backoff, commands, the task that
+//!   polls rumqttc) and the live session of [`simulate`], which has no outbox;
 //! - [`simulate`]: many simulated shelters across the 23 wards, for drills, demos and load;
 //! - [`tls`]: `mqtts://` brokers, trusted through the site's `ca_file` only.
 //!

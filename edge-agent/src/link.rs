@@ -11,10 +11,13 @@
 //!
 //! Before every connection attempt the will is re-armed with fresh sequence numbers (see
 //! [`crate::lifecycle`]): rumqttc reconnects with the options it holds, which are public on its
-//! `EventLoop` for exactly this. The loop owns the rumqttc event loop and publishes with
-//! `try_publish`, because an awaiting publish from the task that also polls would deadlock once
-//! the request channel filled. While disconnected, heartbeats are skipped rather than queued:
-//! without an outbox they would be stale on arrival, and the full state follows every birth.
+//! `EventLoop` for exactly this. Any attempt may have had its will registered by the broker (a
+//! timeout or reset after CONNECT), and a registered will fires when that connection goes, so
+//! the next birth must come after it. The rumqttc event loop runs in a task of its own
+//! (`Driver`), never cancelled mid-connect; the session loop gets its events over a channel
+//! and publishes with `try_publish`, so it never waits on rumqttc's request channel. While
+//! disconnected, heartbeats are skipped rather than queued: without an outbox they would be
+//! stale on arrival, and the full state follows every birth.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +31,8 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
     TlsConfiguration, Transport,
 };
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
@@ -100,6 +104,97 @@ pub enum LinkError {
     /// protocol's limits. Retrying would fail the same way.
     #[error("cannot frame a message of this site: {0}")]
     Frame(#[from] FrameError),
+    /// The task polling rumqttc ended (it panicked): nothing more can be sent or received.
+    #[error("the MQTT event loop task stopped")]
+    Stopped,
+}
+
+/// What the session loop receives from rumqttc.
+pub(crate) type LinkEvent = Result<Event, ConnectionError>;
+
+/// rumqttc's event loop, polled by a task of its own.
+///
+/// `EventLoop::poll` is not cancel-safe while it connects: a poll dropped in a `select!` after
+/// the broker took the CONNECT drops that connection, and the broker fires its will. Here every
+/// attempt runs to its ConnAck or its error. An attempt starts only on [`Driver::connect`],
+/// with the will armed for it, and its events end with exactly one error, so the session
+/// re-arms (fresh numbers) before each attempt.
+pub(crate) struct Driver {
+    connect: mpsc::UnboundedSender<LastWill>,
+    events: mpsc::Receiver<LinkEvent>,
+    task: JoinHandle<()>,
+}
+
+impl Driver {
+    /// Starts polling `eventloop` (idle until the first [`Driver::connect`]).
+    pub(crate) fn spawn(eventloop: EventLoop, capacity: usize) -> Driver {
+        let (connect, wills) = mpsc::unbounded_channel();
+        let (tx, events) = mpsc::channel(capacity);
+        let task = tokio::spawn(drive(eventloop, wills, tx));
+        Driver {
+            connect,
+            events,
+            task,
+        }
+    }
+
+    /// Starts a connection attempt with `will` as its last will. Call again only after the
+    /// previous attempt's error.
+    pub(crate) fn connect(&self, will: LastWill) {
+        // A send fails only if the task is gone; `next` then says so.
+        let _ = self.connect.send(will);
+    }
+
+    /// The next event; `None` once the task has stopped.
+    pub(crate) async fn next(&mut self) -> Option<LinkEvent> {
+        self.events.recv().await
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn drive(
+    mut eventloop: EventLoop,
+    mut wills: mpsc::UnboundedReceiver<LastWill>,
+    events: mpsc::Sender<LinkEvent>,
+) {
+    while let Some(will) = wills.recv().await {
+        // Requests queued after the last connection failed belong to it (the session re-sends
+        // what matters after the birth); sent first on the new one, they would precede it.
+        eventloop.clean();
+        eventloop.pending.clear();
+        eventloop.mqtt_options.set_last_will(will);
+        loop {
+            let event = eventloop.poll().await;
+            let lost = event.is_err();
+            if matches!(event, Ok(Event::Incoming(Packet::ConnAck(_)))) {
+                // rumqttc would retransmit the previous session's unacknowledged publishes
+                // ahead of the birth; the session re-sends what matters itself.
+                eventloop.pending.clear();
+            }
+            if events.send(event).await.is_err() {
+                return;
+            }
+            if lost {
+                break;
+            }
+        }
+    }
+}
+
+/// `will` as rumqttc's last will (QoS 1, retained as framed).
+pub(crate) fn last_will(will: &Envelope) -> Result<LastWill, LinkError> {
+    let will = frame(will)?;
+    Ok(LastWill::new(
+        will.topic,
+        will.payload,
+        QoS::AtLeastOnce,
+        will.retain,
+    ))
 }
 
 /// Where the session stands; transitions are logged.
@@ -173,16 +268,10 @@ impl<S: Site> Session<S> {
         }
     }
 
-    /// Numbers the next connection's birth and will, and gives the will to rumqttc.
-    fn arm(&mut self, eventloop: &mut EventLoop) -> Result<(), LinkError> {
+    /// Numbers the next connection's birth and will, and starts an attempt with that will.
+    fn arm(&mut self, driver: &Driver) -> Result<(), LinkError> {
         let armed = self.lifecycle.arm(crate::AGENT_VERSION, now());
-        let will = frame(&armed.will)?;
-        eventloop.mqtt_options.set_last_will(LastWill::new(
-            will.topic,
-            will.payload,
-            QoS::AtLeastOnce,
-            will.retain,
-        ));
+        driver.connect(last_will(&armed.will)?);
         self.birth = Some(armed.birth);
         self.transition(LinkState::Connecting);
         Ok(())
@@ -293,7 +382,8 @@ pub async fn run_site<S: Site>(
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
-    let (client, mut eventloop) = AsyncClient::new(options.mqtt_options(), REQUEST_CAPACITY);
+    let (client, eventloop) = AsyncClient::new(options.mqtt_options(), REQUEST_CAPACITY);
+    let mut driver = Driver::spawn(eventloop, REQUEST_CAPACITY);
     let mut session = Session {
         client,
         lifecycle,
@@ -312,24 +402,26 @@ pub async fn run_site<S: Site>(
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     // The birth that this connection's will answers; `Some` while connected.
     let mut connection_birth: Option<Envelope> = None;
+    // An attempt or a connection is under way: it ends with an error event.
+    let mut attempting = false;
 
     loop {
         if *shutdown.borrow() {
             break;
         }
-        if eventloop.network.is_none() && session.birth.is_none() {
-            session.arm(&mut eventloop)?;
+        if !attempting {
+            session.arm(&driver)?;
+            attempting = true;
         }
         tokio::select! {
             // A dropped sender counts as shutdown, or `changed` would return at once forever.
             changed = shutdown.changed() => if changed.is_err() { break },
-            event = eventloop.poll() => match event {
+            event = driver.next() => match event.ok_or(LinkError::Stopped)? {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     backoff.reset();
                     let Some(birth) = session.birth.take() else {
-                        // rumqttc connected without our arming it: re-arm and reconnect.
-                        warn!("connected without an armed will; reconnecting");
-                        eventloop.clean();
+                        // Not possible: the driver connects only with a will armed here.
+                        warn!("connected without an armed birth; ignored");
                         continue;
                     };
                     info!(broker = %options.broker, boot = session.lifecycle.boot(), birth_seq = birth.header.seq, session_present = ack.session_present, "connected");
@@ -352,8 +444,10 @@ pub async fn run_site<S: Site>(
                 Ok(_) => {}
                 Err(e) => {
                     connection_birth = None;
-                    // The next attempt gets a will numbered after everything sent so far.
+                    // The next attempt gets a will numbered after everything sent so far,
+                    // including this attempt's will, which the broker may have registered.
                     session.birth = None;
+                    attempting = false;
                     session.transition(LinkState::Backoff);
                     let delay = backoff.next_delay();
                     warn!(broker = %options.broker, error = %e, hint = connection_hint(&e), retry_in_ms = delay.as_millis() as u64, "connection lost");
@@ -381,9 +475,11 @@ pub async fn run_site<S: Site>(
         // (which makes it discard the will).
         let closing = async {
             loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
+                match driver.next().await {
+                    Some(Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)) | None => {
+                        break;
+                    }
+                    Some(Ok(_)) => {}
                 }
             }
         };

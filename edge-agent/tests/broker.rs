@@ -599,6 +599,83 @@ async fn after_a_broker_restart_the_agent_is_born_again_with_a_fresh_will() {
     assert_eq!(death.env.header.seq, birth2.env.header.seq + 1);
 }
 
+/// Fresh agents connecting together are all alive at HQ once they report. A connection attempt
+/// given up after the broker registered its will (a cancelled poll used to do that right after
+/// the CONNACK) fires that will; the next birth must outrank it, or the site shows dead while
+/// its heartbeats arrive.
+#[tokio::test]
+async fn freshly_started_agents_are_never_shown_dead_while_reporting() {
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let url = broker.url();
+    let names: Vec<String> = (0..6).map(|i| format!("alive-{i}")).collect();
+    let agents: Vec<Agent> = names
+        .iter()
+        .map(|name| {
+            let state = dir.path().join(name);
+            let mut args = run_args(&url, state.to_str().unwrap(), "1s");
+            let at = args.iter().position(|a| *a == "--site").unwrap() + 1;
+            args[at] = name;
+            Agent::spawn(&args, dir.path(), name)
+        })
+        .collect();
+    let refs: Vec<SiteRef> = names
+        .iter()
+        .map(|name| SiteRef {
+            ward: WardCode(131041),
+            site: Id::new(name.as_str()).unwrap(),
+        })
+        .collect();
+
+    let mut hq = renkei_shared::State::new();
+    let logs = || {
+        agents
+            .iter()
+            .zip(&names)
+            .map(|(a, n)| format!("--- {n}\n{}", a.log()))
+            .collect::<String>()
+    };
+    // Until every site has sent a heartbeat after its birth, then ~3 s more of traffic (a
+    // will fired by a dropped connection lands within that).
+    let mut settled: Option<Instant> = None;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let until = settled.map_or(deadline, |at| at + Duration::from_secs(3));
+        match tokio::time::timeout_at(until, rx.recv()).await {
+            Ok(Some(m)) => {
+                hq.apply(&m.env);
+            }
+            Ok(None) => panic!("subscriber ended"),
+            Err(_) if settled.is_some() => break,
+            Err(_) => panic!("not every site reported within {WAIT:?}:\n{}", logs()),
+        }
+        let sites = &hq.world(Mode::Exercise).sites;
+        if settled.is_none()
+            && refs.iter().all(|r| {
+                sites
+                    .get(r)
+                    .is_some_and(|s| s.life.is_some() && s.status.is_some())
+            })
+        {
+            settled = Some(Instant::now());
+        }
+    }
+    let sites = &hq.world(Mode::Exercise).sites;
+    let dead: Vec<&str> = refs
+        .iter()
+        .filter(|r| sites[*r].is_dead())
+        .map(|r| r.site.as_str())
+        .collect();
+    assert!(
+        dead.is_empty(),
+        "reporting but shown dead: {dead:?}\n{}",
+        logs()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // The outbox: staff reports survive kill -9, outages and damage, and reach HQ once, in order.
 
