@@ -77,6 +77,18 @@ pub fn go(route: Route) {
     }
 }
 
+/// The world the page was asked to open with `?mode=actual|exercise|test`, if any: a drill's
+/// own link (the demo's simulated sites are an exercise) opens that world, under its banner.
+pub fn requested_mode() -> Option<renkei_shared::Mode> {
+    let search = web_sys::window()?.location().search().ok()?;
+    let value = web_sys::UrlSearchParams::new_with_str(&search)
+        .ok()?
+        .get("mode")?;
+    renkei_shared::Mode::ALL
+        .into_iter()
+        .find(|&m| crate::i18n::mode_key(m) == value)
+}
+
 /// Keeps `<html lang>` in step with the language shown, for fonts and screen readers.
 pub fn set_document_lang(lang: Lang) {
     if let Some(root) = web_sys::window()

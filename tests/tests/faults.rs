@@ -718,18 +718,11 @@ async fn agents_ride_out_a_network_cut() -> Result<()> {
 
 /// A site whose agent is connected and reporting must not show as dead.
 ///
-/// Fails today (edge-agent bug): `daemon::run` polls `eventloop.poll()` inside a `select!` with
-/// the heartbeat ticker (whose first tick is immediate) and the 500 ms pump tick. A tick while
-/// rumqttc is still connecting cancels the poll and drops the half-open connection right after
-/// its CONNACK; rumqttd then publishes that connection's last will (death, seq n+1). The agent
-/// does not re-arm (its birth was never consumed), reconnects with the same birth (seq n), and
-/// HQ keeps the site dead, outranked by its own earlier will, while heartbeats flow, until the
-/// next reconnect. The broker's log shows the pattern: `agent-…` registered, "disconnected
-/// error=connection closed by peer", registered again.
+/// Regression: a heartbeat tick that won a `select!` while rumqttc was still connecting used to
+/// cancel the poll and drop the half-open connection right after its CONNACK; the broker then
+/// published that connection's last will (death, seq n+1), and the agent reconnected with the
+/// same birth (seq n), which the will outranked, so HQ showed a reporting site as dead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "edge-agent bug: a tick during connect cancels rumqttc's poll; the dropped \
-            connection's last will outranks the next birth, so freshly started agents show dead \
-            while reporting (10 of 18 sites over 6 rounds here)"]
 async fn a_connected_agent_is_never_shown_dead() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let data = tempfile::tempdir()?;

@@ -364,8 +364,10 @@ fn demo(sites: u32, http_port: u16) -> Result<()> {
     children.0.push(simulator);
 
     println!();
-    println!("  Renkei is running: open http://{http}/  (Ctrl-C to stop)");
-    println!("  MQTT: mqtt://{mqtt}   {sites} simulated sites across the 23 wards");
+    // The simulated sites report as an exercise (訓練): drills never pass for reality, so the
+    // link opens the dashboard on the exercise world, under its banner.
+    println!("  Renkei is running: open http://{http}/?mode=exercise  (Ctrl-C to stop)");
+    println!("  MQTT: mqtt://{mqtt}   {sites} simulated sites (exercise) across the 23 wards");
     println!();
     // Wait until one of the children ends (or Ctrl-C ends us and the guard kills them).
     loop {

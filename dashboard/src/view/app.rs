@@ -22,7 +22,12 @@ pub fn App() -> Html {
     let lang = use_state(Lang::default);
     {
         let dispatcher = dashboard.dispatcher();
-        use_effect_with((), move |_| services::start(dispatcher));
+        use_effect_with((), move |_| {
+            if let Some(mode) = services::requested_mode() {
+                dispatcher.dispatch(Action::ViewMode(mode, Timestamp(services::now_ms())));
+            }
+            services::start(dispatcher)
+        });
     }
     use_effect_with(*lang, |lang| services::set_document_lang(*lang));
     // Effects run after the render is in the DOM: this is when a site first shows.
