@@ -755,9 +755,17 @@ async fn exercise_data_is_bannered_kept_out_of_totals_and_viewable_on_request() 
         .await
 }
 
+/// The issue's scale (2,000 sites) in long mode; every CI run checks 400, which a regression that
+/// makes each batch a visible stall fails just the same, in a fraction of the time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stays_smooth_with_2000_simulated_sites() -> Result<()> {
+async fn stays_smooth_with_many_simulated_sites() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
+    let site_count: u64 = if std::env::var_os("RENKEI_LONG_TESTS").is_some() {
+        2_000
+    } else {
+        400
+    };
+    let site_arg = site_count.to_string();
     let mut bench = Bench::start().await?;
     let state = tempfile::tempdir()?;
     let state_dir = state.path().to_str().context("utf-8 temp path")?.to_owned();
@@ -770,7 +778,7 @@ async fn stays_smooth_with_2000_simulated_sites() -> Result<()> {
         "--broker",
         &url,
         "--sites",
-        "2000",
+        &site_arg,
         "--interval",
         "1s",
         "--mode",
@@ -788,8 +796,8 @@ async fn stays_smooth_with_2000_simulated_sites() -> Result<()> {
             let all_in = Instant::now();
             eventually(
                 Duration::from_secs(120),
-                "2,000 sites on screen",
-                || async { sites().await.filter(|&n| n >= 2_000) },
+                "every simulated site on screen",
+                || async { sites().await.filter(|&n| n >= site_count) },
             )
             .await?;
             let all_in = all_in.elapsed();
@@ -801,7 +809,7 @@ async fn stays_smooth_with_2000_simulated_sites() -> Result<()> {
                 .await?;
             let received = b.text("#received").await.unwrap_or_default();
             println!(
-                "renkei dashboard with 2,000 sites at 1 s: all on screen after {all_in:.1?}; \
+                "renkei dashboard with {site_count} sites at 1 s: all on screen after {all_in:.1?}; \
                  {received}; window.__renkeiPerf = {perf}"
             );
             let ms = |key: &str| perf.get(key).and_then(serde_json::Value::as_f64);
