@@ -25,14 +25,24 @@
 //! disk_reserve = "1MiB"          # free disk never used; reports refused below it
 //! form_listen = "0.0.0.0:8090"   # the staff web form (--form); off by default
 //! form_pin = "…"                 # or RENKEI_AGENT_FORM_PIN
+//! power = "generator"            # when the OS does not say: grid | generator | battery | none
+//! battery_pct = 80               # when the OS does not say
+//! power_supply_dir = "/sys/class/power_supply"   # "" = do not read the OS
+//! hq = "established"             # none | alert | established | dissolved | unknown
+//! internet = "ok"                # also mobile, landline, radio: ok | degraded | down
 //! ```
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use renkei_shared::validate::MAX_NAME_BYTES;
-use renkei_shared::{GeoPoint, Id, Mode, ShelterState, SiteKind, SiteRef, WardCode};
+use renkei_shared::{
+    Comms, GeoPoint, HqState, Id, LinkState, Mode, PowerSource, ShelterState, SiteKind, SiteRef,
+    WardCode,
+};
 use serde::{Deserialize, Deserializer};
+
+use crate::power::{DEFAULT_POWER_SUPPLY_DIR, PowerProbe};
 
 /// Heartbeat interval when none is given.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
@@ -168,6 +178,38 @@ pub struct RawConfig {
     )]
     #[serde(default, deserialize_with = "scalar")]
     pub form_pin: Option<String>,
+    /// Power source when the OS does not say: grid | generator | battery | none | unknown
+    #[arg(long, value_name = "SOURCE")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub power: Option<String>,
+    /// Battery charge in percent when the OS does not say
+    #[arg(long, value_name = "PCT")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub battery_pct: Option<String>,
+    /// The ward's disaster HQ as the site knows it: none | alert | established | dissolved | unknown
+    #[arg(long, value_name = "STATE")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub hq: Option<String>,
+    /// Internet link: ok | degraded | down [default: not reported]
+    #[arg(long, value_name = "STATE")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub internet: Option<String>,
+    /// Mobile network: ok | degraded | down [default: not reported]
+    #[arg(long, value_name = "STATE")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub mobile: Option<String>,
+    /// Landline: ok | degraded | down [default: not reported]
+    #[arg(long, value_name = "STATE")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub landline: Option<String>,
+    /// 防災行政無線 radio: ok | degraded | down [default: not reported]
+    #[arg(long, value_name = "STATE")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub radio: Option<String>,
+    /// Where the OS lists power supplies; "" turns reading off [default: /sys/class/power_supply]
+    #[arg(long, value_name = "DIR")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub power_supply_dir: Option<String>,
 }
 
 /// Accepts a TOML string, integer, float or boolean as text, so `ward = 131041` and
@@ -260,6 +302,12 @@ pub struct AgentConfig {
     pub form_listen: Option<std::net::SocketAddr>,
     /// What the web form asks for before it saves, if anything.
     pub form_pin: Option<FormPin>,
+    /// Where the heartbeat's power source and battery charge come from.
+    pub power: PowerProbe,
+    /// The ward HQ's state as staff gave it; unknown otherwise.
+    pub hq: HqState,
+    /// The site's channels as staff gave them; `None` for those not given.
+    pub comms: Comms,
 }
 
 /// The web form's PIN; never printed.
@@ -313,6 +361,14 @@ impl RawConfig {
             disk_reserve: self.disk_reserve.or(fallback.disk_reserve),
             form_listen: self.form_listen.or(fallback.form_listen),
             form_pin: self.form_pin.or(fallback.form_pin),
+            power: self.power.or(fallback.power),
+            battery_pct: self.battery_pct.or(fallback.battery_pct),
+            hq: self.hq.or(fallback.hq),
+            internet: self.internet.or(fallback.internet),
+            mobile: self.mobile.or(fallback.mobile),
+            landline: self.landline.or(fallback.landline),
+            radio: self.radio.or(fallback.radio),
+            power_supply_dir: self.power_supply_dir.or(fallback.power_supply_dir),
         }
     }
 
@@ -441,6 +497,41 @@ impl RawConfig {
             (None, Some(_)) => return Err(ConfigError::Missing { key: "username" }),
         };
 
+        let power = PowerProbe {
+            sysfs_dir: match &self.power_supply_dir {
+                Some(d) if d.trim().is_empty() => None,
+                Some(d) => Some(PathBuf::from(d)),
+                None => Some(PathBuf::from(DEFAULT_POWER_SUPPLY_DIR)),
+            },
+            configured_power: self
+                .power
+                .as_deref()
+                .map(|v| parse_power("power", v))
+                .transpose()?,
+            configured_battery_pct: self
+                .battery_pct
+                .as_deref()
+                .map(|v| {
+                    v.trim()
+                        .parse::<u8>()
+                        .ok()
+                        .filter(|&p| p <= 100)
+                        .ok_or_else(|| invalid("battery_pct", v, "expected a percentage, 0–100"))
+                })
+                .transpose()?,
+        };
+        let hq = match &self.hq {
+            Some(v) => parse_hq("hq", v)?,
+            None => HqState::Unknown,
+        };
+        let link = |key, v: &Option<String>| v.as_deref().map(|v| parse_link(key, v)).transpose();
+        let comms = Comms {
+            internet: link("internet", &self.internet)?,
+            mobile: link("mobile", &self.mobile)?,
+            landline: link("landline", &self.landline)?,
+            radio: link("radio", &self.radio)?,
+        };
+
         let evacuees = self
             .evacuees
             .as_deref()
@@ -501,6 +592,9 @@ impl RawConfig {
             disk_reserve,
             form_listen,
             form_pin,
+            power,
+            hq,
+            comms,
         })
     }
 }
@@ -609,6 +703,45 @@ pub fn parse_mode(key: &'static str, text: &str) -> Result<Mode, ConfigError> {
         "exercise" => Ok(Mode::Exercise),
         "test" => Ok(Mode::Test),
         _ => Err(invalid(key, text, "expected actual, exercise or test")),
+    }
+}
+
+fn parse_power(key: &'static str, text: &str) -> Result<PowerSource, ConfigError> {
+    match text.trim() {
+        "grid" => Ok(PowerSource::Grid),
+        "generator" => Ok(PowerSource::Generator),
+        "battery" => Ok(PowerSource::Battery),
+        "none" => Ok(PowerSource::None),
+        "unknown" => Ok(PowerSource::Unknown),
+        _ => Err(invalid(
+            key,
+            text,
+            "expected grid, generator, battery, none or unknown",
+        )),
+    }
+}
+
+fn parse_hq(key: &'static str, text: &str) -> Result<HqState, ConfigError> {
+    match text.trim() {
+        "none" => Ok(HqState::None),
+        "alert" => Ok(HqState::Alert),
+        "established" => Ok(HqState::Established),
+        "dissolved" => Ok(HqState::Dissolved),
+        "unknown" => Ok(HqState::Unknown),
+        _ => Err(invalid(
+            key,
+            text,
+            "expected none, alert, established, dissolved or unknown",
+        )),
+    }
+}
+
+fn parse_link(key: &'static str, text: &str) -> Result<LinkState, ConfigError> {
+    match text.trim() {
+        "ok" => Ok(LinkState::Ok),
+        "degraded" => Ok(LinkState::Degraded),
+        "down" => Ok(LinkState::Down),
+        _ => Err(invalid(key, text, "expected ok, degraded or down")),
     }
 }
 
@@ -927,6 +1060,42 @@ mod tests {
         ));
         assert!(msg.contains("form_pin") && !msg.contains("12\""), "{msg}");
         assert!(error_of(&format!("{MINIMAL}\nform_pin = \"2468\"")).contains("only used"));
+    }
+
+    #[test]
+    fn power_hq_and_comms_as_configured() {
+        let c = resolve(MINIMAL).unwrap();
+        assert_eq!(
+            c.power,
+            PowerProbe {
+                sysfs_dir: Some(PathBuf::from("/sys/class/power_supply")),
+                configured_power: None,
+                configured_battery_pct: None,
+            }
+        );
+        assert_eq!((c.hq, c.comms), (HqState::Unknown, Comms::default()));
+        let c = resolve(&format!(
+            "{MINIMAL}\npower = \"generator\"\nbattery_pct = 80\nhq = \"established\"\n\
+             internet = \"ok\"\nradio = \"down\"\npower_supply_dir = \"\""
+        ))
+        .unwrap();
+        assert_eq!(c.power.sysfs_dir, None);
+        assert_eq!(c.power.configured_power, Some(PowerSource::Generator));
+        assert_eq!(c.power.configured_battery_pct, Some(80));
+        assert_eq!(c.hq, HqState::Established);
+        assert_eq!(c.comms.internet, Some(LinkState::Ok));
+        assert_eq!(c.comms.radio, Some(LinkState::Down));
+        assert_eq!(c.comms.mobile, None);
+        for (line, expected) in [
+            ("power = \"solar\"", "power = \"solar\": expected grid"),
+            ("battery_pct = 101", "battery_pct = \"101\""),
+            ("battery_pct = -1", "battery_pct"),
+            ("hq = \"yes\"", "hq = \"yes\""),
+            ("landline = \"fine\"", "landline = \"fine\": expected ok"),
+        ] {
+            let msg = error_of(&format!("{MINIMAL}\n{line}"));
+            assert!(msg.contains(expected), "{line}: {msg}");
+        }
     }
 
     #[test]

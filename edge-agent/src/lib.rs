@@ -21,6 +21,8 @@
 //!   one order;
 //! - [`staff`]: the reports staff enter (shelter, supplies, request, incident), checked, and
 //!   [`staff::store`], the one path by which the CLI and the web form save them;
+//! - [`power`]: the heartbeat's power source and battery, from Linux's power-supply sysfs
+//!   where it says, else from the configuration, else unknown;
 //! - [`report`]: the [`report::Site`] trait (what a site reports, on connect and on each tick),
 //!   the fixed site of `run`, and the framing of every envelope onto its topic;
 //! - [`form`]: the staff web form the daemon serves on the shelter's network (`form_listen`),
@@ -41,6 +43,7 @@ pub mod form;
 pub mod lifecycle;
 pub mod link;
 pub mod outbox;
+pub mod power;
 pub mod report;
 pub mod simulate;
 pub mod staff;

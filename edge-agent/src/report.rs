@@ -10,11 +10,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use renkei_shared::topic::TopicForError;
 use renkei_shared::{
-    Body, CodecError, Comms, Crowding, Envelope, GeoPoint, HqState, PowerSource, ShelterStatus,
-    ShelterType, SiteKind, SiteStatus, Timestamp, Topic,
+    Body, CodecError, Comms, Crowding, Envelope, GeoPoint, HqState, ShelterStatus, ShelterType,
+    SiteKind, SiteStatus, Timestamp, Topic,
 };
 
 use crate::config::AgentConfig;
+use crate::power::PowerProbe;
 
 /// The current time as the protocol counts it.
 pub fn now() -> Timestamp {
@@ -99,6 +100,10 @@ pub struct FixedSite {
     queue_depth: Option<u32>,
     /// The outbox (or its disk) is refusing reports: HQ should call the site.
     outbox_alarm: bool,
+    /// Read on every heartbeat, so a power cut shows on the next one.
+    power: PowerProbe,
+    hq: HqState,
+    comms: Comms,
 }
 
 impl FixedSite {
@@ -127,6 +132,9 @@ impl FixedSite {
             shelter,
             queue_depth: None,
             outbox_alarm: false,
+            power: config.power.clone(),
+            hq: config.hq,
+            comms: config.comms,
         }
     }
 
@@ -146,16 +154,18 @@ impl FixedSite {
         self.outbox_alarm = alarm;
     }
 
-    /// The heartbeat. Power, HQ state and comms are not known to the box, so they say so.
+    /// The heartbeat: power and battery from the OS where it says, else as configured; HQ
+    /// state and comms as configured; unknown where nobody said.
     pub fn status(&self) -> SiteStatus {
+        let (power, battery_pct) = self.power.read();
         SiteStatus {
             name: self.name.clone(),
             kind: self.kind,
             location: self.location,
-            hq: HqState::Unknown,
-            power: PowerSource::Unknown,
-            battery_pct: None,
-            comms: Comms::default(),
+            hq: self.hq,
+            power,
+            battery_pct,
+            comms: self.comms,
             interval_s: self.interval_s,
             uptime_s: Some(self.started.elapsed().as_secs()),
             queue_depth: self.queue_depth,
@@ -183,7 +193,7 @@ impl Site for FixedSite {
 #[cfg(test)]
 mod tests {
     use renkei_shared::validate::validate_for_topic;
-    use renkei_shared::{Mode, ShelterState, decode};
+    use renkei_shared::{LinkState, Mode, PowerSource, ShelterState, decode};
 
     use super::*;
     use crate::config::RawConfig;
@@ -244,6 +254,52 @@ mod tests {
             panic!("a tick is one status")
         };
         assert_eq!(status.interval_s, 5);
+    }
+
+    #[test]
+    fn the_heartbeat_carries_power_from_the_os_else_as_configured() {
+        let sysfs = tempfile::tempdir().unwrap();
+        let bat = sysfs.path().join("BAT0");
+        std::fs::create_dir(&bat).unwrap();
+        std::fs::write(bat.join("type"), "Battery\n").unwrap();
+        std::fs::write(bat.join("status"), "Discharging\n").unwrap();
+        std::fs::write(bat.join("capacity"), "37\n").unwrap();
+        let dir = sysfs.path().display();
+        let cfg = config(&format!(
+            "power = \"generator\"\nbattery_pct = 80\nhq = \"established\"\n\
+             internet = \"down\"\nmobile = \"degraded\"\npower_supply_dir = \"{dir}\""
+        ));
+        let site = FixedSite::from_config(&cfg, Timestamp(0));
+        let status = site.status();
+        assert_eq!(
+            (status.power, status.battery_pct),
+            (PowerSource::Battery, Some(37))
+        );
+        assert_eq!(status.hq, HqState::Established);
+        assert_eq!(status.comms.internet, Some(LinkState::Down));
+        assert_eq!(status.comms.mobile, Some(LinkState::Degraded));
+        assert_eq!(status.comms.radio, None);
+
+        // Mains comes back: read again on the next heartbeat; a generator feeds the mains.
+        std::fs::write(bat.join("status"), "Charging\n").unwrap();
+        assert_eq!(site.status().power, PowerSource::Generator);
+
+        // The OS says nothing: the configured values.
+        std::fs::remove_dir_all(&bat).unwrap();
+        let status = site.status();
+        assert_eq!(
+            (status.power, status.battery_pct),
+            (PowerSource::Generator, Some(80))
+        );
+
+        // Nobody says: unknown.
+        let cfg = config("power_supply_dir = \"\"");
+        let status = FixedSite::from_config(&cfg, Timestamp(0)).status();
+        assert_eq!(
+            (status.power, status.battery_pct, status.hq),
+            (PowerSource::Unknown, None, HqState::Unknown)
+        );
+        assert_eq!(status.comms, Comms::default());
     }
 
     #[test]
