@@ -31,7 +31,10 @@
 //!   order within a PubAck-tracked window, backlog replay marked historical and rate-limited;
 //! - [`link`]: the MQTT pieces both sessions share (options, backoff, commands, the task that
 //!   polls rumqttc) and the live session of [`simulate`], which has no outbox;
-//! - [`simulate`]: many simulated shelters across the 23 wards, for drills, demos and load;
+//! - [`simulate`]: many simulated shelters across the 23 wards, for drills, demos and load,
+//!   playing a scenario deterministic for a seed: `steady` (the default: a disaster already
+//!   under way) or `earthquake` (calm, a quake at `--quake-at`, then shelters opening, power
+//!   failing, requests, incidents and sites going silent);
 //! - [`tls`]: `mqtts://` brokers, trusted through the site's `ca_file` only.
 //!
 //! The outbox alarm (reports refused: outbox or disk full) rides on every heartbeat as

@@ -92,9 +92,19 @@ struct SimArgs {
     /// Seed: the same seed gives the same sites and the same story
     #[arg(long, default_value_t = 2026)]
     seed: u64,
-    /// Heartbeat interval of every site (one step of the story)
+    /// Heartbeat interval of every site (one step of the story at --speed 1)
     #[arg(long, value_name = "DURATION", default_value = "5s")]
     interval: String,
+    /// steady: a disaster under way from the start; earthquake: calm, a quake at --quake-at,
+    /// then shelters open, power fails, requests, incidents, silent sites
+    #[arg(long, default_value = "steady", value_parser = ["steady", "earthquake"])]
+    scenario: String,
+    /// When the quake strikes after start (earthquake only) [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    quake_at: Option<String>,
+    /// Story steps per heartbeat: 2.0 plays the story twice as fast
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
     /// actual | exercise | test (a simulation is an exercise unless said otherwise)
     #[arg(long, default_value = "exercise")]
     mode: String,
@@ -371,6 +381,24 @@ async fn simulate(args: SimArgs) -> Result<()> {
     if args.sites == 0 {
         bail!("sites = 0: give at least one site");
     }
+    let scenario = match (args.scenario.as_str(), &args.quake_at) {
+        ("earthquake", quake_at) => simulate::Scenario::Earthquake {
+            quake_at: match quake_at {
+                Some(text) => config::parse_duration(text).with_context(|| {
+                    format!("--quake-at {text:?}: expected a duration such as 30s or 2m")
+                })?,
+                None => std::time::Duration::from_secs(30),
+            },
+        },
+        (_, None) => simulate::Scenario::Steady,
+        (_, Some(_)) => bail!("--quake-at is only used with --scenario earthquake"),
+    };
+    if !(args.speed.is_finite() && args.speed > 0.0 && args.speed <= 100.0) {
+        bail!(
+            "--speed {}: expected a number above 0, at most 100",
+            args.speed
+        );
+    }
     let credentials = match (args.username, args.password) {
         (Some(username), Some(password)) => Some(Credentials { username, password }),
         (None, None) => None,
@@ -388,6 +416,8 @@ async fn simulate(args: SimArgs) -> Result<()> {
         sites: args.sites,
         seed: args.seed,
         interval,
+        scenario,
+        speed: args.speed,
         mode,
         boot,
     };

@@ -29,7 +29,8 @@ pub fn now() -> Timestamp {
 pub trait Site: Send {
     /// Everything HQ needs to draw the site from scratch: sent after every birth.
     fn full_state(&mut self, now: Timestamp) -> Vec<Body>;
-    /// What to send on a heartbeat tick: at least the status.
+    /// What to send on a heartbeat tick: at least the status, or nothing at all for a
+    /// simulated site playing an outage (HQ must see it fall silent).
     fn tick(&mut self, now: Timestamp) -> Vec<Body>;
     /// HQ changed the heartbeat interval; the status must say so from now on.
     fn set_interval(&mut self, interval: Duration);

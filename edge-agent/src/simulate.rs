@@ -11,6 +11,24 @@
 //! (one tick is ten minutes of shelter life, so stock visibly falls) and a low stock or a
 //! random need raises a supply request; now and then an incident is reported nearby.
 //!
+//! That is the `steady` scenario (the default): a disaster already under way from the first
+//! heartbeat. The `earthquake` scenario ([`Scenario::Earthquake`]) plays a timeline instead,
+//! the same for a seed:
+//!
+//! - before the quake (`--quake-at`): every shelter not open, HQ not set up, grid power, all
+//!   lifelines working, heartbeats only;
+//! - the quake: HQ goes to alert, then established; lifelines fail at many sites; about a
+//!   third lose the grid and run on a generator or on a battery that drains;
+//! - shelters prepare and open, staggered over the following steps, and fill fast towards a
+//!   target that is crowded or above capacity for about half of them; stock was low to start
+//!   with, so water and food requests follow as it runs down, with other requests now and then;
+//! - some sites report an incident nearby soon after the quake, and more later;
+//! - about one site in ten goes silent for four to eight heartbeats (long enough for HQ to
+//!   mark it silent), keeping what happened meanwhile, then comes back with its full state.
+//!
+//! `--speed` sets the story steps per heartbeat (2.0 plays the timeline twice as fast); the
+//! quake itself strikes at its wall-clock time whatever the speed.
+//!
 //! Every site has its own MQTT connection ([`crate::link::run_site`]): a connection carries
 //! exactly one last will, and the broker lets a client publish only under its own site, so
 //! sharing connections would lose per-site death and break access control. A few hundred to a
@@ -119,10 +137,71 @@ pub struct SimSite {
     next_incident: u32,
     /// Whether a water request is open (so a low stock asks once).
     water_requested: bool,
+    /// Heartbeats so far.
+    beats: u32,
+    /// Story steps per heartbeat, and the part of a step carried over to the next one.
+    speed: f64,
+    carry: f64,
+    /// The earthquake timeline, when that is the scenario.
+    quake: Option<QuakeStory>,
+}
+
+/// Which story the simulated sites play.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// A disaster under way from the first heartbeat (the default).
+    Steady,
+    /// Calm until the quake strikes `quake_at` after start, then the timeline of the module doc.
+    Earthquake { quake_at: Duration },
+}
+
+impl Scenario {
+    /// The heartbeat on which the quake strikes: the first at or after `quake_at`.
+    fn strike_beat(quake_at: Duration, interval: Duration) -> u32 {
+        let interval = interval.as_millis().max(1);
+        u32::try_from(quake_at.as_millis().div_ceil(interval)).unwrap_or(u32::MAX)
+    }
+}
+
+/// One site's earthquake timeline, drawn from its own stream when it is planned. Steps count
+/// story steps after the quake; `silence` counts heartbeats after it.
+#[derive(Debug, Clone, PartialEq)]
+struct QuakeStory {
+    /// The heartbeat on which the quake strikes (the same at every site).
+    strike_beat: u32,
+    /// The step from which staff prepare the shelter (it opens at `SimSite::opens_at`).
+    prepares_at: u32,
+    /// The step at which the grid fails here, if it does, and what takes over.
+    power_fails_at: Option<u32>,
+    backup: PowerSource,
+    /// The lifelines after the quake (all working before it).
+    damaged: Lifelines,
+    /// The step at which staff report an incident nearby, if they do early.
+    first_incident_at: Option<u32>,
+    /// Heartbeats after the quake at which the site goes silent, and for how many.
+    silence: Option<(u32, u32)>,
+    /// Whether a food request is open (so a low stock asks once).
+    food_requested: bool,
+    /// What happened while the site was silent, sent when it comes back.
+    held: Vec<Body>,
+    /// The last heartbeat was silent: the next one sends the full state again.
+    was_silent: bool,
 }
 
 /// Sites spread over the wards, deterministic for a seed.
 pub fn plan(sites: usize, seed: u64, interval: Duration) -> Vec<SimSite> {
+    plan_scenario(sites, seed, interval, Scenario::Steady, 1.0)
+}
+
+/// Sites spread over the wards playing `scenario` at `speed` story steps per heartbeat,
+/// deterministic for a seed.
+pub fn plan_scenario(
+    sites: usize,
+    seed: u64,
+    interval: Duration,
+    scenario: Scenario,
+    speed: f64,
+) -> Vec<SimSite> {
     let weights: Vec<u32> = WARDS.iter().map(|w| w.shelters_2024).collect();
     let per_ward = apportion(sites, &weights);
     let mut out = Vec::with_capacity(sites);
@@ -132,12 +211,12 @@ pub fn plan(sites: usize, seed: u64, interval: Duration) -> Vec<SimSite> {
             let stream = seed
                 ^ u64::from(ward.code.0).wrapping_mul(0x9E37_79B9_7F4A_7C15)
                 ^ (n as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-            out.push(SimSite::new(
-                ward,
-                n,
-                StdRng::seed_from_u64(stream),
-                interval,
-            ));
+            let mut site = SimSite::new(ward, n, StdRng::seed_from_u64(stream), interval);
+            site.speed = speed;
+            if let Scenario::Earthquake { quake_at } = scenario {
+                site.prepare_for_quake(Scenario::strike_beat(quake_at, interval));
+            }
+            out.push(site);
         }
     }
     out
@@ -213,11 +292,103 @@ impl SimSite {
             next_request: 1,
             next_incident: 1,
             water_requested: false,
+            beats: 0,
+            speed: 1.0,
+            carry: 0.0,
+            quake: None,
             rng,
         }
     }
 
+    /// Replaces the steady story by the earthquake timeline. Drawn after everything `new`
+    /// draws, so the steady story of a seed stays what it was.
+    fn prepare_for_quake(&mut self, strike_beat: u32) {
+        let rng = &mut self.rng;
+        let prepares_at = rng.random_range(1..5);
+        self.opens_at = prepares_at + rng.random_range(1..6);
+        // A quake fills shelters beyond plan more often than the steady story does.
+        let fullness = match rng.random_range(0..100) {
+            0..50 => rng.random_range(0.4..0.8),
+            50..80 => rng.random_range(0.8..1.0),
+            _ => rng.random_range(1.0..1.15),
+        };
+        self.target = (f64::from(self.capacity) * fullness) as u32;
+        self.fill_rate = rng.random_range(0.25..0.5);
+        // Stock for a few hours of the target population: requests follow within the hour.
+        self.water = self.target * WATER_PER_PERSON_DAY * rng.random_range(15..50) / 100;
+        self.food = self.target * MEALS_PER_PERSON_DAY * rng.random_range(15..50) / 100;
+        let power_fails_at = rng.random_bool(0.35).then(|| rng.random_range(1..4));
+        let backup = if rng.random_bool(0.6) {
+            PowerSource::Generator
+        } else {
+            PowerSource::Battery
+        };
+        let first_incident_at = rng.random_bool(0.3).then(|| rng.random_range(1..7));
+        let silence = rng
+            .random_bool(0.1)
+            .then(|| (rng.random_range(3..13), rng.random_range(4..9)));
+        let damaged = self.lifelines;
+        self.lifelines = Lifelines {
+            power: Some(LifelineState::Ok),
+            water: Some(LifelineState::Ok),
+            gas: Some(LifelineState::Ok),
+            toilets: Some(LifelineState::Ok),
+            comms: Some(LifelineState::Ok),
+        };
+        self.power = PowerSource::Grid;
+        self.battery_pct = None;
+        self.quake = Some(QuakeStory {
+            strike_beat,
+            prepares_at,
+            power_fails_at,
+            backup,
+            damaged,
+            first_incident_at,
+            silence,
+            food_requested: false,
+            held: Vec::new(),
+            was_silent: false,
+        });
+    }
+
+    /// Whether the quake has struck (always, in the steady story).
+    fn struck(&self) -> bool {
+        self.quake
+            .as_ref()
+            .is_none_or(|q| self.beats >= q.strike_beat)
+    }
+
+    /// Whether this heartbeat falls in the site's silence.
+    fn silent(&self) -> bool {
+        self.quake.as_ref().is_some_and(|q| {
+            q.silence.is_some_and(|(from, beats)| {
+                let since = self.beats.saturating_sub(q.strike_beat);
+                self.struck() && since >= from && since < from + beats
+            })
+        })
+    }
+
+    /// Story steps this heartbeat: `speed` on average, none before the quake.
+    fn steps_this_beat(&mut self) -> u32 {
+        if !self.struck() {
+            return 0;
+        }
+        self.carry += self.speed;
+        let steps = self.carry.floor();
+        self.carry -= steps;
+        steps as u32
+    }
+
     fn state(&self) -> ShelterState {
+        if let Some(q) = &self.quake {
+            return if !self.struck() || self.ticks < q.prepares_at {
+                ShelterState::NotOpen
+            } else if self.ticks < self.opens_at {
+                ShelterState::Preparing
+            } else {
+                ShelterState::Open
+            };
+        }
         if self.ticks + 1 < self.opens_at {
             ShelterState::NotOpen
         } else if self.ticks < self.opens_at {
@@ -236,7 +407,9 @@ impl SimSite {
             name: self.name.clone(),
             kind: SiteKind::Shelter,
             location: Some(self.location),
-            hq: if self.ticks >= 2 {
+            hq: if !self.struck() {
+                HqState::None
+            } else if self.ticks >= 2 {
                 HqState::Established
             } else {
                 HqState::Alert
@@ -324,6 +497,9 @@ impl SimSite {
     fn advance(&mut self, now: Timestamp) -> Vec<Body> {
         self.ticks += 1;
         let mut events = Vec::new();
+        if self.quake.is_some() {
+            events.extend(self.after_the_quake());
+        }
         if self.state() != ShelterState::Open {
             return events;
         }
@@ -340,7 +516,9 @@ impl SimSite {
             let f: f64 = self.rng.random_range(0.9..1.25);
             self.target = ((f64::from(self.target) * f) as u32).min(self.capacity * 6 / 5);
         }
-        if let Some(b) = self.battery_pct {
+        if let Some(b) = self.battery_pct
+            && self.quake.is_none()
+        {
             self.battery_pct = Some(b.saturating_sub(u8::from(self.rng.random_bool(0.3))).max(5));
         }
 
@@ -355,7 +533,12 @@ impl SimSite {
             self.water_requested = true;
             let quantity = (self.evacuees * WATER_PER_PERSON_DAY * 2).max(100);
             events.push(self.request(Item::Water, quantity, "飲料水が残り半日分を切りました", now));
-        } else if self.rng.random_bool(0.004) {
+        } else if let Some(quantity) = self.food_running_out() {
+            events.push(self.request(Item::Food, quantity, "食料が残り半日分を切りました", now));
+        } else if self
+            .rng
+            .random_bool(if self.quake.is_some() { 0.02 } else { 0.004 })
+        {
             let (item, note) = [
                 (Item::Blankets, "夜間の冷え込みに備えて毛布が必要"),
                 (Item::ChildDiapers, "乳幼児用おむつが不足"),
@@ -369,10 +552,56 @@ impl SimSite {
             let quantity = (self.evacuees / 4).max(10);
             events.push(self.request(item, quantity, note, now));
         }
-        if self.rng.random_bool(0.0015) {
+        if self
+            .rng
+            .random_bool(if self.quake.is_some() { 0.01 } else { 0.0015 })
+        {
             events.push(self.incident());
         }
         events
+    }
+
+    /// The quake's own steps, open or not: lifelines fail, the grid goes, batteries drain, an
+    /// incident is seen nearby.
+    fn after_the_quake(&mut self) -> Vec<Body> {
+        let Some(q) = &self.quake else {
+            return Vec::new();
+        };
+        let (damaged, fails_at, backup, incident_at) =
+            (q.damaged, q.power_fails_at, q.backup, q.first_incident_at);
+        let mut events = Vec::new();
+        if self.ticks == 1 {
+            self.lifelines = damaged;
+        }
+        if fails_at == Some(self.ticks) {
+            self.power = backup;
+            self.lifelines.power = Some(if backup == PowerSource::Battery {
+                LifelineState::Out
+            } else {
+                LifelineState::Limited
+            });
+            if backup == PowerSource::Battery {
+                self.battery_pct = Some(100);
+            }
+        }
+        if let Some(b) = self.battery_pct {
+            self.battery_pct = Some(b.saturating_sub(self.rng.random_range(1..5)).max(5));
+        }
+        if incident_at == Some(self.ticks) {
+            events.push(self.incident());
+        }
+        events
+    }
+
+    /// The quantity to ask for when food falls below half a day, once (earthquake only).
+    fn food_running_out(&mut self) -> Option<u32> {
+        let q = self.quake.as_mut()?;
+        let need = (self.evacuees * MEALS_PER_PERSON_DAY).max(1);
+        if q.food_requested || u64::from(self.food) * 10 / u64::from(need) >= 5 {
+            return None;
+        }
+        q.food_requested = true;
+        Some((self.evacuees * MEALS_PER_PERSON_DAY * 2).max(100))
     }
 
     fn request(&mut self, item: Item, quantity: u32, note: &str, now: Timestamp) -> Body {
@@ -454,14 +683,38 @@ impl Site for SimSite {
         ]
     }
 
+    /// The heartbeat's messages; none while the site is silent (HQ must notice).
     fn tick(&mut self, now: Timestamp) -> Vec<Body> {
-        let before = (self.state(), self.evacuees);
-        let events = self.advance(now);
+        self.beats += 1;
+        let before = (self.state(), self.evacuees, self.ticks);
+        let mut events = Vec::new();
+        for _ in 0..self.steps_this_beat() {
+            events.extend(self.advance(now));
+        }
+        if self.silent() {
+            if let Some(q) = &mut self.quake {
+                q.held.extend(events);
+                q.was_silent = true;
+            }
+            return Vec::new();
+        }
+        if let Some(q) = &mut self.quake
+            && q.was_silent
+        {
+            // Back: everything HQ may have given up on, then what happened meanwhile.
+            q.was_silent = false;
+            let held = std::mem::take(&mut q.held);
+            let mut bodies = self.full_state(now);
+            bodies.extend(held);
+            bodies.extend(events);
+            return bodies;
+        }
         let mut bodies = vec![Body::Status(self.status())];
-        if (self.state(), self.evacuees) != before {
+        if (self.state(), self.evacuees) != (before.0, before.1) {
             bodies.push(Body::Shelter(self.shelter(now)));
         }
-        if self.ticks.is_multiple_of(3) && self.state() == ShelterState::Open {
+        // Every third story step (whatever the speed), once open.
+        if self.ticks / 3 != before.2 / 3 && self.state() == ShelterState::Open {
             bodies.push(Body::Supplies(self.supplies()));
         }
         bodies.extend(events);
@@ -484,6 +737,9 @@ pub struct SimOptions {
     pub sites: usize,
     pub seed: u64,
     pub interval: Duration,
+    pub scenario: Scenario,
+    /// Story steps per heartbeat (1.0: one).
+    pub speed: f64,
     pub mode: Mode,
     /// The boot id of the whole simulation is raised here at every start.
     pub boot: u32,
@@ -495,10 +751,14 @@ pub fn spawn(
     shutdown: &watch::Receiver<bool>,
 ) -> JoinSet<Result<(), LinkError>> {
     let mut tasks = JoinSet::new();
-    for (i, site) in plan(options.sites, options.seed, options.interval)
-        .into_iter()
-        .enumerate()
-    {
+    let sites = plan_scenario(
+        options.sites,
+        options.seed,
+        options.interval,
+        options.scenario,
+        options.speed,
+    );
+    for (i, site) in sites.into_iter().enumerate() {
         let credentials = options.credentials.as_ref().map(|c| Credentials {
             username: c
                 .username
@@ -532,7 +792,7 @@ pub fn spawn(
 #[cfg(test)]
 mod tests {
     use renkei_shared::validate::validate_for_topic;
-    use renkei_shared::{Topic, decode};
+    use renkei_shared::{Crowding, Topic, decode};
 
     use super::*;
     use crate::report::frame;
@@ -661,10 +921,225 @@ mod tests {
         assert!(sites.iter().filter(|s| s.evacuees() > 0).count() >= 3);
     }
 
+    const QUAKE_BEAT: u32 = 3;
+
+    fn quake_plan(sites: usize, seed: u64, speed: f64) -> Vec<SimSite> {
+        // 15 s at a 5 s heartbeat: the quake strikes on the third heartbeat.
+        let quake = Scenario::Earthquake {
+            quake_at: Duration::from_secs(15),
+        };
+        plan_scenario(sites, seed, Duration::from_secs(5), quake, speed)
+    }
+
+    /// The bodies of `beats` heartbeats of every site, uptime (wall-clock) blanked.
+    fn run_story(sites: &mut [SimSite], beats: u32) -> Vec<Vec<Vec<Body>>> {
+        (1..=beats)
+            .map(|t| {
+                sites
+                    .iter_mut()
+                    .map(|s| {
+                        let mut bodies = s.tick(Timestamp(1_788_220_800_000 + i64::from(t)));
+                        for b in &mut bodies {
+                            if let Body::Status(st) = b {
+                                st.uptime_s = None;
+                            }
+                        }
+                        bodies
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_earthquake_story_is_the_same_for_a_seed() {
+        let story = |seed| run_story(&mut quake_plan(80, seed, 1.0), 40);
+        let a = story(11);
+        assert_eq!(a, story(11));
+        assert_ne!(a, story(12));
+        // The steady story of a seed is unchanged by the scenario machinery.
+        let steady = |seed| run_story(&mut plan(40, seed, Duration::from_secs(5)), 20);
+        let explicit = run_story(
+            &mut plan_scenario(40, 5, Duration::from_secs(5), Scenario::Steady, 1.0),
+            20,
+        );
+        assert_eq!(steady(5), explicit);
+    }
+
+    #[test]
+    fn the_quake_strikes_on_the_heartbeat_at_or_after_its_time() {
+        let s = Duration::from_secs;
+        assert_eq!(Scenario::strike_beat(s(15), s(5)), 3);
+        assert_eq!(Scenario::strike_beat(s(16), s(5)), 4);
+        assert_eq!(Scenario::strike_beat(s(1), s(1)), 1);
+        assert_eq!(Scenario::strike_beat(s(0), s(5)), 0);
+    }
+
+    #[test]
+    fn every_phase_of_the_earthquake_happens() {
+        let mut sites = quake_plan(200, 2026, 1.0);
+        let n = sites.len();
+        let beats = 60;
+        let story = run_story(&mut sites, beats);
+
+        let mut states: Vec<Vec<ShelterState>> = vec![Vec::new(); n];
+        let mut power_seen: Vec<Vec<PowerSource>> = vec![Vec::new(); n];
+        // Per site, the heartbeats that sent nothing.
+        let mut silent: std::collections::BTreeMap<usize, Vec<u32>> = Default::default();
+        let (mut requests, mut incidents, mut food_requests) = (0, 0, 0);
+        let mut min_battery = 100;
+        for (beat, per_site) in (1..=beats).zip(&story) {
+            for (i, bodies) in per_site.iter().enumerate() {
+                let site = &sites[i];
+                if bodies.is_empty() {
+                    silent.entry(i).or_default().push(beat);
+                    continue;
+                }
+                for body in bodies {
+                    match body {
+                        Body::Status(st) => {
+                            power_seen[i].push(st.power);
+                            if beat < QUAKE_BEAT {
+                                assert_eq!(st.hq, HqState::None);
+                                assert_eq!(st.power, PowerSource::Grid);
+                            } else if beat >= QUAKE_BEAT + 2 {
+                                assert_eq!(st.hq, HqState::Established);
+                            }
+                            if let Some(b) = st.battery_pct {
+                                min_battery = min_battery.min(b);
+                            }
+                        }
+                        Body::Shelter(sh) => states[i].push(sh.state),
+                        Body::Request(r) => {
+                            assert!(beat >= QUAKE_BEAT, "no request before the quake");
+                            requests += 1;
+                            food_requests += usize::from(r.item == Item::Food);
+                        }
+                        Body::Incident(inc) => {
+                            assert!(beat >= QUAKE_BEAT, "no incident before the quake");
+                            incidents += 1;
+                            // Near the shelter, so within its ward's reach.
+                            let at = inc.location.unwrap();
+                            assert!((at.lat_e6 - site.location.lat_e6).abs() <= 3_000);
+                            assert!((at.lon_e6 - site.location.lon_e6).abs() <= 3_000);
+                        }
+                        _ => {}
+                    }
+                }
+                if beat < QUAKE_BEAT {
+                    assert_eq!(bodies.len(), 1, "heartbeats only before the quake");
+                }
+            }
+        }
+        // Shelters go not_open → preparing → open, in that order, staggered (a site silent
+        // meanwhile shows HQ only where it got to).
+        let mut model = quake_plan(200, 2026, 1.0);
+        let mut path: Vec<Vec<ShelterState>> = vec![vec![ShelterState::NotOpen]; n];
+        for _ in 0..beats {
+            for (i, s) in model.iter_mut().enumerate() {
+                s.tick(Timestamp(0));
+                if path[i].last() != Some(&s.state()) {
+                    path[i].push(s.state());
+                }
+            }
+        }
+        let phases = [
+            ShelterState::NotOpen,
+            ShelterState::Preparing,
+            ShelterState::Open,
+        ];
+        assert!(path.iter().all(|p| p[..] == phases), "{path:?}");
+        for (i, seen) in states.iter().enumerate() {
+            let mut order: Vec<ShelterState> = seen.clone();
+            order.dedup();
+            assert!(
+                order == phases[1..] || order == phases[2..],
+                "site {i}: {seen:?}"
+            );
+        }
+        let preparing_seen = states
+            .iter()
+            .filter(|s| s.contains(&ShelterState::Preparing))
+            .count();
+        assert!(preparing_seen >= n * 8 / 10, "{preparing_seen} of {n}");
+        let open_beats: std::collections::BTreeSet<u32> =
+            sites.iter().map(|s| s.opens_at).collect();
+        assert!(
+            open_beats.len() >= 4,
+            "openings are staggered: {open_beats:?}"
+        );
+        // Evacuees rise towards their targets; some shelters crowded, some full.
+        let levels: Vec<Option<Crowding>> = sites
+            .iter()
+            .map(|s| crowding(Some(s.evacuees), Some(s.capacity)))
+            .collect();
+        let count = |c| levels.iter().filter(|&&x| x == Some(c)).count();
+        assert!(count(Crowding::Crowded) >= 20, "{levels:?}");
+        assert!(count(Crowding::Full) >= 10, "{levels:?}");
+        assert!(count(Crowding::Vacant) >= 40, "{levels:?}");
+        // The grid fails at a share of sites; batteries drain.
+        let lost_grid = power_seen
+            .iter()
+            .filter(|p| p.contains(&PowerSource::Grid) && p.last() != Some(&PowerSource::Grid))
+            .count();
+        assert!((40..=110).contains(&lost_grid), "{lost_grid} lost the grid");
+        assert!(
+            power_seen
+                .iter()
+                .any(|p| p.last() == Some(&PowerSource::Generator))
+        );
+        assert!(
+            power_seen
+                .iter()
+                .any(|p| p.last() == Some(&PowerSource::Battery))
+        );
+        assert!(min_battery < 50, "batteries drain: lowest {min_battery}");
+        // Requests as stock runs down; incidents near the wards.
+        assert!(requests >= 100, "{requests} requests");
+        assert!(food_requests >= 20, "{food_requests} food requests");
+        assert!(incidents >= 30, "{incidents} incidents");
+        // Some sites go silent for long enough to be marked silent, then come back with their
+        // full state.
+        assert!(silent.len() >= 5 && silent.len() <= 40, "{silent:?}");
+        for (&i, beats) in &silent {
+            let (from, len) = (beats[0], beats.len() as u32);
+            // One run, after the quake, of at least three intervals (HQ's silence rule).
+            assert_eq!(beats[beats.len() - 1], from + len - 1, "{beats:?}");
+            assert!(from > QUAKE_BEAT && (4..=8).contains(&len), "{beats:?}");
+            // story[k] is heartbeat k + 1: the one after the last silent heartbeat.
+            let back = &story[(from + len - 1) as usize][i];
+            assert!(matches!(back[0], Body::Status(_)), "{back:?}");
+            assert!(matches!(back[1], Body::Shelter(_)), "{back:?}");
+            assert!(matches!(back[2], Body::Supplies(_)), "{back:?}");
+        }
+    }
+
+    #[test]
+    fn speed_plays_the_timeline_faster_but_the_quake_strikes_on_time() {
+        let open_after = |speed: f64, beats: u32| {
+            let mut sites = quake_plan(100, 9, speed);
+            run_story(&mut sites, beats);
+            sites
+                .iter()
+                .filter(|s| s.state() == ShelterState::Open)
+                .count()
+        };
+        assert_eq!(
+            open_after(4.0, QUAKE_BEAT - 1),
+            0,
+            "nothing before the quake"
+        );
+        assert_eq!(open_after(1.0, QUAKE_BEAT), 0, "no shelter opens at once");
+        assert!(open_after(4.0, QUAKE_BEAT + 1) > 30);
+        assert!(open_after(2.0, QUAKE_BEAT + 4) > open_after(1.0, QUAKE_BEAT + 4));
+        assert!(open_after(0.5, QUAKE_BEAT + 4) < open_after(1.0, QUAKE_BEAT + 4));
+    }
+
     /// Every message a simulated site can send is valid on its topic.
     #[test]
     fn every_simulated_message_is_valid_on_its_topic() {
         let mut sites = plan(100, 3, Duration::from_secs(5));
+        sites.extend(quake_plan(100, 3, 1.5));
         let mut kinds = std::collections::BTreeSet::new();
         for s in &mut sites {
             let mut life = Lifecycle::new(s.site.clone(), 1, Mode::Exercise);

@@ -558,6 +558,96 @@ async fn simulate_fills_every_ward_and_numbers_move() {
 }
 
 #[tokio::test]
+async fn simulate_earthquake_opens_shelters_and_raises_requests() {
+    let Some(broker) = Broker::start() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("sim");
+    let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    let url = broker.url();
+    let started = Instant::now();
+    let mut agent = Agent::spawn(
+        &[
+            "simulate",
+            "--broker",
+            &url,
+            "--sites",
+            "30",
+            "--scenario",
+            "earthquake",
+            "--quake-at",
+            "1s",
+            "--interval",
+            "1s",
+            "--seed",
+            "7",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
+        dir.path(),
+        "sim-quake",
+    );
+
+    // Before the quake every shelter is not open; then shelters open and ask for supplies.
+    let mut not_open_at_birth = std::collections::BTreeSet::new();
+    let mut opened = std::collections::BTreeSet::new();
+    let mut requests = 0;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while opened.len() < 10 || requests == 0 {
+        let m = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(m)) => m,
+            _ => panic!(
+                "{} opened, {requests} requests, {} not open at first; log:\n{}",
+                opened.len(),
+                not_open_at_birth.len(),
+                agent.log()
+            ),
+        };
+        let Origin::Site(site) = m.env.header.origin.clone() else {
+            panic!("simulated messages come from sites")
+        };
+        match &m.env.body {
+            Body::Shelter(s) if s.state == renkei_shared::ShelterState::NotOpen => {
+                not_open_at_birth.insert(site);
+            }
+            Body::Shelter(s) if s.state == renkei_shared::ShelterState::Open => {
+                opened.insert(site);
+            }
+            Body::Request(r) => {
+                assert_eq!(r.state, renkei_shared::RequestState::Requested);
+                requests += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(not_open_at_birth.len() >= 20, "{not_open_at_birth:?}");
+    eprintln!(
+        "{} open and {requests} requests after {:?}",
+        opened.len(),
+        started.elapsed()
+    );
+
+    agent.signal("TERM");
+    assert!(agent.wait_exit().success(), "{}", agent.log());
+}
+
+#[tokio::test]
+async fn simulate_refuses_a_quake_time_without_the_earthquake_scenario() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_renkei-agent"))
+        .args(["simulate", "--broker", "mqtt://127.0.0.1:1", "--sites", "1"])
+        .args(["--quake-at", "5s"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--quake-at is only used with --scenario earthquake"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn after_a_broker_restart_the_agent_is_born_again_with_a_fresh_will() {
     let Some(broker) = Broker::start() else {
         return;
