@@ -470,7 +470,8 @@ impl SiteState {
 }
 
 /// How bad things look in a ward, for colouring the map.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Level {
     /// No site of the ward has reported.
     NoData,
@@ -484,8 +485,8 @@ pub enum Level {
     Critical,
 }
 
-/// One ward's figures, derived from its sites.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One ward's figures, derived from its sites. Serialised as is by the broker's HTTP API.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct WardRollup {
     pub ward: WardCode,
     /// Sites that have reported at least once.
@@ -609,6 +610,19 @@ impl WardRollup {
     /// Sites heard from within their reporting interval.
     pub fn reporting(&self) -> u32 {
         self.sites - self.silent
+    }
+}
+
+impl Level {
+    /// The name used in the API and exports (`no_data`, `normal`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Level::NoData => "no_data",
+            Level::Normal => "normal",
+            Level::Watch => "watch",
+            Level::Warning => "warning",
+            Level::Critical => "critical",
+        }
     }
 }
 

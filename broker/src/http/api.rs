@@ -34,8 +34,8 @@
 
 use renkei_shared::reducer::{AlertEntry, SiteState, Versioned};
 use renkei_shared::{
-    AckAction, Alert, Id, Level, Mode, Role, Severity, ShelterStatus, SiteStatus, State,
-    SupplyStock, Timestamp, WardCode, WardRollup,
+    AckAction, Alert, Id, Level, Mode, Role, ShelterStatus, SiteStatus, State, SupplyStock,
+    Timestamp, WardCode, WardRollup,
 };
 use serde::Serialize;
 
@@ -85,69 +85,28 @@ impl<'a> StateView<'a> {
     }
 }
 
-/// One ward's roll-up.
+/// One ward's roll-up: the shared reducer's figures, with the ward's names, its map level and
+/// the count of sites reporting.
 #[derive(Debug, Serialize)]
 pub struct WardView {
-    pub ward: WardCode,
     pub name_ja: &'static str,
     pub name_en: &'static str,
-    pub level: &'static str,
-    pub sites: u32,
+    pub level: Level,
     pub reporting: u32,
-    pub silent: u32,
-    pub shelters_open: u32,
-    pub evacuees: u64,
-    pub capacity: u64,
-    pub care_needed: u64,
-    pub nearly_full: u32,
-    pub over_capacity: u32,
-    pub unsafe_buildings: u32,
-    pub open_requests: u32,
-    pub incidents: u32,
-    pub dead: u64,
-    pub missing: u64,
-    pub injured: u64,
-    pub active_alerts: u32,
-    pub worst_alert: Option<Severity>,
+    #[serde(flatten)]
+    pub rollup: WardRollup,
 }
 
 impl WardView {
     fn new(r: &WardRollup) -> Self {
         let ward = r.ward.ward();
         WardView {
-            ward: r.ward,
             name_ja: ward.map_or("", |w| w.name_ja),
             name_en: ward.map_or("", |w| w.name_en),
-            level: level_name(r.level()),
-            sites: r.sites,
+            level: r.level(),
             reporting: r.reporting(),
-            silent: r.silent,
-            shelters_open: r.shelters_open,
-            evacuees: r.evacuees,
-            capacity: r.capacity,
-            care_needed: r.care_needed,
-            nearly_full: r.nearly_full,
-            over_capacity: r.over_capacity,
-            unsafe_buildings: r.unsafe_buildings,
-            open_requests: r.open_requests,
-            incidents: r.incidents,
-            dead: r.dead,
-            missing: r.missing,
-            injured: r.injured,
-            active_alerts: r.active_alerts,
-            worst_alert: r.worst_alert,
+            rollup: r.clone(),
         }
-    }
-}
-
-/// The map colour names; `Level` itself is not serialisable (it lives in the reducer).
-pub fn level_name(level: Level) -> &'static str {
-    match level {
-        Level::NoData => "no_data",
-        Level::Normal => "normal",
-        Level::Watch => "watch",
-        Level::Warning => "warning",
-        Level::Critical => "critical",
     }
 }
 

@@ -12,8 +12,6 @@ use renkei_shared::{
     WardCode, World,
 };
 
-use super::api::level_name;
-
 fn sites_of(world: &World, ward: Option<WardCode>) -> impl Iterator<Item = (&SiteRef, &SiteState)> {
     world
         .sites
@@ -108,7 +106,7 @@ pub fn sites_geojson(
             let level = rollups
                 .iter()
                 .find(|r| r.ward == site.ward)
-                .map_or("no_data", |r| level_name(r.level()));
+                .map_or("no_data", |r| r.level().as_str());
             Some(serde_json::json!({
                 "type": "Feature",
                 "id": format!("{}/{}", site.ward, site.site),
