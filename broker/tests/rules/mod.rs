@@ -238,21 +238,27 @@ async fn a_silent_drill_site_raises_a_drill_alert_only() {
     };
     assert_eq!(alert.source, AlertSource::Rule(RuleKind::SiteSilent));
 
-    let exercise = http_get(&addrs, "/api/v1/state?mode=exercise").await.json();
-    let mut ids: Vec<&str> = exercise["alerts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["alert_id"].as_str().unwrap())
-        .collect();
-    ids.sort_unstable();
-    assert_eq!(
-        ids,
-        [
-            "ex-occ-131041-nishi-shinjuku-es",
-            "ex-silent-131041-nishi-shinjuku-es"
-        ]
-    );
+    // A subscriber may hear the alert before ingest has applied it: poll the state briefly.
+    let expected = [
+        "ex-occ-131041-nishi-shinjuku-es",
+        "ex-silent-131041-nishi-shinjuku-es",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let ids = loop {
+        let exercise = http_get(&addrs, "/api/v1/state?mode=exercise").await.json();
+        let mut ids: Vec<String> = exercise["alerts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["alert_id"].as_str().unwrap().to_owned())
+            .collect();
+        ids.sort_unstable();
+        if ids == expected || std::time::Instant::now() > deadline {
+            break ids;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ids, expected);
     let actual = http_get(&addrs, "/api/v1/state?mode=actual").await.json();
     assert_eq!(
         actual["alerts"],
