@@ -279,7 +279,7 @@ fn test(long: bool) -> Result<()> {
     )?;
     build_dashboard()?;
     let mut tests = with_path(cargo());
-    tests.args(["test", "--workspace", "--locked"]);
+    tests.args(["test", "--workspace", "--locked", "--no-fail-fast"]);
     if long {
         tests.env("RENKEI_LONG_TESTS", "1");
     }
