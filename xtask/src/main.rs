@@ -287,6 +287,24 @@ fn test(long: bool) -> Result<()> {
         "cargo test --workspace (unit, integration and browser tests)",
         &mut tests,
     )?;
+    // The dashboard's wire code also runs as wasm in the browser it ships to.
+    run(
+        "dashboard tests in headless Chromium (wasm-bindgen-test)",
+        with_path(cargo())
+            .env(
+                "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER",
+                tool("wasm-bindgen-test-runner"),
+            )
+            .env("CHROMEDRIVER", "/usr/bin/chromedriver")
+            .args([
+                "test",
+                "-p",
+                "renkei-dashboard",
+                "--target",
+                "wasm32-unknown-unknown",
+                "--locked",
+            ]),
+    )?;
     eprintln!("==> all checks passed in {:.0?}", start.elapsed());
     Ok(())
 }
