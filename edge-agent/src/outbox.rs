@@ -1261,26 +1261,40 @@ mod tests {
         append(&outbox, shelter()).unwrap();
     }
 
+    /// A tmpfs of a given size mounted on a temporary directory, unmounted on drop: a real
+    /// small disk for the full-disk tests (mounting needs root).
+    struct SmallDisk {
+        dir: tempfile::TempDir,
+    }
+
+    impl SmallDisk {
+        fn mount(size: &str) -> Option<SmallDisk> {
+            let dir = tempfile::tempdir().ok()?;
+            let mounted = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            mounted.then_some(SmallDisk { dir })
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+
     /// A real full disk: a 64 KiB tmpfs (needs root; skipped otherwise).
     #[test]
     fn a_full_disk_is_a_clear_error_and_confirmed_reports_survive() {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
+        let Some(disk) = SmallDisk::mount("64k") else {
             eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
             return;
-        }
-        struct Unmount<'a>(&'a Path);
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg(self.0).status();
-            }
-        }
-        let _unmount = Unmount(dir.path());
+        };
+        let dir = &disk.dir;
         // No reserve: this is the last line of defence, a write that meets ENOSPC.
         let outbox = Outbox::open(dir.path(), DEFAULT_MAX_BYTES)
             .unwrap()
@@ -1341,23 +1355,11 @@ mod tests {
     /// otherwise). The reserve refuses before the disk is full, so the cursor still fits.
     #[test]
     fn a_small_disk_refuses_reports_at_its_reserve_and_delivery_clears_the_alarm() {
-        let dir = tempfile::tempdir().unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
-            .arg(dir.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
+        let Some(disk) = SmallDisk::mount("256k") else {
             eprintln!("SKIPPED: cannot mount a tmpfs here (not root?)");
             return;
-        }
-        struct Unmount<'a>(&'a Path);
-        impl Drop for Unmount<'_> {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg(self.0).status();
-            }
-        }
-        let _unmount = Unmount(dir.path());
+        };
+        let dir = &disk.dir;
         let reserve = 128 * 1024;
         let outbox = Outbox::open(dir.path(), DEFAULT_MAX_BYTES)
             .unwrap()
