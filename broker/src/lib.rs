@@ -242,6 +242,10 @@ impl Broker {
                 (Source::External(external), ingest, publisher, Some(held))
             }
         };
+        recorder.send_receipts(match &source {
+            Source::Embedded(mqtt) => Publisher::new(mqtt.link("receipts")?),
+            Source::External(external) => Publisher::External(external.client.clone()),
+        });
         // Before the listeners open: a client that connects sees the state as it was. An
         // external broker keeps its retained messages: only what it lacks is published.
         for (topic, envelope, payload) in &restored.retained {

@@ -43,6 +43,11 @@ pub struct Metrics {
     recorder_last_batch: AtomicU64,
     recorder_failed: AtomicU64,
     recorder_db_bytes: AtomicU64,
+    /// Receipts published to sites after a commit, the messages they named, and receipts
+    /// that could not be handed to the broker.
+    receipts_published: AtomicU64,
+    receipts_messages: AtomicU64,
+    receipts_failed: AtomicU64,
     /// Rule alerts published, raised (active) and cleared.
     rule_alerts_active: AtomicU64,
     rule_alerts_cleared: AtomicU64,
@@ -125,6 +130,16 @@ impl Metrics {
 
     pub fn recorder_db_bytes(&self, bytes: u64) {
         self.recorder_db_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn receipt_published(&self, messages: u64) {
+        self.receipts_published.fetch_add(1, Ordering::Relaxed);
+        self.receipts_messages
+            .fetch_add(messages, Ordering::Relaxed);
+    }
+
+    pub fn receipt_failed(&self) {
+        self.receipts_failed.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn json_republished(&self) {
@@ -309,7 +324,7 @@ impl Metrics {
             );
         }
 
-        let gauges: [(&str, &str, &str, u64); 8] = [
+        let gauges: [(&str, &str, &str, u64); 11] = [
             (
                 "renkei_recorder_queue",
                 "gauge",
@@ -345,6 +360,24 @@ impl Metrics {
                 "counter",
                 "Records lost because their batch could not be written.",
                 load(&self.recorder_failed),
+            ),
+            (
+                "renkei_receipts_published_total",
+                "counter",
+                "Receipts published to sites after their messages were committed.",
+                load(&self.receipts_published),
+            ),
+            (
+                "renkei_receipts_messages_total",
+                "counter",
+                "Messages named in published receipts.",
+                load(&self.receipts_messages),
+            ),
+            (
+                "renkei_receipts_failed_total",
+                "counter",
+                "Receipts that could not be published (their sites send again).",
+                load(&self.receipts_failed),
             ),
             (
                 "renkei_ingest_skipped_total",

@@ -15,21 +15,34 @@
 //! rebuilds the live state and finds the latest message of every retained topic, so that the
 //! broker can publish them again (rumqttd keeps retained messages only in memory).
 //! [`Recorder::stop`] drains the channel and commits before it returns (graceful shutdown).
+//!
+//! After every committed batch the recorder publishes a receipt to each site in it
+//! (`renkei_shared::receipt`): the `(boot, seq)` of every one of that site's messages the batch
+//! holds, new or a redelivery. Agents keep a record until a receipt names it, so a message
+//! acknowledged by MQTT but lost with the process before its batch committed is sent again.
+//! A batch that fails to commit sends no receipt.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use renkei_shared::{Change, Envelope, Mode, Origin, State, Timestamp, Topic, decode};
+use renkei_shared::{
+    Change, Envelope, Mode, Origin, Receipt, SiteRef, State, Timestamp, Topic, decode,
+    receipt_topic,
+};
 use rusqlite::{Connection, params};
 
 use crate::config::RecorderConfig;
 use crate::db;
 use crate::metrics::Metrics;
+use crate::mqtt::Publisher;
+
+/// Where receipts go once the MQTT side is up; empty until then (nothing is received before).
+type ReceiptSink = Arc<Mutex<Option<Publisher>>>;
 
 /// Longest payload kept in quarantine (a refused payload may be anything up to the MQTT limit).
 pub const QUARANTINE_PAYLOAD_BYTES: usize = 4096;
@@ -92,6 +105,7 @@ impl RecorderTx {
 pub struct Recorder {
     tx: Option<RecorderTx>,
     thread: Option<JoinHandle<()>>,
+    receipts: ReceiptSink,
 }
 
 impl Recorder {
@@ -104,12 +118,14 @@ impl Recorder {
         let conn = db::open(data_dir)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity.max(1));
         let queued = metrics.recorder_queue.clone();
+        let receipts = ReceiptSink::default();
         let writer = Writer {
             conn,
             db_path: db::path(data_dir),
             config,
             metrics,
             queued: queued.clone(),
+            receipts: receipts.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("renkei-recorder".into())
@@ -118,7 +134,13 @@ impl Recorder {
         Ok(Recorder {
             tx: Some(RecorderTx { tx, queued }),
             thread: Some(thread),
+            receipts,
         })
+    }
+
+    /// From now on, receipts are published through `publisher` after every commit.
+    pub fn send_receipts(&self, publisher: Publisher) {
+        *self.receipts.lock().unwrap_or_else(PoisonError::into_inner) = Some(publisher);
     }
 
     pub fn tx(&self) -> Option<RecorderTx> {
@@ -141,6 +163,7 @@ struct Writer {
     config: RecorderConfig,
     metrics: Arc<Metrics>,
     queued: Arc<AtomicI64>,
+    receipts: ReceiptSink,
 }
 
 impl Writer {
@@ -174,7 +197,10 @@ impl Writer {
         self.queued.fetch_sub(rows as i64, Ordering::Relaxed);
         let started = Instant::now();
         match write_batch(&mut self.conn, batch, self.config.quarantine_rows) {
-            Ok(inserted) => self.metrics.recorder_batch(rows, inserted),
+            Ok(inserted) => {
+                self.metrics.recorder_batch(rows, inserted);
+                self.send_receipts(batch);
+            }
             Err(e) => {
                 self.metrics.recorder_failed(rows);
                 tracing::error!(error = %e, rows, "recorder: cannot write a batch");
@@ -188,6 +214,45 @@ impl Writer {
             .sum::<u64>();
         self.metrics.recorder_db_bytes(bytes);
         tracing::trace!(rows, elapsed = ?started.elapsed(), "recorder batch");
+    }
+}
+
+impl Writer {
+    /// Tells every site in a committed batch which of its messages are now stored.
+    fn send_receipts(&self, batch: &[Record]) {
+        let mut sink = self.receipts.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(publisher) = sink.as_mut() else {
+            return;
+        };
+        let mut by_site: HashMap<&SiteRef, Vec<(u32, u64)>> = HashMap::new();
+        for record in batch {
+            if let Record::Accepted { envelope, .. } = record
+                && let Origin::Site(site) = &envelope.header.origin
+            {
+                let h = &envelope.header;
+                by_site.entry(site).or_default().push((h.boot, h.seq));
+            }
+        }
+        for (site, keys) in by_site {
+            let topic = receipt_topic(site);
+            for receipt in Receipt::of_keys(keys) {
+                let sent = receipt
+                    .encode()
+                    .map_err(|e| e.to_string())
+                    .and_then(|payload| {
+                        publisher
+                            .publish(topic.clone(), payload, false)
+                            .map_err(|e| e.to_string())
+                    });
+                match sent {
+                    Ok(()) => self.metrics.receipt_published(receipt.count()),
+                    Err(e) => {
+                        self.metrics.receipt_failed();
+                        tracing::warn!(%topic, error = %e, "receipt not published; the site will send again");
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -22,6 +22,7 @@
 //! shelter_state = "open"         # not_open | preparing | open | closed | unknown
 //! outbox_max = "16MiB"           # byte budget of undelivered messages
 //! replay_rate = 10               # backlog messages per second after an outage
+//! confirm = "receipt"            # receipt: kept until HQ has stored it | puback: until the broker took it
 //! disk_reserve = "1MiB"          # free disk never used; reports refused below it
 //! form_listen = "0.0.0.0:8090"   # the staff web form (--form); off by default
 //! form_pin = "…"                 # or RENKEI_AGENT_FORM_PIN
@@ -56,6 +57,17 @@ pub const DEFAULT_REPLAY_RATE: u32 = 10;
 pub const MIN_OUTBOX: u64 = 64 * 1024;
 /// The longest heartbeat interval a status can carry (one day).
 pub const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
+
+/// What tells the agent a record has been delivered, so that it may leave the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Confirm {
+    /// A receipt from HQ's recorder (`renkei_shared::receipt`): the message is on HQ's disk.
+    #[default]
+    Receipt,
+    /// The broker's PUBACK alone: for a broker that sends no receipts. A broker that fails
+    /// between its PUBACK and its own write loses the message.
+    PubAck,
+}
 
 /// Why the settings cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +173,11 @@ pub struct RawConfig {
     #[arg(long, value_name = "N")]
     #[serde(default, deserialize_with = "scalar")]
     pub replay_rate: Option<String>,
+    /// When a record leaves the outbox: receipt (HQ stored it) | puback (the broker took it;
+    /// for a broker without Renkei's recorder) [default: receipt]
+    #[arg(long, value_name = "WHEN")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub confirm: Option<String>,
     /// Free disk space the outbox never uses; reports are refused below it [default: 1MiB]
     #[arg(long, value_name = "SIZE")]
     #[serde(default, deserialize_with = "scalar")]
@@ -296,6 +313,8 @@ pub struct AgentConfig {
     pub outbox_max: u64,
     /// Backlog messages per second after a reconnect, so a thin link is not swamped.
     pub replay_rate: u32,
+    /// What removes a delivered record from the outbox.
+    pub confirm: Confirm,
     /// Free bytes kept on the outbox's disk: reports are refused (with the alarm) below it.
     pub disk_reserve: u64,
     /// Where the staff web form listens, if anywhere.
@@ -358,6 +377,7 @@ impl RawConfig {
             shelter_state: self.shelter_state.or(fallback.shelter_state),
             outbox_max: self.outbox_max.or(fallback.outbox_max),
             replay_rate: self.replay_rate.or(fallback.replay_rate),
+            confirm: self.confirm.or(fallback.confirm),
             disk_reserve: self.disk_reserve.or(fallback.disk_reserve),
             form_listen: self.form_listen.or(fallback.form_listen),
             form_pin: self.form_pin.or(fallback.form_pin),
@@ -456,6 +476,11 @@ impl RawConfig {
                     invalid("replay_rate", v, "expected messages per second, 1–10000")
                 })?,
             None => DEFAULT_REPLAY_RATE,
+        };
+        let confirm = match self.confirm.as_deref().map(str::trim) {
+            None | Some("receipt") => Confirm::Receipt,
+            Some("puback") => Confirm::PubAck,
+            Some(v) => return Err(invalid("confirm", v, "expected receipt or puback")),
         };
         let form_listen = self
             .form_listen
@@ -589,6 +614,7 @@ impl RawConfig {
             shelter,
             outbox_max,
             replay_rate,
+            confirm,
             disk_reserve,
             form_listen,
             form_pin,
@@ -1035,6 +1061,14 @@ mod tests {
         assert_eq!((c.outbox_max, c.replay_rate), (1 << 20, 5));
         assert!(error_of(&format!("{MINIMAL}\noutbox_max = \"1KiB\"")).contains("outbox_max"));
         assert!(error_of(&format!("{MINIMAL}\nreplay_rate = 0")).contains("replay_rate"));
+        assert_eq!(resolve(MINIMAL).unwrap().confirm, Confirm::Receipt);
+        assert_eq!(
+            resolve(&format!("{MINIMAL}\nconfirm = \"puback\""))
+                .unwrap()
+                .confirm,
+            Confirm::PubAck
+        );
+        assert!(error_of(&format!("{MINIMAL}\nconfirm = \"never\"")).contains("confirm"));
         assert_eq!(
             resolve(MINIMAL).unwrap().disk_reserve,
             crate::outbox::DEFAULT_DISK_RESERVE

@@ -1,20 +1,27 @@
 //! `renkei-agent run`: one site's session, delivering its outbox.
 //!
 //! ```text
-//!   staff ─ report CLI ─┐                     ┌─ PubAck(pkid) ─▶ cursor (outbox `acked`)
-//!   heartbeat timer ────┴▶ outbox (disk) ─▶ pump ─▶ rumqttc ─▶ broker
+//!   staff ─ report CLI ─┐                                 ┌─ receipt (HQ stored it) ─▶ cursor
+//!   heartbeat timer ────┴▶ outbox (disk) ─▶ pump ─▶ rumqttc ─▶ broker ─▶ recorder (commit)
 //!                                            ▲ window, replay rate, historical flag
 //!   ConnAck ─▶ birth, snapshot (status + latest shelter/supplies) ─▶ backlog
 //! ```
 //!
 //! Everything staff report and every heartbeat goes through the outbox; only the birth, the
 //! snapshot after it and the death are sent live (they describe the connection itself). The
-//! pump sends records after the last one handed to rumqttc, at most [`WINDOW`] unacknowledged
+//! pump sends records after the last one handed to rumqttc, at most [`WINDOW`] unconfirmed
 //! at once; records stored before the current connection came up are backlog: sent with
 //! `historical: true` and at most `replay_rate` per second. rumqttc's own retransmission queue
 //! is emptied after every connection loss, so the outbox is the one source of what is resent.
-//! PubAcks are matched to records through rumqttc's `Outgoing::Publish(pkid)` events, which
-//! come in the order the publishes were queued; the cursor moves over the acknowledged prefix.
+//!
+//! A record is confirmed by HQ's receipt (`renkei_shared::receipt`), which the broker publishes
+//! once its recorder has committed the message: a PUBACK only says the broker's router took it,
+//! and a broker killed before its next commit would lose it. The cursor moves over the
+//! confirmed prefix. A record that had its PUBACK but no receipt within [`RECEIPT_TIMEOUT`] is
+//! sent again, and so is everything unconfirmed after a reconnect; HQ records each
+//! `(boot, seq)` once. With `confirm = "puback"` the PUBACK confirms (a broker without
+//! receipts). PubAcks are matched to records through rumqttc's `Outgoing::Publish(pkid)`
+//! events, which come in the order the publishes were queued.
 //! rumqttc is polled by the link's `Driver` task, so a tick never cancels a connection attempt,
 //! and every attempt carries a freshly numbered will (see [`crate::link`]).
 //!
@@ -27,12 +34,13 @@ use std::time::Duration;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use renkei_shared::{Body, CommandAction, Envelope, topic};
+use renkei_shared::{Body, CommandAction, Envelope, Receipt, receipt_topic, topic};
 use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
 
+use crate::config::Confirm;
 use crate::lifecycle::Lifecycle;
 use crate::link::{
     Backoff, Driver, LinkError, LinkOptions, LinkState, command_of, connection_hint, last_will,
@@ -40,8 +48,12 @@ use crate::link::{
 use crate::outbox::{Durability, Key, Outbox, Record};
 use crate::report::{FixedSite, Site, frame, now};
 
-/// Outbox records handed to rumqttc and not yet acknowledged, at most.
-pub const WINDOW: usize = 16;
+/// Outbox records handed to rumqttc and not yet confirmed, at most. A receipt comes up to one
+/// recorder batch (200 ms by default) after the PUBACK, so this allows a few hundred records a
+/// second per site.
+pub const WINDOW: usize = 64;
+/// A record with a PUBACK and no receipt this long after it is sent again.
+pub const RECEIPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the pump looks for records `renkei-agent report` appended.
 const POLL: Duration = Duration::from_millis(500);
 /// Requests the loop may queue for rumqttc at once: the window plus a snapshot.
@@ -58,6 +70,8 @@ pub struct DaemonOptions {
     pub interval: Duration,
     /// Backlog messages per second.
     pub replay_rate: u32,
+    /// What confirms a record.
+    pub confirm: Confirm,
     /// Where `status` is written.
     pub state_dir: PathBuf,
     /// Told every link state change (the web form shows it).
@@ -100,8 +114,10 @@ impl Rate {
 struct Delivery {
     /// Outbox records handed to rumqttc, in order, until the cursor passes them.
     in_flight: VecDeque<Key>,
-    /// Of those, the acknowledged ones.
-    acked: BTreeSet<Key>,
+    /// Of those, the confirmed ones.
+    confirmed: BTreeSet<Key>,
+    /// Of those, the ones with a PUBACK and no receipt yet, with when the PUBACK came.
+    pubacked: HashMap<Key, Instant>,
     /// One entry per publish queued, in order: which record it carries, if any.
     queued: VecDeque<Option<Key>>,
     /// Records by packet id, once rumqttc has written them.
@@ -290,7 +306,7 @@ impl Daemon {
                 // never be sent; count it as delivered so it does not block the rest.
                 error!(key = %key, error = %e, "outbox record no longer decodes; skipped");
                 self.delivery.in_flight.push_back(key);
-                self.delivery.acked.insert(key);
+                self.confirm(key);
                 return;
             }
         };
@@ -313,9 +329,46 @@ impl Daemon {
         let Some(key) = self.delivery.by_pkid.remove(&pkid) else {
             return;
         };
-        self.delivery.acked.insert(key);
+        match self.options.confirm {
+            Confirm::PubAck => self.confirm(key),
+            Confirm::Receipt => {
+                if self.delivery.in_flight.contains(&key) && !self.delivery.confirmed.contains(&key)
+                {
+                    self.delivery.pubacked.insert(key, Instant::now());
+                }
+            }
+        }
+    }
+
+    /// A receipt from HQ: confirms the records in flight that it names. Records it names that
+    /// are not in flight (sent on an earlier connection) are sent again and confirmed then.
+    fn on_receipt(&mut self, payload: &[u8]) {
+        let receipt = match Receipt::decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "ignoring a receipt that does not decode");
+                return;
+            }
+        };
+        let named: Vec<Key> = self
+            .delivery
+            .in_flight
+            .iter()
+            .filter(|k| receipt.covers(k.boot, k.seq))
+            .copied()
+            .collect();
+        debug!(named = receipt.count(), confirmed = named.len(), "receipt");
+        for key in named {
+            self.confirm(key);
+        }
+    }
+
+    /// Marks a record in flight as delivered and moves the cursor over the confirmed prefix.
+    fn confirm(&mut self, key: Key) {
+        self.delivery.pubacked.remove(&key);
+        self.delivery.confirmed.insert(key);
         while let Some(front) = self.delivery.in_flight.front().copied() {
-            if !self.delivery.acked.remove(&front) {
+            if !self.delivery.confirmed.remove(&front) {
                 break;
             }
             self.delivery.in_flight.pop_front();
@@ -325,6 +378,37 @@ impl Daemon {
         if self.delivery.in_flight.is_empty() {
             self.save_cursor();
         }
+    }
+
+    /// Sends again, from the cursor, when a record's receipt is overdue: the broker took it
+    /// but HQ did not store it (a recorder that failed, or a broker that lost it).
+    fn check_receipts(&mut self) {
+        let now = Instant::now();
+        let overdue = self
+            .delivery
+            .pubacked
+            .iter()
+            .filter(|(_, at)| now.duration_since(**at) >= RECEIPT_TIMEOUT)
+            .map(|(key, _)| *key)
+            .min();
+        let Some(overdue) = overdue else {
+            return;
+        };
+        let unconfirmed =
+            (self.delivery.in_flight.len()).saturating_sub(self.delivery.confirmed.len());
+        warn!(
+            record = %overdue, unconfirmed, timeout_s = RECEIPT_TIMEOUT.as_secs(),
+            "no receipt from HQ for a record the broker took; sending again from the cursor"
+        );
+        self.last_error = Some(format!(
+            "no receipt from HQ within {} s for record {overdue}; sent again",
+            RECEIPT_TIMEOUT.as_secs()
+        ));
+        self.delivery.in_flight.clear();
+        self.delivery.confirmed.clear();
+        self.delivery.pubacked.clear();
+        self.delivery.last_sent = self.cursor;
+        self.pump();
     }
 
     fn save_cursor(&mut self) {
@@ -378,11 +462,15 @@ impl Daemon {
             acked = %self.cursor, "connected"
         );
         self.transition(LinkState::Connected);
-        if let Err(e) = self.client.try_subscribe(
-            topic::command_filter(self.lifecycle.site()),
-            QoS::AtLeastOnce,
-        ) {
-            warn!(error = %e, "command subscription not queued");
+        // Before anything is published on this connection, so no receipt is missed.
+        let mut filters = vec![topic::command_filter(self.lifecycle.site())];
+        if self.options.confirm == Confirm::Receipt {
+            filters.push(receipt_topic(self.lifecycle.site()));
+        }
+        for filter in filters {
+            if let Err(e) = self.client.try_subscribe(filter, QoS::AtLeastOnce) {
+                warn!(error = %e, "subscription not queued");
+            }
         }
         self.announce(&birth)?;
         Ok(Some(birth))
@@ -515,6 +603,10 @@ pub async fn run_daemon(
                     daemon.on_puback(ack.pkid);
                     daemon.pump();
                 }
+                Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == receipt_topic(daemon.lifecycle.site()) => {
+                    daemon.on_receipt(&publish.payload);
+                    daemon.pump();
+                }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     if let Some(birth) = connection_birth.clone()
                         && let Some(interval) = daemon.on_publish(&publish, &birth)?
@@ -553,6 +645,7 @@ pub async fn run_daemon(
                 }
             }
             _ = poll.tick(), if connection_birth.is_some() => {
+                daemon.check_receipts();
                 daemon.pump();
                 daemon.save_cursor();
             }
@@ -575,6 +668,11 @@ pub async fn run_daemon(
                         daemon.on_outgoing_publish(pkid)
                     }
                     Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => daemon.on_puback(ack.pkid),
+                    Some(Ok(Event::Incoming(Packet::Publish(p))))
+                        if p.topic == receipt_topic(daemon.lifecycle.site()) =>
+                    {
+                        daemon.on_receipt(&p.payload)
+                    }
                     Some(Ok(_)) => {}
                 }
             }

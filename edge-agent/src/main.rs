@@ -361,6 +361,7 @@ async fn run(args: RunArgs) -> Result<()> {
         link,
         interval: config.interval,
         replay_rate: config.replay_rate,
+        confirm: config.confirm,
         state_dir: config.state_dir.clone(),
         link_watch: Some(link_watch),
     };

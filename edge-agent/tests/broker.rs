@@ -2,7 +2,8 @@
 //! a rumqttc subscriber: what HQ would see on the wire.
 //!
 //! Each test starts its own Mosquitto on a free port and skips (with a message) where the
-//! binary is not installed.
+//! binary is not installed. Mosquitto alone publishes no receipts, so these agents run with
+//! `confirm = "puback"`; tests/ runs agents against renkei-broker and its receipts.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -277,6 +278,9 @@ fn run_args<'a>(url: &'a str, state_dir: &'a str, interval: &'a str) -> Vec<&'a 
         "450",
         "--shelter-state",
         "open",
+        // Mosquitto alone sends no receipts (renkei-broker does; tests/ covers that).
+        "--confirm",
+        "puback",
     ]
 }
 
@@ -780,7 +784,7 @@ fn write_config(dir: &Path, port: u16, extra: &str) -> PathBuf {
         format!(
             "broker = \"mqtt://127.0.0.1:{port}\"\nward = 131041\nsite = \"nishi-shinjuku-es\"\n\
              name = \"西新宿小学校\"\nmode = \"exercise\"\ninterval = \"1s\"\n\
-             state_dir = {:?}\n{extra}\n",
+             state_dir = {:?}\nconfirm = \"puback\"\n{extra}\n",
             dir.join("state").display().to_string()
         ),
     )

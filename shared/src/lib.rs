@@ -13,12 +13,14 @@
 //! - [`codec`]: postcard framing with a version byte and a size limit;
 //! - [`validate`]: what a decoded message must also satisfy;
 //! - [`reducer`]: the state and the one function that changes it;
+//! - [`receipt`]: HQ's word to a site that its messages are stored;
 //! - [`sample`]: one example of every message (golden vectors, docs, tests).
 //!
 //! The crate builds for `wasm32-unknown-unknown` and has no I/O.
 
 pub mod codec;
 pub mod model;
+pub mod receipt;
 pub mod reducer;
 pub mod sample;
 pub mod topic;
@@ -27,6 +29,7 @@ pub mod ward;
 
 pub use codec::{CodecError, decode, encode};
 pub use model::*;
+pub use receipt::{Receipt, receipt_topic};
 pub use reducer::{Change, Level, Scope, State, WardRollup, World};
 pub use topic::Topic;
 pub use ward::{WARDS, Ward, WardCode};
