@@ -8,6 +8,7 @@ mod burst;
 mod external;
 mod harness;
 mod persistence;
+mod receipts;
 mod rules;
 mod tls;
 

@@ -144,9 +144,14 @@ async fn an_agents_message_through_mosquitto_is_recorded_mirrored_and_restored()
     // An integrator on Mosquitto sees the JSON mirror of an agent's report sent to Mosquitto.
     let mut integrator = MqttClient::connect(&addrs, "integrator").await;
     integrator.subscribe(topic::ALL_JSON).await;
-    let agent = MqttClient::connect(&addrs, "agent-nishi").await;
+    let mut agent = MqttClient::connect(&addrs, "agent-nishi").await;
     let first = status(1);
     let status_topic = Topic::of(&first).unwrap();
+    let renkei_shared::Origin::Site(site) = &first.header.origin else {
+        unreachable!("a status comes from a site")
+    };
+    let receipts = renkei_shared::receipt_topic(site);
+    agent.subscribe(&receipts).await;
     agent
         .client
         .publish(
@@ -172,6 +177,11 @@ async fn an_agents_message_through_mosquitto_is_recorded_mirrored_and_restored()
         (metric(&text, "renkei_recorder_rows_total") == Some(1)).then_some(())
     })
     .await;
+    // Once recorded, the agent's receipt comes back through Mosquitto.
+    let receipt = agent.next_publish().await;
+    assert_eq!(receipt.topic, receipts);
+    let receipt = renkei_shared::Receipt::decode(&receipt.payload).unwrap();
+    assert!(receipt.covers(first.header.boot, 1), "{receipt:?}");
 
     // While the broker is down a newer report reaches Mosquitto: the restart must not put the
     // older retained copy from its database back over it, and the persistent session hands
