@@ -82,7 +82,10 @@ async fn every_recorded_message_is_named_in_a_receipt_redeliveries_too() {
         "no receipt for a refused payload"
     );
     let text = http_get(&addrs, "/metrics").await.text();
-    assert_eq!(metric(&text, "renkei_recorder_messages_inserted_total"), Some(40));
+    assert_eq!(
+        metric(&text, "renkei_recorder_messages_inserted_total"),
+        Some(40)
+    );
     assert_eq!(metric(&text, "renkei_receipts_messages_total"), Some(41));
     assert!(metric(&text, "renkei_receipts_published_total").is_some_and(|n| n >= 2));
     assert_eq!(metric(&text, "renkei_receipts_failed_total"), Some(0));
