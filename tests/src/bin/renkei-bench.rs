@@ -1,6 +1,10 @@
 //! `renkei-bench`: the load tool. It drives N MQTT publishers with real Renkei messages at a
 //! broker and measures throughput and publish → subscriber latency, counting gaps and
-//! duplicates, against several brokers in the same run so results are ratios, not absolutes:
+//! duplicates, against several brokers in the same run so results are ratios, not absolutes.
+//! On Renkei it also measures publish → recorder committed: every publisher subscribes to its
+//! site's receipt topic, as an agent does, and times each message until the first receipt that
+//! names it (the moment an agent may delete it from its outbox). The other targets have no
+//! recorder and send no receipts.
 //!
 //! - `renkei`: `renkei-broker serve --demo` (ingest, validation, reducer, JSON mirror, and
 //!   whatever else the broker does to every accepted message);
@@ -14,6 +18,7 @@
 //! ```
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -23,8 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use renkei_shared::{
-    Body, Comms, Envelope, Header, HqState, Id, Mode, Origin, PowerSource, SiteKind, SiteRef,
-    SiteStatus, Timestamp, Topic, WARDS, codec,
+    Body, Comms, Envelope, Header, HqState, Id, Mode, Origin, PowerSource, Receipt, SiteKind,
+    SiteRef, SiteStatus, Timestamp, Topic, WARDS, codec, receipt_topic,
 };
 use renkei_tests::{Broker, Process, free_port};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
@@ -78,6 +83,9 @@ enum Target {
     Mosquitto,
 }
 
+/// Every message of the bench is from boot 1.
+const BOOT: u32 = 1;
+
 /// What one run measured.
 #[derive(Debug, Clone)]
 struct RunResult {
@@ -88,6 +96,35 @@ struct RunResult {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+    /// Publish → recorder committed, for a target that sends receipts.
+    commit: Option<CommitResult>,
+}
+
+/// Publish → recorder committed, from the first receipt that names each message.
+#[derive(Debug, Clone)]
+struct CommitResult {
+    /// Messages handed to the MQTT client.
+    sent: u64,
+    /// Of those, named by a receipt.
+    confirmed: u64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+impl CommitResult {
+    fn never(&self) -> u64 {
+        self.sent.saturating_sub(self.confirmed)
+    }
+}
+
+/// `q`-quantile of sorted microseconds, in milliseconds (NaN if there are none).
+fn quantile_ms(sorted_us: &[u64], q: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    sorted_us[((sorted_us.len() - 1) as f64 * q) as usize] as f64 / 1000.0
 }
 
 impl RunResult {
@@ -287,9 +324,23 @@ async fn load(
         // Interleave targets so that machine noise falls on all of them alike.
         for &target in &targets {
             let server = start(target)?;
-            let result = one_run(server.port, publishers, messages, idle, rate).await?;
+            let receipts = target == Target::Renkei;
+            let result = one_run(server.port, publishers, messages, idle, rate, receipts).await?;
+            let commit = match &result.commit {
+                Some(c) => format!(
+                    "commit p50 {:.1} ms p90 {:.1} ms p99 {:.1} ms max {:.1} ms, confirmed {}/{} never {}",
+                    c.p50_ms,
+                    c.p90_ms,
+                    c.p99_ms,
+                    c.max_ms,
+                    c.confirmed,
+                    c.sent,
+                    c.never()
+                ),
+                None => "commit n/a".to_owned(),
+            };
             println!(
-                "run {run} {target:?}: {:.0} msg/s delivered {}/{} dup {} in {:.2}s, latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms",
+                "run {run} {target:?}: {:.0} msg/s delivered {}/{} dup {} in {:.2}s, latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms; {commit}",
                 result.rate(),
                 result.delivered,
                 result.expected,
@@ -317,8 +368,31 @@ async fn load(
         let dups: u64 = results.iter().map(|r| r.duplicates).sum();
         let rate = median(&mut r);
         rates.insert(target, rate);
+        let commits: Vec<&CommitResult> =
+            results.iter().filter_map(|r| r.commit.as_ref()).collect();
+        let commit = if commits.is_empty() {
+            "commit n/a".to_owned()
+        } else {
+            let of = |f: fn(&CommitResult) -> f64| {
+                let mut v: Vec<f64> = commits.iter().map(|c| f(c)).collect();
+                median(&mut v)
+            };
+            let (p50, p90, p99, max) = (
+                of(|c| c.p50_ms),
+                of(|c| c.p90_ms),
+                of(|c| c.p99_ms),
+                of(|c| c.max_ms),
+            );
+            let confirmed: u64 = commits.iter().map(|c| c.confirmed).sum();
+            let sent: u64 = commits.iter().map(|c| c.sent).sum();
+            let never: u64 = commits.iter().map(|c| c.never()).sum();
+            format!(
+                "commit p50 {p50:.1} ms p90 {p90:.1} ms p99 {p99:.1} ms max {max:.1} ms, \
+                 confirmed {confirmed}/{sent} never {never}"
+            )
+        };
         println!(
-            "  {target:?}: {rate:.0} msg/s, p99 {:.1} ms, lost {lost}, duplicates {dups}",
+            "  {target:?}: {rate:.0} msg/s, p99 {:.1} ms, lost {lost}, duplicates {dups}; {commit}",
             median(&mut p99)
         );
     }
@@ -338,15 +412,21 @@ async fn one_run(
     messages: u64,
     idle: Duration,
     rate: Option<f64>,
+    receipts: bool,
 ) -> Result<RunResult> {
     let expected = publishers as u64 * messages;
     let start = Instant::now();
+    let table = || -> Arc<Vec<Vec<AtomicU64>>> {
+        Arc::new(
+            (0..publishers)
+                .map(|_| (0..=messages).map(|_| AtomicU64::new(0)).collect())
+                .collect(),
+        )
+    };
     // Publish times in µs since `start`, per publisher and sequence (seq starts at 1).
-    let sent: Arc<Vec<Vec<AtomicU64>>> = Arc::new(
-        (0..publishers)
-            .map(|_| (0..=messages).map(|_| AtomicU64::new(0)).collect())
-            .collect(),
-    );
+    let sent = table();
+    // Arrival of the first receipt naming each message, in µs since `start` (0: none yet).
+    let committed = table();
 
     // The subscriber, connected and subscribed before anyone publishes.
     let mut opts = MqttOptions::new(
@@ -416,7 +496,7 @@ async fn one_run(
                     last = Instant::now();
                 }
             }
-            (delivered, duplicates, latencies_us, last)
+            (delivered, duplicates, latencies_us, last, seen)
         })
     };
 
@@ -424,36 +504,90 @@ async fn one_run(
     let mut tasks = Vec::new();
     for p in 0..publishers {
         let sent = Arc::clone(&sent);
+        let committed = Arc::clone(&committed);
         let acked = Arc::clone(&acked);
         let ward = WARDS[p % WARDS.len()].code;
+        let receipt_filter = if receipts {
+            Some(receipt_topic(&SiteRef {
+                ward,
+                site: Id::new(format!("bench-{p:05}"))?,
+            }))
+        } else {
+            None
+        };
         tasks.push(tokio::spawn(async move {
             let mut opts =
                 MqttOptions::new(format!("agent-{ward}-bench-{p:05}"), "127.0.0.1", port);
             opts.set_keep_alive(Duration::from_secs(30));
             opts.set_inflight(100);
             let (client, mut events) = AsyncClient::new(opts, 200);
+            // Subscribed to the site's receipts before the first publish, as an agent is: the
+            // SUBSCRIBE is queued ahead of every PUBLISH on the connection.
+            if let Some(filter) = &receipt_filter
+                && let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await
+            {
+                eprintln!("publisher {p}: subscribe to receipts: {e}");
+            }
             let (connected_tx, connected) = tokio::sync::oneshot::channel::<()>();
-            let poller = tokio::spawn(async move {
-                let mut acks = 0u64;
-                let mut connected_tx = Some(connected_tx);
-                while acks < messages {
-                    match events.poll().await {
-                        Ok(Event::Incoming(Packet::PubAck(_))) => acks += 1,
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            if let Some(tx) = connected_tx.take() {
-                                let _ = tx.send(());
+            let poller = {
+                let client = client.clone();
+                let sent = Arc::clone(&sent);
+                tokio::spawn(async move {
+                    let mut acks = 0u64;
+                    let mut confirmed = 0u64;
+                    let mut connacks = 0u32;
+                    let mut connected_tx = Some(connected_tx);
+                    loop {
+                        let acks_done = acks >= messages;
+                        if acks_done && (receipt_filter.is_none() || confirmed >= messages) {
+                            break;
+                        }
+                        // Once every PUBACK is in, wait for the missing receipts only while
+                        // something still arrives.
+                        let event = if acks_done {
+                            match tokio::time::timeout(idle, events.poll()).await {
+                                Ok(event) => event,
+                                Err(_) => break,
+                            }
+                        } else {
+                            events.poll().await
+                        };
+                        match event {
+                            Ok(Event::Incoming(Packet::PubAck(_))) => acks += 1,
+                            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                                connacks += 1;
+                                if let Some(tx) = connected_tx.take() {
+                                    let _ = tx.send(());
+                                }
+                                // A clean session forgets its subscriptions on a reconnect.
+                                if connacks > 1
+                                    && let Some(filter) = &receipt_filter
+                                {
+                                    let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                                }
+                            }
+                            Ok(Event::Incoming(Packet::Publish(publish)))
+                                if receipt_filter.as_deref() == Some(publish.topic.as_str()) =>
+                            {
+                                let now_us = (start.elapsed().as_micros() as u64).max(1);
+                                let Ok(receipt) = Receipt::decode(&publish.payload) else {
+                                    eprintln!("publisher {p}: a receipt that does not decode");
+                                    continue;
+                                };
+                                confirmed +=
+                                    confirm(&receipt, messages, &sent[p], &committed[p], now_us);
+                            }
+                            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                            Ok(_) => {}
+                            Err(e) => {
+                                eprintln!("publisher {p}: {e}");
+                                tokio::time::sleep(Duration::from_millis(200)).await;
                             }
                         }
-                        Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-                        Ok(_) => {}
-                        Err(e) => {
-                            eprintln!("publisher {p}: {e}");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                        }
                     }
-                }
-                acks
-            });
+                    acks
+                })
+            };
             // A paced publisher starts once connected: a realistic site publishes over a live
             // link, and the connection storm is measured by the unpaced runs.
             if rate.is_some() {
@@ -496,15 +630,11 @@ async fn one_run(
     for t in tasks {
         let _ = t.await;
     }
-    let (delivered, duplicates, mut lat, last) = receiver.await?;
+    let (delivered, duplicates, mut lat, last, seen) = receiver.await?;
     let _ = sub.disconnect().await;
     lat.sort_unstable();
-    let pct = |q: f64| -> f64 {
-        if lat.is_empty() {
-            return f64::NAN;
-        }
-        lat[((lat.len() - 1) as f64 * q) as usize] as f64 / 1000.0
-    };
+    let pct = |q: f64| quantile_ms(&lat, q);
+    let commit = receipts.then(|| commit_result(&sent, &committed, &seen));
     Ok(RunResult {
         delivered,
         expected,
@@ -513,5 +643,75 @@ async fn one_run(
         p50_ms: pct(0.5),
         p99_ms: pct(0.99),
         max_ms: pct(1.0),
+        commit,
     })
+}
+
+/// Marks every message of this publisher that `receipt` names for the first time as committed
+/// at `now_us`; returns how many it marked. Names of unsent or unknown messages are ignored.
+fn confirm(
+    receipt: &Receipt,
+    messages: u64,
+    sent: &[AtomicU64],
+    committed: &[AtomicU64],
+    now_us: u64,
+) -> u64 {
+    let mut marked = 0;
+    for range in receipt.recorded.iter().filter(|r| r.boot == BOOT) {
+        for seq in range.first.max(1)..=range.last.min(messages) {
+            let i = seq as usize;
+            if sent[i].load(Ordering::Relaxed) != 0 && committed[i].load(Ordering::Relaxed) == 0 {
+                committed[i].store(now_us, Ordering::Relaxed);
+                marked += 1;
+            }
+        }
+    }
+    marked
+}
+
+/// Publish → first receipt over every message sent; prints the messages no receipt named.
+fn commit_result(
+    sent: &[Vec<AtomicU64>],
+    committed: &[Vec<AtomicU64>],
+    seen: &[Vec<bool>],
+) -> CommitResult {
+    let mut lat: Vec<u64> = Vec::new();
+    let mut sent_count = 0u64;
+    let mut never: Vec<(usize, usize)> = Vec::new();
+    for (p, (sent, committed)) in sent.iter().zip(committed).enumerate() {
+        for (seq, (s, c)) in sent.iter().zip(committed).enumerate().skip(1) {
+            let s = s.load(Ordering::Relaxed);
+            if s == 0 {
+                continue;
+            }
+            sent_count += 1;
+            match c.load(Ordering::Relaxed) {
+                0 => never.push((p, seq)),
+                c => lat.push(c.saturating_sub(s)),
+            }
+        }
+    }
+    if !never.is_empty() {
+        let delivered = never
+            .iter()
+            .filter(|&&(p, seq)| seen.get(p).and_then(|s| s.get(seq)) == Some(&true))
+            .count();
+        let mut examples = String::new();
+        for (p, seq) in never.iter().take(10) {
+            let _ = write!(examples, " bench-{p:05}#{seq}");
+        }
+        println!(
+            "  never confirmed by a receipt: {} ({delivered} of them reached the subscriber), e.g.{examples}",
+            never.len()
+        );
+    }
+    lat.sort_unstable();
+    CommitResult {
+        sent: sent_count,
+        confirmed: lat.len() as u64,
+        p50_ms: quantile_ms(&lat, 0.5),
+        p90_ms: quantile_ms(&lat, 0.9),
+        p99_ms: quantile_ms(&lat, 0.99),
+        max_ms: quantile_ms(&lat, 1.0),
+    }
 }
