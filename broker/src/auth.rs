@@ -9,16 +9,25 @@
 //!   once, and remembers a successful login for `auth.login_cache_ttl` as a keyed BLAKE2 digest
 //!   (never the password): 2,000 agents reconnecting after an outage cost one argon2 run each.
 //! - Failed logins are counted per user name: `auth.max_failed_logins` within
-//!   `auth.failed_login_window` locks the name out for `auth.lockout` (rumqttd tells neither
-//!   its protocol wrapper nor its auth hook the client's address, so the name is the key). A
-//!   password already verified and cached still gets in, so that guessing at an agent's name
-//!   cannot lock the real agent out.
+//!   `auth.failed_login_window` locks the name out for `auth.lockout`. A password already
+//!   verified and cached still gets in, so that guessing at an agent's name cannot lock the
+//!   real agent out.
+//! - Failed logins are also counted per client address where the address is known:
+//!   `auth.max_failed_logins_per_address` within the same window refuses every login from that
+//!   address for `auth.lockout`, cached or not, whatever the name (a guesser trying many
+//!   names). HTTP knows the address of every request; MQTT knows it on the MQTTS listener and on
+//!   a TCP listener behind a PROXY-protocol front (`mqtt.proxy_protocol`): rumqttd itself tells
+//!   neither its protocol wrapper nor its auth hook the client's address, so the
+//!   [`crate::mqtt::Guard`] reads it from the PROXY header and hands it over with
+//!   [`Authenticator::note_peer`], keyed by client id.
 //! - In demo mode a client without a user name is [`Access::Demo`]; named users are still
 //!   checked.
 //!
 //! What each [`Access`] may publish and subscribe to is [`crate::acl`]'s business.
 
 use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -265,6 +274,8 @@ pub enum LoginRefusal {
     BadPassword,
     /// Too many failures for this name lately.
     LockedOut,
+    /// Too many failures from this client address lately.
+    AddressLockedOut,
 }
 
 impl LoginRefusal {
@@ -274,6 +285,7 @@ impl LoginRefusal {
             LoginRefusal::UnknownUser => "unknown_user",
             LoginRefusal::BadPassword => "bad_password",
             LoginRefusal::LockedOut => "locked_out",
+            LoginRefusal::AddressLockedOut => "address_locked_out",
         }
     }
 }
@@ -287,7 +299,11 @@ pub struct Authenticator {
     directory: RwLock<Directory>,
     /// Successful logins: name → digest of the password and the hash it matched.
     cache: Mutex<HashMap<String, CachedLogin>>,
-    failures: Mutex<HashMap<String, Failures>>,
+    failures: Lockouts<String>,
+    address_failures: Lockouts<IpAddr>,
+    /// Address of each CONNECT on its way from the guard to the auth hook, by a keyed digest
+    /// of its client id, user name and password (all the hook is told).
+    peers: Mutex<HashMap<[u8; 64], IpAddr>>,
     verify_slots: Semaphore,
     /// Keys the cache digests, so that a memory dump does not give away password digests
     /// that could be checked offline.
@@ -325,6 +341,62 @@ struct Failures {
     locked_until: Option<Instant>,
 }
 
+/// Failed logins per key (a user name, a client address): `max` within `window` lock the key
+/// for `lockout`. Bounded: past 10,000 keys, those with nothing recent are forgotten.
+#[derive(Debug)]
+struct Lockouts<K> {
+    max: u32,
+    window: Duration,
+    lockout: Duration,
+    map: Mutex<HashMap<K, Failures>>,
+}
+
+impl<K: Hash + Eq> Lockouts<K> {
+    fn new(max: u32, window: Duration, lockout: Duration) -> Self {
+        Lockouts {
+            max,
+            window,
+            lockout,
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn is_locked(&self, key: &K) -> bool {
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(key)
+            .and_then(|f| f.locked_until)
+            .is_some_and(|t| t > Instant::now())
+    }
+
+    /// Counts a failure; returns the count if this one locked the key.
+    fn record(&self, key: K) -> Option<u32> {
+        let now = Instant::now();
+        let window = self.window;
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() > 10_000 {
+            map.retain(|_, f| {
+                now.saturating_duration_since(f.window_start) < window
+                    || f.locked_until.is_some_and(|t| t > now)
+            });
+        }
+        let f = map.entry(key).or_insert(Failures {
+            window_start: now,
+            count: 0,
+            locked_until: None,
+        });
+        if now.saturating_duration_since(f.window_start) >= window {
+            f.window_start = now;
+            f.count = 0;
+        }
+        f.count += 1;
+        if f.count >= self.max && f.locked_until.is_none_or(|t| t <= now) {
+            f.locked_until = Some(now + self.lockout);
+            return Some(f.count);
+        }
+        None
+    }
+}
+
 impl Authenticator {
     /// Reads the users table of the database in `data_dir`.
     pub fn new(
@@ -337,11 +409,21 @@ impl Authenticator {
             db_path: data_dir.to_owned(),
             demo,
             verify_slots: Semaphore::new(config.verify_threads.max(1)),
-            config,
             metrics,
             directory: RwLock::new(Directory::default()),
             cache: Mutex::new(HashMap::new()),
-            failures: Mutex::new(HashMap::new()),
+            failures: Lockouts::new(
+                config.max_failed_logins,
+                config.failed_login_window.0,
+                config.lockout.0,
+            ),
+            address_failures: Lockouts::new(
+                config.max_failed_logins_per_address,
+                config.failed_login_window.0,
+                config.lockout.0,
+            ),
+            peers: Mutex::new(HashMap::new()),
+            config,
             secret: rand::random(),
             probe_password: format!("{:032x}", rand::random::<u128>()),
         };
@@ -399,10 +481,25 @@ impl Authenticator {
     /// Who a CONNECT claims to be, without checking the password ([`Authenticator::verify`]
     /// does, before the connection is accepted). `None` user name: anonymous.
     pub fn identify(&self, name: Option<&str>) -> Result<Principal, LoginRefusal> {
+        self.identify_from(None, name)
+    }
+
+    /// [`Authenticator::identify`] for a client at `peer`, if known: refused while that address
+    /// is locked out, and an unknown name counts against it.
+    pub fn identify_from(
+        &self,
+        peer: Option<IpAddr>,
+        name: Option<&str>,
+    ) -> Result<Principal, LoginRefusal> {
         let refused = |r: LoginRefusal| {
             self.metrics.login_refused(r.reason());
             Err(r)
         };
+        if let Some(ip) = peer
+            && self.address_failures.is_locked(&ip)
+        {
+            return refused(LoginRefusal::AddressLockedOut);
+        }
         match name {
             None | Some("") if self.demo => Ok(Principal::demo()),
             None | Some("") => refused(LoginRefusal::Anonymous),
@@ -413,22 +510,87 @@ impl Authenticator {
                     access: user.access,
                 }),
                 None => {
-                    self.record_failure(name);
+                    self.record_failure(name, peer);
                     refused(LoginRefusal::UnknownUser)
                 }
             },
         }
     }
 
+    /// Remembers where a CONNECT comes from, for the auth hook
+    /// ([`Authenticator::verify_client`]) that checks its password next. Keyed by everything
+    /// the hook is told, so that a client cannot have its failures counted against someone
+    /// else's address without their password; entries stay (and are overwritten by the next
+    /// CONNECT with the same key), so concurrent attempts with one key are all counted. `None`
+    /// (a listener that is told no address) forgets the key's address.
+    pub fn note_peer(&self, client_id: &str, name: &str, password: &str, peer: Option<IpAddr>) {
+        let key = self.connect_key(client_id, name, password);
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        match peer {
+            Some(peer) => {
+                if peers.len() > 100_000 {
+                    peers.clear();
+                }
+                peers.insert(key, peer);
+            }
+            None => {
+                peers.remove(&key);
+            }
+        }
+    }
+
+    /// The MQTT auth hook: [`Authenticator::verify_from`] with the address the guard noted.
+    pub async fn verify_client(
+        &self,
+        client_id: &str,
+        name: &str,
+        password: &str,
+    ) -> Result<Principal, LoginRefusal> {
+        let key = self.connect_key(client_id, name, password);
+        let peer = self
+            .peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .copied();
+        self.verify_from(peer, name, password).await
+    }
+
+    fn connect_key(&self, client_id: &str, name: &str, password: &str) -> [u8; 64] {
+        let mut h = Blake2b512::new();
+        h.update(self.secret);
+        for field in [client_id, name, password] {
+            h.update((field.len() as u64).to_le_bytes());
+            h.update(field.as_bytes());
+        }
+        h.finalize().into()
+    }
+
     /// Checks a user name and password; the argon2 work runs off the async threads.
     pub async fn verify(&self, name: &str, password: &str) -> Result<Principal, LoginRefusal> {
+        self.verify_from(None, name, password).await
+    }
+
+    /// [`Authenticator::verify`] for a client at `peer`, if known: refused while that address is
+    /// locked out, and a failure counts against it.
+    pub async fn verify_from(
+        &self,
+        peer: Option<IpAddr>,
+        name: &str,
+        password: &str,
+    ) -> Result<Principal, LoginRefusal> {
         if name.is_empty() {
-            return self.identify(None);
+            return self.identify_from(peer, None);
         }
         let refused = |r: LoginRefusal| {
             self.metrics.login_refused(r.reason());
             Err(r)
         };
+        if let Some(ip) = peer
+            && self.address_failures.is_locked(&ip)
+        {
+            return refused(LoginRefusal::AddressLockedOut);
+        }
         if name == PROBE_USER {
             let right = self.digest(name, &self.probe_password);
             return if self.digest(name, password) == right {
@@ -438,7 +600,7 @@ impl Authenticator {
             };
         }
         let Some(user) = self.user(name) else {
-            self.record_failure(name);
+            self.record_failure(name, peer);
             return refused(LoginRefusal::UnknownUser);
         };
         let principal = Principal {
@@ -450,7 +612,7 @@ impl Authenticator {
             self.metrics.login_ok(true);
             return Ok(principal);
         }
-        if self.is_locked(name) {
+        if self.failures.is_locked(&short_name(name)) {
             return refused(LoginRefusal::LockedOut);
         }
         let ok = {
@@ -486,7 +648,7 @@ impl Authenticator {
             self.metrics.login_ok(false);
             Ok(principal)
         } else {
-            self.record_failure(name);
+            self.record_failure(name, peer);
             refused(LoginRefusal::BadPassword)
         }
     }
@@ -508,43 +670,23 @@ impl Authenticator {
         })
     }
 
-    fn is_locked(&self, name: &str) -> bool {
-        let failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        failures
-            .get(name)
-            .and_then(|f| f.locked_until)
-            .is_some_and(|t| t > Instant::now())
-    }
-
-    fn record_failure(&self, name: &str) {
-        let now = Instant::now();
-        let window = self.config.failed_login_window.0;
-        let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        if failures.len() > 10_000 {
-            failures.retain(|_, f| {
-                now.saturating_duration_since(f.window_start) < window
-                    || f.locked_until.is_some_and(|t| t > now)
-            });
-        }
-        // Names from the network are cut short before they are kept.
-        let key: String = name.chars().take(64).collect();
-        let f = failures.entry(key).or_insert(Failures {
-            window_start: now,
-            count: 0,
-            locked_until: None,
-        });
-        if now.saturating_duration_since(f.window_start) >= window {
-            f.window_start = now;
-            f.count = 0;
-        }
-        f.count += 1;
-        if f.count >= self.config.max_failed_logins && f.locked_until.is_none_or(|t| t <= now) {
-            f.locked_until = Some(now + self.config.lockout.0);
+    fn record_failure(&self, name: &str, peer: Option<IpAddr>) {
+        if let Some(failures) = self.failures.record(short_name(name)) {
             self.metrics.login_lockout();
-            tracing::warn!(user = %name.chars().take(64).collect::<String>(),
-                failures = f.count, "too many failed logins: locked out");
+            tracing::warn!(user = %short_name(name), failures, "too many failed logins: locked out");
+        }
+        if let Some(ip) = peer
+            && let Some(failures) = self.address_failures.record(ip)
+        {
+            self.metrics.login_lockout();
+            tracing::warn!(address = %ip, failures, "too many failed logins from one address: locked out");
         }
     }
+}
+
+/// Names from the network are cut short before they are kept.
+fn short_name(name: &str) -> String {
+    name.chars().take(64).collect()
 }
 
 #[cfg(test)]
@@ -631,6 +773,87 @@ mod tests {
         assert_eq!(
             auth.verify("agent-1", "s3cret").await,
             Err(LoginRefusal::UnknownUser)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_address_with_too_many_failures_is_refused_whatever_the_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(dir.path()).unwrap();
+        add_user(&conn, "agent-1", &shinjuku_agent(), "s3cret", &cheap()).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let mut config = cheap();
+        config.max_failed_logins_per_address = 4;
+        let auth = Authenticator::new(dir.path(), false, config, metrics.clone()).unwrap();
+        let guesser: IpAddr = "203.0.113.7".parse().unwrap();
+        let other: IpAddr = "203.0.113.8".parse().unwrap();
+        // The right password is cached before the guessing starts.
+        assert!(
+            auth.verify_from(Some(other), "agent-1", "s3cret")
+                .await
+                .is_ok()
+        );
+
+        // Different names each time: no name reaches its own limit of 3.
+        for name in ["a", "b"] {
+            assert_eq!(
+                auth.identify_from(Some(guesser), Some(name)),
+                Err(LoginRefusal::UnknownUser)
+            );
+        }
+        for name in ["c", "d"] {
+            assert_eq!(
+                auth.verify_from(Some(guesser), name, "x").await,
+                Err(LoginRefusal::UnknownUser)
+            );
+        }
+        // Locked: even a right (and cached) password is refused from that address …
+        assert_eq!(
+            auth.verify_from(Some(guesser), "agent-1", "s3cret").await,
+            Err(LoginRefusal::AddressLockedOut)
+        );
+        assert_eq!(
+            auth.identify_from(Some(guesser), Some("agent-1")),
+            Err(LoginRefusal::AddressLockedOut)
+        );
+        // … and accepted from any other, or where the address is unknown.
+        assert!(
+            auth.verify_from(Some(other), "agent-1", "s3cret")
+                .await
+                .is_ok()
+        );
+        assert!(auth.verify("agent-1", "s3cret").await.is_ok());
+        assert!(
+            metrics
+                .render()
+                .contains("renkei_logins_refused_total{reason=\"address_locked_out\"} 2")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_auth_hook_finds_the_address_the_guard_noted() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(dir.path()).unwrap();
+        add_user(&conn, "agent-1", &shinjuku_agent(), "s3cret", &cheap()).unwrap();
+        let mut config = cheap();
+        config.max_failed_logins = 100;
+        config.max_failed_logins_per_address = 2;
+        let auth = Authenticator::new(dir.path(), false, config, Arc::new(Metrics::new())).unwrap();
+        let guesser: IpAddr = "198.51.100.1".parse().unwrap();
+        for password in ["x", "y"] {
+            auth.note_peer("c1", "agent-1", password, Some(guesser));
+            assert_eq!(
+                auth.verify_client("c1", "agent-1", password).await,
+                Err(LoginRefusal::BadPassword)
+            );
+        }
+        // The same client id with the right password from elsewhere is not the guesser's.
+        auth.note_peer("c1", "agent-1", "s3cret", "198.51.100.2".parse().ok());
+        assert!(auth.verify_client("c1", "agent-1", "s3cret").await.is_ok());
+        auth.note_peer("c2", "agent-1", "s3cret", Some(guesser));
+        assert_eq!(
+            auth.verify_client("c2", "agent-1", "s3cret").await,
+            Err(LoginRefusal::AddressLockedOut)
         );
     }
 

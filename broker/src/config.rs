@@ -77,6 +77,10 @@ pub struct MqttConfig {
     pub tls_cert_file: Option<PathBuf>,
     /// PEM: the certificate's private key (PKCS#8, PKCS#1 or SEC1).
     pub tls_key_file: Option<PathBuf>,
+    /// The TCP listener is behind a load balancer that starts every connection with a
+    /// PROXY protocol header (v1 or v2): connections without one are refused, and the
+    /// client address it gives counts failed logins.
+    pub proxy_protocol: bool,
 }
 
 impl MqttConfig {
@@ -104,6 +108,7 @@ impl Default for MqttConfig {
             tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
             tls_cert_file: None,
             tls_key_file: None,
+            proxy_protocol: false,
         }
     }
 }
@@ -156,7 +161,11 @@ pub struct AuthConfig {
     /// Failed logins of one user name within `failed_login_window` that lock it out.
     pub max_failed_logins: u32,
     pub failed_login_window: HumanDuration,
-    /// How long a locked-out name is refused.
+    /// Failed logins from one client address within `failed_login_window` that refuse every
+    /// login from it for `lockout` (where the address is known: HTTP, MQTTS, and TCP with
+    /// `mqtt.proxy_protocol`).
+    pub max_failed_logins_per_address: u32,
+    /// How long a locked-out name or address is refused.
     pub lockout: HumanDuration,
     /// Argon2 verifications run at once (each takes `hash_memory` and a core for a moment).
     pub verify_threads: usize,
@@ -171,6 +180,7 @@ impl Default for AuthConfig {
             login_cache_ttl: HumanDuration(Duration::from_secs(300)),
             max_failed_logins: 10,
             failed_login_window: HumanDuration(Duration::from_secs(60)),
+            max_failed_logins_per_address: 30,
             lockout: HumanDuration(Duration::from_secs(300)),
             verify_threads: 2,
             // OWASP's argon2id baseline (19 MiB, 2 passes, 1 lane).

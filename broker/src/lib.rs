@@ -365,7 +365,9 @@ impl Broker {
             app,
             ..
         } = self;
-        let server = axum::serve(http, http::router(app)).with_graceful_shutdown(shutdown);
+        // Each request carries its client's address, which counts failed logins.
+        let service = http::router(app).into_make_service_with_connect_info::<SocketAddr>();
+        let server = axum::serve(http, service).with_graceful_shutdown(shutdown);
         let mqtt_stopped = async {
             match &mut source {
                 Source::Embedded(mqtt) => mqtt.stopped().await,

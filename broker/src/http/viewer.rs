@@ -91,8 +91,12 @@ impl FromRequestParts<AppState> for Viewer {
         if user.is_empty() {
             return Err(Refused::Unauthenticated);
         }
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|info| info.0.ip());
         let principal = auth
-            .verify(&user, &password)
+            .verify_from(peer, &user, &password)
             .await
             .map_err(|_| Refused::Unauthenticated)?;
         match principal.access {

@@ -18,12 +18,13 @@ pub mod probe;
 pub mod tls;
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
+use ppp::PartialResult as _;
 use renkei_shared::topic;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
@@ -42,6 +43,8 @@ pub const RESERVED_CLIENT_ID_PREFIX: &str = "renkei-broker-";
 
 /// How long [`Mqtt::listen`] waits for the listeners to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest PROXY protocol header read (v1 is at most 107 bytes; v2 may carry TLVs).
+const MAX_PROXY_HEADER: usize = 4096;
 
 /// Why the MQTT broker did not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +126,8 @@ type LinkFactory = dyn Fn(&str) -> Result<(LinkTx, LinkRx), Box<LinkError>> + Se
 pub struct Mqtt {
     /// The addresses the listeners use (port 0 already replaced by the port picked).
     pub tcp_addr: SocketAddr,
+    /// The TCP listener expects PROXY protocol headers (`mqtt.proxy_protocol`).
+    tcp_proxied: bool,
     pub ws_addr: SocketAddr,
     /// The MQTTS address, once [`Mqtt::listen`] bound it; `None` without TLS.
     pub tls_addr: Option<SocketAddr>,
@@ -191,10 +196,15 @@ impl Mqtt {
         let pending = listeners
             .into_iter()
             .map(|(listener, addr, gauge)| {
+                let proxied = match listener {
+                    Listener::Tls => true,
+                    Listener::Tcp => config.proxy_protocol,
+                    Listener::WebSocket => false,
+                };
                 let server = Server::new(
                     server_settings(config, listener, addr, auth),
                     router_tx.clone(),
-                    Guard::listening(gauge.clone(), auth.clone(), metrics.clone()),
+                    Guard::listening(gauge.clone(), auth.clone(), metrics.clone(), proxied),
                 );
                 (listener, addr, server)
             })
@@ -208,6 +218,7 @@ impl Mqtt {
         let (stopped_tx, stopped) = mpsc::unbounded_channel();
         Ok(Mqtt {
             tcp_addr,
+            tcp_proxied: config.proxy_protocol,
             ws_addr,
             tls_addr: None,
             tls,
@@ -232,7 +243,10 @@ impl Mqtt {
             spawn_listener(listener, addr, server, self.stopped_tx.clone())?;
         }
         let mut probes = vec![
-            probe::Target::Tcp(self.tcp_addr),
+            probe::Target::Tcp {
+                addr: self.tcp_addr,
+                proxied: self.tcp_proxied,
+            },
             probe::Target::WebSocket(self.ws_addr),
         ];
         if let Some(front) = self.tls.take() {
@@ -250,7 +264,10 @@ impl Mqtt {
                     addr,
                     source: std::io::Error::other(e),
                 })?;
-            probes.push(probe::Target::Tcp(front.backend));
+            probes.push(probe::Target::Tcp {
+                addr: front.backend,
+                proxied: true,
+            });
             probes.push(probe::Target::Tls(probe::reachable(bound), connector));
             let stopped = self.stopped_tx.clone();
             tokio::spawn(async move {
@@ -402,9 +419,13 @@ fn server_settings(
         },
     };
     let auth = auth.clone();
-    settings.set_auth_handler(move |_client_id, user: String, password: String| {
+    settings.set_auth_handler(move |client_id: String, user: String, password: String| {
         let auth = auth.clone();
-        async move { auth.verify(&user, &password).await.is_ok() }
+        async move {
+            auth.verify_client(&client_id, &user, &password)
+                .await
+                .is_ok()
+        }
     });
     settings
 }
@@ -506,6 +527,13 @@ pub struct Guard {
     metrics: Arc<Metrics>,
     /// Who the connection is, from its CONNECT.
     principal: Option<Principal>,
+    /// The listener's connections start with a PROXY protocol header (the MQTTS relay, or a
+    /// load balancer with `mqtt.proxy_protocol`).
+    proxied: bool,
+    /// The connection's PROXY header has been read.
+    header_read: bool,
+    /// The client's address, from that header.
+    peer: Option<IpAddr>,
     /// SUBSCRIBE packet ids → positions of refused filters, until their SUBACK goes out.
     /// A mutex because `Protocol::write` takes `&self`.
     refused_filters: Mutex<HashMap<u16, Vec<usize>>>,
@@ -521,7 +549,12 @@ impl std::fmt::Debug for Guard {
 }
 
 impl Guard {
-    fn listening(open: Arc<AtomicI64>, auth: Arc<Authenticator>, metrics: Arc<Metrics>) -> Self {
+    fn listening(
+        open: Arc<AtomicI64>,
+        auth: Arc<Authenticator>,
+        metrics: Arc<Metrics>,
+        proxied: bool,
+    ) -> Self {
         Guard {
             inner: V4,
             open,
@@ -529,8 +562,62 @@ impl Guard {
             auth,
             metrics,
             principal: None,
+            proxied,
+            header_read: false,
+            peer: None,
             refused_filters: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Reads the PROXY protocol header (v1 or v2) that starts the stream: the client's address.
+    /// Anything else first, or a header that does not parse, closes the connection.
+    fn read_proxy_header(&mut self, stream: &mut BytesMut) -> Result<(), protocol::Error> {
+        const V1: &[u8] = b"PROXY ";
+        const V2: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+        let refuse = |why: &str| {
+            self.metrics.login_refused("bad_proxy_header");
+            tracing::info!(why, "refused connection: no valid PROXY protocol header");
+            Err(protocol::Error::InvalidProtocol)
+        };
+        let starts_like = |sig: &[u8]| {
+            let n = stream.len().min(sig.len());
+            stream[..n] == sig[..n]
+        };
+        if !starts_like(V1) && !starts_like(V2) {
+            return refuse("the stream does not start with one");
+        }
+        let parsed = ppp::HeaderResult::parse(&stream[..]);
+        if parsed.is_incomplete() {
+            if stream.len() > MAX_PROXY_HEADER {
+                return refuse("header too long");
+            }
+            return Err(protocol::Error::InsufficientBytes(1));
+        }
+        let (len, peer) = match parsed {
+            ppp::HeaderResult::V1(Ok(h)) => (
+                h.header.len(),
+                match h.addresses {
+                    ppp::v1::Addresses::Tcp4(a) => Some(IpAddr::V4(a.source_address)),
+                    ppp::v1::Addresses::Tcp6(a) => Some(IpAddr::V6(a.source_address)),
+                    ppp::v1::Addresses::Unknown => None,
+                },
+            ),
+            ppp::HeaderResult::V2(Ok(h)) => (
+                h.len(),
+                match h.addresses {
+                    ppp::v2::Addresses::IPv4(a) => Some(IpAddr::V4(a.source_address)),
+                    ppp::v2::Addresses::IPv6(a) => Some(IpAddr::V6(a.source_address)),
+                    ppp::v2::Addresses::Unspecified | ppp::v2::Addresses::Unix(_) => None,
+                },
+            ),
+            ppp::HeaderResult::V1(Err(_)) | ppp::HeaderResult::V2(Err(_)) => {
+                return refuse("the header does not parse");
+            }
+        };
+        stream.advance(len);
+        self.header_read = true;
+        self.peer = peer;
+        Ok(())
     }
 
     fn on_connect(&mut self, packet: Packet) -> Result<Packet, protocol::Error> {
@@ -550,15 +637,28 @@ impl Guard {
             return Err(protocol::Error::InvalidProtocol);
         }
         let name = login.as_ref().map(|l| l.username.as_str());
-        let principal = self.auth.identify(name).map_err(|refusal| {
-            tracing::info!(
-                client_id = %short(&connect.client_id),
-                user = %short(name.unwrap_or("")),
-                reason = refusal.reason(),
-                "refused CONNECT"
+        let principal = self
+            .auth
+            .identify_from(self.peer, name)
+            .map_err(|refusal| {
+                tracing::info!(
+                    client_id = %short(&connect.client_id),
+                    user = %short(name.unwrap_or("")),
+                    peer = ?self.peer,
+                    reason = refusal.reason(),
+                    "refused CONNECT"
+                );
+                protocol::Error::InvalidProtocol
+            })?;
+        if let Some(login) = &login {
+            // The auth hook, which checks the password next, is not told the address.
+            self.auth.note_peer(
+                &connect.client_id,
+                &login.username,
+                &login.password,
+                self.peer,
             );
-            protocol::Error::InvalidProtocol
-        })?;
+        }
         if let Some(will) = &will {
             let topic = std::str::from_utf8(&will.topic).unwrap_or("");
             if let Err(reason) = acl::may_publish(&principal, topic) {
@@ -652,6 +752,9 @@ impl Clone for Guard {
             auth: self.auth.clone(),
             metrics: self.metrics.clone(),
             principal: None,
+            proxied: self.proxied,
+            header_read: false,
+            peer: None,
             refused_filters: Mutex::new(HashMap::new()),
         }
     }
@@ -671,6 +774,9 @@ impl Protocol for Guard {
         stream: &mut BytesMut,
         max_size: usize,
     ) -> Result<Packet, protocol::Error> {
+        if self.proxied && !self.header_read {
+            self.read_proxy_header(stream)?;
+        }
         let packet = match self.inner.read_mut(stream, max_size) {
             Ok(packet) => packet,
             Err(protocol::Error::PayloadSizeLimitExceeded(len)) => {

@@ -18,7 +18,11 @@ use tokio_rustls::TlsConnector;
 
 /// A listener to probe.
 pub enum Target {
-    Tcp(SocketAddr),
+    /// `proxied`: the listener expects a PROXY protocol header first.
+    Tcp {
+        addr: SocketAddr,
+        proxied: bool,
+    },
     WebSocket(SocketAddr),
     Tls(SocketAddr, TlsConnector),
 }
@@ -32,7 +36,7 @@ impl std::fmt::Debug for Target {
 impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Target::Tcp(addr) => write!(f, "TCP {addr}"),
+            Target::Tcp { addr, .. } => write!(f, "TCP {addr}"),
             Target::WebSocket(addr) => write!(f, "WebSocket {addr}"),
             Target::Tls(addr, _) => write!(f, "MQTTS {addr}"),
         }
@@ -42,7 +46,7 @@ impl std::fmt::Display for Target {
 impl Target {
     pub async fn probe(&self, connect: &[u8]) -> Result<()> {
         match self {
-            Target::Tcp(addr) => tcp(*addr, connect).await,
+            Target::Tcp { addr, proxied } => tcp(*addr, *proxied, connect).await,
             Target::WebSocket(addr) => websocket(*addr, connect).await,
             Target::Tls(addr, connector) => tls(*addr, connector, connect).await,
         }
@@ -82,10 +86,14 @@ pub fn connect_packet(user: &str, password: &str) -> Vec<u8> {
 
 const DISCONNECT: [u8; 2] = [0xe0, 0x00];
 
-/// Probes the MQTT-over-TCP listener.
-pub async fn tcp(addr: SocketAddr, connect: &[u8]) -> Result<()> {
+/// Probes the MQTT-over-TCP listener; a `proxied` one is told the probe's address is unknown
+/// (`PROXY UNKNOWN`, the form for connections a proxy did not relay).
+pub async fn tcp(addr: SocketAddr, proxied: bool, connect: &[u8]) -> Result<()> {
     within_timeout(async {
         let mut stream = TcpStream::connect(addr).await?;
+        if proxied {
+            stream.write_all(b"PROXY UNKNOWN\r\n").await?;
+        }
         connect_disconnect(&mut stream, connect).await
     })
     .await

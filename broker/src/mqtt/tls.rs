@@ -6,7 +6,9 @@
 //! after it. Here the certificate and key are read and checked once, at start, and each
 //! connection's handshake runs in its own task within `mqtt.connect_timeout`. The decrypted
 //! stream is then relayed to a rumqttd listener bound to 127.0.0.1, which wraps connections in
-//! the same [`super::Guard`] as the other listeners (login, access control, counting).
+//! the same [`super::Guard`] as the other listeners (login, access control, counting). Each
+//! relayed connection starts with a PROXY protocol v1 header naming the client's address, so
+//! that failed logins are counted per address; that listener refuses connections without one.
 //!
 //! ```text
 //! client ──TLS──▶ tls_listen (tokio-rustls, one task per connection) ──TCP──▶ 127.0.0.1:port
@@ -23,6 +25,7 @@ use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, ServerConfig, SignatureScheme};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
@@ -199,6 +202,13 @@ pub async fn relay(
                 }
             };
             let _ = plain.set_nodelay(true);
+            // The listener behind learns the client's address from a PROXY protocol header.
+            let local = tls.get_ref().0.local_addr().unwrap_or(peer);
+            let header = ppp::v1::Addresses::from((peer, local)).to_string();
+            if let Err(e) = plain.write_all(header.as_bytes()).await {
+                tracing::debug!(%peer, error = %e, "MQTTS relay: backend closed");
+                return;
+            }
             // Ends when either side closes; errors here are a client going away.
             let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
         });

@@ -437,3 +437,76 @@ c.loop_stop()
     .await;
     assert!(broker.terminate().success());
 }
+
+/// Logs in over raw TCP, after a PROXY protocol v1 header naming `client` if given: whether
+/// the broker answered CONNACK "accepted".
+async fn login_behind_proxy(
+    addr: std::net::SocketAddr,
+    client: Option<&str>,
+    user: &str,
+    password: &str,
+) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    if let Some(ip) = client {
+        let header = format!("PROXY TCP4 {ip} 127.0.0.1 40000 {}\r\n", addr.port());
+        stream.write_all(header.as_bytes()).await.unwrap();
+    }
+    let connect = renkei_broker::mqtt::probe::connect_packet(user, password);
+    stream.write_all(&connect).await.unwrap();
+    let mut connack = [0u8; 4];
+    matches!(
+        tokio::time::timeout(PATIENCE, stream.read_exact(&mut connack)).await,
+        Ok(Ok(_))
+    ) && connack == [0x20, 0x02, 0x00, 0x00]
+}
+
+/// Behind a load balancer that sends PROXY protocol headers (`mqtt.proxy_protocol`), failed
+/// logins count against the client address it names; connections without a header are
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_proxy_failed_logins_lock_out_the_client_address() {
+    let broker =
+        broker_with_users("max_failed_logins_per_address = 3\n[mqtt]\nproxy_protocol = true\n");
+    let tcp = broker.addrs.mqtt;
+    let (guesser, other) = ("203.0.113.7", "203.0.113.8");
+    assert!(login_behind_proxy(tcp, Some(guesser), "sato", PASSWORD).await);
+    assert!(
+        !login_behind_proxy(tcp, None, "sato", PASSWORD).await,
+        "a connection without a PROXY header is refused"
+    );
+    for (user, password) in [("nobody", "x"), ("sato", "guess"), ("tanaka", "guess")] {
+        assert!(!login_behind_proxy(tcp, Some(guesser), user, password).await);
+    }
+    assert!(
+        !login_behind_proxy(tcp, Some(guesser), "sato", PASSWORD).await,
+        "the guessing address is locked out"
+    );
+    assert!(login_behind_proxy(tcp, Some(other), "sato", PASSWORD).await);
+    // PROXY UNKNOWN (a health check, say): the address is not known, so only names count.
+    assert!(login_behind_proxy_unknown(tcp).await);
+    let text = metrics(&broker).await;
+    for (reason, n) in [("address_locked_out", 1), ("bad_proxy_header", 1)] {
+        assert_eq!(
+            metric(
+                &text,
+                &format!("renkei_logins_refused_total{{reason=\"{reason}\"}}")
+            ),
+            Some(n),
+            "{reason}: {text}"
+        );
+    }
+}
+
+async fn login_behind_proxy_unknown(addr: std::net::SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"PROXY UNKNOWN\r\n").await.unwrap();
+    let connect = renkei_broker::mqtt::probe::connect_packet("sato", PASSWORD);
+    stream.write_all(&connect).await.unwrap();
+    let mut connack = [0u8; 4];
+    matches!(
+        tokio::time::timeout(PATIENCE, stream.read_exact(&mut connack)).await,
+        Ok(Ok(_))
+    ) && connack == [0x20, 0x02, 0x00, 0x00]
+}

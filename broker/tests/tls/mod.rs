@@ -238,3 +238,36 @@ fn bad_certificate_files_stop_the_start_with_the_key_and_path() {
     let stderr = start_fails("");
     assert!(stderr.contains("--mqtts"), "{stderr}");
 }
+
+/// The relay tells the guard each client's address, so failed logins over MQTTS are counted
+/// per address: past the limit, that address is refused whatever the name and password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_logins_over_mqtts_lock_out_the_client_address() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(pki_dir.path(), "renkei");
+    let config = format!("max_failed_logins_per_address = 3\n{}", tls_config(&pki));
+    let broker = RunningBroker::start_in(harness::with_users(&config), &["--mqtts", "127.0.0.1:0"]);
+    let addrs = broker.addrs;
+    let mqtts = addrs.mqtts.expect("an MQTTS listener").port();
+    // Right before the guessing: the right password gets in.
+    drop(
+        MqttClient::try_connect(tls_options(mqtts, "sato", &pki.ca))
+            .await
+            .expect("sato connects"),
+    );
+    for (user, password) in [("nobody", PASSWORD), ("sato", "guess"), ("dis", "guess")] {
+        let mut guess = tls_options(mqtts, user, &pki.ca);
+        guess.set_credentials(user, password);
+        assert!(MqttClient::try_connect(guess).await.is_err(), "{user}");
+    }
+    // 127.0.0.1 is now refused over MQTTS, even with the right password …
+    assert!(
+        MqttClient::try_connect(tls_options(mqtts, "sato", &pki.ca))
+            .await
+            .is_err()
+    );
+    // … while the plain listener, which is told no address, still lets the user in.
+    let _plain = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    // One count per address for MQTT and HTTP alike: the API refuses it too.
+    assert_eq!(http_get_as(&addrs, "/metrics", ROOT).await.status, 401);
+}
