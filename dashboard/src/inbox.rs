@@ -11,8 +11,9 @@ use std::cell::{Cell, RefCell};
 use crate::mqtt::Incoming;
 
 /// Delay between the first queued message and the flush, in ms: a few frames, far faster
-/// than anyone reads a table.
-pub const FLUSH_MS: u32 = 100;
+/// than anyone reads a table, and short enough that a message is on screen within 100 ms of
+/// being sent (at 2,000 messages a second that is 25 renders a second, each a few ms).
+pub const FLUSH_MS: u32 = 40;
 
 /// The queue between the MQTT client and the reducer.
 #[derive(Debug, Default)]

@@ -4,6 +4,11 @@
 //! (navigation start → the first render that shows a site) and one `renkei-batch` per batch
 //! (dispatch of a batch → its render finished). A summary of them is kept on
 //! `window.__renkeiPerf` so a WebDriver test can read it with one script call.
+//!
+//! The summary also holds the delivery latency of live messages: from the `sent_at` an agent
+//! stamped on a message to the end of the render that shows it (both wall clocks, so agent and
+//! browser clocks must agree, as they do on one machine or with NTP). Retained copies and
+//! replayed backlog (`historical`) are old by nature and not counted.
 
 use serde::Serialize;
 
@@ -18,7 +23,15 @@ pub struct PerfLog {
     /// The most recent durations, in ms, at most [`KEEP_BATCHES`].
     recent: std::collections::VecDeque<f64>,
     max_batch_ms: f64,
+    /// The most recent live messages' sent → shown latencies, in ms, at most
+    /// [`KEEP_LATENCIES`].
+    latencies: std::collections::VecDeque<f64>,
+    latency_count: u64,
+    max_latency_ms: f64,
 }
+
+/// Latencies kept for the percentiles; older ones are dropped first.
+pub const KEEP_LATENCIES: usize = 100_000;
 
 /// The summary published on `window.__renkeiPerf`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -28,6 +41,11 @@ pub struct PerfSummary {
     pub batch_p50_ms: Option<f64>,
     pub batch_p99_ms: Option<f64>,
     pub max_batch_ms: Option<f64>,
+    /// Live messages measured, and their sent → shown latency.
+    pub latency_count: u64,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+    pub max_latency_ms: Option<f64>,
 }
 
 impl PerfLog {
@@ -49,15 +67,39 @@ impl PerfLog {
         self.recent.push_back(ms);
     }
 
+    /// Records the messages a render has just shown: `shown_ms` is the wall clock then, and
+    /// `sent_at_ms` the wall clock each was sent at.
+    pub fn shown(&mut self, shown_ms: f64, sent_at_ms: &[i64]) {
+        for &sent in sent_at_ms {
+            // A clock that runs ahead at the agent shows as zero, not as negative time.
+            let ms = (shown_ms - sent as f64).max(0.0);
+            self.latency_count += 1;
+            self.max_latency_ms = self.max_latency_ms.max(ms);
+            if self.latencies.len() == KEEP_LATENCIES {
+                self.latencies.pop_front();
+            }
+            self.latencies.push_back(ms);
+        }
+    }
+
     pub fn summary(&self) -> PerfSummary {
-        let mut sorted: Vec<f64> = self.recent.iter().copied().collect();
-        sorted.sort_by(f64::total_cmp);
+        let sorted = |values: &std::collections::VecDeque<f64>| {
+            let mut v: Vec<f64> = values.iter().copied().collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        let batches = sorted(&self.recent);
+        let latencies = sorted(&self.latencies);
         PerfSummary {
             first_render_ms: self.first_render_ms,
             batches: self.batches,
-            batch_p50_ms: percentile(&sorted, 50.0),
-            batch_p99_ms: percentile(&sorted, 99.0),
+            batch_p50_ms: percentile(&batches, 50.0),
+            batch_p99_ms: percentile(&batches, 99.0),
             max_batch_ms: (self.batches > 0).then_some(self.max_batch_ms),
+            latency_count: self.latency_count,
+            latency_p50_ms: percentile(&latencies, 50.0),
+            latency_p99_ms: percentile(&latencies, 99.0),
+            max_latency_ms: (self.latency_count > 0).then_some(self.max_latency_ms),
         }
     }
 }
@@ -81,6 +123,13 @@ pub mod browser {
 
     thread_local! {
         static LOG: RefCell<PerfLog> = RefCell::new(PerfLog::default());
+        /// `sent_at` of the live messages in the batch being rendered.
+        static SHOWING: RefCell<Vec<i64>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// The batch being rendered holds live messages sent at these times (wall clock, ms).
+    pub fn applied(sent_at_ms: Vec<i64>) {
+        SHOWING.with(|s| s.borrow_mut().extend(sent_at_ms));
     }
 
     const BATCH_START: &str = "renkei-batch-start";
@@ -111,9 +160,11 @@ pub mod browser {
         // they would grow for as long as the wall screen stays on.
         p.clear_marks_with_mark_name(BATCH_START);
         p.clear_marks_with_mark_name(BATCH_END);
+        let shown = SHOWING.with(|s| std::mem::take(&mut *s.borrow_mut()));
         let batches = LOG.with(|log| {
             let mut log = log.borrow_mut();
             log.batch(p.now() - started);
+            log.shown(js_sys::Date::now(), &shown);
             log.summary().batches
         });
         if batches.is_multiple_of(1_000) {
@@ -169,6 +220,10 @@ mod tests {
                 batch_p50_ms: None,
                 batch_p99_ms: None,
                 max_batch_ms: None,
+                latency_count: 0,
+                latency_p50_ms: None,
+                latency_p99_ms: None,
+                max_latency_ms: None,
             }
         );
         assert!(log.first_render(812.5));
@@ -185,6 +240,23 @@ mod tests {
         let json = serde_json::to_value(&s).unwrap();
         assert_eq!(json["first_render_ms"], 812.5);
         assert_eq!(json["batches"], 4);
+    }
+
+    #[test]
+    fn latencies_from_sent_to_shown() {
+        let mut log = PerfLog::default();
+        log.shown(10_000.0, &[9_990, 9_900, 9_700]);
+        log.shown(20_000.0, &[20_050]);
+        let s = log.summary();
+        assert_eq!(s.latency_count, 4);
+        assert_eq!(s.latency_p50_ms, Some(10.0));
+        assert_eq!(s.latency_p99_ms, Some(300.0));
+        assert_eq!(s.max_latency_ms, Some(300.0));
+        assert_eq!(
+            PerfLog::default().summary().latency_p99_ms,
+            None,
+            "nothing measured, nothing claimed"
+        );
     }
 
     #[test]

@@ -15,7 +15,9 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use renkei_shared::validate::validate_for_topic;
-use renkei_shared::{Change, Level, Mode, State, Timestamp, Topic, Ward, WardRollup, decode};
+use renkei_shared::{
+    Change, Envelope, Level, Mode, State, Timestamp, Topic, Ward, WardRollup, decode,
+};
 use yew::Reducible;
 
 use crate::age::Age;
@@ -44,22 +46,23 @@ pub enum Ingested {
 
 /// Checks one message and applies it to `state`.
 pub fn ingest(state: &mut State, topic: &str, payload: &[u8]) -> Ingested {
+    match checked(topic, payload) {
+        Ok(None) => Ingested::Ignored,
+        Ok(Some(env)) => Ingested::Applied(state.apply(&env)),
+        Err((reason, detail)) => Ingested::Rejected { reason, detail },
+    }
+}
+
+/// Decodes and checks one message: `None` for an empty payload (a retained message being
+/// cleared), else the message, or why it is refused.
+fn checked(topic: &str, payload: &[u8]) -> Result<Option<Envelope>, (&'static str, String)> {
     if payload.is_empty() {
-        return Ingested::Ignored;
+        return Ok(None);
     }
-    let reject = |reason, detail: String| Ingested::Rejected { reason, detail };
-    let published = match Topic::parse(topic) {
-        Ok(t) => t,
-        Err(e) => return reject("bad_topic", e.to_string()),
-    };
-    let env = match decode(payload) {
-        Ok(env) => env,
-        Err(e) => return reject(e.reason(), e.to_string()),
-    };
-    if let Err(e) = validate_for_topic(&env, &published) {
-        return reject(e.reason(), e.to_string());
-    }
-    Ingested::Applied(state.apply(&env))
+    let published = Topic::parse(topic).map_err(|e| ("bad_topic", e.to_string()))?;
+    let env = decode(payload).map_err(|e| (e.reason(), e.to_string()))?;
+    validate_for_topic(&env, &published).map_err(|e| (e.reason(), e.to_string()))?;
+    Ok(Some(env))
 }
 
 /// The figures of one table row.
@@ -173,15 +176,24 @@ impl Default for Engine {
 }
 
 impl Engine {
-    /// Applies a batch; true if the state changed.
-    fn ingest_batch(&mut self, messages: &[Incoming], now: Timestamp) -> bool {
+    /// Applies a batch: whether the state changed, and the `sent_at` (ms) of the live
+    /// messages in it (neither retained copies nor replayed backlog), for the latency figures.
+    fn ingest_batch(&mut self, messages: &[Incoming], now: Timestamp) -> (bool, Vec<i64>) {
         let mut changed = false;
+        let mut live = Vec::new();
         for m in messages {
             self.received += 1;
-            match ingest(&mut self.state, &m.topic, &m.payload) {
-                Ingested::Applied(Change::Updated { .. }) => changed = true,
-                Ingested::Applied(_) | Ingested::Ignored => {}
-                Ingested::Rejected { reason, detail } => {
+            match checked(&m.topic, &m.payload) {
+                Ok(None) => {}
+                Ok(Some(env)) => {
+                    if matches!(self.state.apply(&env), Change::Updated { .. }) {
+                        changed = true;
+                    }
+                    if !m.retained && !env.header.historical {
+                        live.push(env.header.sent_at.0);
+                    }
+                }
+                Err((reason, detail)) => {
                     *self.rejected.entry(reason).or_default() += 1;
                     if let Some(held_back) = self.log_limit.allow(now.0) {
                         log::warn(&format!(
@@ -193,7 +205,7 @@ impl Engine {
                 }
             }
         }
-        changed
+        (changed, live)
     }
 
     fn snapshot(&self, now: Timestamp, last_update: Option<Timestamp>, view: &View) -> Snapshot {
@@ -377,7 +389,11 @@ impl Reducible for Dashboard {
     fn reduce(self: Rc<Self>, action: Action) -> Rc<Self> {
         match action {
             Action::Batch { messages, now } => {
-                let changed = self.engine.borrow_mut().ingest_batch(&messages, now);
+                let (changed, live) = self.engine.borrow_mut().ingest_batch(&messages, now);
+                #[cfg(target_arch = "wasm32")]
+                crate::perf::browser::applied(live);
+                #[cfg(not(target_arch = "wasm32"))]
+                drop(live);
                 let last_update = if changed {
                     Some(now)
                 } else {

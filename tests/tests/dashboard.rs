@@ -822,6 +822,14 @@ async fn stays_smooth_with_many_simulated_sites() -> Result<()> {
             // batch a visible stall still fails.
             let p50 = ms("batch_p50_ms").unwrap_or(f64::MAX);
             anyhow::ensure!(p50 < 250.0, "median batch {p50} ms: {perf}");
+            // Sent by the simulated agents → on screen (BENCHMARKS.md has the figures at
+            // 2,000 messages a second; the target there is a p99 of 100 ms).
+            anyhow::ensure!(
+                ms("latency_count").unwrap_or(0.0) >= site_count as f64,
+                "too few live messages measured: {perf}"
+            );
+            let p99 = ms("latency_p99_ms").unwrap_or(f64::MAX);
+            anyhow::ensure!(p99 < 1_000.0, "99th percentile sent → shown {p99} ms: {perf}");
             Ok(())
         })
         .await
