@@ -39,6 +39,7 @@ pub mod http;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;
+pub mod receipts;
 pub mod recorder;
 pub mod rules;
 
@@ -219,9 +220,13 @@ impl Broker {
             recorder: recorder.tx(),
             rules: config.rules.enabled.then_some(trigger),
         };
+        let interest = Arc::new(match &config.external.broker {
+            None => receipts::Interest::counted(),
+            Some(_) => receipts::Interest::everyone(),
+        });
         let (mut source, ingest, mut publisher, held) = match &config.external.broker {
             None => {
-                let mqtt = Mqtt::new(&config.mqtt, &auth, &metrics)?;
+                let mqtt = Mqtt::new(&config.mqtt, &auth, &metrics, interest.clone())?;
                 let ingest = Ingest::start(mqtt.link("ingest")?, setup)?;
                 let publisher = Publisher::new(mqtt.link("publisher")?);
                 (Source::Embedded(mqtt), ingest, publisher, None)
@@ -242,10 +247,13 @@ impl Broker {
                 (Source::External(external), ingest, publisher, Some(held))
             }
         };
-        recorder.send_receipts(match &source {
-            Source::Embedded(mqtt) => Publisher::new(mqtt.link("receipts")?),
-            Source::External(external) => Publisher::External(external.client.clone()),
-        });
+        recorder.send_receipts(
+            match &source {
+                Source::Embedded(mqtt) => Publisher::new(mqtt.link("receipts")?),
+                Source::External(external) => Publisher::External(external.client.clone()),
+            },
+            interest,
+        );
         // Before the listeners open: a client that connects sees the state as it was. An
         // external broker keeps its retained messages: only what it lacks is published.
         for (topic, envelope, payload) in &restored.retained {

@@ -40,9 +40,11 @@ use crate::config::RecorderConfig;
 use crate::db;
 use crate::metrics::Metrics;
 use crate::mqtt::Publisher;
+use crate::receipts::Interest;
 
-/// Where receipts go once the MQTT side is up; empty until then (nothing is received before).
-type ReceiptSink = Arc<Mutex<Option<Publisher>>>;
+/// Where receipts go once the MQTT side is up, and which sites want them; empty until then
+/// (nothing is received before).
+type ReceiptSink = Arc<Mutex<Option<(Publisher, Arc<Interest>)>>>;
 
 /// Longest payload kept in quarantine (a refused payload may be anything up to the MQTT limit).
 pub const QUARANTINE_PAYLOAD_BYTES: usize = 4096;
@@ -138,9 +140,10 @@ impl Recorder {
         })
     }
 
-    /// From now on, receipts are published through `publisher` after every commit.
-    pub fn send_receipts(&self, publisher: Publisher) {
-        *self.receipts.lock().unwrap_or_else(PoisonError::into_inner) = Some(publisher);
+    /// From now on, receipts are published through `publisher` after every commit, to the
+    /// sites someone listens to receipts for.
+    pub fn send_receipts(&self, publisher: Publisher, interest: Arc<Interest>) {
+        *self.receipts.lock().unwrap_or_else(PoisonError::into_inner) = Some((publisher, interest));
     }
 
     pub fn tx(&self) -> Option<RecorderTx> {
@@ -221,13 +224,14 @@ impl Writer {
     /// Tells every site in a committed batch which of its messages are now stored.
     fn send_receipts(&self, batch: &[Record]) {
         let mut sink = self.receipts.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(publisher) = sink.as_mut() else {
+        let Some((publisher, interest)) = sink.as_mut() else {
             return;
         };
         let mut by_site: HashMap<&SiteRef, Vec<(u32, u64)>> = HashMap::new();
         for record in batch {
             if let Record::Accepted { envelope, .. } = record
                 && let Origin::Site(site) = &envelope.header.origin
+                && interest.wanted(site)
             {
                 let h = &envelope.header;
                 by_site.entry(site).or_default().push((h.boot, h.seq));

@@ -33,6 +33,19 @@ pub fn receipt_topic(site: &SiteRef) -> String {
     format!("{RECEIPT_ROOT}/{}/{}", site.ward, site.site)
 }
 
+/// The site whose receipt topic this is, if it is one (exactly `renkei/receipt/v1/{ward}/{site}`).
+pub fn parse_receipt_topic(topic: &str) -> Option<SiteRef> {
+    let (ward, site) = topic
+        .strip_prefix(RECEIPT_ROOT)?
+        .strip_prefix('/')?
+        .split_once('/')?;
+    // The command topic has the same two levels: its parser checks them.
+    match crate::topic::Topic::parse(&format!("{}/cmd/{ward}/{site}", crate::topic::ROOT)) {
+        Ok(crate::topic::Topic::Command { site }) => Some(site),
+        _ => None,
+    }
+}
+
 /// Consecutive sequence numbers of one boot, `first..=last`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SeqRange {
@@ -251,5 +264,15 @@ mod tests {
             "renkei/receipt/v1/131041/nishi-shinjuku-es"
         );
         assert!(!receipt_topic(&site).starts_with(crate::topic::ROOT));
+        assert_eq!(parse_receipt_topic(&receipt_topic(&site)), Some(site));
+        for not_one in [
+            "renkei/receipt/v1/131041",
+            "renkei/receipt/v1/131041/+",
+            "renkei/receipt/v1/131041/a/b",
+            "renkei/receipt/v1/999999/a",
+            "renkei/v1/cmd/131041/a",
+        ] {
+            assert_eq!(parse_receipt_topic(not_one), None, "{not_one}");
+        }
     }
 }

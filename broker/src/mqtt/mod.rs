@@ -36,6 +36,7 @@ use crate::acl;
 use crate::auth::{Access, Authenticator, Principal};
 use crate::config::MqttConfig;
 use crate::metrics::Metrics;
+use crate::receipts::{Interest, Wants};
 
 /// Client ids of the broker's own in-process links. Remote clients may not use the prefix: the
 /// router drops an existing connection when a new one takes its id.
@@ -171,6 +172,7 @@ impl Mqtt {
         config: &MqttConfig,
         auth: &Arc<Authenticator>,
         metrics: &Arc<Metrics>,
+        interest: Arc<Interest>,
     ) -> Result<Mqtt, MqttError> {
         let tcp_addr = resolve_port(config.listen)?;
         let ws_addr = resolve_port(config.ws_listen)?;
@@ -204,7 +206,13 @@ impl Mqtt {
                 let server = Server::new(
                     server_settings(config, listener, addr, auth),
                     router_tx.clone(),
-                    Guard::listening(gauge.clone(), auth.clone(), metrics.clone(), proxied),
+                    Guard::listening(
+                        gauge.clone(),
+                        auth.clone(),
+                        metrics.clone(),
+                        proxied,
+                        interest.clone(),
+                    ),
                 );
                 (listener, addr, server)
             })
@@ -534,6 +542,9 @@ pub struct Guard {
     header_read: bool,
     /// The client's address, from that header.
     peer: Option<IpAddr>,
+    /// Receipt subscriptions of all connections, and this connection's (removed on drop).
+    interest: Arc<Interest>,
+    receipt_filters: Vec<Wants>,
     /// SUBSCRIBE packet ids → positions of refused filters, until their SUBACK goes out.
     /// A mutex because `Protocol::write` takes `&self`.
     refused_filters: Mutex<HashMap<u16, Vec<usize>>>,
@@ -554,6 +565,7 @@ impl Guard {
         auth: Arc<Authenticator>,
         metrics: Arc<Metrics>,
         proxied: bool,
+        interest: Arc<Interest>,
     ) -> Self {
         Guard {
             inner: V4,
@@ -565,6 +577,8 @@ impl Guard {
             proxied,
             header_read: false,
             peer: None,
+            interest,
+            receipt_filters: Vec::new(),
             refused_filters: Mutex::new(HashMap::new()),
         }
     }
@@ -706,7 +720,7 @@ impl Guard {
         Ok(())
     }
 
-    fn check_subscribe(&self, packet: Packet) -> Result<Packet, protocol::Error> {
+    fn check_subscribe(&mut self, packet: Packet) -> Result<Packet, protocol::Error> {
         let Packet::Subscribe(mut subscribe, props) = packet else {
             return Ok(packet);
         };
@@ -725,6 +739,10 @@ impl Guard {
                 );
                 filter.path = acl::REFUSED_FILTER.to_owned();
                 refused.push(i);
+            } else if let Some(wants) = Interest::of_filter(&filter.path) {
+                // Kept until the connection ends (an UNSUBSCRIBE only costs unread receipts).
+                self.interest.add(&wants);
+                self.receipt_filters.push(wants);
             }
         }
         if !refused.is_empty() {
@@ -755,6 +773,8 @@ impl Clone for Guard {
             proxied: self.proxied,
             header_read: false,
             peer: None,
+            interest: self.interest.clone(),
+            receipt_filters: Vec::new(),
             refused_filters: Mutex::new(HashMap::new()),
         }
     }
@@ -764,6 +784,9 @@ impl Drop for Guard {
     fn drop(&mut self) {
         if self.armed {
             self.open.fetch_sub(1, Ordering::Relaxed);
+        }
+        for wants in &self.receipt_filters {
+            self.interest.remove(wants);
         }
     }
 }

@@ -125,3 +125,20 @@ async fn an_agent_reads_its_own_receipts_and_nobody_publishes_there() {
     publish(&agent, &env).await;
     receipts_until(&mut agent, own, env.header.boot, &BTreeSet::from([1])).await;
 }
+
+#[tokio::test]
+async fn no_receipts_are_published_for_sites_nobody_listens_for() {
+    let broker = RunningBroker::start();
+    let addrs = broker.addrs;
+    let publisher = MqttClient::connect(&addrs, "simulator").await;
+    for seq in 1..=10 {
+        publish(&publisher, &status(seq)).await;
+    }
+    harness::eventually("the messages recorded", || async {
+        let text = http_get(&addrs, "/metrics").await.text();
+        (metric(&text, "renkei_recorder_messages_inserted_total") == Some(10)).then_some(())
+    })
+    .await;
+    let text = http_get(&addrs, "/metrics").await.text();
+    assert_eq!(metric(&text, "renkei_receipts_published_total"), Some(0));
+}
