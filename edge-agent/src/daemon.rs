@@ -35,7 +35,7 @@ use std::time::Duration;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use renkei_shared::{Body, CommandAction, Envelope, Receipt, receipt_topic, topic};
-use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, error, info, warn};
@@ -363,6 +363,19 @@ impl Daemon {
         }
     }
 
+    /// The SUBACK of the connection's one SUBSCRIBE: commands, then receipts.
+    fn on_suback(&mut self, codes: &[SubscribeReasonCode]) {
+        if self.options.confirm == Confirm::Receipt
+            && matches!(codes.get(1), Some(SubscribeReasonCode::Failure))
+        {
+            let e = "HQ refused the receipt subscription: records stay in the outbox and are \
+                     sent again (a broker without receipts needs confirm = \"puback\")";
+            error!("{e}");
+            self.last_error = Some(e.to_owned());
+            self.write_status();
+        }
+    }
+
     /// Marks a record in flight as delivered and moves the cursor over the confirmed prefix.
     fn confirm(&mut self, key: Key) {
         self.delivery.pubacked.remove(&key);
@@ -462,15 +475,20 @@ impl Daemon {
             acked = %self.cursor, "connected"
         );
         self.transition(LinkState::Connected);
-        // Before anything is published on this connection, so no receipt is missed.
-        let mut filters = vec![topic::command_filter(self.lifecycle.site())];
+        // One SUBSCRIBE, before anything is published on this connection, so that no receipt
+        // is missed; its SUBACK tells whether HQ lets this agent read its receipts.
+        let mut filters = vec![SubscribeFilter::new(
+            topic::command_filter(self.lifecycle.site()),
+            QoS::AtLeastOnce,
+        )];
         if self.options.confirm == Confirm::Receipt {
-            filters.push(receipt_topic(self.lifecycle.site()));
+            filters.push(SubscribeFilter::new(
+                receipt_topic(self.lifecycle.site()),
+                QoS::AtLeastOnce,
+            ));
         }
-        for filter in filters {
-            if let Err(e) = self.client.try_subscribe(filter, QoS::AtLeastOnce) {
-                warn!(error = %e, "subscription not queued");
-            }
+        if let Err(e) = self.client.try_subscribe_many(filters) {
+            warn!(error = %e, "subscriptions not queued");
         }
         self.announce(&birth)?;
         Ok(Some(birth))
@@ -603,6 +621,7 @@ pub async fn run_daemon(
                     daemon.on_puback(ack.pkid);
                     daemon.pump();
                 }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => daemon.on_suback(&ack.return_codes),
                 Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == receipt_topic(daemon.lifecycle.site()) => {
                     daemon.on_receipt(&publish.payload);
                     daemon.pump();

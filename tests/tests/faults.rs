@@ -212,6 +212,10 @@ async fn publish_loop(spec: PublisherSpec, book: Arc<Mutex<Book>>, index: u64) {
             .set_inflight(spec.inflight)
             .set_max_packet_size(64 * 1024, 64 * 1024);
         let (client, mut eventloop) = AsyncClient::new(options, usize::from(spec.inflight) * 2);
+        // As the agent does (`daemon::CONNECT_TIMEOUT_S`): when thousands reconnect at once,
+        // rumqttd admits about a thousand a second, and a client that gives up after rumqttc's
+        // default 5 s comes back with its id while its first attempt is still queued.
+        eventloop.network_options.set_connection_timeout(20);
         {
             let mut b = book.lock().unwrap();
             b.queued.clear();
