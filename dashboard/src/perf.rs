@@ -30,8 +30,9 @@ pub struct PerfLog {
     max_latency_ms: f64,
 }
 
-/// Latencies kept for the percentiles; older ones are dropped first.
-pub const KEEP_LATENCIES: usize = 100_000;
+/// Latencies kept for the percentiles, older ones dropped first: about the last ten seconds at
+/// 2,000 messages a second, so the figures describe the page now, not its start-up burst.
+pub const KEEP_LATENCIES: usize = 20_000;
 
 /// The summary published on `window.__renkeiPerf`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
