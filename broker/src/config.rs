@@ -202,6 +202,8 @@ pub struct RecorderConfig {
     pub batch_time: HumanDuration,
     /// Refused payloads kept for inspection (the oldest go first).
     pub quarantine_rows: usize,
+    /// Receipts published per second at most (see `crate::receipts`).
+    pub receipt_rate: u32,
 }
 
 impl Default for RecorderConfig {
@@ -211,6 +213,7 @@ impl Default for RecorderConfig {
             batch_size: 500,
             batch_time: HumanDuration(Duration::from_millis(200)),
             quarantine_rows: 10_000,
+            receipt_rate: 500,
         }
     }
 }
@@ -414,6 +417,9 @@ impl Config {
             );
         }
         let r = &self.recorder;
+        if r.receipt_rate == 0 {
+            return invalid("recorder.receipt_rate", "must be at least 1".into());
+        }
         if r.queue_capacity == 0 {
             return invalid("recorder.queue_capacity", "must be at least 1".into());
         }

@@ -73,6 +73,8 @@ pub enum Error {
     Users(#[from] auth::UserError),
     #[error(transparent)]
     Recorder(#[from] recorder::RecorderError),
+    #[error("cannot start the receipts thread: {0}")]
+    ReceiptsThread(std::io::Error),
     #[error(transparent)]
     Db(#[from] db::DbError),
     #[error(transparent)]
@@ -161,6 +163,7 @@ pub struct Broker {
     source: Source,
     ingest: Ingest,
     recorder: Recorder,
+    _receipts: receipts::Sender,
     /// `None` when `rules.enabled` is off.
     rules: Option<Rules>,
     http: TcpListener,
@@ -247,13 +250,17 @@ impl Broker {
                 (Source::External(external), ingest, publisher, Some(held))
             }
         };
-        recorder.send_receipts(
+        let (receipts, receipts_tx) = receipts::Sender::start(
             match &source {
                 Source::Embedded(mqtt) => Publisher::new(mqtt.link("receipts")?),
                 Source::External(external) => Publisher::External(external.client.clone()),
             },
             interest,
-        );
+            config.recorder.receipt_rate,
+            metrics.clone(),
+        )
+        .map_err(Error::ReceiptsThread)?;
+        recorder.send_receipts(receipts_tx);
         // Before the listeners open: a client that connects sees the state as it was. An
         // external broker keeps its retained messages: only what it lacks is published.
         for (topic, envelope, payload) in &restored.retained {
@@ -339,6 +346,7 @@ impl Broker {
             source,
             ingest,
             recorder,
+            _receipts: receipts,
             rules,
             http,
             app,

@@ -1,5 +1,17 @@
-//! Which sites anyone listens to receipts for, so that the recorder publishes only those.
+//! Receipts after each commit: which sites anyone listens to ([`Interest`]), and the thread
+//! that publishes them at a steady pace ([`Sender`]).
 //!
+//! **Pacing.** A committed batch names hundreds of sites at once; publishing a receipt to each
+//! at the moment of the commit puts a burst of hundreds of publishes, each to a different
+//! connection, in front of the live traffic every 200 ms (measured: the 99th percentile of
+//! publish → subscriber at 2,000 msg/s went from 7 ms to 440 ms). So the recorder only hands
+//! the committed `(boot, seq)` to the [`Sender`], which keeps them per site, merged, and
+//! publishes at most `recorder.receipt_rate` receipts a second, oldest site first, each naming
+//! everything that site has waiting. At 2,000 sites reporting every second and 500 receipts a
+//! second, a site gets one receipt every four seconds naming four messages: a quarter of the
+//! publishes, spread evenly, and far inside the agent's 30 s receipt timeout.
+//!
+//! **Interest.**
 //! A receipt goes to one site's agent. Clients that keep no outbox (the simulator, load tools,
 //! other systems' gateways) never subscribe to theirs, and at 2,000 messages a second a
 //! receipt to nobody is one more publish through the router for each message. The guard of
@@ -9,12 +21,173 @@
 //! external-broker mode the subscriptions are the cluster's business and unknown here:
 //! [`Interest::everyone`] wants them all.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use renkei_shared::SiteRef;
 use renkei_shared::receipt::{RECEIPT_ROOT, parse_receipt_topic};
+use renkei_shared::{Receipt, SiteRef, receipt_topic};
+
+use crate::metrics::Metrics;
+use crate::mqtt::Publisher;
+
+/// Keys one site may have waiting; past this the oldest are dropped (the agent sends those
+/// again after its receipt timeout, and the recorder keeps one copy).
+const MAX_WAITING_PER_SITE: usize = 100_000;
+/// Committed batches waiting for the sender thread; past this a batch's receipts are dropped
+/// (counted) rather than holding up the recorder.
+const QUEUE: usize = 1_000;
+
+/// `(boot, seq)` of a site's messages now stored.
+pub type Committed = Vec<(SiteRef, Vec<(u32, u64)>)>;
+
+/// The handle the recorder hands committed keys to.
+#[derive(Debug, Clone)]
+pub struct SenderTx {
+    tx: SyncSender<Committed>,
+    metrics: Arc<Metrics>,
+}
+
+impl SenderTx {
+    /// Queues the receipts of a committed batch; never waits.
+    pub fn committed(&self, committed: Committed) {
+        match self.tx.try_send(committed) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.metrics.receipt_failed();
+            }
+        }
+    }
+}
+
+/// The thread that publishes receipts at a steady pace; it ends, after sending what is
+/// waiting, once every [`SenderTx`] is gone.
+#[derive(Debug)]
+pub struct Sender {
+    _thread: JoinHandle<()>,
+}
+
+impl Sender {
+    /// Starts the thread; `rate` receipts a second at most, in bursts of at most a tenth of a
+    /// second's worth.
+    pub fn start(
+        publisher: Publisher,
+        interest: Arc<Interest>,
+        rate: u32,
+        metrics: Arc<Metrics>,
+    ) -> std::io::Result<(Sender, SenderTx)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let pacer = Pacer {
+            publisher,
+            interest,
+            rate: f64::from(rate.max(1)),
+            metrics: metrics.clone(),
+            waiting: HashMap::new(),
+            order: VecDeque::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("renkei-receipts".into())
+            .spawn(move || pacer.run(rx))?;
+        Ok((Sender { _thread: thread }, SenderTx { tx, metrics }))
+    }
+}
+
+struct Pacer {
+    publisher: Publisher,
+    interest: Arc<Interest>,
+    rate: f64,
+    metrics: Arc<Metrics>,
+    /// Keys waiting per site, and the sites in the order they started waiting.
+    waiting: HashMap<SiteRef, Vec<(u32, u64)>>,
+    order: VecDeque<SiteRef>,
+}
+
+impl Pacer {
+    fn run(mut self, rx: Receiver<Committed>) {
+        let burst = (self.rate / 10.0).max(1.0);
+        let mut tokens = burst;
+        let mut at = Instant::now();
+        loop {
+            // Wait for work, or for the next token when there is work.
+            let wait = if self.order.is_empty() {
+                Duration::from_secs(3600)
+            } else {
+                Duration::from_secs_f64(((1.0 - tokens).max(0.0)) / self.rate)
+            };
+            match rx.recv_timeout(wait) {
+                Ok(committed) => self.add(committed),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    // Shutting down: what is waiting goes out at once.
+                    while let Some(site) = self.order.pop_front() {
+                        self.send(&site);
+                    }
+                    return;
+                }
+            }
+            while let Ok(committed) = rx.try_recv() {
+                self.add(committed);
+            }
+            let now = Instant::now();
+            tokens = (tokens + now.duration_since(at).as_secs_f64() * self.rate).min(burst);
+            at = now;
+            while tokens >= 1.0 {
+                let Some(site) = self.order.pop_front() else {
+                    break;
+                };
+                tokens -= 1.0;
+                self.send(&site);
+            }
+        }
+    }
+
+    fn add(&mut self, committed: Committed) {
+        for (site, keys) in committed {
+            if !self.interest.wanted(&site) {
+                continue;
+            }
+            let waiting = match self.waiting.get_mut(&site) {
+                Some(w) => w,
+                None => {
+                    self.order.push_back(site.clone());
+                    self.waiting.entry(site).or_default()
+                }
+            };
+            waiting.extend(keys);
+            if waiting.len() > MAX_WAITING_PER_SITE {
+                let excess = waiting.len() - MAX_WAITING_PER_SITE;
+                waiting.drain(..excess);
+            }
+        }
+    }
+
+    fn send(&mut self, site: &SiteRef) {
+        let Some(keys) = self.waiting.remove(site) else {
+            return;
+        };
+        let topic = receipt_topic(site);
+        for receipt in Receipt::of_keys(keys) {
+            let sent = receipt
+                .encode()
+                .map_err(|e| e.to_string())
+                .and_then(|payload| {
+                    self.publisher
+                        .publish(topic.clone(), payload, false)
+                        .map_err(|e| e.to_string())
+                });
+            match sent {
+                Ok(()) => self.metrics.receipt_published(receipt.count()),
+                Err(e) => {
+                    self.metrics.receipt_failed();
+                    tracing::warn!(%topic, error = %e, "receipt not published; the site will send again");
+                }
+            }
+        }
+    }
+}
 
 /// What one subscription filter reaches of the receipt tree.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,9 +16,9 @@
 //! broker can publish them again (rumqttd keeps retained messages only in memory).
 //! [`Recorder::stop`] drains the channel and commits before it returns (graceful shutdown).
 //!
-//! After every committed batch the recorder publishes a receipt to each site in it
-//! (`renkei_shared::receipt`): the `(boot, seq)` of every one of that site's messages the batch
-//! holds, new or a redelivery. Agents keep a record until a receipt names it, so a message
+//! After every committed batch the recorder hands [`crate::receipts::Sender`] the receipts of
+//! each site in it (`renkei_shared::receipt`): the `(boot, seq)` of every one of that site's
+//! messages the batch holds, new or a redelivery; the sender publishes them at a steady pace. Agents keep a record until a receipt names it, so a message
 //! acknowledged by MQTT but lost with the process before its batch committed is sent again.
 //! A batch that fails to commit sends no receipt.
 
@@ -30,21 +30,16 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use renkei_shared::{
-    Change, Envelope, Mode, Origin, Receipt, SiteRef, State, Timestamp, Topic, decode,
-    receipt_topic,
-};
+use renkei_shared::{Change, Envelope, Mode, Origin, SiteRef, State, Timestamp, Topic, decode};
 use rusqlite::{Connection, params};
 
 use crate::config::RecorderConfig;
 use crate::db;
 use crate::metrics::Metrics;
-use crate::mqtt::Publisher;
-use crate::receipts::Interest;
+use crate::receipts::SenderTx;
 
-/// Where receipts go once the MQTT side is up, and which sites want them; empty until then
-/// (nothing is received before).
-type ReceiptSink = Arc<Mutex<Option<(Publisher, Arc<Interest>)>>>;
+/// Where receipts go once the MQTT side is up; empty until then (nothing is received before).
+type ReceiptSink = Arc<Mutex<Option<SenderTx>>>;
 
 /// Longest payload kept in quarantine (a refused payload may be anything up to the MQTT limit).
 pub const QUARANTINE_PAYLOAD_BYTES: usize = 4096;
@@ -140,10 +135,9 @@ impl Recorder {
         })
     }
 
-    /// From now on, receipts are published through `publisher` after every commit, to the
-    /// sites someone listens to receipts for.
-    pub fn send_receipts(&self, publisher: Publisher, interest: Arc<Interest>) {
-        *self.receipts.lock().unwrap_or_else(PoisonError::into_inner) = Some((publisher, interest));
+    /// From now on, the receipts of every commit go to `sender`.
+    pub fn send_receipts(&self, sender: SenderTx) {
+        *self.receipts.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
     }
 
     pub fn tx(&self) -> Option<RecorderTx> {
@@ -223,39 +217,26 @@ impl Writer {
 impl Writer {
     /// Tells every site in a committed batch which of its messages are now stored.
     fn send_receipts(&self, batch: &[Record]) {
-        let mut sink = self.receipts.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some((publisher, interest)) = sink.as_mut() else {
+        let sink = self.receipts.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(sender) = sink.as_ref() else {
             return;
         };
         let mut by_site: HashMap<&SiteRef, Vec<(u32, u64)>> = HashMap::new();
         for record in batch {
             if let Record::Accepted { envelope, .. } = record
                 && let Origin::Site(site) = &envelope.header.origin
-                && interest.wanted(site)
             {
                 let h = &envelope.header;
                 by_site.entry(site).or_default().push((h.boot, h.seq));
             }
         }
-        for (site, keys) in by_site {
-            let topic = receipt_topic(site);
-            for receipt in Receipt::of_keys(keys) {
-                let sent = receipt
-                    .encode()
-                    .map_err(|e| e.to_string())
-                    .and_then(|payload| {
-                        publisher
-                            .publish(topic.clone(), payload, false)
-                            .map_err(|e| e.to_string())
-                    });
-                match sent {
-                    Ok(()) => self.metrics.receipt_published(receipt.count()),
-                    Err(e) => {
-                        self.metrics.receipt_failed();
-                        tracing::warn!(%topic, error = %e, "receipt not published; the site will send again");
-                    }
-                }
-            }
+        if !by_site.is_empty() {
+            sender.committed(
+                by_site
+                    .into_iter()
+                    .map(|(site, keys)| (site.clone(), keys))
+                    .collect(),
+            );
         }
     }
 }

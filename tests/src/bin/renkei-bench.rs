@@ -8,6 +8,8 @@
 //!
 //! - `renkei`: `renkei-broker serve --demo` (ingest, validation, reducer, JSON mirror, and
 //!   whatever else the broker does to every accepted message);
+//! - `renkei-no-receipts`: the same broker, but the publishers do not subscribe to their
+//!   receipts, so the broker sends none (what receipts cost, in the same run; not by default);
 //! - `rumqttd`: bare rumqttd with the same router settings and no Renkei layer (this binary's
 //!   `bare-rumqttd` subcommand, run as its own process);
 //! - `mosquitto`: Debian's Mosquitto 2.0 with `max_queued_messages 0`, since its default
@@ -79,6 +81,9 @@ enum Cmd {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
 enum Target {
     Renkei,
+    /// The same broker with publishers that do not subscribe to their receipts, so it sends
+    /// none: what receipts cost, measured in the same run.
+    RenkeiNoReceipts,
     Rumqttd,
     Mosquitto,
 }
@@ -192,7 +197,7 @@ struct Server {
 
 fn start(target: Target) -> Result<Server> {
     match target {
-        Target::Renkei => {
+        Target::Renkei | Target::RenkeiNoReceipts => {
             let data = tempfile::tempdir()?;
             let broker = Broker::start(data.path(), &["--demo"])?;
             let (_, port) = broker.mqtt_host_port()?;
