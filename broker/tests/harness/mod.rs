@@ -377,6 +377,19 @@ impl MqttClient {
         }
     }
 
+    /// Publishes a Renkei message on its own topic, retained, at QoS 1.
+    pub async fn send(&self, env: &renkei_shared::Envelope) {
+        self.client
+            .publish(
+                renkei_shared::Topic::of(env).unwrap().to_string(),
+                QoS::AtLeastOnce,
+                true,
+                renkei_shared::encode(env).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+
     /// The next publish if one arrives within `wait`.
     pub async fn publish_within(&mut self, wait: Duration) -> Option<Publish> {
         if let Some(p) = self.early.pop_front() {

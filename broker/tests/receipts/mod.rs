@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use renkei_shared::{Envelope, Origin, Receipt, Topic, encode, receipt_topic, sample};
+use renkei_shared::{Envelope, Origin, Receipt, Topic, receipt_topic, sample};
 use rumqttc::{QoS, SubscribeReasonCode};
 
 use crate::harness::{self, MqttClient, PASSWORD, RunningBroker, http_get, metric};
@@ -14,19 +14,6 @@ fn status(seq: u64) -> Envelope {
     env.header.seq = seq;
     env.header.sent_at = renkei_shared::Timestamp(env.header.sent_at.0 + seq as i64 * 1000);
     env
-}
-
-async fn publish(client: &MqttClient, env: &Envelope) {
-    client
-        .client
-        .publish(
-            Topic::of(env).unwrap().to_string(),
-            QoS::AtLeastOnce,
-            true,
-            encode(env).unwrap(),
-        )
-        .await
-        .unwrap();
 }
 
 /// Reads receipts on `client` until they have named every seq in `want` (boot `boot`).
@@ -58,12 +45,12 @@ async fn every_recorded_message_is_named_in_a_receipt_redeliveries_too() {
 
     let seqs: BTreeSet<u64> = (1..=40).collect();
     for &seq in &seqs {
-        publish(&agent, &status(seq)).await;
+        agent.send(&status(seq)).await;
     }
     receipts_until(&mut agent, &topic, first.header.boot, &seqs).await;
 
     // A message sent again (its receipt was lost, say) is stored once and confirmed again.
-    publish(&agent, &status(7)).await;
+    agent.send(&status(7)).await;
     receipts_until(&mut agent, &topic, first.header.boot, &BTreeSet::from([7])).await;
 
     // A refused message is quarantined, never confirmed.
@@ -122,7 +109,7 @@ async fn an_agent_reads_its_own_receipts_and_nobody_publishes_there() {
 
     // The agent's own messages are confirmed to it.
     let env = status(1);
-    publish(&agent, &env).await;
+    agent.send(&env).await;
     receipts_until(&mut agent, own, env.header.boot, &BTreeSet::from([1])).await;
 }
 
@@ -132,7 +119,7 @@ async fn no_receipts_are_published_for_sites_nobody_listens_for() {
     let addrs = broker.addrs;
     let publisher = MqttClient::connect(&addrs, "simulator").await;
     for seq in 1..=10 {
-        publish(&publisher, &status(seq)).await;
+        publisher.send(&status(seq)).await;
     }
     harness::eventually("the messages recorded", || async {
         let text = http_get(&addrs, "/metrics").await.text();

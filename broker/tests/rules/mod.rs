@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use renkei_shared::{
-    AlertSource, AlertState, Body, Envelope, Id, Mode, Origin, RuleKind, ShelterState, Topic,
-    decode, encode, sample,
+    AlertSource, AlertState, Body, Envelope, Id, Mode, Origin, RuleKind, ShelterState, decode,
+    sample,
 };
 use rumqttc::QoS;
 
@@ -32,19 +32,6 @@ fn shelter(evacuees: u32, seq: u64) -> Envelope {
         s.evacuees = Some(evacuees);
     }
     now(env, seq)
-}
-
-async fn send(client: &MqttClient, env: &Envelope) {
-    client
-        .client
-        .publish(
-            Topic::of(env).unwrap().to_string(),
-            QoS::AtLeastOnce,
-            true,
-            encode(env).unwrap(),
-        )
-        .await
-        .unwrap();
 }
 
 /// The next alert published on `topic`, decoded.
@@ -89,8 +76,8 @@ async fn a_full_shelter_is_alerted_acknowledged_kept_over_a_restart_and_cleared(
     let mut hq = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
     hq.subscribe("renkei/v1/hq/#").await;
     let agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
-    send(&agent, &now(sample::status(), 100)).await;
-    send(&agent, &shelter(95, 101)).await;
+    agent.send(&now(sample::status(), 100)).await;
+    agent.send(&shelter(95, 101)).await;
 
     // Raised by the broker, in the mode of the data, on the alert topic.
     let (raised, _) = next_alert(&mut hq, OCC).await;
@@ -120,7 +107,7 @@ async fn a_full_shelter_is_alerted_acknowledged_kept_over_a_restart_and_cleared(
     assert_eq!(mirrored, raised);
 
     // An HQ operator acknowledges; the state shows the alert with the answer.
-    send(&hq, &now(sample::ack(), 1)).await;
+    hq.send(&now(sample::ack(), 1)).await;
     let state = eventually("the ack in /api/v1/state", || async {
         let state = http_get_as(&addrs, "/api/v1/state", SATO).await.json();
         let acked = state["alerts"][0]["acks"][0]["user"] == "sato";
@@ -163,7 +150,7 @@ async fn a_full_shelter_is_alerted_acknowledged_kept_over_a_restart_and_cleared(
         "retained after restart"
     );
     let agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
-    send(&agent, &shelter(50, 102)).await;
+    agent.send(&shelter(50, 102)).await;
     let (cleared, _) = next_alert(&mut hq, OCC).await;
     assert_eq!(alert_state(&cleared), AlertState::Cleared);
     assert_eq!(cleared.header.boot, 2);
@@ -210,10 +197,10 @@ async fn a_silent_drill_site_raises_a_drill_alert_only() {
     if let Body::Status(s) = &mut status.body {
         s.interval_s = 1;
     }
-    send(&agent, &status).await;
+    agent.send(&status).await;
     let mut full = shelter(95, 101);
     full.header.mode = Mode::Exercise;
-    send(&agent, &full).await;
+    agent.send(&full).await;
 
     let (occ, _) = next_alert(
         &mut hq,
@@ -267,7 +254,7 @@ async fn a_silent_drill_site_raises_a_drill_alert_only() {
     );
 
     // The site speaks again: the silence alert clears.
-    send(&agent, &now(status.clone(), 102)).await;
+    agent.send(&now(status.clone(), 102)).await;
     let (cleared, _) = next_alert(
         &mut hq,
         "renkei/v1/hq/alert/ex-silent-131041-nishi-shinjuku-es",
