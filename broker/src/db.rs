@@ -87,8 +87,10 @@ pub fn open(data_dir: &Path) -> Result<Connection, DbError> {
     conn.busy_timeout(Duration::from_secs(5)).map_err(wrap)?;
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(wrap)?;
-    // WAL + NORMAL: a power cut may lose the last batch, never corrupt the file.
-    conn.pragma_update(None, "synchronous", "NORMAL")
+    // WAL + FULL: every commit is on disk before it returns, so a receipt sent after it holds
+    // through a power cut too (NORMAL would only survive a crash of the process). The recorder
+    // commits in batches, so this is one fsync per batch.
+    conn.pragma_update(None, "synchronous", "FULL")
         .map_err(wrap)?;
     conn.execute_batch(SCHEMA).map_err(wrap)?;
     Ok(conn)
