@@ -6,11 +6,12 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use renkei_shared::{Envelope, Topic, encode, sample, topic};
+use renkei_shared::{Topic, encode, topic};
 use rumqttc::QoS;
 
 use crate::harness::{
     self, MqttClient, PASSWORD, PATIENCE, RunningBroker, eventually, http_get, http_get_as, metric,
+    status,
 };
 
 const MOSQUITTO: &str = "/usr/sbin/mosquitto";
@@ -90,13 +91,6 @@ impl Drop for Mosquitto {
     }
 }
 
-fn status(seq: u64) -> Envelope {
-    let mut env = sample::status();
-    env.header.seq = seq;
-    env.header.sent_at = renkei_shared::Timestamp(env.header.sent_at.0 + seq as i64 * 1000);
-    env
-}
-
 /// The retained message on `topic` at Mosquitto, read by a fresh subscriber.
 async fn retained(mosquitto: &Mosquitto, topic: &str) -> Option<rumqttc::Publish> {
     let mut reader = MqttClient::connect(&mosquitto.addrs(), "retained-reader").await;
@@ -152,16 +146,7 @@ async fn an_agents_message_through_mosquitto_is_recorded_mirrored_and_restored()
     };
     let receipts = renkei_shared::receipt_topic(site);
     agent.subscribe(&receipts).await;
-    agent
-        .client
-        .publish(
-            status_topic.to_string(),
-            QoS::AtLeastOnce,
-            true,
-            encode(&first).unwrap(),
-        )
-        .await
-        .unwrap();
+    agent.send(&first).await;
     let mirrored = integrator.next_publish().await;
     assert_eq!(mirrored.topic, status_topic.json());
     assert!(mirrored.retain || mirrored.qos == QoS::AtLeastOnce);
@@ -189,16 +174,7 @@ async fn an_agents_message_through_mosquitto_is_recorded_mirrored_and_restored()
     let (exit, dir) = broker.terminate_keeping_dir();
     assert!(exit.success());
     let second = status(2);
-    agent
-        .client
-        .publish(
-            status_topic.to_string(),
-            QoS::AtLeastOnce,
-            true,
-            encode(&second).unwrap(),
-        )
-        .await
-        .unwrap();
+    agent.send(&second).await;
     eventually("Mosquitto to retain the newer report", || async {
         let p = retained(&mosquitto, &status_topic.to_string()).await?;
         (renkei_shared::decode(&p.payload).ok()?.header.seq == 2).then_some(())

@@ -470,3 +470,11 @@ async fn drive(mut eventloop: EventLoop, incoming: tokio_mpsc::UnboundedSender<P
         }
     }
 }
+
+/// The sample status with sequence number `seq`, sent a second later per step.
+pub fn status(seq: u64) -> renkei_shared::Envelope {
+    let mut env = renkei_shared::sample::status();
+    env.header.seq = seq;
+    env.header.sent_at = renkei_shared::Timestamp(env.header.sent_at.0 + seq as i64 * 1000);
+    env
+}

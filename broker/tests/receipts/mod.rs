@@ -4,17 +4,10 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use renkei_shared::{Envelope, Origin, Receipt, Topic, receipt_topic, sample};
+use renkei_shared::{Origin, Receipt, Topic, receipt_topic};
 use rumqttc::{QoS, SubscribeReasonCode};
 
-use crate::harness::{self, MqttClient, PASSWORD, RunningBroker, http_get, metric};
-
-fn status(seq: u64) -> Envelope {
-    let mut env = sample::status();
-    env.header.seq = seq;
-    env.header.sent_at = renkei_shared::Timestamp(env.header.sent_at.0 + seq as i64 * 1000);
-    env
-}
+use crate::harness::{self, MqttClient, PASSWORD, RunningBroker, http_get, metric, status};
 
 /// Reads receipts on `client` until they have named every seq in `want` (boot `boot`).
 async fn receipts_until(client: &mut MqttClient, topic: &str, boot: u32, want: &BTreeSet<u64>) {
