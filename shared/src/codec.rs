@@ -69,6 +69,14 @@ pub fn encode(env: &Envelope) -> Result<Vec<u8>, CodecError> {
 
 /// Decodes and validates a message.
 pub fn decode(bytes: &[u8]) -> Result<Envelope, CodecError> {
+    let env: Envelope = unframe(bytes)?;
+    validate(&env)?;
+    Ok(env)
+}
+
+/// Reads one framed value (size limit, version byte, postcard, nothing trailing), for every
+/// type the wire carries in this framing (messages and receipts).
+pub(crate) fn unframe<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
     if bytes.len() > MAX_FRAME {
         return Err(CodecError::TooLarge {
             len: bytes.len(),
@@ -79,13 +87,12 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, CodecError> {
     if version != SCHEMA_VERSION {
         return Err(CodecError::UnsupportedVersion(version));
     }
-    let (env, rest): (Envelope, &[u8]) =
+    let (value, rest): (T, &[u8]) =
         postcard::take_from_bytes(body).map_err(CodecError::Malformed)?;
     if !rest.is_empty() {
         return Err(CodecError::TrailingBytes(rest.len()));
     }
-    validate(&env)?;
-    Ok(env)
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -18,13 +18,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::codec::{CodecError, MAX_FRAME, SCHEMA_VERSION};
+use crate::codec::{CodecError, SCHEMA_VERSION};
 use crate::model::SiteRef;
 
 /// The root of the receipt tree.
 pub const RECEIPT_ROOT: &str = "renkei/receipt/v1";
 
-/// Ranges in one receipt, at most: a receipt stays a few KiB, far inside [`MAX_FRAME`] (a
+/// Ranges in one receipt, at most: a receipt stays a few KiB, far inside [`MAX_FRAME`](crate::codec::MAX_FRAME) (a
 /// range is at most 25 bytes of postcard).
 pub const MAX_RANGES: usize = 256;
 
@@ -123,22 +123,7 @@ impl Receipt {
     /// Reads a receipt, refusing anything malformed, oversize, or with a range that runs
     /// backwards.
     pub fn decode(bytes: &[u8]) -> Result<Receipt, ReceiptError> {
-        if bytes.len() > MAX_FRAME {
-            return Err(CodecError::TooLarge {
-                len: bytes.len(),
-                max: MAX_FRAME,
-            }
-            .into());
-        }
-        let (&version, body) = bytes.split_first().ok_or(CodecError::Empty)?;
-        if version != SCHEMA_VERSION {
-            return Err(CodecError::UnsupportedVersion(version).into());
-        }
-        let (receipt, rest): (Receipt, _) =
-            postcard::take_from_bytes(body).map_err(CodecError::Malformed)?;
-        if !rest.is_empty() {
-            return Err(CodecError::TrailingBytes(rest.len()).into());
-        }
+        let receipt: Receipt = crate::codec::unframe(bytes)?;
         receipt.check()?;
         Ok(receipt)
     }
@@ -160,6 +145,7 @@ impl Receipt {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::MAX_FRAME;
     use crate::model::Id;
     use crate::ward::WardCode;
 
