@@ -160,6 +160,8 @@ struct PublisherSpec {
     /// Messages confirmed by receipts, across publishers.
     acks: Arc<AtomicU64>,
     inflight: u16,
+    /// Time between new messages (`None`: as fast as the broker confirms them).
+    every: Option<Duration>,
 }
 
 struct Publisher {
@@ -302,7 +304,15 @@ async fn feed(client: AsyncClient, spec: PublisherSpec, book: Arc<Mutex<Book>>, 
             return;
         }
     }
+    let mut pace = spec.every.map(|every| {
+        let mut pace = tokio::time::interval(every);
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        pace
+    });
     loop {
+        if let Some(pace) = pace.as_mut() {
+            pace.tick().await;
+        }
         let seq = {
             let mut b = book.lock().unwrap();
             if spec.finish.load(Ordering::Relaxed) || b.created >= spec.limit {
@@ -408,6 +418,7 @@ async fn kill9_under_load() -> Result<Kill9Outcome> {
                 finish: finish.clone(),
                 acks: acks.clone(),
                 inflight: 32,
+                every: None,
             };
             (site, Publisher::spawn(spec, i as u64))
         })
@@ -941,6 +952,7 @@ async fn reconnect_storm_records_every_queued_report_once() -> Result<()> {
                 finish: Arc::new(AtomicBool::new(false)),
                 acks: acks.clone(),
                 inflight: 20,
+                every: None,
             };
             (site, Publisher::spawn(spec, i as u64))
         })
@@ -1029,9 +1041,11 @@ fn rss_kb(pid: u32) -> Result<u64> {
         .context("no VmRSS")
 }
 
-/// Long mode only: 300 simulated sites (1 s heartbeats) plus 4 QoS 1 publishers against one
-/// broker for 10 min (`RENKEI_SOAK_SECS` to change), sampling its RSS every 10 s. Fails if
-/// memory keeps growing: the last quarter's mean above 1.5× the second quarter's.
+/// Long mode only: 300 simulated sites (1 s heartbeats) plus 4 QoS 1 publishers at 100 msg/s
+/// each against one broker for 10 min (`RENKEI_SOAK_SECS` to change), sampling its RSS every
+/// 10 s. Fails if memory keeps growing (the last quarter's mean above 1.5× the second
+/// quarter's) or if confirmations slow down (the last quarter's receipts fewer than half the
+/// second quarter's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn soak_broker_memory_stays_bounded() -> Result<()> {
     if !long_mode() {
@@ -1071,6 +1085,7 @@ async fn soak_broker_memory_stays_bounded() -> Result<()> {
                 finish: finish.clone(),
                 acks: acks.clone(),
                 inflight: 8,
+                every: Some(Duration::from_millis(10)),
             };
             Publisher::spawn(spec, i as u64)
         })
@@ -1078,9 +1093,11 @@ async fn soak_broker_memory_stays_bounded() -> Result<()> {
     let pid = broker.process.child.id();
     let started = Instant::now();
     let mut samples = Vec::new();
+    let mut confirmed = Vec::new();
     while started.elapsed() < Duration::from_secs(secs) {
         let kb = rss_kb(pid)?;
         samples.push(kb);
+        confirmed.push(acks.load(Ordering::Relaxed));
         println!(
             "soak t={:>5}s rss={:>7} kB acks={}",
             started.elapsed().as_secs(),
@@ -1105,6 +1122,14 @@ async fn soak_broker_memory_stays_bounded() -> Result<()> {
     ensure!(
         last <= second * 1.5,
         "broker RSS grew from {second:.0} kB to {last:.0} kB (mean of the second vs last quarter)"
+    );
+    let n = confirmed.len();
+    let second_acks = confirmed[2 * quarter] - confirmed[quarter];
+    let last_acks = confirmed[n - 1] - confirmed[n - 1 - quarter];
+    println!("soak: receipts in the second quarter {second_acks}, in the last {last_acks}");
+    ensure!(
+        second_acks > 0 && last_acks * 2 >= second_acks,
+        "confirmations slowed: {second_acks} in the second quarter, {last_acks} in the last"
     );
     Ok(())
 }

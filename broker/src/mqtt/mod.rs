@@ -25,11 +25,14 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use ppp::PartialResult as _;
+use renkei_shared::receipt::RECEIPT_ROOT;
 use renkei_shared::topic;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{self, Login, Packet, Protocol, SubscribeReasonCode};
-use rumqttd::{ConnectionSettings, LinkType, Router, RouterConfig, Server, ServerSettings};
+use rumqttd::{
+    ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings,
+};
 use tokio::sync::mpsc;
 
 use crate::acl;
@@ -386,6 +389,13 @@ impl Publisher {
     }
 }
 
+/// Segment size of each site's receipt log. Every agent's receipt subscription is a filter of
+/// its own, and with the ingest log's segments (64 MiB a filter by default) a log of receipts of
+/// ~60 bytes is never trimmed: the broker kept every receipt it ever sent, and its memory grew
+/// with uptime. Two segments of 16 KiB hold hundreds of receipts, far more than an agent has
+/// outstanding; an agent that misses one sends its records again and is receipted again.
+const RECEIPT_SEGMENT_SIZE: usize = 16 * 1024;
+
 fn router_config(config: &MqttConfig) -> RouterConfig {
     RouterConfig {
         max_connections: config.max_connections,
@@ -393,7 +403,13 @@ fn router_config(config: &MqttConfig) -> RouterConfig {
         max_outgoing_packet_count: 200,
         max_segment_size: config.segment_size.0,
         max_segment_count: config.segment_count,
-        custom_segment: None,
+        custom_segment: Some(HashMap::from([(
+            format!("{RECEIPT_ROOT}/+/+"),
+            SegmentConfig {
+                max_segment_size: RECEIPT_SEGMENT_SIZE,
+                max_segment_count: 2,
+            },
+        )])),
         // Remote clients get no dynamic filters (a log per new topic would grow memory without
         // bound), so a publish is accepted only where a filter exists. These two always do: the
         // ingest link subscribes to the first, and the JSON mirror is published on the second
@@ -843,5 +859,36 @@ impl Protocol for Guard {
             other => other,
         };
         self.inner.write(packet, write)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// rumqttd picks a filter's segments by matching the filter against `custom_segment`.
+    #[test]
+    fn receipt_logs_get_small_segments_and_no_other_log_does() {
+        let config = router_config(&MqttConfig::default());
+        let custom = config.custom_segment.unwrap_or_default();
+        let small = |filter: &str| {
+            custom
+                .iter()
+                .any(|(pattern, _)| protocol::matches(filter, pattern))
+        };
+        assert!(small("renkei/receipt/v1/131041/es-1"));
+        for filter in [
+            topic::ALL,
+            topic::ALL_JSON,
+            "renkei/v1/cmd/131041/es-1",
+            "renkei/v1/131041/#",
+        ] {
+            assert!(!small(filter), "{filter}");
+        }
+        assert!(
+            custom
+                .values()
+                .all(|c| c.max_segment_size == RECEIPT_SEGMENT_SIZE)
+        );
     }
 }
