@@ -139,7 +139,7 @@ impl Ingest {
             let consumer = Consumer {
                 rx,
                 pipeline: Pipeline::new(setup, mirror),
-                next_offset: None,
+                offsets: Offsets::at_start(),
                 stop,
             };
             consumer.run()
@@ -220,9 +220,38 @@ impl Ingest {
 struct Consumer {
     rx: LinkRx,
     pipeline: Pipeline,
-    /// The offset in the router's `renkei/v1/#` log of the next message ingest expects.
-    next_offset: Option<u64>,
+    offsets: Offsets,
     stop: Arc<AtomicBool>,
+}
+
+/// Where ingest is in the router's `renkei/v1/#` log.
+///
+/// rumqttd keeps one in-memory log per subscribed filter, numbered by a per-log offset that
+/// grows by one per message across segments. When a reader falls further behind than the log
+/// holds, the oldest segment is dropped and the reader's next read silently starts at the
+/// oldest one left: the only trace a local link gets is a jump in the offsets it is handed.
+/// (Retained messages sent on subscribing carry no offset.)
+#[derive(Debug)]
+struct Offsets {
+    /// The offset of the next message ingest expects.
+    next: u64,
+}
+
+impl Offsets {
+    /// Ingest subscribes before anything is published in this process (the filter is created
+    /// empty with the router, and no listener or link publishes before [`Ingest::start`]
+    /// returns), so its first message is offset 0: a first read that starts later has already
+    /// lost what came before it.
+    fn at_start() -> Offsets {
+        Offsets { next: 0 }
+    }
+
+    /// Takes the offset of the message just read; returns how many were dropped before it.
+    fn read(&mut self, offset: u64) -> u64 {
+        let lost = offset.saturating_sub(self.next);
+        self.next = offset + 1;
+        lost
+    }
 }
 
 impl Consumer {
@@ -253,19 +282,12 @@ impl Consumer {
         Ok(())
     }
 
-    /// Counts messages the router dropped before ingest read them.
-    ///
-    /// rumqttd keeps one in-memory log per subscribed filter, numbered by a per-log offset that
-    /// grows by one per message across segments. When a reader falls further behind than the
-    /// log holds, the oldest segment is dropped and the reader's next read silently starts at the
-    /// oldest one left: the only trace a local link gets is a jump in the offsets it is handed.
-    /// (Retained messages sent on subscribing carry no offset.)
+    /// Counts messages the router dropped before ingest read them (see [`Offsets`]).
     fn check_offset(&mut self, cursor: Option<(u64, u64)>) {
         let Some((_, offset)) = cursor else { return };
-        if let Some(expected) = self.next_offset
-            && offset > expected
-        {
-            let lost = offset - expected;
+        let expected = self.offsets.next;
+        let lost = self.offsets.read(offset);
+        if lost > 0 {
             self.pipeline.metrics.ingest_skipped(lost);
             tracing::error!(
                 lost,
@@ -275,7 +297,6 @@ impl Consumer {
                  recorded nor applied (raise mqtt.segment_size or mqtt.segment_count)"
             );
         }
-        self.next_offset = Some(offset + 1);
     }
 }
 
@@ -462,6 +483,20 @@ mod tests {
                 .sites
                 .contains_key(&sample::site())
         );
+    }
+
+    #[test]
+    fn offsets_count_every_message_dropped_before_ingest_read_it() {
+        let mut offsets = Offsets::at_start();
+        // The router dropped the first segments before ingest's first read.
+        assert_eq!(offsets.read(4_720), 4_720);
+        assert_eq!(offsets.read(4_721), 0);
+        assert_eq!(offsets.read(4_722), 0);
+        // A later jump.
+        assert_eq!(offsets.read(5_000), 277);
+        // Nothing lost from the start.
+        let mut offsets = Offsets::at_start();
+        assert_eq!((0..100).map(|o| offsets.read(o)).sum::<u64>(), 0);
     }
 
     #[test]
