@@ -210,7 +210,7 @@ impl Default for RecorderConfig {
     fn default() -> Self {
         RecorderConfig {
             queue_capacity: 10_000,
-            batch_size: 500,
+            batch_size: 2_000,
             batch_time: HumanDuration(Duration::from_millis(200)),
             quarantine_rows: 10_000,
             receipt_rate: 500,

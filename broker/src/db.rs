@@ -4,7 +4,7 @@
 //! ```sql
 //! users      (name PK, role, ward, site, password_hash, created_at)
 //! messages   (id PK, received_at, origin, boot, seq, topic, kind, mode, ward, site,
-//!             payload BLOB, json, UNIQUE (origin, boot, seq))
+//!             payload BLOB, UNIQUE (origin, boot, seq))
 //! quarantine (id PK, received_at, topic, reason, detail, payload BLOB)   -- bounded
 //! meta       (key PK, value)                                           -- e.g. broker_boot
 //! ```
@@ -12,6 +12,10 @@
 //! `messages.origin` is `site:{ward}/{site}` or `hq:{node}`; `ward`/`site` repeat the sending
 //! site (NULL for HQ messages) so that a site's history is one index range. Times are Unix
 //! milliseconds from the broker's clock. WAL mode lets HTTP read while the recorder writes.
+//! `payload` is the message as it arrived (postcard); readers that want JSON decode it.
+//!
+//! `PRAGMA user_version` is the schema's version; [`open`] upgrades an older database:
+//! version 0 stored a `json` copy of every message too, which [`open`] drops.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -50,7 +54,6 @@ CREATE TABLE IF NOT EXISTS messages (
     ward        INTEGER,
     site        TEXT,
     payload     BLOB NOT NULL,
-    json        TEXT NOT NULL,
     UNIQUE (origin, boot, seq)
 );
 CREATE INDEX IF NOT EXISTS messages_by_site ON messages (ward, site, kind, id);
@@ -68,6 +71,9 @@ CREATE TABLE IF NOT EXISTS meta (
     value INTEGER NOT NULL
 );
 ";
+
+/// The schema [`SCHEMA`] makes, as `PRAGMA user_version`.
+pub const SCHEMA_VERSION: i64 = 1;
 
 /// The database path for a data directory.
 pub fn path(data_dir: &Path) -> PathBuf {
@@ -92,8 +98,31 @@ pub fn open(data_dir: &Path) -> Result<Connection, DbError> {
     // commits in batches, so this is one fsync per batch.
     conn.pragma_update(None, "synchronous", "FULL")
         .map_err(wrap)?;
+    upgrade(&conn).map_err(wrap)?;
     conn.execute_batch(SCHEMA).map_err(wrap)?;
     Ok(conn)
+}
+
+/// Brings a database written by an older broker to [`SCHEMA_VERSION`], in one transaction.
+///
+/// Version 0 kept a JSON copy of every message in `messages.json`, built on the recorder's
+/// thread for every row (a third of its time) and read only by the history API, which now
+/// decodes `payload` instead. Dropping the column rewrites the table once.
+fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version >= SCHEMA_VERSION {
+        return Ok(());
+    }
+    let has_json: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'json'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_json {
+        tracing::info!("database: dropping messages.json (schema version 0 to 1)");
+        conn.execute_batch("BEGIN; ALTER TABLE messages DROP COLUMN json; COMMIT;")?;
+    }
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
 
 /// Raises the counter `key` by one and returns the new value (the broker's boot counter).
@@ -124,5 +153,46 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_version_0_database_loses_its_json_column_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(path(dir.path())).unwrap();
+            old.execute_batch(
+                "CREATE TABLE messages (
+                    id INTEGER PRIMARY KEY, received_at INTEGER NOT NULL, origin TEXT NOT NULL,
+                    boot INTEGER NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,
+                    kind TEXT NOT NULL, mode TEXT NOT NULL, ward INTEGER, site TEXT,
+                    payload BLOB NOT NULL, json TEXT NOT NULL, UNIQUE (origin, boot, seq));
+                 INSERT INTO messages VALUES
+                    (1, 5, 'site:131041/es-1', 1, 1, 't', 'status', 'actual', 131041, 'es-1',
+                     x'0102', '{}');",
+            )
+            .unwrap();
+        }
+        let conn = open(dir.path()).unwrap();
+        let columns: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('messages')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(!columns.contains(&"json".to_owned()), "{columns:?}");
+        let payload: Vec<u8> = conn
+            .query_row("SELECT payload FROM messages WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(payload, [1, 2]);
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(conn);
+        // Opening again finds nothing to do.
+        open(dir.path()).unwrap();
     }
 }

@@ -269,8 +269,8 @@ fn write_batch(
     {
         let mut message = tx.prepare_cached(
             "INSERT OR IGNORE INTO messages
-             (received_at, origin, boot, seq, topic, kind, mode, ward, site, payload, json)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             (received_at, origin, boot, seq, topic, kind, mode, ward, site, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
         let mut quarantine = tx.prepare_cached(
             "INSERT INTO quarantine (received_at, topic, reason, detail, payload)
@@ -289,7 +289,6 @@ fn write_batch(
                         Origin::Site(s) => (Some(s.ward.0), Some(s.site.as_str())),
                         Origin::Hq(_) => (None, None),
                     };
-                    let json = serde_json::to_string(envelope).unwrap_or_default();
                     inserted += message.execute(params![
                         received_at.0,
                         origin_key(&h.origin),
@@ -302,7 +301,6 @@ fn write_batch(
                         ward,
                         site,
                         payload,
-                        json,
                     ])?;
                 }
                 Record::Rejected {

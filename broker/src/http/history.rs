@@ -34,13 +34,17 @@ fn open(data_dir: &Path) -> rusqlite::Result<Connection> {
 }
 
 fn event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
-    let json: String = row.get(3)?;
+    let payload: Vec<u8> = row.get(3)?;
     Ok(Event {
         id: row.get(0)?,
         received_at: row.get(1)?,
         topic: row.get(2)?,
-        // Written by the broker from a validated envelope; a row that is not JSON shows null.
-        envelope: serde_json::from_str(&json).unwrap_or(Value::Null),
+        // The payload was validated when it was recorded; one that no longer decodes (a
+        // message version this broker does not read) shows null, as the state rebuild skips it.
+        envelope: renkei_shared::decode(&payload)
+            .ok()
+            .and_then(|envelope| serde_json::to_value(envelope).ok())
+            .unwrap_or(Value::Null),
     })
 }
 
@@ -54,7 +58,7 @@ pub fn site_history(
 ) -> rusqlite::Result<Vec<Event>> {
     let conn = open(data_dir)?;
     let mut stmt = conn.prepare_cached(
-        "SELECT id, received_at, topic, json FROM messages
+        "SELECT id, received_at, topic, payload FROM messages
          WHERE ward = ?1 AND site = ?2 AND (?3 IS NULL OR kind = ?3)
          ORDER BY id DESC LIMIT ?4",
     )?;
@@ -87,7 +91,7 @@ pub fn events(
         Since::Time(t) => (i64::MIN, t),
     };
     let mut stmt = conn.prepare_cached(
-        "SELECT id, received_at, topic, json FROM messages
+        "SELECT id, received_at, topic, payload FROM messages
          WHERE id > ?1 AND received_at >= ?2 AND (?3 IS NULL OR ward = ?3)
          ORDER BY id LIMIT ?4",
     )?;
