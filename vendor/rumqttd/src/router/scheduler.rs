@@ -27,13 +27,24 @@ impl Scheduler {
     }
 
     pub fn remove(&mut self, id: ConnectionId) -> Tracker {
+        // Renkei patch: a connection that ends while scheduled left its id in the ready queue.
+        // `poll` then popped an id without a tracker and returned `None`, which the router
+        // reads as "nothing is ready" and blocks on its channel, with every other ready
+        // connection stuck behind it until some client happens to send something. (And once
+        // the slab reuses the id, the stale entry schedules an unrelated connection.)
+        self.readyqueue.retain(|&queued| queued != id);
         self.trackers.remove(id)
     }
 
     /// Next connection which is ready to make progress
     pub fn poll(&mut self) -> Option<(ConnectionId, VecDeque<DataRequest>)> {
-        let id = self.readyqueue.pop_front()?;
-        let tracker = self.trackers.get_mut(id)?;
+        // Renkei patch: skip, rather than stop at, an id whose connection is gone.
+        let (id, tracker) = loop {
+            let id = self.readyqueue.pop_front()?;
+            if let Some(tracker) = self.trackers.get_mut(id) {
+                break (id, tracker);
+            }
+        };
 
         // drain will clear all DataRequest but will keep the allocated memory of our VecDeque.
         let data_requests = tracker.data_requests.drain(..).collect();
@@ -228,5 +239,32 @@ impl Scheduler {
         } else {
             None
         }
+    }
+}
+
+// Renkei patch: the ready queue must not stall on a connection that is gone.
+#[cfg(test)]
+mod stale_ids {
+    use super::*;
+
+    #[test]
+    fn a_connection_removed_while_scheduled_does_not_hide_the_others() {
+        let mut scheduler = Scheduler::with_capacity(4);
+        let gone = scheduler.add(Tracker::new("gone".to_owned()));
+        let ready = scheduler.add(Tracker::new("ready".to_owned()));
+        scheduler.reschedule(gone, ScheduleReason::Init);
+        scheduler.reschedule(ready, ScheduleReason::Init);
+        scheduler.remove(gone);
+        assert_eq!(scheduler.readyqueue, VecDeque::from([ready]));
+        assert_eq!(scheduler.poll().map(|(id, _)| id), Some(ready));
+    }
+
+    #[test]
+    fn poll_skips_an_id_without_a_tracker() {
+        let mut scheduler = Scheduler::with_capacity(4);
+        let ready = scheduler.add(Tracker::new("ready".to_owned()));
+        scheduler.reschedule(ready, ScheduleReason::Init);
+        scheduler.readyqueue.push_front(ready + 1);
+        assert_eq!(scheduler.poll().map(|(id, _)| id), Some(ready));
     }
 }
