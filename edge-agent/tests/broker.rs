@@ -668,10 +668,13 @@ async fn after_a_broker_restart_the_agent_is_born_again_with_a_fresh_will() {
     let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
     let birth = next(&mut rx, &agent, "birth", |m| is_life(m, true)).await;
 
-    // The broker goes away (and, without persistence, forgets everything retained).
+    // The broker goes away (and, without persistence, forgets everything retained). The
+    // agent is held still while it comes back, so HQ subscribes before the agent can return.
     drop(broker);
+    agent.signal("STOP");
     let broker = Broker::start_on(port);
     let (_sub, mut rx) = subscribe(&broker, "hq-watch-2", renkei_shared::topic::ALL).await;
+    agent.signal("CONT");
     let birth2 = next(&mut rx, &agent, "birth after reconnect", |m| {
         is_life(m, true)
     })
@@ -997,8 +1000,13 @@ async fn broker_down_then_back_the_backlog_arrives_in_order_once_and_paced() {
         .unwrap_or(0);
     assert!((60..=63).contains(&waiting), "{status}");
 
+    // The agent is held still while the broker comes back, so HQ subscribes before the
+    // backlog starts (a running agent reconnects within a second and would deliver its first
+    // burst to nobody).
+    agent.signal("STOP");
     let broker = Broker::start_on(port);
     let (_sub, mut rx) = subscribe(&broker, "hq-watch-2", renkei_shared::topic::ALL).await;
+    agent.signal("CONT");
     let started = Instant::now();
     hq.until_all(&mut rx, &offline, || agent.log()).await;
     let took = started.elapsed();
