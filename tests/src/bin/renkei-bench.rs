@@ -71,6 +71,22 @@ enum Cmd {
         #[arg(long)]
         rate: Option<f64>,
     },
+    /// Subscribe to a running system and report how old live messages are on arrival: from the
+    /// `sent_at` their sender stamped to the subscriber's wall clock (retained copies and
+    /// replayed backlog are skipped). Sender and subscriber clocks must agree, as on one machine.
+    Watch {
+        /// MQTT broker, `mqtt://host:port`.
+        #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+        broker: String,
+        #[arg(long, default_value = "renkei/v1/#")]
+        filter: String,
+        /// Seconds to ignore after subscribing (start-up bursts).
+        #[arg(long, default_value_t = 5)]
+        warmup_s: u64,
+        /// Seconds to measure after the warm-up.
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Serve bare rumqttd (Renkei's router settings, no Renkei layer) on a port.
     BareRumqttd {
         #[arg(long)]
@@ -142,6 +158,20 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::BareRumqttd { port } => bare_rumqttd(port),
+        Cmd::Watch {
+            broker,
+            filter,
+            warmup_s,
+            seconds,
+        } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(watch(
+                &broker,
+                &filter,
+                Duration::from_secs(warmup_s),
+                Duration::from_secs(seconds),
+            ))
+        }
         Cmd::Load {
             targets,
             publishers,
@@ -184,6 +214,64 @@ next_connection_delay_ms = 0
     let mut broker = rumqttd::Broker::new(config);
     println!("bare-rumqttd ready port={port}");
     broker.start().context("rumqttd stopped")?;
+    Ok(())
+}
+
+async fn watch(broker: &str, filter: &str, warmup: Duration, seconds: Duration) -> Result<()> {
+    let address = broker
+        .strip_prefix("mqtt://")
+        .with_context(|| format!("broker {broker:?} is not mqtt://host:port"))?;
+    let (host, port) = address
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .with_context(|| format!("broker {broker:?} is not mqtt://host:port"))?;
+    let mut opts = MqttOptions::new(format!("bench-watch-{}", std::process::id()), host, port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(64 * 1024, 64 * 1024);
+    opts.set_inflight(100);
+    let (client, mut events) = AsyncClient::new(opts, 1000);
+    client.subscribe(filter, QoS::AtLeastOnce).await?;
+    let subscribed = Instant::now();
+    let (mut latencies_us, mut skipped, mut undecodable) = (Vec::new(), 0u64, 0u64);
+    loop {
+        let left = (subscribed + warmup + seconds).saturating_duration_since(Instant::now());
+        let event = match tokio::time::timeout(left, events.poll()).await {
+            Err(_) => break,
+            Ok(event) => event.context("subscriber connection")?,
+        };
+        let Event::Incoming(Packet::Publish(p)) = event else {
+            continue;
+        };
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64);
+        if subscribed.elapsed() < warmup {
+            continue;
+        }
+        let Ok(env) = codec::decode(&p.payload) else {
+            undecodable += 1;
+            continue;
+        };
+        if p.retain || env.header.historical {
+            skipped += 1;
+            continue;
+        }
+        let age_us = now_us.saturating_sub(env.header.sent_at.0.saturating_mul(1000));
+        latencies_us.push(u64::try_from(age_us).unwrap_or(0));
+    }
+    latencies_us.sort_unstable();
+    let n = latencies_us.len();
+    println!(
+        "watch {broker} {filter}: {n} live messages in {:.0?} ({:.0} msg/s), {skipped} retained or \
+         historical skipped, {undecodable} not Renkei envelopes; sent_at → arrival p50 {:.1} ms, \
+         p90 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        seconds,
+        n as f64 / seconds.as_secs_f64(),
+        quantile_ms(&latencies_us, 0.5),
+        quantile_ms(&latencies_us, 0.9),
+        quantile_ms(&latencies_us, 0.99),
+        quantile_ms(&latencies_us, 1.0),
+    );
     Ok(())
 }
 
