@@ -21,7 +21,10 @@
 //! `test-` prefix because the alert topic has no mode level and a drill's retained alert must
 //! not replace a real one. When a condition ends the alert is published again as `cleared`.
 //! An alert is published only when it differs from the last one published under its id (texts
-//! hold no clock-dependent figures), so an unchanged condition costs nothing per tick. What was
+//! hold no clock-dependent figures), so an unchanged condition costs nothing per tick. Figures
+//! that move with every report are quoted in steps (occupancy in 5-point steps, stock in tenths
+//! of a day, neither the counts behind them), so a shelter filling report by report re-publishes
+//! its alert a handful of times, not once per report. What was
 //! published is seeded from the restored state at start, so a restart does not repeat alerts.
 
 use std::collections::{BTreeMap, HashMap};
@@ -100,8 +103,8 @@ pub fn evaluate(
             && let (Some(pct), Some(shelter)) = (state.occupancy_pct(), state.shelter.as_ref())
             && pct >= t.occupancy_pct
         {
-            let evacuees = shelter.value.evacuees.unwrap_or(0);
             let capacity = shelter.value.capacity.unwrap_or(0);
+            let quoted = occupancy_step(pct, t.occupancy_pct);
             let over = pct >= 100;
             add(Alert {
                 alert_id: alert_id(mode, &["occ", &site.ward.to_string(), site.site.as_str()]),
@@ -118,9 +121,10 @@ pub fn evaluate(
                     Urgency::Expected
                 },
                 certainty: Certainty::Observed,
-                headline: format!("避難所の収容率が{pct}%に達しました: {}", place.name),
+                headline: format!("避難所の収容率が{quoted}%以上になりました: {}", place.name),
                 description: format!(
-                    "{}: 避難者{evacuees}人 / 想定収容人数{capacity}人（収容率{pct}%、基準{}%）。",
+                    "{}: 避難者数が想定収容人数{capacity}人の{quoted}%以上です（基準{}%）。\
+                     現在の人数は拠点の最新の報告で確認してください。",
                     place.full, t.occupancy_pct
                 ),
                 instruction: if over {
@@ -179,9 +183,9 @@ pub fn evaluate(
                 if tenths >= t.stock_below_tenths {
                     continue;
                 }
-                let (item_ja, unit) = match line.item {
-                    Item::Water => ("飲料水", "L"),
-                    _ => ("食料", "食"),
+                let item_ja = match line.item {
+                    Item::Water => "飲料水",
+                    _ => "食料",
                 };
                 add(Alert {
                     alert_id: alert_id(
@@ -208,10 +212,9 @@ pub fn evaluate(
                         place.name
                     ),
                     description: format!(
-                        "{}: {item_ja}の在庫{}{unit}、1日の必要量{}{unit}（残り約{}日分、基準{}日分）。",
+                        "{}: {item_ja}の在庫が残り約{}日分です（基準{}日分）。\
+                         在庫数と必要量は拠点の最新の報告で確認してください。",
                         place.full,
-                        line.on_hand.unwrap_or(0),
-                        line.daily_need.unwrap_or(0),
                         tenths_text(tenths),
                         tenths_text(t.stock_below_tenths),
                     ),
@@ -264,6 +267,22 @@ pub fn evaluate(
         }
     }
     out
+}
+
+/// Occupancy steps an alert quotes: a filling shelter reports a new count every interval, and an
+/// alert that quoted each one would be re-published (recorded, mirrored, re-sent to every
+/// dashboard) on every report. Steps of 5 points from the threshold up, with 100 % always a step.
+const OCCUPANCY_STEP: u64 = 5;
+
+/// The occupancy an alert quotes for `pct` (at or above `threshold`): the highest step at or
+/// under it, never under the threshold.
+fn occupancy_step(pct: u64, threshold: u64) -> u64 {
+    let step = threshold + (pct.saturating_sub(threshold) / OCCUPANCY_STEP) * OCCUPANCY_STEP;
+    if threshold < 100 && pct >= 100 {
+        step.max(100)
+    } else {
+        step
+    }
 }
 
 /// [`SiteState::is_silent`], with staleness counted from `listening_since` at the earliest.
@@ -605,6 +624,42 @@ mod tests {
     }
 
     #[test]
+    fn a_filling_shelter_republishes_its_alert_only_at_each_step() {
+        let alert = |evacuees: u32| {
+            let (state, mode) = world(&[sample::status(), shelter(evacuees, 50)]);
+            let alerts = evaluate(state.world(mode), mode, at(1), at(0), &T);
+            alerts
+                .get(&Id::new("occ-131041-nishi-shinjuku-es").unwrap())
+                .cloned()
+        };
+        // Capacity 100: one evacuee is one point.
+        let versions: Vec<Alert> = (90..=112).filter_map(alert).collect();
+        assert_eq!(versions.len(), 23);
+        let mut distinct = versions.clone();
+        distinct.dedup();
+        let quoted: Vec<&str> = distinct
+            .iter()
+            .map(|a| a.headline.split('%').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            quoted,
+            [
+                "避難所の収容率が90",
+                "避難所の収容率が95",
+                "避難所の収容率が100",
+                "避難所の収容率が105",
+                "避難所の収容率が110"
+            ]
+        );
+        assert_eq!(distinct[1].severity, Severity::Moderate);
+        assert_eq!(distinct[2].severity, Severity::Severe);
+        assert_eq!(occupancy_step(99, 87), 97);
+        assert_eq!(occupancy_step(101, 87), 100, "100 % is always a step");
+        assert_eq!(occupancy_step(103, 87), 102);
+        assert_eq!(occupancy_step(150, 150), 150);
+    }
+
+    #[test]
     fn silence_counts_three_intervals_from_the_later_of_last_heard_and_start() {
         let (state, mode) = world(&[sample::status()]);
         let w = state.world(mode);
@@ -640,9 +695,24 @@ mod tests {
                 },
             ];
         }
-        let (state, mode) = world(&[sample::status(), env]);
+        let (state, mode) = world(&[sample::status(), env.clone()]);
         let alerts = evaluate(state.world(mode), mode, at(1), at(0), &T);
         assert_eq!(ids(&alerts), ["stock-131041-nishi-shinjuku-es-water"]);
+
+        // Counts that leave the days left as they were do not change the alert.
+        let water = |on_hand: u32, daily_need: u32| {
+            let mut env = env.clone();
+            if let Body::Supplies(s) = &mut env.body {
+                s.lines[0].on_hand = Some(on_hand);
+                s.lines[0].daily_need = Some(daily_need);
+            }
+            let (state, mode) = world(&[sample::status(), env]);
+            evaluate(state.world(mode), mode, at(1), at(0), &T)
+                .remove(&Id::new("stock-131041-nishi-shinjuku-es-water").unwrap())
+        };
+        assert_eq!(water(90, 100), water(180, 200));
+        assert_eq!(water(90, 100), water(91, 100));
+        assert_ne!(water(90, 100), water(80, 100));
     }
 
     #[test]
