@@ -305,6 +305,12 @@ impl Browser {
         el.text().await.ok()
     }
 
+    /// The attribute `name` of the first element matching `css`, if both exist.
+    pub async fn attr(&self, css: &str, name: &str) -> Option<String> {
+        let el = self.client.find(fantoccini::Locator::Css(css)).await.ok()?;
+        el.attr(name).await.ok()?
+    }
+
     /// Waits until the element matching `css` has exactly `want` as its text.
     pub async fn wait_for_text(&self, css: &str, want: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
