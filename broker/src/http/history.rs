@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use renkei_shared::{Id, WardCode};
+use renkei_shared::{Id, Origin, SiteRef, WardCode};
 use rusqlite::{Connection, OpenFlags, params};
 use serde::Serialize;
 use serde_json::Value;
@@ -48,7 +48,8 @@ fn event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
     })
 }
 
-/// The latest `limit` messages a site sent (of one kind, if given), oldest first.
+/// The latest `limit` messages a site sent (of one kind, if given), oldest first, in the order
+/// the site sent them (boot, then sequence), which a backlog delivered late does not disturb.
 pub fn site_history(
     data_dir: &Path,
     ward: WardCode,
@@ -57,17 +58,22 @@ pub fn site_history(
     limit: u32,
 ) -> rusqlite::Result<Vec<Event>> {
     let conn = open(data_dir)?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, received_at, topic, payload FROM messages
-         WHERE ward = ?1 AND site = ?2 AND (?3 IS NULL OR kind = ?3)
-         ORDER BY id DESC LIMIT ?4",
-    )?;
+    let mut stmt = conn.prepare_cached(SITE_HISTORY)?;
+    let origin = crate::recorder::origin_key(&Origin::Site(SiteRef {
+        ward,
+        site: site.clone(),
+    }));
     let mut events = stmt
-        .query_map(params![ward.0, site.as_str(), kind, limit], event)?
+        .query_map(params![origin, kind, limit], event)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     events.reverse();
     Ok(events)
 }
+
+/// A backwards walk of one site's range of the `(origin, boot, seq)` key.
+const SITE_HISTORY: &str = "SELECT id, received_at, topic, payload FROM messages
+     WHERE origin = ?1 AND (?2 IS NULL OR kind = ?2)
+     ORDER BY boot DESC, seq DESC LIMIT ?3";
 
 /// Where [`events`] starts.
 #[derive(Debug, Clone, Copy)]
@@ -102,4 +108,28 @@ pub fn events(
         )?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_site_history_reads_the_message_key_without_sorting() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::db::open(dir.path()).unwrap();
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {SITE_HISTORY}"))
+            .unwrap()
+            .query_map(params!["site:131041/es-1", "shelter", 10], |r| r.get(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let plan = plan.join("; ");
+        assert!(
+            plan.contains("sqlite_autoindex_messages_1 (origin=?)"),
+            "{plan}"
+        );
+        assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+    }
 }
