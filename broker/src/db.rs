@@ -13,8 +13,9 @@
 //! it sent it, is one range of the `(origin, boot, seq)` key; `ward`/`site` repeat the sending
 //! site (NULL for HQ messages) for filtering. The only other index is `received_at`'s, for
 //! integrators catching up from a time. Every index is a B-tree insert per recorded message on
-//! the hot path, so there are no more. Times are Unix milliseconds from the broker's clock. WAL mode lets HTTP read while the recorder writes.
-//! `payload` is the message as it arrived (postcard); readers that want JSON decode it.
+//! the hot path, so there are no more. Times are Unix milliseconds from the broker's clock. WAL
+//! mode lets HTTP read while the recorder writes. `payload` is the message as it arrived
+//! (postcard); readers that want JSON decode it.
 //!
 //! `PRAGMA user_version` is the schema's version; [`open`] upgrades an older database:
 //! version 0 stored a `json` copy of every message too, which [`open`] drops; versions 0 and 1

@@ -218,13 +218,7 @@ next_connection_delay_ms = 0
 }
 
 async fn watch(broker: &str, filter: &str, warmup: Duration, seconds: Duration) -> Result<()> {
-    let address = broker
-        .strip_prefix("mqtt://")
-        .with_context(|| format!("broker {broker:?} is not mqtt://host:port"))?;
-    let (host, port) = address
-        .rsplit_once(':')
-        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
-        .with_context(|| format!("broker {broker:?} is not mqtt://host:port"))?;
+    let (host, port) = renkei_broker::external::parse_url(broker).map_err(anyhow::Error::msg)?;
     let mut opts = MqttOptions::new(format!("bench-watch-{}", std::process::id()), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(64 * 1024, 64 * 1024);
