@@ -142,12 +142,12 @@ impl Metrics {
         self.receipts_failed.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn json_republished(&self) {
-        self.json_republished.fetch_add(1, Ordering::Relaxed);
+    pub fn json_republished(&self, n: u64) {
+        self.json_republished.fetch_add(n, Ordering::Relaxed);
     }
 
-    pub fn json_failed(&self) {
-        self.json_failed.fetch_add(1, Ordering::Relaxed);
+    pub fn json_failed(&self, n: u64) {
+        self.json_failed.fetch_add(n, Ordering::Relaxed);
     }
 
     pub fn rule_alert(&self, state: renkei_shared::AlertState) {
@@ -462,7 +462,7 @@ mod tests {
         m.rejected("malformed");
         m.rejected("malformed");
         m.rejected("wrong_topic");
-        m.json_republished();
+        m.json_republished(1);
         m.tcp_connections.fetch_add(3, Ordering::Relaxed);
         let text = m.render();
         for line in [

@@ -1,7 +1,7 @@
 //! The recorder: every message ingest accepted, and every payload it refused, into SQLite.
 //!
-//! Ingest hands each outcome to [`RecorderTx::send`]: a bounded channel to one thread that
-//! writes in batches (up to `recorder.batch_size` rows, or whatever arrived within
+//! Ingest hands the outcomes to [`RecorderTx::send_all`], many at a time: a bounded channel to
+//! one thread that writes in batches (up to `recorder.batch_size` rows, or whatever arrived within
 //! `recorder.batch_time`), one transaction per batch. A full channel blocks ingest, and the
 //! router then holds messages for it, so nothing is dropped while the disk catches up.
 //!
@@ -74,24 +74,42 @@ pub enum RecorderError {
     Thread(std::io::Error),
 }
 
-/// The sending end, cloned into ingest and the rules.
+/// Most records in one hand-off from ingest (see [`RecorderTx::send_all`]).
+pub const HANDOFF_RECORDS: usize = 256;
+
+/// The sending end, held by ingest.
 #[derive(Debug, Clone)]
 pub struct RecorderTx {
-    tx: SyncSender<Record>,
+    tx: SyncSender<Vec<Record>>,
     queued: Arc<AtomicI64>,
 }
 
 impl RecorderTx {
     /// Queues a record, waiting while the queue is full. False if the recorder has stopped.
     pub fn send(&self, record: Record) -> bool {
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        let sent = match self.tx.try_send(record) {
+        self.send_all(vec![record])
+    }
+
+    /// Queues records in order as one hand-off, waiting while the queue is full. False if the
+    /// recorder has stopped.
+    ///
+    /// The queue holds hand-offs, so a sender handing over many records at once wakes the
+    /// writer (or, when the queue is full, is woken by it) once for them all rather than once
+    /// a record. Its bound, `recorder.queue_capacity` records, is kept in hand-offs of up to
+    /// [`HANDOFF_RECORDS`].
+    pub fn send_all(&self, records: Vec<Record>) -> bool {
+        let n = records.len() as i64;
+        if n == 0 {
+            return true;
+        }
+        self.queued.fetch_add(n, Ordering::Relaxed);
+        let sent = match self.tx.try_send(records) {
             Ok(()) => true,
-            Err(TrySendError::Full(record)) => self.tx.send(record).is_ok(),
+            Err(TrySendError::Full(records)) => self.tx.send(records).is_ok(),
             Err(TrySendError::Disconnected(_)) => false,
         };
         if !sent {
-            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.queued.fetch_sub(n, Ordering::Relaxed);
         }
         sent
     }
@@ -113,7 +131,8 @@ impl Recorder {
         metrics: Arc<Metrics>,
     ) -> Result<Recorder, RecorderError> {
         let conn = db::open(data_dir)?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue_capacity.max(1));
+        let handoffs = config.queue_capacity.div_ceil(HANDOFF_RECORDS).max(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel(handoffs);
         let queued = metrics.recorder_queue.clone();
         let receipts = ReceiptSink::default();
         let writer = Writer {
@@ -164,16 +183,17 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: Receiver<Record>) {
-        let mut batch = Vec::with_capacity(self.config.batch_size);
-        // Wait for the first record, then gather more until the batch is full or its time is up.
-        while let Ok(record) = rx.recv() {
-            batch.push(record);
+    fn run(mut self, rx: Receiver<Vec<Record>>) {
+        let mut batch = Vec::with_capacity(self.config.batch_size + HANDOFF_RECORDS);
+        // Wait for the first records, then gather more until the batch is full or its time is
+        // up. A batch may pass `batch_size` by less than one hand-off.
+        while let Ok(mut records) = rx.recv() {
+            batch.append(&mut records);
             let deadline = Instant::now() + self.config.batch_time.0;
             let mut closed = false;
             while batch.len() < self.config.batch_size {
                 match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(record) => batch.push(record),
+                    Ok(mut records) => batch.append(&mut records),
                     Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => {
                         closed = true;

@@ -374,8 +374,13 @@ impl Publisher {
             // `LinkTx::send` is async in signature only (it queues and signals the router's
             // channel) and is the one call that sets retain.
             Publisher::Embedded { tx, .. } => {
-                let publish = rumqttd::protocol::Publish::new(topic.into_bytes(), payload, retain);
-                futures::executor::block_on(tx.send(Packet::Publish(publish, None)))
+                let packet = Outgoing {
+                    topic,
+                    payload,
+                    retain,
+                }
+                .into_packet();
+                futures::executor::block_on(tx.send(packet))
                     .map(drop)
                     .map_err(|e| PublishError::Link(Box::new(e)))
             }
@@ -386,6 +391,58 @@ impl Publisher {
                 payload,
             ))?),
         }
+    }
+
+    /// Publishes `messages` in order, as [`Publisher::publish`] publishes one.
+    ///
+    /// To the embedded router they go as one hand-off: on every wake-up the router takes all
+    /// that a link has queued, so the messages are queued together and the router is woken
+    /// once for them all, not once for each (a futex wake-up per message, on this thread and
+    /// on the router's).
+    pub fn publish_all(
+        &mut self,
+        messages: impl IntoIterator<Item = Outgoing>,
+    ) -> Result<(), PublishError> {
+        match self {
+            Publisher::Embedded { tx, .. } => {
+                let mut last = None;
+                {
+                    let mut queued = tx.buffer();
+                    for m in messages {
+                        if let Some(before) = last.replace(m.into_packet()) {
+                            queued.push_back(before);
+                        }
+                    }
+                }
+                // The last one goes with the wake-up: the router then takes every one queued.
+                match last {
+                    Some(packet) => futures::executor::block_on(tx.send(packet))
+                        .map(drop)
+                        .map_err(|e| PublishError::Link(Box::new(e))),
+                    None => Ok(()),
+                }
+            }
+            Publisher::External(_) => messages
+                .into_iter()
+                .try_for_each(|m| self.publish(m.topic, m.payload, m.retain)),
+        }
+    }
+}
+
+/// One message for [`Publisher::publish_all`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub retain: bool,
+}
+
+impl Outgoing {
+    fn into_packet(self) -> Packet {
+        Packet::Publish(
+            rumqttd::protocol::Publish::new(self.topic.into_bytes(), self.payload, self.retain),
+            None,
+        )
     }
 }
 
