@@ -182,7 +182,12 @@ impl Topic {
 
     /// The same topic in the JSON mirror.
     pub fn json(&self) -> String {
-        format!("{JSON_ROOT}/{}", self.suffix())
+        let mut json = String::with_capacity(JSON_ROOT.len() + 48);
+        json.push_str(JSON_ROOT);
+        json.push('/');
+        // Writing to a String cannot fail.
+        let _ = self.write_suffix(&mut json);
+        json
     }
 
     /// Whether messages on this topic are retained (latest state) rather than events.
@@ -200,33 +205,40 @@ impl Topic {
         }
     }
 
-    /// The part after the root.
-    fn suffix(&self) -> String {
+    /// Writes the part after the root (one write per topic, no allocation: every message's
+    /// topic is written on ingest's and the recorder's hot paths).
+    fn write_suffix(&self, out: &mut impl fmt::Write) -> fmt::Result {
         match self {
             Topic::Site { site, channel } => {
                 let SiteRef { ward, site } = site;
                 match channel {
-                    SiteChannel::Status => format!("{ward}/{site}/status"),
-                    SiteChannel::Shelter => format!("{ward}/{site}/shelter"),
-                    SiteChannel::Supplies => format!("{ward}/{site}/supplies"),
-                    SiteChannel::Life => format!("{ward}/{site}/life"),
-                    SiteChannel::Request(r) => format!("{ward}/{site}/request/{r}"),
-                    SiteChannel::Incident(i) => format!("{ward}/{site}/incident/{i}"),
+                    SiteChannel::Status => write!(out, "{ward}/{site}/status"),
+                    SiteChannel::Shelter => write!(out, "{ward}/{site}/shelter"),
+                    SiteChannel::Supplies => write!(out, "{ward}/{site}/supplies"),
+                    SiteChannel::Life => write!(out, "{ward}/{site}/life"),
+                    SiteChannel::Request(r) => write!(out, "{ward}/{site}/request/{r}"),
+                    SiteChannel::Incident(i) => write!(out, "{ward}/{site}/incident/{i}"),
                 }
             }
-            Topic::Alert { alert_id } => format!("hq/alert/{alert_id}"),
-            Topic::AlertAck { alert_id, user } => format!("hq/ack/alert/{alert_id}/{user}"),
+            Topic::Alert { alert_id } => write!(out, "hq/alert/{alert_id}"),
+            Topic::AlertAck { alert_id, user } => write!(out, "hq/ack/alert/{alert_id}/{user}"),
             Topic::RequestAck { site, request_id } => {
-                format!("hq/ack/request/{}/{}/{request_id}", site.ward, site.site)
+                write!(
+                    out,
+                    "hq/ack/request/{}/{}/{request_id}",
+                    site.ward, site.site
+                )
             }
-            Topic::Command { site } => format!("cmd/{}/{}", site.ward, site.site),
+            Topic::Command { site } => write!(out, "cmd/{}/{}", site.ward, site.site),
         }
     }
 }
 
 impl fmt::Display for Topic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{ROOT}/{}", self.suffix())
+        f.write_str(ROOT)?;
+        f.write_str("/")?;
+        self.write_suffix(f)
     }
 }
 
