@@ -1,7 +1,7 @@
 //! The recorder's write path against the floor SQLite sets on this disk, in the same run.
 //!
 //! - `recorder`: 20,000 accepted messages (2,000 sites × status and shelter × 5) through
-//!   [`Recorder`]: its channel, its batches, one `synchronous = FULL` transaction per batch,
+//!   [`Recorder`]: its channel (in hand-offs of [`HANDOFF_RECORDS`], as ingest sends them), its batches, one `synchronous = FULL` transaction per batch,
 //!   the `messages` table with its unique key and indexes, and the stop that commits the last
 //!   batch.
 //! - `sqlite_floor`: the same payloads, in the same batches and with the same pragmas, into a
@@ -17,7 +17,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use renkei_broker::config::RecorderConfig;
 use renkei_broker::db;
 use renkei_broker::metrics::Metrics;
-use renkei_broker::recorder::{Record, Recorder};
+use renkei_broker::recorder::{HANDOFF_RECORDS, Record, Recorder};
 use renkei_shared::{Envelope, Id, Origin, SiteRef, Topic, WARDS, encode, sample};
 
 const SITES: usize = 2_000;
@@ -52,7 +52,7 @@ fn recorder(messages: &[(Topic, Envelope, Vec<u8>)]) -> Duration {
     let recorder =
         Recorder::start(dir.path(), config, Arc::new(Metrics::new())).expect("recorder starts");
     let tx = recorder.tx().expect("recorder running");
-    let records: Vec<Record> = messages
+    let mut records: Vec<Record> = messages
         .iter()
         .map(|(topic, env, payload)| Record::Accepted {
             received_at: sample::SENT_AT,
@@ -62,8 +62,11 @@ fn recorder(messages: &[(Topic, Envelope, Vec<u8>)]) -> Duration {
         })
         .collect();
     let started = Instant::now();
-    for record in records {
-        assert!(tx.send(record), "recorder stopped");
+    // In hand-offs of the size ingest makes under load.
+    while !records.is_empty() {
+        let rest = records.split_off(records.len().min(HANDOFF_RECORDS));
+        let handoff = std::mem::replace(&mut records, rest);
+        assert!(tx.send_all(handoff), "recorder stopped");
     }
     drop(tx);
     recorder.stop();

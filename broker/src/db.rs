@@ -3,23 +3,27 @@
 //!
 //! ```sql
 //! users      (name PK, role, ward, site, password_hash, created_at)
-//! messages   (id PK, received_at, origin, boot, seq, topic, kind, mode, ward, site,
-//!             payload BLOB, UNIQUE (origin, boot, seq))
+//! origins    (id PK, key UNIQUE)                      -- 'site:{ward}/{site}' or 'hq:{node}'
+//! messages   (id PK, received_at, origin_id, boot, seq, topic, kind, mode, ward, site,
+//!             payload BLOB, UNIQUE (origin_id, boot, seq))
 //! quarantine (id PK, received_at, topic, reason, detail, payload BLOB)   -- bounded
 //! meta       (key PK, value)                                           -- e.g. broker_boot
 //! ```
 //!
-//! `messages.origin` is `site:{ward}/{site}` or `hq:{node}`, so a site's history, in the order
-//! it sent it, is one range of the `(origin, boot, seq)` key; `ward`/`site` repeat the sending
-//! site (NULL for HQ messages) for filtering. The only other index is `received_at`'s, for
-//! integrators catching up from a time. Every index is a B-tree insert per recorded message on
-//! the hot path, so there are no more. Times are Unix milliseconds from the broker's clock. WAL
-//! mode lets HTTP read while the recorder writes. `payload` is the message as it arrived
-//! (postcard); readers that want JSON decode it.
+//! Every sender is one row of `origins`, and `messages.origin_id` points at it, so a site's
+//! history, in the order it sent it, is one range of the `(origin_id, boot, seq)` key, which
+//! is also what keeps a redelivered message once. The key is three integers: with the
+//! sender's name in it as text, inserting into it was a third of the recorder's time.
+//! `ward`/`site` repeat the sending site (NULL for HQ messages) for filtering. The only other
+//! index is `received_at`'s, for integrators catching up from a time. Every index is a B-tree
+//! insert per recorded message on the hot path, so there are no more. Times are Unix
+//! milliseconds from the broker's clock. WAL mode lets HTTP read while the recorder writes.
+//! `payload` is the message as it arrived (postcard); readers that want JSON decode it.
 //!
 //! `PRAGMA user_version` is the schema's version; [`open`] upgrades an older database:
 //! version 0 stored a `json` copy of every message too, which [`open`] drops; versions 0 and 1
-//! kept an index `messages_by_site (ward, site, kind, id)`, which [`open`] drops.
+//! kept an index `messages_by_site (ward, site, kind, id)`, which [`open`] drops; versions 0 to
+//! 2 kept the sender's name as text in `messages.origin`, which [`open`] moves to `origins`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -46,10 +50,14 @@ CREATE TABLE IF NOT EXISTS users (
     password_hash TEXT NOT NULL,
     created_at    INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS origins (
+    id  INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE
+);
 CREATE TABLE IF NOT EXISTS messages (
     id          INTEGER PRIMARY KEY,
     received_at INTEGER NOT NULL,
-    origin      TEXT NOT NULL,
+    origin_id   INTEGER NOT NULL REFERENCES origins (id),
     boot        INTEGER NOT NULL,
     seq         INTEGER NOT NULL,
     topic       TEXT NOT NULL,
@@ -58,7 +66,7 @@ CREATE TABLE IF NOT EXISTS messages (
     ward        INTEGER,
     site        TEXT,
     payload     BLOB NOT NULL,
-    UNIQUE (origin, boot, seq)
+    UNIQUE (origin_id, boot, seq)
 );
 CREATE INDEX IF NOT EXISTS messages_by_time ON messages (received_at);
 CREATE TABLE IF NOT EXISTS quarantine (
@@ -76,7 +84,7 @@ CREATE TABLE IF NOT EXISTS meta (
 ";
 
 /// The schema [`SCHEMA`] makes, as `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The database path for a data directory.
 pub fn path(data_dir: &Path) -> PathBuf {
@@ -106,7 +114,7 @@ pub fn open(data_dir: &Path) -> Result<Connection, DbError> {
     Ok(conn)
 }
 
-/// Brings a database written by an older broker to [`SCHEMA_VERSION`], in one transaction.
+/// Brings a database written by an older broker to [`SCHEMA_VERSION`].
 ///
 /// Version 0 kept a JSON copy of every message in `messages.json`, built on the recorder's
 /// thread for every row (a third of its time) and read only by the history API, which now
@@ -115,23 +123,65 @@ pub fn open(data_dir: &Path) -> Result<Connection, DbError> {
 /// Versions 0 and 1 kept `messages_by_site`, which a site's history now reads from the
 /// `(origin, boot, seq)` key instead: one B-tree fewer to update for every recorded message
 /// (the recorder wrote about a quarter more messages a second without it).
+///
+/// Versions 0 to 2 kept the sender's name in `messages.origin` as text, in the unique key.
+/// The names move to `origins` and the table is rewritten once with `origin_id`, keeping
+/// every row and its id, in one transaction.
 fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= SCHEMA_VERSION {
         return Ok(());
     }
-    let has_json: bool = conn.query_row(
-        "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = 'json'",
-        [],
-        |r| r.get(0),
-    )?;
-    if has_json {
+    let has_column = |name: &str| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT COUNT(*) > 0 FROM pragma_table_info('messages') WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+    };
+    if has_column("json")? {
         tracing::info!("database: dropping messages.json (schema version 0 to 1)");
         conn.execute_batch("BEGIN; ALTER TABLE messages DROP COLUMN json; COMMIT;")?;
     }
     conn.execute_batch("DROP INDEX IF EXISTS messages_by_site")?;
+    if has_column("origin")? {
+        tracing::info!("database: moving sender names to origins (schema version 2 to 3)");
+        conn.execute_batch(ORIGINS_UPGRADE)?;
+    }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
+
+/// Version 2 to 3: `messages.origin` (text) becomes `origin_id`, a row of `origins`.
+const ORIGINS_UPGRADE: &str = "
+BEGIN;
+CREATE TABLE origins (
+    id  INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE
+);
+INSERT INTO origins (key) SELECT origin FROM messages GROUP BY origin ORDER BY MIN(id);
+CREATE TABLE messages_v3 (
+    id          INTEGER PRIMARY KEY,
+    received_at INTEGER NOT NULL,
+    origin_id   INTEGER NOT NULL REFERENCES origins (id),
+    boot        INTEGER NOT NULL,
+    seq         INTEGER NOT NULL,
+    topic       TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    mode        TEXT NOT NULL,
+    ward        INTEGER,
+    site        TEXT,
+    payload     BLOB NOT NULL,
+    UNIQUE (origin_id, boot, seq)
+);
+INSERT INTO messages_v3
+    SELECT m.id, m.received_at, o.id, m.boot, m.seq, m.topic, m.kind, m.mode, m.ward, m.site,
+           m.payload
+    FROM messages m JOIN origins o ON o.key = m.origin ORDER BY m.id;
+DROP TABLE messages;
+ALTER TABLE messages_v3 RENAME TO messages;
+CREATE INDEX messages_by_time ON messages (received_at);
+COMMIT;
+";
 
 /// Raises the counter `key` by one and returns the new value (the broker's boot counter).
 pub fn bump_counter(conn: &Connection, key: &str) -> rusqlite::Result<u32> {
@@ -147,6 +197,8 @@ pub fn bump_counter(conn: &Connection, key: &str) -> rusqlite::Result<u32> {
 
 #[cfg(test)]
 mod tests {
+    use rusqlite::params;
+
     use super::*;
 
     #[test]
@@ -237,5 +289,90 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_version_2_database_moves_its_sender_names_to_origins_and_keeps_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(path(dir.path())).unwrap();
+            old.execute_batch(
+                "CREATE TABLE messages (
+                    id INTEGER PRIMARY KEY, received_at INTEGER NOT NULL, origin TEXT NOT NULL,
+                    boot INTEGER NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,
+                    kind TEXT NOT NULL, mode TEXT NOT NULL, ward INTEGER, site TEXT,
+                    payload BLOB NOT NULL, UNIQUE (origin, boot, seq));
+                 CREATE INDEX messages_by_time ON messages (received_at);
+                 INSERT INTO messages VALUES
+                    (7, 5, 'site:131041/es-1', 1, 1, 't1', 'status', 'actual', 131041, 'es-1',
+                     x'01'),
+                    (8, 6, 'hq:hq-1', 2, 1, 't2', 'alert', 'actual', NULL, NULL, x'02'),
+                    (9, 7, 'site:131041/es-1', 1, 2, 't3', 'shelter', 'actual', 131041, 'es-1',
+                     x'03');
+                 PRAGMA user_version = 2;",
+            )
+            .unwrap();
+        }
+        let conn = open(dir.path()).unwrap();
+        let rows: Vec<(i64, i64, String, i64, i64, Vec<u8>)> = conn
+            .prepare(
+                "SELECT m.id, m.received_at, o.key, m.boot, m.seq, m.payload
+                 FROM messages m JOIN origins o ON o.id = m.origin_id ORDER BY m.id",
+            )
+            .unwrap()
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let site = "site:131041/es-1".to_owned();
+        assert_eq!(
+            rows,
+            [
+                (7, 5, site.clone(), 1, 1, vec![1]),
+                (8, 6, "hq:hq-1".to_owned(), 2, 1, vec![2]),
+                (9, 7, site, 1, 2, vec![3]),
+            ]
+        );
+        // The key still keeps a message once, and new rows follow the old ids.
+        let origin: i64 = conn
+            .query_row("SELECT origin_id FROM messages WHERE id = 7", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let insert = "INSERT OR IGNORE INTO messages
+            (received_at, origin_id, boot, seq, topic, kind, mode, payload)
+            VALUES (8, ?1, 1, ?2, 't', 'status', 'actual', x'04')";
+        assert_eq!(conn.execute(insert, params![origin, 1]).unwrap(), 0);
+        assert_eq!(conn.execute(insert, params![origin, 3]).unwrap(), 1);
+        assert_eq!(conn.last_insert_rowid(), 10);
+        let indexes: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            indexes.contains(&"messages_by_time".to_owned()),
+            "{indexes:?}"
+        );
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        drop(conn);
+        // Opening again finds nothing to do.
+        open(dir.path()).unwrap();
     }
 }

@@ -23,6 +23,7 @@
 //! A batch that fails to commit sends no receipt.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
@@ -137,6 +138,7 @@ impl Recorder {
         let receipts = ReceiptSink::default();
         let writer = Writer {
             conn,
+            origins: HashMap::new(),
             db_path: db::path(data_dir),
             config,
             metrics,
@@ -175,6 +177,8 @@ impl Recorder {
 
 struct Writer {
     conn: Connection,
+    /// `origins.id` by key, for every sender already in the table.
+    origins: HashMap<String, i64>,
     db_path: PathBuf,
     config: RecorderConfig,
     metrics: Arc<Metrics>,
@@ -213,12 +217,19 @@ impl Writer {
         let rows = batch.len();
         self.queued.fetch_sub(rows as i64, Ordering::Relaxed);
         let started = Instant::now();
-        match write_batch(&mut self.conn, batch, self.config.quarantine_rows) {
+        match write_batch(
+            &mut self.conn,
+            &mut self.origins,
+            batch,
+            self.config.quarantine_rows,
+        ) {
             Ok(inserted) => {
                 self.metrics.recorder_batch(rows, inserted);
                 self.send_receipts(batch);
             }
             Err(e) => {
+                // Senders first seen in the batch are not in the table after all.
+                self.origins.clear();
                 self.metrics.recorder_failed(rows);
                 tracing::error!(error = %e, rows, "recorder: cannot write a batch");
             }
@@ -241,32 +252,43 @@ impl Writer {
         let Some(sender) = sink.as_ref() else {
             return;
         };
-        let mut by_site: HashMap<&SiteRef, Vec<(u32, u64)>> = HashMap::new();
-        for record in batch {
-            if let Record::Accepted { envelope, .. } = record
-                && let Origin::Site(site) = &envelope.header.origin
-            {
-                let h = &envelope.header;
-                by_site.entry(site).or_default().push((h.boot, h.seq));
-            }
+        let mut keys: Vec<(&SiteRef, u32, u64)> = batch
+            .iter()
+            .filter_map(|record| match record {
+                Record::Accepted { envelope, .. } => match &envelope.header.origin {
+                    Origin::Site(site) => Some((site, envelope.header.boot, envelope.header.seq)),
+                    Origin::Hq(_) => None,
+                },
+                Record::Rejected { .. } => None,
+            })
+            .collect();
+        if keys.is_empty() {
+            return;
         }
-        if !by_site.is_empty() {
-            sender.committed(
-                by_site
-                    .into_iter()
-                    .map(|(site, keys)| (site.clone(), keys))
-                    .collect(),
-            );
-        }
+        // Grouped by site, each site's keys in the order received (a stable sort).
+        keys.sort_by(|a, b| a.0.cmp(b.0));
+        let committed = keys
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|run| (run[0].0.clone(), run.iter().map(|k| (k.1, k.2)).collect()))
+            .collect();
+        sender.committed(committed);
     }
 }
 
 /// `site:{ward}/{site}` or `hq:{node}`.
 pub fn origin_key(origin: &Origin) -> String {
-    match origin {
-        Origin::Site(s) => format!("site:{}/{}", s.ward, s.site),
-        Origin::Hq(node) => format!("hq:{node}"),
-    }
+    let mut key = String::new();
+    write_origin_key(&mut key, origin);
+    key
+}
+
+/// Appends [`origin_key`] to `out`.
+fn write_origin_key(out: &mut String, origin: &Origin) {
+    // Writing to a String cannot fail.
+    let _ = match origin {
+        Origin::Site(s) => write!(out, "site:{}/{}", s.ward, s.site),
+        Origin::Hq(node) => write!(out, "hq:{node}"),
+    };
 }
 
 pub fn mode_name(mode: Mode) -> &'static str {
@@ -280,16 +302,19 @@ pub fn mode_name(mode: Mode) -> &'static str {
 /// Writes one batch in one transaction; returns the rows new to `messages`.
 fn write_batch(
     conn: &mut Connection,
+    origins: &mut HashMap<String, i64>,
     batch: &[Record],
     quarantine_rows: usize,
 ) -> rusqlite::Result<usize> {
     let tx = conn.transaction()?;
     let mut inserted = 0;
     let mut quarantined = false;
+    // Written again for every row rather than allocated for each.
+    let (mut origin, mut topic_name) = (String::new(), String::new());
     {
         let mut message = tx.prepare_cached(
             "INSERT OR IGNORE INTO messages
-             (received_at, origin, boot, seq, topic, kind, mode, ward, site, payload)
+             (received_at, origin_id, boot, seq, topic, kind, mode, ward, site, payload)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
         let mut quarantine = tx.prepare_cached(
@@ -309,13 +334,26 @@ fn write_batch(
                         Origin::Site(s) => (Some(s.ward.0), Some(s.site.as_str())),
                         Origin::Hq(_) => (None, None),
                     };
+                    origin.clear();
+                    write_origin_key(&mut origin, &h.origin);
+                    let origin_id = match origins.get(origin.as_str()) {
+                        Some(id) => *id,
+                        None => {
+                            let id = add_origin(&tx, &origin)?;
+                            origins.insert(origin.clone(), id);
+                            id
+                        }
+                    };
+                    topic_name.clear();
+                    // Writing to a String cannot fail.
+                    let _ = write!(topic_name, "{topic}");
                     inserted += message.execute(params![
                         received_at.0,
-                        origin_key(&h.origin),
+                        origin_id,
                         h.boot,
                         // SQLite integers are signed: a seq beyond i64 is kept as its bits.
                         h.seq as i64,
-                        topic.to_string(),
+                        topic_name,
                         envelope.body.kind().as_str(),
                         mode_name(h.mode),
                         ward,
@@ -345,6 +383,14 @@ fn write_batch(
     }
     tx.commit()?;
     Ok(inserted)
+}
+
+/// The id of the sender `key` in `origins`, added if new.
+fn add_origin(tx: &rusqlite::Transaction<'_>, key: &str) -> rusqlite::Result<i64> {
+    tx.prepare_cached("INSERT INTO origins (key) VALUES (?1) ON CONFLICT (key) DO NOTHING")?
+        .execute([key])?;
+    tx.prepare_cached("SELECT id FROM origins WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
 }
 
 /// What start-up found in the database.

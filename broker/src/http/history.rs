@@ -70,9 +70,9 @@ pub fn site_history(
     Ok(events)
 }
 
-/// A backwards walk of one site's range of the `(origin, boot, seq)` key.
+/// A backwards walk of one site's range of the `(origin_id, boot, seq)` key.
 const SITE_HISTORY: &str = "SELECT id, received_at, topic, payload FROM messages
-     WHERE origin = ?1 AND (?2 IS NULL OR kind = ?2)
+     WHERE origin_id = (SELECT id FROM origins WHERE key = ?1) AND (?2 IS NULL OR kind = ?2)
      ORDER BY boot DESC, seq DESC LIMIT ?3";
 
 /// Where [`events`] starts.
@@ -127,7 +127,7 @@ mod tests {
             .unwrap();
         let plan = plan.join("; ");
         assert!(
-            plan.contains("sqlite_autoindex_messages_1 (origin=?)"),
+            plan.contains("sqlite_autoindex_messages_1 (origin_id=?)"),
             "{plan}"
         );
         assert!(!plan.contains("TEMP B-TREE"), "{plan}");

@@ -139,7 +139,7 @@ async fn burst(mqtt_config: &str) -> Outcome {
         .unwrap();
     let complete_origins: i64 = conn
         .query_row(
-            "SELECT COUNT(*) FROM (SELECT origin FROM messages GROUP BY origin
+            "SELECT COUNT(*) FROM (SELECT origin_id FROM messages GROUP BY origin_id
              HAVING COUNT(*) = ?1 AND COUNT(DISTINCT seq) = ?1 AND MIN(seq) = 1 AND MAX(seq) = ?1)",
             [PER_PUBLISHER as i64],
             |r| r.get(0),

@@ -101,7 +101,7 @@ async fn retained(mosquitto: &Mosquitto, topic: &str) -> Option<rumqttc::Publish
 fn db_keys(db: &Path) -> Vec<(String, i64, i64)> {
     let conn = rusqlite::Connection::open(db).unwrap();
     let mut stmt = conn
-        .prepare("SELECT origin, boot, seq FROM messages")
+        .prepare("SELECT key, boot, seq FROM messages JOIN origins ON origins.id = origin_id")
         .unwrap();
     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .unwrap()
