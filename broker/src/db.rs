@@ -41,20 +41,20 @@ pub struct DbError {
     pub source: rusqlite::Error,
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS users (
-    name          TEXT PRIMARY KEY,
-    role          TEXT NOT NULL CHECK (role IN ('agent', 'ward', 'hq', 'integrator', 'admin')),
-    ward          INTEGER,
-    site          TEXT,
-    password_hash TEXT NOT NULL,
-    created_at    INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS origins (
+/// The columns of `origins`, for [`SCHEMA`] and the upgrade that creates it.
+macro_rules! origins_columns {
+    () => {
+        "(
     id  INTEGER PRIMARY KEY,
     key TEXT NOT NULL UNIQUE
-);
-CREATE TABLE IF NOT EXISTS messages (
+)"
+    };
+}
+
+/// The columns of `messages`, for [`SCHEMA`] and the upgrade that rewrites it.
+macro_rules! messages_columns {
+    () => {
+        "(
     id          INTEGER PRIMARY KEY,
     received_at INTEGER NOT NULL,
     origin_id   INTEGER NOT NULL REFERENCES origins (id),
@@ -67,7 +67,26 @@ CREATE TABLE IF NOT EXISTS messages (
     site        TEXT,
     payload     BLOB NOT NULL,
     UNIQUE (origin_id, boot, seq)
+)"
+    };
+}
+
+const SCHEMA: &str = concat!(
+    "
+CREATE TABLE IF NOT EXISTS users (
+    name          TEXT PRIMARY KEY,
+    role          TEXT NOT NULL CHECK (role IN ('agent', 'ward', 'hq', 'integrator', 'admin')),
+    ward          INTEGER,
+    site          TEXT,
+    password_hash TEXT NOT NULL,
+    created_at    INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS origins ",
+    origins_columns!(),
+    ";
+CREATE TABLE IF NOT EXISTS messages ",
+    messages_columns!(),
+    ";
 CREATE INDEX IF NOT EXISTS messages_by_time ON messages (received_at);
 CREATE TABLE IF NOT EXISTS quarantine (
     id          INTEGER PRIMARY KEY,
@@ -81,7 +100,8 @@ CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
-";
+",
+);
 
 /// The schema [`SCHEMA`] makes, as `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i64 = 3;
@@ -152,27 +172,16 @@ fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Version 2 to 3: `messages.origin` (text) becomes `origin_id`, a row of `origins`.
-const ORIGINS_UPGRADE: &str = "
+const ORIGINS_UPGRADE: &str = concat!(
+    "
 BEGIN;
-CREATE TABLE origins (
-    id  INTEGER PRIMARY KEY,
-    key TEXT NOT NULL UNIQUE
-);
+CREATE TABLE origins ",
+    origins_columns!(),
+    ";
 INSERT INTO origins (key) SELECT origin FROM messages GROUP BY origin ORDER BY MIN(id);
-CREATE TABLE messages_v3 (
-    id          INTEGER PRIMARY KEY,
-    received_at INTEGER NOT NULL,
-    origin_id   INTEGER NOT NULL REFERENCES origins (id),
-    boot        INTEGER NOT NULL,
-    seq         INTEGER NOT NULL,
-    topic       TEXT NOT NULL,
-    kind        TEXT NOT NULL,
-    mode        TEXT NOT NULL,
-    ward        INTEGER,
-    site        TEXT,
-    payload     BLOB NOT NULL,
-    UNIQUE (origin_id, boot, seq)
-);
+CREATE TABLE messages_v3 ",
+    messages_columns!(),
+    ";
 INSERT INTO messages_v3
     SELECT m.id, m.received_at, o.id, m.boot, m.seq, m.topic, m.kind, m.mode, m.ward, m.site,
            m.payload
@@ -181,7 +190,8 @@ DROP TABLE messages;
 ALTER TABLE messages_v3 RENAME TO messages;
 CREATE INDEX messages_by_time ON messages (received_at);
 COMMIT;
-";
+"
+);
 
 /// Raises the counter `key` by one and returns the new value (the broker's boot counter).
 pub fn bump_counter(conn: &Connection, key: &str) -> rusqlite::Result<u32> {
@@ -200,6 +210,33 @@ mod tests {
     use rusqlite::params;
 
     use super::*;
+
+    /// `messages` as versions 0 to 2 made it, with `extra` columns.
+    fn legacy_messages(extra: &str) -> String {
+        format!(
+            "CREATE TABLE messages (
+                id INTEGER PRIMARY KEY, received_at INTEGER NOT NULL, origin TEXT NOT NULL,
+                boot INTEGER NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,
+                kind TEXT NOT NULL, mode TEXT NOT NULL, ward INTEGER, site TEXT,
+                payload BLOB NOT NULL{extra}, UNIQUE (origin, boot, seq));"
+        )
+    }
+
+    fn message_indexes(conn: &Connection) -> Vec<String> {
+        conn.prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    }
+
+    fn user_version(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    }
 
     #[test]
     fn opens_twice_and_counts_boots() {
@@ -220,16 +257,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let old = Connection::open(path(dir.path())).unwrap();
-            old.execute_batch(
-                "CREATE TABLE messages (
-                    id INTEGER PRIMARY KEY, received_at INTEGER NOT NULL, origin TEXT NOT NULL,
-                    boot INTEGER NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,
-                    kind TEXT NOT NULL, mode TEXT NOT NULL, ward INTEGER, site TEXT,
-                    payload BLOB NOT NULL, json TEXT NOT NULL, UNIQUE (origin, boot, seq));
+            old.execute_batch(&format!(
+                "{}
                  INSERT INTO messages VALUES
                     (1, 5, 'site:131041/es-1', 1, 1, 't', 'status', 'actual', 131041, 'es-1',
-                     x'0102', '{}');",
-            )
+                     x'0102', '{{}}');",
+                legacy_messages(", json TEXT NOT NULL")
+            ))
             .unwrap();
         }
         let conn = open(dir.path()).unwrap();
@@ -247,10 +281,7 @@ mod tests {
             })
             .unwrap();
         assert_eq!(payload, [1, 2]);
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
         drop(conn);
         // Opening again finds nothing to do.
         open(dir.path()).unwrap();
@@ -268,15 +299,7 @@ mod tests {
             .unwrap();
         }
         let conn = open(dir.path()).unwrap();
-        let indexes: Vec<String> = conn
-            .prepare(
-                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'",
-            )
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let indexes = message_indexes(&conn);
         assert!(
             !indexes.contains(&"messages_by_site".to_owned()),
             "{indexes:?}"
@@ -285,10 +308,7 @@ mod tests {
             indexes.contains(&"messages_by_time".to_owned()),
             "{indexes:?}"
         );
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
     }
 
     #[test]
@@ -296,12 +316,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let old = Connection::open(path(dir.path())).unwrap();
-            old.execute_batch(
-                "CREATE TABLE messages (
-                    id INTEGER PRIMARY KEY, received_at INTEGER NOT NULL, origin TEXT NOT NULL,
-                    boot INTEGER NOT NULL, seq INTEGER NOT NULL, topic TEXT NOT NULL,
-                    kind TEXT NOT NULL, mode TEXT NOT NULL, ward INTEGER, site TEXT,
-                    payload BLOB NOT NULL, UNIQUE (origin, boot, seq));
+            old.execute_batch(&format!(
+                "{}
                  CREATE INDEX messages_by_time ON messages (received_at);
                  INSERT INTO messages VALUES
                     (7, 5, 'site:131041/es-1', 1, 1, 't1', 'status', 'actual', 131041, 'es-1',
@@ -310,7 +326,8 @@ mod tests {
                     (9, 7, 'site:131041/es-1', 1, 2, 't3', 'shelter', 'actual', 131041, 'es-1',
                      x'03');
                  PRAGMA user_version = 2;",
-            )
+                legacy_messages("")
+            ))
             .unwrap();
         }
         let conn = open(dir.path()).unwrap();
@@ -354,23 +371,12 @@ mod tests {
         assert_eq!(conn.execute(insert, params![origin, 1]).unwrap(), 0);
         assert_eq!(conn.execute(insert, params![origin, 3]).unwrap(), 1);
         assert_eq!(conn.last_insert_rowid(), 10);
-        let indexes: Vec<String> = conn
-            .prepare(
-                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'messages'",
-            )
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let indexes = message_indexes(&conn);
         assert!(
             indexes.contains(&"messages_by_time".to_owned()),
             "{indexes:?}"
         );
-        let version: i64 = conn
-            .query_row("PRAGMA user_version", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
         drop(conn);
         // Opening again finds nothing to do.
         open(dir.path()).unwrap();
