@@ -2,12 +2,14 @@
 //!
 //! Its source is a rumqttd link subscribed to `renkei/v1/#` (embedded broker), or the messages
 //! an external broker delivers to [`crate::external`]; both feed [`Pipeline::handle`], which
-//! for each publish: parses the topic,
-//! decodes the payload, checks that the message belongs on that topic, applies it to the live
-//! [`State`], hands it to the [`crate::recorder`] and, if it changed the state (or is a
-//! command, which carries none), re-publishes it as JSON on the mirror topic for integrators.
-//! A message that fails is quarantined by the recorder, counted by reason and logged, at most [`LOG_LINES_PER_SECOND`] lines per second per
-//! reason so that one broken sender cannot flood the log.
+//! for each publish: parses the topic, decodes the payload, checks that the message belongs on
+//! that topic, applies it to the live [`State`], and queues its record for the
+//! [`crate::recorder`] and, if it changed the state (or is a command, which carries none), its
+//! JSON copy for the mirror topic that integrators read. The source hands the queue on with
+//! [`Pipeline::flush`] whenever it has nothing more to read at once (see [`Pipeline`]). A
+//! message that fails is quarantined by the recorder, counted by reason and logged, at most
+//! [`LOG_LINES_PER_SECOND`] lines per second per reason so that one broken sender cannot flood
+//! the log.
 //!
 //! rumqttd's link API is blocking (its router is a thread fed by channels), so ingest runs on a
 //! thread of its own rather than on the async runtime that serves HTTP; so does the external
