@@ -1,9 +1,9 @@
 //! The recorder's write path against the floor SQLite sets on this disk, in the same run.
 //!
 //! - `recorder`: 20,000 accepted messages (2,000 sites × status and shelter × 5) through
-//!   [`Recorder`]: its channel (in hand-offs of [`HANDOFF_RECORDS`], as ingest sends them), its batches, one `synchronous = FULL` transaction per batch,
-//!   the `messages` table with its unique key and indexes, and the stop that commits the last
-//!   batch.
+//!   [`Recorder`]: its channel (in hand-offs of [`HANDOFF_RECORDS`], as ingest sends them),
+//!   its batches, one `synchronous = FULL` transaction per batch, the `messages` table with its
+//!   unique key and time index, and the stop that commits the last batch.
 //! - `sqlite_floor`: the same payloads, in the same batches and with the same pragmas, into a
 //!   table of `(id INTEGER PRIMARY KEY, payload BLOB)` with one prepared statement: what any
 //!   recorder on SQLite pays at least.

@@ -18,8 +18,9 @@
 //!
 //! After every committed batch the recorder hands [`crate::receipts::Sender`] the receipts of
 //! each site in it (`renkei_shared::receipt`): the `(boot, seq)` of every one of that site's
-//! messages the batch holds, new or a redelivery; the sender publishes them at a steady pace. Agents keep a record until a receipt names it, so a message
-//! acknowledged by MQTT but lost with the process before its batch committed is sent again.
+//! messages the batch holds, new or a redelivery; the sender publishes them at a steady pace.
+//! Agents keep a record until a receipt names it, so a message acknowledged by MQTT but lost
+//! with the process before its batch committed is sent again.
 //! A batch that fails to commit sends no receipt.
 
 use std::collections::HashMap;
