@@ -380,7 +380,7 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
     }
 
     pub async fn start(&mut self, link_type: LinkType) -> Result<(), Error> {
-        let listener = TcpListener::bind(&self.config.listen).await?;
+        let listener = bind(self.config.listen)?;
         let delay = Duration::from_millis(self.config.next_connection_delay_ms);
         let mut count: usize = 0;
 
@@ -635,5 +635,79 @@ async fn remote<P: Protocol>(
         // It won't matter in this case as we don't use it
         // but might affect logs?
         router_tx.send((connection_id, message)).ok();
+    }
+}
+
+/// Renkei patch: upstream bound with `TcpListener::bind`, whose accept queue holds 1,024
+/// connections. When more clients than that connect at once (agents reconnecting after an
+/// outage) while the listener's runtime is busy, the kernel drops the rest and each of them
+/// waits a full SYN retransmission (1 s, then 3 s) before trying again. The queue now holds up
+/// to `LISTEN_BACKLOG` connections (the kernel caps it at `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 8192;
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As `TcpListener::bind` does on Unix: a restarted broker can bind while connections of
+    // its previous run are in TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+#[cfg(test)]
+mod listen_backlog {
+    use super::*;
+
+    /// Lets this process open `wanted` files, as far as its hard limit allows.
+    fn raise_open_files(wanted: u64) {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `limit` is a valid rlimit for the call to fill and then to read.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < wanted {
+                limit.rlim_cur = wanted.min(limit.rlim_max);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
+    }
+
+    /// Connections that arrive while the listener is not accepting (its runtime busy) wait in
+    /// the kernel's queue, well past the 1,024 of `TcpListener::bind`, instead of being dropped
+    /// and retried a second later.
+    #[tokio::test]
+    async fn connections_past_1024_wait_to_be_accepted() {
+        // The kernel caps the queue at net.core.somaxconn (4,096 by default since Linux 5.4).
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(4096);
+        let n = somaxconn.min(1_500);
+        if n <= 1_024 {
+            eprintln!("net.core.somaxconn is {somaxconn}: no queue past 1,024 to test");
+            return;
+        }
+        raise_open_files(2_048);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for i in 0..n {
+            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+                Ok(stream) => clients.push(stream),
+                Err(e) => panic!("connection {i} was not queued: {e}"),
+            }
+        }
+        // All of them are there to accept.
+        for _ in 0..clients.len() {
+            tokio::time::timeout(Duration::from_secs(5), listener.accept())
+                .await
+                .unwrap()
+                .unwrap();
+        }
     }
 }
