@@ -15,6 +15,10 @@
 //! - `mosquitto`: Debian's Mosquitto 2.0 with `max_queued_messages 0`, since its default
 //!   silently drops QoS 1 messages to a subscriber that falls behind.
 //!
+//! The publishers use the tool's own lean client by default ([`lean`]: all a window allows in
+//! one write), since the tool shares the machine with the broker it measures; `--client
+//! rumqttc` puts them on rumqttc, one write per message, as the edge agent sends.
+//!
 //! ```text
 //! cargo run --release -p renkei-tests --bin renkei-bench -- load --publishers 100 --messages 2000
 //! ```
@@ -24,7 +28,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -35,6 +39,8 @@ use renkei_shared::{
 };
 use renkei_tests::{Broker, Process, free_port};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+mod lean;
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +76,9 @@ enum Cmd {
         /// unpaced one measures throughput, and its latencies are queueing.
         #[arg(long)]
         rate: Option<f64>,
+        /// The publishers' MQTT client.
+        #[arg(long, value_enum, default_value_t = Client::Lean)]
+        client: Client,
     },
     /// Subscribe to a running system and report how old live messages are on arrival: from the
     /// `sent_at` their sender stamped to the subscriber's wall clock (retained copies and
@@ -103,6 +112,30 @@ enum Target {
     Rumqttd,
     Mosquitto,
 }
+
+/// The publishers' MQTT client. Both keep the same session: clean, receipts subscribed before
+/// the first publish, [`WINDOW`] QoS 1 messages in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Client {
+    /// The load tool's own publisher ([`lean`]): everything the window allows in one write,
+    /// so that the load tool takes as little as it can of the CPU the broker runs on.
+    Lean,
+    /// rumqttc's `AsyncClient`, as the edge agent uses it: one write per message.
+    Rumqttc,
+}
+
+impl Client {
+    /// The name `--client` takes.
+    fn name(self) -> &'static str {
+        match self {
+            Client::Lean => "lean",
+            Client::Rumqttc => "rumqttc",
+        }
+    }
+}
+
+/// QoS 1 messages a publisher keeps in flight.
+const WINDOW: u16 = 100;
 
 /// Every message of the bench is from boot 1.
 const BOOT: u32 = 1;
@@ -179,10 +212,13 @@ fn main() -> Result<()> {
             runs,
             idle_timeout_s,
             rate,
+            client,
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             let idle = Duration::from_secs(idle_timeout_s);
-            rt.block_on(load(targets, publishers, messages, runs, idle, rate))
+            rt.block_on(load(
+                targets, publishers, messages, runs, idle, rate, client,
+            ))
         }
     }
 }
@@ -397,6 +433,7 @@ async fn load(
     runs: usize,
     idle: Duration,
     rate: Option<f64>,
+    client: Client,
 ) -> Result<()> {
     let size = message(0, 1)?.1.len();
     let pace = rate.map_or("unpaced".to_owned(), |r| {
@@ -404,7 +441,9 @@ async fn load(
     });
     println!(
         "load: {publishers} publishers x {messages} QoS 1 messages of {size} B (retained status \
-         reports), {pace}, one QoS 1 subscriber to renkei/v1/#, {runs} runs per target"
+         reports), {pace}, one QoS 1 subscriber to renkei/v1/#, {runs} runs per target, \
+         publishers on the {} client",
+        client.name()
     );
     let mut all: HashMap<Target, Vec<RunResult>> = HashMap::new();
     for run in 1..=runs {
@@ -412,7 +451,16 @@ async fn load(
         for &target in &targets {
             let server = start(target)?;
             let receipts = target == Target::Renkei;
-            let result = one_run(server.port, publishers, messages, idle, rate, receipts).await?;
+            let result = one_run(
+                server.port,
+                publishers,
+                messages,
+                idle,
+                rate,
+                receipts,
+                client,
+            )
+            .await?;
             let commit = match &result.commit {
                 Some(c) => format!(
                     "commit p50 {:.1} ms p90 {:.1} ms p99 {:.1} ms max {:.1} ms, confirmed {}/{} never {}",
@@ -500,6 +548,7 @@ async fn one_run(
     idle: Duration,
     rate: Option<f64>,
     receipts: bool,
+    client: Client,
 ) -> Result<RunResult> {
     let expected = publishers as u64 * messages;
     let start = Instant::now();
@@ -587,131 +636,32 @@ async fn one_run(
         })
     };
 
-    let acked = Arc::new(AtomicUsize::new(0));
+    let shared = Arc::new(Publishers {
+        port,
+        publishers,
+        messages,
+        idle,
+        rate,
+        start,
+        sent: Arc::clone(&sent),
+        committed: Arc::clone(&committed),
+    });
     let mut tasks = Vec::new();
     for p in 0..publishers {
-        let sent = Arc::clone(&sent);
-        let committed = Arc::clone(&committed);
-        let acked = Arc::clone(&acked);
-        let ward = WARDS[p % WARDS.len()].code;
+        let shared = Arc::clone(&shared);
         let receipt_filter = if receipts {
             Some(receipt_topic(&SiteRef {
-                ward,
+                ward: WARDS[p % WARDS.len()].code,
                 site: Id::new(format!("bench-{p:05}"))?,
             }))
         } else {
             None
         };
         tasks.push(tokio::spawn(async move {
-            let mut opts =
-                MqttOptions::new(format!("agent-{ward}-bench-{p:05}"), "127.0.0.1", port);
-            opts.set_keep_alive(Duration::from_secs(30));
-            opts.set_inflight(100);
-            let (client, mut events) = AsyncClient::new(opts, 200);
-            // Subscribed to the site's receipts before the first publish, as an agent is: the
-            // SUBSCRIBE is queued ahead of every PUBLISH on the connection.
-            if let Some(filter) = &receipt_filter
-                && let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await
-            {
-                eprintln!("publisher {p}: subscribe to receipts: {e}");
+            match client {
+                Client::Lean => lean::publish(&shared, p, receipt_filter).await,
+                Client::Rumqttc => rumqttc_publisher(shared, p, receipt_filter).await,
             }
-            let (connected_tx, connected) = tokio::sync::oneshot::channel::<()>();
-            let poller = {
-                let client = client.clone();
-                let sent = Arc::clone(&sent);
-                tokio::spawn(async move {
-                    let mut acks = 0u64;
-                    let mut confirmed = 0u64;
-                    let mut connacks = 0u32;
-                    let mut connected_tx = Some(connected_tx);
-                    loop {
-                        let acks_done = acks >= messages;
-                        if acks_done && (receipt_filter.is_none() || confirmed >= messages) {
-                            break;
-                        }
-                        // Once every PUBACK is in, wait for the missing receipts only while
-                        // something still arrives.
-                        let event = if acks_done {
-                            match tokio::time::timeout(idle, events.poll()).await {
-                                Ok(event) => event,
-                                Err(_) => break,
-                            }
-                        } else {
-                            events.poll().await
-                        };
-                        match event {
-                            Ok(Event::Incoming(Packet::PubAck(_))) => acks += 1,
-                            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                                connacks += 1;
-                                if let Some(tx) = connected_tx.take() {
-                                    let _ = tx.send(());
-                                }
-                                // A clean session forgets its subscriptions on a reconnect.
-                                if connacks > 1
-                                    && let Some(filter) = &receipt_filter
-                                {
-                                    let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
-                                }
-                            }
-                            Ok(Event::Incoming(Packet::Publish(publish)))
-                                if receipt_filter.as_deref() == Some(publish.topic.as_str()) =>
-                            {
-                                let now_us = (start.elapsed().as_micros() as u64).max(1);
-                                let Ok(receipt) = Receipt::decode(&publish.payload) else {
-                                    eprintln!("publisher {p}: a receipt that does not decode");
-                                    continue;
-                                };
-                                confirmed +=
-                                    confirm(&receipt, messages, &sent[p], &committed[p], now_us);
-                            }
-                            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-                            Ok(_) => {}
-                            Err(e) => {
-                                eprintln!("publisher {p}: {e}");
-                                tokio::time::sleep(Duration::from_millis(200)).await;
-                            }
-                        }
-                    }
-                    acks
-                })
-            };
-            // A paced publisher starts once connected: a realistic site publishes over a live
-            // link, and the connection storm is measured by the unpaced runs.
-            if rate.is_some() {
-                let _ = tokio::time::timeout(Duration::from_secs(60), connected).await;
-            }
-            // Each publisher's share of the total rate, started at a spread-out phase so the
-            // publishers do not fire in lockstep.
-            let mut pacer = rate.map(|r| {
-                let period = Duration::from_secs_f64(publishers as f64 / r);
-                let phase = period.mul_f64((p as f64 * 0.618_033_988_7) % 1.0);
-                tokio::time::interval_at(tokio::time::Instant::now() + phase, period)
-            });
-            for seq in 1..=messages {
-                if let Some(pacer) = pacer.as_mut() {
-                    pacer.tick().await;
-                }
-                let Ok((topic, payload)) = message(p, seq) else {
-                    continue;
-                };
-                sent[p][seq as usize].store(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-                if client
-                    .publish(
-                        topic.to_string(),
-                        QoS::AtLeastOnce,
-                        topic.retained(),
-                        payload,
-                    )
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-            }
-            if let Ok(acks) = tokio::time::timeout(Duration::from_secs(120), poller).await {
-                acked.fetch_add(acks.unwrap_or(0) as usize, Ordering::Relaxed);
-            }
-            let _ = client.disconnect().await;
         }));
     }
     for t in tasks {
@@ -801,4 +751,165 @@ fn commit_result(
         p99_ms: quantile_ms(&lat, 0.99),
         max_ms: quantile_ms(&lat, 1.0),
     }
+}
+
+/// What every publisher of a run shares.
+struct Publishers {
+    port: u16,
+    publishers: usize,
+    messages: u64,
+    idle: Duration,
+    rate: Option<f64>,
+    start: Instant,
+    /// Publish times in µs since `start`, per publisher and sequence (seq starts at 1).
+    sent: Arc<Vec<Vec<AtomicU64>>>,
+    /// Arrival of the first receipt naming each message, in µs since `start` (0: none yet).
+    committed: Arc<Vec<Vec<AtomicU64>>>,
+}
+
+impl Publishers {
+    /// Records that message `seq` of publisher `p` is being published now.
+    fn mark_sent(&self, p: usize, seq: u64) {
+        self.sent[p][seq as usize]
+            .store(self.start.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Marks what `receipt` names for publisher `p`; returns how many it newly confirmed.
+    fn on_receipt(&self, p: usize, receipt: &Receipt) -> u64 {
+        let now_us = (self.start.elapsed().as_micros() as u64).max(1);
+        confirm(
+            receipt,
+            self.messages,
+            &self.sent[p],
+            &self.committed[p],
+            now_us,
+        )
+    }
+
+    /// The pacer of publisher `p`: its share of the total rate, started at a spread-out phase
+    /// so the publishers do not fire in lockstep. `None` when unpaced.
+    fn pacer(&self, p: usize) -> Option<tokio::time::Interval> {
+        self.rate.map(|r| {
+            let period = Duration::from_secs_f64(self.publishers as f64 / r);
+            let phase = period.mul_f64((p as f64 * 0.618_033_988_7) % 1.0);
+            tokio::time::interval_at(tokio::time::Instant::now() + phase, period)
+        })
+    }
+}
+
+/// Publisher `p` on a rumqttc client (`--client rumqttc`): one `AsyncClient` and its event
+/// loop, as the edge agent uses them. Returns how many PUBACKs it received.
+async fn rumqttc_publisher(
+    shared: Arc<Publishers>,
+    p: usize,
+    receipt_filter: Option<String>,
+) -> u64 {
+    let ward = WARDS[p % WARDS.len()].code;
+    let mut opts = MqttOptions::new(
+        format!("agent-{ward}-bench-{p:05}"),
+        "127.0.0.1",
+        shared.port,
+    );
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_inflight(WINDOW);
+    let (client, mut events) = AsyncClient::new(opts, 200);
+    // Subscribed to the site's receipts before the first publish, as an agent is: the
+    // SUBSCRIBE is queued ahead of every PUBLISH on the connection.
+    if let Some(filter) = &receipt_filter
+        && let Err(e) = client.subscribe(filter.clone(), QoS::AtLeastOnce).await
+    {
+        eprintln!("publisher {p}: subscribe to receipts: {e}");
+    }
+    let (connected_tx, connected) = tokio::sync::oneshot::channel::<()>();
+    let poller = {
+        let client = client.clone();
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let (messages, idle) = (shared.messages, shared.idle);
+            let mut acks = 0u64;
+            let mut confirmed = 0u64;
+            let mut connacks = 0u32;
+            let mut connected_tx = Some(connected_tx);
+            loop {
+                let acks_done = acks >= messages;
+                if acks_done && (receipt_filter.is_none() || confirmed >= messages) {
+                    break;
+                }
+                // Once every PUBACK is in, wait for the missing receipts only while something
+                // still arrives.
+                let event = if acks_done {
+                    match tokio::time::timeout(idle, events.poll()).await {
+                        Ok(event) => event,
+                        Err(_) => break,
+                    }
+                } else {
+                    events.poll().await
+                };
+                match event {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => acks += 1,
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        connacks += 1;
+                        if let Some(tx) = connected_tx.take() {
+                            let _ = tx.send(());
+                        }
+                        // A clean session forgets its subscriptions on a reconnect.
+                        if connacks > 1
+                            && let Some(filter) = &receipt_filter
+                        {
+                            let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish)))
+                        if receipt_filter.as_deref() == Some(publish.topic.as_str()) =>
+                    {
+                        let Ok(receipt) = Receipt::decode(&publish.payload) else {
+                            eprintln!("publisher {p}: a receipt that does not decode");
+                            continue;
+                        };
+                        confirmed += shared.on_receipt(p, &receipt);
+                    }
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("publisher {p}: {e}");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+            acks
+        })
+    };
+    // A paced publisher starts once connected: a realistic site publishes over a live link, and
+    // the connection storm is measured by the unpaced runs.
+    if shared.rate.is_some() {
+        let _ = tokio::time::timeout(Duration::from_secs(60), connected).await;
+    }
+    let mut pacer = shared.pacer(p);
+    for seq in 1..=shared.messages {
+        if let Some(pacer) = pacer.as_mut() {
+            pacer.tick().await;
+        }
+        let Ok((topic, payload)) = message(p, seq) else {
+            continue;
+        };
+        shared.mark_sent(p, seq);
+        if client
+            .publish(
+                topic.to_string(),
+                QoS::AtLeastOnce,
+                topic.retained(),
+                payload,
+            )
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let acks = match tokio::time::timeout(Duration::from_secs(120), poller).await {
+        Ok(Ok(acks)) => acks,
+        _ => 0,
+    };
+    let _ = client.disconnect().await;
+    acks
 }
