@@ -81,9 +81,13 @@ impl Proxy {
     /// Listens on `127.0.0.1:0` and forwards every connection to `target` (`host:port`).
     /// Must be called within a tokio runtime; the proxy runs on it.
     pub async fn start(target: &str) -> Result<Proxy> {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
+        // A queue as deep as the broker's (vendor/rumqttd patch 5), so that a storm of clients
+        // connecting at once is not dropped here, where there is no proxy in a real network.
+        let socket = tokio::net::TcpSocket::new_v4().context("proxy socket")?;
+        socket
+            .bind(([127, 0, 0, 1], 0).into())
             .context("proxy bind")?;
+        let listener = socket.listen(8192).context("proxy listen")?;
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel(Mode::Up);
         let shared = Arc::new(Shared {
