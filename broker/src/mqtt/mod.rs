@@ -262,9 +262,7 @@ impl Mqtt {
         ];
         if let Some(front) = self.tls.take() {
             let addr = front.listen;
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| MqttError::TlsBind { addr, source })?;
+            let listener = tls::bind(addr).map_err(|source| MqttError::TlsBind { addr, source })?;
             let bound = listener
                 .local_addr()
                 .map_err(|source| MqttError::TlsBind { addr, source })?;
