@@ -586,102 +586,168 @@ mod tests {
         );
     }
 
-    /// Through the real router and SQLite: a run longer than two hand-offs, then one message
-    /// alone after a pause, are all recorded, mirrored and applied, in order.
-    #[test]
-    fn every_message_is_handed_on_whether_its_hand_off_filled_or_the_link_ran_dry() {
-        use crate::auth::Authenticator;
-        use crate::config::{AuthConfig, MqttConfig, RecorderConfig};
-        use crate::mqtt::Mqtt;
-        use crate::receipts::Interest;
-        use crate::recorder::Recorder;
+    /// A real router, recorder and ingest in this process, on ephemeral ports.
+    struct Pipeline {
+        dir: tempfile::TempDir,
+        mqtt: crate::mqtt::Mqtt,
+        recorder: crate::recorder::Recorder,
+        state: LiveState,
+        ingest: Ingest,
+    }
 
-        let dir = tempfile::tempdir().unwrap();
-        let metrics = Arc::new(Metrics::new());
-        let auth = Authenticator::new(dir.path(), true, AuthConfig::default(), metrics.clone());
-        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        let mqtt = Mqtt::new(
-            &MqttConfig {
-                listen: loopback,
-                ws_listen: loopback,
-                ..MqttConfig::default()
-            },
-            &Arc::new(auth.unwrap()),
-            &metrics,
-            Arc::new(Interest::counted()),
-        )
-        .unwrap();
-        let recorder = RecorderConfig {
-            batch_time: crate::config::HumanDuration(Duration::from_millis(20)),
-            ..RecorderConfig::default()
-        };
-        let recorder = Recorder::start(dir.path(), recorder, metrics.clone()).unwrap();
-        let (mut json_tx, mut json) = mqtt.link("json").unwrap();
-        json_tx.subscribe(topic::ALL_JSON).unwrap();
-        let state = LiveState::default();
-        let setup = Setup {
-            state: state.clone(),
-            metrics: metrics.clone(),
-            recorder: recorder.tx(),
-            rules: None,
-        };
-        let ingest = Ingest::start(mqtt.link("ingest").unwrap(), setup).unwrap();
+    impl Pipeline {
+        fn start() -> Pipeline {
+            use crate::auth::Authenticator;
+            use crate::config::{AuthConfig, MqttConfig, RecorderConfig};
+            use crate::mqtt::Mqtt;
+            use crate::receipts::Interest;
+            use crate::recorder::Recorder;
 
-        let (mut site, _site_rx) = mqtt.link("site").unwrap();
-        let report = |seq: u64| {
+            let dir = tempfile::tempdir().unwrap();
+            let metrics = Arc::new(Metrics::new());
+            let auth = Authenticator::new(dir.path(), true, AuthConfig::default(), metrics.clone());
+            let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+            let mqtt = Mqtt::new(
+                &MqttConfig {
+                    listen: loopback,
+                    ws_listen: loopback,
+                    ..MqttConfig::default()
+                },
+                &Arc::new(auth.unwrap()),
+                &metrics,
+                Arc::new(Interest::counted()),
+            )
+            .unwrap();
+            let recorder = RecorderConfig {
+                batch_time: crate::config::HumanDuration(Duration::from_millis(20)),
+                ..RecorderConfig::default()
+            };
+            let recorder = Recorder::start(dir.path(), recorder, metrics.clone()).unwrap();
+            let state = LiveState::default();
+            let setup = Setup {
+                state: state.clone(),
+                metrics,
+                recorder: recorder.tx(),
+                rules: None,
+            };
+            let ingest = Ingest::start(mqtt.link("ingest").unwrap(), setup).unwrap();
+            Pipeline {
+                dir,
+                mqtt,
+                recorder,
+                state,
+                ingest,
+            }
+        }
+
+        /// The sample site's status report number `seq`: its topic and payload.
+        fn report(seq: u64) -> (String, Vec<u8>) {
             let mut env = sample::status();
             env.header.seq = seq;
             env.header.sent_at.0 += seq as i64;
             (Topic::of(&env).unwrap().to_string(), encode(&env).unwrap())
-        };
+        }
+
+        /// The seqs recorded, in the order received, once there are `want` (or at `deadline`).
+        fn recorded(&self, want: usize, deadline: Instant) -> Vec<u64> {
+            let db = crate::db::open(self.dir.path()).unwrap();
+            let mut recorded = Vec::new();
+            while recorded.len() < want && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                recorded = db
+                    .prepare("SELECT seq FROM messages ORDER BY id")
+                    .unwrap()
+                    .query_map([], |r| r.get::<_, u64>(0))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+            }
+            recorded
+        }
+
+        /// Seqs of the JSON copies `link` receives (retained ones included), until `want`.
+        fn mirrored(link: &mut LinkRx, want: usize, deadline: Instant) -> Vec<u64> {
+            let mut mirrored = Vec::new();
+            while mirrored.len() < want && Instant::now() < deadline {
+                match link.recv_deadline(deadline) {
+                    Ok(Some(Notification::Forward(f))) => {
+                        let env: Envelope = serde_json::from_slice(&f.publish.payload).unwrap();
+                        mirrored.push(env.header.seq);
+                    }
+                    Ok(Some(Notification::Unschedule)) => link.ready().unwrap(),
+                    _ => {}
+                }
+            }
+            mirrored
+        }
+
+        fn stop(self) {
+            self.ingest.stop();
+            self.recorder.stop();
+        }
+    }
+
+    /// Through the real router and SQLite: a run longer than two hand-offs, then one message
+    /// alone after a pause, are all recorded, mirrored and applied, in order.
+    #[test]
+    fn every_message_is_handed_on_whether_its_hand_off_filled_or_the_link_ran_dry() {
+        let pipeline = Pipeline::start();
+        let (mut json_tx, mut json) = pipeline.mqtt.link("json").unwrap();
+        json_tx.subscribe(topic::ALL_JSON).unwrap();
+        let (mut site, _site_rx) = pipeline.mqtt.link("site").unwrap();
         let run = 2 * HANDOFF_RECORDS as u64 + 1;
         for seq in 1..=run {
-            let (topic, payload) = report(seq);
+            let (topic, payload) = Pipeline::report(seq);
             site.publish(topic, payload).unwrap();
         }
         std::thread::sleep(Duration::from_millis(300));
-        let (topic, payload) = report(run + 1);
+        let (topic, payload) = Pipeline::report(run + 1);
         site.publish(topic, payload).unwrap();
         let all = run + 1;
+        let deadline = Instant::now() + Duration::from_secs(10);
 
         // The mirror: every report, in order.
-        let mut mirrored = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while (mirrored.len() as u64) < all && Instant::now() < deadline {
-            match json.recv_deadline(deadline) {
-                Ok(Some(Notification::Forward(f))) => {
-                    let env: Envelope = serde_json::from_slice(&f.publish.payload).unwrap();
-                    mirrored.push(env.header.seq);
-                }
-                Ok(Some(Notification::Unschedule)) => json.ready().unwrap(),
-                _ => {}
-            }
-        }
+        let mirrored = Pipeline::mirrored(&mut json, all as usize, deadline);
         assert_eq!(mirrored, (1..=all).collect::<Vec<_>>());
-
         // The record: every report, in the order received.
-        let db = crate::db::open(dir.path()).unwrap();
-        let mut recorded = Vec::new();
-        while (recorded.len() as u64) < all && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-            recorded = db
-                .prepare("SELECT seq FROM messages ORDER BY id")
-                .unwrap()
-                .query_map([], |r| r.get::<_, u64>(0))
-                .unwrap()
-                .collect::<Result<_, _>>()
-                .unwrap();
-        }
+        let recorded = pipeline.recorded(all as usize, deadline);
         assert_eq!(recorded, (1..=all).collect::<Vec<_>>());
 
-        let world = state.read().unwrap();
+        let world = pipeline.state.read().unwrap();
         let status = world.world(Mode::Actual).sites[&sample::site()]
             .status
             .as_ref();
         assert_eq!(status.map(|s| s.stamp.seq), Some(all));
         drop(world);
-        ingest.stop();
-        recorder.stop();
+        pipeline.stop();
+    }
+
+    /// With no integrator subscribed, the JSON mirror has no filter (and so no log) in the
+    /// router: its publishes reach no one, and ingest goes on. An integrator that subscribes
+    /// later gets the retained state, then every new message.
+    #[test]
+    fn the_mirror_needs_no_listener_and_a_late_integrator_gets_retained_then_live() {
+        let pipeline = Pipeline::start();
+        let (mut site, _site_rx) = pipeline.mqtt.link("site").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Two rounds: a link dropped after its first mirror publish would record no more.
+        for round in 0..2u64 {
+            for seq in round * 10 + 1..=round * 10 + 10 {
+                let (topic, payload) = Pipeline::report(seq);
+                site.publish(topic, payload).unwrap();
+            }
+            let want = (round * 10 + 10) as usize;
+            let recorded = pipeline.recorded(want, deadline);
+            assert_eq!(recorded, (1..=want as u64).collect::<Vec<_>>());
+        }
+
+        let (mut json_tx, mut json) = pipeline.mqtt.link("integrator").unwrap();
+        json_tx.subscribe(topic::ALL_JSON).unwrap();
+        assert_eq!(Pipeline::mirrored(&mut json, 1, deadline), vec![20]);
+        let (topic, payload) = Pipeline::report(21);
+        site.publish(topic, payload).unwrap();
+        assert_eq!(Pipeline::mirrored(&mut json, 1, deadline), vec![21]);
+        pipeline.stop();
     }
 
     #[test]

@@ -466,10 +466,10 @@ fn router_config(config: &MqttConfig) -> RouterConfig {
             },
         )])),
         // Remote clients get no dynamic filters (a log per new topic would grow memory without
-        // bound), so a publish is accepted only where a filter exists. These two always do: the
-        // ingest link subscribes to the first, and the JSON mirror is published on the second
-        // whether or not an integrator listens.
-        initialized_filters: Some(vec![topic::ALL.to_owned(), topic::ALL_JSON.to_owned()]),
+        // bound). The ingest link's filter exists from the start. The JSON mirror needs none:
+        // rumqttd takes a publish that matches no filter, keeps its retained copy and hands it
+        // to no one, so until an integrator subscribes, the mirror fills no log.
+        initialized_filters: Some(vec![topic::ALL.to_owned()]),
         shared_subscriptions_strategy: Default::default(),
     }
 }
