@@ -1,6 +1,6 @@
 //! The load tool against the real brokers it compares, at a size that runs in seconds: every
-//! message of every publisher must reach the subscriber once, and on Renkei every message must
-//! be named by a receipt. A load tool that lost or doubled messages itself would make every
+//! message of every publisher must reach the subscriber once (and the integrator on Renkei's
+//! JSON mirror, where there is one), and on Renkei every message must be named by a receipt. A load tool that lost or doubled messages itself would make every
 //! figure in BENCHMARKS.md wrong.
 
 use std::process::Command;
@@ -36,7 +36,13 @@ fn check(stdout: &str, targets: &[&str], expected: u64) -> Result<()> {
             line.contains(&format!("delivered {expected}/{expected} dup 0 ")),
             "{target} lost or doubled messages: {line}"
         );
-        if *target == "Renkei" {
+        if *target == "RenkeiIntegrator" {
+            ensure!(
+                line.contains(&format!("integrator {expected}/{expected} dup 0")),
+                "the integrator on the JSON mirror lost or doubled messages: {line}"
+            );
+        }
+        if target.starts_with("Renkei") && *target != "RenkeiNoReceipts" {
             ensure!(
                 line.contains(&format!("confirmed {expected}/{expected} never 0")),
                 "Renkei's receipts did not name every message: {line}"
@@ -48,7 +54,7 @@ fn check(stdout: &str, targets: &[&str], expected: u64) -> Result<()> {
 
 #[test]
 fn both_publisher_clients_deliver_every_message_once_to_every_broker() -> Result<()> {
-    let targets = ["Renkei", "Rumqttd", "Mosquitto"];
+    let targets = ["Renkei", "RenkeiIntegrator", "Rumqttd", "Mosquitto"];
     for client in ["lean", "rumqttc"] {
         let out = bench(&[
             "--publishers",
@@ -58,7 +64,7 @@ fn both_publisher_clients_deliver_every_message_once_to_every_broker() -> Result
             "--runs",
             "1",
             "--targets",
-            "renkei,rumqttd,mosquitto",
+            "renkei,renkei-integrator,rumqttd,mosquitto",
             "--client",
             client,
         ])?;

@@ -10,6 +10,8 @@
 //!   whatever else the broker does to every accepted message);
 //! - `renkei-no-receipts`: the same broker, but the publishers do not subscribe to their
 //!   receipts, so the broker sends none (what receipts cost, in the same run; not by default);
+//! - `renkei-integrator`: the same broker with an integrator subscribed to the JSON mirror
+//!   (`renkei/json/v1/#`), counted for gaps and duplicates as the subscriber is (not by default);
 //! - `rumqttd`: bare rumqttd with the same router settings and no Renkei layer (this binary's
 //!   `bare-rumqttd` subcommand, run as its own process);
 //! - `mosquitto`: Debian's Mosquitto 2.0 with `max_queued_messages 0`, since its default
@@ -35,7 +37,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use renkei_shared::{
     Body, Comms, Envelope, Header, HqState, Id, Mode, Origin, PowerSource, Receipt, SiteKind,
-    SiteRef, SiteStatus, Timestamp, Topic, WARDS, codec, receipt_topic,
+    SiteRef, SiteStatus, Timestamp, Topic, WARDS, codec, receipt_topic, topic,
 };
 use renkei_tests::{Broker, Process, free_port};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
@@ -109,6 +111,9 @@ enum Target {
     /// The same broker with publishers that do not subscribe to their receipts, so it sends
     /// none: what receipts cost, measured in the same run.
     RenkeiNoReceipts,
+    /// The same broker with an integrator on the JSON mirror (`renkei/json/v1/#`), which the
+    /// tool counts as it counts the subscriber: what an integrator costs, in the same run.
+    RenkeiIntegrator,
     Rumqttd,
     Mosquitto,
 }
@@ -152,6 +157,8 @@ struct RunResult {
     max_ms: f64,
     /// Publish → recorder committed, for a target that sends receipts.
     commit: Option<CommitResult>,
+    /// What the integrator on the JSON mirror received (first copies, duplicates), if any.
+    integrator: Option<(u64, u64)>,
 }
 
 /// Publish → recorder committed, from the first receipt that names each message.
@@ -216,9 +223,14 @@ fn main() -> Result<()> {
         } => {
             let rt = tokio::runtime::Runtime::new()?;
             let idle = Duration::from_secs(idle_timeout_s);
-            rt.block_on(load(
-                targets, publishers, messages, runs, idle, rate, client,
-            ))
+            let spec = Load {
+                publishers,
+                messages,
+                idle,
+                rate,
+                client,
+            };
+            rt.block_on(load(targets, runs, spec))
         }
     }
 }
@@ -315,7 +327,7 @@ struct Server {
 
 fn start(target: Target) -> Result<Server> {
     match target {
-        Target::Renkei | Target::RenkeiNoReceipts => {
+        Target::Renkei | Target::RenkeiNoReceipts | Target::RenkeiIntegrator => {
             let data = tempfile::tempdir()?;
             let broker = Broker::start(data.path(), &["--demo"])?;
             let (_, port) = broker.mqtt_host_port()?;
@@ -426,15 +438,14 @@ fn message(p: usize, seq: u64) -> Result<(Topic, Vec<u8>)> {
     Ok((Topic::of(&env)?, codec::encode(&env)?))
 }
 
-async fn load(
-    targets: Vec<Target>,
-    publishers: usize,
-    messages: u64,
-    runs: usize,
-    idle: Duration,
-    rate: Option<f64>,
-    client: Client,
-) -> Result<()> {
+async fn load(targets: Vec<Target>, runs: usize, load: Load) -> Result<()> {
+    let Load {
+        publishers,
+        messages,
+        rate,
+        client,
+        ..
+    } = load;
     let size = message(0, 1)?.1.len();
     let pace = rate.map_or("unpaced".to_owned(), |r| {
         format!("paced at {r:.0} msg/s in all")
@@ -450,17 +461,9 @@ async fn load(
         // Interleave targets so that machine noise falls on all of them alike.
         for &target in &targets {
             let server = start(target)?;
-            let receipts = target == Target::Renkei;
-            let result = one_run(
-                server.port,
-                publishers,
-                messages,
-                idle,
-                rate,
-                receipts,
-                client,
-            )
-            .await?;
+            let receipts = matches!(target, Target::Renkei | Target::RenkeiIntegrator);
+            let integrator = target == Target::RenkeiIntegrator;
+            let result = one_run(server.port, load, receipts, integrator).await?;
             let commit = match &result.commit {
                 Some(c) => format!(
                     "commit p50 {:.1} ms p90 {:.1} ms p99 {:.1} ms max {:.1} ms, confirmed {}/{} never {}",
@@ -474,8 +477,12 @@ async fn load(
                 ),
                 None => "commit n/a".to_owned(),
             };
+            let integrator = match result.integrator {
+                Some((got, dup)) => format!("; integrator {got}/{} dup {dup}", result.expected),
+                None => String::new(),
+            };
             println!(
-                "run {run} {target:?}: {:.0} msg/s delivered {}/{} dup {} in {:.2}s, latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms; {commit}",
+                "run {run} {target:?}: {:.0} msg/s delivered {}/{} dup {} in {:.2}s, latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms; {commit}{integrator}",
                 result.rate(),
                 result.delivered,
                 result.expected,
@@ -526,8 +533,17 @@ async fn load(
                  confirmed {confirmed}/{sent} never {never}"
             )
         };
+        // Lost and duplicated on the JSON mirror, over the runs that had an integrator.
+        let integrator = results
+            .iter()
+            .filter_map(|r| r.integrator.map(|(got, dup)| (r.expected - got, dup)))
+            .reduce(|a, b| (a.0 + b.0, a.1 + b.1))
+            .map_or(String::new(), |(lost, dups)| {
+                format!("; integrator lost {lost}, duplicates {dups}")
+            });
         println!(
-            "  {target:?}: {rate:.0} msg/s, p99 {:.1} ms, lost {lost}, duplicates {dups}; {commit}",
+            "  {target:?}: {rate:.0} msg/s, p99 {:.1} ms, lost {lost}, duplicates {dups}; \
+             {commit}{integrator}",
             median(&mut p99)
         );
     }
@@ -541,15 +557,24 @@ async fn load(
     Ok(())
 }
 
-async fn one_run(
-    port: u16,
+/// One load, as the command line gave it.
+#[derive(Debug, Clone, Copy)]
+struct Load {
     publishers: usize,
     messages: u64,
     idle: Duration,
     rate: Option<f64>,
-    receipts: bool,
     client: Client,
-) -> Result<RunResult> {
+}
+
+async fn one_run(port: u16, load: Load, receipts: bool, integrator: bool) -> Result<RunResult> {
+    let Load {
+        publishers,
+        messages,
+        idle,
+        rate,
+        client,
+    } = load;
     let expected = publishers as u64 * messages;
     let start = Instant::now();
     let table = || -> Arc<Vec<Vec<AtomicU64>>> {
@@ -565,75 +590,31 @@ async fn one_run(
     let committed = table();
 
     // The subscriber, connected and subscribed before anyone publishes.
-    let mut opts = MqttOptions::new(
-        format!("bench-sub-{}", std::process::id()),
-        "127.0.0.1",
+    let (sub, receiver) = subscriber(
         port,
-    );
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_max_packet_size(64 * 1024, 64 * 1024);
-    opts.set_inflight(100);
-    let (sub, mut sub_events) = AsyncClient::new(opts, 1000);
-    sub.subscribe("renkei/v1/#", QoS::AtLeastOnce).await?;
-    loop {
-        let event = tokio::time::timeout(Duration::from_secs(10), sub_events.poll())
-            .await
-            .context("subscriber did not connect")??;
-        if let Event::Incoming(Packet::SubAck(_)) = event {
-            break;
-        }
-    }
-    let receiver = {
-        let sent = Arc::clone(&sent);
-        tokio::spawn(async move {
-            let mut seen: Vec<Vec<bool>> = (0..publishers)
-                .map(|_| vec![false; messages as usize + 1])
-                .collect();
-            let mut latencies_us: Vec<u64> = Vec::with_capacity(expected as usize);
-            let (mut delivered, mut duplicates) = (0u64, 0u64);
-            let mut last = Instant::now();
-            while delivered < expected {
-                let event = match tokio::time::timeout(idle, sub_events.poll()).await {
-                    Ok(Ok(e)) => e,
-                    Ok(Err(e)) => {
-                        eprintln!("subscriber: {e}");
-                        break;
-                    }
-                    Err(_) => break, // idle: whatever is missing is lost
-                };
-                if let Event::Incoming(Packet::Publish(p)) = event {
-                    let now_us = start.elapsed().as_micros() as u64;
-                    let Ok(env) = codec::decode(&p.payload) else {
-                        continue;
-                    };
-                    let Origin::Site(site) = &env.header.origin else {
-                        continue;
-                    };
-                    let Some(idx) = site
-                        .site
-                        .as_str()
-                        .strip_prefix("bench-")
-                        .and_then(|s| s.parse::<usize>().ok())
-                    else {
-                        continue;
-                    };
-                    let seq = env.header.seq as usize;
-                    if idx >= publishers || seq > messages as usize {
-                        continue;
-                    }
-                    if seen[idx][seq] {
-                        duplicates += 1;
-                    } else {
-                        seen[idx][seq] = true;
-                        delivered += 1;
-                        let t0 = sent[idx][seq].load(Ordering::Relaxed);
-                        latencies_us.push(now_us.saturating_sub(t0));
-                    }
-                    last = Instant::now();
-                }
-            }
-            (delivered, duplicates, latencies_us, last, seen)
-        })
+        topic::ALL,
+        Payload::Postcard,
+        (publishers, messages),
+        idle,
+        start,
+        Some(Arc::clone(&sent)),
+    )
+    .await?;
+    // An integrator on the JSON mirror, for the target that has one.
+    let integrator = match integrator {
+        true => Some(
+            subscriber(
+                port,
+                topic::ALL_JSON,
+                Payload::Json,
+                (publishers, messages),
+                idle,
+                start,
+                None,
+            )
+            .await?,
+        ),
+        false => None,
     };
 
     let shared = Arc::new(Publishers {
@@ -667,8 +648,22 @@ async fn one_run(
     for t in tasks {
         let _ = t.await;
     }
-    let (delivered, duplicates, mut lat, last, seen) = receiver.await?;
+    let Received {
+        delivered,
+        duplicates,
+        latencies_us: mut lat,
+        last,
+        seen,
+    } = receiver.await?;
     let _ = sub.disconnect().await;
+    let integrator = match integrator {
+        Some((client, counting)) => {
+            let received = counting.await?;
+            let _ = client.disconnect().await;
+            Some((received.delivered, received.duplicates))
+        }
+        None => None,
+    };
     lat.sort_unstable();
     let pct = |q: f64| quantile_ms(&lat, q);
     let commit = receipts.then(|| commit_result(&sent, &committed, &seen));
@@ -681,6 +676,7 @@ async fn one_run(
         p99_ms: pct(0.99),
         max_ms: pct(1.0),
         commit,
+        integrator,
     })
 }
 
@@ -912,4 +908,114 @@ async fn rumqttc_publisher(
     };
     let _ = client.disconnect().await;
     acks
+}
+
+/// How a subscriber reads what it receives.
+#[derive(Debug, Clone, Copy)]
+enum Payload {
+    /// Renkei's wire format, on `renkei/v1/#`.
+    Postcard,
+    /// The JSON mirror, on `renkei/json/v1/#`.
+    Json,
+}
+
+/// What one subscriber received.
+struct Received {
+    delivered: u64,
+    duplicates: u64,
+    /// Publish → arrival of each first copy, when the publish times were given.
+    latencies_us: Vec<u64>,
+    last: Instant,
+    /// Per publisher and seq: arrived.
+    seen: Vec<Vec<bool>>,
+}
+
+/// A QoS 1 subscriber to `filter`, connected and subscribed when this returns, counting every
+/// bench message `(publisher, seq)` it receives (first copies and duplicates) until it has them
+/// all or nothing arrives for `idle`. With `sent`, it also measures publish → arrival.
+async fn subscriber(
+    port: u16,
+    filter: &str,
+    payload: Payload,
+    (publishers, messages): (usize, u64),
+    idle: Duration,
+    start: Instant,
+    sent: Option<Arc<Vec<Vec<AtomicU64>>>>,
+) -> Result<(AsyncClient, tokio::task::JoinHandle<Received>)> {
+    let name = match payload {
+        Payload::Postcard => "bench-sub",
+        Payload::Json => "bench-integrator",
+    };
+    let mut opts = MqttOptions::new(format!("{name}-{}", std::process::id()), "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(64 * 1024, 64 * 1024);
+    opts.set_inflight(100);
+    let (client, mut events) = AsyncClient::new(opts, 1000);
+    client.subscribe(filter, QoS::AtLeastOnce).await?;
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.poll())
+            .await
+            .context("subscriber did not connect")??;
+        if let Event::Incoming(Packet::SubAck(_)) = event {
+            break;
+        }
+    }
+    let expected = publishers as u64 * messages;
+    let counting = tokio::spawn(async move {
+        let mut received = Received {
+            delivered: 0,
+            duplicates: 0,
+            latencies_us: Vec::with_capacity(if sent.is_some() { expected as usize } else { 0 }),
+            last: Instant::now(),
+            seen: (0..publishers)
+                .map(|_| vec![false; messages as usize + 1])
+                .collect(),
+        };
+        while received.delivered < expected {
+            let event = match tokio::time::timeout(idle, events.poll()).await {
+                Ok(Ok(e)) => e,
+                Ok(Err(e)) => {
+                    eprintln!("{name}: {e}");
+                    break;
+                }
+                Err(_) => break, // idle: whatever is missing is lost
+            };
+            let Event::Incoming(Packet::Publish(p)) = event else {
+                continue;
+            };
+            let now_us = start.elapsed().as_micros() as u64;
+            let env = match payload {
+                Payload::Postcard => codec::decode(&p.payload).ok(),
+                Payload::Json => serde_json::from_slice::<Envelope>(&p.payload).ok(),
+            };
+            let Some((idx, seq)) = env.as_ref().and_then(bench_key) else {
+                continue;
+            };
+            if idx >= publishers || seq > messages as usize {
+                continue;
+            }
+            if received.seen[idx][seq] {
+                received.duplicates += 1;
+            } else {
+                received.seen[idx][seq] = true;
+                received.delivered += 1;
+                if let Some(sent) = &sent {
+                    let t0 = sent[idx][seq].load(Ordering::Relaxed);
+                    received.latencies_us.push(now_us.saturating_sub(t0));
+                }
+            }
+            received.last = Instant::now();
+        }
+        received
+    });
+    Ok((client, counting))
+}
+
+/// `(publisher, seq)` of a bench message: its site is `bench-{publisher}`.
+fn bench_key(env: &Envelope) -> Option<(usize, usize)> {
+    let Origin::Site(site) = &env.header.origin else {
+        return None;
+    };
+    let idx = site.site.as_str().strip_prefix("bench-")?.parse().ok()?;
+    Some((idx, env.header.seq as usize))
 }
