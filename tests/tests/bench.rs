@@ -1,7 +1,8 @@
 //! The load tool against the real brokers it compares, at a size that runs in seconds: every
 //! message of every publisher must reach the subscriber once (and the integrator on Renkei's
-//! JSON mirror, where there is one), and on Renkei every message must be named by a receipt. A load tool that lost or doubled messages itself would make every
-//! figure in BENCHMARKS.md wrong.
+//! JSON mirror, where there is one), and on Renkei every message must be named by a receipt.
+//! A load tool that lost or doubled messages itself would make every figure in BENCHMARKS.md
+//! wrong.
 
 use std::process::Command;
 
