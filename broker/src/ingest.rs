@@ -587,7 +587,7 @@ mod tests {
     }
 
     /// A real router, recorder and ingest in this process, on ephemeral ports.
-    struct Pipeline {
+    struct Harness {
         dir: tempfile::TempDir,
         mqtt: crate::mqtt::Mqtt,
         recorder: crate::recorder::Recorder,
@@ -595,8 +595,8 @@ mod tests {
         ingest: Ingest,
     }
 
-    impl Pipeline {
-        fn start() -> Pipeline {
+    impl Harness {
+        fn start() -> Harness {
             use crate::auth::Authenticator;
             use crate::config::{AuthConfig, MqttConfig, RecorderConfig};
             use crate::mqtt::Mqtt;
@@ -631,7 +631,7 @@ mod tests {
                 rules: None,
             };
             let ingest = Ingest::start(mqtt.link("ingest").unwrap(), setup).unwrap();
-            Pipeline {
+            Harness {
                 dir,
                 mqtt,
                 recorder,
@@ -691,35 +691,35 @@ mod tests {
     /// alone after a pause, are all recorded, mirrored and applied, in order.
     #[test]
     fn every_message_is_handed_on_whether_its_hand_off_filled_or_the_link_ran_dry() {
-        let pipeline = Pipeline::start();
-        let (mut json_tx, mut json) = pipeline.mqtt.link("json").unwrap();
+        let harness = Harness::start();
+        let (mut json_tx, mut json) = harness.mqtt.link("json").unwrap();
         json_tx.subscribe(topic::ALL_JSON).unwrap();
-        let (mut site, _site_rx) = pipeline.mqtt.link("site").unwrap();
+        let (mut site, _site_rx) = harness.mqtt.link("site").unwrap();
         let run = 2 * HANDOFF_RECORDS as u64 + 1;
         for seq in 1..=run {
-            let (topic, payload) = Pipeline::report(seq);
+            let (topic, payload) = Harness::report(seq);
             site.publish(topic, payload).unwrap();
         }
         std::thread::sleep(Duration::from_millis(300));
-        let (topic, payload) = Pipeline::report(run + 1);
+        let (topic, payload) = Harness::report(run + 1);
         site.publish(topic, payload).unwrap();
         let all = run + 1;
         let deadline = Instant::now() + Duration::from_secs(10);
 
         // The mirror: every report, in order.
-        let mirrored = Pipeline::mirrored(&mut json, all as usize, deadline);
+        let mirrored = Harness::mirrored(&mut json, all as usize, deadline);
         assert_eq!(mirrored, (1..=all).collect::<Vec<_>>());
         // The record: every report, in the order received.
-        let recorded = pipeline.recorded(all as usize, deadline);
+        let recorded = harness.recorded(all as usize, deadline);
         assert_eq!(recorded, (1..=all).collect::<Vec<_>>());
 
-        let world = pipeline.state.read().unwrap();
+        let world = harness.state.read().unwrap();
         let status = world.world(Mode::Actual).sites[&sample::site()]
             .status
             .as_ref();
         assert_eq!(status.map(|s| s.stamp.seq), Some(all));
         drop(world);
-        pipeline.stop();
+        harness.stop();
     }
 
     /// With no integrator subscribed, the JSON mirror has no filter (and so no log) in the
@@ -727,27 +727,27 @@ mod tests {
     /// later gets the retained state, then every new message.
     #[test]
     fn the_mirror_needs_no_listener_and_a_late_integrator_gets_retained_then_live() {
-        let pipeline = Pipeline::start();
-        let (mut site, _site_rx) = pipeline.mqtt.link("site").unwrap();
+        let harness = Harness::start();
+        let (mut site, _site_rx) = harness.mqtt.link("site").unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         // Two rounds: a link dropped after its first mirror publish would record no more.
         for round in 0..2u64 {
             for seq in round * 10 + 1..=round * 10 + 10 {
-                let (topic, payload) = Pipeline::report(seq);
+                let (topic, payload) = Harness::report(seq);
                 site.publish(topic, payload).unwrap();
             }
             let want = (round * 10 + 10) as usize;
-            let recorded = pipeline.recorded(want, deadline);
+            let recorded = harness.recorded(want, deadline);
             assert_eq!(recorded, (1..=want as u64).collect::<Vec<_>>());
         }
 
-        let (mut json_tx, mut json) = pipeline.mqtt.link("integrator").unwrap();
+        let (mut json_tx, mut json) = harness.mqtt.link("integrator").unwrap();
         json_tx.subscribe(topic::ALL_JSON).unwrap();
-        assert_eq!(Pipeline::mirrored(&mut json, 1, deadline), vec![20]);
-        let (topic, payload) = Pipeline::report(21);
+        assert_eq!(Harness::mirrored(&mut json, 1, deadline), vec![20]);
+        let (topic, payload) = Harness::report(21);
         site.publish(topic, payload).unwrap();
-        assert_eq!(Pipeline::mirrored(&mut json, 1, deadline), vec![21]);
-        pipeline.stop();
+        assert_eq!(Harness::mirrored(&mut json, 1, deadline), vec![21]);
+        harness.stop();
     }
 
     #[test]

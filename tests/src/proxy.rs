@@ -81,13 +81,10 @@ impl Proxy {
     /// Listens on `127.0.0.1:0` and forwards every connection to `target` (`host:port`).
     /// Must be called within a tokio runtime; the proxy runs on it.
     pub async fn start(target: &str) -> Result<Proxy> {
-        // A queue as deep as the broker's (vendor/rumqttd patch 5), so that a storm of clients
-        // connecting at once is not dropped here, where there is no proxy in a real network.
-        let socket = tokio::net::TcpSocket::new_v4().context("proxy socket")?;
-        socket
-            .bind(([127, 0, 0, 1], 0).into())
-            .context("proxy bind")?;
-        let listener = socket.listen(8192).context("proxy listen")?;
+        // A queue as deep as the broker's, so that a storm of clients connecting at once is not
+        // dropped here, where there is no proxy in a real network.
+        let listener =
+            renkei_broker::mqtt::bind_queued(([127, 0, 0, 1], 0).into()).context("proxy bind")?;
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel(Mode::Up);
         let shared = Arc::new(Shared {

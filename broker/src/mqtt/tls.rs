@@ -156,24 +156,6 @@ impl ServerCertVerifier for PinnedLeaf {
     }
 }
 
-/// Connections a listener's kernel queue holds while they wait to be accepted: as deep as the
-/// embedded rumqttd's (its patch 5), so that agents reconnecting at once after an outage wait
-/// their turn instead of being dropped and retrying a SYN retransmission later. The kernel caps
-/// it at `net.core.somaxconn`.
-pub const LISTEN_QUEUE: u32 = 8192;
-
-/// Binds the MQTTS listener with a queue of [`LISTEN_QUEUE`] (`TcpListener::bind` has 1,024).
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = match addr {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    // As `TcpListener::bind`: a restarted broker binds while its old connections linger.
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_QUEUE)
-}
-
 /// Accepts TLS connections on `listener` and relays each, decrypted, to `backend`, until the
 /// listener fails for good. Never returns while it can accept.
 pub async fn relay(
@@ -253,45 +235,6 @@ pub async fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// More clients than `TcpListener::bind`'s 1,024 connect while nothing accepts (the
-    /// runtime busy): every one of them is queued, none dropped.
-    #[tokio::test]
-    async fn connections_past_1024_wait_in_the_listen_queue() {
-        let limit = |path: &str| -> Option<usize> {
-            std::fs::read_to_string(path).ok()?.trim().parse().ok()
-        };
-        let somaxconn = limit("/proc/sys/net/core/somaxconn").unwrap_or(4096);
-        // Open files: the soft limit from /proc/self/limits ("Max open files  soft  hard  files").
-        let files = std::fs::read_to_string("/proc/self/limits")
-            .ok()
-            .and_then(|l| {
-                l.lines()
-                    .find(|l| l.starts_with("Max open files"))
-                    .and_then(|l| l.split_whitespace().nth(3)?.parse::<usize>().ok())
-            })
-            .unwrap_or(1024);
-        let n = somaxconn.min(files.saturating_sub(256)).min(1_500);
-        if n <= 1_025 {
-            eprintln!("somaxconn {somaxconn}, open files {files}: no room to test past 1,024");
-            return;
-        }
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut clients = Vec::with_capacity(n);
-        for i in 0..n {
-            match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
-                Ok(stream) => clients.push(stream),
-                Err(e) => panic!("connection {i} was not queued: {e}"),
-            }
-        }
-        for _ in 0..n {
-            tokio::time::timeout(Duration::from_secs(5), listener.accept())
-                .await
-                .unwrap()
-                .unwrap();
-        }
-    }
 
     #[test]
     fn missing_and_unreadable_files_name_their_key() {
