@@ -129,16 +129,6 @@ enum Client {
     Rumqttc,
 }
 
-impl Client {
-    /// The name `--client` takes.
-    fn name(self) -> &'static str {
-        match self {
-            Client::Lean => "lean",
-            Client::Rumqttc => "rumqttc",
-        }
-    }
-}
-
 /// QoS 1 messages a publisher keeps in flight.
 const WINDOW: u16 = 100;
 
@@ -454,7 +444,10 @@ async fn load(targets: Vec<Target>, runs: usize, load: Load) -> Result<()> {
         "load: {publishers} publishers x {messages} QoS 1 messages of {size} B (retained status \
          reports), {pace}, one QoS 1 subscriber to renkei/v1/#, {runs} runs per target, \
          publishers on the {} client",
-        client.name()
+        // The name `--client` takes, as clap spells it.
+        client
+            .to_possible_value()
+            .map_or_else(|| format!("{client:?}"), |v| v.get_name().to_owned())
     );
     let mut all: HashMap<Target, Vec<RunResult>> = HashMap::new();
     for run in 1..=runs {
