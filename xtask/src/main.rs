@@ -289,7 +289,8 @@ fn test(long: bool) -> Result<()> {
     )?;
     // The vendored rumqttd is outside the workspace (upstream's code is not linted here), but
     // its patches carry unit tests; they build from a copy of the workspace's lock, so with
-    // the versions the broker ships with.
+    // the versions the broker ships with. Its own manifest has no profile: line tables only,
+    // as in the workspace, which keeps this second build within a few hundred MB of disk.
     std::fs::copy(
         root().join("Cargo.lock"),
         root().join("vendor/rumqttd/Cargo.lock"),
@@ -297,14 +298,16 @@ fn test(long: bool) -> Result<()> {
     .context("copying Cargo.lock for the vendored rumqttd")?;
     run(
         "rumqttd unit tests (vendored, with Renkei's patches)",
-        cargo().args([
-            "test",
-            "--manifest-path",
-            "vendor/rumqttd/Cargo.toml",
-            "--lib",
-            "--target-dir",
-            "target/vendor-rumqttd",
-        ]),
+        cargo()
+            .env("CARGO_PROFILE_DEV_DEBUG", "line-tables-only")
+            .args([
+                "test",
+                "--manifest-path",
+                "vendor/rumqttd/Cargo.toml",
+                "--lib",
+                "--target-dir",
+                "target/vendor-rumqttd",
+            ]),
     )?;
     // The dashboard's wire code also runs as wasm in the browser it ships to.
     run(
