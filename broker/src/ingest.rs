@@ -597,6 +597,11 @@ mod tests {
 
     impl Harness {
         fn start() -> Harness {
+            Harness::start_with(crate::config::MqttConfig::default())
+        }
+
+        /// With `mqtt`'s router settings; the listeners go to ephemeral loopback ports.
+        fn start_with(mqtt: crate::config::MqttConfig) -> Harness {
             use crate::auth::Authenticator;
             use crate::config::{AuthConfig, MqttConfig, RecorderConfig};
             use crate::mqtt::Mqtt;
@@ -611,7 +616,7 @@ mod tests {
                 &MqttConfig {
                     listen: loopback,
                     ws_listen: loopback,
-                    ..MqttConfig::default()
+                    ..mqtt
                 },
                 &Arc::new(auth.unwrap()),
                 &metrics,
@@ -667,18 +672,29 @@ mod tests {
 
         /// Seqs of the JSON copies `link` receives (retained ones included), until `want`.
         fn mirrored(link: &mut LinkRx, want: usize, deadline: Instant) -> Vec<u64> {
-            let mut mirrored = Vec::new();
-            while mirrored.len() < want && Instant::now() < deadline {
+            Harness::received(link, want, deadline, |payload| {
+                serde_json::from_slice::<Envelope>(payload).unwrap()
+            })
+        }
+
+        /// Seqs of the messages `link` receives, read with `decode`, until `want`.
+        fn received(
+            link: &mut LinkRx,
+            want: usize,
+            deadline: Instant,
+            decode: impl Fn(&[u8]) -> Envelope,
+        ) -> Vec<u64> {
+            let mut received = Vec::new();
+            while received.len() < want && Instant::now() < deadline {
                 match link.recv_deadline(deadline) {
                     Ok(Some(Notification::Forward(f))) => {
-                        let env: Envelope = serde_json::from_slice(&f.publish.payload).unwrap();
-                        mirrored.push(env.header.seq);
+                        received.push(decode(&f.publish.payload).header.seq);
                     }
                     Ok(Some(Notification::Unschedule)) => link.ready().unwrap(),
                     _ => {}
                 }
             }
-            mirrored
+            received
         }
 
         fn stop(self) {
@@ -719,6 +735,51 @@ mod tests {
             .as_ref();
         assert_eq!(status.map(|s| s.stamp.seq), Some(all));
         drop(world);
+        harness.stop();
+    }
+
+    /// A burst that an integrator does not read as it comes: the router hands a stalled link
+    /// its buffer's worth and keeps the rest in the filter's log, which rumqttd bounds by bytes.
+    /// A JSON copy is about four times its postcard form, so with equal logs the integrator's
+    /// log dropped what the dashboard's still held, and the integrator lost messages. Both now
+    /// get every message of a burst the postcard log holds.
+    #[test]
+    fn a_stalled_integrator_keeps_every_message_a_stalled_dashboard_keeps() {
+        use crate::config::{ByteSize, MqttConfig};
+        let harness = Harness::start_with(MqttConfig {
+            max_packet_size: ByteSize(4 * 1024),
+            segment_size: ByteSize(8 * 1024),
+            segment_count: 3,
+            ..MqttConfig::default()
+        });
+        let (mut integrator_tx, mut integrator) = harness.mqtt.link("integrator").unwrap();
+        integrator_tx.subscribe(topic::ALL_JSON).unwrap();
+        let (mut dashboard_tx, mut dashboard) = harness.mqtt.link("dashboard").unwrap();
+        dashboard_tx.subscribe(topic::ALL).unwrap();
+        let (mut site, _site_rx) = harness.mqtt.link("site").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+
+        // A link's buffer holds 200 messages (rumqttd's MAX_CHANNEL_CAPACITY); 60 more wait in
+        // the logs: ~10 KB of postcard, within the 16 KiB two full segments always hold, and
+        // ~34 KB of JSON, more than the 24 KiB that three segments of the postcard size hold.
+        // Ingest keeps up: the site sends 20 at a time and waits for them to be recorded.
+        let all = 260u64;
+        for batch in (1..=all).collect::<Vec<_>>().chunks(20) {
+            for &seq in batch {
+                let (topic, payload) = Harness::report(seq);
+                site.publish(topic, payload).unwrap();
+            }
+            let last = *batch.last().unwrap() as usize;
+            assert_eq!(harness.recorded(last, deadline).len(), last);
+        }
+
+        let every: Vec<u64> = (1..=all).collect();
+        let dashboard_got = Harness::received(&mut dashboard, all as usize, deadline, |p| {
+            renkei_shared::decode(p).unwrap()
+        });
+        assert_eq!(dashboard_got, every);
+        let integrator_got = Harness::mirrored(&mut integrator, all as usize, deadline);
+        assert_eq!(integrator_got, every);
         harness.stop();
     }
 

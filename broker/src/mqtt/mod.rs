@@ -452,6 +452,16 @@ impl Outgoing {
 /// outstanding; an agent that misses one sends its records again and is receipted again.
 const RECEIPT_SEGMENT_SIZE: usize = 16 * 1024;
 
+/// A filter on the JSON mirror gets segments this many times `mqtt.segment_size`. rumqttd
+/// bounds a log by bytes, and a message's JSON copy is 2 to 5 times its postcard form: with the
+/// same bytes, an integrator's log held a third of the messages a dashboard's did, and in a
+/// 200,000-message burst an integrator that fell behind lost messages (rumqttd: "Read cursor
+/// start jumped") that every postcard subscriber still got. Three times holds the same storm
+/// backlog in either form (tested below). The cost: once an integrator subscribes, its log fills
+/// to this bound with the latest JSON copies and stays there, 192 MiB of message bytes by
+/// default, plus rumqttd's ~230 bytes of bookkeeping per message.
+const JSON_LOG_FACTOR: usize = 3;
+
 fn router_config(config: &MqttConfig) -> RouterConfig {
     RouterConfig {
         max_connections: config.max_connections,
@@ -459,13 +469,22 @@ fn router_config(config: &MqttConfig) -> RouterConfig {
         max_outgoing_packet_count: 200,
         max_segment_size: config.segment_size.0,
         max_segment_count: config.segment_count,
-        custom_segment: Some(HashMap::from([(
-            format!("{RECEIPT_ROOT}/+/+"),
-            SegmentConfig {
-                max_segment_size: RECEIPT_SEGMENT_SIZE,
-                max_segment_count: 2,
-            },
-        )])),
+        custom_segment: Some(HashMap::from([
+            (
+                format!("{RECEIPT_ROOT}/+/+"),
+                SegmentConfig {
+                    max_segment_size: RECEIPT_SEGMENT_SIZE,
+                    max_segment_count: 2,
+                },
+            ),
+            (
+                topic::ALL_JSON.to_owned(),
+                SegmentConfig {
+                    max_segment_size: config.segment_size.0.saturating_mul(JSON_LOG_FACTOR),
+                    max_segment_count: config.segment_count,
+                },
+            ),
+        ])),
         // Remote clients get no dynamic filters (a log per new topic would grow memory without
         // bound). The ingest link's filter exists from the start. The JSON mirror needs none:
         // rumqttd takes a publish that matches no filter, keeps its retained copy and hands it
@@ -941,7 +960,6 @@ impl Protocol for Guard {
 mod tests {
     use super::*;
 
-    /// rumqttd picks a filter's segments by matching the filter against `custom_segment`.
     /// More clients than `TcpListener::bind`'s 1,024 connect while nothing accepts (the
     /// runtime busy): every one of them is queued, none dropped.
     #[tokio::test]
@@ -981,28 +999,80 @@ mod tests {
         }
     }
 
+    /// The segments rumqttd gives a filter: it matches the filter, as a topic, against each
+    /// `custom_segment` pattern, and falls back to the router's own.
+    fn segments_of(config: &RouterConfig, filter: &str) -> (usize, usize) {
+        let custom = config.custom_segment.clone().unwrap_or_default();
+        let found: Vec<_> = custom
+            .iter()
+            .filter(|(pattern, _)| protocol::matches(filter, pattern))
+            .map(|(_, c)| (c.max_segment_size, c.max_segment_count))
+            .collect();
+        assert!(found.len() <= 1, "{filter} matches two patterns: {found:?}");
+        found
+            .first()
+            .copied()
+            .unwrap_or((config.max_segment_size, config.max_segment_count))
+    }
+
     #[test]
-    fn receipt_logs_get_small_segments_and_no_other_log_does() {
-        let config = router_config(&MqttConfig::default());
-        let custom = config.custom_segment.unwrap_or_default();
-        let small = |filter: &str| {
-            custom
-                .iter()
-                .any(|(pattern, _)| protocol::matches(filter, pattern))
-        };
-        assert!(small("renkei/receipt/v1/131041/es-1"));
+    fn receipt_logs_are_small_json_logs_large_and_the_rest_as_configured() {
+        let mqtt = MqttConfig::default();
+        let config = router_config(&mqtt);
+        let base = (mqtt.segment_size.0, mqtt.segment_count);
+        assert_eq!(
+            segments_of(&config, "renkei/receipt/v1/131041/es-1"),
+            (RECEIPT_SEGMENT_SIZE, 2)
+        );
+        for filter in [
+            topic::ALL_JSON,
+            "renkei/json/v1/131041/#",
+            "renkei/json/v1/+/+/status",
+        ] {
+            assert_eq!(
+                segments_of(&config, filter),
+                (base.0 * JSON_LOG_FACTOR, base.1),
+                "{filter}"
+            );
+        }
         for filter in [
             topic::ALL,
-            topic::ALL_JSON,
             "renkei/v1/cmd/131041/es-1",
             "renkei/v1/131041/#",
+            "#",
         ] {
-            assert!(!small(filter), "{filter}");
+            assert_eq!(segments_of(&config, filter), base, "{filter}");
         }
-        assert!(
-            custom
-                .values()
-                .all(|c| c.max_segment_size == RECEIPT_SEGMENT_SIZE)
-        );
+    }
+
+    /// A reconnect storm's backlog, 2,000 agents with 100 periodic reports each, fits in the
+    /// guaranteed part of every filter's log, postcard or JSON. rumqttd counts a message as 4
+    /// bytes, its topic and its payload (`PublishData::size`), and drops the oldest segment when
+    /// the active one fills: the guaranteed part is all segments but the active one.
+    #[test]
+    fn every_log_holds_a_storm_backlog_of_reports_in_either_form() {
+        use renkei_shared::{Topic, encode, sample};
+        const BACKLOG: usize = 2_000 * 100;
+        let mqtt = MqttConfig::default();
+        let config = router_config(&mqtt);
+        let held = |filter: &str| {
+            let (size, count) = segments_of(&config, filter);
+            size * (count - 1)
+        };
+        for (name, env) in [
+            ("status", sample::status()),
+            ("shelter", sample::shelter()),
+            ("supplies", sample::supplies()),
+        ] {
+            let topic = Topic::of(&env).unwrap();
+            let postcard = 4 + topic.to_string().len() + encode(&env).unwrap().len();
+            // The JSON copy as ingest makes it.
+            let json = 4 + topic.json().len() + serde_json::to_vec(&env).unwrap().len();
+            assert!(
+                BACKLOG * postcard <= held(topic::ALL),
+                "{name}: {postcard} B"
+            );
+            assert!(BACKLOG * json <= held(topic::ALL_JSON), "{name}: {json} B");
+        }
     }
 }
