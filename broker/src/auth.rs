@@ -15,11 +15,11 @@
 //! - Failed logins are also counted per client address where the address is known:
 //!   `auth.max_failed_logins_per_address` within the same window refuses every login from that
 //!   address for `auth.lockout`, cached or not, whatever the name (a guesser trying many
-//!   names). HTTP knows the address of every request; MQTT knows it on the MQTTS listener and on
-//!   a TCP listener behind a PROXY-protocol front (`mqtt.proxy_protocol`): rumqttd itself tells
-//!   neither its protocol wrapper nor its auth hook the client's address, so the
-//!   [`crate::mqtt::Guard`] reads it from the PROXY header and hands it over with
-//!   [`Authenticator::note_peer`], keyed by client id.
+//!   names). HTTP knows the address of every request. On MQTT, the [`crate::mqtt::Guard`] learns
+//!   it from the listener that accepted the connection (TCP and WebSocket; a patch to the
+//!   vendored rumqttd, whose auth hook is not told), or from the PROXY header where the listener
+//!   sits behind a front that sends one (the MQTTS relay, `mqtt.proxy_protocol`), and hands it
+//!   over with [`Authenticator::note_peer`], keyed by client id.
 //! - In demo mode a client without a user name is [`Access::Demo`]; named users are still
 //!   checked.
 //!

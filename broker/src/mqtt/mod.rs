@@ -650,7 +650,7 @@ pub struct Guard {
     proxied: bool,
     /// The connection's PROXY header has been read.
     header_read: bool,
-    /// The client's address, from that header.
+    /// The client's address: the one the listener accepted, or the PROXY header's.
     peer: Option<IpAddr>,
     /// Receipt subscriptions of all connections, and this connection's (removed on drop).
     interest: Arc<Interest>,
@@ -902,6 +902,15 @@ impl Drop for Guard {
 }
 
 impl Protocol for Guard {
+    /// The address a direct TCP or WebSocket connection came from. Behind a PROXY-protocol
+    /// front (the MQTTS relay, a load balancer), the accepted address is the front's own, and
+    /// the header names the client instead.
+    fn accepted_from(&mut self, peer: SocketAddr) {
+        if !self.proxied {
+            self.peer = Some(peer.ip());
+        }
+    }
+
     fn read_mut(
         &mut self,
         stream: &mut BytesMut,

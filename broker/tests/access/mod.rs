@@ -446,8 +446,26 @@ async fn login_after(
     user: &str,
     password: &str,
 ) -> bool {
+    login_from(addr, None, header, user, password).await
+}
+
+/// As [`login_after`], from `source` (any 127.x.y.z is this machine's loopback too).
+async fn login_from(
+    addr: std::net::SocketAddr,
+    source: Option<std::net::IpAddr>,
+    header: Option<&str>,
+    user: &str,
+    password: &str,
+) -> bool {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stream = match source {
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind((ip, 0).into()).unwrap();
+            socket.connect(addr).await.unwrap()
+        }
+        None => tokio::net::TcpStream::connect(addr).await.unwrap(),
+    };
     if let Some(header) = header {
         stream.write_all(header.as_bytes()).await.unwrap();
     }
@@ -496,4 +514,89 @@ async fn behind_a_proxy_failed_logins_lock_out_the_client_address() {
             "{reason}: {text}"
         );
     }
+}
+
+/// Without a proxy in front, failed logins count against the address the TCP or WebSocket
+/// listener accepted the connection from: a guesser trying many names is locked out on both
+/// listeners, and other addresses are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_failed_logins_lock_out_the_client_address_on_tcp_and_websocket() {
+    let broker = broker_with_users("max_failed_logins_per_address = 3\n");
+    let tcp = broker.addrs.mqtt;
+    let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
+    let (guesser, other) = (ip("127.0.0.7"), ip("127.0.0.8"));
+    assert!(login_from(tcp, guesser, None, "sato", PASSWORD).await);
+    for (user, password) in [("nobody", "x"), ("sato", "guess"), ("tanaka", "guess")] {
+        assert!(!login_from(tcp, guesser, None, user, password).await);
+    }
+    assert!(
+        !login_from(tcp, guesser, None, "sato", PASSWORD).await,
+        "the guessing address is locked out"
+    );
+    assert!(login_from(tcp, other, None, "sato", PASSWORD).await);
+
+    // The WebSocket listener, with paho-mqtt: the same book of failures per address.
+    let ws = broker.addrs.ws.expect("a WebSocket listener");
+    let script = r#"
+import sys, threading
+import paho.mqtt.client as mqtt
+port, source, user, password = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+done = threading.Event()
+def on_connect(c, u, flags, rc, props=None):
+    print("connack", rc, flush=True)
+    done.set()
+def on_disconnect(c, u, *rest):
+    done.set()
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-ws-" + user, transport="websockets")
+c.username_pw_set(user, password)
+c.on_connect, c.on_disconnect = on_connect, on_disconnect
+try:
+    c.connect("127.0.0.1", port, 10, bind_address=source)
+except Exception as e:
+    print("refused", e, flush=True)
+    sys.exit(0)
+c.loop_start()
+done.wait(10)
+c.loop_stop()
+"#;
+    let ws_login = |source: &str, user: &str, password: &str| {
+        let out = Command::new("python3")
+            .args(["-c", script, &ws.port().to_string(), source, user, password])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout.trim() == "connack Success"
+    };
+    let has_paho = Command::new("python3")
+        .args(["-c", "import paho.mqtt.client"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if has_paho {
+        assert!(ws_login("127.0.0.9", "sato", PASSWORD));
+        for (user, password) in [("nobody", "x"), ("sato", "guess"), ("tanaka", "guess")] {
+            assert!(!ws_login("127.0.0.9", user, password));
+        }
+        assert!(
+            !ws_login("127.0.0.9", "sato", PASSWORD),
+            "the guessing address is locked out over WebSocket too"
+        );
+        assert!(ws_login("127.0.0.10", "sato", PASSWORD));
+    } else {
+        eprintln!("SKIPPED the WebSocket half: python3 with paho-mqtt is not available");
+    }
+    let text = metrics(&broker).await;
+    assert_eq!(
+        metric(
+            &text,
+            "renkei_logins_refused_total{reason=\"address_locked_out\"}"
+        ),
+        Some(if has_paho { 2 } else { 1 }),
+        "{text}"
+    );
 }

@@ -748,4 +748,10 @@ pub enum Error {
 pub trait Protocol {
     fn read_mut(&mut self, stream: &mut BytesMut, max_size: usize) -> Result<Packet, Error>;
     fn write(&self, packet: Packet, write: &mut BytesMut) -> Result<usize, Error>;
+
+    /// Renkei patch: called on a connection's own copy of the protocol, before it reads
+    /// anything, with the address the listener accepted the connection from. Upstream told
+    /// neither the protocol nor the auth hook who connected, so a broker could not count failed
+    /// logins per client address.
+    fn accepted_from(&mut self, _peer: std::net::SocketAddr) {}
 }

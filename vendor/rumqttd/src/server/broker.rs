@@ -416,7 +416,8 @@ impl<P: Protocol + Clone + Send + 'static> Server<P> {
             let router_tx = self.router_tx.clone();
             count += 1;
 
-            let protocol = self.protocol.clone();
+            let mut protocol = self.protocol.clone();
+            protocol.accepted_from(addr);
             match link_type {
                 #[cfg(feature = "websocket")]
                 LinkType::Websocket => {
