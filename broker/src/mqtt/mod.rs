@@ -459,7 +459,7 @@ const RECEIPT_SEGMENT_SIZE: usize = 16 * 1024;
 /// start jumped") that every postcard subscriber still got. Three times holds the same storm
 /// backlog in either form (tested below). The cost: once an integrator subscribes, its log fills
 /// to this bound with the latest JSON copies and stays there, 192 MiB of message bytes by
-/// default, plus rumqttd's ~230 bytes of bookkeeping per message.
+/// default, plus rumqttd's 96 bytes of bookkeeping per message.
 const JSON_LOG_FACTOR: usize = 3;
 
 fn router_config(config: &MqttConfig) -> RouterConfig {
