@@ -594,8 +594,8 @@ async fn one_run(port: u16, load: Load, receipts: bool, integrator: bool) -> Res
     )
     .await?;
     // An integrator on the JSON mirror, for the target that has one.
-    let integrator = match integrator {
-        true => Some(
+    let integrator = if integrator {
+        Some(
             subscriber(
                 port,
                 topic::ALL_JSON,
@@ -606,8 +606,9 @@ async fn one_run(port: u16, load: Load, receipts: bool, integrator: bool) -> Res
                 None,
             )
             .await?,
-        ),
-        false => None,
+        )
+    } else {
+        None
     };
 
     let shared = Arc::new(Publishers {
