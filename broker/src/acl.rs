@@ -100,6 +100,10 @@ pub fn may_subscribe(principal: &Principal, filter: &str) -> bool {
     if !filter.as_bytes().first().is_some_and(u8::is_ascii) {
         return false;
     }
+    // `$` topics are the broker's own (`$renkei/refused` takes publishes over a bound).
+    if filter.starts_with('$') {
+        return false;
+    }
     match &principal.access {
         Access::Admin | Access::Hq | Access::Demo => true,
         Access::Integrator => within(filter, topic::ALL_JSON) || within(filter, topic::ALL),

@@ -19,7 +19,16 @@
 //!   it from the listener that accepted the connection (TCP and WebSocket; a patch to the
 //!   vendored rumqttd, whose auth hook is not told), or from the PROXY header where the listener
 //!   sits behind a front that sends one (the MQTTS relay, `mqtt.proxy_protocol`), and hands it
-//!   over with [`Authenticator::note_peer`], keyed by client id.
+//!   to the auth hook through [`crate::mqtt::admission`]. IPv6 addresses count per /64 (one
+//!   host usually holds a whole /64).
+//! - A locked user name does not lock out that user's logins from an address where the same
+//!   user logged in successfully within `auth.known_address_ttl`: guessing at a name from
+//!   elsewhere cannot shut its owner out.
+//! - Admission cannot be queued shut: at most `auth.verify_queue` logins wait for or hold a
+//!   password check (the rest are refused at once, CONNACK 3 on MQTT, and retry), and the
+//!   lockout is checked again once a check slot is free. Checks in flight for one name count
+//!   as failures to come, so however many wrong passwords arrive at once, a name costs at
+//!   most `auth.max_failed_logins` argon2 runs per window.
 //! - In demo mode a client without a user name is [`Access::Demo`]; named users are still
 //!   checked.
 //!
@@ -276,6 +285,9 @@ pub enum LoginRefusal {
     LockedOut,
     /// Too many failures from this client address lately.
     AddressLockedOut,
+    /// Too many logins waiting for a password check, or enough checks already in flight for
+    /// this name to lock it: try again later.
+    Busy,
 }
 
 impl LoginRefusal {
@@ -286,6 +298,7 @@ impl LoginRefusal {
             LoginRefusal::BadPassword => "bad_password",
             LoginRefusal::LockedOut => "locked_out",
             LoginRefusal::AddressLockedOut => "address_locked_out",
+            LoginRefusal::Busy => "busy",
         }
     }
 }
@@ -300,11 +313,13 @@ pub struct Authenticator {
     /// Successful logins: name → digest of the password and the hash it matched.
     cache: Mutex<HashMap<String, CachedLogin>>,
     failures: Lockouts<String>,
+    /// By [`address_key`]: IPv6 per /64.
     address_failures: Lockouts<IpAddr>,
-    /// Address of each CONNECT on its way from the guard to the auth hook, by a keyed digest
-    /// of its client id, user name and password (all the hook is told).
-    peers: Mutex<HashMap<[u8; 64], IpAddr>>,
+    /// (user name, [`address_key`]) → when that user last logged in from there.
+    known_addresses: Mutex<HashMap<(String, IpAddr), Instant>>,
     verify_slots: Semaphore,
+    /// Logins waiting for or holding a check slot.
+    verify_waiting: std::sync::atomic::AtomicUsize,
     /// Keys the cache digests, so that a memory dump does not give away password digests
     /// that could be checked offline.
     secret: [u8; 32],
@@ -339,6 +354,34 @@ struct Failures {
     window_start: Instant,
     count: u32,
     locked_until: Option<Instant>,
+    /// Password checks running for this key: failures to come, as far as the limit goes.
+    in_flight: u32,
+}
+
+/// Whether a key may start one more password check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Begin {
+    Started,
+    Locked,
+    /// Failures and checks in flight already reach the limit.
+    Full,
+}
+
+/// The key failed logins of a client address count under: the address itself, or for IPv6
+/// its /64 (a host is usually given a whole /64, and picks from it at will). An IPv4 address
+/// mapped into IPv6 counts as the IPv4 address.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(std::net::Ipv6Addr::from(o))
+            }
+        },
+    }
 }
 
 /// Failed logins per key (a user name, a client address): `max` within `window` lock the key
@@ -377,12 +420,14 @@ impl<K: Hash + Eq> Lockouts<K> {
             map.retain(|_, f| {
                 now.saturating_duration_since(f.window_start) < window
                     || f.locked_until.is_some_and(|t| t > now)
+                    || f.in_flight > 0
             });
         }
         let f = map.entry(key).or_insert(Failures {
             window_start: now,
             count: 0,
             locked_until: None,
+            in_flight: 0,
         });
         if now.saturating_duration_since(f.window_start) >= window {
             f.window_start = now;
@@ -394,6 +439,42 @@ impl<K: Hash + Eq> Lockouts<K> {
             return Some(f.count);
         }
         None
+    }
+
+    /// Reserves a password check for `key`, unless it is locked or the checks in flight
+    /// would, if they all failed, reach the limit.
+    fn begin(&self, key: &K) -> Begin
+    where
+        K: Clone,
+    {
+        let now = Instant::now();
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        let f = map.entry(key.clone()).or_insert(Failures {
+            window_start: now,
+            count: 0,
+            locked_until: None,
+            in_flight: 0,
+        });
+        if f.locked_until.is_some_and(|t| t > now) {
+            return Begin::Locked;
+        }
+        if now.saturating_duration_since(f.window_start) >= self.window {
+            f.window_start = now;
+            f.count = 0;
+        }
+        if f.count.saturating_add(f.in_flight) >= self.max {
+            return Begin::Full;
+        }
+        f.in_flight += 1;
+        Begin::Started
+    }
+
+    /// Ends a check [`Lockouts::begin`] reserved (after its failure, if any, is recorded).
+    fn end(&self, key: &K) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = map.get_mut(key) {
+            f.in_flight = f.in_flight.saturating_sub(1);
+        }
     }
 }
 
@@ -422,7 +503,8 @@ impl Authenticator {
                 config.failed_login_window.0,
                 config.lockout.0,
             ),
-            peers: Mutex::new(HashMap::new()),
+            known_addresses: Mutex::new(HashMap::new()),
+            verify_waiting: std::sync::atomic::AtomicUsize::new(0),
             config,
             secret: rand::random(),
             probe_password: format!("{:032x}", rand::random::<u128>()),
@@ -495,7 +577,7 @@ impl Authenticator {
             self.metrics.login_refused(r.reason());
             Err(r)
         };
-        if let Some(ip) = peer
+        if let Some(ip) = peer.map(address_key)
             && self.address_failures.is_locked(&ip)
         {
             return refused(LoginRefusal::AddressLockedOut);
@@ -517,53 +599,23 @@ impl Authenticator {
         }
     }
 
-    /// Remembers where a CONNECT comes from, for the auth hook
-    /// ([`Authenticator::verify_client`]) that checks its password next. Keyed by everything
-    /// the hook is told, so that a client cannot have its failures counted against someone
-    /// else's address without their password; entries stay (and are overwritten by the next
-    /// CONNECT with the same key), so concurrent attempts with one key are all counted. `None`
-    /// (a listener that is told no address) forgets the key's address.
-    pub fn note_peer(&self, client_id: &str, name: &str, password: &str, peer: Option<IpAddr>) {
-        let key = self.connect_key(client_id, name, password);
-        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        match peer {
-            Some(peer) => {
-                if peers.len() > 100_000 {
-                    peers.clear();
-                }
-                peers.insert(key, peer);
-            }
-            None => {
-                peers.remove(&key);
-            }
-        }
+    /// Whether a user of that name exists.
+    pub fn is_user(&self, name: &str) -> bool {
+        self.user(name).is_some()
     }
 
-    /// The MQTT auth hook: [`Authenticator::verify_from`] with the address the guard noted.
-    pub async fn verify_client(
-        &self,
-        client_id: &str,
-        name: &str,
-        password: &str,
-    ) -> Result<Principal, LoginRefusal> {
-        let key = self.connect_key(client_id, name, password);
-        let peer = self
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-            .copied();
-        self.verify_from(peer, name, password).await
-    }
-
-    fn connect_key(&self, client_id: &str, name: &str, password: &str) -> [u8; 64] {
-        let mut h = Blake2b512::new();
-        h.update(self.secret);
-        for field in [client_id, name, password] {
-            h.update((field.len() as u64).to_le_bytes());
-            h.update(field.as_bytes());
-        }
-        h.finalize().into()
+    /// Whether an agent user exists whose site's client id is `client_id`.
+    pub fn agent_owns(&self, client_id: &str) -> bool {
+        // Refreshes the copy if it is stale.
+        let _ = self.user("");
+        let dir = self
+            .directory
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        dir.users.values().any(|u| match &u.access {
+            Access::Agent(site) => crate::mqtt::admission::agent_client_id(site) == client_id,
+            _ => false,
+        })
     }
 
     /// Checks a user name and password; the argon2 work runs off the async threads.
@@ -586,7 +638,8 @@ impl Authenticator {
             self.metrics.login_refused(r.reason());
             Err(r)
         };
-        if let Some(ip) = peer
+        let address = peer.map(address_key);
+        if let Some(ip) = address
             && self.address_failures.is_locked(&ip)
         {
             return refused(LoginRefusal::AddressLockedOut);
@@ -612,16 +665,40 @@ impl Authenticator {
             self.metrics.login_ok(true);
             return Ok(principal);
         }
-        if self.failures.is_locked(&short_name(name)) {
+        // Where this user logged in lately, a lock on the name (someone guessing from
+        // elsewhere) does not apply; failures from here still count against the address.
+        let known = address.is_some_and(|ip| self.known_address(name, ip));
+        let key = short_name(name);
+        if !known && self.failures.is_locked(&key) {
             return refused(LoginRefusal::LockedOut);
         }
         let ok = {
-            let Ok(_slot) = self.verify_slots.acquire().await else {
-                return refused(LoginRefusal::BadPassword);
+            let _waiting = match Waiting::enter(&self.verify_waiting, self.config.verify_queue) {
+                Some(w) => w,
+                None => return refused(LoginRefusal::Busy),
             };
+            let Ok(_slot) = self.verify_slots.acquire().await else {
+                return refused(LoginRefusal::Busy);
+            };
+            // The wait may have been long: the locks are checked again, and a check is only
+            // started while the failures it could add stay within the limit.
+            if let Some(ip) = address
+                && self.address_failures.is_locked(&ip)
+            {
+                return refused(LoginRefusal::AddressLockedOut);
+            }
+            let reserved = !known;
+            if reserved {
+                match self.failures.begin(&key) {
+                    Begin::Started => {}
+                    Begin::Locked => return refused(LoginRefusal::LockedOut),
+                    Begin::Full => return refused(LoginRefusal::Busy),
+                }
+            }
+            self.metrics.password_checked();
             let hash = user.password_hash.clone();
             let password = password.to_owned();
-            tokio::task::spawn_blocking(move || {
+            let ok = tokio::task::spawn_blocking(move || {
                 PasswordHash::new(&hash).is_ok_and(|parsed| {
                     Argon2::default()
                         .verify_password(password.as_bytes(), &parsed)
@@ -629,7 +706,14 @@ impl Authenticator {
                 })
             })
             .await
-            .unwrap_or(false)
+            .unwrap_or(false);
+            if !ok {
+                self.record_failure(name, peer);
+            }
+            if reserved {
+                self.failures.end(&key);
+            }
+            ok
         };
         if ok {
             let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
@@ -645,12 +729,40 @@ impl Authenticator {
                     until: Instant::now() + self.config.login_cache_ttl.0,
                 },
             );
+            drop(cache);
+            if let Some(ip) = address {
+                self.note_known_address(name, ip);
+            }
             self.metrics.login_ok(false);
             Ok(principal)
         } else {
-            self.record_failure(name, peer);
             refused(LoginRefusal::BadPassword)
         }
+    }
+
+    fn known_address(&self, name: &str, ip: IpAddr) -> bool {
+        let known = self
+            .known_addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        known
+            .get(&(short_name(name), ip))
+            .is_some_and(|t| t.elapsed() < self.config.known_address_ttl.0)
+    }
+
+    fn note_known_address(&self, name: &str, ip: IpAddr) {
+        let mut known = self
+            .known_addresses
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if known.len() >= 50_000 {
+            let ttl = self.config.known_address_ttl.0;
+            known.retain(|_, t| t.elapsed() < ttl);
+            if known.len() >= 50_000 {
+                known.clear();
+            }
+        }
+        known.insert((short_name(name), ip), Instant::now());
     }
 
     fn digest(&self, name: &str, password: &str) -> [u8; 64] {
@@ -675,12 +787,34 @@ impl Authenticator {
             self.metrics.login_lockout();
             tracing::warn!(user = %short_name(name), failures, "too many failed logins: locked out");
         }
-        if let Some(ip) = peer
+        if let Some(ip) = peer.map(address_key)
             && let Some(failures) = self.address_failures.record(ip)
         {
             self.metrics.login_lockout();
             tracing::warn!(address = %ip, failures, "too many failed logins from one address: locked out");
         }
+    }
+}
+
+/// A login waiting for or holding a password-check slot; leaves the count when dropped.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    /// Enters unless `max` are already waiting.
+    fn enter(count: &'a std::sync::atomic::AtomicUsize, max: usize) -> Option<Waiting<'a>> {
+        use std::sync::atomic::Ordering;
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max.max(1)).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Waiting(count))
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -830,8 +964,19 @@ mod tests {
         );
     }
 
+    #[test]
+    fn ipv6_addresses_count_per_64_and_mapped_ipv4_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:1:2:3".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_key(a), address_key(b));
+        assert_ne!(address_key(a), address_key(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(address_key(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
+    }
+
     #[tokio::test]
-    async fn the_auth_hook_finds_the_address_the_guard_noted() {
+    async fn failures_from_one_ipv6_64_lock_the_whole_64() {
         let dir = tempfile::tempdir().unwrap();
         let conn = db::open(dir.path()).unwrap();
         add_user(&conn, "agent-1", &shinjuku_agent(), "s3cret", &cheap()).unwrap();
@@ -839,22 +984,97 @@ mod tests {
         config.max_failed_logins = 100;
         config.max_failed_logins_per_address = 2;
         let auth = Authenticator::new(dir.path(), false, config, Arc::new(Metrics::new())).unwrap();
-        let guesser: IpAddr = "198.51.100.1".parse().unwrap();
-        for password in ["x", "y"] {
-            auth.note_peer("c1", "agent-1", password, Some(guesser));
+        for host in ["2001:db8::1", "2001:db8::2"] {
             assert_eq!(
-                auth.verify_client("c1", "agent-1", password).await,
+                auth.verify_from(host.parse().ok(), "agent-1", "x").await,
                 Err(LoginRefusal::BadPassword)
             );
         }
-        // The same client id with the right password from elsewhere is not the guesser's.
-        auth.note_peer("c1", "agent-1", "s3cret", "198.51.100.2".parse().ok());
-        assert!(auth.verify_client("c1", "agent-1", "s3cret").await.is_ok());
-        auth.note_peer("c2", "agent-1", "s3cret", Some(guesser));
         assert_eq!(
-            auth.verify_client("c2", "agent-1", "s3cret").await,
+            auth.verify_from("2001:db8::ffff".parse().ok(), "agent-1", "s3cret")
+                .await,
             Err(LoginRefusal::AddressLockedOut)
         );
+        assert!(
+            auth.verify_from("2001:db8:0:1::1".parse().ok(), "agent-1", "s3cret")
+                .await
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_locked_name_still_gets_in_from_where_it_logged_in_lately() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(dir.path()).unwrap();
+        add_user(&conn, "hq-sato", &Access::Hq, "s3cret", &cheap()).unwrap();
+        let mut config = cheap();
+        config.login_cache_ttl = HumanDuration(Duration::ZERO);
+        let auth = Authenticator::new(dir.path(), false, config, Arc::new(Metrics::new())).unwrap();
+        let office: IpAddr = "192.0.2.10".parse().unwrap();
+        let guesser: IpAddr = "198.51.100.1".parse().unwrap();
+        assert!(
+            auth.verify_from(Some(office), "hq-sato", "s3cret")
+                .await
+                .is_ok()
+        );
+        for _ in 0..3 {
+            let _ = auth.verify_from(Some(guesser), "hq-sato", "guess").await;
+        }
+        assert_eq!(
+            auth.verify_from(Some(guesser), "hq-sato", "s3cret").await,
+            Err(LoginRefusal::LockedOut)
+        );
+        assert_eq!(
+            auth.verify_from("192.0.2.11".parse().ok(), "hq-sato", "s3cret")
+                .await,
+            Err(LoginRefusal::LockedOut),
+            "a new address is locked out with the name"
+        );
+        assert!(
+            auth.verify_from(Some(office), "hq-sato", "s3cret")
+                .await
+                .is_ok(),
+            "the office where sato logged in is not"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_wrong_passwords_run_at_most_the_failure_limit_of_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = db::open(dir.path()).unwrap();
+        add_user(&conn, "hq-sato", &Access::Hq, "s3cret", &cheap()).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let mut config = cheap();
+        config.max_failed_logins = 5;
+        config.max_failed_logins_per_address = 1_000_000;
+        config.verify_threads = 4;
+        config.verify_queue = 32;
+        let auth = Arc::new(Authenticator::new(dir.path(), false, config, metrics.clone()).unwrap());
+        let tries: Vec<_> = (0..500)
+            .map(|i| {
+                let auth = auth.clone();
+                tokio::spawn(async move {
+                    let peer = IpAddr::from([10, 0, (i / 256) as u8, (i % 256) as u8]);
+                    auth.verify_from(Some(peer), "hq-sato", "wrong").await
+                })
+            })
+            .collect();
+        let mut busy = 0;
+        for t in tries {
+            match t.await.unwrap() {
+                Err(LoginRefusal::Busy) => busy += 1,
+                Err(_) => {}
+                Ok(_) => panic!("a wrong password got in"),
+            }
+        }
+        let text = metrics.render();
+        let checks: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("renkei_password_checks_total "))
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        assert!(checks <= 5, "{checks} checks for a limit of 5");
+        assert!(busy > 0, "the queue is bounded");
     }
 
     #[tokio::test]

@@ -81,6 +81,16 @@ pub struct MqttConfig {
     /// PROXY protocol header (v1 or v2): connections without one are refused, and the
     /// client address it gives counts failed logins.
     pub proxy_protocol: bool,
+    /// Sessions one user holds at once: open connections and saved persistent sessions (an
+    /// agent may only use its site's one client id, so it holds at most one).
+    pub max_connections_per_user: usize,
+    /// Topic filters one session may subscribe to.
+    pub max_filters_per_connection: usize,
+    /// Topic filters all of one user's sessions may subscribe to together.
+    pub max_filters_per_user: usize,
+    /// Distinct request, incident and request-acknowledgement ids the broker retains per site
+    /// (each kind counted on its own).
+    pub max_items_per_site: usize,
 }
 
 impl MqttConfig {
@@ -109,6 +119,10 @@ impl Default for MqttConfig {
             tls_cert_file: None,
             tls_key_file: None,
             proxy_protocol: false,
+            max_connections_per_user: 16,
+            max_filters_per_connection: 32,
+            max_filters_per_user: 256,
+            max_items_per_site: 1_000,
         }
     }
 }
@@ -169,6 +183,12 @@ pub struct AuthConfig {
     pub lockout: HumanDuration,
     /// Argon2 verifications run at once (each takes `hash_memory` and a core for a moment).
     pub verify_threads: usize,
+    /// Logins that may wait for a verification slot; more are refused at once (MQTT:
+    /// CONNACK 3) and retry later.
+    pub verify_queue: usize,
+    /// A user locked out by failures elsewhere still gets in from an address where it logged
+    /// in successfully within this long.
+    pub known_address_ttl: HumanDuration,
     /// Argon2id cost of new password hashes (`user add`); existing hashes keep theirs.
     pub hash_memory: ByteSize,
     pub hash_iterations: u32,
@@ -183,6 +203,8 @@ impl Default for AuthConfig {
             max_failed_logins_per_address: 30,
             lockout: HumanDuration(Duration::from_secs(300)),
             verify_threads: 2,
+            verify_queue: 64,
+            known_address_ttl: HumanDuration(Duration::from_secs(24 * 3600)),
             // OWASP's argon2id baseline (19 MiB, 2 passes, 1 lane).
             hash_memory: ByteSize(19 * 1024 * 1024),
             hash_iterations: 2,

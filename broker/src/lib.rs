@@ -230,6 +230,9 @@ impl Broker {
         let (mut source, ingest, mut publisher, held) = match &config.external.broker {
             None => {
                 let mqtt = Mqtt::new(&config.mqtt, &auth, &metrics, interest.clone())?;
+                for (topic, _, _) in &restored.retained {
+                    mqtt.admission().seed_item(topic);
+                }
                 let ingest = Ingest::start(mqtt.link("ingest")?, setup)?;
                 let publisher = Publisher::new(mqtt.link("publisher")?);
                 (Source::Embedded(mqtt), ingest, publisher, None)

@@ -33,6 +33,8 @@ pub struct Metrics {
     /// Logins refused by reason (`auth::LoginRefusal::reason`), and lockouts started.
     logins_refused: Mutex<BTreeMap<&'static str, u64>>,
     lockouts: AtomicU64,
+    /// Argon2 password checks run (a cached login runs none).
+    password_checks: AtomicU64,
     /// Publishes, subscriptions and last wills refused by topic access control, by reason.
     acl_refused: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Records waiting for the recorder thread (shared with its senders).
@@ -99,6 +101,10 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         *map.entry(reason).or_default() += 1;
+    }
+
+    pub fn password_checked(&self) {
+        self.password_checks.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn login_lockout(&self) {
@@ -255,6 +261,17 @@ impl Metrics {
             "User names locked out after too many failed logins.",
         );
         let _ = writeln!(out, "renkei_login_lockouts_total {}", load(&self.lockouts));
+        header(
+            &mut out,
+            "renkei_password_checks_total",
+            "counter",
+            "Argon2 password checks run (logins the cache answered run none).",
+        );
+        let _ = writeln!(
+            out,
+            "renkei_password_checks_total {}",
+            load(&self.password_checks)
+        );
         header(
             &mut out,
             "renkei_acl_refused_total",

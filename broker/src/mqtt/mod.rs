@@ -14,29 +14,33 @@
 //! before handing them over, then waits until both listeners answer a real MQTT CONNECT
 //! ([`probe`]) before it reports the addresses.
 
+pub mod admission;
 pub mod probe;
 pub mod tls;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use ppp::PartialResult as _;
 use renkei_shared::receipt::RECEIPT_ROOT;
-use renkei_shared::topic;
+use renkei_shared::{Topic, topic};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{self, Login, Packet, Protocol, SubscribeReasonCode};
+use rumqttd::protocol::{
+    self, ConnectReturnCode, Login, Packet, Protocol, SubscribeReasonCode,
+};
 use rumqttd::{
     ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings,
 };
 use tokio::sync::mpsc;
 
 use crate::acl;
-use crate::auth::{Access, Authenticator, Principal};
+use crate::auth::{Access, Authenticator, LoginRefusal, Principal};
+use admission::{Admission, SessionRefusal, Ticket};
 use crate::config::MqttConfig;
 use crate::metrics::Metrics;
 use crate::receipts::{Interest, Wants};
@@ -146,6 +150,7 @@ pub struct Mqtt {
     stopped: mpsc::UnboundedReceiver<MqttError>,
     /// For the readiness probes' login.
     auth: Arc<Authenticator>,
+    admission: Arc<Admission>,
 }
 
 impl std::fmt::Debug for Mqtt {
@@ -190,6 +195,12 @@ impl Mqtt {
             }),
             _ => None,
         };
+        let admission = Admission::new(admission::Limits {
+            connections_per_user: config.max_connections_per_user,
+            filters_per_connection: config.max_filters_per_connection,
+            filters_per_user: config.max_filters_per_user,
+            items_per_site: config.max_items_per_site,
+        });
         let router_tx = Router::new(0, router_config(config)).spawn();
         let mut listeners = vec![
             (Listener::Tcp, tcp_addr, &metrics.tcp_connections),
@@ -207,7 +218,7 @@ impl Mqtt {
                     Listener::WebSocket => false,
                 };
                 let server = Server::new(
-                    server_settings(config, listener, addr, auth),
+                    server_settings(config, listener, addr, auth, &admission, metrics),
                     router_tx.clone(),
                     Guard::listening(
                         gauge.clone(),
@@ -215,6 +226,7 @@ impl Mqtt {
                         metrics.clone(),
                         proxied,
                         interest.clone(),
+                        admission.clone(),
                     ),
                 );
                 (listener, addr, server)
@@ -238,7 +250,13 @@ impl Mqtt {
             stopped_tx,
             stopped,
             auth: auth.clone(),
+            admission,
         })
+    }
+
+    /// The session book: client ids bound to logins, and what each login holds.
+    pub fn admission(&self) -> &Arc<Admission> {
+        &self.admission
     }
 
     /// Opens an in-process link (`LinkTx`/`LinkRx`) named `name` under the reserved prefix.
@@ -499,6 +517,8 @@ fn server_settings(
     listener: Listener,
     addr: SocketAddr,
     auth: &Arc<Authenticator>,
+    admission: &Arc<Admission>,
+    metrics: &Arc<Metrics>,
 ) -> ServerSettings {
     let mut settings = ServerSettings {
         name: listener.thread_name().into(),
@@ -518,15 +538,82 @@ fn server_settings(
         },
     };
     let auth = auth.clone();
+    let admission = admission.clone();
+    let metrics = metrics.clone();
     settings.set_auth_handler(move |client_id: String, user: String, password: String| {
         let auth = auth.clone();
+        let admission = admission.clone();
+        let metrics = metrics.clone();
         async move {
-            auth.verify_client(&client_id, &user, &password)
-                .await
-                .is_ok()
+            let verdict = admit(&auth, &admission, &metrics, &client_id, &user, &password).await;
+            connack_verdict(verdict)
         }
     });
     settings
+}
+
+/// Why the auth hook refused a CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnectRefusal {
+    Login(LoginRefusal),
+    Session(SessionRefusal),
+    /// The guard never saw this CONNECT (its entry was dropped under a flood): try again.
+    Unseen,
+}
+
+/// The auth hook: the password (with the address the guard saw), then the session.
+async fn admit(
+    auth: &Authenticator,
+    admission: &Admission,
+    metrics: &Metrics,
+    client_id: &str,
+    user: &str,
+    password: &str,
+) -> Result<(), ConnectRefusal> {
+    let Some(peer) = admission.peer_of(client_id, user, password) else {
+        metrics.login_refused("unseen");
+        return Err(ConnectRefusal::Unseen);
+    };
+    let principal = auth
+        .verify_from(peer, user, password)
+        .await
+        .map_err(ConnectRefusal::Login)?;
+    admission
+        .admit(&principal, client_id, user, password)
+        .map_err(|refusal| {
+            metrics.login_refused(refusal.reason());
+            tracing::info!(
+                client_id = %short(client_id),
+                user = %short(user),
+                reason = refusal.reason(),
+                "refused CONNECT"
+            );
+            ConnectRefusal::Session(refusal)
+        })
+}
+
+/// The CONNACK a refusal gets (MQTT 3.1.1 §3.2.2.3).
+fn connack_code(refusal: ConnectRefusal) -> ConnectReturnCode {
+    match refusal {
+        ConnectRefusal::Login(LoginRefusal::UnknownUser | LoginRefusal::BadPassword) => {
+            ConnectReturnCode::BadUserNamePassword
+        }
+        ConnectRefusal::Login(
+            LoginRefusal::Anonymous | LoginRefusal::LockedOut | LoginRefusal::AddressLockedOut,
+        ) => ConnectReturnCode::NotAuthorized,
+        ConnectRefusal::Login(LoginRefusal::Busy) | ConnectRefusal::Unseen => {
+            ConnectReturnCode::ServiceUnavailable
+        }
+        ConnectRefusal::Session(s) if s.identifier_rejected() => {
+            ConnectReturnCode::ClientIdentifierNotValid
+        }
+        ConnectRefusal::Session(_) => ConnectReturnCode::ServiceUnavailable,
+    }
+}
+
+fn connack_verdict(verdict: Result<(), ConnectRefusal>) -> bool {
+    let code = verdict.map_err(connack_code);
+    code.is_ok()
 }
 
 /// Connections a listener's kernel queue holds while they wait to be accepted: as deep as the
@@ -658,6 +745,12 @@ pub struct Guard {
     /// SUBSCRIBE packet ids → positions of refused filters, until their SUBACK goes out.
     /// A mutex because `Protocol::write` takes `&self`.
     refused_filters: Mutex<HashMap<u16, Vec<usize>>>,
+    /// Client ids bound to logins, and the bounds on what a login holds.
+    admission: Arc<Admission>,
+    /// This connection's claim on its session, from CONNECT on.
+    ticket: Option<Arc<Ticket>>,
+    /// A bound was hit: logged once per connection, then only counted.
+    limit_logged: AtomicBool,
 }
 
 impl std::fmt::Debug for Guard {
@@ -676,6 +769,7 @@ impl Guard {
         metrics: Arc<Metrics>,
         proxied: bool,
         interest: Arc<Interest>,
+        admission: Arc<Admission>,
     ) -> Self {
         Guard {
             inner: V4,
@@ -690,6 +784,23 @@ impl Guard {
             interest,
             receipt_filters: Vec::new(),
             refused_filters: Mutex::new(HashMap::new()),
+            admission,
+            ticket: None,
+            limit_logged: AtomicBool::new(false),
+        }
+    }
+
+    /// Logs a bound hit by this connection, the first time only; counts every time.
+    fn over_limit(&self, packet: &'static str, reason: &'static str, what: &str) {
+        self.metrics.acl_refused(packet, reason);
+        if !self.limit_logged.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                user = %self.principal.as_ref().map_or("", |p| p.name.as_str()),
+                packet,
+                reason,
+                what = %short(what),
+                "refused: over a per-login bound (logged once per connection)"
+            );
         }
     }
 
@@ -774,14 +885,20 @@ impl Guard {
                 );
                 protocol::Error::InvalidProtocol
             })?;
-        if let Some(login) = &login {
-            // The auth hook, which checks the password next, is not told the address.
-            self.auth.note_peer(
-                &connect.client_id,
-                &login.username,
-                &login.password,
-                self.peer,
+        if let Err(refusal) = admission::may_use_client_id(
+            &principal,
+            &connect.client_id,
+            |name| self.auth.is_user(name),
+            |id| self.auth.agent_owns(id),
+        ) {
+            self.metrics.login_refused(refusal.reason());
+            tracing::info!(
+                client_id = %short(&connect.client_id),
+                user = %principal.name,
+                reason = refusal.reason(),
+                "refused CONNECT: the client id belongs to another login"
             );
+            return Err(refuse_connect(ConnectReturnCode::ClientIdentifierNotValid));
         }
         if let Some(will) = &will {
             let topic = std::str::from_utf8(&will.topic).unwrap_or("");
@@ -805,29 +922,57 @@ impl Guard {
                 password: String::new(),
             });
         }
+        if let Some(login) = &login {
+            // The auth hook, which checks the password next, is told neither the address nor
+            // the session: it finds them here, and fills the ticket when it admits.
+            self.ticket = Some(self.admission.expect(
+                &connect.client_id,
+                &login.username,
+                &login.password,
+                self.peer,
+                connect.clean_session,
+            ));
+        }
         self.principal = Some(principal);
         Ok(Packet::Connect(connect, props, will, will_props, login))
     }
 
-    fn check_publish(&self, topic: &[u8]) -> Result<(), protocol::Error> {
+    fn check_publish(&self, packet: Packet) -> Result<Packet, protocol::Error> {
+        let Packet::Publish(mut publish, props) = packet else {
+            return Ok(packet);
+        };
         let principal = self
             .principal
             .as_ref()
             .ok_or(protocol::Error::InvalidProtocol)?;
+        let topic = &publish.topic;
         let verdict = std::str::from_utf8(topic)
             .map_err(|_| "not_utf8")
-            .and_then(|topic| acl::may_publish(principal, topic));
-        if let Err(reason) = verdict {
-            self.metrics.acl_refused("publish", reason);
-            tracing::info!(
-                user = %principal.name,
-                topic = %short(&String::from_utf8_lossy(topic)),
-                reason,
-                "refused PUBLISH: disconnecting"
-            );
-            return Err(protocol::Error::InvalidProtocol);
+            .and_then(|topic| acl::may_publish(principal, topic).map(|()| topic));
+        let topic = match verdict {
+            Ok(topic) => topic,
+            Err(reason) => {
+                self.metrics.acl_refused("publish", reason);
+                tracing::info!(
+                    user = %principal.name,
+                    topic = %short(&String::from_utf8_lossy(topic)),
+                    reason,
+                    "refused PUBLISH: disconnecting"
+                );
+                return Err(protocol::Error::InvalidProtocol);
+            }
+        };
+        if let Ok(parsed) = Topic::parse(topic)
+            && let Err(reason) = self.admission.publish_item(&parsed)
+        {
+            // Over a bound the publish is taken off the router's path, not the connection
+            // closed: an agent would send it again at once on reconnect, ahead of every
+            // other report. It gets its PUBACK, no receipt, and keeps the report.
+            self.over_limit("publish", reason, topic);
+            publish.topic = SINK_TOPIC.as_bytes().to_vec().into();
+            publish.retain = false;
         }
-        Ok(())
+        Ok(Packet::Publish(publish, props))
     }
 
     fn check_subscribe(&mut self, packet: Packet) -> Result<Packet, protocol::Error> {
@@ -840,6 +985,10 @@ impl Guard {
             .ok_or(protocol::Error::InvalidProtocol)?;
         let mut refused = Vec::new();
         for (i, filter) in subscribe.filters.iter_mut().enumerate() {
+            let within_bounds = || match &self.ticket {
+                Some(ticket) => ticket.subscribe(&filter.path),
+                None => Err("not_admitted"),
+            };
             if !acl::may_subscribe(principal, &filter.path) {
                 self.metrics.acl_refused("subscribe", "filter");
                 tracing::info!(
@@ -847,6 +996,10 @@ impl Guard {
                     filter = %short(&filter.path),
                     "refused subscription"
                 );
+                filter.path = acl::REFUSED_FILTER.to_owned();
+                refused.push(i);
+            } else if let Err(reason) = within_bounds() {
+                self.over_limit("subscribe", reason, &filter.path);
                 filter.path = acl::REFUSED_FILTER.to_owned();
                 refused.push(i);
             } else if let Some(wants) = Interest::of_filter(&filter.path) {
@@ -863,6 +1016,17 @@ impl Guard {
         }
         Ok(Packet::Subscribe(subscribe, props))
     }
+}
+
+/// Where a publish over a per-login bound goes instead of its topic: no client may subscribe
+/// to a `$` topic ([`acl::may_subscribe`]) and no wildcard matches one, so it reaches no one,
+/// and it is never retained.
+pub const SINK_TOPIC: &str = "$renkei/refused";
+
+/// A CONNECT refused by the guard, answered with CONNACK `code`.
+fn refuse_connect(code: ConnectReturnCode) -> protocol::Error {
+    let _ = code;
+    protocol::Error::InvalidProtocol
 }
 
 /// Text from the network, cut short for a log line.
@@ -886,6 +1050,9 @@ impl Clone for Guard {
             interest: self.interest.clone(),
             receipt_filters: Vec::new(),
             refused_filters: Mutex::new(HashMap::new()),
+            admission: self.admission.clone(),
+            ticket: None,
+            limit_logged: AtomicBool::new(false),
         }
     }
 }
@@ -935,11 +1102,16 @@ impl Protocol for Guard {
         };
         match packet {
             Packet::Connect(..) => self.on_connect(packet),
-            Packet::Publish(ref publish, _) => {
-                self.check_publish(&publish.topic)?;
+            Packet::Publish(..) => self.check_publish(packet),
+            Packet::Subscribe(..) => self.check_subscribe(packet),
+            Packet::Unsubscribe(ref unsubscribe, _) => {
+                if let Some(ticket) = &self.ticket {
+                    for filter in &unsubscribe.filters {
+                        ticket.unsubscribe(filter);
+                    }
+                }
                 Ok(packet)
             }
-            Packet::Subscribe(..) => self.check_subscribe(packet),
             other => Ok(other),
         }
     }
