@@ -1049,7 +1049,8 @@ mod tests {
         config.max_failed_logins_per_address = 1_000_000;
         config.verify_threads = 4;
         config.verify_queue = 32;
-        let auth = Arc::new(Authenticator::new(dir.path(), false, config, metrics.clone()).unwrap());
+        let auth =
+            Arc::new(Authenticator::new(dir.path(), false, config, metrics.clone()).unwrap());
         let tries: Vec<_> = (0..500)
             .map(|i| {
                 let auth = auth.clone();

@@ -10,6 +10,7 @@ mod harness;
 mod persistence;
 mod receipts;
 mod rules;
+mod sessions;
 mod tls;
 
 use std::process::Command;

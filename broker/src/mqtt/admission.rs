@@ -116,7 +116,11 @@ pub fn may_use_client_id(
         Access::Probe => refused,
         Access::Demo => {
             if looks_like_agent_id(client_id) {
-                return if agent_owns(client_id) { refused } else { Ok(()) };
+                return if agent_owns(client_id) {
+                    refused
+                } else {
+                    Ok(())
+                };
             }
             // Owned by a user if it is a user name or extends one with '-'.
             let owned = is_user(client_id)
@@ -379,7 +383,10 @@ impl Admission {
             }
             None => {
                 let usage = book.users.entry(owner.clone()).or_default();
-                if usage.sessions >= self.limits.connections_per_user {
+                // Anonymous demo clients share no identity to bound; each is still bounded
+                // per connection.
+                let bounded = principal.access != Access::Demo;
+                if bounded && usage.sessions >= self.limits.connections_per_user {
                     return Err(SessionRefusal::TooManyConnections);
                 }
                 usage.sessions += 1;
@@ -436,7 +443,8 @@ impl Admission {
             return Err("filters_per_connection");
         }
         let usage = book.users.entry(user.to_owned()).or_default();
-        if usage.filters >= self.limits.filters_per_user {
+        // The empty name is anonymous demo clients, each bounded per connection only.
+        if !user.is_empty() && usage.filters >= self.limits.filters_per_user {
             return Err("filters_per_user");
         }
         usage.filters += 1;
@@ -523,7 +531,12 @@ mod tests {
     const USERS: &[&str] = &["hq", "hq-sato", "dis", "agent-nishi"];
 
     fn check(p: &Principal, id: &str) -> Result<(), SessionRefusal> {
-        may_use_client_id(p, id, |n| USERS.contains(&n), |id| id == "agent-131041-es-a")
+        may_use_client_id(
+            p,
+            id,
+            |n| USERS.contains(&n),
+            |id| id == "agent-131041-es-a",
+        )
     }
 
     #[test]
@@ -532,7 +545,11 @@ mod tests {
         let agent = user("agent-nishi", Access::Agent(site.clone()));
         assert_eq!(check(&agent, &agent_client_id(&site)), Ok(()));
         for id in ["agent-nishi", "agent-131041-other", "hq", "x"] {
-            assert_eq!(check(&agent, id), Err(SessionRefusal::NotYourClientId), "{id}");
+            assert_eq!(
+                check(&agent, id),
+                Err(SessionRefusal::NotYourClientId),
+                "{id}"
+            );
         }
         assert_eq!(check(&agent, ""), Ok(()), "the empty id gets a random one");
     }
@@ -543,14 +560,24 @@ mod tests {
         for id in ["hq", "hq-1", "hq-dash-abc"] {
             assert_eq!(check(&hq, id), Ok(()), "{id}");
         }
-        for id in ["hq-sato", "hq-sato-dash", "hqx", "sato", "agent-131041-es-a", "h"] {
+        for id in [
+            "hq-sato",
+            "hq-sato-dash",
+            "hqx",
+            "sato",
+            "agent-131041-es-a",
+            "h",
+        ] {
             assert_eq!(check(&hq, id), Err(SessionRefusal::NotYourClientId), "{id}");
         }
         let sato = user("hq-sato", Access::Hq);
         assert_eq!(check(&sato, "hq-sato-dash-1"), Ok(()));
         assert!(check(&sato, "hq-1").is_err());
         let dis = user("dis", Access::Integrator);
-        assert!(check(&dis, "agent-131041-es-b").is_err(), "agent ids are agents'");
+        assert!(
+            check(&dis, "agent-131041-es-b").is_err(),
+            "agent ids are agents'"
+        );
     }
 
     #[test]
@@ -658,7 +685,10 @@ mod tests {
         assert!(a.admit(&p, "dis-1", "dis", "pw").is_err());
         let t = a.expect("dis-1", "dis", "pw", None, true);
         drop(t);
-        assert!(a.admit(&p, "dis-1", "dis", "pw").is_err(), "connection gone");
+        assert!(
+            a.admit(&p, "dis-1", "dis", "pw").is_err(),
+            "connection gone"
+        );
     }
 
     #[test]

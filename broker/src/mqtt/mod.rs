@@ -30,9 +30,7 @@ use renkei_shared::receipt::RECEIPT_ROOT;
 use renkei_shared::{Topic, topic};
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
-use rumqttd::protocol::{
-    self, ConnectReturnCode, Login, Packet, Protocol, SubscribeReasonCode,
-};
+use rumqttd::protocol::{self, ConnectReturnCode, Login, Packet, Protocol, SubscribeReasonCode};
 use rumqttd::{
     ConnectionSettings, LinkType, Router, RouterConfig, SegmentConfig, Server, ServerSettings,
 };
@@ -40,10 +38,10 @@ use tokio::sync::mpsc;
 
 use crate::acl;
 use crate::auth::{Access, Authenticator, LoginRefusal, Principal};
-use admission::{Admission, SessionRefusal, Ticket};
 use crate::config::MqttConfig;
 use crate::metrics::Metrics;
 use crate::receipts::{Interest, Wants};
+use admission::{Admission, SessionRefusal, Ticket};
 
 /// Client ids of the broker's own in-process links. Remote clients may not use the prefix: the
 /// router drops an existing connection when a new one takes its id.

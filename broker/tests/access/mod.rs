@@ -35,7 +35,7 @@ async fn anonymous_and_wrong_passwords_are_refused_and_counted() {
 
     let anonymous = MqttClient::try_connect(options(&addrs, "anonymous")).await;
     assert!(anonymous.is_err(), "anonymous refused without --demo");
-    let mut wrong = options(&addrs, "agent-nishi");
+    let mut wrong = options(&addrs, &harness::client_id_for("agent-nishi"));
     wrong.set_credentials("agent-nishi", "wrong");
     assert!(MqttClient::try_connect(wrong).await.is_err());
     let mut unknown = options(&addrs, "nobody");
@@ -72,7 +72,18 @@ async fn anonymous_and_wrong_passwords_are_refused_and_counted() {
     let out = Command::new("timeout")
         .args(["10", "mosquitto_sub", "-h", "127.0.0.1", "-p"])
         .arg(addrs.mqtt.port().to_string())
-        .args(["-u", "sato", "-P", "wrong", "-t", "renkei/v1/#", "-C", "1"])
+        .args([
+            "-i",
+            "sato-sub",
+            "-u",
+            "sato",
+            "-P",
+            "wrong",
+            "-t",
+            "renkei/v1/#",
+            "-C",
+            "1",
+        ])
         .args(["-W", "3"])
         .stdin(Stdio::null())
         .output()
@@ -93,7 +104,7 @@ async fn anonymous_and_wrong_passwords_are_refused_and_counted() {
     // Three failures lock a name out, even for the right password, unless it was verified
     // (and cached) before: the real agent keeps working while someone guesses.
     for _ in 0..3 {
-        let mut guess = options(&addrs, "guess");
+        let mut guess = options(&addrs, "tanaka");
         guess.set_credentials("tanaka", "guess");
         assert!(MqttClient::try_connect(guess).await.is_err());
     }
@@ -114,6 +125,7 @@ fn mosquitto_pub(port: u16, user: &str, topic: &str, payload: &Path, retain: boo
     let mut cmd = Command::new("timeout");
     cmd.args(["10", "mosquitto_pub", "-h", "127.0.0.1", "-p"])
         .arg(port.to_string())
+        .args(["-i", &harness::client_id_for(user)])
         .args(["-u", user, "-P", PASSWORD, "-q", "1", "-t", topic, "-f"])
         .arg(payload);
     if retain {
@@ -316,7 +328,7 @@ async fn integrators_read_the_mirror_and_publish_nothing() {
     assert!(admin.closed_within(PATIENCE).await);
 
     // An agent whose last will names another site is refused at CONNECT.
-    let mut will = options(&addrs, "agent-nishi");
+    let mut will = options(&addrs, &harness::client_id_for("agent-nishi"));
     will.set_credentials("agent-nishi", PASSWORD);
     will.set_last_will(rumqttc::LastWill::new(
         "renkei/v1/131016/chiyoda-es/life",
@@ -401,7 +413,7 @@ def on_subscribe(c, u, mid, codes, props=None):
 def on_disconnect(c, u, *rest):
     print("disconnected", flush=True)
     done.set()
-c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-" + user)
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user + "-paho")
 c.username_pw_set(user, password)
 c.on_connect, c.on_subscribe, c.on_disconnect = on_connect, on_subscribe, on_disconnect
 c.connect("127.0.0.1", port, 10)
@@ -552,7 +564,7 @@ def on_connect(c, u, flags, rc, props=None):
     done.set()
 def on_disconnect(c, u, *rest):
     done.set()
-c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-ws-" + user, transport="websockets")
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=user + "-paho-ws", transport="websockets")
 c.username_pw_set(user, password)
 c.on_connect, c.on_disconnect = on_connect, on_disconnect
 try:

@@ -185,6 +185,16 @@ pub fn add_user(dir: &std::path::Path, name: &str, role_args: &[&str], password:
 
 pub const PASSWORD: &str = "correct horse battery staple";
 
+/// The client id a user of [`with_users`] connects with: an agent must use its site's, anyone
+/// else an id under its own name (the broker binds client ids to logins).
+pub fn client_id_for(user: &str) -> String {
+    match user {
+        "agent-nishi" => "agent-131041-nishi-shinjuku-es".into(),
+        "agent-chiyoda" => "agent-131016-chiyoda-es".into(),
+        other => other.into(),
+    }
+}
+
 /// A broker directory with one user of every role: `agent-nishi` (131041/nishi-shinjuku-es),
 /// `agent-chiyoda` (131016/chiyoda-es), `tanaka` (ward 131041), `sato` (hq), `dis`
 /// (integrator), `root` (admin), all with [`PASSWORD`].
@@ -335,7 +345,7 @@ impl MqttClient {
 
     /// Connects as a user and waits for the CONNACK.
     pub async fn connect_as(addrs: &Addrs, user: &str, password: &str) -> MqttClient {
-        let mut options = options(addrs, user);
+        let mut options = options(addrs, &client_id_for(user));
         options.set_credentials(user, password);
         MqttClient::try_connect(options)
             .await

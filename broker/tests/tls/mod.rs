@@ -67,7 +67,7 @@ fn tls_options(port: u16, user: &str, ca: &Path) -> MqttOptions {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let mut options = MqttOptions::new(user, "localhost", port);
+    let mut options = MqttOptions::new(crate::harness::client_id_for(user), "localhost", port);
     options.set_credentials(user, PASSWORD);
     options.set_keep_alive(Duration::from_secs(5));
     options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
@@ -173,6 +173,7 @@ fn mosquitto_sub(port: u16, ca: &Path, user: &str, topic: &str) -> std::process:
         .arg(port.to_string())
         .arg("--cafile")
         .arg(ca)
+        .args(["-i", &format!("{user}-sub")])
         .args([
             "-u", user, "-P", PASSWORD, "-t", topic, "-C", "1", "-W", "5",
         ])
