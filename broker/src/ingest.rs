@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use renkei_shared::topic;
 use renkei_shared::validate::validate_for_topic;
-use renkei_shared::{BodyKind, Change, Envelope, Scope, State, Topic, decode};
+use renkei_shared::{BodyKind, Change, Envelope, Scope, State, Timestamp, Topic, decode};
 use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use tokio::sync::oneshot;
@@ -34,6 +34,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::{Outgoing, Publisher};
 use crate::recorder::{HANDOFF_RECORDS, Record, RecorderTx};
 use crate::rules::Trigger;
+use crate::skew;
 
 /// The live cross-ward state, written by ingest and read by HTTP.
 pub type LiveState = Arc<RwLock<State>>;
@@ -83,7 +84,15 @@ pub struct Rejection {
 }
 
 /// Checks one publish and applies it to `state`.
-pub fn process(state: &RwLock<State>, topic: &[u8], payload: &[u8]) -> Result<Accepted, Rejection> {
+///
+/// The live state takes the message with its sender's time as [`crate::skew`] adjusts it for
+/// `received_at`; the returned envelope is the message as sent.
+pub fn process(
+    state: &RwLock<State>,
+    topic: &[u8],
+    payload: &[u8],
+    received_at: Timestamp,
+) -> Result<Accepted, Rejection> {
     let bad_topic = |detail: String| Rejection {
         reason: "bad_topic",
         detail,
@@ -98,10 +107,11 @@ pub fn process(state: &RwLock<State>, topic: &[u8], payload: &[u8]) -> Result<Ac
         reason: e.reason(),
         detail: e.to_string(),
     })?;
+    let adjusted = skew::for_state(&envelope, received_at);
     let change = state
         .write()
         .unwrap_or_else(PoisonError::into_inner)
-        .apply(&envelope);
+        .apply(adjusted.as_ref().unwrap_or(&envelope));
     Ok(Accepted {
         topic,
         envelope,
@@ -405,8 +415,12 @@ impl Pipeline {
     /// [`Pipeline::flush`].
     pub fn handle(&mut self, topic: &[u8], payload: &[u8]) {
         let received_at = crate::http::now();
-        match process(&self.state, topic, payload) {
+        match process(&self.state, topic, payload, received_at) {
             Ok(accepted) => {
+                self.metrics.sent_at_skew(skew::Skew::of(
+                    accepted.envelope.header.sent_at,
+                    received_at,
+                ));
                 self.metrics
                     .accepted(accepted.envelope.body.kind(), &accepted.change);
                 // A redelivery adds nothing, and an older report arriving late must not
@@ -571,7 +585,7 @@ mod tests {
     fn accepts_a_valid_message_on_its_topic() {
         let state = RwLock::new(State::new());
         let bytes = encode(&sample::status()).unwrap();
-        let accepted = process(&state, status_topic().as_bytes(), &bytes).unwrap();
+        let accepted = process(&state, status_topic().as_bytes(), &bytes, sample::SENT_AT).unwrap();
         assert!(matches!(accepted.change, Change::Updated { .. }));
         assert_eq!(
             accepted.topic.json(),
@@ -830,8 +844,8 @@ mod tests {
         let state = RwLock::new(State::new());
         let bytes = encode(&sample::shelter()).unwrap();
         let topic = Topic::of(&sample::shelter()).unwrap().to_string();
-        process(&state, topic.as_bytes(), &bytes).unwrap();
-        let again = process(&state, topic.as_bytes(), &bytes).unwrap();
+        process(&state, topic.as_bytes(), &bytes, sample::SENT_AT).unwrap();
+        let again = process(&state, topic.as_bytes(), &bytes, sample::SENT_AT).unwrap();
         assert_eq!(again.change, Change::Duplicate);
     }
 
@@ -850,7 +864,7 @@ mod tests {
             (b"renkei/v1/131016/chiyoda-es/status", &good, "wrong_topic"),
         ];
         for (topic, payload, reason) in cases {
-            let err = process(&state, topic, payload).unwrap_err();
+            let err = process(&state, topic, payload, sample::SENT_AT).unwrap_err();
             assert_eq!(err.reason, reason, "{}", err.detail);
         }
         assert_eq!(*state.read().unwrap(), State::new());

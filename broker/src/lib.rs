@@ -24,6 +24,7 @@
 //! - [`ingest`]: the consumer that keeps the live state and the JSON mirror;
 //! - [`external`]: external-broker mode, where a clustered broker replaces the embedded one
 //!   and ingest, the mirror and the rules speak to it as an MQTT client;
+//! - [`skew`]: what the live state takes from a sender's clock;
 //! - [`rules`]: alerts raised and cleared from the live state, published through MQTT so that
 //!   they take the same path as every other message;
 //! - [`http`]: the axum routes (`router(AppState)`), with the state API in [`http::api`];
@@ -42,6 +43,7 @@ pub mod mqtt;
 pub mod receipts;
 pub mod recorder;
 pub mod rules;
+pub mod skew;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -35,6 +35,12 @@ pub struct Metrics {
     lockouts: AtomicU64,
     /// Argon2 password checks run (a cached login runs none).
     password_checks: AtomicU64,
+    /// Accepted messages whose `sent_at` was off the broker's clock past the tolerance, by
+    /// direction, and the largest skew seen each way (ms).
+    skew_future: AtomicU64,
+    skew_past: AtomicU64,
+    skew_future_max: AtomicU64,
+    skew_past_max: AtomicU64,
     /// Publishes, subscriptions and last wills refused by topic access control, by reason.
     acl_refused: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     /// Records waiting for the recorder thread (shared with its senders).
@@ -101,6 +107,16 @@ impl Metrics {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         *map.entry(reason).or_default() += 1;
+    }
+
+    pub fn sent_at_skew(&self, skew: crate::skew::Skew) {
+        let (count, max, ms) = match skew {
+            crate::skew::Skew::None => return,
+            crate::skew::Skew::Future(ms) => (&self.skew_future, &self.skew_future_max, ms),
+            crate::skew::Skew::Past(ms) => (&self.skew_past, &self.skew_past_max, ms),
+        };
+        count.fetch_add(1, Ordering::Relaxed);
+        max.fetch_max(u64::try_from(ms).unwrap_or(0), Ordering::Relaxed);
     }
 
     pub fn password_checked(&self) {
@@ -261,6 +277,33 @@ impl Metrics {
             "User names locked out after too many failed logins.",
         );
         let _ = writeln!(out, "renkei_login_lockouts_total {}", load(&self.lockouts));
+        header(
+            &mut out,
+            "renkei_sent_at_skew_total",
+            "counter",
+            "Accepted messages whose sent_at was more than 5 minutes off the broker's clock, by direction (past is normal after an outage).",
+        );
+        header(
+            &mut out,
+            "renkei_sent_at_skew_max_seconds",
+            "gauge",
+            "The largest such skew seen, by direction.",
+        );
+        for (direction, count, max) in [
+            ("future", &self.skew_future, &self.skew_future_max),
+            ("past", &self.skew_past, &self.skew_past_max),
+        ] {
+            let _ = writeln!(
+                out,
+                "renkei_sent_at_skew_total{{direction=\"{direction}\"}} {}",
+                load(count)
+            );
+            let _ = writeln!(
+                out,
+                "renkei_sent_at_skew_max_seconds{{direction=\"{direction}\"}} {}",
+                load(max) / 1000
+            );
+        }
         header(
             &mut out,
             "renkei_password_checks_total",

@@ -410,19 +410,22 @@ pub fn restore(data_dir: &Path) -> Result<Restored, RecorderError> {
     let conn = db::open(data_dir)?;
     let mut restored = Restored::default();
     let mut latest: HashMap<Topic, (u64, Envelope, Vec<u8>)> = HashMap::new();
-    let mut stmt = conn.prepare("SELECT topic, payload FROM messages ORDER BY id")?;
+    let mut stmt = conn.prepare("SELECT topic, payload, received_at FROM messages ORDER BY id")?;
     let mut rows = stmt.query([])?;
     let mut order = 0u64;
     while let Some(row) = rows.next()? {
         let topic: String = row.get(0)?;
         let payload: Vec<u8> = row.get(1)?;
+        let received_at = Timestamp(row.get(2)?);
         let (Ok(topic), Ok(envelope)) = (Topic::parse(&topic), decode(&payload)) else {
             restored.unreadable += 1;
             continue;
         };
         restored.messages += 1;
         order += 1;
-        let change = restored.state.apply(&envelope);
+        // As ingest applied it.
+        let adjusted = crate::skew::for_state(&envelope, received_at);
+        let change = restored.state.apply(adjusted.as_ref().unwrap_or(&envelope));
         if topic.retained() && matches!(change, Change::Updated { .. }) {
             latest.insert(topic, (order, envelope, payload));
         }

@@ -767,6 +767,54 @@ mod tests {
         assert_eq!(ids(&alerts), ["ex-occ-131041-nishi-shinjuku-es"]);
     }
 
+    /// Through ingest, as the broker takes messages: a sender's clock far off the broker's
+    /// neither fires the request rule on arrival nor keeps a dead site from going silent.
+    #[test]
+    fn a_senders_clock_far_off_neither_fires_nor_hides_an_alert() {
+        use crate::ingest::process;
+        use renkei_shared::{Topic, encode};
+        let state = std::sync::RwLock::new(State::new());
+        let received = at(0);
+        let send = |env: &Envelope| {
+            let topic = Topic::of(env).unwrap().to_string();
+            process(&state, topic.as_bytes(), &encode(env).unwrap(), received).unwrap();
+        };
+        // Heard from once, with a clock a year ahead.
+        let mut status = sample::status();
+        status.header.sent_at = at(365 * 24 * 3600);
+        send(&status);
+        // A request dated 1970.
+        let mut request = sample::request();
+        request.header.seq = status.header.seq + 1;
+        request.header.sent_at = Timestamp(0);
+        if let Body::Request(r) = &mut request.body {
+            r.state = RequestState::Requested;
+        }
+        send(&request);
+        let state = state.into_inner().unwrap();
+        let mode = request.header.mode;
+        let alerts = |now| -> Vec<String> {
+            evaluate(state.world(mode), mode, now, at(0), &T)
+                .into_keys()
+                .map(|id| id.as_str().to_owned())
+                .collect()
+        };
+        assert!(
+            !alerts(at(60)).iter().any(|id| id.starts_with("req-")),
+            "no unanswered-request alert a minute after it arrived"
+        );
+        assert!(
+            alerts(at(2 * 3600)).iter().any(|id| id.starts_with("req-")),
+            "two hours after it arrived it is unanswered"
+        );
+        // Silent after three intervals of the broker's clock, not a year later.
+        let silent = alerts(at(24 * 3600));
+        assert!(
+            silent.iter().any(|id| id.starts_with("silent-")),
+            "{silent:?}"
+        );
+    }
+
     #[test]
     fn long_ids_stay_valid_and_distinct() {
         let long = "s".repeat(64);
