@@ -25,7 +25,7 @@
 //! confirm = "receipt"            # receipt: kept until HQ has stored it | puback: until the broker took it
 //! disk_reserve = "1MiB"          # free disk never used; reports refused below it
 //! form_listen = "0.0.0.0:8090"   # the staff web form (--form); off by default
-//! form_pin = "…"                 # or RENKEI_AGENT_FORM_PIN
+//! form_pin = "…"                 # 6–64 digits, or RENKEI_AGENT_FORM_PIN
 //! power = "generator"            # when the OS does not say: grid | generator | battery | none
 //! battery_pct = 80               # when the OS does not say
 //! power_supply_dir = "/sys/class/power_supply"   # "" = do not read the OS
@@ -41,7 +41,7 @@ use renkei_shared::{
     Comms, GeoPoint, HqState, Id, LinkState, Mode, PowerSource, ShelterState, SiteKind, SiteRef,
     WardCode,
 };
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::power::{DEFAULT_POWER_SUPPLY_DIR, PowerProbe};
 
@@ -91,6 +91,12 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    /// An invalid setting that came from the config file (not from a flag).
+    #[error("config file {}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        source: Box<ConfigError>,
+    },
 }
 
 fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -102,7 +108,8 @@ fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> ConfigE
 }
 
 /// Settings as given, before checking. Filled by the config file and by the flags alike.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, clap::Args)]
+/// (Serialize: only to tell which keys a file gave, for errors that name the file.)
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// Broker address: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS (needs --ca-file)
@@ -186,7 +193,7 @@ pub struct RawConfig {
     #[arg(long = "form", value_name = "ADDR")]
     #[serde(default, deserialize_with = "scalar")]
     pub form_listen: Option<String>,
-    /// PIN the web form asks for before it saves a report [default: none]
+    /// PIN the web form asks for before it saves a report: 6–64 digits [default: none]
     #[arg(
         long,
         value_name = "PIN",
@@ -491,12 +498,18 @@ impl RawConfig {
                 })
             })
             .transpose()?;
-        let form_pin = match &self.form_pin {
-            Some(p) if p.trim().len() < 4 || p.trim().len() > 64 => {
+        let form_pin = match self.form_pin.as_deref().map(str::trim) {
+            // At least six digits: a million guesses, where a four-digit PIN is ten thousand.
+            // Digits only: what the form's numeric keypad types.
+            Some(p) if !(6..=64).contains(&p.len()) || !p.bytes().all(|b| b.is_ascii_digit()) => {
                 // The value is a secret: not repeated in the error.
-                return Err(invalid("form_pin", "…", "expected 4 to 64 characters"));
+                return Err(invalid(
+                    "form_pin",
+                    "…",
+                    "expected 6 to 64 digits (0–9): a shorter PIN is guessed too easily",
+                ));
             }
-            Some(p) => Some(FormPin(p.trim().to_owned())),
+            Some(p) => Some(FormPin(p.to_owned())),
             None => None,
         };
         if form_pin.is_some() && form_listen.is_none() {
@@ -622,6 +635,34 @@ impl RawConfig {
             hq,
             comms,
         })
+    }
+}
+
+impl RawConfig {
+    /// Whether these settings give `key` (a file key, `_` for `-`).
+    fn gives(&self, key: &str) -> bool {
+        toml::Value::try_from(self)
+            .ok()
+            .is_some_and(|table| table.get(key).is_some())
+    }
+}
+
+/// The settings of `renkei-agent run`: the file at `path` (if any) with `flags` over it,
+/// checked. An invalid value that came from the file is reported with the file's path, so
+/// the operator knows where to fix it.
+pub fn load(flags: RawConfig, path: Option<&Path>) -> Result<AgentConfig, ConfigError> {
+    let file = match path {
+        Some(path) => RawConfig::from_file(path)?,
+        None => RawConfig::default(),
+    };
+    let from_file = |key: &str| !flags.gives(key) && file.gives(key);
+    match flags.clone().or(file.clone()).resolve() {
+        Err(e @ ConfigError::Invalid { key, .. }) if from_file(key) => Err(ConfigError::InFile {
+            // `from_file` holds only with a file.
+            path: path.map(Path::to_owned).unwrap_or_default(),
+            source: Box::new(e),
+        }),
+        other => other,
     }
 }
 
@@ -1082,18 +1123,91 @@ mod tests {
     fn the_web_form_is_off_by_default_and_its_pin_is_never_printed() {
         assert_eq!(resolve(MINIMAL).unwrap().form_listen, None);
         let c = resolve(&format!(
-            "{MINIMAL}\nform_listen = \"0.0.0.0:8090\"\nform_pin = \"2468\""
+            "{MINIMAL}\nform_listen = \"0.0.0.0:8090\"\nform_pin = \"246810\""
         ))
         .unwrap();
         assert_eq!(c.form_listen, Some("0.0.0.0:8090".parse().unwrap()));
-        assert_eq!(c.form_pin, Some(FormPin("2468".into())));
-        assert!(!format!("{c:?}").contains("2468"));
+        assert_eq!(c.form_pin, Some(FormPin("246810".into())));
+        assert!(!format!("{c:?}").contains("246810"));
         assert!(error_of(&format!("{MINIMAL}\nform_listen = \"8090\"")).contains("form_listen"));
         let msg = error_of(&format!(
             "{MINIMAL}\nform_listen = \"127.0.0.1:1\"\nform_pin = \"12\""
         ));
         assert!(msg.contains("form_pin") && !msg.contains("12\""), "{msg}");
-        assert!(error_of(&format!("{MINIMAL}\nform_pin = \"2468\"")).contains("only used"));
+        let msg = error_of(&format!("{MINIMAL}\nform_pin = \"246810\""));
+        assert_eq!(
+            msg,
+            "form_pin = \"…\": only used with the web form (form_listen / --form)"
+        );
+    }
+
+    #[test]
+    fn a_bad_value_in_the_file_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            format!("{MINIMAL}\nform_listen = \"127.0.0.1:8090\"\nform_pin = \"2468\"\n"),
+        )
+        .unwrap();
+        let msg = load(RawConfig::default(), Some(&path))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "config file {}: form_pin = \"…\": expected 6 to 64 digits (0–9): a shorter \
+                 PIN is guessed too easily",
+                path.display()
+            )
+        );
+        // Given as a flag (or in the environment), the same value is not the file's fault.
+        let flags = RawConfig {
+            form_pin: Some("12".into()),
+            ..RawConfig::default()
+        };
+        let msg = load(flags, Some(&path)).unwrap_err().to_string();
+        assert!(msg.starts_with("form_pin = \"…\": expected 6"), "{msg}");
+        // A good flag mends the file's bad value.
+        let flags = RawConfig {
+            form_pin: Some("135790".into()),
+            ..RawConfig::default()
+        };
+        let c = load(flags, Some(&path)).unwrap();
+        assert_eq!(c.form_pin, Some(FormPin("135790".into())));
+        // Which keys a set of settings gives, for any key.
+        let file = RawConfig::from_file(&path).unwrap();
+        assert!(file.gives("form_pin") && file.gives("ward") && !file.gives("power"));
+        assert!(!RawConfig::default().gives("ward"));
+    }
+
+    #[test]
+    fn a_form_pin_has_at_least_six_digits() {
+        let with_pin =
+            |pin: &str| format!("{MINIMAL}\nform_listen = \"127.0.0.1:8090\"\nform_pin = {pin:?}");
+        for good in ["123456", " 246810 ", &"9".repeat(64)] {
+            let c = resolve(&with_pin(good)).unwrap();
+            assert_eq!(c.form_pin, Some(FormPin(good.trim().to_owned())), "{good}");
+        }
+        // Four digits are 10,000 guesses; letters are hard to type on a phone's number pad
+        // and invite a word; full-width digits are not what the form's keypad sends.
+        for bad in [
+            "2468",
+            "12345",
+            "abcdef",
+            "12345a",
+            "123 456",
+            "１２３４５６",
+            &"9".repeat(65),
+        ] {
+            let msg = error_of(&with_pin(bad));
+            assert!(
+                msg.starts_with("form_pin = \"…\": expected 6 to 64 digits"),
+                "{bad}: {msg}"
+            );
+            // The PIN is a secret: never repeated.
+            assert!(bad.trim().is_empty() || !msg.contains(bad.trim()), "{msg}");
+        }
     }
 
     #[test]

@@ -1401,7 +1401,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
     let config = write_config(
         dir.path(),
         broker.port,
-        &format!("form_listen = \"127.0.0.1:{form_port}\"\nform_pin = \"2468\""),
+        &format!("form_listen = \"127.0.0.1:{form_port}\"\nform_pin = \"246810\""),
     );
     let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
     let agent = Agent::spawn(
@@ -1436,7 +1436,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         form_port,
         "POST",
         "/report/shelter",
-        "evacuees=321&pin=1111",
+        "evacuees=321&pin=111111",
     );
     assert_eq!(code, 403);
     assert!(
@@ -1447,7 +1447,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         form_port,
         "POST",
         "/report/shelter",
-        "evacuees=50&households=80&pin=2468",
+        "evacuees=50&households=80&pin=246810",
     );
     assert_eq!(code, 422);
     assert!(
@@ -1465,7 +1465,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         form_port,
         "POST",
         "/report/shelter",
-        "evacuees=abc&pin=2468",
+        "evacuees=abc&pin=246810",
     );
     assert_eq!(code, 422);
     assert!(page.contains("abc") && page.contains("evacuees"), "{page}");
@@ -1473,7 +1473,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         form_port,
         "POST",
         "/report/request",
-        "item=water&quantity=0&note=%3Cscript%3E&pin=2468",
+        "item=water&quantity=0&note=%3Cscript%3E&pin=246810",
     );
     assert_eq!(code, 422);
     assert!(
@@ -1485,7 +1485,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         form_port,
         "POST",
         "/report/shelter",
-        "evacuees=321&capacity=400&state=open&households=100&elderly=5&pin=2468",
+        "evacuees=321&capacity=400&state=open&households=100&elderly=5&pin=246810",
     );
     assert_eq!(code, 200, "{page}");
     assert!(page.contains("保存しました / saved (seq"), "{page}");
@@ -1508,7 +1508,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         form_port,
         "POST",
         "/report/request",
-        "item=water&quantity=20&note=for+the+gym&pin=2468",
+        "item=water&quantity=20&note=for+the+gym&pin=246810",
     );
     assert_eq!(code, 200, "{page}");
     assert!(page.contains(", id req-"), "{page}");
