@@ -26,6 +26,9 @@
 //! disk_reserve = "1MiB"          # free disk never used; reports refused below it
 //! form_listen = "0.0.0.0:8090"   # the staff web form (--form); off by default
 //! form_pin = "…"                 # 6–64 digits, or RENKEI_AGENT_FORM_PIN
+//! form_max_connections = 128     # then the longest-idle connection makes room
+//! form_header_timeout = "10s"    # a request's head, then its body, each within this
+//! form_idle_timeout = "30s"      # a connection with no request in progress is closed
 //! power = "generator"            # when the OS does not say: grid | generator | battery | none
 //! battery_pct = 80               # when the OS does not say
 //! power_supply_dir = "/sys/class/power_supply"   # "" = do not read the OS
@@ -43,6 +46,7 @@ use renkei_shared::{
 };
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::form::FormLimits;
 use crate::power::{DEFAULT_POWER_SUPPLY_DIR, PowerProbe};
 
 /// Heartbeat interval when none is given.
@@ -202,6 +206,19 @@ pub struct RawConfig {
     )]
     #[serde(default, deserialize_with = "scalar")]
     pub form_pin: Option<String>,
+    /// Connections the web form holds at most; then the longest-idle one makes room
+    /// [default: 128]
+    #[arg(long, value_name = "N")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_max_connections: Option<String>,
+    /// Time a request's head, and then its body, may take to arrive [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_header_timeout: Option<String>,
+    /// A web form connection with no request in progress for this long is closed [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_idle_timeout: Option<String>,
     /// Power source when the OS does not say: grid | generator | battery | none | unknown
     #[arg(long, value_name = "SOURCE")]
     #[serde(default, deserialize_with = "scalar")]
@@ -328,6 +345,8 @@ pub struct AgentConfig {
     pub form_listen: Option<std::net::SocketAddr>,
     /// What the web form asks for before it saves, if anything.
     pub form_pin: Option<FormPin>,
+    /// The web form's connection and timeout limits.
+    pub form_limits: FormLimits,
     /// Where the heartbeat's power source and battery charge come from.
     pub power: PowerProbe,
     /// The ward HQ's state as staff gave it; unknown otherwise.
@@ -388,6 +407,9 @@ impl RawConfig {
             disk_reserve: self.disk_reserve.or(fallback.disk_reserve),
             form_listen: self.form_listen.or(fallback.form_listen),
             form_pin: self.form_pin.or(fallback.form_pin),
+            form_max_connections: self.form_max_connections.or(fallback.form_max_connections),
+            form_header_timeout: self.form_header_timeout.or(fallback.form_header_timeout),
+            form_idle_timeout: self.form_idle_timeout.or(fallback.form_idle_timeout),
             power: self.power.or(fallback.power),
             battery_pct: self.battery_pct.or(fallback.battery_pct),
             hq: self.hq.or(fallback.hq),
@@ -512,10 +534,18 @@ impl RawConfig {
             Some(p) => Some(FormPin(p.to_owned())),
             None => None,
         };
-        if form_pin.is_some() && form_listen.is_none() {
+        let form_limits = self.form_limits()?;
+        if form_listen.is_none()
+            && let Some((key, value)) = self.form_keys().find(|(_, v)| v.is_some())
+        {
+            let value = if key == "form_pin" {
+                "…"
+            } else {
+                value.unwrap_or_default()
+            };
             return Err(invalid(
-                "form_pin",
-                "…",
+                key,
+                value,
                 "only used with the web form (form_listen / --form)",
             ));
         }
@@ -631,6 +661,7 @@ impl RawConfig {
             disk_reserve,
             form_listen,
             form_pin,
+            form_limits,
             power,
             hq,
             comms,
@@ -639,6 +670,57 @@ impl RawConfig {
 }
 
 impl RawConfig {
+    /// The web form's limits, with their defaults.
+    fn form_limits(&self) -> Result<FormLimits, ConfigError> {
+        let d = FormLimits::default();
+        let duration = |key: &'static str, value: &Option<String>, default: Duration| {
+            let Some(text) = value else {
+                return Ok(default);
+            };
+            parse_duration(text)
+                .filter(|d| (Duration::from_millis(100)..=MAX_INTERVAL).contains(d))
+                .ok_or_else(|| {
+                    invalid(key, text, "expected a duration from 100ms to 24h, e.g. 10s")
+                })
+        };
+        let count = |key: &'static str, value: &Option<String>, max: u32, default: u32| {
+            let Some(text) = value else {
+                return Ok(default);
+            };
+            text.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| invalid(key, text, format!("expected a whole number, 1–{max}")))
+        };
+        Ok(FormLimits {
+            max_connections: count(
+                "form_max_connections",
+                &self.form_max_connections,
+                10_000,
+                u32::try_from(d.max_connections).unwrap_or(u32::MAX),
+            )? as usize,
+            header_timeout: duration(
+                "form_header_timeout",
+                &self.form_header_timeout,
+                d.header_timeout,
+            )?,
+            idle_timeout: duration("form_idle_timeout", &self.form_idle_timeout, d.idle_timeout)?,
+        })
+    }
+
+    /// The web form's keys other than `form_listen`, with their values as given.
+    fn form_keys(&self) -> impl Iterator<Item = (&'static str, Option<&str>)> {
+        [
+            ("form_pin", &self.form_pin),
+            ("form_max_connections", &self.form_max_connections),
+            ("form_header_timeout", &self.form_header_timeout),
+            ("form_idle_timeout", &self.form_idle_timeout),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.as_deref()))
+    }
+
     /// Whether these settings give `key` (a file key, `_` for `-`).
     fn gives(&self, key: &str) -> bool {
         toml::Value::try_from(self)
@@ -1139,6 +1221,38 @@ mod tests {
             msg,
             "form_pin = \"…\": only used with the web form (form_listen / --form)"
         );
+        let msg = error_of(&format!("{MINIMAL}\nform_idle_timeout = \"1m\""));
+        assert!(
+            msg.starts_with("form_idle_timeout = \"1m\": only used"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_web_form_limits() {
+        let form = |extra: &str| format!("{MINIMAL}\nform_listen = \"0.0.0.0:8090\"\n{extra}");
+        let c = resolve(&form("")).unwrap();
+        assert_eq!(c.form_limits, FormLimits::default());
+        let c = resolve(&form(
+            "form_max_connections = 32\nform_header_timeout = \"5s\"\n\
+             form_idle_timeout = \"1m\"",
+        ))
+        .unwrap();
+        let l = &c.form_limits;
+        assert_eq!(
+            (l.max_connections, l.header_timeout, l.idle_timeout),
+            (32, Duration::from_secs(5), Duration::from_secs(60))
+        );
+        for (line, expected) in [
+            ("form_max_connections = 0", "form_max_connections = \"0\""),
+            ("form_max_connections = \"many\"", "1–10000"),
+            ("form_header_timeout = \"10ms\"", "from 100ms to 24h"),
+            ("form_idle_timeout = \"forever\"", "form_idle_timeout"),
+            ("form_idle_timeout = \"2d\"", "form_idle_timeout"),
+        ] {
+            let msg = error_of(&form(line));
+            assert!(msg.contains(expected), "{line}: {msg}");
+        }
     }
 
     #[test]

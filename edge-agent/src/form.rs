@@ -13,17 +13,32 @@
 //! one `--flag=value` argument, so a post can never smuggle in another flag. The page is
 //! server-rendered HTML with a little CSS and no script: it must work on any phone browser.
 //! Off unless `form_listen` is set; optionally behind a PIN (`form_pin`).
+//!
+//! Defences, for a form that any device on the shelter's network can reach: the server
+//! holds at most [`FormLimits::max_connections`] connections (16 per device), closing the
+//! longest-idle one to make room; a request head must arrive within
+//! [`FormLimits::header_timeout`], its body within that again, and a connection with no
+//! request in progress for [`FormLimits::idle_timeout`] is closed: slow clients cannot hold
+//! it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Form, Path, State};
-use axum::http::StatusCode;
-use axum::response::Html;
+use axum::extract::{DefaultBodyLimit, Form, FromRequest, Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use clap::Parser;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use renkei_shared::{Mode, SiteRef};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tower::ServiceExt;
+use tracing::{debug, warn};
 
 use crate::link::LinkState;
 use crate::outbox::Outbox;
@@ -31,6 +46,31 @@ use crate::staff::{self, StaffReport, StoreError};
 
 /// Largest form body accepted: the longest text field is a few KiB.
 const MAX_BODY: usize = 32 * 1024;
+/// Connections one device may hold: a browser opens up to six per host; more is not a phone.
+const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
+/// How long a stopping server waits for its connections to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Limits of the form's server; the defaults suit a shelter's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormLimits {
+    /// Connections held at most; beyond it the longest-idle one is closed to make room.
+    pub max_connections: usize,
+    /// A request's head must arrive within this, and then its body within this again.
+    pub header_timeout: Duration,
+    /// A connection with no request in progress for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for FormLimits {
+    fn default() -> FormLimits {
+        FormLimits {
+            max_connections: 128,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
 
 /// What the form needs from the daemon.
 #[derive(Debug, Clone)]
@@ -45,6 +85,32 @@ pub struct FormState {
     pub pin: Option<String>,
     /// The daemon's link state, shown on the page.
     pub link: watch::Receiver<LinkState>,
+    pub limits: FormLimits,
+}
+
+/// Who a per-device limit counts: an IPv4 address, or an IPv6 /64, since one device may pick
+/// any address of its /64 at will.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Client {
+    V4(Ipv4Addr),
+    V6(u64),
+}
+
+impl Client {
+    fn of(ip: IpAddr) -> Client {
+        match ip {
+            IpAddr::V4(v4) => Client::V4(v4),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Client::V4(v4),
+                None => Client::V6((u128::from(v6) >> 64) as u64),
+            },
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere while holding it leaves counters, still usable: never a second panic.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The forms on the page, named as the `report` subcommands they feed.
@@ -272,8 +338,8 @@ fn value<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// The routes of the form, separate from serving so tests can call them without a socket.
-pub fn router(state: FormState) -> Router {
+/// The routes of the form, separate from serving.
+fn router(state: FormState) -> Router {
     Router::new()
         .route("/", get(page))
         // GET too: a phone reloading or bookmarking the page after a post gets the forms back.
@@ -282,17 +348,275 @@ pub fn router(state: FormState) -> Router {
         .with_state(Arc::new(state))
 }
 
+/// A short page for a refused request.
+fn refusal(code: StatusCode, message: &str) -> Response {
+    let page = format!(
+        "<!doctype html><html lang=\"ja\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
+         <title>Renkei</title><style>{STYLE}</style></head><body><p class=\"err\">{}</p>\
+         </body></html>",
+        escape(message)
+    );
+    (code, Html(page)).into_response()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The server.
+
 /// Serves the form on `listener` until `shutdown` turns true.
+///
+/// By hand on hyper's connection builder rather than `axum::serve`, which has no header
+/// timeout, no idle timeout and no connection cap; see [`FormLimits`] for the limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: FormState,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
+    let limits = state.limits.clone();
+    let app = router(state);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    let table = Arc::new(Mutex::new(Connections::new(limits.max_connections)));
+    let mut tasks = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of descriptors, mostly: wait for some to close rather than spin.
+                    warn!(error = %e, "web form: cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            Some(_) = tasks.join_next() => continue,
+            () = stopped(&mut shutdown) => break,
+        };
+        let Some(admitted) = lock(&table).admit(Client::of(peer.ip())) else {
+            debug!(%peer, "web form: every connection is busy; refused");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        tasks.spawn(connection(
+            http.clone(),
+            stream,
+            peer,
+            app.clone(),
+            admitted,
+            table.clone(),
+            limits.idle_timeout,
+            shutdown.clone(),
+        ));
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
+}
+
+/// Until `shutdown` turns true (or its sender is gone).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    // Not `wait_for` itself in a select: its guard must not live across an await.
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// One connection, until it ends, is evicted, idles too long, or the server stops.
+#[allow(clippy::too_many_arguments)]
+async fn connection(
+    http: hyper::server::conn::http1::Builder,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    admitted: Admitted,
+    table: Arc<Mutex<Connections>>,
+    idle_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Admitted {
+        id,
+        activity,
+        mut evicted,
+    } = admitted;
+    let service = {
+        let activity = activity.clone();
+        hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+            let in_request = Activity::begin(&activity);
+            let app = app.clone();
+            async move {
+                let response = app.oneshot(request).await;
+                drop(in_request);
+                response
+            }
         })
-        .await
+    };
+    let serving = http.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(serving);
+    let mut stopping = false;
+    loop {
+        let check_at = activity.idle_deadline(idle_timeout);
+        tokio::select! {
+            result = serving.as_mut() => {
+                if let Err(e) = result {
+                    debug!(%peer, error = %e, "web form: connection ended");
+                }
+                break;
+            }
+            _ = &mut evicted => {
+                debug!(%peer, "web form: connection closed to make room");
+                break;
+            }
+            () = tokio::time::sleep_until(check_at) => {
+                if activity.idle_for().is_some_and(|idle| idle >= idle_timeout) {
+                    debug!(%peer, "web form: idle connection closed");
+                    break;
+                }
+            }
+            () = stopped(&mut shutdown), if !stopping => {
+                stopping = true;
+                serving.as_mut().graceful_shutdown();
+            }
+        }
+    }
+    lock(&table).remove(id);
+}
+
+/// Whether a connection has a request in progress, and since when it has not.
+#[derive(Debug)]
+struct Activity {
+    epoch: Instant,
+    requests: AtomicUsize,
+    /// Milliseconds from `epoch` at which the last request ended (or the connection opened).
+    idle_since_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            epoch: Instant::now(),
+            requests: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn begin(activity: &Arc<Activity>) -> InRequest {
+        activity.requests.fetch_add(1, Ordering::SeqCst);
+        InRequest(activity.clone())
+    }
+
+    fn idle_since(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst))
+    }
+
+    /// How long the connection has been without a request; `None` during one.
+    fn idle_for(&self) -> Option<Duration> {
+        (self.requests.load(Ordering::SeqCst) == 0).then(|| self.idle_since().elapsed())
+    }
+
+    /// When the connection will have idled for `timeout`, if nothing happens before.
+    fn idle_deadline(&self, timeout: Duration) -> Instant {
+        match self.idle_for() {
+            Some(_) => self.idle_since() + timeout,
+            None => Instant::now() + timeout,
+        }
+    }
+}
+
+/// A request in progress on a connection; dropped when its response is ready.
+struct InRequest(Arc<Activity>);
+
+impl Drop for InRequest {
+    fn drop(&mut self) {
+        let a = &self.0;
+        let ms = u64::try_from(a.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        // The time first, then the count: whoever sees no request sees when the last ended.
+        a.idle_since_ms.store(ms, Ordering::SeqCst);
+        a.requests.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A connection let in: its id in the table, its activity, and what tells it to close.
+struct Admitted {
+    id: u64,
+    activity: Arc<Activity>,
+    evicted: oneshot::Receiver<()>,
+}
+
+/// The open connections, bounded: a new one beyond a device's share or the cap evicts the
+/// longest-idle connection (of that device, else of anyone); one with a request in progress
+/// is never evicted, and if every connection has one, the new connection is refused.
+/// Slow clients hold no request (hyper calls the service only once a head is complete), so
+/// however many they open they only ever push each other out.
+#[derive(Debug)]
+struct Connections {
+    max: usize,
+    per_client: usize,
+    next_id: u64,
+    open: HashMap<u64, Open>,
+}
+
+#[derive(Debug)]
+struct Open {
+    client: Client,
+    activity: Arc<Activity>,
+    /// Dropping it (on eviction) closes the connection.
+    _evict: oneshot::Sender<()>,
+}
+
+impl Connections {
+    fn new(max: usize) -> Connections {
+        let max = max.max(1);
+        Connections {
+            max,
+            per_client: MAX_CONNECTIONS_PER_CLIENT.min(max),
+            next_id: 0,
+            open: HashMap::new(),
+        }
+    }
+
+    fn admit(&mut self, who: Client) -> Option<Admitted> {
+        let own = self.open.values().filter(|o| o.client == who).count();
+        let only_own = if own >= self.per_client {
+            Some(true)
+        } else if self.open.len() >= self.max {
+            Some(false)
+        } else {
+            None
+        };
+        if let Some(only_own) = only_own {
+            let victim = self
+                .open
+                .iter()
+                .filter(|(_, o)| !only_own || o.client == who)
+                .filter_map(|(id, o)| o.activity.idle_for().map(|idle| (*id, idle)))
+                .max_by_key(|(_, idle)| *idle)
+                .map(|(id, _)| id)?;
+            self.open.remove(&victim);
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let activity = Activity::new();
+        let (evict, evicted) = oneshot::channel();
+        self.open.insert(
+            id,
+            Open {
+                client: who,
+                activity: activity.clone(),
+                _evict: evict,
+            },
+        );
+        Some(Admitted {
+            id,
+            activity,
+            evicted,
+        })
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.open.remove(&id);
+    }
 }
 
 /// What the page says about the link and the outbox.
@@ -326,15 +650,34 @@ async fn page(State(state): State<Arc<FormState>>) -> Html<String> {
 async fn submit(
     State(state): State<Arc<FormState>>,
     Path(kind): Path<String>,
-    Form(form): Form<Vec<(String, String)>>,
-) -> (StatusCode, Html<String>) {
+    request: Request,
+) -> Response {
     let Some(kind) = Kind::parse(&kind) else {
         let overview = overview(&state).await;
         let notice = Err("そのフォームはありません / no such form".to_owned());
         return (
             StatusCode::NOT_FOUND,
             Html(render(&state, &overview, Some(&notice), None)),
-        );
+        )
+            .into_response();
+    };
+    // The head came within the header timeout; the body gets as long again, so that a post
+    // trickled in a byte at a time cannot hold a request open.
+    let read = Form::<Vec<(String, String)>>::from_request(request, &());
+    let form = match tokio::time::timeout(state.limits.header_timeout, read).await {
+        Ok(Ok(Form(form))) => form,
+        Ok(Err(rejection)) => return rejection.into_response(),
+        Err(_) => {
+            let mut response = refusal(
+                StatusCode::REQUEST_TIMEOUT,
+                "送信が途中で止まりました。保存していません / the form did not arrive in time: \
+                 NOT saved",
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
     };
     let outcome = store(&state, kind, &form).await;
     let overview = overview(&state).await;
@@ -342,7 +685,7 @@ async fn submit(
         Ok(saved) => (StatusCode::OK, Ok(saved), None),
         Err((code, message)) => (code, Err(message), Some((kind, form.as_slice()))),
     };
-    (code, Html(render(&state, &overview, Some(&notice), refill)))
+    (code, Html(render(&state, &overview, Some(&notice), refill))).into_response()
 }
 
 /// Checks the PIN and the report, and stores it; the error comes with its HTTP status.
@@ -632,6 +975,48 @@ mod tests {
             }
         }
         assert_eq!(ITEMS.len(), Item::ALL.len());
+    }
+
+    #[test]
+    fn connections_make_room_by_closing_the_longest_idle() {
+        let mut table = Connections::new(3);
+        let who = |last: u8| Client::V4(Ipv4Addr::new(10, 0, 0, last));
+        let a = table.admit(who(1)).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        let mut b = table.admit(who(2)).unwrap();
+        let c = table.admit(who(3)).unwrap();
+        // Full: the new connection closes the longest idle, `a`.
+        let mut evicted_a = a.evicted;
+        let d = table.admit(who(4)).unwrap();
+        assert_eq!(
+            evicted_a.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed),
+            "a was told to close"
+        );
+        assert_eq!(
+            b.evicted.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        );
+        assert_eq!(table.open.len(), 3);
+        // One with a request in progress is never evicted; if all have one, none is let in.
+        let _busy = [
+            Activity::begin(&b.activity),
+            Activity::begin(&c.activity),
+            Activity::begin(&d.activity),
+        ];
+        assert!(table.admit(who(5)).is_none());
+        table.remove(b.id);
+        assert!(table.admit(who(5)).is_some());
+        // One device gets a share, and pushes out only its own connections beyond it.
+        let mut table = Connections::new(100);
+        let own: Vec<Admitted> = (0..MAX_CONNECTIONS_PER_CLIENT)
+            .map(|_| table.admit(who(9)).unwrap())
+            .collect();
+        let other = table.admit(who(8)).unwrap();
+        let _ = table.admit(who(9)).unwrap();
+        assert_eq!(table.open.len(), MAX_CONNECTIONS_PER_CLIENT + 1);
+        assert!(table.open.contains_key(&other.id));
+        drop(own);
     }
 
     #[test]

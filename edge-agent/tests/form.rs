@@ -1,7 +1,312 @@
-//! The staff web form's defences, tried against the real agent and form server: what a
-//! hostile page, a guessing phone and slow clients can and cannot do.
+//! The staff web form's defences, tried against the real server on an ephemeral port with a
+//! real HTTP client (hyper's) and raw sockets: what slow clients can and cannot do. No broker is needed: the form writes to the outbox in-process.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use renkei_agent::form::{self, FormLimits, FormState};
+use renkei_agent::link::LinkState;
+use renkei_agent::outbox::Outbox;
+use renkei_shared::{Body as Message, Id, Mode, SiteRef, WardCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
+
+/// A form server on 127.0.0.1 and a free port, stopped on drop.
+struct Form {
+    addr: SocketAddr,
+    outbox: Arc<Outbox>,
+    client: Client<HttpConnector, Body>,
+    stop: watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Form {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// One response: status, headers and the body as text.
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    body: String,
+}
+
+impl Form {
+    async fn start(limits: FormLimits) -> Form {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let outbox = Arc::new(Outbox::open(&dir.path().join("state"), 1 << 20).expect("an outbox"));
+        outbox
+            .lock()
+            .expect("the outbox")
+            .new_boot()
+            .expect("a boot");
+        let (_link_tx, link) = watch::channel(LinkState::Connected);
+        let state = FormState {
+            outbox: outbox.clone(),
+            site: SiteRef {
+                ward: WardCode(131041),
+                site: Id::new("nishi-shinjuku-es".to_owned()).expect("a site id"),
+            },
+            name: "西新宿小学校".into(),
+            mode: Mode::Exercise,
+            pin: None,
+            link,
+            limits,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
+        let addr = listener.local_addr().expect("its address");
+        let (stop, shutdown) = watch::channel(false);
+        tokio::spawn(async move {
+            form::serve(listener, state, shutdown)
+                .await
+                .expect("the form serves");
+        });
+        let client = Client::builder(TokioExecutor::new()).build_http();
+        Form {
+            addr,
+            outbox,
+            client,
+            stop,
+            _dir: dir,
+        }
+    }
+
+    async fn send(&self, request: Request<Body>) -> Reply {
+        let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
+            .await
+            .expect("an answer within 10 s")
+            .expect("an HTTP response");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(Body::new(response.into_body()), 1 << 20)
+            .await
+            .expect("the whole body");
+        Reply {
+            status,
+            body: String::from_utf8_lossy(&bytes).into_owned(),
+        }
+    }
+
+    async fn get(&self, path: &str, extra: &[(&str, &str)]) -> Reply {
+        let mut request = Request::get(format!("http://{}{path}", self.addr));
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        self.send(request.body(Body::empty()).expect("a request"))
+            .await
+    }
+
+    /// Evacuees of the newest shelter report in the outbox, if any.
+    fn saved_evacuees(&self) -> Option<u32> {
+        let latest = self.outbox.lock().expect("the outbox").latest();
+        match latest.shelter.map(|e| e.body) {
+            Some(Message::Shelter(s)) => s.evacuees,
+            _ => None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Slow clients.
+
+/// Open descriptors of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .count()
+}
+
+/// How many of this process's descriptors are sockets whose local port is `port`: the
+/// server's side of its connections (and its listener), not the test's clients.
+fn server_sockets(port: u16) -> usize {
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local_port = cols
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port)
+                && let Some(inode) = cols.get(9)
+            {
+                inodes.insert(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| inodes.contains(target.to_string_lossy().as_ref()))
+        .count()
+}
+
+/// A connection from 127.0.0.`source` (Linux routes all of 127/8 to the loopback).
+async fn connect_from(source: u8, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from(([127, 0, 0, source], 0)))?;
+    socket.connect(to).await
+}
+
+/// Whether the server closes `stream` within `within`.
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_clients_cannot_hold_the_form() {
+    const SLOW: usize = 500;
+    let limits = FormLimits {
+        max_connections: 64,
+        ..FormLimits::default()
+    };
+    let form = Form::start(limits).await;
+    let port = form.addr.port();
+    assert_eq!(server_sockets(port), 1, "the listener alone");
+    let before = open_fds();
+    // 500 slowloris connections from 100 addresses: half say nothing, half send a request
+    // head a byte at a time, 100 ms apart.
+    let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut opened = 0;
+    for i in 0..SLOW {
+        let Ok(mut stream) = connect_from(2 + (i % 100) as u8, form.addr).await else {
+            continue;
+        };
+        opened += 1;
+        let mut stop = stop.subscribe();
+        tokio::spawn(async move {
+            if i % 2 == 0 {
+                let _ = stop.recv().await;
+                return;
+            }
+            let head = format!("GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nX-Slow: ");
+            for b in head.bytes().chain(std::iter::repeat(b'a')) {
+                tokio::select! {
+                    _ = stop.recv() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                if stream.write_all(&[b]).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    assert_eq!(opened, SLOW, "the test could not open its connections");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A phone still gets the page, at once.
+    let started = Instant::now();
+    let page = form.get("/", &[]).await;
+    let took = started.elapsed();
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(took < Duration::from_secs(1), "the page took {took:?}");
+
+    // The server holds at most its cap of connections (plus its listener), whatever the
+    // clients hold: their 500 sockets are this process's too, so they are counted apart.
+    let held = server_sockets(port);
+    let during = open_fds();
+    let _ = stop.send(());
+    assert!(held <= 64 + 1 + 4, "the server holds {held} sockets");
+    assert!(
+        during <= before + SLOW + 64 + 8,
+        "{before} descriptors before, {during} during"
+    );
+}
+
+#[tokio::test]
+async fn a_slow_request_head_or_body_is_cut_by_the_header_timeout() {
+    let limits = FormLimits {
+        header_timeout: Duration::from_millis(400),
+        idle_timeout: Duration::from_secs(60),
+        ..FormLimits::default()
+    };
+    let form = Form::start(limits).await;
+    // Sends its request head a byte every 100 ms, never finishing: never quiet for long, but
+    // cut once the head has taken 400 ms.
+    let mut slow = TcpStream::connect(form.addr).await.unwrap();
+    let started = Instant::now();
+    let dribble = async {
+        for b in b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: "
+            .iter()
+            .cycle()
+        {
+            if slow.write_all(&[*b]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), dribble).await;
+    let took = started.elapsed();
+    assert!(
+        (Duration::from_millis(300)..Duration::from_secs(2)).contains(&took),
+        "the slow head was cut after {took:?}"
+    );
+    // Says nothing at all: the same.
+    let mut silent = TcpStream::connect(form.addr).await.unwrap();
+    assert!(closed_within(&mut silent, Duration::from_millis(1500)).await);
+    // A POST whose body never comes: refused (408) once the header timeout has passed again.
+    let mut stalled = TcpStream::connect(form.addr).await.unwrap();
+    let head = format!(
+        "POST /report/shelter HTTP/1.1\r\nHost: {}\r\nOrigin: http://{}\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nevac",
+        form.addr, form.addr
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(3), stalled.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the stalled body was not cut");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("NOT saved"), "{answer}");
+    assert_eq!(form.saved_evacuees(), None);
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let limits = FormLimits {
+        header_timeout: Duration::from_secs(60),
+        idle_timeout: Duration::from_millis(300),
+        ..FormLimits::default()
+    };
+    let form = Form::start(limits).await;
+    // Says nothing: closed once idle for 300 ms, long before the header timeout.
+    let mut silent = TcpStream::connect(form.addr).await.unwrap();
+    let started = Instant::now();
+    assert!(closed_within(&mut silent, Duration::from_millis(1500)).await);
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // Kept alive after its answer, then idle: closed too.
+    let mut kept = TcpStream::connect(form.addr).await.unwrap();
+    kept.write_all(format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", form.addr).as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read =
+        tokio::time::timeout(Duration::from_millis(1500), kept.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the kept-alive connection stayed open");
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+}
 
 // ---------------------------------------------------------------------------------------------
 // The PIN's own strength, at start-up.
