@@ -26,6 +26,7 @@
 //! disk_reserve = "1MiB"          # free disk never used; reports refused below it
 //! form_listen = "0.0.0.0:8090"   # the staff web form (--form); off by default
 //! form_pin = "…"                 # 6–64 digits, or RENKEI_AGENT_FORM_PIN
+//! form_hosts = "renkei.local"    # names the form also answers to (comma-separated)
 //! form_max_connections = 128     # then the longest-idle connection makes room
 //! form_header_timeout = "10s"    # a request's head, then its body, each within this
 //! form_idle_timeout = "30s"      # a connection with no request in progress is closed
@@ -206,6 +207,11 @@ pub struct RawConfig {
     )]
     #[serde(default, deserialize_with = "scalar")]
     pub form_pin: Option<String>,
+    /// Host names the web form answers to besides its addresses and localhost, comma-separated
+    /// (a name staff type, or a proxy's) [default: none]
+    #[arg(long, value_name = "NAMES")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_hosts: Option<String>,
     /// Connections the web form holds at most; then the longest-idle one makes room
     /// [default: 128]
     #[arg(long, value_name = "N")]
@@ -345,6 +351,8 @@ pub struct AgentConfig {
     pub form_listen: Option<std::net::SocketAddr>,
     /// What the web form asks for before it saves, if anything.
     pub form_pin: Option<FormPin>,
+    /// Host names the web form answers to besides its addresses and `localhost`.
+    pub form_hosts: Vec<String>,
     /// The web form's connection and timeout limits.
     pub form_limits: FormLimits,
     /// Where the heartbeat's power source and battery charge come from.
@@ -407,6 +415,7 @@ impl RawConfig {
             disk_reserve: self.disk_reserve.or(fallback.disk_reserve),
             form_listen: self.form_listen.or(fallback.form_listen),
             form_pin: self.form_pin.or(fallback.form_pin),
+            form_hosts: self.form_hosts.or(fallback.form_hosts),
             form_max_connections: self.form_max_connections.or(fallback.form_max_connections),
             form_header_timeout: self.form_header_timeout.or(fallback.form_header_timeout),
             form_idle_timeout: self.form_idle_timeout.or(fallback.form_idle_timeout),
@@ -534,7 +543,7 @@ impl RawConfig {
             Some(p) => Some(FormPin(p.to_owned())),
             None => None,
         };
-        let form_limits = self.form_limits()?;
+        let (form_hosts, form_limits) = self.form_settings()?;
         if form_listen.is_none()
             && let Some((key, value)) = self.form_keys().find(|(_, v)| v.is_some())
         {
@@ -661,6 +670,7 @@ impl RawConfig {
             disk_reserve,
             form_listen,
             form_pin,
+            form_hosts,
             form_limits,
             power,
             hq,
@@ -670,9 +680,13 @@ impl RawConfig {
 }
 
 impl RawConfig {
-    /// The web form's limits, with their defaults.
-    fn form_limits(&self) -> Result<FormLimits, ConfigError> {
+    /// The web form's settings other than where it listens and its PIN, with their defaults.
+    fn form_settings(&self) -> Result<(Vec<String>, FormLimits), ConfigError> {
         let d = FormLimits::default();
+        let hosts = match &self.form_hosts {
+            Some(text) => parse_hosts("form_hosts", text)?,
+            None => Vec::new(),
+        };
         let duration = |key: &'static str, value: &Option<String>, default: Duration| {
             let Some(text) = value else {
                 return Ok(default);
@@ -693,7 +707,7 @@ impl RawConfig {
                 .filter(|n| (1..=max).contains(n))
                 .ok_or_else(|| invalid(key, text, format!("expected a whole number, 1–{max}")))
         };
-        Ok(FormLimits {
+        let limits = FormLimits {
             max_connections: count(
                 "form_max_connections",
                 &self.form_max_connections,
@@ -706,13 +720,16 @@ impl RawConfig {
                 d.header_timeout,
             )?,
             idle_timeout: duration("form_idle_timeout", &self.form_idle_timeout, d.idle_timeout)?,
-        })
+            token_ttl: d.token_ttl,
+        };
+        Ok((hosts, limits))
     }
 
     /// The web form's keys other than `form_listen`, with their values as given.
     fn form_keys(&self) -> impl Iterator<Item = (&'static str, Option<&str>)> {
         [
             ("form_pin", &self.form_pin),
+            ("form_hosts", &self.form_hosts),
             ("form_max_connections", &self.form_max_connections),
             ("form_header_timeout", &self.form_header_timeout),
             ("form_idle_timeout", &self.form_idle_timeout),
@@ -746,6 +763,38 @@ pub fn load(flags: RawConfig, path: Option<&Path>) -> Result<AgentConfig, Config
         }),
         other => other,
     }
+}
+
+/// Host names, comma-separated, lower-cased: each a DNS or mDNS name (labels of a–z 0–9 -)
+/// or an IP address (one the form is reached by through a port forward, say). No port: a
+/// configured name is served on any port, since a proxy may stand in front.
+fn parse_hosts(key: &'static str, text: &str) -> Result<Vec<String>, ConfigError> {
+    let mut hosts = Vec::new();
+    for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let name = name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let valid = name.parse::<std::net::IpAddr>().is_ok()
+            || (name.len() <= 253
+                && name.split('.').all(|label| {
+                    !label.is_empty()
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                }));
+        if !valid {
+            return Err(invalid(
+                key,
+                text,
+                format!("{name:?} is not a host name (letters, digits, - and .; no port)"),
+            ));
+        }
+        hosts.push(name);
+    }
+    Ok(hosts)
 }
 
 /// Parses `mqtt://HOST[:PORT]` (or `tcp://…`, or a bare `HOST[:PORT]`), and
@@ -1229,21 +1278,29 @@ mod tests {
     }
 
     #[test]
-    fn the_web_form_limits() {
+    fn the_web_form_limits_and_hosts() {
         let form = |extra: &str| format!("{MINIMAL}\nform_listen = \"0.0.0.0:8090\"\n{extra}");
         let c = resolve(&form("")).unwrap();
         assert_eq!(c.form_limits, FormLimits::default());
+        assert_eq!(c.form_hosts, Vec::<String>::new());
         let c = resolve(&form(
-            "form_max_connections = 32\nform_header_timeout = \"5s\"\n\
+            "form_hosts = \"Renkei-Nishi.local, shelter-pc,10.0.0.5\"\n\
+             form_max_connections = 32\nform_header_timeout = \"5s\"\n\
              form_idle_timeout = \"1m\"",
         ))
         .unwrap();
+        assert_eq!(
+            c.form_hosts,
+            ["renkei-nishi.local", "shelter-pc", "10.0.0.5"]
+        );
         let l = &c.form_limits;
         assert_eq!(
             (l.max_connections, l.header_timeout, l.idle_timeout),
             (32, Duration::from_secs(5), Duration::from_secs(60))
         );
         for (line, expected) in [
+            ("form_hosts = \"evil.example:80\"", "not a host name"),
+            ("form_hosts = \"a/b\"", "form_hosts = \"a/b\""),
             ("form_max_connections = 0", "form_max_connections = \"0\""),
             ("form_max_connections = \"many\"", "1–10000"),
             ("form_header_timeout = \"10ms\"", "from 100ms to 24h"),
@@ -1291,7 +1348,7 @@ mod tests {
         assert_eq!(c.form_pin, Some(FormPin("135790".into())));
         // Which keys a set of settings gives, for any key.
         let file = RawConfig::from_file(&path).unwrap();
-        assert!(file.gives("form_pin") && file.gives("ward") && !file.gives("power"));
+        assert!(file.gives("form_pin") && file.gives("ward") && !file.gives("form_hosts"));
         assert!(!RawConfig::default().gives("ward"));
     }
 

@@ -2,8 +2,9 @@
 //! app to install and no link to HQ needed.
 //!
 //! ```text
-//! phone ─ GET / ───────────────▶ page: link state, queue depth, the forms
-//!       ─ POST /report/{kind} ─▶ fields → `report` arguments → staff::store (fsync) → outbox
+//! phone ─ GET / ───────────────▶ page: link state, queue depth, the forms (each with a token)
+//!       ─ POST /report/{kind} ─▶ Host, Origin, token, PIN → `report` arguments
+//!                                 → staff::store (fsync) → outbox
 //!       ◀─ 保存しました / saved (seq N, queue depth M) — or the error, with the form refilled
 //! ```
 //!
@@ -14,12 +15,20 @@
 //! server-rendered HTML with a little CSS and no script: it must work on any phone browser.
 //! Off unless `form_listen` is set; optionally behind a PIN (`form_pin`).
 //!
-//! Defences, for a form that any device on the shelter's network can reach: the server
-//! holds at most [`FormLimits::max_connections`] connections (16 per device), closing the
-//! longest-idle one to make room; a request head must arrive within
-//! [`FormLimits::header_timeout`], its body within that again, and a connection with no
-//! request in progress for [`FormLimits::idle_timeout`] is closed: slow clients cannot hold
-//! it.
+//! Defences, for a form that any device on the shelter's network (and any web page one of
+//! them opens) can reach:
+//! - every request must name, in `Host`, an address the connection arrived on, `localhost`,
+//!   or a name in `form_hosts`: a hostile page whose own name resolves to this box (DNS
+//!   rebinding) is refused (421) and so cannot read a page or a token;
+//! - every POST must come from the form's own origin (`Origin`, or without it `Referer`,
+//!   equal to `Host`) and carry the token of a page this process rendered, unaltered and
+//!   younger than [`FormLimits::token_ttl`]: a cross-site post is refused (403);
+//! - the server holds at most [`FormLimits::max_connections`] connections (16 per device),
+//!   closing the longest-idle one to make room; a request head must arrive within
+//!   [`FormLimits::header_timeout`], its body within that again, and a connection with no
+//!   request in progress for [`FormLimits::idle_timeout`] is closed: slow clients cannot
+//!   hold it;
+//! - pages may not be framed or cached, and forms post only to the form itself (CSP).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -29,16 +38,22 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Form, FromRequest, Path, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::uri::Authority;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use clap::Parser;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use renkei_shared::{Mode, SiteRef};
+use ring::hmac;
+use ring::rand::{SecureRandom, SystemRandom};
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tower::ServiceExt;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::link::LinkState;
 use crate::outbox::Outbox;
@@ -51,7 +66,7 @@ const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
 /// How long a stopping server waits for its connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Limits of the form's server; the defaults suit a shelter's network.
+/// Limits of the form's server and its tokens; the defaults suit a shelter's network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FormLimits {
     /// Connections held at most; beyond it the longest-idle one is closed to make room.
@@ -60,6 +75,8 @@ pub struct FormLimits {
     pub header_timeout: Duration,
     /// A connection with no request in progress for this long is closed.
     pub idle_timeout: Duration,
+    /// How long the token of a rendered page is accepted.
+    pub token_ttl: Duration,
 }
 
 impl Default for FormLimits {
@@ -68,6 +85,9 @@ impl Default for FormLimits {
             max_connections: 128,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            // A page left open through a shift; an older one is refused with the form
+            // refilled and a fresh token, so staff only press Save again.
+            token_ttl: Duration::from_secs(12 * 3600),
         }
     }
 }
@@ -85,7 +105,25 @@ pub struct FormState {
     pub pin: Option<String>,
     /// The daemon's link state, shown on the page.
     pub link: watch::Receiver<LinkState>,
+    /// Host names the form answers to besides the addresses it is reached on and
+    /// `localhost` (lower case).
+    pub hosts: Vec<String>,
     pub limits: FormLimits,
+}
+
+/// The form's state with what its defences keep.
+#[derive(Debug)]
+struct Shared {
+    state: FormState,
+    tokens: Tokens,
+}
+
+/// The two ends of a request's connection, put into every request by [`serve`].
+#[derive(Debug, Clone, Copy)]
+struct Conn {
+    /// The box's address the client connected to.
+    local: SocketAddr,
+    peer: SocketAddr,
 }
 
 /// Who a per-device limit counts: an IPv4 address, or an IPv6 /64, since one device may pick
@@ -112,6 +150,97 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic elsewhere while holding it leaves counters, still usable: never a second panic.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+// ---------------------------------------------------------------------------------------------
+// CSRF tokens.
+
+/// Tokens that prove a post came from a page this process rendered: each page gets a fresh
+/// one, `issued ‖ nonce ‖ HMAC-SHA256(issued ‖ nonce)` under a key made at start, in
+/// base64url. Nothing is stored per token: one from before a restart, from another agent or
+/// altered fails the MAC (checked in constant time by ring), and one older than the TTL is
+/// stale. Times are from a monotonic clock, which a box without a real-time clock does not
+/// jump.
+struct Tokens {
+    key: hmac::Key,
+    rng: SystemRandom,
+    epoch: Instant,
+    ttl: Duration,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokens")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the epoch, then the nonce.
+const TOKEN_SIGNED: usize = 8 + 16;
+const TOKEN_LEN: usize = TOKEN_SIGNED + 32;
+
+/// Why a post's token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenError {
+    Missing,
+    /// Not one of this process's tokens: another agent's, from before a restart, or altered.
+    Foreign,
+    Stale,
+}
+
+impl Tokens {
+    fn new(ttl: Duration) -> std::io::Result<Tokens> {
+        let rng = SystemRandom::new();
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &rng)
+            .map_err(|_| std::io::Error::other("no randomness for the web form's tokens"))?;
+        Ok(Tokens {
+            key,
+            rng,
+            epoch: Instant::now(),
+            ttl,
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn issue(&self) -> String {
+        let mut token = Vec::with_capacity(TOKEN_LEN);
+        token.extend_from_slice(&self.now_ms().to_be_bytes());
+        let mut nonce = [0u8; 16];
+        // Without the OS's randomness the nonce stays zero: the token is still unforgeable
+        // (the MAC), only no longer unique per page.
+        let _ = self.rng.fill(&mut nonce);
+        token.extend_from_slice(&nonce);
+        let tag = hmac::sign(&self.key, &token);
+        token.extend_from_slice(tag.as_ref());
+        URL_SAFE_NO_PAD.encode(token)
+    }
+
+    fn check(&self, token: Option<&str>) -> Result<(), TokenError> {
+        let token = token.map(str::trim).filter(|t| !t.is_empty());
+        let token = token.ok_or(TokenError::Missing)?;
+        let bytes = URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| TokenError::Foreign)?;
+        if bytes.len() != TOKEN_LEN {
+            return Err(TokenError::Foreign);
+        }
+        let (signed, tag) = bytes.split_at(TOKEN_SIGNED);
+        hmac::verify(&self.key, signed, tag).map_err(|_| TokenError::Foreign)?;
+        let mut issued = [0u8; 8];
+        issued.copy_from_slice(&signed[..8]);
+        let age = self.now_ms().saturating_sub(u64::from_be_bytes(issued));
+        if u128::from(age) > self.ttl.as_millis() {
+            return Err(TokenError::Stale);
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The forms.
 
 /// The forms on the page, named as the `report` subcommands they feed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,7 +282,6 @@ impl Kind {
         }
     }
 }
-
 /// One input of a form; `name` is the `report` flag it fills.
 #[derive(Debug)]
 struct Field {
@@ -338,14 +466,141 @@ fn value<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// The routes of the form, separate from serving.
-fn router(state: FormState) -> Router {
-    Router::new()
+// ---------------------------------------------------------------------------------------------
+// Routes and the checks every request passes.
+
+/// The routes of the form, with the Host, Origin and header checks of every request.
+fn router(state: FormState) -> std::io::Result<Router> {
+    let shared = Arc::new(Shared {
+        tokens: Tokens::new(state.limits.token_ttl)?,
+        state,
+    });
+    Ok(Router::new()
         .route("/", get(page))
         // GET too: a phone reloading or bookmarking the page after a post gets the forms back.
         .route("/report/{kind}", get(page).post(submit))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(Arc::new(state))
+        .layer(middleware::from_fn_with_state(shared.clone(), guard))
+        .with_state(shared))
+}
+
+/// Refuses a request to a host the form does not serve and a post from another origin, and
+/// sets the headers every page carries.
+async fn guard(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let conn = request.extensions().get::<Conn>().copied();
+    let peer = conn.map(|c| c.peer);
+    let mut response = match served_host(&request, conn, &shared.state.hosts) {
+        Err(host) => {
+            info!(
+                ?peer,
+                host, "web form: a request for a host it does not serve refused"
+            );
+            refusal(
+                StatusCode::MISDIRECTED_REQUEST,
+                &format!(
+                    "この名前ではフォームを開けません。この機器のIPアドレスで開いてください / \
+                     this form does not answer to host {host:?}: open it by this box's \
+                     address, or add the name to form_hosts in the agent's settings"
+                ),
+            )
+        }
+        Ok(host) if !request.method().is_safe() => match same_origin(request.headers(), &host) {
+            Err(why) => {
+                warn!(?peer, why, "web form: a post from another origin refused");
+                refusal(
+                    StatusCode::FORBIDDEN,
+                    &format!(
+                        "別のサイトからの送信は受け付けません。保存していません / refused: the \
+                         post did not come from this form's own origin ({why}); NOT saved"
+                    ),
+                )
+            }
+            Ok(()) => next.run(request).await,
+        },
+        Ok(_) => next.run(request).await,
+    };
+    // Written here rather than with tower-http's set-header layer: four constant headers, in
+    // the one middleware every response already passes.
+    let headers = response.headers_mut();
+    for (name, value) in [
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; \
+             frame-ancestors 'none'; base-uri 'none'",
+        ),
+        // For browsers older than frame-ancestors: no other site may frame the form and
+        // trick staff into pressing its buttons.
+        (header::X_FRAME_OPTIONS, "DENY"),
+        // Pages hold reports and tokens: not for a shared phone's cache.
+        (header::CACHE_CONTROL, "no-store"),
+        // Posts carry a Referer to the form itself (the check's fallback), and nothing leaks
+        // to other sites.
+        (header::REFERRER_POLICY, "same-origin"),
+    ] {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    response
+}
+
+/// The request's host, if the form serves it: an address of this box that the connection
+/// arrived on (with its port), `localhost` (with the port), or a configured name (any port:
+/// it may sit behind a proxy or a port forward). Anything else is refused, so that a page
+/// from a name an attacker controls, resolving to this box (DNS rebinding), cannot use it.
+fn served_host(
+    request: &Request,
+    conn: Option<Conn>,
+    hosts: &[String],
+) -> Result<Authority, String> {
+    let text = request
+        .headers()
+        .get(header::HOST)
+        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+        .unwrap_or_default();
+    let host: Authority = text.parse().map_err(|_| text.clone())?;
+    // An absolute-form request line names its host too: it must be the same.
+    if request.uri().authority().is_some_and(|a| a != &host) || text.contains('@') {
+        return Err(text);
+    }
+    let name = host
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    let same_port = |local: SocketAddr| host.port_u16().unwrap_or(80) == local.port();
+    let served = if hosts.contains(&name) {
+        true
+    } else if name == "localhost" {
+        conn.is_some_and(|c| same_port(c.local))
+    } else if let Ok(ip) = name.parse::<IpAddr>() {
+        conn.is_some_and(|c| ip.to_canonical() == c.local.ip().to_canonical() && same_port(c.local))
+    } else {
+        false
+    };
+    if served { Ok(host) } else { Err(text) }
+}
+
+/// Whether a post comes from the form's own origin: `Origin`, or without it `Referer`, must
+/// be http(s)://`host`. A post with neither is refused: every browser that renders this form
+/// sends one of them (the page asks for a same-origin Referer).
+fn same_origin(headers: &HeaderMap, host: &Authority) -> Result<(), String> {
+    let (name, value) = match (headers.get(header::ORIGIN), headers.get(header::REFERER)) {
+        (Some(origin), _) => ("Origin", origin),
+        (None, Some(referer)) => ("Referer", referer),
+        (None, None) => return Err("no Origin or Referer header".to_owned()),
+    };
+    let text = String::from_utf8_lossy(value.as_bytes());
+    let foreign = || format!("{name} {text:?}");
+    let uri: Uri = text.parse().map_err(|_| foreign())?;
+    let default_port = match uri.scheme_str() {
+        Some("http") => 80,
+        Some("https") => 443,
+        _ => return Err(foreign()),
+    };
+    let from = uri.authority().ok_or_else(foreign)?;
+    let same = !from.as_str().contains('@')
+        && from.host().eq_ignore_ascii_case(host.host())
+        && from.port_u16().unwrap_or(default_port) == host.port_u16().unwrap_or(default_port);
+    if same { Ok(()) } else { Err(foreign()) }
 }
 
 /// A short page for a refused request.
@@ -373,7 +628,7 @@ pub async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let limits = state.limits.clone();
-    let app = router(state);
+    let app = router(state)?;
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout);
@@ -393,6 +648,9 @@ pub async fn serve(
             Some(_) = tasks.join_next() => continue,
             () = stopped(&mut shutdown) => break,
         };
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
         let Some(admitted) = lock(&table).admit(Client::of(peer.ip())) else {
             debug!(%peer, "web form: every connection is busy; refused");
             continue;
@@ -401,7 +659,7 @@ pub async fn serve(
         tasks.spawn(connection(
             http.clone(),
             stream,
-            peer,
+            Conn { local, peer },
             app.clone(),
             admitted,
             table.clone(),
@@ -428,7 +686,7 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 async fn connection(
     http: hyper::server::conn::http1::Builder,
     stream: tokio::net::TcpStream,
-    peer: SocketAddr,
+    conn: Conn,
     app: Router,
     admitted: Admitted,
     table: Arc<Mutex<Connections>>,
@@ -442,7 +700,8 @@ async fn connection(
     } = admitted;
     let service = {
         let activity = activity.clone();
-        hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+        hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(conn);
             let in_request = Activity::begin(&activity);
             let app = app.clone();
             async move {
@@ -460,17 +719,17 @@ async fn connection(
         tokio::select! {
             result = serving.as_mut() => {
                 if let Err(e) = result {
-                    debug!(%peer, error = %e, "web form: connection ended");
+                    debug!(peer = %conn.peer, error = %e, "web form: connection ended");
                 }
                 break;
             }
             _ = &mut evicted => {
-                debug!(%peer, "web form: connection closed to make room");
+                debug!(peer = %conn.peer, "web form: connection closed to make room");
                 break;
             }
             () = tokio::time::sleep_until(check_at) => {
                 if activity.idle_for().is_some_and(|idle| idle >= idle_timeout) {
-                    debug!(%peer, "web form: idle connection closed");
+                    debug!(peer = %conn.peer, "web form: idle connection closed");
                     break;
                 }
             }
@@ -619,6 +878,9 @@ impl Connections {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Pages and posts.
+
 /// What the page says about the link and the outbox.
 #[derive(Debug, Default)]
 struct Overview {
@@ -642,29 +904,49 @@ async fn overview(state: &FormState) -> Overview {
     }
 }
 
-async fn page(State(state): State<Arc<FormState>>) -> Html<String> {
-    let overview = overview(&state).await;
-    Html(render(&state, &overview, None, None))
+async fn page(State(shared): State<Arc<Shared>>) -> Html<String> {
+    let overview = overview(&shared.state).await;
+    Html(render(&shared, &overview, None, None))
+}
+
+/// A refused post: its status and its message.
+#[derive(Debug)]
+struct Refused {
+    code: StatusCode,
+    message: String,
+}
+
+impl Refused {
+    fn new(code: StatusCode, message: impl Into<String>) -> Refused {
+        Refused {
+            code,
+            message: message.into(),
+        }
+    }
 }
 
 async fn submit(
-    State(state): State<Arc<FormState>>,
+    State(shared): State<Arc<Shared>>,
     Path(kind): Path<String>,
     request: Request,
 ) -> Response {
+    let who = request
+        .extensions()
+        .get::<Conn>()
+        .map(|c| Client::of(c.peer.ip()));
     let Some(kind) = Kind::parse(&kind) else {
-        let overview = overview(&state).await;
+        let overview = overview(&shared.state).await;
         let notice = Err("そのフォームはありません / no such form".to_owned());
         return (
             StatusCode::NOT_FOUND,
-            Html(render(&state, &overview, Some(&notice), None)),
+            Html(render(&shared, &overview, Some(&notice), None)),
         )
             .into_response();
     };
     // The head came within the header timeout; the body gets as long again, so that a post
     // trickled in a byte at a time cannot hold a request open.
     let read = Form::<Vec<(String, String)>>::from_request(request, &());
-    let form = match tokio::time::timeout(state.limits.header_timeout, read).await {
+    let form = match tokio::time::timeout(shared.state.limits.header_timeout, read).await {
         Ok(Ok(Form(form))) => form,
         Ok(Err(rejection)) => return rejection.into_response(),
         Err(_) => {
@@ -679,47 +961,68 @@ async fn submit(
             return response;
         }
     };
-    let outcome = store(&state, kind, &form).await;
-    let overview = overview(&state).await;
+    let outcome = store(&shared, kind, &form, who).await;
+    let overview = overview(&shared.state).await;
     let (code, notice, refill) = match outcome {
         Ok(saved) => (StatusCode::OK, Ok(saved), None),
-        Err((code, message)) => (code, Err(message), Some((kind, form.as_slice()))),
+        Err(r) => (r.code, Err(r.message), Some((kind, form.as_slice()))),
     };
-    (code, Html(render(&state, &overview, Some(&notice), refill))).into_response()
+    (
+        code,
+        Html(render(&shared, &overview, Some(&notice), refill)),
+    )
+        .into_response()
 }
 
-/// Checks the PIN and the report, and stores it; the error comes with its HTTP status.
+/// Checks the token, the PIN and the report, and stores it.
 async fn store(
-    state: &Arc<FormState>,
+    shared: &Arc<Shared>,
     kind: Kind,
     form: &[(String, String)],
-) -> Result<String, (StatusCode, String)> {
-    if let Some(pin) = &state.pin
-        && !same(value(form, "pin").unwrap_or_default().trim(), pin)
-    {
-        return Err((
+    who: Option<Client>,
+) -> Result<String, Refused> {
+    if let Err(e) = shared.tokens.check(value(form, "csrf")) {
+        info!(?who, error = ?e, "web form: a post with a bad token refused");
+        return Err(Refused::new(
             StatusCode::FORBIDDEN,
-            "暗証番号が違います。保存していません / wrong PIN: NOT saved".to_owned(),
+            "このページの有効期限が切れたか、このフォームからの送信ではありません。内容を確かめて、\
+             もう一度「保存」を押してください。保存していません / this page has expired or the \
+             post did not come from it: check the form and press Save again. NOT saved",
         ));
     }
-    let report = parse(kind, form).map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e))?;
-    let st = state.clone();
+    if let Some(pin) = &shared.state.pin
+        && !same(value(form, "pin").unwrap_or_default().trim(), pin)
+    {
+        return Err(Refused::new(
+            StatusCode::FORBIDDEN,
+            "暗証番号が違います。保存していません / wrong PIN: NOT saved",
+        ));
+    }
+    let report =
+        parse(kind, form).map_err(|e| Refused::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
+    let st = shared.clone();
     // fsync blocks: off the runtime's thread, which also runs the MQTT link.
     let stored = tokio::task::spawn_blocking(move || {
-        staff::store(&st.outbox, &st.site, st.mode, &report, false)
+        staff::store(
+            &st.state.outbox,
+            &st.state.site,
+            st.state.mode,
+            &report,
+            false,
+        )
     })
     .await;
     match stored {
         Ok(Ok(saved)) => Ok(saved.to_string()),
-        Ok(Err(StoreError::Invalid(e))) => Err((
+        Ok(Err(StoreError::Invalid(e))) => Err(Refused::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("入力が正しくありません / invalid input: {e}"),
         )),
-        Ok(Err(e)) => Err((
+        Ok(Err(e)) => Err(Refused::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("保存できませんでした / NOT saved: {e}"),
         )),
-        Err(e) => Err((
+        Err(e) => Err(Refused::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("保存できませんでした / NOT saved: {e}"),
         )),
@@ -750,7 +1053,6 @@ fn escape(text: &str) -> String {
     }
     out
 }
-
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:0 auto;max-width:34rem;\
 padding:.5rem;line-height:1.4}h1{font-size:1.3rem;margin:.3rem 0}h2{font-size:1.1rem;\
 margin:0 0 .5rem}section,.status{border:1px solid #bbb;border-radius:.4rem;padding:.7rem;\
@@ -762,12 +1064,15 @@ padding:.7rem;border-radius:.4rem}.err{background:#fee2e2;border:2px solid #b91c
 padding:.7rem;border-radius:.4rem}.drill{background:#fde047;font-weight:700;padding:.4rem;\
 text-align:center}.alarm{color:#b91c1c;font-weight:700}.req{color:#b91c1c}";
 
+/// The page, with a fresh token in each of its forms.
 fn render(
-    state: &FormState,
+    shared: &Shared,
     overview: &Overview,
     notice: Option<&Result<String, String>>,
     refill: Option<(Kind, &[(String, String)])>,
 ) -> String {
+    let state = &shared.state;
+    let token = shared.tokens.issue();
     let link = match *state.link.borrow() {
         LinkState::Connected => "接続中 / connected",
         LinkState::Connecting => "接続しています / connecting",
@@ -812,7 +1117,7 @@ fn render(
     }
     for kind in Kind::ALL {
         let values = refill.filter(|(k, _)| *k == kind).map(|(_, v)| v);
-        render_form(&mut html, state, kind, values);
+        render_form(&mut html, state, kind, values, &token);
     }
     html.push_str("</body></html>");
     html
@@ -823,12 +1128,15 @@ fn render_form(
     state: &FormState,
     kind: Kind,
     values: Option<&[(String, String)]>,
+    token: &str,
 ) {
     html.push_str(&format!(
         "<section id=\"{name}\"><h2>{title}</h2>\
-         <form method=\"post\" action=\"/report/{name}#{name}\">",
+         <form method=\"post\" action=\"/report/{name}#{name}\">\
+         <input type=\"hidden\" name=\"csrf\" value=\"{token}\">",
         name = kind.name(),
-        title = kind.title()
+        title = kind.title(),
+        token = escape(token),
     ));
     for f in kind.fields() {
         let id = format!("{}-{}", kind.name(), f.name);
@@ -975,6 +1283,102 @@ mod tests {
             }
         }
         assert_eq!(ITEMS.len(), Item::ALL.len());
+    }
+
+    #[test]
+    fn tokens_are_this_processes_and_fresh() {
+        let tokens = Tokens::new(Duration::from_secs(60)).unwrap();
+        let other = Tokens::new(Duration::from_secs(60)).unwrap();
+        let token = tokens.issue();
+        assert_ne!(token, tokens.issue(), "one per page");
+        assert_eq!(tokens.check(Some(&token)), Ok(()));
+        assert_eq!(tokens.check(None), Err(TokenError::Missing));
+        assert_eq!(tokens.check(Some(" ")), Err(TokenError::Missing));
+        assert_eq!(other.check(Some(&token)), Err(TokenError::Foreign));
+        assert_eq!(tokens.check(Some("%%%")), Err(TokenError::Foreign));
+        assert_eq!(tokens.check(Some(&token[..20])), Err(TokenError::Foreign));
+        let stale = Tokens {
+            ttl: Duration::ZERO,
+            ..tokens
+        };
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(stale.check(Some(&token)), Err(TokenError::Stale));
+    }
+
+    fn request(host: &str) -> Request {
+        Request::builder()
+            .uri("/")
+            .header(header::HOST, host)
+            .body(axum::body::Body::empty())
+            .unwrap()
+    }
+
+    #[test]
+    fn hosts_served_and_not() {
+        let conn = Some(Conn {
+            local: "192.168.1.10:8090".parse().unwrap(),
+            peer: "192.168.1.20:50000".parse().unwrap(),
+        });
+        let hosts = ["renkei.local".to_owned()];
+        for ok in [
+            "192.168.1.10:8090",
+            "localhost:8090",
+            "renkei.local",
+            "RENKEI.local:80",
+        ] {
+            assert!(served_host(&request(ok), conn, &hosts).is_ok(), "{ok}");
+        }
+        for bad in [
+            "evil.example:8090",
+            "192.168.1.10",
+            "192.168.1.11:8090",
+            "localhost",
+            "user@192.168.1.10:8090",
+            "",
+            "renkei.local.evil.example",
+        ] {
+            assert!(served_host(&request(bad), conn, &hosts).is_err(), "{bad}");
+        }
+        let v6 = Some(Conn {
+            local: "[fe80::1]:8090".parse().unwrap(),
+            peer: "[fe80::2]:50000".parse().unwrap(),
+        });
+        assert!(served_host(&request("[FE80::1]:8090"), v6, &[]).is_ok());
+        // Without the connection's address only configured names pass.
+        assert!(served_host(&request("localhost:8090"), None, &[]).is_err());
+        assert!(served_host(&request("renkei.local"), None, &hosts).is_ok());
+    }
+
+    #[test]
+    fn origins_same_and_not() {
+        let host: Authority = "192.168.1.10:8090".parse().unwrap();
+        let check = |name: header::HeaderName, value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(name, HeaderValue::from_str(value).unwrap());
+            same_origin(&headers, &host)
+        };
+        assert!(check(header::ORIGIN, "http://192.168.1.10:8090").is_ok());
+        assert!(check(header::REFERER, "http://192.168.1.10:8090/report/x?y#z").is_ok());
+        for bad in [
+            "null",
+            "http://192.168.1.10",
+            "http://192.168.1.10:8091",
+            "ftp://192.168.1.10:8090",
+            "http://evil.example",
+            "http://x@192.168.1.10:8090",
+            "192.168.1.10:8090",
+        ] {
+            assert!(check(header::ORIGIN, bad).is_err(), "{bad}");
+        }
+        assert!(same_origin(&HeaderMap::new(), &host).is_err());
+        // Default ports match an absent one, by the origin's scheme (a proxy's https).
+        let named: Authority = "renkei.local".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://renkei.local:443"),
+        );
+        assert!(same_origin(&headers, &named).is_ok());
     }
 
     #[test]

@@ -314,6 +314,7 @@ async fn run(args: RunArgs) -> Result<()> {
             mode: config.mode,
             pin: config.form_pin.clone().map(|p| p.0),
             link: link_state,
+            hosts: config.form_hosts.clone(),
             limits: config.form_limits.clone(),
         };
         let addr = listener.local_addr().ok();

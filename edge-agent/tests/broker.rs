@@ -1360,14 +1360,29 @@ async fn over_tls_a_wrong_ca_is_refused_clearly_and_retried_and_no_ca_does_not_s
 // ---------------------------------------------------------------------------------------------
 // The staff web form, served by the daemon, over a plain socket as a phone would use it.
 
-/// One HTTP/1.1 request: (status code, body).
+/// One HTTP/1.1 request as a browser on the page sends it: (status code, body). A POST
+/// carries the CSRF token of a freshly loaded page and the form's own Origin.
 fn http(port: u16, method: &str, path: &str, form: &str) -> (u16, String) {
+    if method == "POST" {
+        let (_, page) = raw_http(port, "GET", "/", "");
+        let marker = "name=\"csrf\" value=\"";
+        let token = page
+            .split_once(marker)
+            .and_then(|(_, rest)| rest.split('"').next())
+            .expect("a CSRF token in the page");
+        return raw_http(port, method, path, &format!("{form}&csrf={token}"));
+    }
+    raw_http(port, method, path, form)
+}
+
+fn raw_http(port: u16, method: &str, path: &str, form: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream =
         std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the web form");
     stream.set_read_timeout(Some(WAIT)).expect("read timeout");
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Origin: http://127.0.0.1:{port}\r\n\
          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
         form.len()
     );

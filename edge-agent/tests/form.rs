@@ -1,12 +1,13 @@
 //! The staff web form's defences, tried against the real server on an ephemeral port with a
-//! real HTTP client (hyper's) and raw sockets: what slow clients can and cannot do. No broker is needed: the form writes to the outbox in-process.
+//! real HTTP client (hyper's) and raw sockets: what a hostile page and slow clients can and
+//! cannot do. No broker is needed: the form writes to the outbox in-process.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::{HeaderMap, Request, StatusCode, header};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -17,6 +18,8 @@ use renkei_shared::{Body as Message, Id, Mode, SiteRef, WardCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
+
+const PIN: &str = "246810";
 
 /// A form server on 127.0.0.1 and a free port, stopped on drop.
 struct Form {
@@ -37,11 +40,12 @@ impl Drop for Form {
 #[derive(Debug)]
 struct Reply {
     status: StatusCode,
+    headers: HeaderMap,
     body: String,
 }
 
 impl Form {
-    async fn start(limits: FormLimits) -> Form {
+    async fn start(pin: Option<&str>, limits: FormLimits, hosts: &[&str]) -> Form {
         let dir = tempfile::tempdir().expect("a temp dir");
         let outbox = Arc::new(Outbox::open(&dir.path().join("state"), 1 << 20).expect("an outbox"));
         outbox
@@ -58,8 +62,9 @@ impl Form {
             },
             name: "西新宿小学校".into(),
             mode: Mode::Exercise,
-            pin: None,
+            pin: pin.map(str::to_owned),
             link,
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
             limits,
         };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -82,17 +87,24 @@ impl Form {
         }
     }
 
+    /// What a browser that loaded the page from this server sends as `Origin`.
+    fn origin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     async fn send(&self, request: Request<Body>) -> Reply {
         let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
             .await
             .expect("an answer within 10 s")
             .expect("an HTTP response");
         let status = response.status();
+        let headers = response.headers().clone();
         let bytes = axum::body::to_bytes(Body::new(response.into_body()), 1 << 20)
             .await
             .expect("the whole body");
         Reply {
             status,
+            headers,
             body: String::from_utf8_lossy(&bytes).into_owned(),
         }
     }
@@ -106,6 +118,28 @@ impl Form {
             .await
     }
 
+    /// A url-encoded POST with `extra` headers (Origin, Referer, Host, …).
+    async fn post(&self, path: &str, extra: &[(&str, &str)], form: &str) -> Reply {
+        let mut request = Request::post(format!("http://{}{path}", self.addr))
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+        for (name, value) in extra {
+            request = request.header(*name, *value);
+        }
+        self.send(
+            request
+                .body(Body::from(form.to_owned()))
+                .expect("a request"),
+        )
+        .await
+    }
+
+    /// GETs the page as a browser would and returns the token of its forms.
+    async fn token(&self) -> String {
+        let page = self.get("/", &[]).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        token_of(&page.body)
+    }
+
     /// Evacuees of the newest shelter report in the outbox, if any.
     fn saved_evacuees(&self) -> Option<u32> {
         let latest = self.outbox.lock().expect("the outbox").latest();
@@ -114,6 +148,257 @@ impl Form {
             _ => None,
         }
     }
+}
+
+/// The CSRF token a rendered page carries (the same in each of its forms).
+fn token_of(page: &str) -> String {
+    let marker = "name=\"csrf\" value=\"";
+    let start = page
+        .find(marker)
+        .unwrap_or_else(|| panic!("no CSRF token in the page:\n{page}"))
+        + marker.len();
+    let len = page[start..].find('"').expect("the token's end");
+    page[start..start + len].to_owned()
+}
+
+fn shelter_form(evacuees: u32, pin: &str, token: &str) -> String {
+    format!("evacuees={evacuees}&pin={pin}&csrf={token}")
+}
+
+fn short_limits() -> FormLimits {
+    FormLimits {
+        token_ttl: Duration::from_secs(2),
+        ..FormLimits::default()
+    }
+}
+
+#[tokio::test]
+async fn the_legitimate_flow_saves_the_report_to_the_outbox() {
+    let form = Form::start(Some(PIN), FormLimits::default(), &[]).await;
+    let page = form.get("/", &[]).await;
+    assert_eq!(page.status, StatusCode::OK);
+    // Every form on the page carries the token.
+    assert_eq!(
+        page.body.matches("name=\"csrf\"").count(),
+        3,
+        "{}",
+        page.body
+    );
+    // The page can be neither framed by another site nor kept in a cache.
+    let h = |name: &str| {
+        page.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(h("content-security-policy").contains("frame-ancestors 'none'"));
+    assert!(h("content-security-policy").contains("form-action 'self'"));
+    assert_eq!(h("x-frame-options"), "DENY");
+    assert_eq!(h("cache-control"), "no-store");
+    assert_eq!(h("referrer-policy"), "same-origin");
+
+    let token = token_of(&page.body);
+    let reply = form
+        .post(
+            "/report/shelter",
+            &[("origin", &form.origin())],
+            &shelter_form(321, PIN, &token),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert!(
+        reply.body.contains("保存しました / saved (seq"),
+        "{}",
+        reply.body
+    );
+    assert_eq!(form.saved_evacuees(), Some(321));
+    // A browser that sends no Origin sends its Referer, and that is checked instead.
+    let referer = format!("{}/report/shelter", form.origin());
+    let reply = form
+        .post(
+            "/report/shelter",
+            &[("referer", &referer)],
+            &shelter_form(322, PIN, &token_of(&reply.body)),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(form.saved_evacuees(), Some(322));
+}
+
+#[tokio::test]
+async fn a_post_from_another_origin_is_refused() {
+    let form = Form::start(Some(PIN), FormLimits::default(), &[]).await;
+    let token = form.token().await;
+    let body = shelter_form(500, PIN, &token);
+    let evil_referer = "http://evil.example/attack.html";
+    let other_port = format!("http://127.0.0.1:{}", form.addr.port() + 1);
+    for (what, headers) in [
+        ("another site", vec![("origin", "http://evil.example")]),
+        (
+            "another site, though the Referer is ours",
+            vec![("origin", "http://evil.example"), ("referer", "x")],
+        ),
+        ("an opaque origin", vec![("origin", "null")]),
+        ("another port", vec![("origin", other_port.as_str())]),
+        ("a foreign Referer", vec![("referer", evil_referer)]),
+        ("neither Origin nor Referer", vec![]),
+    ] {
+        let reply = form.post("/report/shelter", &headers, &body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{what}: {}",
+            reply.body
+        );
+        assert!(
+            reply.body.contains("保存していません") && reply.body.contains("NOT saved"),
+            "{what}: {}",
+            reply.body
+        );
+        assert!(reply.body.contains("origin"), "{what}: {}", reply.body);
+    }
+    assert_eq!(form.saved_evacuees(), None, "nothing was stored");
+}
+
+#[tokio::test]
+async fn a_post_without_a_token_is_refused() {
+    let form = Form::start(Some(PIN), FormLimits::default(), &[]).await;
+    let origin = form.origin();
+    for body in [
+        format!("evacuees=7&pin={PIN}"),
+        format!("evacuees=7&pin={PIN}&csrf="),
+    ] {
+        let reply = form
+            .post("/report/shelter", &[("origin", &origin)], &body)
+            .await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.body);
+        assert!(
+            reply.body.contains("有効期限") && reply.body.contains("press Save again"),
+            "{}",
+            reply.body
+        );
+        // The form comes back filled in with a fresh token, so staff only press Save again.
+        assert!(reply.body.contains("value=\"7\""), "{}", reply.body);
+        assert!(!token_of(&reply.body).is_empty());
+    }
+    assert_eq!(form.saved_evacuees(), None);
+}
+
+#[tokio::test]
+async fn a_stale_or_foreign_token_is_refused() {
+    let form = Form::start(Some(PIN), short_limits(), &[]).await;
+    let other = Form::start(Some(PIN), short_limits(), &[]).await;
+    let origin = form.origin();
+    let stale = form.token().await;
+    let foreign = other.token().await;
+    let mine = form.token().await;
+    // One changed character of a good token (in its nonce, which the MAC covers).
+    let mut tampered = mine.clone().into_bytes();
+    let at = 20;
+    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    for (what, token) in [
+        ("another agent's", foreign.as_str()),
+        ("tampered", tampered.as_str()),
+        ("garbage", "not-a-token"),
+    ] {
+        let reply = form
+            .post(
+                "/report/shelter",
+                &[("origin", &origin)],
+                &shelter_form(11, PIN, token),
+            )
+            .await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{what}: {}",
+            reply.body
+        );
+        assert!(reply.body.contains("有効期限"), "{what}: {}", reply.body);
+    }
+    // Older than token_ttl (2 s here).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let reply = form
+        .post(
+            "/report/shelter",
+            &[("origin", &origin)],
+            &shelter_form(12, PIN, &stale),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "stale: {}", reply.body);
+    assert_eq!(form.saved_evacuees(), None);
+    // The refusal's fresh token works.
+    let reply = form
+        .post(
+            "/report/shelter",
+            &[("origin", &origin)],
+            &shelter_form(13, PIN, &token_of(&reply.body)),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(form.saved_evacuees(), Some(13));
+}
+
+#[tokio::test]
+async fn a_host_the_form_does_not_serve_is_refused() {
+    let form = Form::start(None, FormLimits::default(), &["renkei-nishi.local"]).await;
+    let port = form.addr.port();
+    // DNS rebinding: the attacker's name, resolving to this box, is sent as Host.
+    for host in [
+        "evil.example".to_owned(),
+        format!("evil.example:{port}"),
+        format!("127.0.0.1:{}", port + 1),
+        format!("10.1.2.3:{port}"),
+        "".to_owned(),
+    ] {
+        let reply = form.get("/", &[("host", &host)]).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::MISDIRECTED_REQUEST,
+            "Host {host:?}: {}",
+            reply.body
+        );
+        assert!(reply.body.contains("form_hosts"), "{}", reply.body);
+        let reply = form
+            .post(
+                "/report/shelter",
+                &[("host", &host), ("origin", &format!("http://{host}"))],
+                "evacuees=3&csrf=x",
+            )
+            .await;
+        assert_eq!(reply.status, StatusCode::MISDIRECTED_REQUEST, "{host:?}");
+    }
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("LOCALHOST:{port}"),
+        "renkei-nishi.local".to_owned(),
+        "renkei-nishi.local:443".to_owned(),
+    ] {
+        let reply = form.get("/", &[("host", &host)]).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "Host {host:?}: {}",
+            reply.body
+        );
+    }
+    // A post through a configured name, with that name as its origin, is saved.
+    let token = form.token().await;
+    let reply = form
+        .post(
+            "/report/shelter",
+            &[
+                ("host", "renkei-nishi.local"),
+                ("origin", "http://renkei-nishi.local"),
+            ],
+            &format!("evacuees=4&csrf={token}"),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(form.saved_evacuees(), Some(4));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -181,7 +466,7 @@ async fn slow_clients_cannot_hold_the_form() {
         max_connections: 64,
         ..FormLimits::default()
     };
-    let form = Form::start(limits).await;
+    let form = Form::start(None, limits, &[]).await;
     let port = form.addr.port();
     assert_eq!(server_sockets(port), 1, "the listener alone");
     let before = open_fds();
@@ -219,7 +504,7 @@ async fn slow_clients_cannot_hold_the_form() {
     let started = Instant::now();
     let page = form.get("/", &[]).await;
     let took = started.elapsed();
-    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert_eq!(page.status, StatusCode::OK);
     assert!(took < Duration::from_secs(1), "the page took {took:?}");
 
     // The server holds at most its cap of connections (plus its listener), whatever the
@@ -241,7 +526,7 @@ async fn a_slow_request_head_or_body_is_cut_by_the_header_timeout() {
         idle_timeout: Duration::from_secs(60),
         ..FormLimits::default()
     };
-    let form = Form::start(limits).await;
+    let form = Form::start(None, limits, &[]).await;
     // Sends its request head a byte every 100 ms, never finishing: never quiet for long, but
     // cut once the head has taken 400 ms.
     let mut slow = TcpStream::connect(form.addr).await.unwrap();
@@ -290,7 +575,7 @@ async fn idle_connections_are_closed() {
         idle_timeout: Duration::from_millis(300),
         ..FormLimits::default()
     };
-    let form = Form::start(limits).await;
+    let form = Form::start(None, limits, &[]).await;
     // Says nothing: closed once idle for 300 ms, long before the header timeout.
     let mut silent = TcpStream::connect(form.addr).await.unwrap();
     let started = Instant::now();
