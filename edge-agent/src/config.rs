@@ -30,6 +30,9 @@
 //! form_max_connections = 128     # then the longest-idle connection makes room
 //! form_header_timeout = "10s"    # a request's head, then its body, each within this
 //! form_idle_timeout = "30s"      # a connection with no request in progress is closed
+//! form_pin_attempts = 5          # wrong PINs from one device within form_pin_window …
+//! form_pin_window = "10m"
+//! form_pin_lockout = "15m"       # … lock its PIN entry for this long
 //! power = "generator"            # when the OS does not say: grid | generator | battery | none
 //! battery_pct = 80               # when the OS does not say
 //! power_supply_dir = "/sys/class/power_supply"   # "" = do not read the OS
@@ -225,6 +228,18 @@ pub struct RawConfig {
     #[arg(long, value_name = "DURATION")]
     #[serde(default, deserialize_with = "scalar")]
     pub form_idle_timeout: Option<String>,
+    /// Wrong PINs from one device within --form-pin-window that lock its PIN entry [default: 5]
+    #[arg(long, value_name = "N")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_pin_attempts: Option<String>,
+    /// The window in which wrong PINs are counted [default: 10m]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_pin_window: Option<String>,
+    /// How long PIN entry stays locked [default: 15m]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_pin_lockout: Option<String>,
     /// Power source when the OS does not say: grid | generator | battery | none | unknown
     #[arg(long, value_name = "SOURCE")]
     #[serde(default, deserialize_with = "scalar")]
@@ -353,7 +368,7 @@ pub struct AgentConfig {
     pub form_pin: Option<FormPin>,
     /// Host names the web form answers to besides its addresses and `localhost`.
     pub form_hosts: Vec<String>,
-    /// The web form's connection and timeout limits.
+    /// The web form's connection, timeout and PIN-attempt limits.
     pub form_limits: FormLimits,
     /// Where the heartbeat's power source and battery charge come from.
     pub power: PowerProbe,
@@ -419,6 +434,9 @@ impl RawConfig {
             form_max_connections: self.form_max_connections.or(fallback.form_max_connections),
             form_header_timeout: self.form_header_timeout.or(fallback.form_header_timeout),
             form_idle_timeout: self.form_idle_timeout.or(fallback.form_idle_timeout),
+            form_pin_attempts: self.form_pin_attempts.or(fallback.form_pin_attempts),
+            form_pin_window: self.form_pin_window.or(fallback.form_pin_window),
+            form_pin_lockout: self.form_pin_lockout.or(fallback.form_pin_lockout),
             power: self.power.or(fallback.power),
             battery_pct: self.battery_pct.or(fallback.battery_pct),
             hq: self.hq.or(fallback.hq),
@@ -530,8 +548,8 @@ impl RawConfig {
             })
             .transpose()?;
         let form_pin = match self.form_pin.as_deref().map(str::trim) {
-            // At least six digits: a million guesses, where a four-digit PIN is ten thousand.
-            // Digits only: what the form's numeric keypad types.
+            // At least six digits: a million guesses, where the form's lockout allows a few
+            // per quarter hour. Digits only: what the form's numeric keypad types.
             Some(p) if !(6..=64).contains(&p.len()) || !p.bytes().all(|b| b.is_ascii_digit()) => {
                 // The value is a secret: not repeated in the error.
                 return Err(invalid(
@@ -720,6 +738,14 @@ impl RawConfig {
                 d.header_timeout,
             )?,
             idle_timeout: duration("form_idle_timeout", &self.form_idle_timeout, d.idle_timeout)?,
+            pin_attempts: count(
+                "form_pin_attempts",
+                &self.form_pin_attempts,
+                1_000,
+                d.pin_attempts,
+            )?,
+            pin_window: duration("form_pin_window", &self.form_pin_window, d.pin_window)?,
+            pin_lockout: duration("form_pin_lockout", &self.form_pin_lockout, d.pin_lockout)?,
             token_ttl: d.token_ttl,
         };
         Ok((hosts, limits))
@@ -733,6 +759,9 @@ impl RawConfig {
             ("form_max_connections", &self.form_max_connections),
             ("form_header_timeout", &self.form_header_timeout),
             ("form_idle_timeout", &self.form_idle_timeout),
+            ("form_pin_attempts", &self.form_pin_attempts),
+            ("form_pin_window", &self.form_pin_window),
+            ("form_pin_lockout", &self.form_pin_lockout),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.as_deref()))
@@ -1270,9 +1299,9 @@ mod tests {
             msg,
             "form_pin = \"…\": only used with the web form (form_listen / --form)"
         );
-        let msg = error_of(&format!("{MINIMAL}\nform_idle_timeout = \"1m\""));
+        let msg = error_of(&format!("{MINIMAL}\nform_pin_lockout = \"1h\""));
         assert!(
-            msg.starts_with("form_idle_timeout = \"1m\": only used"),
+            msg.starts_with("form_pin_lockout = \"1h\": only used"),
             "{msg}"
         );
     }
@@ -1286,7 +1315,8 @@ mod tests {
         let c = resolve(&form(
             "form_hosts = \"Renkei-Nishi.local, shelter-pc,10.0.0.5\"\n\
              form_max_connections = 32\nform_header_timeout = \"5s\"\n\
-             form_idle_timeout = \"1m\"",
+             form_idle_timeout = \"1m\"\nform_pin_attempts = 3\nform_pin_window = \"2m\"\n\
+             form_pin_lockout = \"1h\"",
         ))
         .unwrap();
         assert_eq!(
@@ -1298,6 +1328,10 @@ mod tests {
             (l.max_connections, l.header_timeout, l.idle_timeout),
             (32, Duration::from_secs(5), Duration::from_secs(60))
         );
+        assert_eq!(
+            (l.pin_attempts, l.pin_window, l.pin_lockout),
+            (3, Duration::from_secs(120), Duration::from_secs(3600))
+        );
         for (line, expected) in [
             ("form_hosts = \"evil.example:80\"", "not a host name"),
             ("form_hosts = \"a/b\"", "form_hosts = \"a/b\""),
@@ -1305,7 +1339,9 @@ mod tests {
             ("form_max_connections = \"many\"", "1–10000"),
             ("form_header_timeout = \"10ms\"", "from 100ms to 24h"),
             ("form_idle_timeout = \"forever\"", "form_idle_timeout"),
-            ("form_idle_timeout = \"2d\"", "form_idle_timeout"),
+            ("form_pin_attempts = 0", "form_pin_attempts"),
+            ("form_pin_window = \"0s\"", "form_pin_window"),
+            ("form_pin_lockout = \"2d\"", "form_pin_lockout"),
         ] {
             let msg = error_of(&form(line));
             assert!(msg.contains(expected), "{line}: {msg}");

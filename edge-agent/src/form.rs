@@ -23,6 +23,8 @@
 //! - every POST must come from the form's own origin (`Origin`, or without it `Referer`,
 //!   equal to `Host`) and carry the token of a page this process rendered, unaltered and
 //!   younger than [`FormLimits::token_ttl`]: a cross-site post is refused (403);
+//! - wrong PINs are counted per device, and [`FormLimits::pin_attempts`] of them within
+//!   [`FormLimits::pin_window`] lock its PIN entry for [`FormLimits::pin_lockout`] (429);
 //! - the server holds at most [`FormLimits::max_connections`] connections (16 per device),
 //!   closing the longest-idle one to make room; a request head must arrive within
 //!   [`FormLimits::header_timeout`], its body within that again, and a connection with no
@@ -50,6 +52,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use renkei_shared::{Mode, SiteRef};
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
+use subtle::ConstantTimeEq;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tower::ServiceExt;
@@ -63,10 +66,13 @@ use crate::staff::{self, StaffReport, StoreError};
 const MAX_BODY: usize = 32 * 1024;
 /// Connections one device may hold: a browser opens up to six per host; more is not a phone.
 const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
+/// Devices whose wrong PINs are remembered at once; beyond it, PIN entry pauses for new
+/// devices until a record expires (the table cannot grow, and many addresses gain no guesses).
+const MAX_PIN_CLIENTS: usize = 1024;
 /// How long a stopping server waits for its connections to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
-/// Limits of the form's server and its tokens; the defaults suit a shelter's network.
+/// Limits of the form's server and of PIN entry; the defaults suit a shelter's network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FormLimits {
     /// Connections held at most; beyond it the longest-idle one is closed to make room.
@@ -75,6 +81,12 @@ pub struct FormLimits {
     pub header_timeout: Duration,
     /// A connection with no request in progress for this long is closed.
     pub idle_timeout: Duration,
+    /// Wrong PINs from one device within `pin_window` that lock its PIN entry.
+    pub pin_attempts: u32,
+    /// The window in which wrong PINs are counted.
+    pub pin_window: Duration,
+    /// How long PIN entry stays locked.
+    pub pin_lockout: Duration,
     /// How long the token of a rendered page is accepted.
     pub token_ttl: Duration,
 }
@@ -85,6 +97,9 @@ impl Default for FormLimits {
             max_connections: 128,
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            pin_attempts: 5,
+            pin_window: Duration::from_secs(10 * 60),
+            pin_lockout: Duration::from_secs(15 * 60),
             // A page left open through a shift; an older one is refused with the form
             // refilled and a fresh token, so staff only press Save again.
             token_ttl: Duration::from_secs(12 * 3600),
@@ -116,6 +131,7 @@ pub struct FormState {
 struct Shared {
     state: FormState,
     tokens: Tokens,
+    pins: Mutex<PinGate>,
 }
 
 /// The two ends of a request's connection, put into every request by [`serve`].
@@ -236,6 +252,96 @@ impl Tokens {
             return Err(TokenError::Stale);
         }
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// PIN attempts.
+
+/// Wrong PINs per device, bounded: see [`MAX_PIN_CLIENTS`].
+#[derive(Debug)]
+struct PinGate {
+    attempts: u32,
+    window: Duration,
+    lockout: Duration,
+    clients: HashMap<Client, Attempts>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Attempts {
+    window_start: Instant,
+    wrong: u32,
+    locked_until: Option<Instant>,
+}
+
+impl Attempts {
+    /// When this record no longer matters.
+    fn expires(&self, window: Duration) -> Instant {
+        let window_end = self.window_start + window;
+        self.locked_until.map_or(window_end, |l| l.max(window_end))
+    }
+}
+
+/// Why a PIN was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PinRefusal {
+    Wrong,
+    /// Entry is locked for this much longer.
+    Locked(Duration),
+}
+
+impl PinGate {
+    fn new(limits: &FormLimits) -> PinGate {
+        PinGate {
+            attempts: limits.pin_attempts.max(1),
+            window: limits.pin_window,
+            lockout: limits.pin_lockout,
+            clients: HashMap::new(),
+        }
+    }
+
+    /// One PIN entry by `who`, `correct` or not, at `now`. A locked device is refused before
+    /// its PIN is looked at, so the right PIN does not open a lock early.
+    fn attempt(&mut self, who: Client, correct: bool, now: Instant) -> Result<(), PinRefusal> {
+        let window = self.window;
+        if let Some(a) = self.clients.get(&who)
+            && let Some(until) = a.locked_until
+            && until > now
+        {
+            return Err(PinRefusal::Locked(until - now));
+        }
+        if !self.clients.contains_key(&who) && self.clients.len() >= MAX_PIN_CLIENTS {
+            self.clients.retain(|_, a| a.expires(window) > now);
+            if self.clients.len() >= MAX_PIN_CLIENTS {
+                let next_free = self.clients.values().map(|a| a.expires(window)).min();
+                return Err(PinRefusal::Locked(
+                    next_free.map_or(self.lockout, |t| t.saturating_duration_since(now)),
+                ));
+            }
+        }
+        if correct {
+            self.clients.remove(&who);
+            return Ok(());
+        }
+        let a = self.clients.entry(who).or_insert(Attempts {
+            window_start: now,
+            wrong: 0,
+            locked_until: None,
+        });
+        if now.saturating_duration_since(a.window_start) >= window || a.locked_until.is_some() {
+            // A new window; a lock that has run out starts one too.
+            *a = Attempts {
+                window_start: now,
+                wrong: 0,
+                locked_until: None,
+            };
+        }
+        a.wrong += 1;
+        if a.wrong >= self.attempts {
+            a.locked_until = Some(now + self.lockout);
+            return Err(PinRefusal::Locked(self.lockout));
+        }
+        Err(PinRefusal::Wrong)
     }
 }
 
@@ -473,6 +579,7 @@ fn value<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
 fn router(state: FormState) -> std::io::Result<Router> {
     let shared = Arc::new(Shared {
         tokens: Tokens::new(state.limits.token_ttl)?,
+        pins: Mutex::new(PinGate::new(&state.limits)),
         state,
     });
     Ok(Router::new()
@@ -909,11 +1016,12 @@ async fn page(State(shared): State<Arc<Shared>>) -> Html<String> {
     Html(render(&shared, &overview, None, None))
 }
 
-/// A refused post: its status and its message.
+/// A refused post: its status, its message, and how long to wait if it says.
 #[derive(Debug)]
 struct Refused {
     code: StatusCode,
     message: String,
+    retry_after: Option<Duration>,
 }
 
 impl Refused {
@@ -921,6 +1029,7 @@ impl Refused {
         Refused {
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 }
@@ -963,15 +1072,26 @@ async fn submit(
     };
     let outcome = store(&shared, kind, &form, who).await;
     let overview = overview(&shared.state).await;
-    let (code, notice, refill) = match outcome {
-        Ok(saved) => (StatusCode::OK, Ok(saved), None),
-        Err(r) => (r.code, Err(r.message), Some((kind, form.as_slice()))),
+    let (code, notice, refill, retry_after) = match outcome {
+        Ok(saved) => (StatusCode::OK, Ok(saved), None, None),
+        Err(r) => (
+            r.code,
+            Err(r.message),
+            Some((kind, form.as_slice())),
+            r.retry_after,
+        ),
     };
-    (
+    let mut response = (
         code,
         Html(render(&shared, &overview, Some(&notice), refill)),
     )
-        .into_response()
+        .into_response();
+    if let Some(wait) = retry_after
+        && let Ok(value) = HeaderValue::from_str(&wait.as_secs().max(1).to_string())
+    {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
 }
 
 /// Checks the token, the PIN and the report, and stores it.
@@ -990,13 +1110,34 @@ async fn store(
              post did not come from it: check the form and press Save again. NOT saved",
         ));
     }
-    if let Some(pin) = &shared.state.pin
-        && !same(value(form, "pin").unwrap_or_default().trim(), pin)
-    {
-        return Err(Refused::new(
-            StatusCode::FORBIDDEN,
-            "暗証番号が違います。保存していません / wrong PIN: NOT saved",
-        ));
+    if let Some(pin) = &shared.state.pin {
+        let given = value(form, "pin").unwrap_or_default().trim();
+        let correct: bool = given.as_bytes().ct_eq(pin.as_bytes()).into();
+        // Without a connection (never, when served) all such posts count as one device.
+        let who = who.unwrap_or(Client::V4(Ipv4Addr::UNSPECIFIED));
+        let attempt = lock(&shared.pins).attempt(who, correct, Instant::now());
+        match attempt {
+            Ok(()) => {}
+            Err(PinRefusal::Wrong) => {
+                return Err(Refused::new(
+                    StatusCode::FORBIDDEN,
+                    "暗証番号が違います。保存していません / wrong PIN: NOT saved",
+                ));
+            }
+            Err(PinRefusal::Locked(wait)) => {
+                warn!(?who, ?wait, "web form: PIN entry locked after wrong PINs");
+                let (ja, en) = wait_text(wait);
+                return Err(Refused {
+                    code: StatusCode::TOO_MANY_REQUESTS,
+                    message: format!(
+                        "暗証番号の誤りが続いたため、暗証番号の入力を一時停止しています。\
+                         あと{ja}ほどでもう一度お試しください。保存していません / too many \
+                         wrong PINs: PIN entry is paused for about {en}. NOT saved"
+                    ),
+                    retry_after: Some(wait),
+                });
+            }
+        }
     }
     let report =
         parse(kind, form).map_err(|e| Refused::new(StatusCode::UNPROCESSABLE_ENTITY, e))?;
@@ -1029,14 +1170,15 @@ async fn store(
     }
 }
 
-/// Compares without stopping at the first difference, so timing does not give the PIN away.
-fn same(given: &str, pin: &str) -> bool {
-    given.len() == pin.len()
-        && given
-            .bytes()
-            .zip(pin.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+/// A wait as staff read it: (Japanese, English), rounded up to a second or a minute.
+fn wait_text(wait: Duration) -> (String, String) {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    if secs < 60 {
+        (format!("{secs}秒"), format!("{secs} s"))
+    } else {
+        let mins = secs.div_ceil(60);
+        (format!("{mins}分"), format!("{mins} min"))
+    }
 }
 
 fn escape(text: &str) -> String {
@@ -1285,6 +1427,80 @@ mod tests {
         assert_eq!(ITEMS.len(), Item::ALL.len());
     }
 
+    fn limits() -> FormLimits {
+        FormLimits {
+            pin_attempts: 3,
+            pin_window: Duration::from_secs(60),
+            pin_lockout: Duration::from_secs(300),
+            ..FormLimits::default()
+        }
+    }
+
+    #[test]
+    fn wrong_pins_lock_a_device_and_only_that_device() {
+        let mut gate = PinGate::new(&limits());
+        let t0 = Instant::now();
+        let a = Client::of("192.168.1.20".parse().unwrap());
+        let b = Client::of("192.168.1.21".parse().unwrap());
+        assert_eq!(gate.attempt(a, false, t0), Err(PinRefusal::Wrong));
+        assert_eq!(gate.attempt(a, false, t0), Err(PinRefusal::Wrong));
+        let lockout = Duration::from_secs(300);
+        assert_eq!(gate.attempt(a, false, t0), Err(PinRefusal::Locked(lockout)));
+        // The right PIN during the lockout is refused; another device is not affected.
+        let later = t0 + Duration::from_secs(100);
+        assert_eq!(
+            gate.attempt(a, true, later),
+            Err(PinRefusal::Locked(Duration::from_secs(200)))
+        );
+        assert_eq!(gate.attempt(b, true, later), Ok(()));
+        // After it, the right PIN works and clears the count.
+        let after = t0 + lockout;
+        assert_eq!(gate.attempt(a, true, after), Ok(()));
+        assert!(gate.clients.is_empty());
+        // Wrong PINs further apart than the window do not add up.
+        for i in 0..10 {
+            let t = after + Duration::from_secs(61) * i;
+            assert_eq!(gate.attempt(a, false, t), Err(PinRefusal::Wrong), "{i}");
+        }
+    }
+
+    #[test]
+    fn the_pin_table_is_bounded_and_ipv6_counts_per_64() {
+        let mut gate = PinGate::new(&limits());
+        let t0 = Instant::now();
+        // Every address of one /64 is one device.
+        for i in 1..=3u16 {
+            let ip: IpAddr = format!("2001:db8:1:2::{i:x}").parse().unwrap();
+            let _ = gate.attempt(Client::of(ip), false, t0);
+        }
+        let other: IpAddr = "2001:db8:1:2:ffff::1".parse().unwrap();
+        assert!(matches!(
+            gate.attempt(Client::of(other), true, t0),
+            Err(PinRefusal::Locked(_))
+        ));
+        assert_eq!(
+            Client::of("::ffff:10.0.0.1".parse().unwrap()),
+            Client::of("10.0.0.1".parse().unwrap())
+        );
+        // A table full of failing devices: a new device waits, whatever its PIN, until the
+        // first record expires; memory never holds more than MAX_PIN_CLIENTS.
+        let mut gate = PinGate::new(&limits());
+        for i in 0..MAX_PIN_CLIENTS {
+            let ip = Ipv4Addr::from(0x0a00_0000 + u32::try_from(i).unwrap());
+            let _ = gate.attempt(Client::V4(ip), false, t0);
+        }
+        let newcomer = Client::of("192.168.9.9".parse().unwrap());
+        let soon = t0 + Duration::from_secs(10);
+        assert_eq!(
+            gate.attempt(newcomer, true, soon),
+            Err(PinRefusal::Locked(Duration::from_secs(50)))
+        );
+        assert_eq!(gate.clients.len(), MAX_PIN_CLIENTS);
+        let expired = t0 + Duration::from_secs(60);
+        assert_eq!(gate.attempt(newcomer, true, expired), Ok(()));
+        assert!(gate.clients.len() < MAX_PIN_CLIENTS);
+    }
+
     #[test]
     fn tokens_are_this_processes_and_fresh() {
         let tokens = Tokens::new(Duration::from_secs(60)).unwrap();
@@ -1424,13 +1640,26 @@ mod tests {
     }
 
     #[test]
+    fn waits_are_told_in_seconds_or_minutes() {
+        assert_eq!(
+            wait_text(Duration::from_millis(1500)),
+            ("2秒".into(), "2 s".into())
+        );
+        assert_eq!(
+            wait_text(Duration::from_secs(60)),
+            ("1分".into(), "1 min".into())
+        );
+        assert_eq!(
+            wait_text(Duration::from_secs(61)),
+            ("2分".into(), "2 min".into())
+        );
+    }
+
+    #[test]
     fn text_is_escaped() {
         assert_eq!(
             escape("<b a=\"1\">&'"),
             "&lt;b a=&quot;1&quot;&gt;&amp;&#39;"
         );
-        assert!(same("1234", "1234"));
-        assert!(!same("1235", "1234"));
-        assert!(!same("123", "1234"));
     }
 }

@@ -1,6 +1,6 @@
 //! The staff web form's defences, tried against the real server on an ephemeral port with a
-//! real HTTP client (hyper's) and raw sockets: what a hostile page and slow clients can and
-//! cannot do. No broker is needed: the form writes to the outbox in-process.
+//! real HTTP client (hyper's) and raw sockets: what a hostile page, a guessing phone and slow
+//! clients can and cannot do. No broker is needed: the form writes to the outbox in-process.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -167,6 +167,8 @@ fn shelter_form(evacuees: u32, pin: &str, token: &str) -> String {
 
 fn short_limits() -> FormLimits {
     FormLimits {
+        pin_window: Duration::from_secs(60),
+        pin_lockout: Duration::from_millis(1500),
         token_ttl: Duration::from_secs(2),
         ..FormLimits::default()
     }
@@ -399,6 +401,61 @@ async fn a_host_the_form_does_not_serve_is_refused() {
         .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
     assert_eq!(form.saved_evacuees(), Some(4));
+}
+
+#[tokio::test]
+async fn wrong_pins_lock_pin_entry_for_a_while() {
+    let form = Form::start(Some(PIN), short_limits(), &[]).await;
+    let origin = form.origin();
+    let post = |evacuees: u32, pin: &'static str| {
+        let form = &form;
+        let origin = origin.clone();
+        async move {
+            let token = form.token().await;
+            form.post(
+                "/report/shelter",
+                &[("origin", &origin)],
+                &shelter_form(evacuees, pin, &token),
+            )
+            .await
+        }
+    };
+    for attempt in 1..=4 {
+        let reply = post(attempt, "999999").await;
+        assert_eq!(reply.status, StatusCode::FORBIDDEN, "attempt {attempt}");
+        assert!(reply.body.contains("wrong PIN"), "{}", reply.body);
+    }
+    // The fifth wrong PIN locks PIN entry, and says so; then even the right PIN is refused,
+    // with the reason in both languages.
+    for (evacuees, pin) in [(5, "999999"), (6, PIN)] {
+        let reply = post(evacuees, pin).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::TOO_MANY_REQUESTS,
+            "{}",
+            reply.body
+        );
+        assert!(
+            reply.body.contains("暗証番号の入力を一時停止")
+                && reply.body.contains("too many wrong PINs")
+                && reply.body.contains("NOT saved"),
+            "{}",
+            reply.body
+        );
+        assert!(reply.headers.contains_key(header::RETRY_AFTER));
+        // What was typed comes back, so nothing is lost while waiting.
+        assert!(
+            reply.body.contains(&format!("value=\"{evacuees}\"")),
+            "{}",
+            reply.body
+        );
+    }
+    assert_eq!(form.saved_evacuees(), None);
+    // After the lockout (1.5 s here) the right PIN works again.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let reply = post(7, PIN).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    assert_eq!(form.saved_evacuees(), Some(7));
 }
 
 // ---------------------------------------------------------------------------------------------
