@@ -25,7 +25,14 @@
 //! confirm = "receipt"            # receipt: kept until HQ has stored it | puback: until the broker took it
 //! disk_reserve = "1MiB"          # free disk never used; reports refused below it
 //! form_listen = "0.0.0.0:8090"   # the staff web form (--form); off by default
-//! form_pin = "…"                 # or RENKEI_AGENT_FORM_PIN
+//! form_pin = "…"                 # 6–64 digits, or RENKEI_AGENT_FORM_PIN
+//! form_hosts = "renkei.local"    # names the form also answers to (comma-separated)
+//! form_max_connections = 128     # then the longest-idle connection makes room
+//! form_header_timeout = "10s"    # a request's head, then its body, each within this
+//! form_idle_timeout = "30s"      # a connection with no request in progress is closed
+//! form_pin_attempts = 5          # wrong PINs from one device within form_pin_window …
+//! form_pin_window = "10m"
+//! form_pin_lockout = "15m"       # … lock its PIN entry for this long
 //! power = "generator"            # when the OS does not say: grid | generator | battery | none
 //! battery_pct = 80               # when the OS does not say
 //! power_supply_dir = "/sys/class/power_supply"   # "" = do not read the OS
@@ -41,8 +48,9 @@ use renkei_shared::{
     Comms, GeoPoint, HqState, Id, LinkState, Mode, PowerSource, ShelterState, SiteKind, SiteRef,
     WardCode,
 };
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::form::FormLimits;
 use crate::power::{DEFAULT_POWER_SUPPLY_DIR, PowerProbe};
 
 /// Heartbeat interval when none is given.
@@ -91,6 +99,12 @@ pub enum ConfigError {
         value: String,
         reason: String,
     },
+    /// An invalid setting that came from the config file (not from a flag).
+    #[error("config file {}: {source}", path.display())]
+    InFile {
+        path: PathBuf,
+        source: Box<ConfigError>,
+    },
 }
 
 fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
@@ -102,7 +116,8 @@ fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> ConfigE
 }
 
 /// Settings as given, before checking. Filled by the config file and by the flags alike.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, clap::Args)]
+/// (Serialize: only to tell which keys a file gave, for errors that name the file.)
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// Broker address: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS (needs --ca-file)
@@ -186,7 +201,7 @@ pub struct RawConfig {
     #[arg(long = "form", value_name = "ADDR")]
     #[serde(default, deserialize_with = "scalar")]
     pub form_listen: Option<String>,
-    /// PIN the web form asks for before it saves a report [default: none]
+    /// PIN the web form asks for before it saves a report: 6–64 digits [default: none]
     #[arg(
         long,
         value_name = "PIN",
@@ -195,6 +210,36 @@ pub struct RawConfig {
     )]
     #[serde(default, deserialize_with = "scalar")]
     pub form_pin: Option<String>,
+    /// Host names the web form answers to besides its addresses and localhost, comma-separated
+    /// (a name staff type, or a proxy's) [default: none]
+    #[arg(long, value_name = "NAMES")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_hosts: Option<String>,
+    /// Connections the web form holds at most; then the longest-idle one makes room
+    /// [default: 128]
+    #[arg(long, value_name = "N")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_max_connections: Option<String>,
+    /// Time a request's head, and then its body, may take to arrive [default: 10s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_header_timeout: Option<String>,
+    /// A web form connection with no request in progress for this long is closed [default: 30s]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_idle_timeout: Option<String>,
+    /// Wrong PINs from one device within --form-pin-window that lock its PIN entry [default: 5]
+    #[arg(long, value_name = "N")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_pin_attempts: Option<String>,
+    /// The window in which wrong PINs are counted [default: 10m]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_pin_window: Option<String>,
+    /// How long PIN entry stays locked [default: 15m]
+    #[arg(long, value_name = "DURATION")]
+    #[serde(default, deserialize_with = "scalar")]
+    pub form_pin_lockout: Option<String>,
     /// Power source when the OS does not say: grid | generator | battery | none | unknown
     #[arg(long, value_name = "SOURCE")]
     #[serde(default, deserialize_with = "scalar")]
@@ -321,6 +366,10 @@ pub struct AgentConfig {
     pub form_listen: Option<std::net::SocketAddr>,
     /// What the web form asks for before it saves, if anything.
     pub form_pin: Option<FormPin>,
+    /// Host names the web form answers to besides its addresses and `localhost`.
+    pub form_hosts: Vec<String>,
+    /// The web form's connection, timeout and PIN-attempt limits.
+    pub form_limits: FormLimits,
     /// Where the heartbeat's power source and battery charge come from.
     pub power: PowerProbe,
     /// The ward HQ's state as staff gave it; unknown otherwise.
@@ -381,6 +430,13 @@ impl RawConfig {
             disk_reserve: self.disk_reserve.or(fallback.disk_reserve),
             form_listen: self.form_listen.or(fallback.form_listen),
             form_pin: self.form_pin.or(fallback.form_pin),
+            form_hosts: self.form_hosts.or(fallback.form_hosts),
+            form_max_connections: self.form_max_connections.or(fallback.form_max_connections),
+            form_header_timeout: self.form_header_timeout.or(fallback.form_header_timeout),
+            form_idle_timeout: self.form_idle_timeout.or(fallback.form_idle_timeout),
+            form_pin_attempts: self.form_pin_attempts.or(fallback.form_pin_attempts),
+            form_pin_window: self.form_pin_window.or(fallback.form_pin_window),
+            form_pin_lockout: self.form_pin_lockout.or(fallback.form_pin_lockout),
             power: self.power.or(fallback.power),
             battery_pct: self.battery_pct.or(fallback.battery_pct),
             hq: self.hq.or(fallback.hq),
@@ -491,18 +547,32 @@ impl RawConfig {
                 })
             })
             .transpose()?;
-        let form_pin = match &self.form_pin {
-            Some(p) if p.trim().len() < 4 || p.trim().len() > 64 => {
+        let form_pin = match self.form_pin.as_deref().map(str::trim) {
+            // At least six digits: a million guesses, where the form's lockout allows a few
+            // per quarter hour. Digits only: what the form's numeric keypad types.
+            Some(p) if !(6..=64).contains(&p.len()) || !p.bytes().all(|b| b.is_ascii_digit()) => {
                 // The value is a secret: not repeated in the error.
-                return Err(invalid("form_pin", "…", "expected 4 to 64 characters"));
+                return Err(invalid(
+                    "form_pin",
+                    "…",
+                    "expected 6 to 64 digits (0–9): a shorter PIN is guessed too easily",
+                ));
             }
-            Some(p) => Some(FormPin(p.trim().to_owned())),
+            Some(p) => Some(FormPin(p.to_owned())),
             None => None,
         };
-        if form_pin.is_some() && form_listen.is_none() {
+        let (form_hosts, form_limits) = self.form_settings()?;
+        if form_listen.is_none()
+            && let Some((key, value)) = self.form_keys().find(|(_, v)| v.is_some())
+        {
+            let value = if key == "form_pin" {
+                "…"
+            } else {
+                value.unwrap_or_default()
+            };
             return Err(invalid(
-                "form_pin",
-                "…",
+                key,
+                value,
                 "only used with the web form (form_listen / --form)",
             ));
         }
@@ -618,11 +688,142 @@ impl RawConfig {
             disk_reserve,
             form_listen,
             form_pin,
+            form_hosts,
+            form_limits,
             power,
             hq,
             comms,
         })
     }
+}
+
+impl RawConfig {
+    /// The web form's settings other than where it listens and its PIN, with their defaults.
+    fn form_settings(&self) -> Result<(Vec<String>, FormLimits), ConfigError> {
+        let d = FormLimits::default();
+        let hosts = match &self.form_hosts {
+            Some(text) => parse_hosts("form_hosts", text)?,
+            None => Vec::new(),
+        };
+        let duration = |key: &'static str, value: &Option<String>, default: Duration| {
+            let Some(text) = value else {
+                return Ok(default);
+            };
+            parse_duration(text)
+                .filter(|d| (Duration::from_millis(100)..=MAX_INTERVAL).contains(d))
+                .ok_or_else(|| {
+                    invalid(key, text, "expected a duration from 100ms to 24h, e.g. 10s")
+                })
+        };
+        let count = |key: &'static str, value: &Option<String>, max: u32, default: u32| {
+            let Some(text) = value else {
+                return Ok(default);
+            };
+            text.trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=max).contains(n))
+                .ok_or_else(|| invalid(key, text, format!("expected a whole number, 1–{max}")))
+        };
+        let limits = FormLimits {
+            max_connections: count(
+                "form_max_connections",
+                &self.form_max_connections,
+                10_000,
+                u32::try_from(d.max_connections).unwrap_or(u32::MAX),
+            )? as usize,
+            header_timeout: duration(
+                "form_header_timeout",
+                &self.form_header_timeout,
+                d.header_timeout,
+            )?,
+            idle_timeout: duration("form_idle_timeout", &self.form_idle_timeout, d.idle_timeout)?,
+            pin_attempts: count(
+                "form_pin_attempts",
+                &self.form_pin_attempts,
+                1_000,
+                d.pin_attempts,
+            )?,
+            pin_window: duration("form_pin_window", &self.form_pin_window, d.pin_window)?,
+            pin_lockout: duration("form_pin_lockout", &self.form_pin_lockout, d.pin_lockout)?,
+            token_ttl: d.token_ttl,
+        };
+        Ok((hosts, limits))
+    }
+
+    /// The web form's keys other than `form_listen`, with their values as given.
+    fn form_keys(&self) -> impl Iterator<Item = (&'static str, Option<&str>)> {
+        [
+            ("form_pin", &self.form_pin),
+            ("form_hosts", &self.form_hosts),
+            ("form_max_connections", &self.form_max_connections),
+            ("form_header_timeout", &self.form_header_timeout),
+            ("form_idle_timeout", &self.form_idle_timeout),
+            ("form_pin_attempts", &self.form_pin_attempts),
+            ("form_pin_window", &self.form_pin_window),
+            ("form_pin_lockout", &self.form_pin_lockout),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.as_deref()))
+    }
+
+    /// Whether these settings give `key` (a file key, `_` for `-`).
+    fn gives(&self, key: &str) -> bool {
+        toml::Value::try_from(self)
+            .ok()
+            .is_some_and(|table| table.get(key).is_some())
+    }
+}
+
+/// The settings of `renkei-agent run`: the file at `path` (if any) with `flags` over it,
+/// checked. An invalid value that came from the file is reported with the file's path, so
+/// the operator knows where to fix it.
+pub fn load(flags: RawConfig, path: Option<&Path>) -> Result<AgentConfig, ConfigError> {
+    let file = match path {
+        Some(path) => RawConfig::from_file(path)?,
+        None => RawConfig::default(),
+    };
+    let from_file = |key: &str| !flags.gives(key) && file.gives(key);
+    match flags.clone().or(file.clone()).resolve() {
+        Err(e @ ConfigError::Invalid { key, .. }) if from_file(key) => Err(ConfigError::InFile {
+            // `from_file` holds only with a file.
+            path: path.map(Path::to_owned).unwrap_or_default(),
+            source: Box::new(e),
+        }),
+        other => other,
+    }
+}
+
+/// Host names, comma-separated, lower-cased: each a DNS or mDNS name (labels of a–z 0–9 -)
+/// or an IP address (one the form is reached by through a port forward, say). No port: a
+/// configured name is served on any port, since a proxy may stand in front.
+fn parse_hosts(key: &'static str, text: &str) -> Result<Vec<String>, ConfigError> {
+    let mut hosts = Vec::new();
+    for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let name = name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase();
+        let valid = name.parse::<std::net::IpAddr>().is_ok()
+            || (name.len() <= 253
+                && name.split('.').all(|label| {
+                    !label.is_empty()
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                }));
+        if !valid {
+            return Err(invalid(
+                key,
+                text,
+                format!("{name:?} is not a host name (letters, digits, - and .; no port)"),
+            ));
+        }
+        hosts.push(name);
+    }
+    Ok(hosts)
 }
 
 /// Parses `mqtt://HOST[:PORT]` (or `tcp://…`, or a bare `HOST[:PORT]`), and
@@ -1082,18 +1283,138 @@ mod tests {
     fn the_web_form_is_off_by_default_and_its_pin_is_never_printed() {
         assert_eq!(resolve(MINIMAL).unwrap().form_listen, None);
         let c = resolve(&format!(
-            "{MINIMAL}\nform_listen = \"0.0.0.0:8090\"\nform_pin = \"2468\""
+            "{MINIMAL}\nform_listen = \"0.0.0.0:8090\"\nform_pin = \"246810\""
         ))
         .unwrap();
         assert_eq!(c.form_listen, Some("0.0.0.0:8090".parse().unwrap()));
-        assert_eq!(c.form_pin, Some(FormPin("2468".into())));
-        assert!(!format!("{c:?}").contains("2468"));
+        assert_eq!(c.form_pin, Some(FormPin("246810".into())));
+        assert!(!format!("{c:?}").contains("246810"));
         assert!(error_of(&format!("{MINIMAL}\nform_listen = \"8090\"")).contains("form_listen"));
         let msg = error_of(&format!(
             "{MINIMAL}\nform_listen = \"127.0.0.1:1\"\nform_pin = \"12\""
         ));
         assert!(msg.contains("form_pin") && !msg.contains("12\""), "{msg}");
-        assert!(error_of(&format!("{MINIMAL}\nform_pin = \"2468\"")).contains("only used"));
+        let msg = error_of(&format!("{MINIMAL}\nform_pin = \"246810\""));
+        assert_eq!(
+            msg,
+            "form_pin = \"…\": only used with the web form (form_listen / --form)"
+        );
+        let msg = error_of(&format!("{MINIMAL}\nform_pin_lockout = \"1h\""));
+        assert!(
+            msg.starts_with("form_pin_lockout = \"1h\": only used"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_web_form_limits_and_hosts() {
+        let form = |extra: &str| format!("{MINIMAL}\nform_listen = \"0.0.0.0:8090\"\n{extra}");
+        let c = resolve(&form("")).unwrap();
+        assert_eq!(c.form_limits, FormLimits::default());
+        assert_eq!(c.form_hosts, Vec::<String>::new());
+        let c = resolve(&form(
+            "form_hosts = \"Renkei-Nishi.local, shelter-pc,10.0.0.5\"\n\
+             form_max_connections = 32\nform_header_timeout = \"5s\"\n\
+             form_idle_timeout = \"1m\"\nform_pin_attempts = 3\nform_pin_window = \"2m\"\n\
+             form_pin_lockout = \"1h\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.form_hosts,
+            ["renkei-nishi.local", "shelter-pc", "10.0.0.5"]
+        );
+        let l = &c.form_limits;
+        assert_eq!(
+            (l.max_connections, l.header_timeout, l.idle_timeout),
+            (32, Duration::from_secs(5), Duration::from_secs(60))
+        );
+        assert_eq!(
+            (l.pin_attempts, l.pin_window, l.pin_lockout),
+            (3, Duration::from_secs(120), Duration::from_secs(3600))
+        );
+        for (line, expected) in [
+            ("form_hosts = \"evil.example:80\"", "not a host name"),
+            ("form_hosts = \"a/b\"", "form_hosts = \"a/b\""),
+            ("form_max_connections = 0", "form_max_connections = \"0\""),
+            ("form_max_connections = \"many\"", "1–10000"),
+            ("form_header_timeout = \"10ms\"", "from 100ms to 24h"),
+            ("form_idle_timeout = \"forever\"", "form_idle_timeout"),
+            ("form_pin_attempts = 0", "form_pin_attempts"),
+            ("form_pin_window = \"0s\"", "form_pin_window"),
+            ("form_pin_lockout = \"2d\"", "form_pin_lockout"),
+        ] {
+            let msg = error_of(&form(line));
+            assert!(msg.contains(expected), "{line}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_bad_value_in_the_file_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(
+            &path,
+            format!("{MINIMAL}\nform_listen = \"127.0.0.1:8090\"\nform_pin = \"2468\"\n"),
+        )
+        .unwrap();
+        let msg = load(RawConfig::default(), Some(&path))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "config file {}: form_pin = \"…\": expected 6 to 64 digits (0–9): a shorter \
+                 PIN is guessed too easily",
+                path.display()
+            )
+        );
+        // Given as a flag (or in the environment), the same value is not the file's fault.
+        let flags = RawConfig {
+            form_pin: Some("12".into()),
+            ..RawConfig::default()
+        };
+        let msg = load(flags, Some(&path)).unwrap_err().to_string();
+        assert!(msg.starts_with("form_pin = \"…\": expected 6"), "{msg}");
+        // A good flag mends the file's bad value.
+        let flags = RawConfig {
+            form_pin: Some("135790".into()),
+            ..RawConfig::default()
+        };
+        let c = load(flags, Some(&path)).unwrap();
+        assert_eq!(c.form_pin, Some(FormPin("135790".into())));
+        // Which keys a set of settings gives, for any key.
+        let file = RawConfig::from_file(&path).unwrap();
+        assert!(file.gives("form_pin") && file.gives("ward") && !file.gives("form_hosts"));
+        assert!(!RawConfig::default().gives("ward"));
+    }
+
+    #[test]
+    fn a_form_pin_has_at_least_six_digits() {
+        let with_pin =
+            |pin: &str| format!("{MINIMAL}\nform_listen = \"127.0.0.1:8090\"\nform_pin = {pin:?}");
+        for good in ["123456", " 246810 ", &"9".repeat(64)] {
+            let c = resolve(&with_pin(good)).unwrap();
+            assert_eq!(c.form_pin, Some(FormPin(good.trim().to_owned())), "{good}");
+        }
+        // Four digits are 10,000 guesses; letters are hard to type on a phone's number pad
+        // and invite a word; full-width digits are not what the form's keypad sends.
+        for bad in [
+            "2468",
+            "12345",
+            "abcdef",
+            "12345a",
+            "123 456",
+            "１２３４５６",
+            &"9".repeat(65),
+        ] {
+            let msg = error_of(&with_pin(bad));
+            assert!(
+                msg.starts_with("form_pin = \"…\": expected 6 to 64 digits"),
+                "{bad}: {msg}"
+            );
+            // The PIN is a secret: never repeated.
+            assert!(bad.trim().is_empty() || !msg.contains(bad.trim()), "{msg}");
+        }
     }
 
     #[test]

@@ -272,11 +272,7 @@ fn shutdown_signal() -> Result<watch::Receiver<bool>> {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
-    let file = match &args.config {
-        Some(path) => RawConfig::from_file(path)?,
-        None => RawConfig::default(),
-    };
-    let config = args.settings.or(file).resolve()?;
+    let config = config::load(args.settings, args.config.as_deref())?;
     // Before anything is touched: a bad CA file is a setting to fix, not a boot to count.
     let tls = config
         .ca_file
@@ -318,6 +314,8 @@ async fn run(args: RunArgs) -> Result<()> {
             mode: config.mode,
             pin: config.form_pin.clone().map(|p| p.0),
             link: link_state,
+            hosts: config.form_hosts.clone(),
+            limits: config.form_limits.clone(),
         };
         let addr = listener.local_addr().ok();
         info!(addr = ?addr, pin = form.pin.is_some(), "staff web form listening");

@@ -1360,14 +1360,29 @@ async fn over_tls_a_wrong_ca_is_refused_clearly_and_retried_and_no_ca_does_not_s
 // ---------------------------------------------------------------------------------------------
 // The staff web form, served by the daemon, over a plain socket as a phone would use it.
 
-/// One HTTP/1.1 request: (status code, body).
+/// One HTTP/1.1 request as a browser on the page sends it: (status code, body). A POST
+/// carries the CSRF token of a freshly loaded page and the form's own Origin.
 fn http(port: u16, method: &str, path: &str, form: &str) -> (u16, String) {
+    if method == "POST" {
+        let (_, page) = raw_http(port, "GET", "/", "");
+        let marker = "name=\"csrf\" value=\"";
+        let token = page
+            .split_once(marker)
+            .and_then(|(_, rest)| rest.split('"').next())
+            .expect("a CSRF token in the page");
+        return raw_http(port, method, path, &format!("{form}&csrf={token}"));
+    }
+    raw_http(port, method, path, form)
+}
+
+fn raw_http(port: u16, method: &str, path: &str, form: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream =
         std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the web form");
     stream.set_read_timeout(Some(WAIT)).expect("read timeout");
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Origin: http://127.0.0.1:{port}\r\n\
          Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{form}",
         form.len()
     );
@@ -1401,7 +1416,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
     let config = write_config(
         dir.path(),
         broker.port,
-        &format!("form_listen = \"127.0.0.1:{form_port}\"\nform_pin = \"2468\""),
+        &format!("form_listen = \"127.0.0.1:{form_port}\"\nform_pin = \"246810\""),
     );
     let (_sub, mut rx) = subscribe(&broker, "hq-watch", renkei_shared::topic::ALL).await;
     let agent = Agent::spawn(
@@ -1436,7 +1451,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         form_port,
         "POST",
         "/report/shelter",
-        "evacuees=321&pin=1111",
+        "evacuees=321&pin=111111",
     );
     assert_eq!(code, 403);
     assert!(
@@ -1447,7 +1462,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         form_port,
         "POST",
         "/report/shelter",
-        "evacuees=50&households=80&pin=2468",
+        "evacuees=50&households=80&pin=246810",
     );
     assert_eq!(code, 422);
     assert!(
@@ -1465,7 +1480,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         form_port,
         "POST",
         "/report/shelter",
-        "evacuees=abc&pin=2468",
+        "evacuees=abc&pin=246810",
     );
     assert_eq!(code, 422);
     assert!(page.contains("abc") && page.contains("evacuees"), "{page}");
@@ -1473,7 +1488,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         form_port,
         "POST",
         "/report/request",
-        "item=water&quantity=0&note=%3Cscript%3E&pin=2468",
+        "item=water&quantity=0&note=%3Cscript%3E&pin=246810",
     );
     assert_eq!(code, 422);
     assert!(
@@ -1485,7 +1500,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         form_port,
         "POST",
         "/report/shelter",
-        "evacuees=321&capacity=400&state=open&households=100&elderly=5&pin=2468",
+        "evacuees=321&capacity=400&state=open&households=100&elderly=5&pin=246810",
     );
     assert_eq!(code, 200, "{page}");
     assert!(page.contains("保存しました / saved (seq"), "{page}");
@@ -1508,7 +1523,7 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         form_port,
         "POST",
         "/report/request",
-        "item=water&quantity=20&note=for+the+gym&pin=2468",
+        "item=water&quantity=20&note=for+the+gym&pin=246810",
     );
     assert_eq!(code, 200, "{page}");
     assert!(page.contains(", id req-"), "{page}");
