@@ -3,7 +3,7 @@
 //! | access            | publish                                                      | subscribe                                                                    |
 //! |-------------------|--------------------------------------------------------------|------------------------------------------------------------------------------|
 //! | agent (site S)    | `renkei/v1/{S.ward}/{S.site}/…` (its last will included)      | `renkei/v1/cmd/{S.ward}/{S.site}` and `renkei/receipt/v1/{S.ward}/{S.site}`   |
-//! | ward (ward W)     | alert acks as itself; request acks and commands for W's sites | `renkei/v1/{W}/#`, `renkei/v1/hq/#`, `renkei/json/v1/{W}/#` and narrower      |
+//! | ward (ward W)     | alert acks as itself; request acks and commands for W's sites | `renkei/v1/{W}/#`, `renkei/v1/hq/alert/#`, `renkei/v1/hq/ack/alert/#`, `renkei/v1/hq/ack/request/{W}/#`, `renkei/json/v1/{W}/#` and narrower |
 //! | hq                | alerts, acks, commands                                        | everything                                                                   |
 //! | integrator        | nothing                                                       | `renkei/json/v1/#`, `renkei/v1/#` and narrower                               |
 //! | admin             | anything under `renkei/v1/`                                   | everything                                                                   |
@@ -14,6 +14,15 @@
 //! Filters are checked level by level: a wildcard where a fixed level is required (e.g.
 //! `renkei/v1/+/…` for a ward operator) is refused, since it would reach other wards.
 //! Shared subscriptions (`$share/{group}/…`) are checked on the filter after the group.
+//!
+//! A ward operator reads HQ's steps on its own ward's requests only, as the HTTP API shows
+//! them. Alerts and their acknowledgements are the exception: their topics name no ward (one
+//! alert may concern several), so over MQTT a ward operator reads every alert, while the HTTP
+//! API lists only those naming its ward. Filtering them by payload per subscriber would mean
+//! dropping QoS 1 deliveries the router counts as in flight. SECURITY.md says so.
+//!
+//! Acknowledgements carry who sent them (`by.user`, `by.role`): the guard refuses an ack
+//! whose author is not the login that publishes it ([`ack_author`]).
 
 use renkei_shared::topic::{self, JSON_ROOT, ROOT};
 use renkei_shared::{SiteRef, Topic};
@@ -51,7 +60,7 @@ pub fn may_publish(principal: &Principal, topic: &str) -> Result<(), Refusal> {
         (Access::Demo, _) => Ok(()),
         (Access::Agent(own), Topic::Site { site, .. }) => same_site(own, site),
         (Access::Agent(_), _) => Err("role"),
-        (Access::Ward(_), Topic::AlertAck { user, .. }) => {
+        (Access::Ward(_) | Access::Hq, Topic::AlertAck { user, .. }) => {
             if user.as_str() == principal.name {
                 Ok(())
             } else {
@@ -66,13 +75,9 @@ pub fn may_publish(principal: &Principal, topic: &str) -> Result<(), Refusal> {
             }
         }
         (Access::Ward(_), _) => Err("role"),
-        (
-            Access::Hq,
-            Topic::Alert { .. }
-            | Topic::AlertAck { .. }
-            | Topic::RequestAck { .. }
-            | Topic::Command { .. },
-        ) => Ok(()),
+        (Access::Hq, Topic::Alert { .. } | Topic::RequestAck { .. } | Topic::Command { .. }) => {
+            Ok(())
+        }
         (Access::Hq, Topic::Site { .. }) => Err("role"),
         (Access::Integrator | Access::Admin | Access::Probe, _) => Err("role"),
     }
@@ -109,7 +114,9 @@ pub fn may_subscribe(principal: &Principal, filter: &str) -> bool {
         Access::Integrator => within(filter, topic::ALL_JSON) || within(filter, topic::ALL),
         Access::Ward(ward) => {
             within(filter, &topic::ward_filter(*ward))
-                || within(filter, topic::HQ_FILTER)
+                || within(filter, &format!("{ROOT}/hq/alert/#"))
+                || within(filter, &format!("{ROOT}/hq/ack/alert/#"))
+                || within(filter, &format!("{ROOT}/hq/ack/request/{ward}/#"))
                 || within(filter, &format!("{JSON_ROOT}/{ward}/#"))
         }
         Access::Agent(site) => {
@@ -117,6 +124,21 @@ pub fn may_subscribe(principal: &Principal, filter: &str) -> bool {
         }
         Access::Probe => false,
     }
+}
+
+/// Whether an acknowledgement's author (`by`) is the login that publishes it: the same user
+/// name and role. Anonymous demo clients have no login to compare with.
+pub fn ack_author(principal: &Principal, by: &renkei_shared::Actor) -> Result<(), Refusal> {
+    if principal.access == Access::Demo {
+        return Ok(());
+    }
+    if by.user.as_str() != principal.name {
+        return Err("ack_other_user");
+    }
+    if Some(by.role) != principal.access.role() {
+        return Err("ack_other_role");
+    }
+    Ok(())
 }
 
 /// Whether `filter` matches only topics that `allowed` (`a/b/#`) matches: its levels up to
@@ -222,8 +244,11 @@ mod tests {
             "renkei/v1/131041/#",
             "renkei/v1/131041/es-1/status",
             "renkei/v1/131041",
-            "renkei/v1/hq/#",
+            "renkei/v1/hq/alert/#",
             "renkei/v1/hq/alert/+",
+            "renkei/v1/hq/ack/alert/#",
+            "renkei/v1/hq/ack/request/131041/#",
+            "renkei/v1/hq/ack/request/131041/es-1/+",
             "renkei/json/v1/131041/#",
             "$share/dash/renkei/v1/131041/#",
         ] {
@@ -238,6 +263,12 @@ mod tests {
             "renkei/#",
             "$share//renkei/v1/131041/#",
             "$share/g",
+            "renkei/v1/hq/#",
+            "renkei/v1/hq/ack/#",
+            "renkei/v1/hq/ack/request/#",
+            "renkei/v1/hq/ack/request/131016/#",
+            "renkei/v1/hq/ack/+/131041/#",
+            "$renkei/refused",
         ] {
             assert!(!may_subscribe(&ward, refused), "{refused}");
         }
@@ -247,7 +278,11 @@ mod tests {
     fn hq_integrators_admins_and_demo() {
         let hq = principal("sato", Access::Hq);
         assert_eq!(may_publish(&hq, "renkei/v1/hq/alert/a1"), Ok(()));
-        assert_eq!(may_publish(&hq, "renkei/v1/hq/ack/alert/a1/other"), Ok(()));
+        assert_eq!(may_publish(&hq, "renkei/v1/hq/ack/alert/a1/sato"), Ok(()));
+        assert_eq!(
+            may_publish(&hq, "renkei/v1/hq/ack/alert/a1/other"),
+            Err("other_user")
+        );
         assert_eq!(
             may_publish(&hq, "renkei/v1/131041/es-1/status"),
             Err("role")

@@ -149,13 +149,11 @@ fn model_publish(principal: &Principal, topic: &str) -> bool {
             Ok(Topic::RequestAck { site, .. } | Topic::Command { site }) => site.ward == *ward,
             _ => false,
         },
-        Access::Hq => matches!(
-            parsed,
-            Ok(Topic::Alert { .. }
-                | Topic::AlertAck { .. }
-                | Topic::RequestAck { .. }
-                | Topic::Command { .. })
-        ),
+        Access::Hq => match parsed {
+            Ok(Topic::AlertAck { user, .. }) => user.as_str() == principal.name,
+            Ok(Topic::Alert { .. } | Topic::RequestAck { .. } | Topic::Command { .. }) => true,
+            _ => false,
+        },
     }
 }
 
@@ -219,7 +217,9 @@ fn readable(principal: &Principal, topic: &str) -> bool {
         Access::Integrator => under(ROOT.to_owned()) || under(JSON_ROOT.to_owned()),
         Access::Ward(ward) => {
             under(format!("{ROOT}/{ward}"))
-                || under(format!("{ROOT}/hq"))
+                || under(format!("{ROOT}/hq/alert"))
+                || under(format!("{ROOT}/hq/ack/alert"))
+                || under(format!("{ROOT}/hq/ack/request/{ward}"))
                 || under(format!("{JSON_ROOT}/{ward}"))
         }
         Access::Agent(site) => topic == topic::command_filter(site),
@@ -234,7 +234,9 @@ fn documented_filters(principal: &Principal) {
         Access::Integrator => vec![topic::ALL.into(), topic::ALL_JSON.into()],
         Access::Ward(ward) => vec![
             topic::ward_filter(*ward),
-            topic::HQ_FILTER.into(),
+            format!("{ROOT}/hq/alert/#"),
+            format!("{ROOT}/hq/ack/alert/#"),
+            format!("{ROOT}/hq/ack/request/{ward}/#"),
             format!("{JSON_ROOT}/{ward}/#"),
         ],
         Access::Agent(site) => vec![topic::command_filter(site)],

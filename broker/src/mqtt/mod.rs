@@ -960,8 +960,24 @@ impl Guard {
                 return Err(protocol::Error::InvalidProtocol);
             }
         };
-        if let Ok(parsed) = Topic::parse(topic)
-            && let Err(reason) = self.admission.publish_item(&parsed)
+        let parsed = Topic::parse(topic).ok();
+        if let Some(Topic::AlertAck { .. } | Topic::RequestAck { .. }) = &parsed
+            && let Ok(envelope) = renkei_shared::decode(&publish.payload)
+            && let renkei_shared::Body::Ack(ack) = &envelope.body
+            && let Err(reason) = acl::ack_author(principal, &ack.by)
+        {
+            // What does not decode is ingest's to refuse and quarantine, as on any topic.
+            self.metrics.acl_refused("publish", reason);
+            tracing::info!(
+                user = %principal.name,
+                by = %ack.by.user,
+                reason,
+                "refused PUBLISH: an acknowledgement in another user's name: disconnecting"
+            );
+            return Err(protocol::Error::InvalidProtocol);
+        }
+        if let Some(parsed) = &parsed
+            && let Err(reason) = self.admission.publish_item(parsed)
         {
             // Over a bound the publish is taken off the router's path, not the connection
             // closed: an agent would send it again at once on reconnect, ahead of every

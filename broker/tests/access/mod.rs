@@ -613,3 +613,69 @@ c.loop_stop()
         "{text}"
     );
 }
+
+/// An acknowledgement names who sent it: a login may only sign its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_in_another_users_name_or_role_are_refused() {
+    let broker = broker_with_users("");
+    let addrs = broker.addrs;
+    let mut reader = MqttClient::connect_as(&addrs, "root", PASSWORD).await;
+    reader.subscribe(topic::HQ_FILTER).await;
+
+    let ack_as = |user: &str, role: renkei_shared::Role| {
+        let mut ack = sample::ack();
+        if let renkei_shared::Body::Ack(a) = &mut ack.body {
+            a.by.user = renkei_shared::Id::new(user).unwrap();
+            a.by.role = role;
+            a.target = renkei_shared::AckTarget::Request {
+                site: sample::site(),
+                request_id: renkei_shared::Id::new("r-1").unwrap(),
+            };
+        }
+        ack
+    };
+    use renkei_shared::Role;
+    // sato (hq) signs as tanaka; tanaka (ward) signs as hq; both are cut off, nothing passes.
+    for (login, forged) in [
+        ("sato", ack_as("tanaka", Role::Ward)),
+        ("tanaka", ack_as("tanaka", Role::Hq)),
+    ] {
+        let mut client = MqttClient::connect_as(&addrs, login, PASSWORD).await;
+        client.send(&forged).await;
+        assert!(client.closed_within(PATIENCE).await, "{login}'s forged ack");
+    }
+    assert!(reader.publish_within(QUIET).await.is_none());
+    // Signed as itself, it passes.
+    let honest = MqttClient::connect_as(&addrs, "tanaka", PASSWORD).await;
+    let own = ack_as("tanaka", Role::Ward);
+    honest.send(&own).await;
+    let got = reader.next_publish().await;
+    assert_eq!(got.topic, Topic::of(&own).unwrap().to_string());
+
+    // A ward operator reads HQ's steps on its own ward's requests, not on others'.
+    let mut ward = MqttClient::connect_as(&addrs, "tanaka", PASSWORD).await;
+    for (filter, ok) in [
+        ("renkei/v1/hq/#", false),
+        ("renkei/v1/hq/ack/request/131016/#", false),
+        ("renkei/v1/hq/ack/request/131041/#", true),
+        ("renkei/v1/hq/alert/#", true),
+    ] {
+        let code = ward.subscribe_codes(filter).await;
+        assert_eq!(
+            code[0] != SubscribeReasonCode::Failure,
+            ok,
+            "{filter}: {code:?}"
+        );
+    }
+    let text = metrics(&broker).await;
+    for reason in ["ack_other_user", "ack_other_role"] {
+        assert_eq!(
+            metric(
+                &text,
+                &format!("renkei_acl_refused_total{{packet=\"publish\",reason=\"{reason}\"}}")
+            ),
+            Some(1),
+            "{reason}"
+        );
+    }
+}
