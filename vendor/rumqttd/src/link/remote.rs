@@ -171,6 +171,10 @@ impl<P: Protocol> RemoteLink<P> {
 
 /// Read MQTT connect packet from network and verify it.
 /// authentication and checks are done here.
+///
+/// Renkei patch: the caller bounds this, with the TLS and WebSocket handshakes before it, by
+/// `connection_timeout_ms` (`server::broker::accept_and_serve`). Upstream bounded only the
+/// read of the CONNECT here, and an auth hook could take as long as it liked.
 pub async fn mqtt_connect<P>(
     config: Arc<ConnectionSettings>,
     network: &mut Network<P>,
@@ -178,15 +182,7 @@ pub async fn mqtt_connect<P>(
 where
     P: Protocol,
 {
-    // Wait for MQTT connect packet and error out if it's not received in time to prevent
-    // DOS attacks by filling total connections that the server can handle with idle open
-    // connections which results in server rejecting new connections
-    let connection_timeout_ms = config.connection_timeout_ms.into();
-    let packet = time::timeout(Duration::from_millis(connection_timeout_ms), async {
-        let packet = network.read().await?;
-        Ok::<_, network::Error>(packet)
-    })
-    .await??;
+    let packet = network.read().await?;
 
     let (connect, _props, login) = match packet {
         Packet::Connect(ref connect, ref props, _, _, ref login) => (connect, props, login),
