@@ -193,11 +193,10 @@ where
 
     handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
 
-    // When keep_alive feature is disabled client can live forever, which is not good in
-    // distributed broker context so currenlty we don't allow it.
-    if connect.keep_alive == 0 {
-        return Err(Error::ZeroKeepAlive);
-    }
+    // Renkei patch: upstream refused keep alive 0, without a CONNACK, because such a client
+    // could stay connected forever. MQTT 3.1.1 (§3.1.2.10) and 5 allow it: the keep-alive
+    // mechanism is off. The connection then has no read timeout, and a peer that is gone is
+    // found out by TCP keep-alive (`server::broker::set_tcp_keepalive`).
 
     let empty_client_id = connect.client_id.is_empty();
     let clean_session = connect.clean_session;

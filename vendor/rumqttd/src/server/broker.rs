@@ -998,3 +998,36 @@ mod connection_deadline {
         }
     }
 }
+
+/// Renkei patch: keep alive 0 turns MQTT keep-alive off (MQTT 3.1.1 §3.1.2.10).
+#[cfg(test)]
+mod keep_alive_zero {
+    use super::test_client::*;
+    use super::*;
+    use crate::protocol::{ConnectReturnCode, PingReq};
+    use bytes::BytesMut;
+
+    #[tokio::test]
+    async fn a_connect_with_keep_alive_zero_is_accepted_and_never_times_out() {
+        let addr = listen(settings(1_000), V4, LinkType::Remote, router());
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut buffer = BytesMut::new();
+        send(&mut client, connect("keep-alive-off", 0, None)).await;
+        let connack = time::timeout(Duration::from_secs(2), recv(&mut client, &mut buffer))
+            .await
+            .expect("no answer to the CONNECT");
+        assert!(
+            is_connack(&connack, ConnectReturnCode::Success),
+            "{connack:?}"
+        );
+
+        // Silent for longer than the connection timeout, and than any keep-alive timeout a
+        // zero could be mistaken for; the connection is still served.
+        time::sleep(Duration::from_millis(1_500)).await;
+        send(&mut client, Packet::PingReq(PingReq)).await;
+        let pong = time::timeout(Duration::from_secs(2), recv(&mut client, &mut buffer))
+            .await
+            .expect("no answer to the PINGREQ");
+        assert!(matches!(pong, Some(Packet::PingResp(_))), "{pong:?}");
+    }
+}
