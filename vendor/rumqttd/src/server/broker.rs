@@ -1031,3 +1031,264 @@ mod keep_alive_zero {
         assert!(matches!(pong, Some(Packet::PingResp(_))), "{pong:?}");
     }
 }
+
+/// Renkei patch: a refused CONNECT is answered with a CONNACK that says why, and never reaches
+/// the router.
+#[cfg(test)]
+mod refused_connect {
+    use super::test_client::*;
+    use super::*;
+    use crate::protocol::{
+        ConnectReturnCode, Filter, LastWill, PingReq, QoS, RetainForwardRule, Subscribe,
+    };
+    use bytes::BytesMut;
+    use tokio::io::AsyncReadExt;
+
+    /// Everything the broker sends `client` until it closes the connection.
+    async fn rest_of(mut client: TcpStream) -> Vec<u8> {
+        let mut answer = Vec::new();
+        time::timeout(Duration::from_secs(3), client.read_to_end(&mut answer))
+            .await
+            .expect("the broker kept a refused connection open")
+            .expect("the broker reset a refused connection");
+        answer
+    }
+
+    async fn answer_to(addr: SocketAddr, connect: Packet) -> Vec<u8> {
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        send(&mut client, connect).await;
+        rest_of(client).await
+    }
+
+    /// CONNACK, remaining length 2, no session present, the return code.
+    fn connack(code: u8) -> Vec<u8> {
+        vec![0x20, 0x02, 0x00, code]
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_answers_false_gets_connack_4() {
+        let mut settings = settings(2_000);
+        settings.set_auth_handler(|_, _, _| async { false });
+        let addr = listen(settings, V4, LinkType::Remote, router());
+        let answer = answer_to(addr, connect("c", 30, Some(("user", "wrong")))).await;
+        assert_eq!(answer, connack(4));
+    }
+
+    #[tokio::test]
+    async fn a_wrong_password_for_static_auth_gets_connack_4() {
+        let mut settings = settings(2_000);
+        settings.connections.auth = Some(HashMap::from([("user".into(), "right".into())]));
+        let addr = listen(settings, V4, LinkType::Remote, router());
+        let answer = answer_to(addr, connect("c", 30, Some(("user", "wrong")))).await;
+        assert_eq!(answer, connack(4));
+    }
+
+    #[tokio::test]
+    async fn a_connect_without_login_gets_connack_5_when_auth_is_configured() {
+        let mut settings = settings(2_000);
+        settings.set_auth_handler(|_, _, _| async { true });
+        let addr = listen(settings, V4, LinkType::Remote, router());
+        let answer = answer_to(addr, connect("c", 30, None)).await;
+        assert_eq!(answer, connack(5));
+    }
+
+    #[tokio::test]
+    async fn each_refusal_reaches_the_client_as_its_connack_code() {
+        use ConnectReturnCode::*;
+        let mut settings = settings(2_000);
+        // The user name says which refusal to give.
+        settings.set_auth_handler(|_, user: String, _| async move {
+            match user.as_str() {
+                "2" => Err(ClientIdentifierNotValid),
+                "3" => Err(ServiceUnavailable),
+                "4" => Err(BadUserNamePassword),
+                "5" => Err(NotAuthorized),
+                "banned" => Err(Banned),
+                _ => Ok(()),
+            }
+        });
+        let addr = listen(settings, V4, LinkType::Remote, router());
+        for (user, code) in [("2", 2), ("3", 3), ("4", 4), ("5", 5), ("banned", 5)] {
+            let answer = answer_to(addr, connect("c", 30, Some((user, "pw")))).await;
+            assert_eq!(answer, connack(code), "refused as {user}");
+        }
+
+        // A handler may also answer with a verdict.
+        let mut settings = super::test_client::settings(2_000);
+        settings.set_auth_handler(|_, _, _| async {
+            crate::AuthVerdict::Refuse(ConnectReturnCode::ServiceUnavailable)
+        });
+        let addr = listen(settings, V4, LinkType::Remote, router());
+        let answer = answer_to(addr, connect("c", 30, Some(("user", "pw")))).await;
+        assert_eq!(answer, connack(3));
+    }
+
+    #[tokio::test]
+    async fn a_refused_websocket_client_gets_its_connack_too() {
+        use async_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut settings = settings(2_000);
+        settings.set_auth_handler(|_, _, _| async { false });
+        let addr = listen(settings, V4, LinkType::Websocket, router());
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let mut request = format!("ws://{addr}/mqtt").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
+        let (ws, _) = async_tungstenite::tokio::client_async(request, tcp)
+            .await
+            .unwrap();
+        let mut ws = WsStream::new(ws);
+        send(&mut ws, connect("c", 30, Some(("user", "wrong")))).await;
+        let mut buffer = BytesMut::new();
+        let answer = time::timeout(Duration::from_secs(3), recv(&mut ws, &mut buffer))
+            .await
+            .expect("no answer to the CONNECT");
+        assert!(
+            is_connack(&answer, ConnectReturnCode::BadUserNamePassword),
+            "{answer:?}"
+        );
+        let end = time::timeout(Duration::from_secs(3), recv(&mut ws, &mut buffer))
+            .await
+            .expect("the broker kept a refused connection open");
+        assert!(end.is_none(), "{end:?}");
+    }
+
+    /// MQTT 3.1.1 that refuses the client id "refused" while reading its CONNECT.
+    #[derive(Clone)]
+    struct RefusingProtocol;
+
+    impl Protocol for RefusingProtocol {
+        fn read_mut(
+            &mut self,
+            stream: &mut BytesMut,
+            max_size: usize,
+        ) -> Result<Packet, crate::protocol::Error> {
+            match V4.read_mut(stream, max_size)? {
+                Packet::Connect(connect, ..) if connect.client_id == "refused" => {
+                    Err(crate::protocol::Error::ConnectRefused(
+                        ConnectReturnCode::ClientIdentifierNotValid,
+                    ))
+                }
+                packet => Ok(packet),
+            }
+        }
+
+        fn write(
+            &self,
+            packet: Packet,
+            write: &mut BytesMut,
+        ) -> Result<usize, crate::protocol::Error> {
+            V4.write(packet, write)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_protocol_that_refuses_the_connect_has_it_answered_with_its_code() {
+        let addr = listen(
+            settings(2_000),
+            RefusingProtocol,
+            LinkType::Remote,
+            router(),
+        );
+        let answer = answer_to(addr, connect("refused", 30, None)).await;
+        assert_eq!(answer, connack(2));
+
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        send(&mut client, connect("welcome", 30, None)).await;
+        let answer = recv(&mut client, &mut BytesMut::new()).await;
+        assert!(
+            is_connack(&answer, ConnectReturnCode::Success),
+            "{answer:?}"
+        );
+    }
+
+    #[test]
+    fn a_verdict_from_bool_or_result() {
+        use crate::AuthVerdict::*;
+        use ConnectReturnCode::*;
+        assert_eq!(crate::AuthVerdict::from(true), Accept);
+        assert_eq!(crate::AuthVerdict::from(false), Refuse(BadUserNamePassword));
+        assert_eq!(crate::AuthVerdict::from(Ok(())), Accept);
+        assert_eq!(crate::AuthVerdict::from(Err(Banned)), Refuse(Banned));
+    }
+
+    #[tokio::test]
+    async fn a_refused_client_with_a_connected_clients_id_neither_disconnects_it_nor_fires_its_will(
+    ) {
+        let mut settings = settings(2_000);
+        settings.set_auth_handler(|_, user: String, _| async move { user == "good" });
+        let addr = listen(settings, V4, LinkType::Remote, router());
+
+        let will = LastWill {
+            topic: "wards/1/will".into(),
+            message: "gone".into(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+        };
+        let mut ward = TcpStream::connect(addr).await.unwrap();
+        let mut ward_buffer = BytesMut::new();
+        let login = Some(("good", "pw"));
+        send(
+            &mut ward,
+            connect_with_will("ward-1", 30, login, Some(will)),
+        )
+        .await;
+        let answer = recv(&mut ward, &mut ward_buffer).await;
+        assert!(
+            is_connack(&answer, ConnectReturnCode::Success),
+            "{answer:?}"
+        );
+
+        let mut watcher = TcpStream::connect(addr).await.unwrap();
+        let mut watcher_buffer = BytesMut::new();
+        send(&mut watcher, connect("watcher", 30, login)).await;
+        let answer = recv(&mut watcher, &mut watcher_buffer).await;
+        assert!(
+            is_connack(&answer, ConnectReturnCode::Success),
+            "{answer:?}"
+        );
+        let filter = Filter {
+            path: "wards/+/will".into(),
+            qos: QoS::AtMostOnce,
+            nolocal: false,
+            preserve_retain: false,
+            retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+        };
+        let subscribe = Subscribe {
+            pkid: 1,
+            filters: vec![filter],
+        };
+        send(&mut watcher, Packet::Subscribe(subscribe, None)).await;
+        let answer = recv(&mut watcher, &mut watcher_buffer).await;
+        assert!(matches!(answer, Some(Packet::SubAck(..))), "{answer:?}");
+
+        // The same client id with a wrong login: refused, and nothing else happens.
+        let answer = answer_to(addr, connect("ward-1", 30, Some(("bad", "pw")))).await;
+        assert_eq!(answer, connack(4));
+
+        send(&mut ward, Packet::PingReq(PingReq)).await;
+        let pong = time::timeout(Duration::from_secs(2), recv(&mut ward, &mut ward_buffer))
+            .await
+            .expect("no answer to the connected client's PINGREQ");
+        assert!(matches!(pong, Some(Packet::PingResp(_))), "{pong:?}");
+        let will = time::timeout(
+            Duration::from_secs(1),
+            recv(&mut watcher, &mut watcher_buffer),
+        )
+        .await;
+        assert!(will.is_err(), "the will was published: {will:?}");
+
+        // And the will does fire when the connected client goes away without DISCONNECT.
+        drop(ward);
+        let will = time::timeout(
+            Duration::from_secs(3),
+            recv(&mut watcher, &mut watcher_buffer),
+        )
+        .await
+        .expect("the will was never published");
+        assert!(
+            matches!(&will, Some(Packet::Publish(p, _)) if p.topic == "wards/1/will"),
+            "{will:?}"
+        );
+    }
+}
