@@ -451,7 +451,9 @@ impl Router {
         let client_id = match &self.obufs.get(id) {
             Some(v) => v.client_id.clone(),
             None => {
-                error!("no-connection id {} is already gone", id);
+                // Renkei patch: benign (the link's Disconnect after the router dropped the
+                // connection, thousands of times in a disconnect storm), so not an error.
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
@@ -471,7 +473,8 @@ impl Router {
             let outgoing = match self.obufs.get_mut(id) {
                 Some(v) => v,
                 None => {
-                    error!("no-connection id {} is already gone", id);
+                    // Renkei patch: benign, as above.
+                    debug!("no-connection id {} is already gone", id);
                     return;
                 }
             };
@@ -579,7 +582,9 @@ impl Router {
         let incoming = match self.ibufs.get_mut(id) {
             Some(v) => v,
             None => {
-                error!("no-connection id {} is already gone", id);
+                // Renkei patch: benign (data the link sent before the router dropped the
+                // connection), so not an error.
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
@@ -2840,3 +2845,57 @@ mod filter_logs {
 // //         dbg!(trackers);
 // //     }
 // // }
+
+/// Renkei patch: the router's word for an event about a connection that has already gone.
+#[cfg(test)]
+mod gone_connections {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tracing::field::{Field, Visit};
+    use tracing::{Level, Subscriber};
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+    /// The level and message of every event logged.
+    #[derive(Clone, Default)]
+    struct Events(Arc<Mutex<Vec<(Level, String)>>>);
+
+    impl<S: Subscriber> Layer<S> for Events {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            struct Message(String);
+            impl Visit for Message {
+                fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            let level = *event.metadata().level();
+            self.0.lock().unwrap().push((level, message.0));
+        }
+    }
+
+    #[test]
+    fn events_for_a_connection_already_gone_are_not_errors() {
+        let events = Events::default();
+        let subscriber = tracing_subscriber::registry().with(events.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let mut router = Router::new(0, RouterConfig::default());
+            // A disconnect storm: the link's own Disconnect and its last data arrive after
+            // the router has already dropped the connection.
+            router.events(7, Event::Disconnect);
+            router.events(7, Event::DeviceData);
+        });
+        let events = events.0.lock().unwrap();
+        let gone: Vec<_> = events
+            .iter()
+            .filter(|(_, message)| message.contains("is already gone"))
+            .collect();
+        assert_eq!(gone.len(), 2, "{events:?}");
+        assert!(
+            gone.iter().all(|(level, _)| *level == Level::DEBUG),
+            "{gone:?}"
+        );
+    }
+}
