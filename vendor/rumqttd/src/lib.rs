@@ -21,6 +21,7 @@ use tracing_subscriber::{
 pub use link::alerts;
 pub use link::local;
 pub use link::meters;
+use protocol::ConnectReturnCode;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};
@@ -45,11 +46,55 @@ pub type Cursor = (u64, u64);
 pub type ClientId = String;
 pub type AuthUser = String;
 pub type AuthPass = String;
+/// Renkei patch: the handler's future outputs an [`AuthVerdict`] (upstream: `bool`);
+/// `set_auth_handler` still takes handlers that answer `bool`.
 pub type AuthHandler = Arc<
-    dyn Fn(ClientId, AuthUser, AuthPass) -> Pin<Box<dyn std::future::Future<Output = bool> + Send>>
+    dyn Fn(
+            ClientId,
+            AuthUser,
+            AuthPass,
+        ) -> Pin<Box<dyn std::future::Future<Output = AuthVerdict> + Send>>
         + Send
         + Sync,
 >;
+
+/// What an auth handler decided about a CONNECT.
+///
+/// Renkei patch: upstream's handlers answered `bool`, and a refused client had its connection
+/// closed without a CONNACK, so it could not tell a wrong password from a network failure (and
+/// would retry as if it were one). A refused CONNECT is now answered with a CONNACK carrying
+/// the verdict's code, then closed, and never reaches the router. A handler may answer
+/// anything that converts into a verdict: `bool` (`false` refuses with
+/// `BadUserNamePassword`), `Result<(), ConnectReturnCode>` or `AuthVerdict` itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthVerdict {
+    /// The client may connect.
+    Accept,
+    /// The client gets a CONNACK with this code and is disconnected. A refusal is never a
+    /// success: `Refuse(ConnectReturnCode::Success)` is sent as `NotAuthorized`. An MQTT 3.1.1
+    /// client gets the 3.1.1 code nearest to an MQTT 5 reason (`Banned` as `NotAuthorized`,
+    /// `ServerBusy` as `ServiceUnavailable`, ...).
+    Refuse(ConnectReturnCode),
+}
+
+impl From<bool> for AuthVerdict {
+    fn from(accept: bool) -> Self {
+        if accept {
+            AuthVerdict::Accept
+        } else {
+            AuthVerdict::Refuse(ConnectReturnCode::BadUserNamePassword)
+        }
+    }
+}
+
+impl From<Result<(), ConnectReturnCode>> for AuthVerdict {
+    fn from(result: Result<(), ConnectReturnCode>) -> Self {
+        match result {
+            Ok(()) => AuthVerdict::Accept,
+            Err(code) => AuthVerdict::Refuse(code),
+        }
+    }
+}
 
 #[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct Config {
@@ -119,11 +164,13 @@ pub struct ServerSettings {
 }
 
 impl ServerSettings {
-    pub fn set_auth_handler<F, O>(&mut self, auth_fn: F)
+    /// Renkei patch: the handler may answer any `R: Into<AuthVerdict>` (upstream: `bool`).
+    pub fn set_auth_handler<F, O, R>(&mut self, auth_fn: F)
     where
         F: Fn(ClientId, AuthUser, AuthPass) -> O + Send + Sync + 'static,
-        O: IntoFuture<Output = bool> + 'static,
+        O: IntoFuture<Output = R> + 'static,
         O::IntoFuture: Send,
+        R: Into<AuthVerdict>,
     {
         self.connections.set_auth_handler(auth_fn)
     }
@@ -155,15 +202,17 @@ pub struct ConnectionSettings {
 }
 
 impl ConnectionSettings {
-    pub fn set_auth_handler<F, O>(&mut self, auth_fn: F)
+    /// Renkei patch: the handler may answer any `R: Into<AuthVerdict>` (upstream: `bool`).
+    pub fn set_auth_handler<F, O, R>(&mut self, auth_fn: F)
     where
         F: Fn(ClientId, AuthUser, AuthPass) -> O + Send + Sync + 'static,
-        O: IntoFuture<Output = bool> + 'static,
+        O: IntoFuture<Output = R> + 'static,
         O::IntoFuture: Send,
+        R: Into<AuthVerdict>,
     {
         self.external_auth = Some(Arc::new(move |client_id, username, password| {
             let auth = auth_fn(client_id, username, password).into_future();
-            Box::pin(auth)
+            Box::pin(async move { auth.await.into() })
         }));
     }
 }

@@ -36,8 +36,8 @@ pub struct Network<P> {
     max_incoming_size: usize,
     /// Maximum connection buffer count. TODO: Change this to use bytes for deterministicness
     max_connection_buffer_len: usize,
-    /// Keep alive timeout
-    keepalive: Duration,
+    /// Keep alive timeout (Renkei patch: `None`, no timeout, when keep-alive is off)
+    keepalive: Option<Duration>,
     /// Protocol
     protocol: P,
 }
@@ -58,14 +58,21 @@ impl<P: Protocol> Network<P> {
             // Overwritten by keepalive value in connect packet, otherwise we
             // would wait indefinitely until we get a packet / network error
             // when we call read.
-            keepalive: Duration::MAX,
+            keepalive: None,
             protocol,
         }
     }
 
+    /// Renkei patch: keep alive 0 turns the keep-alive mechanism off (MQTT 3.1.1 §3.1.2.10),
+    /// so it means no read timeout at all; upstream made it a zero timeout, which ends the
+    /// connection at its first read that has to wait.
     pub fn set_keepalive(&mut self, keepalive: u16) {
+        if keepalive == 0 {
+            self.keepalive = None;
+            return;
+        }
         let keepalive = Duration::from_secs(keepalive as u64);
-        self.keepalive = keepalive + keepalive.mul_f32(0.5);
+        self.keepalive = Some(keepalive + keepalive.mul_f32(0.5));
     }
 
     /// Reads more than 'required' bytes to frame a packet into self.read buffer
@@ -106,7 +113,10 @@ impl<P: Protocol> Network<P> {
 
             // read more packets until a frame can be created. This function
             // blocks until a frame can be created. Use this in a select! branch
-            timeout(self.keepalive, self.read_bytes(required)).await??;
+            match self.keepalive {
+                Some(keepalive) => timeout(keepalive, self.read_bytes(required)).await??,
+                None => self.read_bytes(required).await?,
+            };
         }
     }
 

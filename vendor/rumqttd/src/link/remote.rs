@@ -2,9 +2,9 @@ use crate::link::local::{LinkError, LinkRx, LinkTx};
 use crate::link::network;
 use crate::link::network::Network;
 use crate::local::LinkBuilder;
-use crate::protocol::{ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
+use crate::protocol::{self, ConnAck, Connect, ConnectReturnCode, Login, Packet, Protocol};
 use crate::router::{Event, Notification};
-use crate::{ConnectionId, ConnectionSettings};
+use crate::{AuthVerdict, ConnectionId, ConnectionSettings};
 
 use flume::{RecvError, SendError, Sender, TrySendError};
 use std::cmp::min;
@@ -41,8 +41,10 @@ pub enum Error {
     NotConnectionAck,
     #[error("ConnAck error {0}")]
     ConnectionAck(String),
-    #[error("Authentication error")]
-    InvalidAuth,
+    /// Renkei patch: the CONNECT was refused (by the auth hook or by the protocol), and
+    /// answered with a CONNACK carrying this code.
+    #[error("Connect refused with {0:?}")]
+    Refused(ConnectReturnCode),
     #[error("Channel try send error")]
     TrySend(#[from] TrySendError<(ConnectionId, Event)>),
     #[error("Link error = {0}")]
@@ -171,6 +173,10 @@ impl<P: Protocol> RemoteLink<P> {
 
 /// Read MQTT connect packet from network and verify it.
 /// authentication and checks are done here.
+///
+/// Renkei patch: the caller bounds this, with the TLS and WebSocket handshakes before it, by
+/// `connection_timeout_ms` (`server::broker::accept_and_serve`). Upstream bounded only the
+/// read of the CONNECT here, and an auth hook could take as long as it liked.
 pub async fn mqtt_connect<P>(
     config: Arc<ConnectionSettings>,
     network: &mut Network<P>,
@@ -178,15 +184,14 @@ pub async fn mqtt_connect<P>(
 where
     P: Protocol,
 {
-    // Wait for MQTT connect packet and error out if it's not received in time to prevent
-    // DOS attacks by filling total connections that the server can handle with idle open
-    // connections which results in server rejecting new connections
-    let connection_timeout_ms = config.connection_timeout_ms.into();
-    let packet = time::timeout(Duration::from_millis(connection_timeout_ms), async {
-        let packet = network.read().await?;
-        Ok::<_, network::Error>(packet)
-    })
-    .await??;
+    let packet = match network.read().await {
+        Ok(packet) => packet,
+        // Renkei patch: the protocol refused the CONNECT it read (see `ConnectRefused`).
+        Err(network::Error::Protocol(protocol::Error::ConnectRefused(code))) => {
+            return refuse(network, code).await;
+        }
+        Err(e) => return Err(e.into()),
+    };
 
     let (connect, _props, login) = match packet {
         Packet::Connect(ref connect, ref props, _, _, ref login) => (connect, props, login),
@@ -195,13 +200,14 @@ where
 
     Span::current().record("client_id", &connect.client_id);
 
-    handle_auth(config.clone(), login.as_ref(), &connect.client_id).await?;
-
-    // When keep_alive feature is disabled client can live forever, which is not good in
-    // distributed broker context so currenlty we don't allow it.
-    if connect.keep_alive == 0 {
-        return Err(Error::ZeroKeepAlive);
+    if let Err(code) = handle_auth(config.clone(), login.as_ref(), &connect.client_id).await {
+        return refuse(network, code).await;
     }
+
+    // Renkei patch: upstream refused keep alive 0, without a CONNACK, because such a client
+    // could stay connected forever. MQTT 3.1.1 (§3.1.2.10) and 5 allow it: the keep-alive
+    // mechanism is off. The connection then has no read timeout, and a peer that is gone is
+    // found out by TCP keep-alive (`server::broker::set_tcp_keepalive`).
 
     let empty_client_id = connect.client_id.is_empty();
     let clean_session = connect.clean_session;
@@ -222,11 +228,34 @@ where
     Ok(packet)
 }
 
+/// Renkei patch: answers a refused CONNECT with a CONNACK carrying `code`, through the
+/// connection's own protocol, and returns the refusal; the caller then drops the connection,
+/// which closes it. Upstream closed refused connections without a CONNACK.
+async fn refuse<P: Protocol>(
+    network: &mut Network<P>,
+    code: ConnectReturnCode,
+) -> Result<Packet, Error> {
+    // A refusal is never a success, whatever a handler or protocol said.
+    let code = match code {
+        ConnectReturnCode::Success => ConnectReturnCode::NotAuthorized,
+        code => code,
+    };
+    let ack = ConnAck {
+        session_present: false,
+        code,
+    };
+    network.write(Packet::ConnAck(ack, None)).await?;
+    Err(Error::Refused(code))
+}
+
+/// Renkei patch: a refusal now carries the CONNACK code to answer with: `NotAuthorized` for a
+/// CONNECT without a login where auth is configured, `BadUserNamePassword` for a wrong static
+/// password, and the auth hook's own verdict.
 async fn handle_auth(
     config: Arc<ConnectionSettings>,
     login: Option<&Login>,
     client_id: &str,
-) -> Result<(), Error> {
+) -> Result<(), ConnectReturnCode> {
     if config.auth.is_none() && config.external_auth.is_none() {
         return Ok(());
     }
@@ -234,24 +263,23 @@ async fn handle_auth(
     // if authentication is configured and connect packet doesn't have login details
     // return an error
     let Some(login) = login else {
-        return Err(Error::InvalidAuth);
+        return Err(ConnectReturnCode::NotAuthorized);
     };
 
     let username = &login.username;
     let password = &login.password;
 
     if let Some(auth) = &config.external_auth {
-        if !auth(
+        let verdict = auth(
             client_id.to_owned(),
             username.to_owned(),
             password.to_owned(),
         )
-        .await
-        {
-            return Err(Error::InvalidAuth);
-        }
-
-        return Ok(());
+        .await;
+        return match verdict {
+            AuthVerdict::Accept => Ok(()),
+            AuthVerdict::Refuse(code) => Err(code),
+        };
     }
 
     if let Some(pairs) = &config.auth {
@@ -261,10 +289,10 @@ async fn handle_auth(
             }
         }
 
-        return Err(Error::InvalidAuth);
+        return Err(ConnectReturnCode::BadUserNamePassword);
     }
 
-    Err(Error::InvalidAuth)
+    Err(ConnectReturnCode::NotAuthorized)
 }
 
 #[cfg(test)]

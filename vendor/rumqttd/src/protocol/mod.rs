@@ -743,6 +743,11 @@ pub enum Error {
     /// proceed further
     #[error("Insufficient number of bytes to frame packet, {0} more bytes required")]
     InsufficientBytes(usize),
+    /// Renkei patch: a `Protocol` returns this from `read_mut` for a CONNECT it refuses. The
+    /// connection is then answered with a CONNACK carrying the code, written with the same
+    /// protocol, and closed; it never reaches the router.
+    #[error("Connect refused with {0:?}")]
+    ConnectRefused(ConnectReturnCode),
 }
 
 pub trait Protocol {

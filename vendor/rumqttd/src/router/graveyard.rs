@@ -23,13 +23,17 @@ impl Graveyard {
     }
 
     /// Save connection tracker
+    ///
+    /// Renkei patch: returns the state this replaces, if the client id had one (two
+    /// connections under one id, with `allow-duplicate-clientid`), so that the router can
+    /// release that session's subscriptions.
     pub fn save_state(
         &mut self,
         mut tracker: Tracker,
         subscriptions: HashSet<String>,
         metrics: ConnectionEvents,
         unacked_pubrels: VecDeque<u16>,
-    ) {
+    ) -> Option<SavedState> {
         tracker.pause(PauseReason::Busy);
         let id = tracker.id.clone();
 
@@ -45,18 +49,20 @@ impl Graveyard {
                 session_state: Some(session_state),
                 metrics,
             },
-        );
+        )
     }
 
     /// Save only metrics for connection
-    pub fn save_metrics(&mut self, id: String, metrics: ConnectionEvents) {
+    ///
+    /// Renkei patch: returns the state this replaces (see `save_state`).
+    pub fn save_metrics(&mut self, id: String, metrics: ConnectionEvents) -> Option<SavedState> {
         self.connections.insert(
             id,
             SavedState {
                 session_state: None,
                 metrics,
             },
-        );
+        )
     }
 }
 

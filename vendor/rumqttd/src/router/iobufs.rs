@@ -113,7 +113,7 @@ impl Outgoing {
         &mut self,
         publishes: impl Iterator<Item = Forward>,
         qos: u8,
-        filter_idx: usize,
+        filter_idx: FilterIdx,
     ) -> (usize, usize) {
         let mut buffer = self.data_buffer.lock();
         let publishes = publishes;
@@ -221,11 +221,16 @@ mod test {
     fn retransmission_map_is_calculated_accurately() {
         let (mut outgoing, _) = Outgoing::new("retransmission-test".to_string());
         let mut result = HashMap::new();
+        // Renkei patch: a filter index is a slot and a serial number.
+        let idx = |slot: usize| FilterIdx {
+            slot,
+            serial: slot as u64,
+        };
 
-        result.insert(0, (0, 8));
-        result.insert(1, (0, 1));
-        result.insert(2, (1, 1));
-        result.insert(3, (1, 0));
+        result.insert(idx(0), (0, 8));
+        result.insert(idx(1), (0, 1));
+        result.insert(idx(2), (1, 1));
+        result.insert(idx(3), (1, 0));
 
         let buf = vec![
             (1, 0, Some((0, 8))),
@@ -241,6 +246,9 @@ mod test {
             (1, 3, Some((1, 3))),
         ];
 
+        let buf = buf
+            .into_iter()
+            .map(|(pkid, slot, cursor)| (pkid, idx(slot), cursor));
         outgoing.inflight_buffer.extend(buf);
         assert_eq!(outgoing.retransmission_map(), result);
     }

@@ -33,7 +33,16 @@ pub use waiters::Waiters;
 pub const MAX_SCHEDULE_ITERATIONS: usize = 100;
 pub const MAX_CHANNEL_CAPACITY: usize = 200;
 
-pub(crate) type FilterIdx = usize;
+/// Renkei patch: which filter's log, as the slot it occupies among `DataLog`'s logs and the
+/// serial number it was created with. Upstream indexed a `Slab` by slot alone and never freed
+/// a log; logs are now freed when their filter's last subscriber leaves, and the slot goes to
+/// a later log. Serial numbers are never reused, so an index that outlives its log (in a data
+/// request, a waiter, an inflight publish) finds no log rather than another filter's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub(crate) struct FilterIdx {
+    slot: usize,
+    serial: u64,
+}
 
 #[derive(Debug)]
 // TODO: Fix this

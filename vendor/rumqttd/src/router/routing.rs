@@ -19,7 +19,7 @@ use thiserror::Error;
 use tracing::{debug, error, info, trace, warn};
 
 use super::alertlog::{Alert, AlertLog};
-use super::graveyard::Graveyard;
+use super::graveyard::{Graveyard, SavedState};
 use super::iobufs::{Incoming, Outgoing};
 use super::logs::{AckLog, DataLog};
 use super::scheduler::{ScheduleReason, Scheduler};
@@ -301,7 +301,7 @@ impl Router {
         }
 
         // Retrieve previous connection state from graveyard
-        let saved = self.graveyard.retrieve(&client_id);
+        let mut saved = self.graveyard.retrieve(&client_id);
         let clean_session = connection.clean;
         let previous_session = saved.as_ref().is_some_and(|s| s.session_state.is_some());
         // for qos2 pending pubrels
@@ -328,6 +328,11 @@ impl Router {
                 },
             )
         } else {
+            // Renkei patch: a clean session ends the saved one, and with it the saved
+            // subscriptions' hold on their filters' logs.
+            if let Some(session) = saved.as_mut().and_then(|s| s.session_state.take()) {
+                self.release_subscriptions(session.subscriptions);
+            }
             // Only retrieve metrics in clean session
             connection.events = saved.map_or_else(ConnectionEvents::default, |s| s.metrics);
             Tracker::new(client_id.clone())
@@ -357,6 +362,19 @@ impl Router {
         let connection_id = self.connections.insert(connection);
         assert_eq!(self.ibufs.insert(incoming), connection_id);
         assert_eq!(self.obufs.insert(outgoing), connection_id);
+
+        // Renkei patch: a restored session's subscriptions are the connection's own again.
+        // Upstream left them out of `subscription_map`, where UNSUBSCRIBE looks first, so the
+        // client could never unsubscribe (no UNSUBACK, and the filter's log kept for good).
+        for filter in self.connections[connection_id].subscriptions.iter() {
+            self.subscription_map
+                .entry(filter.clone())
+                .or_default()
+                .insert(connection_id);
+            self.ibufs[connection_id]
+                .meter
+                .register_subscription(filter.clone());
+        }
 
         self.connection_map.insert(client_id.clone(), connection_id);
         info!(connection_id, "Client connection registered");
@@ -399,6 +417,26 @@ impl Router {
         self.router_meters.total_connections += 1;
     }
 
+    /// Renkei patch: ends subscriptions that a connection or a saved session held (see
+    /// `release_subscription`).
+    fn release_subscriptions(&mut self, subscriptions: impl IntoIterator<Item = Filter>) {
+        for filter in subscriptions {
+            release_subscription(
+                &mut self.datalog,
+                &mut self.subscription_map,
+                &mut self.notifications,
+                &filter,
+            );
+        }
+    }
+
+    /// Renkei patch: a saved session that another one replaced ends (see `Graveyard`).
+    fn release_saved_state(&mut self, replaced: Option<SavedState>) {
+        if let Some(session) = replaced.and_then(|saved| saved.session_state) {
+            self.release_subscriptions(session.subscriptions);
+        }
+    }
+
     fn handle_new_meter(&mut self, tx: Sender<Vec<Meter>>) {
         let _meter_id = self.meters.insert(tx);
     }
@@ -413,7 +451,9 @@ impl Router {
         let client_id = match &self.obufs.get(id) {
             Some(v) => v.client_id.clone(),
             None => {
-                error!("no-connection id {} is already gone", id);
+                // Renkei patch: benign (the link's Disconnect after the router dropped the
+                // connection, thousands of times in a disconnect storm), so not an error.
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
@@ -433,7 +473,8 @@ impl Router {
             let outgoing = match self.obufs.get_mut(id) {
                 Some(v) => v,
                 None => {
-                    error!("no-connection id {} is already gone", id);
+                    // Renkei patch: benign, as above.
+                    debug!("no-connection id {} is already gone", id);
                     return;
                 }
             };
@@ -515,17 +556,22 @@ impl Router {
                 }
             }
 
-            self.graveyard.save_state(
+            // Renkei patch: the saved session keeps its subscriptions, and their logs.
+            let replaced = self.graveyard.save_state(
                 tracker,
                 connection.subscriptions,
                 connection.events,
                 outgoing.unacked_pubrels,
             );
+            self.release_saved_state(replaced);
         } else {
             tracker.pause(PauseReason::Busy);
             let id = tracker.id.clone();
+            // Renkei patch: a clean session's subscriptions end with it.
+            self.release_subscriptions(connection.subscriptions);
             // Only save metrics in clean session
-            self.graveyard.save_metrics(id, connection.events);
+            let replaced = self.graveyard.save_metrics(id, connection.events);
+            self.release_saved_state(replaced);
         }
         self.router_meters.total_connections -= 1;
     }
@@ -536,7 +582,9 @@ impl Router {
         let incoming = match self.ibufs.get_mut(id) {
             Some(v) => v,
             None => {
-                error!("no-connection id {} is already gone", id);
+                // Renkei patch: benign (data the link sent before the router dropped the
+                // connection), so not an error.
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
@@ -755,7 +803,22 @@ impl Router {
                             let ackslog = self.ackslog.get_mut(id).unwrap();
                             ackslog.unsuback(unsuback);
                             self.scheduler.untrack(id, filter);
-                            self.datalog.remove_waiters_for_id(id, filter);
+                            // Renkei patch: the subscription's request may be parked in its
+                            // log's waiters, or woken by a publish earlier in this batch; it
+                            // goes from both (upstream missed the waiter of a shared one and
+                            // let a woken one be tracked again below). Then the log is freed
+                            // if this was its last subscription.
+                            self.datalog
+                                .remove_waiters_for_id(id, log_filter(filter), filter);
+                            self.notifications.retain(|(waiter, request)| {
+                                *waiter != id || request.filter != *filter
+                            });
+                            release_subscription(
+                                &mut self.datalog,
+                                &mut self.subscription_map,
+                                &mut self.notifications,
+                                filter,
+                            );
                             force_ack = true;
                         }
                     }
@@ -965,6 +1028,8 @@ impl Router {
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
         if connection.subscriptions.insert(filter_path.clone()) {
+            // Renkei patch: the log lives as long as a subscription reads it.
+            self.datalog.add_subscriber(filter_idx);
             let request = DataRequest {
                 filter: filter_path.clone(),
                 filter_idx,
@@ -1252,7 +1317,10 @@ fn append_to_commitlog(
 
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
-        let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        // Renkei patch: `matches` forgets a log when it is freed; skip rather than unwrap.
+        let Some(datalog) = datalog.native.get_mut(filter_idx) else {
+            continue;
+        };
         let publish_data = (publish.clone(), properties.clone());
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
@@ -1318,7 +1386,10 @@ fn append_will_message(
 
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
-        let datalog = datalog.native.get_mut(filter_idx).unwrap();
+        // Renkei patch: `matches` forgets a log when it is freed; skip rather than unwrap.
+        let Some(datalog) = datalog.native.get_mut(filter_idx) else {
+            continue;
+        };
         let publish_data = (publish.clone(), properties.clone());
         let (offset, filter) = datalog.append(publish_data.into(), notifications);
         debug!(
@@ -1750,11 +1821,392 @@ fn validate_clientid(client_id: &str) -> Result<(), RouterError> {
     Ok(())
 }
 
+/// Renkei patch: the filter whose log a subscription reads: `$share/group/filter` reads
+/// `filter`'s (see `extract_group`).
+fn log_filter(subscription: &str) -> &str {
+    subscription
+        .strip_prefix("$share/")
+        .and_then(|s| s.split_once('/'))
+        .map_or(subscription, |(_group, filter)| filter)
+}
+
+/// Renkei patch: a subscription has ended (its connection has already left
+/// `subscription_map`). When it was the last to read its filter's log, the log is freed
+/// (`DataLog::remove_subscriber`), any woken request for it is dropped, and the
+/// subscription's entry in `subscription_map` goes if no connection is left in it.
+fn release_subscription(
+    datalog: &mut DataLog,
+    subscription_map: &mut HashMap<Filter, HashSet<ConnectionId>>,
+    notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
+    subscription: &str,
+) {
+    let Some(freed) = datalog.remove_subscriber(log_filter(subscription)) else {
+        return;
+    };
+    notifications.retain(|(_, request)| request.filter_idx != freed);
+    if subscription_map
+        .get(subscription)
+        .is_some_and(|connections| connections.is_empty())
+    {
+        subscription_map.remove(subscription);
+    }
+}
+
 fn extract_group(filter: &str) -> Option<(String, String)> {
     filter.strip_prefix("$share/").and_then(|s| {
         s.split_once('/')
             .map(|(group, path)| (group.to_string(), path.to_string()))
     })
+}
+
+/// Renkei patch: a filter's log lives as long as some session subscribes to it.
+#[cfg(test)]
+mod filter_logs {
+    use super::*;
+    use crate::protocol::{Filter as Subscription, RetainForwardRule, Subscribe, Unsubscribe};
+    use bytes::Bytes;
+    use parking_lot::Mutex;
+    use std::sync::Arc;
+
+    struct Client {
+        id: ConnectionId,
+        incoming: Arc<Mutex<VecDeque<Packet>>>,
+        outgoing: Arc<Mutex<VecDeque<Notification>>>,
+        _wakeups: Receiver<()>,
+    }
+
+    fn router(initialized_filters: Option<Vec<Filter>>) -> Router {
+        Router::new(
+            0,
+            RouterConfig {
+                max_connections: 100,
+                max_outgoing_packet_count: 200,
+                max_segment_size: 10 * 1024,
+                max_segment_count: 10,
+                custom_segment: None,
+                initialized_filters,
+                shared_subscriptions_strategy: Strategy::RoundRobin,
+            },
+        )
+    }
+
+    /// Runs the router until no connection is ready.
+    fn settle(router: &mut Router) {
+        for _ in 0..100_000 {
+            if router.consume().is_none() {
+                return;
+            }
+        }
+        panic!("the router never settled");
+    }
+
+    fn connect(router: &mut Router, client_id: &str, clean: bool) -> Client {
+        let connection = Connection::new(None, client_id.to_owned(), clean, false);
+        let incoming = Incoming::new(client_id.to_owned());
+        let (outgoing, wakeups) = Outgoing::new(client_id.to_owned());
+        let client = (incoming.buffer(), outgoing.buffer());
+        let event = Event::Connect {
+            connection,
+            incoming,
+            outgoing,
+        };
+        router.events(0, event);
+        settle(router);
+        Client {
+            id: router.connection_map[client_id],
+            incoming: client.0,
+            outgoing: client.1,
+            _wakeups: wakeups,
+        }
+    }
+
+    fn send(router: &mut Router, client: &Client, packets: impl IntoIterator<Item = Packet>) {
+        client.incoming.lock().extend(packets);
+        router.events(client.id, Event::DeviceData);
+        settle(router);
+    }
+
+    fn disconnect(router: &mut Router, client: Client) {
+        router.events(client.id, Event::Disconnect);
+        settle(router);
+    }
+
+    fn subscribe(filter: &str) -> Packet {
+        let filter = Subscription {
+            path: filter.to_owned(),
+            qos: QoS::AtMostOnce,
+            nolocal: false,
+            preserve_retain: false,
+            retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+        };
+        let subscribe = Subscribe {
+            pkid: 1,
+            filters: vec![filter],
+        };
+        Packet::Subscribe(subscribe, None)
+    }
+
+    fn unsubscribe(filter: &str) -> Packet {
+        let unsubscribe = Unsubscribe {
+            pkid: 2,
+            filters: vec![filter.to_owned()],
+        };
+        Packet::Unsubscribe(unsubscribe, None)
+    }
+
+    fn publish(topic: &str, payload: &str) -> Packet {
+        let publish = Publish::new(topic.to_owned(), payload.to_owned(), false);
+        Packet::Publish(publish, None)
+    }
+
+    /// The (topic, payload) of every message forwarded to `client` since last asked. Reads
+    /// its outgoing buffer as its link would, asking for more when the router paused it.
+    fn forwarded(router: &mut Router, client: &Client) -> Vec<(Bytes, Bytes)> {
+        let mut messages = Vec::new();
+        loop {
+            let mut paused = false;
+            for notification in client.outgoing.lock().drain(..) {
+                match notification {
+                    Notification::Forward(f) => messages.push((f.publish.topic, f.publish.payload)),
+                    Notification::Unschedule => paused = true,
+                    _ => {}
+                }
+            }
+            if !paused {
+                return messages;
+            }
+            router.events(client.id, Event::Ready);
+            settle(router);
+        }
+    }
+
+    fn message(topic: &'static str, payload: &'static str) -> (Bytes, Bytes) {
+        (Bytes::from(topic), Bytes::from(payload))
+    }
+
+    /// How many filter logs there are, once checked that no lookup names a freed one.
+    fn logs(router: &Router) -> usize {
+        router.datalog.check_lookups()
+    }
+
+    #[test]
+    fn a_clients_filter_logs_are_freed_when_it_leaves() {
+        let mut router = router(Some(vec!["wards/#".to_owned()]));
+        let before = logs(&router);
+        let publisher = connect(&mut router, "publisher", true);
+
+        // Exact filters, and every fifth one with a wildcard level.
+        let filters: Vec<String> = (0..500)
+            .map(|i| match i % 5 {
+                0 => format!("wards/{i}/+/status"),
+                _ => format!("wards/{i}/status"),
+            })
+            .collect();
+        let many = connect(&mut router, "many", true);
+        send(&mut router, &many, filters.iter().map(|f| subscribe(f)));
+        assert_eq!(logs(&router), before + filters.len());
+
+        // Published topics are cached with the filters they match.
+        let topics: Vec<String> = (0..500)
+            .map(|i| match i % 5 {
+                0 => format!("wards/{i}/school/status"),
+                _ => format!("wards/{i}/status"),
+            })
+            .collect();
+        send(
+            &mut router,
+            &publisher,
+            topics.iter().map(|t| publish(t, "up")),
+        );
+        assert_eq!(forwarded(&mut router, &many).len(), topics.len());
+
+        disconnect(&mut router, many);
+        assert_eq!(logs(&router), before);
+        assert!(router.subscription_map.is_empty());
+
+        // They come back for a new subscriber, with what was retained for them.
+        send(
+            &mut router,
+            &publisher,
+            [Packet::Publish(
+                Publish::new("wards/7/status", "kept", true),
+                None,
+            )],
+        );
+        let again = connect(&mut router, "again", true);
+        send(&mut router, &again, [subscribe("wards/7/status")]);
+        assert_eq!(logs(&router), before + 1);
+        assert_eq!(
+            forwarded(&mut router, &again),
+            [message("wards/7/status", "kept")]
+        );
+    }
+
+    #[test]
+    fn a_restored_session_can_unsubscribe() {
+        let mut router = router(None);
+        let before = logs(&router);
+        let keeper = connect(&mut router, "keeper", false);
+        send(&mut router, &keeper, [subscribe("wards/5/status")]);
+        disconnect(&mut router, keeper);
+        let keeper = connect(&mut router, "keeper", false);
+        keeper.outgoing.lock().clear();
+
+        send(&mut router, &keeper, [unsubscribe("wards/5/status")]);
+        let unsubacked = keeper.outgoing.lock().iter().any(|notification| {
+            matches!(
+                notification,
+                Notification::DeviceAck(super::super::Ack::UnsubAck(_))
+            )
+        });
+        assert!(unsubacked, "no UNSUBACK");
+        assert_eq!(logs(&router), before);
+    }
+
+    #[test]
+    fn a_shared_subscription_holds_the_log_of_its_filter() {
+        let mut router = router(None);
+        let before = logs(&router);
+        let publisher = connect(&mut router, "publisher", true);
+        let shared = connect(&mut router, "shared", true);
+        let plain = connect(&mut router, "plain", true);
+        send(&mut router, &shared, [subscribe("$share/g/wards/4/status")]);
+        send(&mut router, &plain, [subscribe("wards/4/status")]);
+        assert_eq!(logs(&router), before + 1);
+
+        send(
+            &mut router,
+            &shared,
+            [unsubscribe("$share/g/wards/4/status")],
+        );
+        assert_eq!(logs(&router), before + 1);
+        send(&mut router, &publisher, [publish("wards/4/status", "up")]);
+        assert_eq!(
+            forwarded(&mut router, &plain),
+            [message("wards/4/status", "up")]
+        );
+        assert_eq!(forwarded(&mut router, &shared), []);
+
+        send(&mut router, &shared, [subscribe("$share/g/wards/4/status")]);
+        disconnect(&mut router, plain);
+        assert_eq!(logs(&router), before + 1);
+        disconnect(&mut router, shared);
+        assert_eq!(logs(&router), before);
+    }
+
+    /// Run alone: `cargo test --lib -- --ignored --exact --nocapture
+    /// router::routing::filter_logs::rss_after_20000_filters_have_come_and_gone`.
+    ///
+    /// glibc's allocator keeps what the process frees for its next allocations instead of
+    /// handing it back to the system, so the RSS once the client is gone says little;
+    /// `malloc_trim` hands back what is free, and what is left is what is still in use.
+    #[test]
+    #[ignore = "measures the whole process's RSS"]
+    fn rss_after_20000_filters_have_come_and_gone() {
+        fn rss_mib() -> f64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+            let kib: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            kib / 1024.0
+        }
+
+        let mut router = router(None);
+        let start = rss_mib();
+        let client = connect(&mut router, "many", true);
+        for batch in 0..20 {
+            let filters = (0..1_000).map(|i| subscribe(&format!("wards/{batch}/{i}/status")));
+            send(&mut router, &client, filters);
+            client.outgoing.lock().clear();
+        }
+        let subscribed = rss_mib();
+        disconnect(&mut router, client);
+        let gone = rss_mib();
+        // SAFETY: glibc's malloc_trim has no preconditions.
+        unsafe { libc::malloc_trim(0) };
+        let trimmed = rss_mib();
+        eprintln!(
+            "RSS (MiB): {start:.1} at start, {subscribed:.1} with 20,000 filters, {gone:.1} \
+             once their client is gone, {trimmed:.1} after malloc_trim"
+        );
+        assert_eq!(logs(&router), 0);
+        assert!(trimmed - start < 16.0, "more than 16 MiB is still in use");
+    }
+
+    #[test]
+    fn a_filter_shared_by_two_clients_survives_the_first_leaving() {
+        let mut router = router(None);
+        let before = logs(&router);
+        let publisher = connect(&mut router, "publisher", true);
+        let first = connect(&mut router, "first", true);
+        let second = connect(&mut router, "second", true);
+        send(&mut router, &first, [subscribe("wards/1/status")]);
+        send(&mut router, &second, [subscribe("wards/1/status")]);
+        assert_eq!(logs(&router), before + 1);
+
+        disconnect(&mut router, first);
+        assert_eq!(logs(&router), before + 1);
+        send(&mut router, &publisher, [publish("wards/1/status", "up")]);
+        assert_eq!(
+            forwarded(&mut router, &second),
+            [message("wards/1/status", "up")]
+        );
+
+        // The last one leaves by unsubscribing.
+        send(&mut router, &second, [unsubscribe("wards/1/status")]);
+        assert_eq!(logs(&router), before);
+        send(
+            &mut router,
+            &publisher,
+            [publish("wards/1/status", "unheard")],
+        );
+        assert_eq!(forwarded(&mut router, &second), []);
+
+        // A later subscriber gets the filter afresh.
+        let third = connect(&mut router, "third", true);
+        send(&mut router, &third, [subscribe("wards/1/status")]);
+        assert_eq!(logs(&router), before + 1);
+        send(
+            &mut router,
+            &publisher,
+            [publish("wards/1/status", "again")],
+        );
+        assert_eq!(
+            forwarded(&mut router, &third),
+            [message("wards/1/status", "again")]
+        );
+        assert_eq!(forwarded(&mut router, &second), []);
+    }
+
+    #[test]
+    fn a_persistent_sessions_filters_stay_until_a_clean_session_replaces_it() {
+        let mut router = router(None);
+        let before = logs(&router);
+        let publisher = connect(&mut router, "publisher", true);
+        let keeper = connect(&mut router, "keeper", false);
+        send(&mut router, &keeper, [subscribe("wards/2/status")]);
+        disconnect(&mut router, keeper);
+        assert_eq!(logs(&router), before + 1);
+
+        // Messages wait in the log for the session to come back.
+        send(
+            &mut router,
+            &publisher,
+            [publish("wards/2/status", "while away")],
+        );
+        let keeper = connect(&mut router, "keeper", false);
+        assert_eq!(
+            forwarded(&mut router, &keeper),
+            [message("wards/2/status", "while away")]
+        );
+        disconnect(&mut router, keeper);
+        assert_eq!(logs(&router), before + 1);
+
+        // A clean session under the same client id ends the saved one.
+        let clean = connect(&mut router, "keeper", true);
+        assert_eq!(logs(&router), before);
+        disconnect(&mut router, clean);
+        assert_eq!(logs(&router), before);
+    }
 }
 // #[cfg(test)]
 // #[allow(non_snake_case)]
@@ -2393,3 +2845,57 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
 // //         dbg!(trackers);
 // //     }
 // // }
+
+/// Renkei patch: the router's word for an event about a connection that has already gone.
+#[cfg(test)]
+mod gone_connections {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tracing::field::{Field, Visit};
+    use tracing::{Level, Subscriber};
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+    /// The level and message of every event logged.
+    #[derive(Clone, Default)]
+    struct Events(Arc<Mutex<Vec<(Level, String)>>>);
+
+    impl<S: Subscriber> Layer<S> for Events {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            struct Message(String);
+            impl Visit for Message {
+                fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+                    if field.name() == "message" {
+                        self.0 = format!("{value:?}");
+                    }
+                }
+            }
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            let level = *event.metadata().level();
+            self.0.lock().unwrap().push((level, message.0));
+        }
+    }
+
+    #[test]
+    fn events_for_a_connection_already_gone_are_not_errors() {
+        let events = Events::default();
+        let subscriber = tracing_subscriber::registry().with(events.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            let mut router = Router::new(0, RouterConfig::default());
+            // A disconnect storm: the link's own Disconnect and its last data arrive after
+            // the router has already dropped the connection.
+            router.events(7, Event::Disconnect);
+            router.events(7, Event::DeviceData);
+        });
+        let events = events.0.lock().unwrap();
+        let gone: Vec<_> = events
+            .iter()
+            .filter(|(_, message)| message.contains("is already gone"))
+            .collect();
+        assert_eq!(gone.len(), 2, "{events:?}");
+        assert!(
+            gone.iter().all(|(level, _)| *level == Level::DEBUG),
+            "{gone:?}"
+        );
+    }
+}

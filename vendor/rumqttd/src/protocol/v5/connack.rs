@@ -417,6 +417,32 @@ fn connect_code(return_code: ConnectReturnCode) -> u8 {
         ConnectReturnCode::UseAnotherServer => 156,
         ConnectReturnCode::ServerMoved => 157,
         ConnectReturnCode::ConnectionRateExceeded => 159,
-        _ => unreachable!(),
+        // Renkei patch: the two MQTT 3.1.1 codes without an MQTT 5 twin of the same name, which
+        // upstream panicked on; an auth handler or a `Protocol` may give them for any client.
+        ConnectReturnCode::RefusedProtocolVersion => 132,
+        ConnectReturnCode::ServiceUnavailable => 136,
+    }
+}
+
+// Renkei patch: every return code can be written for an MQTT 5 client.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_3_1_1_only_codes_reach_an_mqtt_5_client_as_their_twins() {
+        for (code, reason) in [
+            (ConnectReturnCode::RefusedProtocolVersion, 132),
+            (ConnectReturnCode::ServiceUnavailable, 136),
+            (ConnectReturnCode::NotAuthorized, 135),
+        ] {
+            let mut buffer = BytesMut::new();
+            let connack = ConnAck {
+                session_present: false,
+                code,
+            };
+            write(&connack, &None, &mut buffer).unwrap();
+            assert_eq!(&buffer[..], &[0x20, 0x03, 0x00, reason, 0x00], "{code:?}");
+        }
     }
 }
