@@ -90,8 +90,6 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("HTTP server failed: {0}")]
-    Http(std::io::Error),
 }
 
 /// The addresses a started broker listens on.
@@ -167,6 +165,7 @@ pub struct Broker {
     /// `None` when `rules.enabled` is off.
     rules: Option<Rules>,
     http: TcpListener,
+    http_limits: http::server::Limits,
     app: AppState,
     /// Raised at every start and kept in the database: the `boot` of the broker's messages.
     pub boot: u32,
@@ -349,6 +348,7 @@ impl Broker {
             _receipts: receipts,
             rules,
             http,
+            http_limits: http::server::Limits::of(&config.http),
             app,
             boot,
         })
@@ -378,12 +378,11 @@ impl Broker {
             recorder,
             rules,
             http,
+            http_limits,
             app,
             ..
         } = self;
-        // Each request carries its client's address, which counts failed logins.
-        let service = http::router(app).into_make_service_with_connect_info::<SocketAddr>();
-        let server = axum::serve(http, service).with_graceful_shutdown(shutdown);
+        let server = http::server::serve(http, http::router(app), http_limits, shutdown);
         let mqtt_stopped = async {
             match &mut source {
                 Source::Embedded(mqtt) => mqtt.stopped().await,
@@ -391,7 +390,7 @@ impl Broker {
             }
         };
         let result = tokio::select! {
-            served = server => served.map_err(Error::Http),
+            () = server => Ok(()),
             stopped = mqtt_stopped => Err(stopped.into()),
             failed = ingest.failed() => Err(failed.into()),
         };

@@ -7,6 +7,7 @@ mod api;
 mod burst;
 mod external;
 mod harness;
+mod http_limits;
 mod persistence;
 mod receipts;
 mod rules;
