@@ -176,7 +176,7 @@ impl Broker {
     /// message is missed, and the HTTP socket is bound last.
     pub async fn start(config: Config) -> Result<Broker, Error> {
         let data_dir = &config.data.dir;
-        std::fs::create_dir_all(data_dir).map_err(|source| Error::DataDir {
+        db::create_dir(data_dir).map_err(|source| Error::DataDir {
             path: data_dir.clone(),
             source,
         })?;

@@ -93,7 +93,7 @@ impl StoreArgs {
         if let Some(dir) = &self.data {
             config.data.dir = dir.clone();
         }
-        std::fs::create_dir_all(&config.data.dir).with_context(|| {
+        db::create_dir(&config.data.dir).with_context(|| {
             format!("cannot create data directory {}", config.data.dir.display())
         })?;
         let conn = db::open(&config.data.dir)?;

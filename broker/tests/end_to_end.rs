@@ -6,6 +6,7 @@ mod access;
 mod api;
 mod burst;
 mod external;
+mod file_modes;
 mod harness;
 mod http_limits;
 mod persistence;
