@@ -265,8 +265,12 @@ impl Default for RulesConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExternalConfig {
-    /// `mqtt://HOST[:PORT]`; set, it turns the mode on and the embedded listeners off.
+    /// `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]`; set, it turns the mode on and the
+    /// embedded listeners off.
     pub broker: Option<String>,
+    /// PEM: the CA certificates an `mqtts://` broker's certificate must chain to; without it,
+    /// the system's roots.
+    pub ca_file: Option<PathBuf>,
     /// The broker's MQTT-over-WebSocket URL for browsers (`ws://…` or `wss://…`), when it has one.
     pub ws_url: Option<String>,
     /// Login at the external broker; the password is the first line of `password_file`.
@@ -284,6 +288,7 @@ impl Default for ExternalConfig {
     fn default() -> Self {
         ExternalConfig {
             broker: None,
+            ca_file: None,
             ws_url: None,
             user: None,
             password_file: None,
