@@ -138,6 +138,14 @@ pub struct HttpConfig {
     /// The MQTT-over-WebSocket URL handed to browsers in `/config.json`, when they must not
     /// derive it from the page's host (a TLS proxy in front, another host or port).
     pub public_mqtt_ws_url: Option<String>,
+    /// A request head must arrive whole within this time of the connection opening or of the
+    /// previous response, else the connection is closed (slowloris; idle keep-alive).
+    pub header_read_timeout: HumanDuration,
+    /// A connection on which no byte moves either way for this long is closed (a client that
+    /// stops reading its response).
+    pub idle_timeout: HumanDuration,
+    /// Connections served at once; more wait in the kernel's listen queue.
+    pub max_connections: usize,
 }
 
 impl Default for HttpConfig {
@@ -146,6 +154,12 @@ impl Default for HttpConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             dashboard_dir: PathBuf::from("dist"),
             public_mqtt_ws_url: None,
+            // Browsers send a head at once; 10s leaves room for a slow mobile link.
+            header_read_timeout: HumanDuration(Duration::from_secs(10)),
+            idle_timeout: HumanDuration(Duration::from_secs(60)),
+            // Dashboards (a browser opens up to six connections), integrators and probes,
+            // well below the open-file limit the broker needs for mqtt.max_connections.
+            max_connections: 1024,
         }
     }
 }
@@ -273,8 +287,12 @@ impl Default for RulesConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExternalConfig {
-    /// `mqtt://HOST[:PORT]`; set, it turns the mode on and the embedded listeners off.
+    /// `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]`; set, it turns the mode on and the
+    /// embedded listeners off.
     pub broker: Option<String>,
+    /// PEM: the CA certificates an `mqtts://` broker's certificate must chain to; without it,
+    /// the system's roots.
+    pub ca_file: Option<PathBuf>,
     /// The broker's MQTT-over-WebSocket URL for browsers (`ws://…` or `wss://…`), when it has one.
     pub ws_url: Option<String>,
     /// Login at the external broker; the password is the first line of `password_file`.
@@ -292,6 +310,7 @@ impl Default for ExternalConfig {
     fn default() -> Self {
         ExternalConfig {
             broker: None,
+            ca_file: None,
             ws_url: None,
             user: None,
             password_file: None,
@@ -476,6 +495,17 @@ impl Config {
                 format!("{url:?} is not a ws:// or wss:// URL"),
             );
         }
+        let h = &self.http;
+        // Zero would close every connection before its first request.
+        if h.header_read_timeout.0 < Duration::from_millis(100) {
+            return invalid("http.header_read_timeout", "must be at least 100ms".into());
+        }
+        if h.idle_timeout.0 < Duration::from_millis(100) {
+            return invalid("http.idle_timeout", "must be at least 100ms".into());
+        }
+        if h.max_connections == 0 {
+            return invalid("http.max_connections", "must be at least 1".into());
+        }
         Ok(())
     }
 }
@@ -654,6 +684,9 @@ mod tests {
             [http]
             dashboard_dir = "/srv/renkei/dist"
             public_mqtt_ws_url = "wss://renkei.example/mqtt"
+            header_read_timeout = "2500ms"
+            idle_timeout = "2m"
+            max_connections = 64
             "#,
         )
         .unwrap();
@@ -662,6 +695,9 @@ mod tests {
         assert_eq!(c.mqtt.segment_size, ByteSize(2 * 1024 * 1024));
         assert_eq!(c.mqtt.connect_timeout.millis_u16(), Some(1500));
         assert_eq!(c.http.dashboard_dir, PathBuf::from("/srv/renkei/dist"));
+        assert_eq!(c.http.header_read_timeout.0, Duration::from_millis(2500));
+        assert_eq!(c.http.idle_timeout.0, Duration::from_secs(120));
+        assert_eq!(c.http.max_connections, 64);
         assert_eq!(c.data, DataConfig::default());
     }
 
@@ -725,6 +761,18 @@ mod tests {
         assert_eq!(
             invalid("[http]\npublic_mqtt_ws_url = \"http://x\"\n").0,
             "http.public_mqtt_ws_url"
+        );
+        assert_eq!(
+            invalid("[http]\nheader_read_timeout = \"0s\"\n").0,
+            "http.header_read_timeout"
+        );
+        assert_eq!(
+            invalid("[http]\nidle_timeout = \"0s\"\n").0,
+            "http.idle_timeout"
+        );
+        assert_eq!(
+            invalid("[http]\nmax_connections = 0\n").0,
+            "http.max_connections"
         );
     }
 

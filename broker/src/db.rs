@@ -20,6 +20,10 @@
 //! milliseconds from the broker's clock. WAL mode lets HTTP read while the recorder writes.
 //! `payload` is the message as it arrived (postcard); readers that want JSON decode it.
 //!
+//! The database holds the users' password hashes and every recorded message: [`open`] creates
+//! it readable and writable by its owner only (0600), and SQLite gives its `-wal` and `-shm`
+//! files the mode of the database; [`create_dir`] makes the data directory 0700.
+//!
 //! `PRAGMA user_version` is the schema's version; [`open`] upgrades an older database:
 //! version 0 stored a `json` copy of every message too, which [`open`] drops; versions 0 and 1
 //! kept an index `messages_by_site (ward, site, kind, id)`, which [`open`] drops; versions 0 to
@@ -111,13 +115,74 @@ pub fn path(data_dir: &Path) -> PathBuf {
     data_dir.join(FILE_NAME)
 }
 
-/// Opens (creating if needed) the database in `data_dir`, in WAL mode, with the schema.
+/// Creates the data directory if it is missing, readable by its owner only (0700); parents it
+/// needs get the usual mode. A directory that exists is left as it is. Warns if the database
+/// in it can be read by others (made so by hand, or by a broker from before its files were
+/// created owner-only): it holds the password hashes.
+pub fn create_dir(data_dir: &Path) -> std::io::Result<()> {
+    if !data_dir.is_dir() {
+        if let Some(parent) = data_dir.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut builder = std::fs::DirBuilder::new();
+        #[cfg(unix)]
+        std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+        match builder.create(data_dir) {
+            // Made meanwhile by another process (`user add` next to a starting broker).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && data_dir.is_dir() => {}
+            other => other?,
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let db = path(data_dir);
+        if let Ok(meta) = std::fs::metadata(&db)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(
+                path = %db.display(),
+                mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "the database is readable by others (it holds password hashes): chmod 600 it \
+                 and its -wal and -shm files"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Creates the database file, empty and owner-only, unless it exists: SQLite would create it
+/// with 0644 (less the umask), and its `-wal` and `-shm` files take the database's mode.
+/// Created here rather than narrowed after SQLite made it, so that nobody can open it in
+/// between and keep the descriptor.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Opens (creating if needed, owner-only) the database in `data_dir`, in WAL mode, with the
+/// schema.
 pub fn open(data_dir: &Path) -> Result<Connection, DbError> {
     let path = path(data_dir);
     let wrap = |source| DbError {
         path: path.clone(),
         source,
     };
+    create_private(&path).map_err(|e| {
+        wrap(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!("cannot create it: {e}")),
+        ))
+    })?;
     let conn = Connection::open(&path).map_err(wrap)?;
     // Readers (HTTP, `user` commands) and the recorder share the file; a writer holding the
     // lock for one batch must not fail them.

@@ -17,6 +17,11 @@
 //! in practice by the broker's in-flight window, since nothing is acknowledged before ingest
 //! took it.
 //!
+//! `external.broker` is `mqtt://HOST[:PORT]` (1883) or `mqtts://HOST[:PORT]` (8883): TLS 1.2/1.3
+//! through rumqttc's rustls transport with the ring provider, as the agent's `mqtts://` link,
+//! trusting the CA certificates of `external.ca_file`, or the system's roots without one. The
+//! certificate must name the URL's host (a DNS name or an IP address).
+//!
 //! Access control lives in the external broker: Renkei's users and roles still guard the HTTP
 //! API, but MQTT logins and topic rules must be configured there (docs/scaling.md).
 
@@ -28,7 +33,11 @@ use std::time::{Duration, Instant};
 
 use renkei_shared::codec::MAX_FRAME;
 use renkei_shared::topic;
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
+};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 use tokio::sync::oneshot;
 
 use crate::config::{ExternalConfig, PACKET_HEADROOM};
@@ -59,16 +68,32 @@ pub enum ExternalError {
     Thread(std::io::Error),
     #[error("external broker {url}: {reason}")]
     Connect { url: String, reason: String },
+    #[error("external broker TLS: {0}")]
+    Tls(String),
 }
 
-/// `mqtt://HOST[:PORT]` → (host, port); the only scheme supported for now.
-pub fn parse_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url
-        .strip_prefix("mqtt://")
-        .ok_or_else(|| format!("{url:?} is not an mqtt://HOST[:PORT] URL"))?;
+/// Where the external broker is, from `external.broker`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerUrl {
+    pub host: String,
+    pub port: u16,
+    /// `mqtts://`: MQTT over TLS.
+    pub tls: bool,
+}
+
+/// `mqtt://HOST[:PORT]` (port 1883) or `mqtts://HOST[:PORT]` (port 8883).
+pub fn parse_url(url: &str) -> Result<BrokerUrl, String> {
+    let not_a_url = || format!("{url:?} is not an mqtt:// or mqtts://HOST[:PORT] URL");
+    let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("mqtt://") {
+        (rest, false, 1883)
+    } else if let Some(rest) = url.strip_prefix("mqtts://") {
+        (rest, true, 8883)
+    } else {
+        return Err(not_a_url());
+    };
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() || rest.contains(['/', '?', '@']) {
-        return Err(format!("{url:?} is not an mqtt://HOST[:PORT] URL"));
+        return Err(not_a_url());
     }
     // A bracketed IPv6 literal keeps its colons.
     let (host, port) = match rest.rsplit_once(':') {
@@ -78,13 +103,92 @@ pub fn parse_url(url: &str) -> Result<(String, u16), String> {
                 .map_err(|_| format!("{url:?}: {port:?} is not a port"))?;
             (host, port)
         }
-        _ => (rest, 1883),
+        _ => (rest, default_port),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
         return Err(format!("{url:?} has no host"));
     }
-    Ok((host.to_owned(), port))
+    Ok(BrokerUrl {
+        host: host.to_owned(),
+        port,
+        tls,
+    })
+}
+
+/// The client options both connections to the external broker share: TLS for `mqtts://`.
+fn client_options(
+    client_id: String,
+    config: &ExternalConfig,
+    url: &BrokerUrl,
+) -> Result<MqttOptions, ExternalError> {
+    let mut options = MqttOptions::new(client_id, url.host.clone(), url.port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        // In: Renkei frames. Out: their JSON mirror, a few times larger.
+        .set_max_packet_size(MAX_FRAME + PACKET_HEADROOM, 256 * 1024);
+    if url.tls {
+        let tls = client_tls(config)?;
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+    } else if let Some(path) = &config.ca_file {
+        // A CA file next to a plain URL is a TLS setup half done: refuse it rather than
+        // send the password in the clear.
+        return Err(ExternalError::Tls(format!(
+            "external.ca_file {} is set but external.broker is not an mqtts:// URL",
+            path.display()
+        )));
+    }
+    if let Some(user) = &config.user {
+        options.set_credentials(user.clone(), read_password(config)?);
+    }
+    Ok(options)
+}
+
+/// The TLS client for an `mqtts://` broker: rustls with ring (the provider of the MQTTS
+/// listener and of the agent, no C toolchain), TLS 1.2 and 1.3, trusting exactly the CA
+/// certificates of `external.ca_file` (PEM, one or more), or the system's roots without one.
+///
+/// The CA file is read as the agent reads its `ca_file` (edge-agent/src/tls.rs; the broker
+/// does not depend on the agent crate, so the few lines are repeated).
+fn client_tls(config: &ExternalConfig) -> Result<Arc<rustls::ClientConfig>, ExternalError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &config.ca_file {
+        Some(path) => {
+            let invalid = |reason: String| {
+                ExternalError::Tls(format!("external.ca_file {}: {reason}", path.display()))
+            };
+            let pem = std::fs::read(path).map_err(|e| invalid(format!("cannot read it: {e}")))?;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| invalid(format!("not valid PEM: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| invalid(format!("not a usable CA certificate: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(invalid(
+                    "no certificate in it (expected PEM: -----BEGIN CERTIFICATE-----)".into(),
+                ));
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+            if roots.is_empty() {
+                return Err(ExternalError::Tls(format!(
+                    "no system CA certificates found ({} errors); set external.ca_file",
+                    found.errors.len()
+                )));
+            }
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| ExternalError::Tls(format!("no usable TLS version: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(tls))
 }
 
 /// The filter ingest subscribes with.
@@ -118,22 +222,14 @@ pub struct External {
 impl External {
     /// Connects, subscribes, and returns once the broker has acknowledged the subscription.
     pub async fn connect(config: &ExternalConfig, url: &str) -> Result<External, ExternalError> {
-        let (host, port) = parse_url(url).map_err(ExternalError::Url)?;
-        let addr = resolve(&host, port).await?;
+        let broker = parse_url(url).map_err(ExternalError::Url)?;
+        let addr = resolve(&broker.host, broker.port).await?;
         let ws_addr = match &config.ws_url {
             Some(ws) => ws_socket_addr(ws).await,
             None => None,
         };
-        let mut options = MqttOptions::new(config.client_id.clone(), host, port);
-        options
-            .set_clean_session(false)
-            .set_manual_acks(true)
-            .set_keep_alive(Duration::from_secs(30))
-            // In: Renkei frames. Out: their JSON mirror, a few times larger.
-            .set_max_packet_size(MAX_FRAME + PACKET_HEADROOM, 256 * 1024);
-        if let Some(user) = &config.user {
-            options.set_credentials(user.clone(), read_password(config)?);
-        }
+        let mut options = client_options(config.client_id.clone(), config, &broker)?;
+        options.set_clean_session(false).set_manual_acks(true);
         let (client, eventloop) = AsyncClient::new(options, 1024);
         let (tx, incoming) = std::sync::mpsc::channel();
         let (ready_tx, ready) = oneshot::channel();
@@ -233,20 +329,13 @@ pub async fn retained_topics(
     config: &ExternalConfig,
     url: &str,
 ) -> Result<std::collections::HashSet<String>, ExternalError> {
-    let (host, port) = parse_url(url).map_err(ExternalError::Url)?;
+    let broker = parse_url(url).map_err(ExternalError::Url)?;
     let failed = |reason: String| ExternalError::Connect {
         url: url.to_owned(),
         reason,
     };
-    let mut options = MqttOptions::new(format!("{}-restore", config.client_id), host, port);
-    options
-        .set_clean_session(true)
-        .set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(MAX_FRAME + PACKET_HEADROOM, 256 * 1024);
-    if let Some(user) = &config.user {
-        let password = read_password(config)?;
-        options.set_credentials(user.clone(), password);
-    }
+    let mut options = client_options(format!("{}-restore", config.client_id), config, &broker)?;
+    options.set_clean_session(true);
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     let mut topics = std::collections::HashSet::new();
     let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
@@ -416,15 +505,45 @@ mod tests {
 
     #[test]
     fn parses_broker_urls() {
-        assert_eq!(parse_url("mqtt://hq:1884"), Ok(("hq".into(), 1884)));
-        assert_eq!(parse_url("mqtt://hq"), Ok(("hq".into(), 1883)));
-        assert_eq!(parse_url("mqtt://[::1]:1884"), Ok(("::1".into(), 1884)));
-        assert_eq!(parse_url("mqtt://[::1]"), Ok(("::1".into(), 1883)));
-        assert!(parse_url("mqtts://hq:8883").is_err());
+        let url = |host: &str, port, tls| {
+            Ok(BrokerUrl {
+                host: host.into(),
+                port,
+                tls,
+            })
+        };
+        assert_eq!(parse_url("mqtt://hq:1884"), url("hq", 1884, false));
+        assert_eq!(parse_url("mqtt://hq"), url("hq", 1883, false));
+        assert_eq!(parse_url("mqtt://[::1]:1884"), url("::1", 1884, false));
+        assert_eq!(parse_url("mqtt://[::1]"), url("::1", 1883, false));
+        assert_eq!(parse_url("mqtts://hq:8884"), url("hq", 8884, true));
+        assert_eq!(parse_url("mqtts://hq/"), url("hq", 8883, true));
+        assert_eq!(parse_url("mqtts://[::1]"), url("::1", 8883, true));
+        assert!(parse_url("tls://hq:8883").is_err());
+        assert!(parse_url("mqtts://").is_err());
         assert!(parse_url("hq:1883").is_err());
         assert!(parse_url("mqtt://hq:port").is_err());
         assert!(parse_url("mqtt://").is_err());
         assert!(parse_url("mqtt://u:p@hq").is_err());
+    }
+
+    #[test]
+    fn a_missing_or_empty_ca_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = ExternalConfig {
+            ca_file: Some(dir.path().join("none.pem")),
+            ..ExternalConfig::default()
+        };
+        let err = client_tls(&config).unwrap_err().to_string();
+        assert!(
+            err.contains("none.pem") && err.contains("cannot read"),
+            "{err}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "just text\n").unwrap();
+        config.ca_file = Some(empty);
+        let err = client_tls(&config).unwrap_err().to_string();
+        assert!(err.contains("no certificate"), "{err}");
     }
 
     #[test]

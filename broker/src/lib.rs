@@ -92,8 +92,6 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("HTTP server failed: {0}")]
-    Http(std::io::Error),
 }
 
 /// The addresses a started broker listens on.
@@ -169,6 +167,7 @@ pub struct Broker {
     /// `None` when `rules.enabled` is off.
     rules: Option<Rules>,
     http: TcpListener,
+    http_limits: http::server::Limits,
     app: AppState,
     /// Raised at every start and kept in the database: the `boot` of the broker's messages.
     pub boot: u32,
@@ -179,7 +178,7 @@ impl Broker {
     /// message is missed, and the HTTP socket is bound last.
     pub async fn start(config: Config) -> Result<Broker, Error> {
         let data_dir = &config.data.dir;
-        std::fs::create_dir_all(data_dir).map_err(|source| Error::DataDir {
+        db::create_dir(data_dir).map_err(|source| Error::DataDir {
             path: data_dir.clone(),
             source,
         })?;
@@ -354,6 +353,7 @@ impl Broker {
             _receipts: receipts,
             rules,
             http,
+            http_limits: http::server::Limits::of(&config.http),
             app,
             boot,
         })
@@ -383,12 +383,11 @@ impl Broker {
             recorder,
             rules,
             http,
+            http_limits,
             app,
             ..
         } = self;
-        // Each request carries its client's address, which counts failed logins.
-        let service = http::router(app).into_make_service_with_connect_info::<SocketAddr>();
-        let server = axum::serve(http, service).with_graceful_shutdown(shutdown);
+        let server = http::server::serve(http, http::router(app), http_limits, shutdown);
         let mqtt_stopped = async {
             match &mut source {
                 Source::Embedded(mqtt) => mqtt.stopped().await,
@@ -396,7 +395,7 @@ impl Broker {
             }
         };
         let result = tokio::select! {
-            served = server => served.map_err(Error::Http),
+            () = server => Ok(()),
             stopped = mqtt_stopped => Err(stopped.into()),
             failed = ingest.failed() => Err(failed.into()),
         };

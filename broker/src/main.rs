@@ -93,7 +93,7 @@ impl StoreArgs {
         if let Some(dir) = &self.data {
             config.data.dir = dir.clone();
         }
-        std::fs::create_dir_all(&config.data.dir).with_context(|| {
+        db::create_dir(&config.data.dir).with_context(|| {
             format!("cannot create data directory {}", config.data.dir.display())
         })?;
         let conn = db::open(&config.data.dir)?;
@@ -129,10 +129,15 @@ struct ServeArgs {
     /// The broker's data directory (data.dir).
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
-    /// External-broker mode (external.broker): mqtt://HOST[:PORT] of the MQTT broker (cluster)
-    /// to consume and publish to; the embedded listeners (--mqtt, --ws, --mqtts) are off.
+    /// External-broker mode (external.broker): mqtt://HOST[:PORT] or mqtts://HOST[:PORT] of the
+    /// MQTT broker (cluster) to consume and publish to; the embedded listeners (--mqtt, --ws,
+    /// --mqtts) are off.
     #[arg(long, value_name = "URL")]
     external: Option<String>,
+    /// PEM CA certificates that an mqtts:// external broker's certificate must chain to
+    /// (external.ca_file); without it, the system's roots.
+    #[arg(long, value_name = "FILE", requires = "external")]
+    external_ca_file: Option<PathBuf>,
     /// Login at the external broker (external.user).
     #[arg(long, value_name = "USER", requires = "external")]
     external_user: Option<String>,
@@ -180,6 +185,9 @@ impl ServeArgs {
             renkei_broker::external::parse_url(url)
                 .map_err(|message| anyhow::anyhow!("--external: {message}"))?;
             config.external.broker = Some(url.clone());
+        }
+        if let Some(file) = &self.external_ca_file {
+            config.external.ca_file = Some(file.clone());
         }
         if let Some(user) = &self.external_user {
             config.external.user = Some(user.clone());

@@ -1,7 +1,8 @@
 //! Developer commands for Renkei, run from anywhere in the repository:
 //!
 //! - `cargo xtask demo`  — builds the dashboard and the programs, starts the broker (data in
-//!   `var/demo`), starts a simulator for the 23 wards and prints the URL to open.
+//!   `var/demo`, anonymous, on 127.0.0.1 unless `--listen-all`), starts a simulator for the
+//!   23 wards and prints the URL to open.
 //! - `cargo xtask test`  — every check CI runs: format, clippy (native and wasm32), the
 //!   dashboard's release build, all Rust tests, and the browser tests in real Chromium.
 //! - `cargo xtask setup` — installs only the tools the two commands above need.
@@ -46,6 +47,10 @@ enum Task {
         /// HTTP port of the dashboard and API.
         #[arg(long, default_value_t = 8080)]
         http_port: u16,
+        /// Listen on every network interface instead of 127.0.0.1 only. The demo broker is
+        /// anonymous: anyone who can reach this machine may then read and publish everything.
+        #[arg(long)]
+        listen_all: bool,
     },
     /// Run every check and test that CI runs.
     Test {
@@ -60,7 +65,11 @@ enum Task {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Task::Demo { sites, http_port } => demo(sites, http_port),
+        Task::Demo {
+            sites,
+            http_port,
+            listen_all,
+        } => demo(sites, http_port, listen_all),
         Task::Test { long } => test(long),
         Task::Setup => setup(true),
     };
@@ -343,7 +352,14 @@ impl Drop for Children {
     }
 }
 
-fn demo(sites: u32, http_port: u16) -> Result<()> {
+fn demo(sites: u32, http_port: u16, listen_all: bool) -> Result<()> {
+    if listen_all {
+        eprintln!(
+            "xtask: warning: --listen-all: the demo broker is anonymous (serve --demo): anyone \
+             who can reach this machine on ports 1883, 8083 and {http_port} can read and \
+             publish every message and read the API"
+        );
+    }
     setup(false)?;
     build_dashboard()?;
     run(
@@ -371,7 +387,7 @@ fn demo(sites: u32, http_port: u16) -> Result<()> {
             "--dashboard",
             "dist",
         ])
-        .args(["--http", &format!("0.0.0.0:{http_port}")])
+        .args(broker_listen_args(http_port, listen_all))
         .stdout(Stdio::piped())
         .spawn()
         .context("starting renkei-broker")?;
@@ -420,6 +436,22 @@ fn demo(sites: u32, http_port: u16) -> Result<()> {
     }
 }
 
+/// The demo broker's listener flags: 127.0.0.1 unless `listen_all`, since `serve --demo` lets
+/// anyone connect without a user name. Every listener the broker opens without a TLS
+/// certificate is named, so that none falls back to the broker's default of 0.0.0.0 (MQTTS is
+/// off without one).
+fn broker_listen_args(http_port: u16, listen_all: bool) -> Vec<String> {
+    let ip = if listen_all { "0.0.0.0" } else { "127.0.0.1" };
+    vec![
+        "--mqtt".into(),
+        format!("{ip}:1883"),
+        "--ws".into(),
+        format!("{ip}:8083"),
+        "--http".into(),
+        format!("{ip}:{http_port}"),
+    ]
+}
+
 /// Reads the broker's stdout until its `renkei-broker ready …` line, then keeps draining it.
 fn wait_for_ready(stdout: std::process::ChildStdout, timeout: Duration) -> Result<String> {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -435,4 +467,38 @@ fn wait_for_ready(stdout: std::process::ChildStdout, timeout: Duration) -> Resul
     });
     rx.recv_timeout(timeout)
         .context("the broker did not report ready in time")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The address each of the broker's listener flags is given in `args`.
+    fn listen_addr(args: &[String], flag: &str) -> Option<std::net::SocketAddr> {
+        let i = args.iter().position(|a| a == flag)?;
+        args.get(i + 1)?.parse().ok()
+    }
+
+    #[test]
+    fn the_demo_broker_listens_on_loopback_only() {
+        let args = broker_listen_args(8080, false);
+        // Every listener the broker opens by default is named, so none falls back to the
+        // broker's 0.0.0.0 default.
+        for flag in ["--mqtt", "--ws", "--http"] {
+            let addr =
+                listen_addr(&args, flag).unwrap_or_else(|| panic!("{flag} is not given: {args:?}"));
+            assert!(addr.ip().is_loopback(), "{flag} {addr}");
+        }
+        assert_eq!(listen_addr(&args, "--http").map(|a| a.port()), Some(8080));
+    }
+
+    #[test]
+    fn listen_all_opens_every_listener() {
+        let args = broker_listen_args(9090, true);
+        for flag in ["--mqtt", "--ws", "--http"] {
+            let addr = listen_addr(&args, flag).unwrap();
+            assert!(addr.ip().is_unspecified(), "{flag} {addr}");
+        }
+        assert_eq!(listen_addr(&args, "--http").map(|a| a.port()), Some(9090));
+    }
 }

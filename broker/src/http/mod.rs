@@ -16,11 +16,13 @@
 //! Everything but the open routes needs HTTP Basic credentials of a user who is not an agent
 //! ([`viewer::Viewer`]); a ward operator sees only its ward. In demo mode all is open.
 //! `docs/openapi.yaml` documents the API. [`router`] builds the routes without a socket, so
-//! tests drive it with `oneshot`.
+//! tests drive it with `oneshot`; [`server`] serves them on the listener, with timeouts and a
+//! cap on connections.
 
 pub mod api;
 pub mod export;
 pub mod history;
+pub mod server;
 pub mod viewer;
 
 use std::path::PathBuf;

@@ -1,5 +1,6 @@
 //! External-broker mode against a real Mosquitto 2.0 from Debian, started here on free ports
-//! (MQTT and WebSocket listeners, `max_queued_messages 0`, anonymous clients, no persistence).
+//! (MQTT and WebSocket listeners, `max_queued_messages 0`, anonymous clients, no persistence;
+//! for `mqtts://`, a TLS listener with a certificate made by rcgen).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -38,14 +39,39 @@ impl Mosquitto {
     }
 
     fn start_on(port: u16, ws_port: u16) -> Mosquitto {
+        Mosquitto::start_with(port, ws_port, None)
+    }
+
+    /// With a TLS listener on `tls_port` too, serving `pki`'s certificate.
+    fn start_tls(tls_port: u16, pki: &crate::tls::Pki) -> Mosquitto {
+        let mosquitto = Mosquitto::start_with(free_port(), free_port(), Some((tls_port, pki)));
+        let deadline = Instant::now() + PATIENCE;
+        while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen for TLS"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        mosquitto
+    }
+
+    fn start_with(port: u16, ws_port: u16, tls: Option<(u16, &crate::tls::Pki)>) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
         let conf = dir.path().join("mosquitto.conf");
+        let tls_listener = tls.map_or_else(String::new, |(tls_port, pki)| {
+            format!(
+                "listener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
+                pki.cert.display(),
+                pki.key.display()
+            )
+        });
         std::fs::write(
             &conf,
             format!(
                 "per_listener_settings false\nallow_anonymous true\npersistence false\n\
                  max_queued_messages 0\nlistener {port} 127.0.0.1\n\
-                 listener {ws_port} 127.0.0.1\nprotocol websockets\n"
+                 listener {ws_port} 127.0.0.1\nprotocol websockets\n{tls_listener}"
             ),
         )
         .unwrap();
@@ -296,4 +322,77 @@ fn an_unreachable_external_broker_stops_the_start() {
     assert!(out.stdout.is_empty(), "no ready line");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&url), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mqtts_with_the_clusters_ca_a_message_is_recorded_and_mirrored() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = crate::tls::make_pki(pki_dir.path(), "cluster");
+    let tls_port = free_port();
+    let mosquitto = Mosquitto::start_tls(tls_port, &pki);
+    let url = format!("mqtts://127.0.0.1:{tls_port}");
+    let config = format!("[external]\nca_file = {:?}\n", pki.ca.display().to_string());
+    let broker = RunningBroker::start_in(
+        harness::with_users(&config),
+        &["--external", &url, "--external-client-id", "renkei-tls"],
+    );
+    let addrs = broker.addrs;
+    assert_eq!(addrs.mqtt.port(), tls_port);
+
+    // The agent and the integrator use Mosquitto's plain listener: only Renkei speaks TLS, so
+    // the mirror reaching the integrator went in and out over it.
+    let mut integrator = MqttClient::connect(&mosquitto.addrs(), "integrator").await;
+    integrator.subscribe(topic::ALL_JSON).await;
+    let agent = MqttClient::connect(&mosquitto.addrs(), "agent-nishi").await;
+    let report = status(1);
+    agent.send(&report).await;
+    let mirrored = integrator.next_publish().await;
+    assert_eq!(mirrored.topic, Topic::of(&report).unwrap().json());
+    eventually("the message recorded", || async {
+        let text = http_get_as(&addrs, "/metrics", ROOT).await.text();
+        (metric(&text, "renkei_recorder_rows_total") == Some(1)).then_some(())
+    })
+    .await;
+    let state = http_get_as(&addrs, "/api/v1/state", ROOT).await.json();
+    assert_eq!(state["sites"].as_array().map(Vec::len), Some(1), "{state}");
+    assert!(broker.terminate().success());
+}
+
+/// `serve` against `url` with `extra` flags; it must not start. Its stderr.
+fn refused_start(url: &str, extra: &[&str]) -> String {
+    let dir = harness::prepare();
+    let out = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
+        .args(["serve", "--http", "127.0.0.1:0", "--external", url])
+        .args(extra)
+        .arg("--config")
+        .arg(dir.path().join(harness::CONFIG))
+        .arg("--data")
+        .arg(dir.path().join("data"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no ready line");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn an_mqtts_broker_whose_certificate_is_not_trusted_stops_the_start() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = crate::tls::make_pki(pki_dir.path(), "cluster");
+    let tls_port = free_port();
+    let _mosquitto = Mosquitto::start_tls(tls_port, &pki);
+    // Without external.ca_file the system's roots are trusted, and they do not hold the
+    // test's CA.
+    let url = format!("mqtts://127.0.0.1:{tls_port}");
+    let stderr = refused_start(&url, &[]);
+    assert!(
+        stderr.contains(&url) && stderr.contains("certificate"),
+        "{stderr}"
+    );
+    // A CA file with a plain URL would send the password in the clear: refused too.
+    let ca = pki.ca.display().to_string();
+    let plain = format!("mqtt://127.0.0.1:{tls_port}");
+    let stderr = refused_start(&plain, &["--external-ca-file", &ca]);
+    assert!(stderr.contains("not an mqtts:// URL"), "{stderr}");
 }

@@ -15,13 +15,13 @@ use crate::harness::{self, MqttClient, PASSWORD, RunningBroker, eventually, http
 const ROOT: Option<(&str, &str)> = Some(("root", PASSWORD));
 
 /// A CA and a server certificate it signed for `localhost` and 127.0.0.1, as PEM files.
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
+pub struct Pki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
-fn make_pki(dir: &Path, name: &str) -> Pki {
+pub fn make_pki(dir: &Path, name: &str) -> Pki {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

@@ -256,8 +256,16 @@ next_connection_delay_ms = 0
 }
 
 async fn watch(broker: &str, filter: &str, warmup: Duration, seconds: Duration) -> Result<()> {
-    let (host, port) = renkei_broker::external::parse_url(broker).map_err(anyhow::Error::msg)?;
-    let mut opts = MqttOptions::new(format!("bench-watch-{}", std::process::id()), host, port);
+    let url = renkei_broker::external::parse_url(broker).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        !url.tls,
+        "watch speaks plain MQTT only: give an mqtt:// URL"
+    );
+    let mut opts = MqttOptions::new(
+        format!("bench-watch-{}", std::process::id()),
+        url.host,
+        url.port,
+    );
     opts.set_keep_alive(Duration::from_secs(30));
     opts.set_max_packet_size(64 * 1024, 64 * 1024);
     opts.set_inflight(100);
