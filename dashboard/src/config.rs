@@ -1,9 +1,15 @@
 //! Where the broker's WebSocket listener is, and whether it wants a login.
 //!
-//! The URL, in order: a `?ws=ws://…` query parameter (tests, debugging); `mqtt_ws_url` from
-//! `/config.json`, served by the broker next to the dashboard; else port 8083 on the page's
-//! host (a dashboard served by a development server). `auth_required` comes from
+//! The URL, in order: a `?ws=ws://…` query parameter (tests, debugging), in demo mode only;
+//! `mqtt_ws_url` from `/config.json`, served by the broker next to the dashboard; else port 8083
+//! on the page's host (a dashboard served by a development server). `auth_required` comes from
 //! `/config.json` only; a missing field or file means no login (demo mode).
+//!
+//! When a login is required, `?ws=` is ignored (with a console warning): the operator's password
+//! goes in the MQTT CONNECT, so it may only go to the address the server itself named. Anyone
+//! can send a link with `?ws=wss://attacker.example`; honouring it would hand the attacker the
+//! password of whoever logs in from that link. In demo mode no password is ever sent (the MQTT
+//! client sends none, and offers no login on a refusal), so the override stays for debugging.
 
 use serde::Deserialize;
 
@@ -26,6 +32,45 @@ pub struct Endpoint {
     pub url: String,
     /// The broker refuses connections without a user name and password.
     pub auth_required: bool,
+}
+
+/// The endpoint, and a warning for the console when a `?ws=` was set aside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolution {
+    pub endpoint: Endpoint,
+    pub warning: Option<String>,
+}
+
+/// Chooses the endpoint from what the page found: the `?ws=` parameter if there was one, the
+/// body of `/config.json` (empty if it could not be fetched) and the page's own location.
+///
+/// The rule (see the module docs): `?ws=` wins only when no login is required; with a login,
+/// the URL is the one `/config.json` names, else the page's host.
+pub fn choose(
+    query_ws: Option<&str>,
+    config_body: &str,
+    page_protocol: &str,
+    page_hostname: &str,
+) -> Resolution {
+    let auth_required = auth_required(config_body);
+    let named = from_config_json(config_body, page_hostname)
+        .unwrap_or_else(|| fallback(page_protocol, page_hostname));
+    let (url, warning) = match query_ws {
+        Some(query) if auth_required => {
+            let warning = format!(
+                "renkei: ignoring ?ws={query}: this broker requires a login, and the password \
+                 goes only to the address the server names ({named})"
+            );
+            (named, Some(warning))
+        }
+        // An unusable override is ignored, as if there were none.
+        Some(query) => (usable(query, page_hostname).unwrap_or(named), None),
+        None => (named, None),
+    };
+    Resolution {
+        endpoint: Endpoint { url, auth_required },
+        warning,
+    }
 }
 
 /// Whether a `/config.json` body asks for a login; anything unreadable does not.
@@ -67,8 +112,7 @@ pub fn fallback(page_protocol: &str, page_hostname: &str) -> String {
     format!("{scheme}://{page_hostname}:{DEFAULT_WS_PORT}")
 }
 
-/// Finds the endpoint in the browser: the URL from the query, then `/config.json`, then the
-/// fallback; the login requirement from `/config.json`.
+/// Finds the endpoint in the browser, by [`choose`]'s rule.
 #[cfg(target_arch = "wasm32")]
 pub async fn resolve() -> Endpoint {
     let location = web_sys::window().map(|w| w.location());
@@ -80,18 +124,15 @@ pub async fn resolve() -> Endpoint {
         ),
         None => Default::default(),
     };
-    let from_query = web_sys::UrlSearchParams::new_with_str(&search)
+    let query_ws = web_sys::UrlSearchParams::new_with_str(&search)
         .ok()
-        .and_then(|p| p.get("ws"))
-        .and_then(|url| usable(&url, &hostname));
+        .and_then(|p| p.get("ws"));
     let body = fetch_config().await.unwrap_or_default();
-    let url = from_query
-        .or_else(|| from_config_json(&body, &hostname))
-        .unwrap_or_else(|| fallback(&protocol, &hostname));
-    Endpoint {
-        url,
-        auth_required: auth_required(&body),
+    let Resolution { endpoint, warning } = choose(query_ws.as_deref(), &body, &protocol, &hostname);
+    if let Some(warning) = warning {
+        crate::log::warn(&warning);
     }
+    endpoint
 }
 
 #[cfg(target_arch = "wasm32")]
@@ -154,6 +195,69 @@ mod tests {
         );
         assert_eq!(usable("ws://", "h"), None);
         assert_eq!(usable("localhost:8083", "h"), None);
+    }
+
+    const LOGIN: &str = r#"{"mqtt_ws_url":"ws://hq.example:9001","auth_required":true}"#;
+    const DEMO: &str = r#"{"mqtt_ws_url":"ws://hq.example:9001","auth_required":false}"#;
+    const DECOY: &str = "wss://attacker.example";
+
+    #[test]
+    fn with_a_login_the_query_is_ignored_and_the_servers_url_used() {
+        let chosen = choose(Some(DECOY), LOGIN, "https:", "hq.example");
+        assert_eq!(
+            chosen.endpoint,
+            Endpoint {
+                url: "ws://hq.example:9001".into(),
+                auth_required: true,
+            }
+        );
+        let warning = chosen.warning.expect("a warning for the console");
+        assert!(warning.contains(DECOY), "{warning}");
+        // Without a usable URL in /config.json, the page's own host, never the query's.
+        let chosen = choose(
+            Some(DECOY),
+            r#"{"auth_required":true}"#,
+            "https:",
+            "hq.example",
+        );
+        assert_eq!(chosen.endpoint.url, "wss://hq.example:8083");
+        assert!(chosen.endpoint.auth_required);
+        assert!(chosen.warning.is_some());
+        // Even an unusable `?ws=` is worth a warning: someone sent it.
+        assert!(choose(Some("junk"), LOGIN, "http:", "h").warning.is_some());
+    }
+
+    #[test]
+    fn in_demo_mode_the_query_overrides_the_servers_url() {
+        for body in [DEMO, r#"{"mqtt_ws_url":"ws://hq.example:9001"}"#] {
+            let chosen = choose(Some("ws://127.0.0.1:1234"), body, "http:", "hq.example");
+            assert_eq!(chosen.endpoint.url, "ws://127.0.0.1:1234", "{body}");
+            assert!(!chosen.endpoint.auth_required);
+            assert_eq!(chosen.warning, None);
+        }
+        // No /config.json (a development server): demo mode, the query still wins.
+        let chosen = choose(Some("ws://0.0.0.0:1234"), "", "http:", "localhost");
+        assert_eq!(chosen.endpoint.url, "ws://localhost:1234");
+        assert!(!chosen.endpoint.auth_required);
+        // An unusable override is ignored.
+        let chosen = choose(Some("http://x"), DEMO, "http:", "hq.example");
+        assert_eq!(chosen.endpoint.url, "ws://hq.example:9001");
+    }
+
+    #[test]
+    fn without_a_query_the_servers_url_then_the_pages_host() {
+        for body in [LOGIN, DEMO] {
+            let chosen = choose(None, body, "http:", "page.example");
+            assert_eq!(chosen.endpoint.url, "ws://hq.example:9001");
+            assert_eq!(chosen.warning, None);
+        }
+        assert_eq!(
+            choose(None, "", "https:", "page.example").endpoint,
+            Endpoint {
+                url: "wss://page.example:8083".into(),
+                auth_required: false,
+            }
+        );
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! The dashboard in real headless Chromium against the real broker and real agents: data on
 //! the map, table and ward view; a killed agent turning silent; an alert acknowledged from the
 //! page and seen on the MQTT side; a site's history charted from the broker's HTTP API; the
-//! language switch; the exercise banner and world selector; and the page's own performance
-//! figures with 2,000 simulated sites.
+//! language switch; the exercise banner and world selector; a `?ws=` link that cannot send a
+//! login elsewhere; and the page's own performance figures with 2,000 simulated sites.
 //!
 //! Each test starts its own broker and browser. They run one at a time: a machine with two
 //! cores cannot run several Chromiums and brokers at once without timing out.
 
+use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -36,6 +38,12 @@ impl Bench {
     }
 
     async fn start_in(data: TempDir, extra: &[&str]) -> Result<Bench> {
+        Bench::start_at(data, extra, "/").await
+    }
+
+    /// A broker with its data in `data` and `extra` arguments, the browser on `page` (a path
+    /// with its query) of the broker's HTTP server.
+    async fn start_at(data: TempDir, extra: &[&str], page: &str) -> Result<Bench> {
         let dist = workspace_root().join("dist/index.html");
         anyhow::ensure!(
             dist.exists(),
@@ -46,7 +54,7 @@ impl Bench {
         let browser = Browser::start().await?;
         browser
             .client
-            .goto(&format!("http://{}/", broker.http))
+            .goto(&format!("http://{}{page}", broker.http))
             .await?;
         Ok(Bench {
             broker,
@@ -101,6 +109,22 @@ impl Bench {
         })
         .await
         .map(drop)
+    }
+
+    /// Fills in the login form and submits it.
+    async fn log_in(&self, user: &str, password: &str) -> Result<()> {
+        let client = &self.browser.client;
+        let field = client.find(Locator::Css("#login-user")).await?;
+        field.clear().await?;
+        field.send_keys(user).await?;
+        let field = client.find(Locator::Css("#login-password")).await?;
+        field.send_keys(password).await?;
+        client
+            .find(Locator::Css("#login-submit"))
+            .await?
+            .click()
+            .await?;
+        Ok(())
     }
 
     /// Runs `checks`, saving a screenshot named after the test if they fail.
@@ -218,43 +242,16 @@ async fn a_killed_agent_turns_its_site_silent() -> Result<()> {
 async fn a_broker_that_requires_a_login_gets_one_and_a_wrong_password_is_told() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let data = tempfile::tempdir()?;
-    let mut add = std::process::Command::new(binary("renkei-broker", "renkei-broker")?)
-        .args(["user", "add", "--role", "hq", "--password-stdin", "--data"])
-        .arg(data.path())
-        .arg("sato")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    {
-        use std::io::Write;
-        add.stdin
-            .take()
-            .context("stdin of user add")?
-            .write_all(b"correct horse battery staple\n")?;
-    }
-    anyhow::ensure!(add.wait()?.success(), "renkei-broker user add failed");
+    add_user(data.path(), "sato", &["--role", "hq"], HQ_PASSWORD)?;
     let bench = Bench::start_in(data, &[]).await?;
     let b = &bench.browser;
     bench
         .checked("login", async {
             bench.exists("#login").await?;
             bench.exists("#conn[data-state=\"disconnected\"]").await?;
-            let fill = |password: &'static str| async move {
-                let user = b.client.find(Locator::Css("#login-user")).await?;
-                user.clear().await?;
-                user.send_keys("sato").await?;
-                let pw = b.client.find(Locator::Css("#login-password")).await?;
-                pw.send_keys(password).await?;
-                b.client
-                    .find(Locator::Css("#login-submit"))
-                    .await?
-                    .click()
-                    .await?;
-                anyhow::Ok(())
-            };
-            fill("wrong").await?;
+            bench.log_in("sato", "wrong").await?;
             bench.exists("#login-error").await?;
-            fill("correct horse battery staple").await?;
+            bench.log_in("sato", HQ_PASSWORD).await?;
             bench.exists("#conn[data-state=\"connected\"]").await?;
             b.wait_for_text("#access[data-access=\"user\"]", "sato", WAIT)
                 .await?;
@@ -266,6 +263,188 @@ async fn a_broker_that_requires_a_login_gets_one_and_a_wrong_password_is_told() 
                 .await?;
             bench
                 .exists("#site-view #history-chart[data-state=\"empty\"]")
+                .await?;
+            Ok(())
+        })
+        .await
+}
+
+/// The password of the HQ operator in the tests that need a login.
+const HQ_PASSWORD: &str = "correct horse battery staple";
+
+/// Adds the user `name` with `password` to the broker's store in `data`; `access` is the role
+/// and binding (`--role agent --ward … --site …`).
+fn add_user(data: &Path, name: &str, access: &[&str], password: &str) -> Result<()> {
+    use std::io::Write;
+    let mut add = std::process::Command::new(binary("renkei-broker", "renkei-broker")?)
+        .args(["user", "add", "--password-stdin", "--data"])
+        .arg(data)
+        .args(access)
+        .arg(name)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    add.stdin
+        .take()
+        .context("stdin of user add")?
+        .write_all(format!("{password}\n").as_bytes())?;
+    anyhow::ensure!(
+        add.wait()?.success(),
+        "renkei-broker user add {name} failed"
+    );
+    Ok(())
+}
+
+/// A TCP listener the test opened itself, standing in for an attacker's WebSocket server in a
+/// crafted `?ws=` link. It records every connection it accepts, with the start of what the
+/// browser sent (a WebSocket handshake), and answers nothing.
+struct Decoy {
+    url: String,
+    seen: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Decoy {
+    async fn start() -> Result<Decoy> {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("ws://{}", listener.local_addr()?);
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                // Recorded at once, so that a check right after the accept sees it.
+                let index = {
+                    let mut seen = record.lock().unwrap_or_else(|e| e.into_inner());
+                    seen.push("(a connection, nothing read yet)".into());
+                    seen.len() - 1
+                };
+                let record = record.clone();
+                // Reads the handshake and hangs up without an answer.
+                tokio::spawn(async move {
+                    let mut head = vec![0; 2048];
+                    let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut head));
+                    if let Ok(Ok(n)) = read.await {
+                        let mut seen = record.lock().unwrap_or_else(|e| e.into_inner());
+                        seen[index] = String::from_utf8_lossy(&head[..n]).into_owned();
+                    }
+                });
+            }
+        });
+        Ok(Decoy { url, seen, task })
+    }
+
+    /// What every connection so far sent first.
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+impl Drop for Decoy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_login_a_ws_link_is_ignored_and_the_password_goes_only_to_the_broker() -> Result<()>
+{
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let decoy = Decoy::start().await?;
+    let data = tempfile::tempdir()?;
+    add_user(data.path(), "sato", &["--role", "hq"], HQ_PASSWORD)?;
+    let site = "dash-ws-link";
+    let agent_user = "agent-dash-ws-link";
+    add_user(
+        data.path(),
+        agent_user,
+        &["--role", "agent", "--ward", "131041", "--site", site],
+        "agent password",
+    )?;
+    // The crafted link: the broker's own page, with `?ws=` naming the decoy.
+    let page = format!("/?ws={}", decoy.url);
+    let mut bench = Bench::start_at(data, &[], &page).await?;
+    let _agent = bench.shelter(
+        site,
+        &[
+            "--interval",
+            "2s",
+            "--username",
+            agent_user,
+            "--password",
+            "agent password",
+        ],
+    )?;
+    let b = &bench.browser;
+    let broker_ws = format!("ws://{}", bench.broker.ws);
+    bench
+        .checked("ws-link", async {
+            bench.exists("#login").await?;
+            bench.log_in("sato", HQ_PASSWORD).await?;
+            // Connected, or the decoy reached: whichever comes first decides.
+            eventually(WAIT, "the page connected", || async {
+                if !decoy.seen().is_empty() {
+                    return Some(());
+                }
+                b.client
+                    .find(Locator::Css("#conn[data-state=\"connected\"]"))
+                    .await
+                    .ok()
+                    .map(drop)
+            })
+            .await?;
+            let seen = decoy.seen();
+            anyhow::ensure!(
+                seen.is_empty(),
+                "after the login, the page connected to the ?ws= decoy {}: {seen:?}",
+                decoy.url
+            );
+            // To the broker /config.json named, showing its live data as the logged-in user.
+            bench
+                .exists(&format!(
+                    "#conn[data-state=\"connected\"][title=\"{broker_ws}\"]"
+                ))
+                .await?;
+            b.wait_for_text("#access[data-access=\"user\"]", "sato", WAIT)
+                .await?;
+            b.wait_for_text(&tile("evacuees"), "123 / 456", WAIT)
+                .await?;
+            b.wait_for_text(&row("evacuees"), "123", WAIT).await?;
+            let seen = decoy.seen();
+            anyhow::ensure!(seen.is_empty(), "the decoy was reached: {seen:?}");
+            Ok(())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_demo_mode_a_ws_link_still_overrides_the_url() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let decoy = Decoy::start().await?;
+    let data = tempfile::tempdir()?;
+    let page = format!("/?ws={}", decoy.url);
+    let bench = Bench::start_at(data, &["--demo"], &page).await?;
+    bench
+        .checked("ws-demo", async {
+            // No password exists to leak: the override is kept for tests and debugging.
+            let head = eventually(
+                WAIT,
+                "a WebSocket handshake at the ?ws= address",
+                || async {
+                    decoy
+                        .seen()
+                        .into_iter()
+                        .find(|head| head.starts_with("GET "))
+                },
+            )
+            .await?;
+            anyhow::ensure!(
+                head.to_ascii_lowercase().contains("upgrade: websocket"),
+                "not a WebSocket handshake: {head:?}"
+            );
+            bench.exists("#access[data-access=\"demo\"]").await?;
+            bench
+                .exists(&format!("#conn[title=\"{}\"]", decoy.url))
                 .await?;
             Ok(())
         })
