@@ -544,7 +544,7 @@ fn server_settings(
         let metrics = metrics.clone();
         async move {
             let verdict = admit(&auth, &admission, &metrics, &client_id, &user, &password).await;
-            connack_verdict(verdict)
+            verdict.map_err(connack_code)
         }
     });
     settings
@@ -607,11 +607,6 @@ fn connack_code(refusal: ConnectRefusal) -> ConnectReturnCode {
         }
         ConnectRefusal::Session(_) => ConnectReturnCode::ServiceUnavailable,
     }
-}
-
-fn connack_verdict(verdict: Result<(), ConnectRefusal>) -> bool {
-    let code = verdict.map_err(connack_code);
-    code.is_ok()
 }
 
 /// Connections a listener's kernel queue holds while they wait to be accepted: as deep as the
@@ -865,9 +860,7 @@ impl Guard {
                 client_id = %connect.client_id,
                 "refused CONNECT: client id uses the broker's reserved prefix"
             );
-            // rumqttd has no "not authorised" error for a protocol to return; any error
-            // closes the connection before the router sees it.
-            return Err(protocol::Error::InvalidProtocol);
+            return Err(refuse_connect(ConnectReturnCode::ClientIdentifierNotValid));
         }
         let name = login.as_ref().map(|l| l.username.as_str());
         let principal = self
@@ -881,7 +874,7 @@ impl Guard {
                     reason = refusal.reason(),
                     "refused CONNECT"
                 );
-                protocol::Error::InvalidProtocol
+                refuse_connect(connack_code(ConnectRefusal::Login(refusal)))
             })?;
         if let Err(refusal) = admission::may_use_client_id(
             &principal,
@@ -909,7 +902,7 @@ impl Guard {
                     reason,
                     "refused CONNECT: last will on a forbidden topic"
                 );
-                return Err(protocol::Error::InvalidProtocol);
+                return Err(refuse_connect(ConnectReturnCode::NotAuthorized));
             }
         }
         if principal.access == Access::Demo && login.is_none() {
@@ -1037,10 +1030,10 @@ impl Guard {
 /// and it is never retained.
 pub const SINK_TOPIC: &str = "$renkei/refused";
 
-/// A CONNECT refused by the guard, answered with CONNACK `code`.
+/// A CONNECT refused by the guard: the embedded rumqttd answers it with a CONNACK carrying
+/// `code` and then closes the connection (its patch 10), so the client learns why.
 fn refuse_connect(code: ConnectReturnCode) -> protocol::Error {
-    let _ = code;
-    protocol::Error::InvalidProtocol
+    protocol::Error::ConnectRefused(code)
 }
 
 /// Text from the network, cut short for a log line.
