@@ -113,10 +113,9 @@ pub fn may_subscribe(principal: &Principal, filter: &str) -> bool {
         Access::Admin | Access::Hq | Access::Demo => true,
         Access::Integrator => within(filter, topic::ALL_JSON) || within(filter, topic::ALL),
         Access::Ward(ward) => {
-            within(filter, &topic::ward_filter(*ward))
-                || within(filter, &format!("{ROOT}/hq/alert/#"))
-                || within(filter, &format!("{ROOT}/hq/ack/alert/#"))
-                || within(filter, &format!("{ROOT}/hq/ack/request/{ward}/#"))
+            topic::ward_reader_filters(*ward)
+                .iter()
+                .any(|allowed| within(filter, allowed))
                 || within(filter, &format!("{JSON_ROOT}/{ward}/#"))
         }
         Access::Agent(site) => {

@@ -255,6 +255,19 @@ pub fn ward_filter(ward: WardCode) -> String {
 /// A filter for every alert (`renkei/v1/hq/#`: alerts and acknowledgements).
 pub const HQ_FILTER: &str = "renkei/v1/hq/#";
 
+/// What a ward operator reads over MQTT, and what a ward operator's dashboard subscribes to:
+/// the ward's own sites, every alert (HQ raises alerts for all to see) with everyone's
+/// answers to them, and HQ's steps on the ward's own supply requests. The broker refuses a
+/// ward login any filter outside these (`acl::may_subscribe`).
+pub fn ward_reader_filters(ward: WardCode) -> [String; 4] {
+    [
+        ward_filter(ward),
+        format!("{ROOT}/hq/alert/#"),
+        format!("{ROOT}/hq/ack/alert/#"),
+        format!("{ROOT}/hq/ack/request/{ward}/#"),
+    ]
+}
+
 /// The command topic filter an agent subscribes to.
 pub fn command_filter(site: &SiteRef) -> String {
     Topic::Command { site: site.clone() }.to_string()
