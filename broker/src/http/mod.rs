@@ -4,6 +4,7 @@
 //! |------------------------------------------------|--------------------------------------------|
 //! | `GET /healthz`                                 | `200 ok` while the process serves (open)   |
 //! | `GET /config.json`                             | `{"mqtt_ws_url", "version", "auth_required"}` (open) |
+//! | `GET /api/v1/whoami`                           | the login's user, role and ward            |
 //! | `GET /api/v1/state?mode=`                      | roll-ups and latest reports ([`api`])       |
 //! | `GET /api/v1/sites/{ward}/{site}/history?kind=&limit=` | one site's recorded messages ([`history`]) |
 //! | `GET /api/v1/events?since=&since_time=&limit=` | recorded messages after a row id or a time |
@@ -94,9 +95,10 @@ impl std::fmt::Debug for AppState {
 
 /// Every route [`router`] serves besides the dashboard, as axum writes them; each must be in
 /// `docs/openapi.yaml` (checked by the broker's tests).
-pub const ROUTES: [&str; 9] = [
+pub const ROUTES: [&str; 10] = [
     "/healthz",
     "/config.json",
+    "/api/v1/whoami",
     "/api/v1/state",
     "/api/v1/sites/{ward}/{site}/history",
     "/api/v1/events",
@@ -114,6 +116,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/config.json", get(config_json))
+        .route("/api/v1/whoami", get(whoami))
         .route("/api/v1/state", get(state_api))
         .route("/api/v1/sites/{ward}/{site}/history", get(site_history))
         .route("/api/v1/events", get(events))
@@ -161,6 +164,33 @@ fn no_store() -> [(header::HeaderName, HeaderValue); 1] {
 
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// Who the request's credentials name: the dashboard asks after a login, to subscribe to
+/// what the login may read ([`renkei_shared::topic::ward_reader_filters`] for a ward
+/// operator) and to sign its acknowledgements with the login's own name and role, which the
+/// broker checks (`acl::ack_author`).
+#[derive(Debug, serde::Serialize)]
+pub struct WhoAmI {
+    /// The user name; empty in demo mode.
+    pub user: String,
+    /// `null` in demo mode.
+    pub role: Option<renkei_shared::Role>,
+    /// The ward a ward operator is limited to.
+    pub ward: Option<WardCode>,
+}
+
+async fn whoami(viewer: Viewer) -> Response {
+    let body = WhoAmI {
+        ward: viewer.ward(),
+        role: viewer.principal.access.role(),
+        user: viewer.principal.name,
+    };
+    (
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(body),
+    )
+        .into_response()
 }
 
 /// Tells the dashboard where the MQTT WebSocket is: the host the browser used to load the

@@ -2,8 +2,11 @@
 //!
 //! [`Viewer`] is an extractor: a handler that takes one answers only to an authenticated
 //! user whose role may read the API (agents may not), with `401` and a `WWW-Authenticate`
-//! challenge otherwise. In demo mode (no [`crate::auth::Authenticator`] in the app state)
-//! everyone is a viewer of everything.
+//! challenge otherwise. A script's request (`X-Requested-With: XMLHttpRequest`, as the
+//! dashboard sends) gets its `401` without the challenge: a browser answers a challenge to a
+//! fetch with its own password dialog, which would stand in front of the dashboard's login
+//! form. In demo mode (no [`crate::auth::Authenticator`] in the app state) everyone is a
+//! viewer of everything.
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -39,21 +42,27 @@ impl Viewer {
 /// A refused request.
 #[derive(Debug)]
 pub enum Refused {
-    /// No or wrong credentials.
-    Unauthenticated,
+    /// No or wrong credentials; `challenge`: with a `WWW-Authenticate` header.
+    Unauthenticated { challenge: bool },
     /// Authenticated, but the role may not read the API.
     Forbidden,
 }
 
 impl IntoResponse for Refused {
     fn into_response(self) -> Response {
-        let (status, message) = match self {
-            Refused::Unauthenticated => (StatusCode::UNAUTHORIZED, "credentials required"),
-            Refused::Forbidden => (StatusCode::FORBIDDEN, "this role may not use the API"),
+        let (status, message, challenge) = match self {
+            Refused::Unauthenticated { challenge } => {
+                (StatusCode::UNAUTHORIZED, "credentials required", challenge)
+            }
+            Refused::Forbidden => (
+                StatusCode::FORBIDDEN,
+                "this role may not use the API",
+                false,
+            ),
         };
         let mut response =
             (status, axum::Json(serde_json::json!({ "error": message }))).into_response();
-        if status == StatusCode::UNAUTHORIZED {
+        if challenge {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Basic realm=\"renkei\", charset=\"UTF-8\""),
@@ -78,6 +87,15 @@ fn basic_credentials(parts: &Parts) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
+/// Whether the request says it comes from a script (`X-Requested-With: XMLHttpRequest`).
+fn from_script(parts: &Parts) -> bool {
+    parts
+        .headers
+        .get("x-requested-with")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("xmlhttprequest"))
+}
+
 impl FromRequestParts<AppState> for Viewer {
     type Rejection = Refused;
 
@@ -87,9 +105,14 @@ impl FromRequestParts<AppState> for Viewer {
                 principal: Principal::demo(),
             });
         };
-        let (user, password) = basic_credentials(parts).ok_or(Refused::Unauthenticated)?;
+        let unauthenticated = Refused::Unauthenticated {
+            challenge: !from_script(parts),
+        };
+        let Some((user, password)) = basic_credentials(parts) else {
+            return Err(unauthenticated);
+        };
         if user.is_empty() {
-            return Err(Refused::Unauthenticated);
+            return Err(unauthenticated);
         }
         let peer = parts
             .extensions
@@ -98,10 +121,55 @@ impl FromRequestParts<AppState> for Viewer {
         let principal = auth
             .verify_from(peer, &user, &password)
             .await
-            .map_err(|_| Refused::Unauthenticated)?;
+            .map_err(|_| unauthenticated)?;
         match principal.access {
             Access::Agent(_) | Access::Probe => Err(Refused::Forbidden),
             _ => Ok(Viewer { principal }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(headers: &[(&str, &str)]) -> Parts {
+        let mut request = axum::http::Request::builder().uri("/api/v1/whoami");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.body(()).expect("a request").into_parts().0
+    }
+
+    #[test]
+    fn a_scripts_401_comes_without_the_browsers_password_dialog() {
+        assert!(from_script(&parts(&[(
+            "X-Requested-With",
+            "XMLHttpRequest"
+        )])));
+        assert!(!from_script(&parts(&[])));
+        assert!(!from_script(&parts(&[("X-Requested-With", "fetch")])));
+        let challenged = Refused::Unauthenticated { challenge: true }.into_response();
+        assert_eq!(challenged.status(), StatusCode::UNAUTHORIZED);
+        assert!(challenged.headers().contains_key(header::WWW_AUTHENTICATE));
+        let quiet = Refused::Unauthenticated { challenge: false }.into_response();
+        assert_eq!(quiet.status(), StatusCode::UNAUTHORIZED);
+        assert!(!quiet.headers().contains_key(header::WWW_AUTHENTICATE));
+    }
+
+    #[test]
+    fn basic_credentials_are_read_and_odd_headers_are_none() {
+        let ok = parts(&[("Authorization", "Basic c2F0bzpzM2NyZXQ6eA==")]);
+        assert_eq!(
+            basic_credentials(&ok),
+            Some(("sato".into(), "s3cret:x".into()))
+        );
+        for bad in ["Bearer abc", "Basic !!!", "Basic", "Basic c2F0bw=="] {
+            assert_eq!(
+                basic_credentials(&parts(&[("Authorization", bad)])),
+                None,
+                "{bad}"
+            );
         }
     }
 }

@@ -92,8 +92,22 @@ async fn the_api_needs_credentials_and_keeps_wards_apart() {
         assert_eq!(agent.status, 403, "{path}");
     }
 
-    // A ward operator sees its own ward only.
+    // Each login learns who it is: what its dashboard subscribes to and signs acks with.
     let tanaka = Some(("tanaka", PASSWORD));
+    let me = http_get_as(&addrs, "/api/v1/whoami", tanaka).await.json();
+    assert_eq!(
+        me,
+        serde_json::json!({"user": "tanaka", "role": "ward", "ward": 131041})
+    );
+    let me = http_get_as(&addrs, "/api/v1/whoami", Some(("sato", PASSWORD)))
+        .await
+        .json();
+    assert_eq!(
+        me,
+        serde_json::json!({"user": "sato", "role": "hq", "ward": null})
+    );
+
+    // A ward operator sees its own ward only.
     let state = http_get_as(&addrs, "/api/v1/state", tanaka).await.json();
     assert_eq!(state["wards"].as_array().unwrap().len(), 1);
     assert_eq!(state["wards"][0]["ward"], 131041);
