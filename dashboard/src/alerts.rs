@@ -91,14 +91,21 @@ pub fn user_id(login: &str) -> Id {
 #[derive(Debug, Clone)]
 pub struct HqSender {
     pub user: Id,
+    /// The login's role: the broker refuses an acknowledgement signed with another.
+    pub role: Role,
     /// Random per page load: two tabs of one user never collide on `(boot, seq)`.
     pub boot: u32,
     seq: u64,
 }
 
 impl HqSender {
-    pub fn new(user: Id, boot: u32) -> Self {
-        HqSender { user, boot, seq: 0 }
+    pub fn new(user: Id, role: Role, boot: u32) -> Self {
+        HqSender {
+            user,
+            role,
+            boot,
+            seq: 0,
+        }
     }
 
     /// The acknowledgement of `alert_id` in `mode`, sent at `now`.
@@ -140,7 +147,7 @@ impl HqSender {
                 target,
                 by: Actor {
                     user: self.user.clone(),
-                    role: Role::Hq,
+                    role: self.role,
                     organisation: String::new(),
                 },
                 action,
@@ -187,7 +194,7 @@ mod tests {
 
     #[test]
     fn acks_go_to_the_users_topic_and_round_trip_through_the_reducer() {
-        let mut sender = HqSender::new(user_id("sato"), 7);
+        let mut sender = HqSender::new(user_id("sato"), Role::Hq, 7);
         let alert = sample::alert();
         let Body::Alert(a) = &alert.body else {
             panic!()
@@ -216,7 +223,7 @@ mod tests {
 
     #[test]
     fn request_steps_go_to_the_requests_topic_and_move_it_forward() {
-        let mut sender = HqSender::new(user_id("sato"), 7);
+        let mut sender = HqSender::new(user_id("sato"), Role::Hq, 7);
         let site = sample::site();
         let request_id = Id::new("req-0001").unwrap();
         let now = sample::SENT_AT.plus_secs(60);

@@ -45,6 +45,7 @@ mod services;
 pub mod site;
 pub mod state;
 mod view;
+pub mod whoami;
 
 /// Mounts the app on the page's body.
 pub fn run() {

@@ -29,10 +29,10 @@ pub fn start(dispatcher: UseReducerDispatcher<Dashboard>) {
     drop(dispatcher);
 }
 
-/// Connects with a login the operator typed.
+/// Logs in with what the operator typed: asks the broker who that is, then connects as them.
 pub fn log_in(dispatcher: UseReducerDispatcher<Dashboard>, url: &str, credentials: Credentials) {
     #[cfg(target_arch = "wasm32")]
-    browser::connect(dispatcher, url.to_owned(), Some(credentials));
+    browser::log_in(dispatcher, url.to_owned(), credentials);
     #[cfg(not(target_arch = "wasm32"))]
     drop((dispatcher, url, credentials));
 }
@@ -106,7 +106,7 @@ mod browser {
 
     use futures::channel::mpsc::{self, UnboundedSender};
     use gloo_timers::callback::{Interval, Timeout};
-    use renkei_shared::{Id, Mode, SiteRef, Timestamp, Topic, encode, topic};
+    use renkei_shared::{Id, Mode, SiteRef, Timestamp, Topic, encode};
     use wasm_bindgen::JsCast;
     use wasm_bindgen::closure::Closure;
     use yew::UseReducerDispatcher;
@@ -121,10 +121,12 @@ mod browser {
     use crate::perf;
     use crate::route::Route;
     use crate::state::{Access, Action, Dashboard};
+    use crate::whoami::Login;
 
     /// The way out to the broker, once connected.
     struct Publisher {
-        sender: HqSender,
+        /// `None` for a login that only reads (an integrator).
+        sender: Option<HqSender>,
         outgoing: UnboundedSender<Outgoing>,
     }
 
@@ -170,17 +172,69 @@ mod browser {
                 dispatcher.dispatch(Action::Access(Access::Login { error: None }));
             } else {
                 dispatcher.dispatch(Action::Access(Access::Demo));
-                connect(dispatcher, endpoint.url, None);
+                connect(dispatcher, endpoint.url, None, &Login::demo());
             }
         });
     }
 
-    /// Runs the MQTT client, with `credentials` if the broker wants a login.
+    /// Asks the broker who `credentials` name (`GET /api/v1/whoami`), then connects as that
+    /// login; a refusal goes back to the login form with the reason.
+    pub fn log_in(
+        dispatcher: UseReducerDispatcher<Dashboard>,
+        url: String,
+        credentials: Credentials,
+    ) {
+        wasm_bindgen_futures::spawn_local(async move {
+            match who_is(&credentials).await {
+                Ok(login) => connect(dispatcher, url, Some(credentials), &login),
+                Err(why) => {
+                    log::warn(&format!("renkei: login refused ({why})"));
+                    dispatcher.dispatch(Action::Access(Access::Login {
+                        error: Some(why.into()),
+                    }));
+                }
+            }
+        });
+    }
+
+    async fn who_is(c: &Credentials) -> Result<Login, String> {
+        let response = gloo_net::http::Request::get("/api/v1/whoami")
+            .header("Authorization", &history::basic_auth(&c.user, &c.password))
+            // A 401 then comes without a challenge, which the browser would answer with a
+            // password dialog of its own in front of the page.
+            .header("X-Requested-With", "XMLHttpRequest")
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach the broker: {e}"))?;
+        match response.status() {
+            200 => {}
+            401 => return Err("wrong user name or password".into()),
+            403 => return Err("this login cannot use the dashboard".into()),
+            status => return Err(format!("the broker answered HTTP {status}")),
+        }
+        let body = response
+            .text()
+            .await
+            .map_err(|e| format!("cannot read the broker's answer: {e}"))?;
+        Login::parse(&body).map_err(|e| e.to_string())
+    }
+
+    /// Runs the MQTT client as `login`, with `credentials` if the broker wants a login.
     pub fn connect(
         dispatcher: UseReducerDispatcher<Dashboard>,
         url: String,
         credentials: Option<Credentials>,
+        login: &Login,
     ) {
+        let filters = match login.filters() {
+            Ok(filters) => filters,
+            Err(why) => {
+                dispatcher.dispatch(Action::Access(Access::Login {
+                    error: Some(why.to_string().into()),
+                }));
+                return;
+            }
+        };
         let user = credentials
             .as_ref()
             .map_or_else(|| user_id(DEFAULT_USER), |c| user_id(&c.user));
@@ -194,14 +248,14 @@ mod browser {
         let (outgoing, receiver) = mpsc::unbounded();
         PUBLISHER.with(|p| {
             *p.borrow_mut() = Some(Publisher {
-                sender: HqSender::new(user, boot),
+                sender: login.ack_role().map(|role| HqSender::new(user, role, boot)),
                 outgoing,
             });
         });
         let inbox = Rc::new(Inbox::new());
         mqtt::client::spawn(
             url,
-            topic::ALL,
+            filters,
             credentials,
             receiver,
             move |event| match event {
@@ -252,7 +306,7 @@ mod browser {
         });
     }
 
-    /// Publishes what `build` makes as the page's HQ sender (retained, QoS 1).
+    /// Publishes what `build` makes as the page's sender (retained, QoS 1).
     fn publish(what: &str, build: impl FnOnce(&mut HqSender) -> renkei_shared::Envelope) {
         PUBLISHER.with(|p| {
             let mut p = p.borrow_mut();
@@ -260,7 +314,13 @@ mod browser {
                 log::warn(&format!("renkei: not connected; the {what} was not sent"));
                 return;
             };
-            let env = build(&mut publisher.sender);
+            let Some(sender) = publisher.sender.as_mut() else {
+                log::warn(&format!(
+                    "renkei: this login only reads; the {what} was not sent"
+                ));
+                return;
+            };
+            let env = build(sender);
             let message = match (Topic::of(&env), encode(&env)) {
                 (Ok(topic), Ok(payload)) => Outgoing {
                     topic: topic.to_string(),
@@ -276,7 +336,9 @@ mod browser {
     pub async fn fetch_history(site: &SiteRef, mode: Mode) -> Result<Vec<Point>, HistoryError> {
         let mut request = gloo_net::http::Request::get(&history::path(site));
         if let Some(c) = LOGIN.with(|l| l.borrow().clone()) {
-            request = request.header("Authorization", &history::basic_auth(&c.user, &c.password));
+            request = request
+                .header("Authorization", &history::basic_auth(&c.user, &c.password))
+                .header("X-Requested-With", "XMLHttpRequest");
         }
         let response = request
             .send()

@@ -15,12 +15,12 @@ use crate::log;
 /// Starts the client; it runs for the life of the page, or until a login is refused.
 pub fn spawn(
     url: String,
-    filter: &'static str,
+    filters: Vec<String>,
     credentials: Option<Credentials>,
     outgoing: UnboundedReceiver<Outgoing>,
     on_event: impl Fn(Event) + 'static,
 ) {
-    wasm_bindgen_futures::spawn_local(run(url, filter, credentials, outgoing, on_event));
+    wasm_bindgen_futures::spawn_local(run(url, filters, credentials, outgoing, on_event));
 }
 
 /// How one connection ended.
@@ -34,7 +34,7 @@ enum Ended {
 /// What survives reconnections.
 struct Link<'a> {
     url: &'a str,
-    filter: &'a str,
+    filters: &'a [String],
     credentials: Option<&'a Credentials>,
     outgoing: UnboundedReceiver<Outgoing>,
     /// Publishes taken from `outgoing` while not subscribed, sent once subscribed.
@@ -43,7 +43,7 @@ struct Link<'a> {
 
 async fn run(
     url: String,
-    filter: &'static str,
+    filters: Vec<String>,
     credentials: Option<Credentials>,
     outgoing: UnboundedReceiver<Outgoing>,
     on_event: impl Fn(Event),
@@ -51,7 +51,7 @@ async fn run(
     let mut backoff = Backoff::new();
     let mut link = Link {
         url: &url,
-        filter,
+        filters: &filters,
         credentials: credentials.as_ref(),
         outgoing,
         pending: Vec::new(),
@@ -88,8 +88,11 @@ async fn connect_once(
         Err(e) => return Ended::Dropped(format!("cannot open: {e}")),
     };
     let (mut session, connect) = match Session::open(
-        &client_id(js_sys::Math::random()),
-        link.filter,
+        &client_id(
+            link.credentials.map(|c| c.user.as_str()),
+            js_sys::Math::random(),
+        ),
+        link.filters,
         link.credentials,
         now_ms(),
     ) {
@@ -100,8 +103,8 @@ async fn connect_once(
     if let Err(e) = ws.send(Message::Bytes(connect.to_vec())).await {
         return Ended::Dropped(format!("cannot send CONNECT: {e}"));
     }
-    // rumqttd answers bad credentials by closing the socket without a CONNACK: a close
-    // before CONNACK is a refusal.
+    // The broker answers a refused login with a CONNACK that says why; a close before any
+    // CONNACK (an older broker, or a proxy) is taken as a refusal too.
     let closed = |session: &Session, why: String| {
         if session.phase() == Phase::AwaitingConnAck {
             Ended::Refused(format!(

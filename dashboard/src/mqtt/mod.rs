@@ -54,11 +54,16 @@ pub struct Outgoing {
     pub payload: Vec<u8>,
 }
 
-/// A client id suffix from a random number in [0, 1): eight hex digits, enough that two
-/// dashboards do not take over each other's session.
-pub fn client_id(random: f64) -> String {
+/// The page's client id, from a random number in [0, 1): `{user}-dash-{8 hex digits}` with a
+/// login (the broker admits a login only under ids of its own user name, so no page can take
+/// over another user's session), `dash-{8 hex digits}` for an anonymous page in demo mode.
+/// Random per connection, so two tabs of one user do not take over each other's session.
+pub fn client_id(user: Option<&str>, random: f64) -> String {
     let n = (random.clamp(0.0, 1.0) * f64::from(u32::MAX)) as u32;
-    format!("dash-{n:08x}")
+    match user {
+        Some(user) => format!("{user}-dash-{n:08x}"),
+        None => format!("dash-{n:08x}"),
+    }
 }
 
 #[cfg(test)]
@@ -66,9 +71,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn client_ids_are_short_and_distinct() {
-        assert_eq!(client_id(0.0), "dash-00000000");
-        assert_eq!(client_id(0.5).len(), 13);
-        assert_ne!(client_id(0.25), client_id(0.26));
+    fn client_ids_are_short_distinct_and_under_the_users_name() {
+        assert_eq!(client_id(None, 0.0), "dash-00000000");
+        assert_eq!(client_id(None, 0.5).len(), 13);
+        assert_ne!(client_id(None, 0.25), client_id(None, 0.26));
+        assert_eq!(client_id(Some("sato"), 0.0), "sato-dash-00000000");
+        assert!(client_id(Some("tanaka"), 0.7).starts_with("tanaka-dash-"));
     }
 }

@@ -14,7 +14,7 @@ use bytes::{Bytes, BytesMut};
 use mqttbytes::QoS;
 use mqttbytes::v4::{
     ConnAck, Connect, ConnectReturnCode, Packet, PingReq, PubAck, Publish, SubAck, Subscribe,
-    SubscribeReasonCode,
+    SubscribeFilter, SubscribeReasonCode,
 };
 
 /// Keep-alive announced in CONNECT, in seconds.
@@ -23,7 +23,7 @@ pub const KEEP_ALIVE_S: u16 = 30;
 pub const PING_EVERY_MS: u32 = 20_000;
 /// Silence after which the connection is given up: keep-alive and a half, as the broker does.
 pub const DEAD_AFTER_MS: f64 = KEEP_ALIVE_S as f64 * 1500.0;
-/// Packet id of the one SUBSCRIBE; MQTT forbids 0.
+/// Packet id of the one SUBSCRIBE (all of the session's filters); MQTT forbids 0.
 const SUBSCRIBE_PKID: u16 = 1;
 /// First packet id of the page's own publishes, clear of [`SUBSCRIBE_PKID`].
 const FIRST_PUBLISH_PKID: u16 = 2;
@@ -98,8 +98,8 @@ impl std::fmt::Display for SessionError {
 #[derive(Debug)]
 pub struct Session {
     phase: Phase,
-    /// The topic filter subscribed to once connected.
-    filter: String,
+    /// The topic filters subscribed to once connected, in one SUBSCRIBE.
+    filters: Vec<String>,
     /// When anything was last heard, in the driver's clock (ms).
     last_heard_ms: f64,
     /// Packet id of the next publish.
@@ -110,7 +110,7 @@ impl Session {
     /// Starts a session: the CONNECT to send first, and the state awaiting its answer.
     pub fn open(
         client_id: &str,
-        filter: &str,
+        filters: &[String],
         credentials: Option<&Credentials>,
         now_ms: f64,
     ) -> Result<(Session, Bytes), SessionError> {
@@ -124,7 +124,7 @@ impl Session {
         let bytes = encode(|buf| connect.write(buf))?;
         let session = Session {
             phase: Phase::AwaitingConnAck,
-            filter: filter.to_owned(),
+            filters: filters.to_vec(),
             last_heard_ms: now_ms,
             next_pkid: FIRST_PUBLISH_PKID,
         };
@@ -162,7 +162,11 @@ impl Session {
                 if code != ConnectReturnCode::Success {
                     return Err(SessionError::Refused(code));
                 }
-                let mut subscribe = Subscribe::new(self.filter.as_str(), QoS::AtLeastOnce);
+                let mut subscribe = Subscribe::new_many(
+                    self.filters
+                        .iter()
+                        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+                );
                 // Subscribe::new leaves the packet id at 0, which brokers reject.
                 subscribe.pkid = SUBSCRIBE_PKID;
                 out.push(Output::Send(encode(|buf| subscribe.write(buf))?));
@@ -248,7 +252,7 @@ mod tests {
     }
 
     fn connected() -> Session {
-        let (mut s, _) = Session::open("dash-x", "renkei/v1/#", None, 0.0).unwrap();
+        let (mut s, _) = Session::open("dash-x", &all(), None, 0.0).unwrap();
         let mut out = Vec::new();
         s.on_packet(
             Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
@@ -268,9 +272,13 @@ mod tests {
         s
     }
 
+    fn all() -> Vec<String> {
+        vec!["renkei/v1/#".to_owned()]
+    }
+
     #[test]
     fn connects_then_subscribes_with_a_packet_id() {
-        let (mut s, connect) = Session::open("dash-abc", "renkei/v1/#", None, 0.0).unwrap();
+        let (mut s, connect) = Session::open("dash-abc", &all(), None, 0.0).unwrap();
         match decode(&connect) {
             Packet::Connect(c) => {
                 assert_eq!(c.client_id, "dash-abc");
@@ -314,18 +322,56 @@ mod tests {
     }
 
     #[test]
+    fn a_ward_operators_filters_go_in_one_subscribe() {
+        let filters = renkei_shared::topic::ward_reader_filters(renkei_shared::WardCode(131041));
+        let (mut s, _) = Session::open("tanaka-dash-1", &filters, None, 0.0).unwrap();
+        let mut out = Vec::new();
+        s.on_packet(
+            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
+            1.0,
+            &mut out,
+        )
+        .unwrap();
+        let [Output::Send(bytes)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let Packet::Subscribe(sub) = decode(bytes) else {
+            panic!("not a SUBSCRIBE")
+        };
+        let paths: Vec<_> = sub.filters.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            filters.iter().map(String::as_str).collect::<Vec<_>>()
+        );
+        // One refused filter refuses the session: the view would silently miss its part.
+        let refused = Packet::SubAck(SubAck::new(
+            SUBSCRIBE_PKID,
+            vec![
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+                SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            ],
+        ));
+        assert_eq!(
+            s.on_packet(refused, 2.0, &mut Vec::new()),
+            Err(SessionError::SubscriptionRefused)
+        );
+    }
+
+    #[test]
     fn refusals_end_the_session() {
-        let (mut s, _) = Session::open("d", "f/#", None, 0.0).unwrap();
+        let (mut s, _) = Session::open("d", &["f/#".to_owned()], None, 0.0).unwrap();
         let refused = Packet::ConnAck(ConnAck::new(ConnectReturnCode::NotAuthorized, false));
         assert!(matches!(
             s.on_packet(refused, 0.0, &mut Vec::new()),
             Err(SessionError::Refused(ConnectReturnCode::NotAuthorized))
         ));
 
-        let (mut s, _) = Session::open("d", "f/#", None, 0.0).unwrap();
+        let (mut s, _) = Session::open("d", &["f/#".to_owned()], None, 0.0).unwrap();
         assert!(s.on_packet(Packet::PingResp, 0.0, &mut Vec::new()).is_err());
 
-        let (mut s, _) = Session::open("d", "f/#", None, 0.0).unwrap();
+        let (mut s, _) = Session::open("d", &["f/#".to_owned()], None, 0.0).unwrap();
         let mut out = Vec::new();
         s.on_packet(
             Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
@@ -375,7 +421,7 @@ mod tests {
             user: "sato".into(),
             password: "s3cret".into(),
         };
-        let (_, connect) = Session::open("dash-1", "f/#", Some(&creds), 0.0).unwrap();
+        let (_, connect) = Session::open("dash-1", &["f/#".to_owned()], Some(&creds), 0.0).unwrap();
         match decode(&connect) {
             Packet::Connect(c) => {
                 let login = c.login.unwrap();
