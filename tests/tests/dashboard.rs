@@ -2,7 +2,8 @@
 //! the map, table and ward view; a killed agent turning silent; an alert acknowledged from the
 //! page and seen on the MQTT side; a site's history charted from the broker's HTTP API; the
 //! language switch; the exercise banner and world selector; a `?ws=` link that cannot send a
-//! login elsewhere; and the page's own performance figures with 2,000 simulated sites.
+//! login elsewhere; a ward operator's login that reads its own ward and signs its own acks;
+//! and the page's own performance figures with 2,000 simulated sites.
 //!
 //! Each test starts its own broker and browser. They run one at a time: a machine with two
 //! cores cannot run several Chromiums and brokers at once without timing out.
@@ -536,6 +537,72 @@ async fn an_alert_acknowledged_in_the_page_reaches_mqtt_and_comes_back() -> Resu
     result
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ward_operator_sees_its_own_ward_and_acknowledges_as_itself() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let data = tempfile::tempdir()?;
+    add_user(
+        data.path(),
+        "tanaka",
+        &["--role", "ward", "--ward", "131041"],
+        HQ_PASSWORD,
+    )?;
+    add_user(data.path(), "root", &["--role", "admin"], HQ_PASSWORD)?;
+    let bench = Bench::start_in(data, &[]).await?;
+    // An admin stands in for HQ and two wards' sites, and watches the acknowledgements.
+    let (client, mut acks, task) =
+        mqtt_client_as(&bench.broker, "root", Some(("root", HQ_PASSWORD))).await?;
+    client
+        .subscribe("renkei/v1/hq/ack/#", QoS::AtLeastOnce)
+        .await?;
+    publish(&client, &alert("ward-test-alert")?).await?;
+    publish(&client, &shelter_report("tanaka-own-es", 1, 77, 0)?).await?;
+    let mut chiyoda = shelter_report("chiyoda-other-es", 1, 88, 0)?;
+    chiyoda.header.origin = renkei_shared::Origin::Site(renkei_shared::SiteRef {
+        ward: WardCode(131016),
+        site: Id::new("chiyoda-other-es")?,
+    });
+    publish(&client, &chiyoda).await?;
+    let b = &bench.browser;
+    let result = bench
+        .checked("ward-login", async {
+            bench.log_in("tanaka", HQ_PASSWORD).await?;
+            bench.exists("#conn[data-state=\"connected\"]").await?;
+            b.wait_for_text("#access[data-access=\"user\"]", "tanaka", WAIT)
+                .await?;
+            b.wait_for_text(&row("evacuees"), "77", WAIT).await?;
+            // The alert names the ward, so the ward operator sees it and answers it.
+            let item = "li.alert[data-alert=\"ward-test-alert\"]";
+            bench.exists(item).await?;
+            // Chiyoda's retained report came before Shinjuku's: had the page been allowed to
+            // read it, it would be here by now.
+            bench.click(".tile[data-ward=\"131016\"]").await?;
+            bench.exists("#ward-view[data-ward=\"131016\"]").await?;
+            bench.exists("#shelters[data-count=\"0\"]").await?;
+            bench.click("#back").await?;
+            bench.click(&format!("{item} button.ack")).await?;
+            let (topic, payload) = next_ack(&mut acks).await?;
+            anyhow::ensure!(
+                topic == "renkei/v1/hq/ack/alert/ward-test-alert/tanaka",
+                "ack on {topic}"
+            );
+            let Body::Ack(Ack { by, .. }) = &payload.body else {
+                bail!("not an ack: {payload:?}")
+            };
+            anyhow::ensure!(by.user.as_str() == "tanaka", "signed by {:?}", by.user);
+            anyhow::ensure!(by.role == Role::Ward, "signed as {:?}", by.role);
+            // The broker took it (a forged one would have closed the page's connection).
+            bench
+                .exists(&format!("{item} .acks li[data-user=\"tanaka\"]"))
+                .await?;
+            bench.exists("#conn[data-state=\"connected\"]").await?;
+            Ok(())
+        })
+        .await;
+    task.abort();
+    result
+}
+
 /// Now, in Unix milliseconds.
 fn now() -> Result<Timestamp> {
     Ok(Timestamp(
@@ -555,9 +622,21 @@ async fn mqtt_client(
     broker: &Broker,
     id: &str,
 ) -> Result<(AsyncClient, Received, tokio::task::JoinHandle<()>)> {
+    mqtt_client_as(broker, id, None).await
+}
+
+/// [`mqtt_client`] with a login.
+async fn mqtt_client_as(
+    broker: &Broker,
+    id: &str,
+    login: Option<(&str, &str)>,
+) -> Result<(AsyncClient, Received, tokio::task::JoinHandle<()>)> {
     let (host, port) = broker.mqtt_host_port()?;
     let mut options = MqttOptions::new(id, host, port);
     options.set_keep_alive(Duration::from_secs(10));
+    if let Some((user, password)) = login {
+        options.set_credentials(user, password);
+    }
     let (client, mut events) = AsyncClient::new(options, 64);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let task = tokio::spawn(async move {
