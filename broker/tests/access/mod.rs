@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use renkei_shared::{Topic, encode, sample, topic};
-use rumqttc::{QoS, SubscribeReasonCode};
+use rumqttc::{ConnectReturnCode, QoS, SubscribeReasonCode};
 
 use crate::harness::{
     self, MqttClient, PASSWORD, PATIENCE, RunningBroker, eventually, http_get, http_get_as, metric,
@@ -33,14 +33,24 @@ async fn anonymous_and_wrong_passwords_are_refused_and_counted() {
     let config = http_get(&addrs, "/config.json").await.json();
     assert_eq!(config["auth_required"], true);
 
-    let anonymous = MqttClient::try_connect(options(&addrs, "anonymous")).await;
-    assert!(anonymous.is_err(), "anonymous refused without --demo");
+    // Each refusal is a CONNACK that says why (MQTT 3.1.1 §3.2.2.3).
+    assert_eq!(
+        harness::refusal(options(&addrs, "anonymous")).await,
+        Some(ConnectReturnCode::NotAuthorized),
+        "anonymous refused without --demo"
+    );
     let mut wrong = options(&addrs, &harness::client_id_for("agent-nishi"));
     wrong.set_credentials("agent-nishi", "wrong");
-    assert!(MqttClient::try_connect(wrong).await.is_err());
+    assert_eq!(
+        harness::refusal(wrong).await,
+        Some(ConnectReturnCode::BadUserNamePassword)
+    );
     let mut unknown = options(&addrs, "nobody");
     unknown.set_credentials("nobody", PASSWORD);
-    assert!(MqttClient::try_connect(unknown).await.is_err());
+    assert_eq!(
+        harness::refusal(unknown).await,
+        Some(ConnectReturnCode::BadUserNamePassword)
+    );
 
     // The right password gets in.
     let _agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
@@ -68,7 +78,7 @@ async fn anonymous_and_wrong_passwords_are_refused_and_counted() {
         metric(&text, "renkei_logins_total{cache=\"miss\"}"),
         Some(2)
     );
-    // Mosquitto's client is refused the same way (the broker closes without a CONNACK).
+    // Mosquitto's client is told the same.
     let out = Command::new("timeout")
         .args(["10", "mosquitto_sub", "-h", "127.0.0.1", "-p"])
         .arg(addrs.mqtt.port().to_string())
@@ -89,6 +99,8 @@ async fn anonymous_and_wrong_passwords_are_refused_and_counted() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "mosquitto_sub with a wrong password");
+    let said = String::from_utf8_lossy(&out.stderr).to_ascii_lowercase();
+    assert!(said.contains("bad user name or password"), "{said}");
 
     let text = metrics(&broker).await;
     assert!(

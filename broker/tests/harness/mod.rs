@@ -500,3 +500,16 @@ pub fn status(seq: u64) -> renkei_shared::Envelope {
     env.header.sent_at = renkei_shared::Timestamp(env.header.sent_at.0 + seq as i64 * 1000);
     env
 }
+
+/// Connects and returns the CONNACK's refusal code, or `None` if the broker accepted.
+pub async fn refusal(options: MqttOptions) -> Option<rumqttc::ConnectReturnCode> {
+    let (_client, mut eventloop) = AsyncClient::new(options, 8);
+    match tokio::time::timeout(PATIENCE, eventloop.poll())
+        .await
+        .expect("an answer in time")
+    {
+        Ok(Event::Incoming(Packet::ConnAck(_))) => None,
+        Err(rumqttc::ConnectionError::ConnectionRefused(code)) => Some(code),
+        other => panic!("neither a CONNACK nor a refusal: {other:?}"),
+    }
+}

@@ -6,14 +6,11 @@ use std::time::{Duration, Instant};
 
 use renkei_broker::mqtt::probe;
 use renkei_shared::{Envelope, Topic, encode, sample, topic};
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS,
-    SubscribeReasonCode,
-};
+use rumqttc::{ConnectReturnCode, MqttOptions, QoS, SubscribeReasonCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::harness::{
-    self, MqttClient, PASSWORD, RunningBroker, eventually, http_get_as, metric, options,
+    self, MqttClient, PASSWORD, RunningBroker, eventually, http_get_as, metric, options, refusal,
 };
 
 /// How long a test waits to be sure something does *not* arrive.
@@ -21,19 +18,6 @@ const QUIET: Duration = Duration::from_millis(1500);
 
 /// The nishi-shinjuku-es agent's own client id.
 const NISHI: &str = "agent-131041-nishi-shinjuku-es";
-
-/// Connects and returns the CONNACK's refusal code, or `None` if the broker accepted.
-async fn refusal(options: MqttOptions) -> Option<ConnectReturnCode> {
-    let (_client, mut eventloop) = AsyncClient::new(options, 8);
-    match tokio::time::timeout(harness::PATIENCE, eventloop.poll())
-        .await
-        .expect("an answer in time")
-    {
-        Ok(Event::Incoming(Packet::ConnAck(_))) => None,
-        Err(ConnectionError::ConnectionRefused(code)) => Some(code),
-        other => panic!("neither a CONNACK nor a refusal: {other:?}"),
-    }
-}
 
 fn login(client_id: &str, user: &str, addrs: &renkei_broker::Addrs) -> MqttOptions {
     let mut o = options(addrs, client_id);
