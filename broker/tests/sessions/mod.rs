@@ -314,3 +314,24 @@ async fn a_flood_of_wrong_passwords_for_one_user_costs_few_checks_and_shuts_no_o
     let checks = metric(&text, "renkei_password_checks_total").unwrap();
     assert!(checks <= 5 + 2, "{checks} checks: {codes:?}");
 }
+
+/// MQTT 3.1.1 §3.1.2.10: keep alive 0 turns the keep-alive mechanism off. Embedded clients and
+/// the Eclipse Paho test client use it; the broker accepts it and never times such a client
+/// out for silence (a dead peer is still found by TCP keep-alive).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_keep_alive_zero_is_accepted_and_kept() {
+    let broker = RunningBroker::start_in(harness::with_users(""), &[]);
+    let mut o = login(&harness::client_id_for("tanaka"), "tanaka", &broker.addrs);
+    o.set_keep_alive(Duration::ZERO);
+    let mut client = MqttClient::try_connect(o)
+        .await
+        .expect("a CONNACK for keep alive 0");
+    // Silent (no PINGREQ is ever sent) for longer than any timeout a keep alive would set:
+    // rumqttd's default for a client is 1.5 × its keep alive.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        client.subscribe_codes("renkei/v1/131041/#").await,
+        [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
+    assert!(broker.terminate().success());
+}
