@@ -20,7 +20,7 @@ use renkei_dashboard::mqtt::Credentials;
 use renkei_dashboard::mqtt::frames::{Frame, Splitter};
 use renkei_dashboard::mqtt::session::{Output, Session};
 use renkei_dashboard::perf::PerfLog;
-use renkei_shared::{Body, Mode, State, Topic, decode, encode, sample};
+use renkei_shared::{Body, Mode, Role, State, Topic, decode, encode, sample};
 use wasm_bindgen_test::{wasm_bindgen_test, wasm_bindgen_test_configure};
 
 wasm_bindgen_test_configure!(run_in_browser);
@@ -70,8 +70,13 @@ fn a_login_session_subscribes_then_publishes_an_ack() {
         user: "sato".into(),
         password: "pw".into(),
     };
-    let (mut session, connect) =
-        Session::open("dash-test", "renkei/v1/#", Some(&credentials), 0.0).unwrap();
+    let (mut session, connect) = Session::open(
+        "sato-dash-test",
+        &["renkei/v1/#".to_owned()],
+        Some(&credentials),
+        0.0,
+    )
+    .unwrap();
     let Packet::Connect(c) = decode_packet(&connect) else {
         panic!("not a CONNECT")
     };
@@ -107,7 +112,7 @@ fn a_login_session_subscribes_then_publishes_an_ack() {
     let Body::Alert(alert) = sample::alert().body else {
         panic!("not an alert")
     };
-    let mut sender = HqSender::new(user_id("sato"), 0xdead_beef);
+    let mut sender = HqSender::new(user_id("sato"), Role::Hq, 0xdead_beef);
     let ack = sender.ack(alert.alert_id.clone(), Mode::Actual, sample::SENT_AT);
     let topic = Topic::of(&ack).unwrap().to_string();
     let bytes = session.publish(&topic, &encode(&ack).unwrap()).unwrap();
