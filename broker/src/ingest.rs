@@ -23,8 +23,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use renkei_shared::topic;
-use renkei_shared::validate::validate_for_topic;
-use renkei_shared::{BodyKind, Change, Envelope, Scope, State, Timestamp, Topic, decode};
+use renkei_shared::{BodyKind, Change, Envelope, Scope, State, Timestamp, Topic};
 use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use tokio::sync::oneshot;
@@ -93,17 +92,7 @@ pub fn process(
     payload: &[u8],
     received_at: Timestamp,
 ) -> Result<Accepted, Rejection> {
-    let bad_topic = |detail: String| Rejection {
-        reason: "bad_topic",
-        detail,
-    };
-    let text = std::str::from_utf8(topic).map_err(|_| bad_topic("topic is not UTF-8".into()))?;
-    let topic = Topic::parse(text).map_err(|e| bad_topic(e.to_string()))?;
-    let envelope = decode(payload).map_err(|e| Rejection {
-        reason: e.reason(),
-        detail: e.to_string(),
-    })?;
-    validate_for_topic(&envelope, &topic).map_err(|e| Rejection {
+    let (topic, envelope) = renkei_shared::receive(topic, payload).map_err(|e| Rejection {
         reason: e.reason(),
         detail: e.to_string(),
     })?;
@@ -414,7 +403,7 @@ impl Pipeline {
     /// Handles one publish received on `topic`; what it leaves for others waits for
     /// [`Pipeline::flush`].
     pub fn handle(&mut self, topic: &[u8], payload: &[u8]) {
-        let received_at = crate::http::now();
+        let received_at = Timestamp::now();
         match process(&self.state, topic, payload, received_at) {
             Ok(accepted) => {
                 self.metrics.sent_at_skew(skew::Skew::of(

@@ -290,7 +290,7 @@ impl Broker {
                 publisher,
                 metrics: metrics.clone(),
                 boot,
-                started_at: http::now(),
+                started_at: renkei_shared::Timestamp::now(),
             };
             Some(Rules::start(setup, triggered).map_err(Error::Rules)?)
         } else {

@@ -477,7 +477,7 @@ impl Engine {
     }
 
     fn evaluate(&mut self) {
-        let now = crate::http::now();
+        let now = Timestamp::now();
         let wanted: Vec<(Mode, BTreeMap<Id, Alert>)> = {
             let state = self.live.read().unwrap_or_else(PoisonError::into_inner);
             Mode::ALL

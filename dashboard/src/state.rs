@@ -14,10 +14,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use renkei_shared::validate::validate_for_topic;
-use renkei_shared::{
-    Change, Envelope, Level, Mode, State, Timestamp, Topic, Ward, WardRollup, decode,
-};
+use renkei_shared::{Change, Envelope, Level, Mode, State, Timestamp, Ward, WardRollup};
 use yew::Reducible;
 
 use crate::age::Age;
@@ -59,9 +56,8 @@ fn checked(topic: &str, payload: &[u8]) -> Result<Option<Envelope>, (&'static st
     if payload.is_empty() {
         return Ok(None);
     }
-    let published = Topic::parse(topic).map_err(|e| ("bad_topic", e.to_string()))?;
-    let env = decode(payload).map_err(|e| (e.reason(), e.to_string()))?;
-    validate_for_topic(&env, &published).map_err(|e| (e.reason(), e.to_string()))?;
+    let (_, env) = renkei_shared::receive(topic.as_bytes(), payload)
+        .map_err(|e| (e.reason(), e.to_string()))?;
     Ok(Some(env))
 }
 
@@ -446,7 +442,7 @@ mod tests {
 
     fn message(env: &renkei_shared::Envelope) -> Incoming {
         Incoming {
-            topic: Topic::of(env).unwrap().to_string(),
+            topic: renkei_shared::Topic::of(env).unwrap().to_string(),
             payload: Bytes::from(encode(env).unwrap()),
             retained: true,
         }

@@ -34,7 +34,7 @@ use std::time::Duration;
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use renkei_shared::{Body, CommandAction, Envelope, Receipt, receipt_topic, topic};
+use renkei_shared::{Body, CommandAction, Envelope, Receipt, Timestamp, receipt_topic, topic};
 use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -46,7 +46,7 @@ use crate::link::{
     Backoff, Driver, LinkError, LinkOptions, LinkState, command_of, connection_hint, last_will,
 };
 use crate::outbox::{Durability, Key, Outbox, Record};
-use crate::report::{FixedSite, Site, frame, now};
+use crate::report::{FixedSite, Site, frame};
 
 /// Outbox records handed to rumqttc and not yet confirmed, at most. A receipt comes up to one
 /// recorder batch (200 ms by default) after the PUBACK, so this allows a few hundred records a
@@ -157,14 +157,14 @@ impl Daemon {
             if let Some(watch) = &self.options.link_watch {
                 watch.send_replace(to);
             }
-            self.since = now();
+            self.since = Timestamp::now();
             self.write_status();
         }
     }
 
     /// Numbers a fresh birth and will and starts a connection attempt with that will.
     fn arm(&mut self, driver: &Driver) -> Result<(), LinkError> {
-        let armed = self.lifecycle.arm(crate::AGENT_VERSION, now());
+        let armed = self.lifecycle.arm(crate::AGENT_VERSION, Timestamp::now());
         driver.connect(last_will(&armed.will)?);
         self.birth = Some(armed.birth);
         self.transition(LinkState::Connecting);
@@ -204,7 +204,7 @@ impl Daemon {
         self.refresh_depth();
         let status = self
             .lifecycle
-            .stamp(Body::Status(self.site.status()), now());
+            .stamp(Body::Status(self.site.status()), Timestamp::now());
         self.publish_live(&status)?;
         let latest = self.outbox.lock().map(|l| l.latest()).unwrap_or_default();
         for env in [latest.shelter, latest.supplies].into_iter().flatten() {
@@ -234,7 +234,7 @@ impl Daemon {
     fn heartbeat(&mut self) {
         self.refresh_depth();
         let body = Body::Status(self.site.status());
-        let stamped = |key| self.lifecycle.envelope(key, body, now());
+        let stamped = |key| self.lifecycle.envelope(key, body, Timestamp::now());
         let appended = self
             .outbox
             .lock()
@@ -256,7 +256,7 @@ impl Daemon {
                     if self.state == LinkState::Connected {
                         let status = self
                             .lifecycle
-                            .stamp(Body::Status(self.site.status()), now());
+                            .stamp(Body::Status(self.site.status()), Timestamp::now());
                         if let Err(e) = self.publish_live(&status) {
                             warn!(error = %e, "live heartbeat not sent");
                         }
@@ -538,7 +538,7 @@ impl Daemon {
             self.cursor.to_string(),
             self.heartbeats_dropped,
             std::process::id(),
-            now().0,
+            Timestamp::now().0,
         );
         if let Some(e) = &self.last_error {
             text.push_str(&format!("last_error = {e:?}\n"));
@@ -575,7 +575,7 @@ pub async fn run_daemon(
         lifecycle,
         site,
         state: LinkState::Connecting,
-        since: now(),
+        since: Timestamp::now(),
         options,
         birth: None,
         delivery: Delivery::default(),
@@ -673,7 +673,7 @@ pub async fn run_daemon(
 
     daemon.transition(LinkState::Closing);
     if connection_birth.is_some() {
-        let death = daemon.lifecycle.death(now());
+        let death = daemon.lifecycle.death(Timestamp::now());
         daemon.publish_live(&death)?;
         if let Err(e) = daemon.client.try_disconnect() {
             warn!(error = %e, "disconnect not queued");

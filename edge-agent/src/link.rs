@@ -25,8 +25,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use renkei_shared::codec::MAX_FRAME;
-use renkei_shared::validate::validate_for_topic;
-use renkei_shared::{Body, CommandAction, Envelope, Topic, topic};
+use renkei_shared::{Body, CommandAction, Envelope, Timestamp, topic};
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Packet, QoS,
     TlsConfiguration, Transport,
@@ -38,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::{BrokerAddr, Credentials};
 use crate::lifecycle::Lifecycle;
-use crate::report::{FrameError, Site, frame, now};
+use crate::report::{FrameError, Site, frame};
 
 /// Keep-alive: short enough that a dead link is noticed (and the will fired) within a minute
 /// or so, long enough not to load thin mobile links with pings.
@@ -270,7 +269,7 @@ impl<S: Site> Session<S> {
 
     /// Numbers the next connection's birth and will, and starts an attempt with that will.
     fn arm(&mut self, driver: &Driver) -> Result<(), LinkError> {
-        let armed = self.lifecycle.arm(crate::AGENT_VERSION, now());
+        let armed = self.lifecycle.arm(crate::AGENT_VERSION, Timestamp::now());
         driver.connect(last_will(&armed.will)?);
         self.birth = Some(armed.birth);
         self.transition(LinkState::Connecting);
@@ -291,7 +290,7 @@ impl<S: Site> Session<S> {
 
     fn send(&mut self, bodies: Vec<Body>) -> Result<(), LinkError> {
         for body in bodies {
-            let env = self.lifecycle.stamp(body, now());
+            let env = self.lifecycle.stamp(body, Timestamp::now());
             self.publish(&env)?;
         }
         Ok(())
@@ -300,7 +299,7 @@ impl<S: Site> Session<S> {
     /// Birth (the one armed with this connection's will) and the full state.
     fn announce(&mut self, birth: &Envelope) -> Result<(), LinkError> {
         self.publish(birth)?;
-        let bodies = self.site.full_state(now());
+        let bodies = self.site.full_state(Timestamp::now());
         self.send(bodies)
     }
 
@@ -343,20 +342,13 @@ pub(crate) fn command_of(
         debug!(topic = %publish.topic, "ignoring a publish not for this site");
         return None;
     }
-    let env = match renkei_shared::decode(&publish.payload) {
-        Ok(env) => env,
+    let env = match renkei_shared::receive(publish.topic.as_bytes(), &publish.payload) {
+        Ok((_, env)) => env,
         Err(e) => {
-            warn!(reason = e.reason(), error = %e, "ignoring an undecodable command");
+            warn!(reason = e.reason(), error = %e, "ignoring a command that does not check");
             return None;
         }
     };
-    let checked = Topic::parse(&publish.topic)
-        .map_err(|e| e.to_string())
-        .and_then(|t| validate_for_topic(&env, &t).map_err(|e| e.to_string()));
-    if let Err(e) = checked {
-        warn!(error = %e, "ignoring a command on the wrong topic");
-        return None;
-    }
     if !matches!(env.header.origin, renkei_shared::Origin::Hq(_)) {
         warn!(origin = ?env.header.origin, "ignoring a command not from HQ");
         return None;
@@ -458,7 +450,7 @@ pub async fn run_site<S: Site>(
                 }
             },
             _ = ticker.tick(), if connection_birth.is_some() => {
-                let bodies = session.site.tick(now());
+                let bodies = session.site.tick(Timestamp::now());
                 session.send(bodies)?;
             }
         }
@@ -466,7 +458,7 @@ pub async fn run_site<S: Site>(
 
     session.transition(LinkState::Closing);
     if connection_birth.is_some() {
-        let death = session.lifecycle.death(now());
+        let death = session.lifecycle.death(Timestamp::now());
         session.publish(&death)?;
         if let Err(e) = session.client.try_disconnect() {
             warn!(error = %e, "disconnect not queued");

@@ -12,10 +12,10 @@ use renkei_agent::form::{self, FormState};
 use renkei_agent::lifecycle::{Lifecycle, next_boot_id};
 use renkei_agent::link::{LinkOptions, LinkState};
 use renkei_agent::outbox::{Durability, Outbox};
-use renkei_agent::report::{FixedSite, now};
+use renkei_agent::report::FixedSite;
 use renkei_agent::simulate::{self, SimOptions};
 use renkei_agent::staff::{self, StaffReport};
-use renkei_shared::Body;
+use renkei_shared::{Body, Timestamp};
 use tokio::sync::watch;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -214,7 +214,7 @@ fn status(args: StatusArgs) -> Result<()> {
     {
         println!(
             "since:           {}s ago",
-            now().millis_since(renkei_shared::Timestamp(since)) / 1000
+            Timestamp::now().millis_since(Timestamp(since)) / 1000
         );
     }
     println!(
@@ -333,17 +333,17 @@ async fn run(args: RunArgs) -> Result<()> {
         tls,
     };
     let lifecycle = Lifecycle::shared(config.site.clone(), boot, config.mode, outbox.clone());
-    let site = FixedSite::from_config(&config, now());
+    let site = FixedSite::from_config(&config, Timestamp::now());
     // The configured shelter figures are the site's state until staff report: stored once,
     // so that a restart never re-sends them over a newer report.
     if let Some(shelter) = site.configured_shelter()
         && outbox.lock()?.latest().shelter.is_none()
     {
         let body = Body::Shelter(shelter.clone());
-        match outbox
-            .lock()?
-            .append(|key| lifecycle.envelope(key, body, now()), Durability::Sync)
-        {
+        match outbox.lock()?.append(
+            |key| lifecycle.envelope(key, body, Timestamp::now()),
+            Durability::Sync,
+        ) {
             Ok(appended) => {
                 info!(key = %appended.key, "configured shelter figures stored as the first report")
             }

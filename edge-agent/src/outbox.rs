@@ -601,7 +601,7 @@ impl Locked<'_> {
         } else {
             let quarantine = self.outbox.dir.join(QUARANTINE_DIR);
             fs::create_dir_all(&quarantine).map_err(|e| OutboxError::io(&quarantine, e))?;
-            let target = quarantine.join(format!("{name}.{}", crate::report::now().0));
+            let target = quarantine.join(format!("{name}.{}", renkei_shared::Timestamp::now().0));
             fs::write(&target, &bytes).map_err(|e| OutboxError::io(&target, e))?;
             File::open(&target)
                 .and_then(|f| f.sync_all())

@@ -6,7 +6,7 @@
 //! [`FixedSite`] is the site of `renkei-agent run`, reporting what its staff configured;
 //! `crate::simulate` has sites whose figures move by themselves.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use renkei_shared::topic::TopicForError;
 use renkei_shared::{
@@ -16,14 +16,6 @@ use renkei_shared::{
 
 use crate::config::AgentConfig;
 use crate::power::PowerProbe;
-
-/// The current time as the protocol counts it.
-pub fn now() -> Timestamp {
-    let ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    Timestamp(ms)
-}
 
 /// What one site says.
 pub trait Site: Send {
@@ -316,7 +308,7 @@ mod tests {
     #[test]
     fn birth_and_will_frame_onto_the_retained_life_topic() {
         let mut life = Lifecycle::new(config("").site, 4, Mode::Actual);
-        let armed = life.arm(crate::AGENT_VERSION, now());
+        let armed = life.arm(crate::AGENT_VERSION, Timestamp::now());
         for env in [armed.birth, armed.will] {
             let out = frame(&env).unwrap();
             assert_eq!(out.topic, "renkei/v1/131041/nishi-shinjuku-es/life");

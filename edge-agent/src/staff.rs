@@ -14,7 +14,7 @@ use renkei_shared::{
 };
 
 use crate::outbox::{Durability, Key, Outbox, OutboxError};
-use crate::report::{crowding, now};
+use crate::report::crowding;
 
 /// Largest head count a single shelter report may carry: the biggest wide-area evacuation
 /// sites hold tens of thousands; more is a typing mistake.
@@ -580,20 +580,20 @@ pub fn store(
         _ => None,
     };
     // A dry run, so that anything `body` could still refuse is refused before a key is taken.
-    let dry = report.body(Key::default(), now(), latest_stock.as_ref())?;
+    let dry = report.body(Key::default(), Timestamp::now(), latest_stock.as_ref())?;
     let appended = locked.append(
         |key| Envelope {
             header: Header {
                 origin: Origin::Site(site.clone()),
                 boot: key.boot,
                 seq: key.seq,
-                sent_at: now(),
+                sent_at: Timestamp::now(),
                 mode,
                 historical: false,
             },
             // Passed the dry run with the same input: only the key differs.
             body: report
-                .body(key, now(), latest_stock.as_ref())
+                .body(key, Timestamp::now(), latest_stock.as_ref())
                 .unwrap_or(dry),
         },
         Durability::Sync,

@@ -25,6 +25,21 @@ use crate::ward::WardCode;
 pub struct Timestamp(pub i64);
 
 impl Timestamp {
+    /// The time now, from the system clock (the browser's in wasm, where `std` has none).
+    pub fn now() -> Timestamp {
+        #[cfg(target_arch = "wasm32")]
+        {
+            Timestamp(js_sys::Date::now() as i64)
+        }
+        #[cfg(not(target_arch = "wasm32"))]
+        {
+            let ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            Timestamp(ms)
+        }
+    }
+
     /// Milliseconds from `earlier` to `self` (negative when `earlier` is later).
     pub fn millis_since(self, earlier: Timestamp) -> i64 {
         self.0.saturating_sub(earlier.0)

@@ -19,7 +19,7 @@ const OCC: &str = "renkei/v1/hq/alert/occ-131041-nishi-shinjuku-es";
 /// A sample message sent now (the samples are dated in the past, which would make the site
 /// silent at once) with sequence number `seq`.
 fn now(mut env: Envelope, seq: u64) -> Envelope {
-    env.header.sent_at = renkei_broker::http::now();
+    env.header.sent_at = renkei_shared::Timestamp::now();
     env.header.seq = seq;
     env
 }
