@@ -9,6 +9,7 @@ mod external;
 mod file_modes;
 mod harness;
 mod http_limits;
+mod idle_sockets;
 mod persistence;
 mod receipts;
 mod rules;
