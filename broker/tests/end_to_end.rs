@@ -7,6 +7,7 @@ mod api;
 mod burst;
 mod external;
 mod file_modes;
+mod filter_memory;
 mod harness;
 mod http_limits;
 mod idle_sockets;
