@@ -29,6 +29,8 @@
 //!   they take the same path as every other message;
 //! - [`http`]: the axum routes (`router(AppState)`), with the state API in [`http::api`];
 //! - [`metrics`]: the counters behind `/metrics`;
+//! - [`trim`]: hands the memory the broker freed (a departed subscriber's filter logs) back to
+//!   the system;
 //! - [`Broker`] (here): starts them in order and serves until shutdown.
 
 pub mod acl;
@@ -44,6 +46,7 @@ pub mod receipts;
 pub mod recorder;
 pub mod rules;
 pub mod skew;
+pub mod trim;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -169,6 +172,8 @@ pub struct Broker {
     http: TcpListener,
     http_limits: http::server::Limits,
     app: AppState,
+    /// Runs as long as the broker.
+    _trimmer: trim::Trimmer,
     /// Raised at every start and kept in the database: the `boot` of the broker's messages.
     pub boot: u32,
 }
@@ -191,6 +196,7 @@ impl Broker {
         }
 
         let metrics = Arc::new(Metrics::new());
+        let trimmer = trim::Trimmer::start(metrics.clone());
         let auth = Arc::new(Authenticator::new(
             data_dir,
             config.demo,
@@ -355,6 +361,7 @@ impl Broker {
             http,
             http_limits: http::server::Limits::of(&config.http),
             app,
+            _trimmer: trimmer,
             boot,
         })
     }

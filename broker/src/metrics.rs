@@ -67,6 +67,9 @@ pub struct Metrics {
     pub tls_connections: Arc<AtomicI64>,
     /// TLS handshakes that failed or timed out on the MQTTS listener.
     tls_handshakes_failed: AtomicU64,
+    /// Times free memory was handed back to the system ([`crate::trim`]), and the time spent.
+    memory_trims: AtomicU64,
+    memory_trim_micros: AtomicU64,
 }
 
 impl Metrics {
@@ -182,6 +185,12 @@ impl Metrics {
 
     pub fn tls_handshake_failed(&self) {
         self.tls_handshakes_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn memory_trimmed(&self, took: std::time::Duration) {
+        self.memory_trims.fetch_add(1, Ordering::Relaxed);
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.memory_trim_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
     pub fn ingest_skipped(&self, lost: u64) {
@@ -459,6 +468,29 @@ impl Metrics {
 
         header(
             &mut out,
+            "renkei_memory_trims_total",
+            "counter",
+            "Times the broker handed the allocator's free memory back to the system.",
+        );
+        let _ = writeln!(
+            out,
+            "renkei_memory_trims_total {}",
+            load(&self.memory_trims)
+        );
+        header(
+            &mut out,
+            "renkei_memory_trim_seconds_total",
+            "counter",
+            "Time spent handing free memory back (each arena is locked while it is walked).",
+        );
+        let _ = writeln!(
+            out,
+            "renkei_memory_trim_seconds_total {:.6}",
+            load(&self.memory_trim_micros) as f64 / 1e6
+        );
+
+        header(
+            &mut out,
             "renkei_rule_alerts_total",
             "counter",
             "Alerts the broker's rules published, by the state they carried.",
@@ -524,6 +556,8 @@ mod tests {
         m.rejected("wrong_topic");
         m.json_republished(1);
         m.tcp_connections.fetch_add(3, Ordering::Relaxed);
+        m.memory_trimmed(std::time::Duration::from_micros(2_500));
+        m.memory_trimmed(std::time::Duration::from_micros(1_500));
         let text = m.render();
         for line in [
             "renkei_mqtt_connections{listener=\"tcp\"} 3",
@@ -535,6 +569,8 @@ mod tests {
             "renkei_state_changes_total{outcome=\"updated\"} 1",
             "renkei_state_changes_total{outcome=\"duplicate\"} 1",
             "renkei_json_republished_total 1",
+            "renkei_memory_trims_total 2",
+            "renkei_memory_trim_seconds_total 0.004000",
             "# TYPE renkei_messages_rejected_total counter",
         ] {
             assert!(

@@ -108,6 +108,18 @@ impl RunningBroker {
         self.child.id()
     }
 
+    /// The broker process's resident set size now, in bytes (`VmRSS` in `/proc/<pid>/status`).
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().strip_suffix("kB"))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmRSS in {status}"));
+        kib * 1024
+    }
+
     /// How many file descriptors the broker process has open now.
     pub fn open_fds(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
@@ -390,6 +402,24 @@ impl MqttClient {
             .subscribe(filter, QoS::AtLeastOnce)
             .await
             .unwrap();
+        loop {
+            match self.next_packet().await {
+                Packet::SubAck(ack) => return ack.return_codes,
+                Packet::Publish(p) => self.early.push_back(p),
+                _ => {}
+            }
+        }
+    }
+
+    /// Subscribes to `filters` in one SUBSCRIBE and returns the SUBACK's return codes.
+    pub async fn subscribe_many_codes(
+        &mut self,
+        filters: impl IntoIterator<Item = String>,
+    ) -> Vec<rumqttc::SubscribeReasonCode> {
+        let filters = filters
+            .into_iter()
+            .map(|path| rumqttc::SubscribeFilter::new(path, QoS::AtLeastOnce));
+        self.client.subscribe_many(filters).await.unwrap();
         loop {
             match self.next_packet().await {
                 Packet::SubAck(ack) => return ack.return_codes,

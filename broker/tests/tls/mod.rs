@@ -46,7 +46,8 @@ pub fn make_pki(dir: &Path, name: &str) -> Pki {
     pki
 }
 
-fn tls_config(pki: &Pki) -> String {
+/// The `[mqtt]` lines that serve MQTTS with `pki`'s certificate (more `[mqtt]` keys may follow).
+pub fn tls_config(pki: &Pki) -> String {
     format!(
         "[mqtt]\ntls_cert_file = {:?}\ntls_key_file = {:?}\n",
         pki.cert.display().to_string(),
@@ -55,7 +56,7 @@ fn tls_config(pki: &Pki) -> String {
 }
 
 /// rumqttc options for the MQTTS port, trusting only `ca`.
-fn tls_options(port: u16, user: &str, ca: &Path) -> MqttOptions {
+pub fn tls_options(port: u16, user: &str, ca: &Path) -> MqttOptions {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile_certs(ca) {
         roots.add(cert).unwrap();
