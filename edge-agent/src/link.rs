@@ -345,7 +345,7 @@ pub(crate) fn command_of(
     let env = match renkei_shared::receive(publish.topic.as_bytes(), &publish.payload) {
         Ok((_, env)) => env,
         Err(e) => {
-            warn!(reason = e.reason(), error = %e, "ignoring a command that does not check");
+            warn!(reason = e.reason(), error = %e, "ignoring an undecodable command, or one on the wrong topic");
             return None;
         }
     };
