@@ -613,7 +613,7 @@ impl Authenticator {
             .read()
             .unwrap_or_else(PoisonError::into_inner);
         dir.users.values().any(|u| match &u.access {
-            Access::Agent(site) => crate::mqtt::admission::agent_client_id(site) == client_id,
+            Access::Agent(site) => site.agent_client_id() == client_id,
             _ => false,
         })
     }

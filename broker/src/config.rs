@@ -430,9 +430,9 @@ impl Config {
         }
         let x = &self.external;
         if let Some(url) = &x.broker
-            && let Err(message) = crate::external::parse_url(url)
+            && let Err(error) = renkei_shared::url::BrokerUrl::parse(url)
         {
-            return invalid("external.broker", message);
+            return invalid("external.broker", error.to_string());
         }
         if let Some(url) = &x.ws_url
             && !(url.starts_with("ws://") || url.starts_with("wss://"))

@@ -40,6 +40,8 @@ use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject as _;
 use tokio::sync::oneshot;
 
+use renkei_shared::url::BrokerUrl;
+
 use crate::config::{ExternalConfig, PACKET_HEADROOM};
 
 /// How long the start waits for the external broker to accept the connection and subscription.
@@ -70,50 +72,6 @@ pub enum ExternalError {
     Connect { url: String, reason: String },
     #[error("external broker TLS: {0}")]
     Tls(String),
-}
-
-/// Where the external broker is, from `external.broker`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerUrl {
-    pub host: String,
-    pub port: u16,
-    /// `mqtts://`: MQTT over TLS.
-    pub tls: bool,
-}
-
-/// `mqtt://HOST[:PORT]` (port 1883) or `mqtts://HOST[:PORT]` (port 8883).
-pub fn parse_url(url: &str) -> Result<BrokerUrl, String> {
-    let not_a_url = || format!("{url:?} is not an mqtt:// or mqtts://HOST[:PORT] URL");
-    let (rest, tls, default_port) = if let Some(rest) = url.strip_prefix("mqtt://") {
-        (rest, false, 1883)
-    } else if let Some(rest) = url.strip_prefix("mqtts://") {
-        (rest, true, 8883)
-    } else {
-        return Err(not_a_url());
-    };
-    let rest = rest.trim_end_matches('/');
-    if rest.is_empty() || rest.contains(['/', '?', '@']) {
-        return Err(not_a_url());
-    }
-    // A bracketed IPv6 literal keeps its colons.
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) if !port.contains(']') => {
-            let port = port
-                .parse::<u16>()
-                .map_err(|_| format!("{url:?}: {port:?} is not a port"))?;
-            (host, port)
-        }
-        _ => (rest, default_port),
-    };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    if host.is_empty() {
-        return Err(format!("{url:?} has no host"));
-    }
-    Ok(BrokerUrl {
-        host: host.to_owned(),
-        port,
-        tls,
-    })
 }
 
 /// The client options both connections to the external broker share: TLS for `mqtts://`.
@@ -222,7 +180,7 @@ pub struct External {
 impl External {
     /// Connects, subscribes, and returns once the broker has acknowledged the subscription.
     pub async fn connect(config: &ExternalConfig, url: &str) -> Result<External, ExternalError> {
-        let broker = parse_url(url).map_err(ExternalError::Url)?;
+        let broker = BrokerUrl::parse(url).map_err(|e| ExternalError::Url(e.to_string()))?;
         let addr = resolve(&broker.host, broker.port).await?;
         let ws_addr = match &config.ws_url {
             Some(ws) => ws_socket_addr(ws).await,
@@ -329,7 +287,7 @@ pub async fn retained_topics(
     config: &ExternalConfig,
     url: &str,
 ) -> Result<std::collections::HashSet<String>, ExternalError> {
-    let broker = parse_url(url).map_err(ExternalError::Url)?;
+    let broker = BrokerUrl::parse(url).map_err(|e| ExternalError::Url(e.to_string()))?;
     let failed = |reason: String| ExternalError::Connect {
         url: url.to_owned(),
         reason,
@@ -502,30 +460,6 @@ impl Driver {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_broker_urls() {
-        let url = |host: &str, port, tls| {
-            Ok(BrokerUrl {
-                host: host.into(),
-                port,
-                tls,
-            })
-        };
-        assert_eq!(parse_url("mqtt://hq:1884"), url("hq", 1884, false));
-        assert_eq!(parse_url("mqtt://hq"), url("hq", 1883, false));
-        assert_eq!(parse_url("mqtt://[::1]:1884"), url("::1", 1884, false));
-        assert_eq!(parse_url("mqtt://[::1]"), url("::1", 1883, false));
-        assert_eq!(parse_url("mqtts://hq:8884"), url("hq", 8884, true));
-        assert_eq!(parse_url("mqtts://hq/"), url("hq", 8883, true));
-        assert_eq!(parse_url("mqtts://[::1]"), url("::1", 8883, true));
-        assert!(parse_url("tls://hq:8883").is_err());
-        assert!(parse_url("mqtts://").is_err());
-        assert!(parse_url("hq:1883").is_err());
-        assert!(parse_url("mqtt://hq:port").is_err());
-        assert!(parse_url("mqtt://").is_err());
-        assert!(parse_url("mqtt://u:p@hq").is_err());
-    }
 
     #[test]
     fn a_missing_or_empty_ca_file_is_named() {

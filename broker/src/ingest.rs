@@ -28,15 +28,14 @@ use rumqttd::Notification;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use tokio::sync::oneshot;
 
+use crate::clock::Clock;
 use crate::external::Incoming;
+use crate::live::LiveState;
 use crate::metrics::Metrics;
-use crate::mqtt::{Outgoing, Publisher};
+use crate::publisher::{Outgoing, Publisher};
 use crate::recorder::{HANDOFF_RECORDS, Record, RecorderTx};
 use crate::rules::Trigger;
 use crate::skew;
-
-/// The live cross-ward state, written by ingest and read by HTTP.
-pub type LiveState = Arc<RwLock<State>>;
 
 /// Lines logged per refusal reason and second before the rest are only counted.
 pub const LOG_LINES_PER_SECOND: u32 = 3;
@@ -125,6 +124,8 @@ pub struct Setup {
     pub recorder: Option<RecorderTx>,
     /// Woken when a site's state changed.
     pub rules: Option<Trigger>,
+    /// Stamps each message's receive time.
+    pub clock: Clock,
 }
 
 impl Ingest {
@@ -360,6 +361,7 @@ pub struct Pipeline {
     metrics: Arc<Metrics>,
     recorder: Option<RecorderTx>,
     rules: Option<Trigger>,
+    clock: Clock,
     mirror: Publisher,
     log: LogLimiter,
     outbox: Outbox,
@@ -389,6 +391,7 @@ impl Pipeline {
             metrics: setup.metrics,
             recorder: setup.recorder,
             rules: setup.rules,
+            clock: setup.clock,
             mirror,
             log: LogLimiter::new(LOG_LINES_PER_SECOND, Duration::from_secs(1)),
             outbox: Outbox::default(),
@@ -403,7 +406,7 @@ impl Pipeline {
     /// Handles one publish received on `topic`; what it leaves for others waits for
     /// [`Pipeline::flush`].
     pub fn handle(&mut self, topic: &[u8], payload: &[u8]) {
-        let received_at = Timestamp::now();
+        let received_at = self.clock.now();
         match process(&self.state, topic, payload, received_at) {
             Ok(accepted) => {
                 self.metrics.sent_at_skew(skew::Skew::of(
@@ -637,6 +640,7 @@ mod tests {
                 metrics,
                 recorder: recorder.tx(),
                 rules: None,
+                clock: crate::clock::system_clock(),
             };
             let ingest = Ingest::start(mqtt.link("ingest").unwrap(), setup).unwrap();
             Harness {

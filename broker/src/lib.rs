@@ -35,13 +35,16 @@
 
 pub mod acl;
 pub mod auth;
+pub mod clock;
 pub mod config;
 pub mod db;
 pub mod external;
 pub mod http;
 pub mod ingest;
+pub mod live;
 pub mod metrics;
 pub mod mqtt;
+pub mod publisher;
 pub mod receipts;
 pub mod recorder;
 pub mod rules;
@@ -58,9 +61,11 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::external::{External, ExternalError};
 use crate::http::AppState;
-use crate::ingest::{Ingest, IngestError, LiveState};
+use crate::ingest::{Ingest, IngestError};
+use crate::live::LiveState;
 use crate::metrics::Metrics;
-use crate::mqtt::{Mqtt, MqttError, Publisher};
+use crate::mqtt::{Mqtt, MqttError};
+use crate::publisher::Publisher;
 use crate::recorder::Recorder;
 use crate::rules::Rules;
 
@@ -87,7 +92,7 @@ pub enum Error {
     #[error(transparent)]
     External(#[from] ExternalError),
     #[error("cannot publish the restored retained state: {0}")]
-    Restore(mqtt::PublishError),
+    Restore(publisher::PublishError),
     #[error("cannot start the rules thread: {0}")]
     Rules(std::io::Error),
     #[error("cannot listen for HTTP on {addr}: {source}")]
@@ -223,12 +228,14 @@ impl Broker {
         );
         let live: LiveState = Arc::new(std::sync::RwLock::new(restored.state));
         let recorder = Recorder::start(data_dir, config.recorder.clone(), metrics.clone())?;
+        let clock = clock::system_clock();
         let (trigger, triggered) = Rules::trigger();
         let setup = ingest::Setup {
             state: live.clone(),
             metrics: metrics.clone(),
             recorder: recorder.tx(),
             rules: config.rules.enabled.then_some(trigger),
+            clock: clock.clone(),
         };
         let interest = Arc::new(match &config.external.broker {
             None => receipts::Interest::counted(),
@@ -296,7 +303,8 @@ impl Broker {
                 publisher,
                 metrics: metrics.clone(),
                 boot,
-                started_at: renkei_shared::Timestamp::now(),
+                started_at: clock.now(),
+                clock: clock.clone(),
             };
             Some(Rules::start(setup, triggered).map_err(Error::Rules)?)
         } else {
@@ -347,7 +355,7 @@ impl Broker {
             ws_port: addrs.ws.map_or(0, |ws| ws.port()),
             public_mqtt_ws_url,
             dashboard_dir: config.http.dashboard_dir.clone(),
-            clock: http::system_clock(),
+            clock,
             auth: (!config.demo).then(|| auth.clone()),
             data_dir: data_dir.clone(),
         };

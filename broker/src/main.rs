@@ -182,8 +182,8 @@ impl ServeArgs {
             config.data.dir = dir.clone();
         }
         if let Some(url) = &self.external {
-            renkei_broker::external::parse_url(url)
-                .map_err(|message| anyhow::anyhow!("--external: {message}"))?;
+            renkei_shared::url::BrokerUrl::parse(url)
+                .map_err(|error| anyhow::anyhow!("--external: {error}"))?;
             config.external.broker = Some(url.clone());
         }
         if let Some(file) = &self.external_ca_file {

@@ -32,7 +32,7 @@ use renkei_shared::receipt::{RECEIPT_ROOT, parse_receipt_topic};
 use renkei_shared::{Receipt, SiteRef, receipt_topic};
 
 use crate::metrics::Metrics;
-use crate::mqtt::Publisher;
+use crate::publisher::Publisher;
 
 /// Keys one site may have waiting; past this the oldest are dropped (the agent sends those
 /// again after its receipt timeout, and the recorder keeps one copy).

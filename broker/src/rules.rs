@@ -40,10 +40,11 @@ use renkei_shared::{
     Origin, RequestState, RuleKind, Severity, SiteRef, State, Timestamp, Topic, Urgency, encode,
 };
 
+use crate::clock::Clock;
 use crate::config::RulesConfig;
-use crate::ingest::LiveState;
+use crate::live::LiveState;
 use crate::metrics::Metrics;
-use crate::mqtt::Publisher;
+use crate::publisher::Publisher;
 
 /// The node name in the `Origin::Hq` of every alert the rules publish.
 pub const NODE: &str = "broker";
@@ -376,6 +377,8 @@ pub struct Setup {
     /// The broker's boot counter: the `boot` of every alert it publishes.
     pub boot: u32,
     pub started_at: Timestamp,
+    /// What "now" is when the rules look.
+    pub clock: Clock,
 }
 
 impl Rules {
@@ -400,6 +403,7 @@ impl Rules {
             boot: setup.boot,
             seq: 0,
             started_at: setup.started_at,
+            clock: setup.clock,
             published,
             trigger,
             stop: stop.clone(),
@@ -445,6 +449,7 @@ struct Engine {
     boot: u32,
     seq: u64,
     started_at: Timestamp,
+    clock: Clock,
     /// The last version published under each id (or restored), with when it was sent.
     published: HashMap<(Mode, Id), (Timestamp, Alert)>,
     trigger: Receiver<()>,
@@ -477,7 +482,7 @@ impl Engine {
     }
 
     fn evaluate(&mut self) {
-        let now = Timestamp::now();
+        let now = self.clock.now();
         let wanted: Vec<(Mode, BTreeMap<Id, Alert>)> = {
             let state = self.live.read().unwrap_or_else(PoisonError::into_inner);
             Mode::ALL

@@ -15,7 +15,8 @@
 //! - [`reducer`]: the state and the one function that changes it;
 //! - [`receive`]: the one path from a topic and payload off the network to a checked message;
 //! - [`receipt`]: HQ's word to a site that its messages are stored;
-//! - [`sample`]: one example of every message (golden vectors, docs, tests).
+//! - [`sample`]: one example of every message (golden vectors, docs, tests);
+//! - [`url`]: the one grammar of broker addresses (`mqtt://`, `mqtts://`).
 //!
 //! The crate builds for `wasm32-unknown-unknown` and has no I/O beyond reading the clock
 //! ([`model::Timestamp::now`]).
@@ -27,6 +28,7 @@ pub mod receive;
 pub mod reducer;
 pub mod sample;
 pub mod topic;
+pub mod url;
 pub mod validate;
 pub mod ward;
 

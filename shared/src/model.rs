@@ -121,6 +121,14 @@ pub struct SiteRef {
     pub site: Id,
 }
 
+impl SiteRef {
+    /// The MQTT client id of this site's agent, `agent-{ward}-{site}`: the only id the broker
+    /// admits the site's login under, and one no other login may take.
+    pub fn agent_client_id(&self) -> String {
+        format!("agent-{}-{}", self.ward, self.site)
+    }
+}
+
 /// Whether a message is about the real world or a drill. Drills must never pass for reality.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]

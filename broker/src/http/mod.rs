@@ -40,20 +40,13 @@ use tower_http::services::{ServeDir, ServeFile};
 use tower_http::trace::TraceLayer;
 
 use crate::auth::Authenticator;
-use crate::ingest::LiveState;
+use crate::clock::Clock;
+use crate::live::LiveState;
 use crate::metrics::Metrics;
 use viewer::Viewer;
 
 /// The broker's version, as `/config.json` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// The time `now` used for staleness and roll-ups; tests fix it.
-pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
-
-/// The wall clock.
-pub fn system_clock() -> Clock {
-    Arc::new(Timestamp::now)
-}
 
 /// What the handlers share.
 #[derive(Clone)]
@@ -261,7 +254,7 @@ async fn state_api(
     q: QueryResult<StateQuery>,
 ) -> Result<Response, AppError> {
     let mode = parse_mode(query(q)?.mode.as_deref())?;
-    let now = (app.clock)();
+    let now = app.clock.now();
     let body = {
         let state = app
             .live
@@ -404,7 +397,7 @@ where
     F: FnOnce(&renkei_shared::State, Mode, Option<WardCode>, Timestamp) -> Vec<u8>,
 {
     let mode = parse_mode(query(q)?.mode.as_deref())?;
-    let now = (app.clock)();
+    let now = app.clock.now();
     let state = app
         .live
         .read()

@@ -20,7 +20,7 @@ fn app_in(dashboard_dir: &Path) -> AppState {
         public_mqtt_ws_url: None,
         dashboard_dir: dashboard_dir.to_owned(),
         // Ten seconds after the samples were sent: every sample site is fresh.
-        clock: Arc::new(|| sample::SENT_AT.plus_secs(10)),
+        clock: crate::clock::Clock::new(|| sample::SENT_AT.plus_secs(10)),
         auth: None,
         data_dir: dashboard_dir.join("no-data"),
     }

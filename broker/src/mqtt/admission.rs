@@ -79,11 +79,6 @@ pub struct Limits {
     pub items_per_site: usize,
 }
 
-/// The client id of a site's agent: `agent-{ward}-{site}`, the id `renkei-agent` uses.
-pub fn agent_client_id(site: &SiteRef) -> String {
-    format!("agent-{}-{}", site.ward, site.site)
-}
-
 /// Whether `client_id` has the shape of an agent's id (`agent-` and six digits, then `-`): such
 /// ids belong to agents, whatever other user names look like.
 fn looks_like_agent_id(client_id: &str) -> bool {
@@ -107,7 +102,7 @@ pub fn may_use_client_id(
     let refused = Err(SessionRefusal::NotYourClientId);
     match &principal.access {
         Access::Agent(site) => {
-            if client_id == agent_client_id(site) {
+            if client_id == site.agent_client_id() {
                 Ok(())
             } else {
                 refused
@@ -543,7 +538,7 @@ mod tests {
     fn agents_use_only_their_own_sites_id() {
         let site = sample::site();
         let agent = user("agent-nishi", Access::Agent(site.clone()));
-        assert_eq!(check(&agent, &agent_client_id(&site)), Ok(()));
+        assert_eq!(check(&agent, &site.agent_client_id()), Ok(()));
         for id in ["agent-nishi", "agent-131041-other", "hq", "x"] {
             assert_eq!(
                 check(&agent, id),

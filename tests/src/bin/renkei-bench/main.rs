@@ -256,7 +256,7 @@ next_connection_delay_ms = 0
 }
 
 async fn watch(broker: &str, filter: &str, warmup: Duration, seconds: Duration) -> Result<()> {
-    let url = renkei_broker::external::parse_url(broker).map_err(anyhow::Error::msg)?;
+    let url = renkei_shared::url::BrokerUrl::parse(broker)?;
     anyhow::ensure!(
         !url.tls,
         "watch speaks plain MQTT only: give an mqtt:// URL"
