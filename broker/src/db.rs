@@ -107,7 +107,7 @@ CREATE TABLE IF NOT EXISTS meta (
 ",
 );
 
-/// The schema [`SCHEMA`] makes, as `PRAGMA user_version`.
+/// The schema `SCHEMA` makes, as `PRAGMA user_version`.
 pub const SCHEMA_VERSION: i64 = 3;
 
 /// The database path for a data directory.

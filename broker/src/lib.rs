@@ -4,24 +4,30 @@
 //!
 //! ```text
 //! agents, dashboards ──MQTT (TCP :1883, WebSocket :8083, TLS :8883)──▶ mqtt (embedded rumqttd) ──▶ subscribers
-//!                                                              │ in-process link, renkei/v1/#
-//!                                                              ▼
-//!                     ingest: topic → decode → validate → reducer ──▶ live State
-//!                        │ refused: counted by reason            │
-//!                        └─▶ JSON mirror renkei/json/v1/… ──▶ mqtt │
-//!                     rules: State → alerts ──▶ mqtt (retained) ──▶ ingest, as above
-//!                                                                ▼
-//! browsers, integrators ◀──────────── http: dashboard, /config.json, /api/v1/state, /metrics
+//!                      guard: login, client id, ACL, per-login bounds │ in-process link, renkei/v1/#
+//!                                                                     ▼
+//!        ingest: shared::receive (topic → decode → validate) → reducer ──▶ live State ──▶ rules
+//!          │ refused: counted by reason    │ JSON mirror renkei/json/v1/… ──▶ publisher ──▶ mqtt
+//!          ▼                                                                  alerts ──▶ mqtt
+//!        recorder: batches into SQLite (db) ──▶ receipts: renkei/receipt/v1/{ward}/{site} ──▶ agent
+//!                                                                     │
+//! browsers, integrators ◀──── http: dashboard, /config.json, /api/v1/…, /metrics (reads live State, db)
 //! ```
 //!
-//! Layout:
+//! At start the recorder's database rebuilds the live state and the retained topics before the
+//! listeners open. Layout:
 //! - [`config`]: the TOML configuration over compiled-in defaults;
 //! - [`db`]: the SQLite database in the data directory;
 //! - [`auth`]: users, roles and login checks (argon2, cache, lockout), for MQTT and HTTP;
 //! - [`acl`]: what each role may publish and subscribe to;
-//! - [`mqtt`]: rumqttd's router and listeners, the MQTTS relay ([`mqtt::tls`]), readiness
-//!   probes, the per-connection guard that applies [`auth`] and [`acl`];
-//! - [`ingest`]: the consumer that keeps the live state and the JSON mirror;
+//! - [`mqtt`]: rumqttd's router and listeners, the per-connection guard that applies [`auth`],
+//!   [`acl`] and the per-login bounds, the auth hook, the MQTTS relay ([`mqtt::tls`]);
+//! - [`publisher`]: the broker's own voice on MQTT (mirror, alerts, receipts, restored state);
+//! - [`live`]: the live cross-ward state that ingest writes and the rules and HTTP read;
+//! - [`clock`]: the injectable clock of ingest, the rules and HTTP;
+//! - [`ingest`]: the consumer that keeps the live state, the JSON mirror and the recorder fed;
+//! - [`recorder`]: every accepted message into the database, in batches, and the restore;
+//! - [`receipts`]: tells each agent which of its messages the recorder has committed;
 //! - [`external`]: external-broker mode, where a clustered broker replaces the embedded one
 //!   and ingest, the mirror and the rules speak to it as an MQTT client;
 //! - [`skew`]: what the live state takes from a sender's clock;

@@ -3,7 +3,7 @@
 //!
 //! A site's clock may be wrong (a box without a real-time clock after a power cut) or lied
 //! about, and the rules must not fire, or stay quiet, because of it:
-//! - a `sent_at` more than [`FUTURE_TOLERANCE`] ahead of the broker's receive time would keep a
+//! - a `sent_at` more than [`FUTURE_TOLERANCE_MS`] ahead of the broker's receive time would keep a
 //!   dead site "heard from" until that future time, so the live state takes the receive time
 //!   instead;
 //! - a supply request's age counts from when the broker received it, never from an earlier
