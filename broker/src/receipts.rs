@@ -3,8 +3,8 @@
 //!
 //! **Pacing.** A committed batch names hundreds of sites at once; publishing a receipt to each
 //! at the moment of the commit puts a burst of hundreds of publishes, each to a different
-//! connection, in front of the live traffic every 200 ms (measured: the 99th percentile of
-//! publish → subscriber at 2,000 msg/s went from 7 ms to 440 ms). So the recorder only hands
+//! connection, in front of the live traffic every 200 ms, and the latency of every other
+//! message rises with it (BENCHMARKS.md, section 1, on receipts). So the recorder only hands
 //! the committed `(boot, seq)` to the [`Sender`], which keeps them per site, merged, and
 //! publishes at most `recorder.receipt_rate` receipts a second, oldest site first, each naming
 //! everything that site has waiting. At 2,000 sites reporting every second and 500 receipts a
