@@ -20,10 +20,8 @@
 //! confirmed prefix. A record that had its PUBACK but no receipt within [`RECEIPT_TIMEOUT`] is
 //! sent again, and so is everything unconfirmed after a reconnect; HQ records each
 //! `(boot, seq)` once. With `confirm = "puback"` the PUBACK confirms (a broker without
-//! receipts). PubAcks are matched to records through rumqttc's `Outgoing::Publish(pkid)`
-//! events, which come in the order the publishes were queued.
-//! rumqttc is polled by the link's `Driver` task, so a tick never cancels a connection attempt,
-//! and every attempt carries a freshly numbered will (see [`crate::link`]).
+//! receipts). The connection itself (will, birth, backoff, close) is the link's
+//! [`Driver`](crate::link::driver::Driver), which tells the daemon each record's PUBACK.
 //!
 //! The daemon also writes `{state_dir}/status` (atomically) for `renkei-agent status`.
 
@@ -32,21 +30,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use renkei_shared::{Body, CommandAction, Envelope, Receipt, Timestamp, receipt_topic, topic};
-use rumqttc::{AsyncClient, Event, Outgoing, Packet, QoS, SubscribeFilter, SubscribeReasonCode};
+use renkei_shared::{Body, CommandAction, Receipt, Timestamp, receipt_topic, topic};
+use rumqttc::SubscribeReasonCode;
 use tokio::sync::watch;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Confirm;
 use crate::lifecycle::Lifecycle;
-use crate::link::{
-    Backoff, Driver, LinkError, LinkOptions, LinkState, command_of, connection_hint, last_will,
-};
+use crate::link::driver::{Driver, DriverOptions, LinkEvent, PublishError};
+use crate::link::{LinkError, LinkOptions, LinkState, command_of, timer};
 use crate::outbox::{Durability, Key, Outbox, Record};
-use crate::report::{FixedSite, Site, frame};
+use crate::report::{FixedSite, Site};
 
 /// Outbox records handed to rumqttc and not yet confirmed, at most. A receipt comes up to one
 /// recorder batch (200 ms by default) after the PUBACK, so this allows a few hundred records a
@@ -58,8 +53,6 @@ pub const RECEIPT_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(500);
 /// Requests the loop may queue for rumqttc at once: the window plus a snapshot.
 const REQUEST_CAPACITY: usize = 64;
-/// How long a graceful exit waits for its death and DISCONNECT to be written.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A connection attempt may take this long on a slow mobile link (TCP + CONNECT).
 const CONNECT_TIMEOUT_S: u64 = 20;
 
@@ -118,10 +111,6 @@ struct Delivery {
     confirmed: BTreeSet<Key>,
     /// Of those, the ones with a PUBACK and no receipt yet, with when the PUBACK came.
     pubacked: HashMap<Key, Instant>,
-    /// One entry per publish queued, in order: which record it carries, if any.
-    queued: VecDeque<Option<Key>>,
-    /// Records by packet id, once rumqttc has written them.
-    by_pkid: HashMap<u16, Key>,
     /// The last record handed to rumqttc.
     last_sent: Key,
     /// Records up to here were stored before this connection: backlog.
@@ -129,15 +118,13 @@ struct Delivery {
 }
 
 struct Daemon {
-    client: AsyncClient,
+    /// The connection; its speaker numbers every message of this boot.
+    link: Driver<Lifecycle, Key>,
     outbox: Arc<Outbox>,
-    lifecycle: Lifecycle,
     site: FixedSite,
     options: DaemonOptions,
     state: LinkState,
     since: renkei_shared::Timestamp,
-    /// The birth armed with the will of the current attempt.
-    birth: Option<Envelope>,
     delivery: Delivery,
     rate: Rate,
     /// The cursor as last written to disk.
@@ -162,50 +149,17 @@ impl Daemon {
         }
     }
 
-    /// Numbers a fresh birth and will and starts a connection attempt with that will.
-    fn arm(&mut self, driver: &Driver) -> Result<(), LinkError> {
-        let armed = self.lifecycle.arm(crate::AGENT_VERSION, Timestamp::now());
-        driver.connect(last_will(&armed.will)?);
-        self.birth = Some(armed.birth);
-        self.transition(LinkState::Connecting);
-        Ok(())
+    fn lifecycle(&mut self) -> &mut Lifecycle {
+        self.link.speaker_mut()
     }
 
-    /// Queues a publish; `record` names the outbox record it carries.
-    fn publish_frame(
-        &mut self,
-        topic: String,
-        retain: bool,
-        payload: Vec<u8>,
-        record: Option<Key>,
-    ) {
-        match self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
-        {
-            Ok(()) => self.delivery.queued.push_back(record),
-            // The record stays in the outbox and goes on the next connection.
-            Err(e) => {
-                warn!(error = %e, record = ?record.map(|k| k.to_string()), "publish not queued")
-            }
-        }
-    }
-
-    fn publish_live(&mut self, env: &Envelope) -> Result<(), LinkError> {
-        let out = frame(env)?;
-        self.publish_frame(out.topic, out.retain, out.payload, None);
-        Ok(())
-    }
-
-    /// Birth and a snapshot of the site: a fresh status, then the latest shelter and supplies
-    /// reports already delivered (those still queued follow as backlog).
-    fn announce(&mut self, birth: &Envelope) -> Result<(), LinkError> {
-        self.publish_live(birth)?;
+    /// A snapshot of the site, after every birth: a fresh status, then the latest shelter and
+    /// supplies reports already delivered (those still queued follow as backlog).
+    fn snapshot(&mut self) -> Result<(), LinkError> {
         self.refresh_depth();
-        let status = self
-            .lifecycle
-            .stamp(Body::Status(self.site.status()), Timestamp::now());
-        self.publish_live(&status)?;
+        let body = Body::Status(self.site.status());
+        let status = self.lifecycle().stamp(body, Timestamp::now());
+        self.link.publish_live(&status)?;
         let latest = self.outbox.lock().map(|l| l.latest()).unwrap_or_default();
         for env in [latest.shelter, latest.supplies].into_iter().flatten() {
             if (Key {
@@ -213,7 +167,7 @@ impl Daemon {
                 seq: env.header.seq,
             }) <= self.cursor
             {
-                self.publish_live(&env)?;
+                self.link.publish_live(&env)?;
             }
         }
         Ok(())
@@ -234,7 +188,8 @@ impl Daemon {
     fn heartbeat(&mut self) {
         self.refresh_depth();
         let body = Body::Status(self.site.status());
-        let stamped = |key| self.lifecycle.envelope(key, body, Timestamp::now());
+        let lifecycle = self.link.speaker();
+        let stamped = |key| lifecycle.envelope(key, body, Timestamp::now());
         let appended = self
             .outbox
             .lock()
@@ -253,11 +208,10 @@ impl Daemon {
                     self.site.set_outbox_alarm(true);
                     // The outbox cannot carry this heartbeat, yet HQ must hear the alarm it
                     // raises: sent live while connected (lost if the link drops meanwhile).
-                    if self.state == LinkState::Connected {
-                        let status = self
-                            .lifecycle
-                            .stamp(Body::Status(self.site.status()), Timestamp::now());
-                        if let Err(e) = self.publish_live(&status) {
+                    if self.link.is_connected() {
+                        let body = Body::Status(self.site.status());
+                        let status = self.lifecycle().stamp(body, Timestamp::now());
+                        if let Err(e) = self.link.publish_live(&status) {
                             warn!(error = %e, "live heartbeat not sent");
                         }
                     }
@@ -310,25 +264,20 @@ impl Daemon {
                 return;
             }
         };
-        match frame(&env) {
-            Ok(out) => {
-                self.delivery.in_flight.push_back(key);
-                self.publish_frame(out.topic, out.retain, out.payload, Some(key));
+        match self.link.publish(&env, Some(key)) {
+            Ok(()) => self.delivery.in_flight.push_back(key),
+            Err(PublishError::Frame(e)) => {
+                error!(key = %key, error = %e, "outbox record cannot be framed; left queued")
             }
-            Err(e) => error!(key = %key, error = %e, "outbox record cannot be framed; left queued"),
+            // The record stays in the outbox and goes on the next connection.
+            Err(e) => {
+                self.delivery.in_flight.push_back(key);
+                warn!(error = %e, record = %key, "publish not queued")
+            }
         }
     }
 
-    fn on_outgoing_publish(&mut self, pkid: u16) {
-        if let Some(Some(key)) = self.delivery.queued.pop_front() {
-            self.delivery.by_pkid.insert(pkid, key);
-        }
-    }
-
-    fn on_puback(&mut self, pkid: u16) {
-        let Some(key) = self.delivery.by_pkid.remove(&pkid) else {
-            return;
-        };
+    fn on_puback(&mut self, key: Key) {
         match self.options.confirm {
             Confirm::PubAck => self.confirm(key),
             Confirm::Receipt => {
@@ -452,12 +401,9 @@ impl Daemon {
         self.delivery = Delivery::default();
     }
 
-    fn connected(&mut self) -> Result<Option<Envelope>, LinkError> {
-        let Some(birth) = self.birth.take() else {
-            // Not possible: the driver connects only with a will armed here.
-            warn!("connected without an armed birth; ignored");
-            return Ok(None);
-        };
+    /// A new connection: its subscriptions and birth are queued; the snapshot follows, then
+    /// the outbox from the cursor.
+    fn connected(&mut self) -> Result<(), LinkError> {
         self.delivery = Delivery {
             last_sent: self.cursor,
             backlog_until: self
@@ -469,44 +415,22 @@ impl Daemon {
                 .unwrap_or_default(),
             ..Delivery::default()
         };
-        info!(
-            broker = %self.options.link.broker, boot = self.lifecycle.boot(),
-            birth_seq = birth.header.seq, backlog_until = %self.delivery.backlog_until,
-            acked = %self.cursor, "connected"
-        );
+        info!(backlog_until = %self.delivery.backlog_until, acked = %self.cursor, "delivery resumes");
         self.transition(LinkState::Connected);
-        // One SUBSCRIBE, before anything is published on this connection, so that no receipt
-        // is missed; its SUBACK tells whether HQ lets this agent read its receipts.
-        let mut filters = vec![SubscribeFilter::new(
-            topic::command_filter(self.lifecycle.site()),
-            QoS::AtLeastOnce,
-        )];
-        if self.options.confirm == Confirm::Receipt {
-            filters.push(SubscribeFilter::new(
-                receipt_topic(self.lifecycle.site()),
-                QoS::AtLeastOnce,
-            ));
-        }
-        if let Err(e) = self.client.try_subscribe_many(filters) {
-            warn!(error = %e, "subscriptions not queued");
-        }
-        self.announce(&birth)?;
-        Ok(Some(birth))
+        self.snapshot()
     }
 
     /// Handles a command from HQ; each is acknowledged by what it makes the site publish.
-    fn on_publish(
-        &mut self,
-        publish: &rumqttc::Publish,
-        birth: &Envelope,
-    ) -> Result<Option<Duration>, LinkError> {
-        let Some((command, mode)) = command_of(publish, self.lifecycle.site()) else {
+    /// Returns the new heartbeat interval, if it changed.
+    fn on_command(&mut self, publish: &rumqttc::Publish) -> Result<Option<Duration>, LinkError> {
+        let Some((command, mode)) = command_of(publish, self.link.speaker().site()) else {
             return Ok(None);
         };
         match command.action {
             CommandAction::Rebirth => {
                 info!(command = %command.command_id, mode = ?mode, "command rebirth: acknowledged with birth and snapshot");
-                self.announce(birth)?;
+                self.link.rebirth()?;
+                self.snapshot()?;
                 Ok(None)
             }
             CommandAction::SetInterval { seconds } => {
@@ -534,7 +458,7 @@ impl Daemon {
              heartbeats_dropped = {}\npid = {}\nupdated_ms = {}\n",
             self.since.0,
             self.options.link.broker.to_string(),
-            self.lifecycle.boot(),
+            self.link.speaker().boot(),
             self.cursor.to_string(),
             self.heartbeats_dropped,
             std::process::id(),
@@ -559,25 +483,30 @@ pub async fn run_daemon(
     site: FixedSite,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
-    let mut mqtt = options.link.mqtt_options();
-    // A full window plus the snapshot must fit rumqttc's in-flight limit.
-    mqtt.set_inflight((WINDOW + 8) as u16);
-    let (client, mut eventloop) = AsyncClient::new(mqtt, REQUEST_CAPACITY);
-    eventloop
-        .network_options
-        .set_connection_timeout(CONNECT_TIMEOUT_S);
-    let mut driver = Driver::spawn(eventloop, REQUEST_CAPACITY);
+    // One SUBSCRIBE before the birth, so that no receipt is missed; its SUBACK tells whether
+    // HQ lets this agent read its receipts.
+    let mut subscriptions = vec![topic::command_filter(lifecycle.site())];
+    if options.confirm == Confirm::Receipt {
+        subscriptions.push(receipt_topic(lifecycle.site()));
+    }
+    let driver_options = DriverOptions {
+        subscriptions,
+        // A full window plus the snapshot must fit rumqttc's in-flight limit.
+        inflight: Some((WINDOW + 8) as u16),
+        connect_timeout: Some(Duration::from_secs(CONNECT_TIMEOUT_S)),
+        request_capacity: REQUEST_CAPACITY,
+    };
+    let receipts = receipt_topic(lifecycle.site());
+    let link = Driver::spawn(&options.link, driver_options, lifecycle);
     let cursor = outbox.lock().and_then(|l| l.acked()).unwrap_or_default();
     let mut daemon = Daemon {
-        client,
+        link,
         rate: Rate::new(options.replay_rate),
         outbox,
-        lifecycle,
         site,
         state: LinkState::Connecting,
         since: Timestamp::now(),
         options,
-        birth: None,
         delivery: Delivery::default(),
         cursor,
         cursor_dirty: false,
@@ -585,85 +514,50 @@ pub async fn run_daemon(
         heartbeat_refused: false,
         last_error: None,
     };
-    let mut backoff = Backoff::new(
-        Duration::from_secs(1),
-        Duration::from_secs(60),
-        StdRng::from_os_rng(),
-    );
-    let mut ticker = tokio::time::interval(daemon.options.interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut poll = tokio::time::interval(POLL);
-    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut connection_birth: Option<Envelope> = None;
-    // An attempt or a connection is under way: it ends with an error event.
-    let mut attempting = false;
+    let mut ticker = timer(Instant::now(), daemon.options.interval);
+    let mut poll = timer(Instant::now(), POLL);
     daemon.write_status();
 
     loop {
         if *shutdown.borrow() {
             break;
         }
-        if !attempting {
-            daemon.arm(&driver)?;
-            attempting = true;
-        }
         tokio::select! {
             changed = shutdown.changed() => if changed.is_err() { break },
             // Ticks may win here freely: the driver's poll goes on regardless.
-            event = driver.next() => match event.ok_or(LinkError::Stopped)? {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff.reset();
-                    connection_birth = daemon.connected()?;
+            event = daemon.link.next() => match event? {
+                LinkEvent::Connecting => daemon.transition(LinkState::Connecting),
+                LinkEvent::Connected { .. } => {
+                    daemon.connected()?;
                     daemon.pump();
                 }
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => daemon.on_outgoing_publish(pkid),
-                Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                    daemon.on_puback(ack.pkid);
+                LinkEvent::Acked(key) => {
+                    daemon.on_puback(key);
                     daemon.pump();
                 }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => daemon.on_suback(&ack.return_codes),
-                Ok(Event::Incoming(Packet::Publish(publish))) if publish.topic == receipt_topic(daemon.lifecycle.site()) => {
+                LinkEvent::Subscribed(codes) => daemon.on_suback(&codes),
+                LinkEvent::Message(publish) if publish.topic == receipts => {
                     daemon.on_receipt(&publish.payload);
                     daemon.pump();
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if let Some(birth) = connection_birth.clone()
-                        && let Some(interval) = daemon.on_publish(&publish, &birth)?
-                    {
-                        ticker = tokio::time::interval_at(Instant::now() + interval, interval);
-                        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                LinkEvent::Message(publish) => {
+                    if let Some(interval) = daemon.on_command(&publish)? {
+                        ticker = timer(Instant::now() + interval, interval);
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    connection_birth = None;
-                    // The broker may have registered this attempt's will (and fire it): the
-                    // next attempt is armed afresh, so its birth outranks that will.
-                    daemon.birth = None;
-                    attempting = false;
+                LinkEvent::Disconnected { .. } => {
                     daemon.connection_lost();
                     daemon.transition(LinkState::Backoff);
-                    let delay = backoff.next_delay();
-                    warn!(broker = %daemon.options.link.broker, error = %e, hint = connection_hint(&e), retry_in_ms = delay.as_millis() as u64, "connection lost");
-                    let sleep = tokio::time::sleep(delay);
-                    tokio::pin!(sleep);
-                    // Heartbeats go on being stored while the link is down.
-                    loop {
-                        tokio::select! {
-                            _ = &mut sleep => break,
-                            _ = ticker.tick() => daemon.heartbeat(),
-                            changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { break },
-                        }
-                    }
                 }
             },
+            // Heartbeats go on being stored while the link is down.
             _ = ticker.tick() => {
                 daemon.heartbeat();
-                if connection_birth.is_some() {
+                if daemon.link.is_connected() {
                     daemon.pump();
                 }
             }
-            _ = poll.tick(), if connection_birth.is_some() => {
+            _ = poll.tick(), if daemon.link.is_connected() => {
                 daemon.check_receipts();
                 daemon.pump();
                 daemon.save_cursor();
@@ -672,34 +566,15 @@ pub async fn run_daemon(
     }
 
     daemon.transition(LinkState::Closing);
-    if connection_birth.is_some() {
-        let death = daemon.lifecycle.death(Timestamp::now());
-        daemon.publish_live(&death)?;
-        if let Err(e) = daemon.client.try_disconnect() {
-            warn!(error = %e, "disconnect not queued");
-        }
-        // Acks that arrive while closing still move the cursor.
-        let closing = async {
-            loop {
-                match driver.next().await {
-                    Some(Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_)) | None => break,
-                    Some(Ok(Event::Outgoing(Outgoing::Publish(pkid)))) => {
-                        daemon.on_outgoing_publish(pkid)
-                    }
-                    Some(Ok(Event::Incoming(Packet::PubAck(ack)))) => daemon.on_puback(ack.pkid),
-                    Some(Ok(Event::Incoming(Packet::Publish(p))))
-                        if p.topic == receipt_topic(daemon.lifecycle.site()) =>
-                    {
-                        daemon.on_receipt(&p.payload)
-                    }
-                    Some(Ok(_)) => {}
-                }
+    // Acks and receipts that arrive while closing still move the cursor.
+    for event in daemon.link.close().await? {
+        match event {
+            LinkEvent::Acked(key) => daemon.on_puback(key),
+            LinkEvent::Message(publish) if publish.topic == receipts => {
+                daemon.on_receipt(&publish.payload)
             }
-        };
-        if tokio::time::timeout(CLOSE_TIMEOUT, closing).await.is_err() {
-            warn!("broker did not take the death in time; the will reports it instead");
+            _ => {}
         }
-        info!(death_seq = death.header.seq, "disconnected");
     }
     daemon.save_cursor();
     daemon.write_status();
