@@ -8,6 +8,7 @@
 //! - here: the broker options shared by both ([`LinkOptions`]), the link's states and errors,
 //!   and the reading of HQ's commands ([`command_of`]).
 
+pub mod delivery;
 pub mod driver;
 pub mod live;
 
