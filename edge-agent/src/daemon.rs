@@ -8,24 +8,19 @@
 //! ```
 //!
 //! Everything staff report and every heartbeat goes through the outbox; only the birth, the
-//! snapshot after it and the death are sent live (they describe the connection itself). The
-//! pump sends records after the last one handed to rumqttc, at most [`WINDOW`] unconfirmed
-//! at once; records stored before the current connection came up are backlog: sent with
-//! `historical: true` and at most `replay_rate` per second. rumqttc's own retransmission queue
-//! is emptied after every connection loss, so the outbox is the one source of what is resent.
+//! snapshot after it and the death are sent live (they describe the connection itself).
 //!
-//! A record is confirmed by HQ's receipt (`renkei_shared::receipt`), which the broker publishes
-//! once its recorder has committed the message: a PUBACK only says the broker's router took it,
-//! and a broker killed before its next commit would lose it. The cursor moves over the
-//! confirmed prefix. A record that had its PUBACK but no receipt within [`RECEIPT_TIMEOUT`] is
-//! sent again, and so is everything unconfirmed after a reconnect; HQ records each
-//! `(boot, seq)` once. With `confirm = "puback"` the PUBACK confirms (a broker without
-//! receipts). The connection itself (will, birth, backoff, close) is the link's
-//! [`Driver`](crate::link::driver::Driver), which tells the daemon each record's PUBACK.
+//! The daemon is glue between three pieces:
+//! - the link's [`Driver`] (will, birth, backoff, close), which tells it each record's PUBACK;
+//! - the [`Delivery`] core, which decides which records go out (in order, at most
+//!   [`WINDOW`] unconfirmed, backlog marked historical and paced
+//!   at `replay_rate`) and when one is confirmed: by HQ's receipt (`renkei_shared::receipt`),
+//!   sent once HQ's recorder has committed the message, or with `confirm = "puback"` by the
+//!   PUBACK; it sends again whatever a lost connection or an overdue receipt left unconfirmed;
+//! - the [`Outbox`], which holds the records and the cursor the core moves.
 //!
 //! The daemon also writes `{state_dir}/status` (atomically) for `renkei-agent status`.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,17 +33,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::Confirm;
 use crate::lifecycle::Lifecycle;
+use crate::link::delivery::{Delivery, RECEIPT_TIMEOUT, WINDOW};
 use crate::link::driver::{Driver, DriverOptions, LinkEvent, PublishError};
 use crate::link::{LinkError, LinkOptions, LinkState, command_of, timer};
 use crate::outbox::{Durability, Key, Outbox, Record};
 use crate::report::{FixedSite, Site};
 
-/// Outbox records handed to rumqttc and not yet confirmed, at most. A receipt comes up to one
-/// recorder batch (200 ms by default) after the PUBACK, so this allows a few hundred records a
-/// second per site.
-pub const WINDOW: usize = 64;
-/// A record with a PUBACK and no receipt this long after it is sent again.
-pub const RECEIPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the pump looks for records `renkei-agent report` appended.
 const POLL: Duration = Duration::from_millis(500);
 /// Requests the loop may queue for rumqttc at once: the window plus a snapshot.
@@ -71,52 +61,6 @@ pub struct DaemonOptions {
     pub link_watch: Option<watch::Sender<LinkState>>,
 }
 
-/// A token bucket: `rate` per second, bursts of up to one second's worth.
-#[derive(Debug)]
-struct Rate {
-    rate: f64,
-    tokens: f64,
-    at: Instant,
-}
-
-impl Rate {
-    fn new(rate: u32) -> Rate {
-        Rate {
-            rate: f64::from(rate),
-            tokens: f64::from(rate),
-            at: Instant::now(),
-        }
-    }
-
-    fn try_take(&mut self) -> bool {
-        let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate)
-            .min(self.rate.max(1.0));
-        self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// Delivery state of the current connection.
-#[derive(Debug, Default)]
-struct Delivery {
-    /// Outbox records handed to rumqttc, in order, until the cursor passes them.
-    in_flight: VecDeque<Key>,
-    /// Of those, the confirmed ones.
-    confirmed: BTreeSet<Key>,
-    /// Of those, the ones with a PUBACK and no receipt yet, with when the PUBACK came.
-    pubacked: HashMap<Key, Instant>,
-    /// The last record handed to rumqttc.
-    last_sent: Key,
-    /// Records up to here were stored before this connection: backlog.
-    backlog_until: Key,
-}
-
 struct Daemon {
     /// The connection; its speaker numbers every message of this boot.
     link: Driver<Lifecycle, Key>,
@@ -126,10 +70,8 @@ struct Daemon {
     state: LinkState,
     since: renkei_shared::Timestamp,
     delivery: Delivery,
-    rate: Rate,
-    /// The cursor as last written to disk.
-    cursor: Key,
-    cursor_dirty: bool,
+    /// The cursor as last written to the outbox.
+    saved: Key,
     heartbeats_dropped: u64,
     /// The last heartbeat found no room (outbox or disk full): the alarm stands until one fits.
     heartbeat_refused: bool,
@@ -165,7 +107,7 @@ impl Daemon {
             if (Key {
                 boot: env.header.boot,
                 seq: env.header.seq,
-            }) <= self.cursor
+            }) <= self.delivery.cursor()
             {
                 self.link.publish_live(&env)?;
             }
@@ -220,16 +162,15 @@ impl Daemon {
         }
     }
 
-    /// Hands the next outbox records to rumqttc, within the window and the replay rate.
+    /// Hands the outbox records the delivery core offers to the link.
     fn pump(&mut self) {
-        let room = WINDOW.saturating_sub(self.delivery.in_flight.len());
-        if room == 0 {
+        let Some(want) = self.delivery.want() else {
             return;
-        }
+        };
         let records = match self
             .outbox
             .lock()
-            .and_then(|mut l| l.read_after(self.delivery.last_sent, room))
+            .and_then(|mut l| l.read_after(want.after, want.limit))
         {
             Ok(r) => r,
             Err(e) => {
@@ -238,18 +179,23 @@ impl Daemon {
                 return;
             }
         };
-        for record in records {
-            let historical = record.key <= self.delivery.backlog_until;
-            if historical && !self.rate.try_take() {
+        let keys: Vec<Key> = records.iter().map(|r| r.key).collect();
+        let sends = self.delivery.offer(&keys, std::time::Instant::now());
+        let mut records = records.into_iter();
+        for send in sends {
+            let Some(record) = records.find(|r| r.key == send.key) else {
+                break;
+            };
+            if !self.send_record(record, send.historical) {
                 break;
             }
-            self.send_record(record, historical);
         }
     }
 
-    fn send_record(&mut self, record: Record, historical: bool) {
+    /// Publishes one offered record; false if the link did not take it (nor will it take
+    /// the next ones now).
+    fn send_record(&mut self, record: Record, historical: bool) -> bool {
         let key = record.key;
-        self.delivery.last_sent = key;
         let env = match renkei_shared::decode(&record.frame) {
             Ok(mut env) => {
                 env.header.historical = historical;
@@ -259,34 +205,33 @@ impl Daemon {
                 // Checked when stored, so this is a schema change across an upgrade: it can
                 // never be sent; count it as delivered so it does not block the rest.
                 error!(key = %key, error = %e, "outbox record no longer decodes; skipped");
-                self.delivery.in_flight.push_back(key);
-                self.confirm(key);
-                return;
+                let moved = self.delivery.abandon(key);
+                self.retired(moved);
+                return true;
             }
         };
         match self.link.publish(&env, Some(key)) {
-            Ok(()) => self.delivery.in_flight.push_back(key),
+            Ok(()) => true,
             Err(PublishError::Frame(e)) => {
-                error!(key = %key, error = %e, "outbox record cannot be framed; left queued")
+                // It decoded, so it cannot grow past the frame limit: like a record that no
+                // longer decodes, it can never be sent.
+                error!(key = %key, error = %e, "outbox record cannot be framed; skipped");
+                let moved = self.delivery.abandon(key);
+                self.retired(moved);
+                true
             }
-            // The record stays in the outbox and goes on the next connection.
+            // The record goes again at the next pump.
             Err(e) => {
-                self.delivery.in_flight.push_back(key);
-                warn!(error = %e, record = %key, "publish not queued")
+                warn!(error = %e, record = %key, "publish not queued");
+                self.delivery.unsent(key);
+                false
             }
         }
     }
 
     fn on_puback(&mut self, key: Key) {
-        match self.options.confirm {
-            Confirm::PubAck => self.confirm(key),
-            Confirm::Receipt => {
-                if self.delivery.in_flight.contains(&key) && !self.delivery.confirmed.contains(&key)
-                {
-                    self.delivery.pubacked.insert(key, Instant::now());
-                }
-            }
-        }
+        let moved = self.delivery.puback(key, std::time::Instant::now());
+        self.retired(moved);
     }
 
     /// A receipt from HQ: confirms the records in flight that it names. Records it names that
@@ -299,17 +244,9 @@ impl Daemon {
                 return;
             }
         };
-        let named: Vec<Key> = self
-            .delivery
-            .in_flight
-            .iter()
-            .filter(|k| receipt.covers(k.boot, k.seq))
-            .copied()
-            .collect();
-        debug!(named = receipt.count(), confirmed = named.len(), "receipt");
-        for key in named {
-            self.confirm(key);
-        }
+        let moved = self.delivery.receipt(&receipt);
+        debug!(named = receipt.count(), cursor = %self.delivery.cursor(), "receipt");
+        self.retired(moved);
     }
 
     /// The SUBACK of the connection's one SUBSCRIBE: commands, then receipts.
@@ -325,19 +262,10 @@ impl Daemon {
         }
     }
 
-    /// Marks a record in flight as delivered and moves the cursor over the confirmed prefix.
-    fn confirm(&mut self, key: Key) {
-        self.delivery.pubacked.remove(&key);
-        self.delivery.confirmed.insert(key);
-        while let Some(front) = self.delivery.in_flight.front().copied() {
-            if !self.delivery.confirmed.remove(&front) {
-                break;
-            }
-            self.delivery.in_flight.pop_front();
-            self.cursor = self.cursor.max(front);
-            self.cursor_dirty = true;
-        }
-        if self.delivery.in_flight.is_empty() {
+    /// The core moved the cursor (if `moved`): saved at once when nothing is left in flight,
+    /// else on the next poll, so that a busy window does not sync the disk per record.
+    fn retired(&mut self, moved: Option<Key>) {
+        if moved.is_some() && self.delivery.in_flight() == 0 {
             self.save_cursor();
         }
     }
@@ -345,46 +273,32 @@ impl Daemon {
     /// Sends again, from the cursor, when a record's receipt is overdue: the broker took it
     /// but HQ did not store it (a recorder that failed, or a broker that lost it).
     fn check_receipts(&mut self) {
-        let now = Instant::now();
-        let overdue = self
-            .delivery
-            .pubacked
-            .iter()
-            .filter(|(_, at)| now.duration_since(**at) >= RECEIPT_TIMEOUT)
-            .map(|(key, _)| *key)
-            .min();
-        let Some(overdue) = overdue else {
+        let Some(overdue) = self.delivery.check_overdue(std::time::Instant::now()) else {
             return;
         };
-        let unconfirmed =
-            (self.delivery.in_flight.len()).saturating_sub(self.delivery.confirmed.len());
         warn!(
-            record = %overdue, unconfirmed, timeout_s = RECEIPT_TIMEOUT.as_secs(),
+            record = %overdue.record, unconfirmed = overdue.unconfirmed,
+            timeout_s = RECEIPT_TIMEOUT.as_secs(),
             "no receipt from HQ for a record the broker took; sending again from the cursor"
         );
         self.last_error = Some(format!(
-            "no receipt from HQ within {} s for record {overdue}; sent again",
-            RECEIPT_TIMEOUT.as_secs()
+            "no receipt from HQ within {} s for record {}; sent again",
+            RECEIPT_TIMEOUT.as_secs(),
+            overdue.record
         ));
-        self.delivery.in_flight.clear();
-        self.delivery.confirmed.clear();
-        self.delivery.pubacked.clear();
-        self.delivery.last_sent = self.cursor;
         self.pump();
     }
 
+    /// Writes the core's cursor to the outbox, which then drops what it has delivered.
     fn save_cursor(&mut self) {
-        if !self.cursor_dirty {
+        let cursor = self.delivery.cursor();
+        if cursor <= self.saved {
             return;
         }
-        match self
-            .outbox
-            .lock()
-            .and_then(|mut l| l.set_acked(self.cursor))
-        {
+        match self.outbox.lock().and_then(|mut l| l.set_acked(cursor)) {
             Ok(()) => {
-                self.cursor_dirty = false;
-                debug!(acked = %self.cursor, "delivery cursor saved");
+                self.saved = cursor;
+                debug!(acked = %cursor, "delivery cursor saved");
                 self.write_status();
             }
             Err(e) => {
@@ -394,28 +308,24 @@ impl Daemon {
         }
     }
 
-    /// Forgets the connection's in-flight state: everything unacknowledged is re-sent from
+    /// Forgets the connection's in-flight state: everything unconfirmed is sent again from
     /// the outbox on the next connection (the driver drops rumqttc's own queue).
     fn connection_lost(&mut self) {
         self.save_cursor();
-        self.delivery = Delivery::default();
+        self.delivery.disconnected();
     }
 
     /// A new connection: its subscriptions and birth are queued; the snapshot follows, then
     /// the outbox from the cursor.
     fn connected(&mut self) -> Result<(), LinkError> {
-        self.delivery = Delivery {
-            last_sent: self.cursor,
-            backlog_until: self
-                .outbox
-                .lock()
-                .and_then(|mut l| l.last_key())
-                .ok()
-                .flatten()
-                .unwrap_or_default(),
-            ..Delivery::default()
-        };
-        info!(backlog_until = %self.delivery.backlog_until, acked = %self.cursor, "delivery resumes");
+        let last_stored = self
+            .outbox
+            .lock()
+            .and_then(|mut l| l.last_key())
+            .ok()
+            .flatten();
+        self.delivery.connected(last_stored);
+        info!(backlog_until = %last_stored.unwrap_or_default(), acked = %self.delivery.cursor(), "delivery resumes");
         self.transition(LinkState::Connected);
         self.snapshot()
     }
@@ -459,7 +369,7 @@ impl Daemon {
             self.since.0,
             self.options.link.broker.to_string(),
             self.link.speaker().boot(),
-            self.cursor.to_string(),
+            self.delivery.cursor().to_string(),
             self.heartbeats_dropped,
             std::process::id(),
             Timestamp::now().0,
@@ -501,15 +411,18 @@ pub async fn run_daemon(
     let cursor = outbox.lock().and_then(|l| l.acked()).unwrap_or_default();
     let mut daemon = Daemon {
         link,
-        rate: Rate::new(options.replay_rate),
+        delivery: Delivery::new(
+            options.confirm,
+            cursor,
+            options.replay_rate,
+            std::time::Instant::now(),
+        ),
+        saved: cursor,
         outbox,
         site,
         state: LinkState::Connecting,
         since: Timestamp::now(),
         options,
-        delivery: Delivery::default(),
-        cursor,
-        cursor_dirty: false,
         heartbeats_dropped: 0,
         heartbeat_refused: false,
         last_error: None,

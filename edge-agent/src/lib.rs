@@ -7,7 +7,8 @@
 //! staff ─ `report` CLI ─┐
 //! staff ─ web form ─────┤
 //! heartbeat timer ──────┴▶ outbox (disk, fsync) ─▶ daemon pump ─▶ link (rumqttc) ─▶ broker
-//!                              ▲ cursor moved by PubAck ◀──────────────────────────┘
+//!                              ▲ cursor moved by HQ's receipt ◀────────────────────┘
+//!                                (or the PUBACK, with confirm = "puback")
 //! broker ─▶ link ─▶ commands (rebirth, set interval) ─▶ back into the same loop
 //! ```
 //!
@@ -27,10 +28,12 @@
 //!   the fixed site of `run`, and the framing of every envelope onto its topic;
 //! - [`form`]: the staff web form the daemon serves on the shelter's network (`form_listen`),
 //!   parsed, checked and stored by the same code as `renkei-agent report`;
-//! - [`daemon`]: `run`'s session: birth and snapshot on every ConnAck, the outbox delivered in
-//!   order within a PubAck-tracked window, backlog replay marked historical and rate-limited;
-//! - [`link`]: the MQTT pieces both sessions share (options, backoff, commands, the task that
-//!   polls rumqttc) and the live session of [`simulate`], which has no outbox;
+//! - [`daemon`]: `run`'s session: the snapshot after every birth, and the outbox delivered as
+//!   the delivery core decides, the cursor moved by HQ's receipts;
+//! - [`link`]: the MQTT link: [`link::driver`] keeps one connection up (will, birth, backoff,
+//!   close) for the daemon and each simulated site; [`link::delivery`] is the sans-IO core that
+//!   decides what is sent and what may leave the outbox; [`link::live`] is the session of a
+//!   simulated site, which has no outbox;
 //! - [`simulate`]: many simulated shelters across the 23 wards, for drills, demos and load,
 //!   playing a scenario deterministic for a seed: `steady` (the default: a disaster already
 //!   under way) or `earthquake` (calm, a quake at `--quake-at`, then shelters opening, power

@@ -56,7 +56,7 @@ const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 /// The longest wait between attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How long a graceful close waits for its death and DISCONNECT to be written.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Who speaks on a link: numbers each attempt's birth and will, and the death of a close.
 pub trait Speaker {
@@ -294,8 +294,8 @@ impl<S: Speaker, T> Driver<S, T> {
     }
 
     /// Ends the link: while connected, sends the death and a DISCONNECT and waits (at most
-    /// [`CLOSE_TIMEOUT`]) until rumqttc has written them. Returns the PUBACKs and messages that
-    /// arrived meanwhile, for the user to apply.
+    /// [`CLOSE_TIMEOUT`]) until rumqttc has written them. Returns the PUBACKs and messages
+    /// that arrived meanwhile, for the user to apply.
     pub async fn close(&mut self) -> Result<Vec<LinkEvent<T>>, LinkError> {
         let mut late = Vec::new();
         let was = std::mem::replace(&mut self.phase, Phase::Closed);

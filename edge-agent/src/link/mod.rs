@@ -6,7 +6,7 @@
 //!   and every simulated site run on it, and so can a ward's uplink;
 //! - [`live`]: a simulated site's session: no outbox, its full state after every birth;
 //! - here: the broker options shared by both ([`LinkOptions`]), the link's states and errors,
-//!   and the reading of HQ's commands ([`command_of`]).
+//!   and the reading of HQ's commands (`command_of`).
 
 pub mod delivery;
 pub mod driver;
