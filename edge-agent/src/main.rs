@@ -329,7 +329,7 @@ async fn run(args: RunArgs) -> Result<()> {
     let link = LinkOptions {
         broker: config.broker.clone(),
         credentials: config.credentials.clone(),
-        client_id: LinkOptions::client_id(&config.site),
+        client_id: config.site.agent_client_id(),
         tls,
     };
     let lifecycle = Lifecycle::shared(config.site.clone(), boot, config.mode, outbox.clone());

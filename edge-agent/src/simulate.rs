@@ -769,7 +769,7 @@ pub fn spawn(
         let link = LinkOptions {
             broker: options.broker.clone(),
             credentials,
-            client_id: LinkOptions::client_id(&site.site),
+            client_id: site.site.agent_client_id(),
             tls: options.tls.clone(),
         };
         let lifecycle = Lifecycle::new(site.site.clone(), options.boot, options.mode);

@@ -718,7 +718,7 @@ async fn the_link_driver_reports_each_step_and_arms_a_fresh_will_per_attempt() {
             tls: false,
         },
         credentials: None,
-        client_id: LinkOptions::client_id(&site),
+        client_id: site.agent_client_id(),
         tls: None,
     };
     let driver_options = DriverOptions {

@@ -1058,3 +1058,14 @@ mod arbitrary {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn agent_client_id_names_ward_and_site() {
+        assert_eq!(
+            crate::sample::site().agent_client_id(),
+            "agent-131041-nishi-shinjuku-es"
+        );
+    }
+}

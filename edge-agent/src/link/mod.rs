@@ -42,11 +42,6 @@ pub struct LinkOptions {
 }
 
 impl LinkOptions {
-    /// The client id of a site's agent: `agent-{ward}-{site}`.
-    pub fn client_id(site: &renkei_shared::SiteRef) -> String {
-        format!("agent-{}-{}", site.ward, site.site)
-    }
-
     pub(crate) fn mqtt_options(&self) -> MqttOptions {
         let mut mqtt = MqttOptions::new(&self.client_id, &self.broker.host, self.broker.port);
         mqtt.set_keep_alive(KEEP_ALIVE)
@@ -142,17 +137,4 @@ pub(crate) fn command_of(
         return None;
     };
     Some((command, env.header.mode))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn client_id_names_ward_and_site() {
-        assert_eq!(
-            LinkOptions::client_id(&renkei_shared::sample::site()),
-            "agent-131041-nishi-shinjuku-es"
-        );
-    }
 }
