@@ -32,11 +32,12 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Confirm;
+use crate::keys::Key;
 use crate::lifecycle::Lifecycle;
 use crate::link::delivery::{Delivery, RECEIPT_TIMEOUT, WINDOW};
 use crate::link::driver::{Driver, DriverOptions, LinkEvent, PublishError};
 use crate::link::{LinkError, LinkOptions, LinkState, command_of, timer};
-use crate::outbox::{Durability, Key, Outbox, Record};
+use crate::outbox::{Durability, Outbox, Record};
 use crate::report::{FixedSite, Site};
 
 /// How often the pump looks for records `renkei-agent report` appended.

@@ -46,6 +46,7 @@
 pub mod config;
 pub mod daemon;
 pub mod form;
+pub mod keys;
 pub mod lifecycle;
 pub mod link;
 pub mod outbox;

@@ -48,7 +48,7 @@ use std::sync::{Mutex, MutexGuard};
 use renkei_shared::{BodyKind, CodecError, Envelope};
 use tracing::{error, info, warn};
 
-use crate::lifecycle::{BOOT_ID_FILE, BootIdError, next_boot_id};
+use crate::keys::{BOOT_ID_FILE, BootIdError, Key, next_boot_id};
 
 /// A segment is closed once it reaches this size: small enough that reading one to find the
 /// next records, or rewriting one, is cheap on an SD card.
@@ -65,39 +65,8 @@ const MAX_RECORD: usize = renkei_shared::codec::MAX_FRAME;
 const SEGMENT_EXT: &str = "seg";
 const QUARANTINE_DIR: &str = "quarantine";
 
-/// A record's identity and place in the delivery order: its envelope's `(boot, seq)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Key {
-    pub boot: u32,
-    pub seq: u64,
-}
-
-impl std::fmt::Display for Key {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.boot, self.seq)
-    }
-}
-
+/// Segment files are named by the key of their first record.
 impl Key {
-    fn of(env: &Envelope) -> Key {
-        Key {
-            boot: env.header.boot,
-            seq: env.header.seq,
-        }
-    }
-
-    fn parse(text: &str) -> Option<Key> {
-        let (boot, seq) = text.trim().split_once(' ')?;
-        Some(Key {
-            boot: boot.parse().ok()?,
-            seq: seq.parse().ok()?,
-        })
-    }
-
-    fn to_text(self) -> String {
-        format!("{} {}\n", self.boot, self.seq)
-    }
-
     fn segment_name(self) -> String {
         format!("{:010}-{:020}.{SEGMENT_EXT}", self.boot, self.seq)
     }

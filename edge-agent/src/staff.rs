@@ -13,7 +13,8 @@ use renkei_shared::{
     StockLine, SupplyRequest, SupplyStock, Timestamp,
 };
 
-use crate::outbox::{Durability, Key, Outbox, OutboxError};
+use crate::keys::Key;
+use crate::outbox::{Durability, Outbox, OutboxError};
 use crate::report::crowding;
 
 /// Largest head count a single shelter report may carry: the biggest wide-area evacuation

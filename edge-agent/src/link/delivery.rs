@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use renkei_shared::Receipt;
 
 use crate::config::Confirm;
-use crate::outbox::Key;
+use crate::keys::Key;
 
 /// Outbox records handed to the link and not yet confirmed, at most. A receipt comes up to one
 /// recorder batch (200 ms by default) after the PUBACK, so this allows a few hundred records a

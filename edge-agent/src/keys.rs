@@ -1,0 +1,148 @@
+//! Who numbers what: the boot id kept on disk ([`next_boot_id`]) and the `(boot, seq)`
+//! [`Key`] of every message, which is also its place in the delivery order. The outbox hands
+//! out keys ([`crate::outbox`]), the lifecycle stamps them on messages
+//! ([`crate::lifecycle`]), and the delivery core matches PUBACKs and receipts by them.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use renkei_shared::Envelope;
+
+/// A record's identity and place in the delivery order: its envelope's `(boot, seq)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Key {
+    pub boot: u32,
+    pub seq: u64,
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.boot, self.seq)
+    }
+}
+
+impl Key {
+    pub(crate) fn of(env: &Envelope) -> Key {
+        Key {
+            boot: env.header.boot,
+            seq: env.header.seq,
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Option<Key> {
+        let (boot, seq) = text.trim().split_once(' ')?;
+        Some(Key {
+            boot: boot.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+
+    pub(crate) fn to_text(self) -> String {
+        format!("{} {}\n", self.boot, self.seq)
+    }
+}
+
+/// The file in the state directory that holds the last boot id, as decimal text.
+pub const BOOT_ID_FILE: &str = "boot_id";
+
+/// Why the boot id could not be raised. The agent refuses to start without one: reusing an
+/// old boot id would make HQ discard everything this boot says as outdated.
+#[derive(Debug, thiserror::Error)]
+pub enum BootIdError {
+    /// The state directory or file could not be created, read, written or synced.
+    #[error("boot id in {}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The file holds something other than a number (it is never half-written: see
+    /// [`next_boot_id`]), so a person must look at it.
+    #[error("boot id file {} holds {content:?}, not a number", path.display())]
+    Corrupt { path: PathBuf, content: String },
+    /// Four billion restarts.
+    #[error("boot id in {} is at its maximum", path.display())]
+    Exhausted { path: PathBuf },
+}
+
+/// Raises the boot id kept in `dir` by one and returns it (1 on the first start).
+///
+/// The new value is written to a temporary file, synced, renamed over the old one and the
+/// directory synced, so that a power cut leaves either the old or the new value, never a torn
+/// one, and a value once returned is never returned again.
+pub fn next_boot_id(dir: &Path) -> Result<u32, BootIdError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| BootIdError::Io { path, source }
+    };
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let path = dir.join(BOOT_ID_FILE);
+    let last = match fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse::<u32>()
+            .map_err(|_| BootIdError::Corrupt {
+                path: path.clone(),
+                content: text.chars().take(40).collect(),
+            })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(io(&path)(e)),
+    };
+    let next = last
+        .checked_add(1)
+        .ok_or_else(|| BootIdError::Exhausted { path: path.clone() })?;
+
+    let tmp = dir.join(format!("{BOOT_ID_FILE}.tmp"));
+    let mut file = File::create(&tmp).map_err(io(&tmp))?;
+    writeln!(file, "{next}").map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    fs::rename(&tmp, &path).map_err(io(&path))?;
+    // Makes the rename itself durable.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))?;
+    Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_id_starts_at_one_and_grows_across_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("nested/agent");
+        assert_eq!(next_boot_id(&state).unwrap(), 1);
+        assert_eq!(next_boot_id(&state).unwrap(), 2);
+        assert_eq!(next_boot_id(&state).unwrap(), 3);
+        let text = fs::read_to_string(state.join(BOOT_ID_FILE)).unwrap();
+        assert_eq!(text, "3\n");
+        assert!(!state.join("boot_id.tmp").exists());
+    }
+
+    #[test]
+    fn boot_id_continues_from_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(BOOT_ID_FILE), "41\n").unwrap();
+        assert_eq!(next_boot_id(dir.path()).unwrap(), 42);
+    }
+
+    #[test]
+    fn a_corrupt_boot_id_is_an_error_not_a_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(BOOT_ID_FILE), "garbage").unwrap();
+        let err = next_boot_id(dir.path()).unwrap_err();
+        assert!(matches!(err, BootIdError::Corrupt { .. }), "{err}");
+        // The file is left for a person to look at.
+        assert_eq!(
+            fs::read_to_string(dir.path().join(BOOT_ID_FILE)).unwrap(),
+            "garbage"
+        );
+        fs::write(dir.path().join(BOOT_ID_FILE), u32::MAX.to_string()).unwrap();
+        assert!(matches!(
+            next_boot_id(dir.path()),
+            Err(BootIdError::Exhausted { .. })
+        ));
+    }
+}
