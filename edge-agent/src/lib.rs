@@ -6,16 +6,17 @@
 //! ```text
 //! staff ─ `report` CLI ─┐
 //! staff ─ web form ─────┤
-//! heartbeat timer ──────┴▶ outbox (disk, fsync) ─▶ daemon pump ─▶ link (rumqttc) ─▶ broker
-//!                              ▲ cursor moved by HQ's receipt ◀────────────────────┘
-//!                                (or the PUBACK, with confirm = "puback")
-//! broker ─▶ link ─▶ commands (rebirth, set interval) ─▶ back into the same loop
+//! heartbeat timer ──────┴▶ outbox (disk, fsync) ─▶ daemon ─▶ delivery core ─▶ link driver (rumqttc) ─▶ broker
+//!                              ▲ cursor moved by HQ's receipt (or the PUBACK, confirm = "puback") ◀──┘
+//! broker ─▶ link driver ─▶ commands (rebirth, set interval) ─▶ back into the same loop
 //! ```
 //!
 //! Layout:
 //! - [`config`]: the `run` settings, from a TOML file and CLI flags, with errors that name the key;
-//! - [`lifecycle`]: the persisted boot id and the per-boot sequence numbers, arranged so that
-//!   the last will (death) outranks the birth of its connection and nothing after it;
+//! - [`keys`]: the boot id raised on disk at every start and the `(boot, seq)` key of every
+//!   message, its place in the delivery order;
+//! - [`lifecycle`]: the per-boot sequence numbers, arranged so that the last will (death)
+//!   outranks the birth of its connection and nothing after it;
 //! - [`outbox`]: the durable disk queue (segment log, CRC per record, torn tails cut, corrupt
 //!   segments quarantined, bounded by bytes) shared by the daemon and `renkei-agent report`;
 //!   it also hands out every `(boot, seq)` of `run`, so CLI reports and daemon messages share
@@ -28,12 +29,12 @@
 //!   the fixed site of `run`, and the framing of every envelope onto its topic;
 //! - [`form`]: the staff web form the daemon serves on the shelter's network (`form_listen`),
 //!   parsed, checked and stored by the same code as `renkei-agent report`;
-//! - [`daemon`]: `run`'s session: the snapshot after every birth, and the outbox delivered as
-//!   the delivery core decides, the cursor moved by HQ's receipts;
-//! - [`link`]: the MQTT link: [`link::driver`] keeps one connection up (will, birth, backoff,
-//!   close) for the daemon and each simulated site; [`link::delivery`] is the sans-IO core that
-//!   decides what is sent and what may leave the outbox; [`link::live`] is the session of a
-//!   simulated site, which has no outbox;
+//! - [`daemon`]: `run`'s session: birth and snapshot on every connection, the outbox
+//!   delivered through the delivery core, commands, the status file;
+//! - [`link`]: what every MQTT session shares: the link driver ([`link::driver`]: the rumqttc
+//!   event loop, will, birth, backoff, close), the sans-IO delivery core ([`link::delivery`]:
+//!   what to send, and what may leave the outbox on a PUBACK or a receipt), HQ's commands, and
+//!   the live session of [`simulate`], which has no outbox;
 //! - [`simulate`]: many simulated shelters across the 23 wards, for drills, demos and load,
 //!   playing a scenario deterministic for a seed: `steady` (the default: a disaster already
 //!   under way) or `earthquake` (calm, a quake at `--quake-at`, then shelters opening, power
