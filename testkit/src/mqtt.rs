@@ -167,6 +167,22 @@ impl MqttClient {
         }
     }
 
+    /// The next publish if one arrives by `deadline`; panics if the connection ends first
+    /// (a test that expects it to end asks [`MqttClient::closed_within`]).
+    pub async fn publish_by(&mut self, deadline: tokio::time::Instant) -> Option<Publish> {
+        if let Some(p) = self.early.pop_front() {
+            return Some(p);
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, self.incoming.recv()).await {
+                Ok(Some(Packet::Publish(p))) => return Some(p),
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the connection to the broker ended"),
+                Err(_) => return None,
+            }
+        }
+    }
+
     /// Whether the event loop has ended (the broker closed the connection) within `wait`.
     pub async fn closed_within(&mut self, wait: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
