@@ -82,6 +82,14 @@ impl Watch {
     }
 }
 
+/// A Mosquitto with HQ watching every Renkei topic on it, or `None` (with a SKIPPED line)
+/// where Mosquitto is not installed.
+pub async fn watched_broker() -> Option<(Mosquitto, Watch)> {
+    let broker = Mosquitto::start_if_installed()?;
+    let wire = Watch::start(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+    Some((broker, wire))
+}
+
 /// The message, if it is a birth (`want_birth`) or a death (otherwise).
 pub fn is_life(m: &Received, want_birth: bool) -> Option<Received> {
     match &m.env.body {

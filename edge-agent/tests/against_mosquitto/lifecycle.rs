@@ -13,17 +13,16 @@ use renkei_testkit::{AgentProcess, Mosquitto};
 use rumqttc::QoS;
 use tokio::time::Instant;
 
-use crate::hq::{WAIT, Watch, is_life};
+use crate::hq::{WAIT, Watch, is_life, watched_broker};
 use crate::site::{run_args, site};
 
 #[tokio::test]
 async fn birth_status_and_shelter_arrive_and_the_will_reports_a_killed_agent() {
-    let Some(broker) = Mosquitto::start_if_installed() else {
+    let Some((broker, mut wire)) = watched_broker().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let mut wire = Watch::start(&broker, "hq-watch", renkei_shared::topic::ALL).await;
     let url = broker.url();
     let mut agent = AgentProcess::start(&run_args(&url, state.to_str().unwrap(), "1s"));
 
@@ -99,12 +98,11 @@ async fn birth_status_and_shelter_arrive_and_the_will_reports_a_killed_agent() {
 
 #[tokio::test]
 async fn sigterm_sends_a_death_and_a_restart_raises_the_boot_id() {
-    let Some(broker) = Mosquitto::start_if_installed() else {
+    let Some((broker, mut wire)) = watched_broker().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let mut wire = Watch::start(&broker, "hq-watch", renkei_shared::topic::ALL).await;
     let url = broker.url();
     let args = run_args(&url, state.to_str().unwrap(), "30s");
 
@@ -130,12 +128,11 @@ async fn sigterm_sends_a_death_and_a_restart_raises_the_boot_id() {
 
 #[tokio::test]
 async fn commands_ask_for_a_rebirth_and_change_the_interval() {
-    let Some(broker) = Mosquitto::start_if_installed() else {
+    let Some((broker, mut wire)) = watched_broker().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let mut wire = Watch::start(&broker, "hq-watch", renkei_shared::topic::ALL).await;
     let url = broker.url();
     let agent = AgentProcess::start(&run_args(&url, state.to_str().unwrap(), "60s"));
     let birth = wire.next(&agent, "birth", |m| is_life(m, true)).await;
@@ -269,11 +266,10 @@ async fn after_a_broker_restart_the_agent_is_born_again_with_a_fresh_will() {
 /// its heartbeats arrive.
 #[tokio::test]
 async fn freshly_started_agents_are_never_shown_dead_while_reporting() {
-    let Some(broker) = Mosquitto::start_if_installed() else {
+    let Some((broker, mut wire)) = watched_broker().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let mut wire = Watch::start(&broker, "hq-watch", renkei_shared::topic::ALL).await;
     let url = broker.url();
     let names: Vec<String> = (0..6).map(|i| format!("alive-{i}")).collect();
     let agents: Vec<AgentProcess> = names

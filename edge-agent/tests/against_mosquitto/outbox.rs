@@ -2,6 +2,7 @@
 //! that is down and a damaged segment, and reach HQ once and in order; a full outbox or disk
 //! refuses new reports and raises the alarm in the heartbeats.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -10,8 +11,24 @@ use renkei_testkit::mosquitto::MOSQUITTO;
 use renkei_testkit::{AgentProcess, Mosquitto, free_port};
 use tokio::time::Instant;
 
-use crate::hq::{Hq, LONG_WAIT, Watch, is_life};
+use crate::hq::{Hq, LONG_WAIT, Watch, is_life, watched_broker};
 use crate::site::{agent_status, report, write_config};
+
+/// Files supply requests of 3 kB each until the outbox refuses one: how many it saved, and
+/// what the refused report told staff.
+fn fill_outbox(config: &Path) -> (usize, String) {
+    let note = "x".repeat(3000);
+    let mut saved = 0;
+    loop {
+        let request = ["request", "--item", "water", "--quantity", "10", "--note"];
+        let (ok, text) = report(config, &[&request[..], &[&note]].concat());
+        if !ok {
+            return (saved, text);
+        }
+        saved += 1;
+        assert!(saved < 100, "the outbox never filled");
+    }
+}
 
 #[tokio::test]
 async fn confirmed_reports_survive_kill_9_of_report_and_daemon_and_arrive_once_in_order() {
@@ -88,13 +105,12 @@ async fn confirmed_reports_survive_kill_9_of_report_and_daemon_and_arrive_once_i
 
 #[tokio::test]
 async fn broker_down_then_back_the_backlog_arrives_in_order_once_and_paced() {
-    let Some(broker) = Mosquitto::start_if_installed() else {
+    let Some((broker, mut wire)) = watched_broker().await else {
         return;
     };
     let port = broker.port;
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), port, "replay_rate = 20");
-    let mut wire = Watch::start(&broker, "hq-watch", renkei_shared::topic::ALL).await;
     let agent = AgentProcess::start(&["run", "--config", config.to_str().unwrap()]);
     wire.next(&agent, "birth", |m| is_life(m, true)).await;
     let mut hq = Hq::default();
@@ -182,27 +198,7 @@ async fn a_corrupt_outbox_segment_is_quarantined_and_the_agent_carries_on() {
 async fn a_full_outbox_refuses_new_reports_with_an_alarm_and_keeps_the_saved_ones() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), free_port(), "outbox_max = \"64KiB\"");
-    let note = "x".repeat(3000);
-    let mut saved = 0;
-    let refusal = loop {
-        let (ok, text) = report(
-            &config,
-            &[
-                "request",
-                "--item",
-                "water",
-                "--quantity",
-                "10",
-                "--note",
-                &note,
-            ],
-        );
-        if !ok {
-            break text;
-        }
-        saved += 1;
-        assert!(saved < 100, "the outbox never filled");
-    };
+    let (saved, refusal) = fill_outbox(&config);
     assert!(
         refusal.contains("NOT saved") && refusal.contains("outbox is full"),
         "{refusal}"
@@ -224,28 +220,8 @@ async fn a_full_outbox_raises_the_alarm_in_heartbeats_until_the_backlog_drains()
         "outbox_max = \"64KiB\"\nreplay_rate = 50",
     );
     // Filled while no daemon runs, until staff are told "NOT saved".
-    let note = "x".repeat(3000);
-    let mut saved = 0;
-    loop {
-        let (ok, text) = report(
-            &config,
-            &[
-                "request",
-                "--item",
-                "water",
-                "--quantity",
-                "10",
-                "--note",
-                &note,
-            ],
-        );
-        if !ok {
-            assert!(text.contains("outbox is full"), "{text}");
-            break;
-        }
-        saved += 1;
-        assert!(saved < 100, "the outbox never filled");
-    }
+    let (saved, refusal) = fill_outbox(&config);
+    assert!(refusal.contains("outbox is full"), "{refusal}");
 
     let mut wire = Watch::start(&broker, "hq-watch", renkei_shared::topic::ALL).await;
     let agent = AgentProcess::start(&["run", "--config", config.to_str().unwrap()]);

@@ -1,36 +1,40 @@
 //! `renkei-agent simulate`: sites across every ward whose figures move, the earthquake
 //! scenario, and the flags it refuses.
 
+use std::path::Path;
 use std::time::Duration;
 
 use renkei_shared::{Body, Life, Mode, Origin, SiteRef};
 use renkei_testkit::{AgentProcess, Mosquitto, run_agent};
 use tokio::time::Instant;
 
-use crate::hq::{WAIT, Watch};
+use crate::hq::{WAIT, watched_broker};
 
-#[tokio::test]
-async fn simulate_fills_every_ward_and_numbers_move() {
-    let Some(broker) = Mosquitto::start_if_installed() else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("sim");
-    let mut wire = Watch::start(&broker, "hq-watch", renkei_shared::topic::ALL).await;
+/// `renkei-agent simulate` of 30 sites reporting every second to `broker`, its state in
+/// `dir`, with `extra` arguments.
+fn thirty_sites(broker: &Mosquitto, dir: &Path, extra: &[&str]) -> AgentProcess {
     let url = broker.url();
-    let mut agent = AgentProcess::start(&[
+    let state = dir.join("sim");
+    let state = state.to_str().expect("a UTF-8 path");
+    let args = [
         "simulate",
         "--broker",
         &url,
         "--sites",
         "30",
-        "--seed",
-        "5",
         "--interval",
         "1s",
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
+    ];
+    AgentProcess::start(&[&args[..], extra, &["--state-dir", state]].concat())
+}
+
+#[tokio::test]
+async fn simulate_fills_every_ward_and_numbers_move() {
+    let Some((broker, mut wire)) = watched_broker().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = thirty_sites(&broker, dir.path(), &["--seed", "5"]);
 
     let mut births = std::collections::BTreeSet::new();
     let mut evacuees: std::collections::BTreeMap<SiteRef, Vec<u32>> = Default::default();
@@ -73,31 +77,20 @@ async fn simulate_fills_every_ward_and_numbers_move() {
 
 #[tokio::test]
 async fn simulate_earthquake_opens_shelters_and_raises_requests() {
-    let Some(broker) = Mosquitto::start_if_installed() else {
+    let Some((broker, mut wire)) = watched_broker().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("sim");
-    let mut wire = Watch::start(&broker, "hq-watch", renkei_shared::topic::ALL).await;
-    let url = broker.url();
     let started = Instant::now();
-    let mut agent = AgentProcess::start(&[
-        "simulate",
-        "--broker",
-        &url,
-        "--sites",
-        "30",
+    let quake = [
         "--scenario",
         "earthquake",
         "--quake-at",
         "1s",
-        "--interval",
-        "1s",
         "--seed",
         "7",
-        "--state-dir",
-        state.to_str().unwrap(),
-    ]);
+    ];
+    let mut agent = thirty_sites(&broker, dir.path(), &quake);
 
     // Before the quake every shelter is not open; then shelters open and ask for supplies.
     let mut not_open_at_birth = std::collections::BTreeSet::new();

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use renkei_shared::{Body, ShelterState};
-use renkei_testkit::{AgentProcess, HttpRequest, Mosquitto, free_port};
+use renkei_testkit::{AgentProcess, HttpRequest, free_port};
 use tokio::time::Instant;
 
-use crate::hq::{WAIT, Watch, is_life};
+use crate::hq::{WAIT, is_life, watched_broker};
 use crate::site::write_config;
 
 /// `GET path` from the form on `port`: (status code, body).
@@ -40,7 +40,7 @@ async fn send(port: u16, request: HttpRequest) -> (u16, String) {
 
 #[tokio::test]
 async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_input() {
-    let Some(broker) = Mosquitto::start_if_installed() else {
+    let Some((broker, mut wire)) = watched_broker().await else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -50,7 +50,6 @@ async fn the_web_form_saves_a_shelter_report_that_reaches_hq_and_refuses_bad_inp
         broker.port,
         &format!("form_listen = \"127.0.0.1:{form_port}\"\nform_pin = \"246810\""),
     );
-    let mut wire = Watch::start(&broker, "hq-watch", renkei_shared::topic::ALL).await;
     let agent = AgentProcess::start(&["run", "--config", config.to_str().unwrap()]);
     wire.next(&agent, "birth", |m| is_life(m, true)).await;
     let deadline = Instant::now() + WAIT;
