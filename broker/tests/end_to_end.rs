@@ -1,4 +1,6 @@
-//! The real broker binary, driven from outside over MQTT, WebSocket and HTTP.
+//! The real broker, driven from outside over MQTT, WebSocket and HTTP: the binary as a
+//! process, or the library in this process where a test reaches into its state. Everything it
+//! starts and every client comes from `renkei-testkit`.
 // Helpers and tests panic on failure, like the assertions they make.
 #![allow(clippy::unwrap_used)]
 
@@ -8,7 +10,6 @@ mod burst;
 mod external;
 mod file_modes;
 mod filter_memory;
-mod harness;
 mod http_limits;
 mod idle_sockets;
 mod persistence;
@@ -17,24 +18,24 @@ mod rules;
 mod sessions;
 mod tls;
 
-use std::process::Command;
-
-use harness::{MqttClient, RunningBroker, eventually, http_get, metric};
 use renkei_shared::codec::SCHEMA_VERSION;
 use renkei_shared::{Envelope, Topic, encode, sample, topic};
+use renkei_testkit::mqtt::websocket_upgrade;
+use renkei_testkit::{
+    BrokerProcess, InProcessBroker, MqttClient, PATIENCE, eventually, http_get, metric, options,
+    scrape, start_refused,
+};
 use rumqttc::QoS;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingests_mirrors_and_counts_over_real_mqtt() {
-    let broker = RunningBroker::start();
+    let broker = BrokerProcess::start();
     let addrs = broker.addrs;
     assert!(broker.data_dir().is_dir(), "data directory created");
 
-    let mut integrator = MqttClient::connect(&addrs, "integrator").await;
+    let mut integrator = MqttClient::connect(addrs.mqtt, "integrator").await;
     integrator.subscribe(topic::ALL_JSON).await;
-    let agent = MqttClient::connect(&addrs, "agent-nishi-shinjuku-es").await;
+    let agent = MqttClient::connect(addrs.mqtt, "agent-nishi-shinjuku-es").await;
 
     let status = sample::status();
     let status_topic = Topic::of(&status).unwrap().to_string();
@@ -46,7 +47,7 @@ async fn ingests_mirrors_and_counts_over_real_mqtt() {
         (&status_topic, vec![SCHEMA_VERSION, 0xff, 0xff, 0xff]),
         // Another site's topic: demo mode lets anonymous clients publish any site's topic, but
         // the message inside must belong there.
-        ("renkei/v1/131016/chiyoda-es/status", status_bytes.clone()),
+        ("renkei/v1/131016/chiyoda-es/status", status_bytes),
     ];
     for (topic, payload) in refused {
         agent
@@ -56,11 +57,7 @@ async fn ingests_mirrors_and_counts_over_real_mqtt() {
             .unwrap();
     }
     // Then a real heartbeat, retained as agents send it.
-    agent
-        .client
-        .publish(&status_topic, QoS::AtLeastOnce, true, status_bytes)
-        .await
-        .unwrap();
+    agent.send(&status).await;
 
     // The JSON mirror carries the accepted message, and only that one.
     let mirrored = integrator.next_publish().await;
@@ -71,20 +68,13 @@ async fn ingests_mirrors_and_counts_over_real_mqtt() {
     let envelope: Envelope = serde_json::from_slice(&mirrored.payload).unwrap();
     assert_eq!(envelope, status);
     // A redelivery (QoS 1 after a lost PUBACK) is accepted but not mirrored again.
-    agent
-        .client
-        .publish(
-            &status_topic,
-            QoS::AtLeastOnce,
-            true,
-            encode(&status).unwrap(),
-        )
-        .await
-        .unwrap();
+    agent.send(&status).await;
 
     // The live state shows it.
     let state = eventually("the site in /api/v1/state", || async {
-        let state = http_get(&addrs, "/api/v1/state?mode=actual").await.json();
+        let state = http_get(addrs.http, "/api/v1/state?mode=actual")
+            .await
+            .json();
         let heard = state["sites"].as_array().is_some_and(|s| !s.is_empty());
         heard.then_some(state)
     })
@@ -101,7 +91,7 @@ async fn ingests_mirrors_and_counts_over_real_mqtt() {
 
     // Every refusal is counted by reason.
     let metrics = eventually("refusals in /metrics", || async {
-        let text = http_get(&addrs, "/metrics").await.text();
+        let text = scrape(addrs.http, None).await;
         let counted = ["malformed", "wrong_topic"].iter().all(|reason| {
             metric(
                 &text,
@@ -124,9 +114,9 @@ async fn ingests_mirrors_and_counts_over_real_mqtt() {
     assert!(tcp >= 2, "integrator and agent are connected: {tcp}");
 
     // Still serving: health, and a late integrator receives the retained mirror at once.
-    let health = http_get(&addrs, "/healthz").await;
+    let health = http_get(addrs.http, "/healthz").await;
     assert_eq!((health.status, health.text().as_str()), (200, "ok"));
-    let mut late = MqttClient::connect(&addrs, "late-integrator").await;
+    let mut late = MqttClient::connect(addrs.mqtt, "late-integrator").await;
     late.subscribe(topic::ALL_JSON).await;
     let retained = late.next_publish().await;
     assert!(retained.retain, "the mirror of a status is retained");
@@ -138,10 +128,10 @@ async fn ingests_mirrors_and_counts_over_real_mqtt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_finds_the_websocket_and_it_speaks_mqtt() {
-    let broker = RunningBroker::start();
+    let broker = BrokerProcess::start();
     let addrs = broker.addrs;
 
-    let config = http_get(&addrs, "/config.json").await;
+    let config = http_get(addrs.http, "/config.json").await;
     assert_eq!(config.status, 200);
     assert!(
         config
@@ -156,26 +146,13 @@ async fn dashboard_finds_the_websocket_and_it_speaks_mqtt() {
         format!("ws://127.0.0.1:{}", addrs.ws.unwrap().port())
     );
     assert_eq!(config.json()["auth_required"], false, "demo mode");
-    let index = http_get(&addrs, "/").await;
+    let index = http_get(addrs.http, "/").await;
     assert_eq!(index.status, 200);
     assert!(index.text().contains("renkei dashboard"));
 
     // A browser's upgrade request: Chromium refuses the socket unless `mqtt` is answered.
-    let mut ws = TcpStream::connect(addrs.ws.unwrap()).await.unwrap();
-    let request = format!(
-        "GET /mqtt HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Protocol: mqtt\r\n\r\n",
-        addrs.ws.unwrap()
-    );
-    ws.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8];
-        ws.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let (_ws, head) = websocket_upgrade(addrs.ws.unwrap()).await;
+    let head = head.to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("sec-websocket-protocol: mqtt\r\n"), "{head}");
     // The accept key of RFC 6455's own example.
@@ -189,31 +166,21 @@ async fn dashboard_finds_the_websocket_and_it_speaks_mqtt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_cannot_take_the_ingest_links_id() {
-    let broker = RunningBroker::start();
+    let broker = BrokerProcess::start();
     let addrs = broker.addrs;
 
     let (_client, mut eventloop) =
-        rumqttc::AsyncClient::new(harness::options(&addrs, "renkei-broker-ingest"), 8);
-    let first = tokio::time::timeout(harness::PATIENCE, eventloop.poll())
+        rumqttc::AsyncClient::new(options(addrs.mqtt, "renkei-broker-ingest"), 8);
+    let first = tokio::time::timeout(PATIENCE, eventloop.poll())
         .await
         .unwrap();
     assert!(first.is_err(), "reserved client id refused: {first:?}");
 
     // Ingest still consumes.
-    let agent = MqttClient::connect(&addrs, "agent").await;
-    let status = sample::status();
-    agent
-        .client
-        .publish(
-            Topic::of(&status).unwrap().to_string(),
-            QoS::AtLeastOnce,
-            true,
-            encode(&status).unwrap(),
-        )
-        .await
-        .unwrap();
+    let agent = MqttClient::connect(addrs.mqtt, "agent").await;
+    agent.send(&sample::status()).await;
     eventually("the heartbeat accepted", || async {
-        let text = http_get(&addrs, "/metrics").await.text();
+        let text = scrape(addrs.http, None).await;
         (metric(&text, "renkei_messages_accepted_total{kind=\"status\"}") == Some(1)).then_some(())
     })
     .await;
@@ -224,9 +191,9 @@ async fn a_client_cannot_take_the_ingest_links_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_garbage_is_counted_but_not_logged_line_by_line() {
     const FLOOD: i64 = 500;
-    let broker = RunningBroker::start();
+    let broker = BrokerProcess::start();
     let addrs = broker.addrs;
-    let agent = MqttClient::connect(&addrs, "broken-agent").await;
+    let agent = MqttClient::connect(addrs.mqtt, "broken-agent").await;
     let status_topic = Topic::of(&sample::status()).unwrap().to_string();
     for _ in 0..FLOOD {
         agent
@@ -241,7 +208,7 @@ async fn a_flood_of_garbage_is_counted_but_not_logged_line_by_line() {
             .unwrap();
     }
     eventually("every refusal counted", || async {
-        let text = http_get(&addrs, "/metrics").await.text();
+        let text = scrape(addrs.http, None).await;
         (metric(
             &text,
             "renkei_messages_rejected_total{reason=\"malformed\"}",
@@ -259,7 +226,7 @@ async fn a_flood_of_garbage_is_counted_but_not_logged_line_by_line() {
         (1..=30).contains(&logged),
         "{logged} lines for {FLOOD} refusals"
     );
-    assert_eq!(http_get(&addrs, "/healthz").await.status, 200);
+    assert_eq!(http_get(addrs.http, "/healthz").await.status, 200);
     assert!(broker.terminate().success());
 }
 
@@ -269,25 +236,12 @@ async fn a_flood_of_garbage_is_counted_but_not_logged_line_by_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingest_resumes_after_the_router_unschedules_it() {
     const BURST: u64 = 1_000;
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = renkei_broker::config::Config::default();
-    config.mqtt.listen = "127.0.0.1:0".parse().unwrap();
-    config.mqtt.ws_listen = "127.0.0.1:0".parse().unwrap();
-    config.http.listen = "127.0.0.1:0".parse().unwrap();
-    config.http.dashboard_dir = dir.path().join("dist");
-    config.data.dir = dir.path().join("data");
-    config.demo = true;
-    let broker = renkei_broker::Broker::start(config).await.unwrap();
+    let broker = InProcessBroker::start(|_| {}).await;
     let addrs = broker.addrs();
     let app = broker.app_state().clone();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(broker.serve(async {
-        let _ = stopped.await;
-    }));
 
-    let agent = MqttClient::connect(&addrs, "bursting-agent").await;
+    let agent = MqttClient::connect(addrs.mqtt, "bursting-agent").await;
     let mut status = sample::status();
-    let topic = Topic::of(&status).unwrap().to_string();
     // Hold the lock on a thread of its own: the ingest thread blocks on it, this task does not.
     let (locked_tx, locked) = std::sync::mpsc::channel();
     let (release, released) = std::sync::mpsc::channel::<()>();
@@ -300,11 +254,7 @@ async fn ingest_resumes_after_the_router_unschedules_it() {
     locked.recv().unwrap();
     for seq in 1..=BURST {
         status.header.seq = seq;
-        agent
-            .client
-            .publish(&topic, QoS::AtLeastOnce, true, encode(&status).unwrap())
-            .await
-            .unwrap();
+        agent.send(&status).await;
     }
     // Let the router push to ingest until its buffer is full.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
@@ -327,24 +277,12 @@ async fn ingest_resumes_after_the_router_unschedules_it() {
         Some(BURST as i64)
     );
 
-    let _ = stop.send(());
-    serving.await.unwrap().unwrap();
+    broker.stop().await;
 }
 
 #[test]
 fn a_bad_config_key_is_named_and_the_broker_does_not_start() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("broker.toml");
-    std::fs::write(&config, "[mqtt]\nlisten_addr = \"0.0.0.0:1883\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(out.stdout.is_empty(), "no ready line");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = start_refused("[mqtt]\nlisten_addr = \"0.0.0.0:1883\"\n", &[]);
     assert!(stderr.contains("mqtt.listen_addr"), "{stderr}");
 }
 
@@ -352,16 +290,18 @@ fn a_bad_config_key_is_named_and_the_broker_does_not_start() {
 fn a_taken_mqtt_port_fails_the_start() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
-        .args(["serve", "--mqtt", &format!("127.0.0.1:{port}")])
-        .args(["--ws", "127.0.0.1:0", "--http", "127.0.0.1:0", "--data"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(out.stdout.is_empty(), "no ready line");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mqtt = format!("127.0.0.1:{port}");
+    let stderr = start_refused(
+        "",
+        &[
+            "--mqtt",
+            &mqtt,
+            "--ws",
+            "127.0.0.1:0",
+            "--http",
+            "127.0.0.1:0",
+        ],
+    );
     assert!(stderr.contains("MQTT TCP listener"), "{stderr}");
     drop(taken);
 }

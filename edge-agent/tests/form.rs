@@ -1,8 +1,9 @@
 //! The staff web form's defences, tried against the real server on an ephemeral port with a
-//! real HTTP client (hyper's) and raw sockets: what a hostile page, a guessing phone and slow
-//! clients can and cannot do. No broker is needed: the form writes to the outbox in-process.
+//! real HTTP client (hyper's) and raw sockets (the test kit's): what a hostile page, a guessing
+//! phone and slow clients can and cannot do. No broker is needed: the form writes to the
+//! outbox in-process.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,10 @@ use renkei_agent::form::{self, FormLimits, FormState};
 use renkei_agent::link::LinkState;
 use renkei_agent::outbox::Outbox;
 use renkei_shared::{Body as Message, Id, Mode, SiteRef, WardCode};
+use renkei_testkit::net::{closed_by, connect_from};
+use renkei_testkit::{AgentProcess, free_port};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 const PIN: &str = "246810";
@@ -496,24 +499,9 @@ fn server_sockets(port: u16) -> usize {
         .count()
 }
 
-/// A connection from 127.0.0.`source` (Linux routes all of 127/8 to the loopback).
-async fn connect_from(source: u8, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::from(([127, 0, 0, source], 0)))?;
-    socket.connect(to).await
-}
-
 /// Whether the server closes `stream` within `within`.
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
-    let mut buf = [0u8; 1024];
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Err(_) => return false,
-            Ok(Ok(0)) | Ok(Err(_)) => return true,
-            Ok(Ok(_)) => {}
-        }
-    }
+    closed_by(stream, Instant::now() + within).await
 }
 
 #[tokio::test]
@@ -532,7 +520,9 @@ async fn slow_clients_cannot_hold_the_form() {
     let (stop, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut opened = 0;
     for i in 0..SLOW {
-        let Ok(mut stream) = connect_from(2 + (i % 100) as u8, form.addr).await else {
+        // From 100 addresses: Linux routes all of 127/8 to the loopback.
+        let source = Ipv4Addr::new(127, 0, 0, 2 + (i % 100) as u8);
+        let Ok(mut stream) = connect_from(source.into(), form.addr).await else {
             continue;
         };
         opened += 1;
@@ -657,10 +647,7 @@ async fn idle_connections_are_closed() {
 fn run_refuses_a_short_pin_and_names_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("agent.toml");
-    let form_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
+    let form_port = free_port();
     std::fs::write(
         &config,
         format!(
@@ -670,29 +657,10 @@ fn run_refuses_a_short_pin_and_names_the_file() {
         ),
     )
     .unwrap();
-    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_renkei-agent"))
-        .arg("run")
-        .arg("--config")
-        .arg(&config)
-        .env_remove("RENKEI_AGENT_FORM_PIN")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = agent.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = agent.kill();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = agent.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let status = status.unwrap_or_else(|| panic!("it started with a 4-digit PIN:\n{stderr}"));
+    // The kit's agent sees no RENKEI_AGENT_FORM_PIN from the test's environment.
+    let mut agent = AgentProcess::start(&["run", "--config", config.to_str().unwrap()]);
+    let status = agent.wait_exit();
+    let stderr = agent.log();
     assert!(!status.success());
     assert!(
         stderr.contains(&config.display().to_string())

@@ -1,11 +1,12 @@
 //! `docs/asyncapi.yaml` is what the model says, and what the broker really sends matches it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use renkei_shared::{Body, Envelope, Origin, Topic, codec, sample};
-use renkei_tests::{Broker, asyncapi, workspace_root};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use renkei_testkit::{BrokerProcess, MqttClient, workspace_root};
+use renkei_tests::asyncapi;
+use rumqttc::QoS;
 
 fn checked_in() -> Result<serde_json::Value> {
     let path = workspace_root().join("docs/asyncapi.yaml");
@@ -58,16 +59,9 @@ fn every_sample_message_validates_and_bad_ones_do_not() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_brokers_json_mirror_matches_the_document() -> Result<()> {
     let validator = asyncapi::envelope_validator(&checked_in()?)?;
-    let data = tempfile::tempdir()?;
-    let broker = Broker::start(data.path(), &["--demo"])?;
-    let (host, port) = broker.mqtt_host_port()?;
-
-    let mut opts = MqttOptions::new("asyncapi-check", host, port);
-    opts.set_keep_alive(Duration::from_secs(10));
-    let (client, mut events) = AsyncClient::new(opts, 64);
-    client
-        .subscribe("renkei/json/v1/#", QoS::AtLeastOnce)
-        .await?;
+    let broker = BrokerProcess::start();
+    let mut client = MqttClient::connect(broker.addrs.mqtt, "asyncapi-check").await;
+    client.subscribe("renkei/json/v1/#").await;
     // Publish every sample a site may send, from its own topic.
     let site_samples: Vec<Envelope> = sample::all()
         .into_iter()
@@ -76,6 +70,7 @@ async fn the_brokers_json_mirror_matches_the_document() -> Result<()> {
     for env in &site_samples {
         let topic = Topic::of(env)?;
         client
+            .client
             .publish(
                 topic.to_string(),
                 QoS::AtLeastOnce,
@@ -86,24 +81,23 @@ async fn the_brokers_json_mirror_matches_the_document() -> Result<()> {
     }
 
     let mut seen = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + Duration::from_secs(20);
     while seen < site_samples.len() {
-        let event = tokio::time::timeout_at(deadline, events.poll())
+        let p = client
+            .publish_within(deadline.saturating_duration_since(Instant::now()))
             .await
-            .context("timed out waiting for the JSON mirror")??;
-        if let Event::Incoming(Packet::Publish(p)) = event {
-            let topic = Topic::parse_json(&p.topic)?;
-            let json: serde_json::Value = serde_json::from_slice(&p.payload)?;
-            let errors: Vec<String> = validator
-                .iter_errors(&json)
-                .map(|e| e.to_string())
-                .collect();
-            assert!(errors.is_empty(), "{}: {errors:?}", p.topic);
-            let env: Envelope = serde_json::from_value(json)?;
-            assert_eq!(Topic::of(&env)?, topic, "mirrored on its own topic");
-            assert!(site_samples.contains(&env), "mirrored unchanged");
-            seen += 1;
-        }
+            .context("timed out waiting for the JSON mirror")?;
+        let topic = Topic::parse_json(&p.topic)?;
+        let json: serde_json::Value = serde_json::from_slice(&p.payload)?;
+        let errors: Vec<String> = validator
+            .iter_errors(&json)
+            .map(|e| e.to_string())
+            .collect();
+        assert!(errors.is_empty(), "{}: {errors:?}", p.topic);
+        let env: Envelope = serde_json::from_value(json)?;
+        assert_eq!(Topic::of(&env)?, topic, "mirrored on its own topic");
+        assert!(site_samples.contains(&env), "mirrored unchanged");
+        seen += 1;
     }
     Ok(())
 }

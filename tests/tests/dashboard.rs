@@ -8,15 +8,16 @@
 //! Each test starts its own broker and browser. They run one at a time: a machine with two
 //! cores cannot run several Chromiums and brokers at once without timing out.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use fantoccini::Locator;
-use renkei_shared::{Ack, AckTarget, Body, Envelope, Id, Role, Timestamp, Topic, WardCode};
-use renkei_tests::{Broker, Browser, Process, agent, binary, eventually, workspace_root};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use renkei_shared::{Ack, AckTarget, Body, Envelope, Id, Role, Timestamp, WardCode};
+use renkei_testkit::{
+    AgentProcess, BrokerProcess, MqttClient, add_user, eventually_within, prepare, workspace_root,
+};
+use renkei_tests::{Browser, built_dashboard, shelter_agent};
 use tempfile::TempDir;
 
 /// Serialises the tests of this file (see the module docs).
@@ -24,9 +25,9 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A broker in demo mode, a browser on its dashboard, and the temp dirs they use.
+/// A broker, a browser on its dashboard, and the agents' state directories.
 struct Bench {
-    broker: Broker,
+    broker: BrokerProcess,
     browser: Browser,
     _dirs: Vec<TempDir>,
 }
@@ -34,69 +35,50 @@ struct Bench {
 impl Bench {
     /// A broker in demo mode (no login).
     async fn start() -> Result<Bench> {
-        let data = tempfile::tempdir()?;
-        Bench::start_in(data, &["--demo"]).await
+        Bench::start_in(prepare(), &["--demo"]).await
     }
 
-    async fn start_in(data: TempDir, extra: &[&str]) -> Result<Bench> {
-        Bench::start_at(data, extra, "/").await
+    async fn start_in(dir: TempDir, extra: &[&str]) -> Result<Bench> {
+        Bench::start_at(dir, extra, "/").await
     }
 
-    /// A broker with its data in `data` and `extra` arguments, the browser on `page` (a path
-    /// with its query) of the broker's HTTP server.
-    async fn start_at(data: TempDir, extra: &[&str], page: &str) -> Result<Bench> {
-        let dist = workspace_root().join("dist/index.html");
-        anyhow::ensure!(
-            dist.exists(),
-            "{} is missing: build the dashboard first (`cargo xtask test` does it)",
-            dist.display()
-        );
-        let broker = Broker::start(data.path(), extra)?;
+    /// A broker on `dir` (from [`prepare`]) with `extra` arguments, the browser on `page` (a
+    /// path with its query) of the broker's HTTP server.
+    async fn start_at(dir: TempDir, extra: &[&str], page: &str) -> Result<Bench> {
+        let broker = BrokerProcess::start_serving(&built_dashboard()?, dir, extra);
         let browser = Browser::start().await?;
         browser
             .client
-            .goto(&format!("http://{}{page}", broker.http))
+            .goto(&format!("http://{}{page}", broker.addrs.http))
             .await?;
         Ok(Bench {
             broker,
             browser,
-            _dirs: vec![data],
+            _dirs: Vec::new(),
         })
     }
 
     /// Runs one shelter agent in Shinjuku.
-    fn shelter(&mut self, site: &str, extra: &[&str]) -> Result<Process> {
+    fn shelter(&mut self, site: &str, extra: &[&str]) -> Result<AgentProcess> {
         let state = tempfile::tempdir()?;
-        let state_dir = state.path().to_str().context("utf-8 temp path")?.to_owned();
-        self._dirs.push(state);
-        let url = self.broker.mqtt_url();
-        let mut args = vec![
-            "run",
-            "--broker",
-            &url,
-            "--ward",
-            "131041",
-            "--site",
+        let agent = shelter_agent(
+            &self.broker.mqtt_url(),
             site,
-            "--name",
             "試験避難所",
-            "--kind",
-            "shelter",
-            "--evacuees",
-            "123",
-            "--capacity",
-            "456",
-            "--shelter-state",
-            "open",
-            "--state-dir",
-            &state_dir,
-        ];
-        args.extend_from_slice(extra);
-        agent(&args)
+            state.path(),
+            extra,
+        );
+        self._dirs.push(state);
+        agent
+    }
+
+    /// The broker's page at `route` (a `#/…` fragment).
+    fn page(&self, route: &str) -> String {
+        format!("http://{}/{route}", self.broker.addrs.http)
     }
 
     async fn click(&self, css: &str) -> Result<()> {
-        let el = eventually(WAIT, css, || async {
+        let el = eventually_within(WAIT, css, || async {
             self.browser.client.find(Locator::Css(css)).await.ok()
         })
         .await?;
@@ -105,11 +87,11 @@ impl Bench {
     }
 
     async fn exists(&self, css: &str) -> Result<()> {
-        eventually(WAIT, css, || async {
+        eventually_within(WAIT, css, || async {
             self.browser.client.find(Locator::Css(css)).await.ok()
         })
-        .await
-        .map(drop)
+        .await?;
+        Ok(())
     }
 
     /// Fills in the login form and submits it.
@@ -213,9 +195,7 @@ async fn a_killed_agent_turns_its_site_silent() -> Result<()> {
         .checked("killed", async {
             b.wait_for_text(&row("silent"), "0", WAIT).await?;
             b.wait_for_text(&row("sites"), "1", WAIT).await?;
-            b.client
-                .goto(&format!("http://{}/#/ward/131041", bench.broker.http))
-                .await?;
+            b.client.goto(&bench.page("#/ward/131041")).await?;
             bench
                 .exists("#shelters tr[data-site=\"dash-killed\"][data-dead=\"false\"]")
                 .await?;
@@ -227,7 +207,7 @@ async fn a_killed_agent_turns_its_site_silent() -> Result<()> {
                 .await?;
             // Three missed one-second intervals later it is stale as well.
             let stale = "#shelters tr[data-site=\"dash-killed\"][data-stale=\"true\"]";
-            eventually(Duration::from_secs(60), stale, || async {
+            eventually_within(Duration::from_secs(60), stale, || async {
                 b.client.find(Locator::Css(stale)).await.ok()
             })
             .await?;
@@ -242,9 +222,9 @@ async fn a_killed_agent_turns_its_site_silent() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_that_requires_a_login_gets_one_and_a_wrong_password_is_told() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let data = tempfile::tempdir()?;
-    add_user(data.path(), "sato", &["--role", "hq"], HQ_PASSWORD)?;
-    let bench = Bench::start_in(data, &[]).await?;
+    let dir = prepare();
+    add_user(dir.path(), "sato", &["--role", "hq"], HQ_PASSWORD);
+    let bench = Bench::start_in(dir, &[]).await?;
     let b = &bench.browser;
     bench
         .checked("login", async {
@@ -272,29 +252,6 @@ async fn a_broker_that_requires_a_login_gets_one_and_a_wrong_password_is_told() 
 
 /// The password of the HQ operator in the tests that need a login.
 const HQ_PASSWORD: &str = "correct horse battery staple";
-
-/// Adds the user `name` with `password` to the broker's store in `data`; `access` is the role
-/// and binding (`--role agent --ward … --site …`).
-fn add_user(data: &Path, name: &str, access: &[&str], password: &str) -> Result<()> {
-    use std::io::Write;
-    let mut add = std::process::Command::new(binary("renkei-broker", "renkei-broker")?)
-        .args(["user", "add", "--password-stdin", "--data"])
-        .arg(data)
-        .args(access)
-        .arg(name)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()?;
-    add.stdin
-        .take()
-        .context("stdin of user add")?
-        .write_all(format!("{password}\n").as_bytes())?;
-    anyhow::ensure!(
-        add.wait()?.success(),
-        "renkei-broker user add {name} failed"
-    );
-    Ok(())
-}
 
 /// A TCP listener the test opened itself, standing in for an attacker's WebSocket server in a
 /// crafted `?ws=` link. It records every connection it accepts, with the start of what the
@@ -352,19 +309,19 @@ async fn with_a_login_a_ws_link_is_ignored_and_the_password_goes_only_to_the_bro
 {
     let _serial = ONE_AT_A_TIME.lock().await;
     let decoy = Decoy::start().await?;
-    let data = tempfile::tempdir()?;
-    add_user(data.path(), "sato", &["--role", "hq"], HQ_PASSWORD)?;
+    let dir = prepare();
+    add_user(dir.path(), "sato", &["--role", "hq"], HQ_PASSWORD);
     let site = "dash-ws-link";
     let agent_user = "agent-dash-ws-link";
     add_user(
-        data.path(),
+        dir.path(),
         agent_user,
         &["--role", "agent", "--ward", "131041", "--site", site],
         "agent password",
-    )?;
+    );
     // The crafted link: the broker's own page, with `?ws=` naming the decoy.
     let page = format!("/?ws={}", decoy.url);
-    let mut bench = Bench::start_at(data, &[], &page).await?;
+    let mut bench = Bench::start_at(dir, &[], &page).await?;
     let _agent = bench.shelter(
         site,
         &[
@@ -377,13 +334,16 @@ async fn with_a_login_a_ws_link_is_ignored_and_the_password_goes_only_to_the_bro
         ],
     )?;
     let b = &bench.browser;
-    let broker_ws = format!("ws://{}", bench.broker.ws);
+    let broker_ws = format!(
+        "ws://{}",
+        bench.broker.addrs.ws.context("a WebSocket listener")?
+    );
     bench
         .checked("ws-link", async {
             bench.exists("#login").await?;
             bench.log_in("sato", HQ_PASSWORD).await?;
             // Connected, or the decoy reached: whichever comes first decides.
-            eventually(WAIT, "the page connected", || async {
+            eventually_within(WAIT, "the page connected", || async {
                 if !decoy.seen().is_empty() {
                     return Some(());
                 }
@@ -422,13 +382,12 @@ async fn with_a_login_a_ws_link_is_ignored_and_the_password_goes_only_to_the_bro
 async fn in_demo_mode_a_ws_link_still_overrides_the_url() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let decoy = Decoy::start().await?;
-    let data = tempfile::tempdir()?;
     let page = format!("/?ws={}", decoy.url);
-    let bench = Bench::start_at(data, &["--demo"], &page).await?;
+    let bench = Bench::start_at(prepare(), &["--demo"], &page).await?;
     bench
         .checked("ws-demo", async {
             // No password exists to leak: the override is kept for tests and debugging.
-            let head = eventually(
+            let head = eventually_within(
                 WAIT,
                 "a WebSocket handshake at the ?ws= address",
                 || async {
@@ -455,12 +414,7 @@ async fn in_demo_mode_a_ws_link_still_overrides_the_url() -> Result<()> {
 /// The HQ alert the test raises, sent now.
 fn alert(alert_id: &str) -> Result<Envelope> {
     let mut env = renkei_shared::sample::alert();
-    env.header.sent_at = Timestamp(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis()
-            .try_into()?,
-    );
+    env.header.sent_at = Timestamp::now();
     let Body::Alert(a) = &mut env.body else {
         bail!("the sample alert is not an alert")
     };
@@ -474,36 +428,10 @@ fn alert(alert_id: &str) -> Result<Envelope> {
 async fn an_alert_acknowledged_in_the_page_reaches_mqtt_and_comes_back() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let bench = Bench::start().await?;
-    let (host, port) = bench.broker.mqtt_host_port()?;
-    let mut options = MqttOptions::new("test-hq", host, port);
-    options.set_keep_alive(Duration::from_secs(10));
-    let (client, mut events) = AsyncClient::new(options, 64);
-    let env = alert("dash-test-alert")?;
-    client
-        .subscribe("renkei/v1/hq/ack/#", QoS::AtLeastOnce)
-        .await?;
-    client
-        .publish(
-            Topic::of(&env)?.to_string(),
-            QoS::AtLeastOnce,
-            true,
-            renkei_shared::encode(&env)?,
-        )
-        .await?;
-    // The event loop runs beside the browser and hands over the first acknowledgement.
-    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel();
-    let mqtt = tokio::spawn(async move {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = ack_tx.send((p.topic.clone(), p.retain, p.payload.to_vec()));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    });
-    let result = bench
+    let mut hq = MqttClient::connect(bench.broker.addrs.mqtt, "test-hq").await;
+    hq.subscribe("renkei/v1/hq/ack/#").await;
+    hq.send(&alert("dash-test-alert")?).await;
+    bench
         .checked("ack", async {
             let item = "li.alert[data-alert=\"dash-test-alert\"]";
             bench.exists(item).await?;
@@ -511,12 +439,8 @@ async fn an_alert_acknowledged_in_the_page_reaches_mqtt_and_comes_back() -> Resu
             bench
                 .click(&format!("{item} button.ack"))
                 .await?;
-            let (topic, _retain, payload) = tokio::time::timeout(WAIT, ack_rx.recv())
-                .await
-                .context("no acknowledgement reached MQTT")?
-                .context("the MQTT loop ended")?;
+            let (topic, ack) = next_ack(&mut hq).await?;
             assert_eq!(topic, "renkei/v1/hq/ack/alert/dash-test-alert/hq-operator");
-            let ack = renkei_shared::decode(&payload)?;
             let Body::Ack(Ack { target, by, .. }) = &ack.body else {
                 bail!("not an ack: {ack:?}")
             };
@@ -532,39 +456,34 @@ async fn an_alert_acknowledged_in_the_page_reaches_mqtt_and_comes_back() -> Resu
                 .await?;
             Ok(())
         })
-        .await;
-    mqtt.abort();
-    result
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ward_operator_sees_its_own_ward_and_acknowledges_as_itself() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let data = tempfile::tempdir()?;
+    let dir = prepare();
     add_user(
-        data.path(),
+        dir.path(),
         "tanaka",
         &["--role", "ward", "--ward", "131041"],
         HQ_PASSWORD,
-    )?;
-    add_user(data.path(), "root", &["--role", "admin"], HQ_PASSWORD)?;
-    let bench = Bench::start_in(data, &[]).await?;
+    );
+    add_user(dir.path(), "root", &["--role", "admin"], HQ_PASSWORD);
+    let bench = Bench::start_in(dir, &[]).await?;
     // An admin stands in for HQ and two wards' sites, and watches the acknowledgements.
-    let (client, mut acks, task) =
-        mqtt_client_as(&bench.broker, "root", Some(("root", HQ_PASSWORD))).await?;
-    client
-        .subscribe("renkei/v1/hq/ack/#", QoS::AtLeastOnce)
-        .await?;
-    publish(&client, &alert("ward-test-alert")?).await?;
-    publish(&client, &shelter_report("tanaka-own-es", 1, 77, 0)?).await?;
+    let mut root = MqttClient::connect_as(bench.broker.addrs.mqtt, "root", HQ_PASSWORD).await;
+    root.subscribe("renkei/v1/hq/ack/#").await;
+    root.send(&alert("ward-test-alert")?).await;
+    root.send(&shelter_report("tanaka-own-es", 1, 77, 0)?).await;
     let mut chiyoda = shelter_report("chiyoda-other-es", 1, 88, 0)?;
     chiyoda.header.origin = renkei_shared::Origin::Site(renkei_shared::SiteRef {
         ward: WardCode(131016),
         site: Id::new("chiyoda-other-es")?,
     });
-    publish(&client, &chiyoda).await?;
+    root.send(&chiyoda).await;
     let b = &bench.browser;
-    let result = bench
+    bench
         .checked("ward-login", async {
             bench.log_in("tanaka", HQ_PASSWORD).await?;
             bench.exists("#conn[data-state=\"connected\"]").await?;
@@ -581,7 +500,7 @@ async fn a_ward_operator_sees_its_own_ward_and_acknowledges_as_itself() -> Resul
             bench.exists("#shelters[data-count=\"0\"]").await?;
             bench.click("#back").await?;
             bench.click(&format!("{item} button.ack")).await?;
-            let (topic, payload) = next_ack(&mut acks).await?;
+            let (topic, payload) = next_ack(&mut root).await?;
             anyhow::ensure!(
                 topic == "renkei/v1/hq/ack/alert/ward-test-alert/tanaka",
                 "ack on {topic}"
@@ -598,72 +517,7 @@ async fn a_ward_operator_sees_its_own_ward_and_acknowledges_as_itself() -> Resul
             bench.exists("#conn[data-state=\"connected\"]").await?;
             Ok(())
         })
-        .await;
-    task.abort();
-    result
-}
-
-/// Now, in Unix milliseconds.
-fn now() -> Result<Timestamp> {
-    Ok(Timestamp(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis()
-            .try_into()?,
-    ))
-}
-
-/// What a test client received: topic and payload.
-type Received = tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>;
-
-/// A test client on the broker's MQTT listener, its event loop running in the background and
-/// handing over what arrives.
-async fn mqtt_client(
-    broker: &Broker,
-    id: &str,
-) -> Result<(AsyncClient, Received, tokio::task::JoinHandle<()>)> {
-    mqtt_client_as(broker, id, None).await
-}
-
-/// [`mqtt_client`] with a login.
-async fn mqtt_client_as(
-    broker: &Broker,
-    id: &str,
-    login: Option<(&str, &str)>,
-) -> Result<(AsyncClient, Received, tokio::task::JoinHandle<()>)> {
-    let (host, port) = broker.mqtt_host_port()?;
-    let mut options = MqttOptions::new(id, host, port);
-    options.set_keep_alive(Duration::from_secs(10));
-    if let Some((user, password)) = login {
-        options.set_credentials(user, password);
-    }
-    let (client, mut events) = AsyncClient::new(options, 64);
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        loop {
-            match events.poll().await {
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-    });
-    Ok((client, rx, task))
-}
-
-/// Publishes `env` where it belongs, retained at QoS 1, as an agent would.
-async fn publish(client: &AsyncClient, env: &Envelope) -> Result<()> {
-    client
-        .publish(
-            Topic::of(env)?.to_string(),
-            QoS::AtLeastOnce,
-            true,
-            renkei_shared::encode(env)?,
-        )
-        .await?;
-    Ok(())
+        .await
 }
 
 /// The sample message `env` as sent now by site `site` of Shinjuku, `seq` in boot 1.
@@ -674,7 +528,7 @@ fn from_site(mut env: Envelope, site: &str, seq: u64) -> Result<Envelope> {
     });
     env.header.boot = 1;
     env.header.seq = seq;
-    env.header.sent_at = now()?;
+    env.header.sent_at = Timestamp::now();
     Ok(env)
 }
 
@@ -692,25 +546,23 @@ fn shelter_report(site: &str, seq: u64, evacuees: u32, ago_s: i64) -> Result<Env
 async fn a_sites_history_is_charted_from_the_http_api_and_follows_new_reports() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let bench = Bench::start().await?;
-    let (client, _received, mqtt) = mqtt_client(&bench.broker, "test-history").await?;
+    let site_side = MqttClient::connect(bench.broker.addrs.mqtt, "test-history").await;
     let site = "dash-history";
-    publish(
-        &client,
-        &from_site(renkei_shared::sample::status(), site, 1)?,
-    )
-    .await?;
+    site_side
+        .send(&from_site(renkei_shared::sample::status(), site, 1)?)
+        .await;
     // Reports ten minutes apart, the last one now.
     for (i, evacuees) in [40, 80, 120, 160, 200].into_iter().enumerate() {
         let ago = 600 * (4 - i as i64);
-        publish(&client, &shelter_report(site, 2 + i as u64, evacuees, ago)?).await?;
+        site_side
+            .send(&shelter_report(site, 2 + i as u64, evacuees, ago)?)
+            .await;
     }
     let b = &bench.browser;
-    let result = bench
+    bench
         .checked("history", async {
             // From the ward view, a click on the shelter's row opens its site view.
-            b.client
-                .goto(&format!("http://{}/#/ward/131041", bench.broker.http))
-                .await?;
+            b.client.goto(&bench.page("#/ward/131041")).await?;
             let row = format!("#shelters tr[data-site=\"{site}\"]");
             b.wait_for_text(
                 &format!("{row} td[data-field=\"evacuees\"]"),
@@ -738,16 +590,13 @@ async fn a_sites_history_is_charted_from_the_http_api_and_follows_new_reports() 
                 .await?;
             bench.exists("#history-chart svg polyline.capacity").await?;
             // A new report reaches the chart without a reload.
-            publish(&client, &shelter_report(site, 7, 240, 0)?).await?;
+            site_side.send(&shelter_report(site, 7, 240, 0)?).await;
             bench
                 .exists("#history-chart[data-state=\"ready\"][data-points=\"6\"]")
                 .await?;
             // A site that never reported says so in the chart's place.
             b.client
-                .goto(&format!(
-                    "http://{}/#/site/131041/no-such-site",
-                    bench.broker.http
-                ))
+                .goto(&bench.page("#/site/131041/no-such-site"))
                 .await?;
             bench
                 .exists(
@@ -756,9 +605,7 @@ async fn a_sites_history_is_charted_from_the_http_api_and_follows_new_reports() 
                 .await?;
             Ok(())
         })
-        .await;
-    mqtt.abort();
-    result
+        .await
 }
 
 /// The sample heartbeat as sent now by `site`: a `kind` named `name`, its outbox full or not.
@@ -783,16 +630,16 @@ async fn full_outboxes_are_flagged_and_depots_listed() -> Result<()> {
     use renkei_shared::SiteKind;
     let _serial = ONE_AT_A_TIME.lock().await;
     let bench = Bench::start().await?;
-    let (client, _received, mqtt) = mqtt_client(&bench.broker, "test-outbox").await?;
+    let sites = MqttClient::connect(bench.broker.addrs.mqtt, "test-outbox").await;
     for env in [
         heartbeat("dash-full", SiteKind::Shelter, "満杯小学校", true)?,
         heartbeat("dash-depot", SiteKind::Depot, "新宿区備蓄倉庫", true)?,
         heartbeat("dash-office", SiteKind::WardOffice, "新宿区役所", false)?,
     ] {
-        publish(&client, &env).await?;
+        sites.send(&env).await;
     }
     let b = &bench.browser;
-    let result = bench
+    bench
         .checked("outbox", async {
             b.wait_for_text(&row("outbox_alarms"), "2", WAIT).await?;
             b.wait_for_text("#totals td[data-field=\"outbox_alarms\"]", "2", WAIT)
@@ -821,46 +668,34 @@ async fn full_outboxes_are_flagged_and_depots_listed() -> Result<()> {
             .await?;
             Ok(())
         })
-        .await;
-    mqtt.abort();
-    result
+        .await
 }
 
-/// The next request step that reaches MQTT, decoded.
-async fn next_ack(received: &mut Received) -> Result<(String, Envelope)> {
-    let (topic, payload) = tokio::time::timeout(WAIT, received.recv())
+/// The next acknowledgement (of an alert, or a step on a request) that reaches MQTT, decoded.
+async fn next_ack(hq: &mut MqttClient) -> Result<(String, Envelope)> {
+    let p = hq
+        .publish_within(WAIT)
         .await
-        .context("no request step reached MQTT")?
-        .context("the MQTT loop ended")?;
-    Ok((topic, renkei_shared::decode(&payload)?))
+        .context("no acknowledgement reached MQTT")?;
+    Ok((p.topic, renkei_shared::decode(&p.payload)?))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_steps_taken_in_the_page_reach_mqtt_and_move_the_request_on() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let bench = Bench::start().await?;
-    let (client, mut received, mqtt) = mqtt_client(&bench.broker, "test-requests").await?;
-    client
-        .subscribe("renkei/v1/hq/ack/request/#", QoS::AtLeastOnce)
-        .await?;
+    let mut hq = MqttClient::connect(bench.broker.addrs.mqtt, "test-requests").await;
+    hq.subscribe("renkei/v1/hq/ack/request/#").await;
     let site = "dash-requests";
-    publish(
-        &client,
-        &from_site(renkei_shared::sample::status(), site, 1)?,
-    )
-    .await?;
+    hq.send(&from_site(renkei_shared::sample::status(), site, 1)?)
+        .await;
     // The sample request: 2,000 litres of water, req-0001.
-    publish(
-        &client,
-        &from_site(renkei_shared::sample::request(), site, 2)?,
-    )
-    .await?;
+    hq.send(&from_site(renkei_shared::sample::request(), site, 2)?)
+        .await;
     let b = &bench.browser;
-    let result = bench
+    bench
         .checked("requests", async {
-            b.client
-                .goto(&format!("http://{}/#/ward/131041", bench.broker.http))
-                .await?;
+            b.client.goto(&bench.page("#/ward/131041")).await?;
             let row = "#requests tr[data-request=\"req-0001\"]";
             bench
                 .exists(&format!("{row}[data-state=\"requested\"]"))
@@ -868,7 +703,7 @@ async fn request_steps_taken_in_the_page_reach_mqtt_and_move_the_request_on() ->
             bench
                 .click(&format!("{row} button.req-action[data-action=\"accept\"]"))
                 .await?;
-            let (topic, ack) = next_ack(&mut received).await?;
+            let (topic, ack) = next_ack(&mut hq).await?;
             assert_eq!(
                 topic,
                 format!("renkei/v1/hq/ack/request/131041/{site}/req-0001")
@@ -908,10 +743,7 @@ async fn request_steps_taken_in_the_page_reach_mqtt_and_move_the_request_on() ->
 
             // In the site view, a delivery says how much arrived.
             b.client
-                .goto(&format!(
-                    "http://{}/#/site/131041/{site}",
-                    bench.broker.http
-                ))
+                .goto(&bench.page(&format!("#/site/131041/{site}")))
                 .await?;
             let input = format!("{row} input.req-fulfilled");
             bench.exists(&input).await?;
@@ -921,7 +753,7 @@ async fn request_steps_taken_in_the_page_reach_mqtt_and_move_the_request_on() ->
             bench
                 .click(&format!("{row} button.req-action[data-action=\"deliver\"]"))
                 .await?;
-            let (_, ack) = next_ack(&mut received).await?;
+            let (_, ack) = next_ack(&mut hq).await?;
             let Body::Ack(Ack {
                 action, fulfilled, ..
             }) = &ack.body
@@ -941,9 +773,7 @@ async fn request_steps_taken_in_the_page_reach_mqtt_and_move_the_request_on() ->
             .await?;
             Ok(())
         })
-        .await;
-    mqtt.abort();
-    result
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1038,7 +868,7 @@ async fn stays_smooth_with_many_simulated_sites() -> Result<()> {
     let url = bench.broker.mqtt_url();
     let b = &bench.browser;
     bench.exists("#conn[data-state=\"connected\"]").await?;
-    let _sim = agent(&[
+    let _sim = AgentProcess::start(&[
         "simulate",
         "--broker",
         &url,
@@ -1050,7 +880,7 @@ async fn stays_smooth_with_many_simulated_sites() -> Result<()> {
         "actual",
         "--state-dir",
         &state_dir,
-    ])?;
+    ]);
     bench
         .checked("perf", async {
             let sites = || async {
@@ -1059,7 +889,7 @@ async fn stays_smooth_with_many_simulated_sites() -> Result<()> {
                     .and_then(|t| t.parse::<u64>().ok())
             };
             let all_in = Instant::now();
-            eventually(
+            eventually_within(
                 Duration::from_secs(120),
                 "every simulated site on screen",
                 || async { sites().await.filter(|&n| n >= site_count) },

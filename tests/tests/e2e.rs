@@ -4,48 +4,25 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use renkei_tests::{Broker, Browser, agent, workspace_root};
+use renkei_testkit::{BrokerProcess, prepare, workspace_root};
+use renkei_tests::{Browser, built_dashboard, shelter_agent};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_typed_at_an_agent_appears_in_the_browser() -> Result<()> {
-    let dist = workspace_root().join("dist/index.html");
-    anyhow::ensure!(
-        dist.exists(),
-        "{} is missing: the dashboard must be built first (`cargo xtask test` does it)",
-        dist.display()
-    );
-    let data = tempfile::tempdir()?;
-    let broker = Broker::start(data.path(), &["--demo"])?;
+    let broker = BrokerProcess::start_serving(&built_dashboard()?, prepare(), &["--demo"]);
     let agent_state = tempfile::tempdir()?;
-    let state_dir = agent_state.path().to_str().context("utf-8 temp path")?;
-    let _agent = agent(&[
-        "run",
-        "--broker",
+    let _agent = shelter_agent(
         &broker.mqtt_url(),
-        "--ward",
-        "131041",
-        "--site",
         "e2e-shelter",
-        "--name",
         "E2E避難所",
-        "--kind",
-        "shelter",
-        "--interval",
-        "2s",
-        "--evacuees",
-        "123",
-        "--capacity",
-        "456",
-        "--shelter-state",
-        "open",
-        "--state-dir",
-        state_dir,
-    ])?;
+        agent_state.path(),
+        &["--interval", "2s"],
+    )?;
 
     let browser = Browser::start().await?;
     browser
         .client
-        .goto(&format!("http://{}/", broker.http))
+        .goto(&format!("http://{}/", broker.addrs.http))
         .await?;
     let shinjuku = |field: &str| format!("tr[data-ward=\"131041\"] td[data-field=\"{field}\"]");
     let checks = async {

@@ -18,7 +18,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::process::Command;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,11 +27,10 @@ use anyhow::{Context, Result, ensure};
 use renkei_shared::{
     Body, Envelope, Header, Id, Mode, Origin, Receipt, SiteRef, Timestamp, WardCode, receipt_topic,
 };
+use renkei_testkit::{AgentProcess, BrokerProcess, HttpRequest, eventually_within, run_agent};
 use renkei_tests::proxy::{Fault, Proxy};
-use renkei_tests::{Broker, agent, binary, eventually};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Serialises the tests of this file (see the module docs).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -41,31 +40,24 @@ fn long_mode() -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
-// HTTP: the tests crate has no HTTP client dependency, and HTTP/1.0 with a read to EOF is all
-// the API needs (no keep-alive, no chunked bodies).
+// The broker's HTTP API.
 
-async fn http_get(addr: &str, path: &str) -> Result<String> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
+/// The body of a 200 answer to `GET path`.
+async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let response = HttpRequest::get(path)
+        .try_send(addr, Duration::from_secs(30))
         .await
-        .with_context(|| format!("GET {path}: no answer within 30 s"))??;
-    let text = String::from_utf8(raw).context("response is not UTF-8")?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    ensure!(status == "200", "GET {path}: {head}");
-    Ok(body.to_owned())
+        .with_context(|| format!("GET {path}"))?;
+    ensure!(response.status == 200, "GET {path}: {}", response.head);
+    Ok(response.text())
 }
 
-async fn get_json(addr: &str, path: &str) -> Result<Value> {
+async fn get_json(addr: SocketAddr, path: &str) -> Result<Value> {
     Ok(serde_json::from_str(&http_get(addr, path).await?)?)
 }
 
 /// Every recorded message, oldest first, through the catch-up API.
-async fn all_events(http: &str) -> Result<Vec<Value>> {
+async fn all_events(http: SocketAddr) -> Result<Vec<Value>> {
     let mut events = Vec::new();
     let mut since = 0i64;
     loop {
@@ -83,7 +75,7 @@ async fn all_events(http: &str) -> Result<Vec<Value>> {
 }
 
 /// A Prometheus counter or gauge without labels.
-async fn metric(http: &str, name: &str) -> Result<f64> {
+async fn metric(http: SocketAddr, name: &str) -> Result<f64> {
     let text = http_get(http, "/metrics").await?;
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
@@ -103,14 +95,6 @@ fn key_of(event: &Value) -> Option<(String, u64, u64)> {
 // sends all unacked ones again (a fresh rumqttc event loop, so nothing is resent twice behind
 // the test's back).
 
-fn now() -> Timestamp {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0);
-    Timestamp(ms)
-}
-
 fn status_envelope(site: &SiteRef, boot: u32, seq: u64) -> Envelope {
     let Body::Status(mut status) = renkei_shared::sample::status().body else {
         unreachable!("the status sample is a status")
@@ -122,7 +106,7 @@ fn status_envelope(site: &SiteRef, boot: u32, seq: u64) -> Envelope {
             origin: Origin::Site(site.clone()),
             boot,
             seq,
-            sent_at: now(),
+            sent_at: Timestamp::now(),
             mode: Mode::Actual,
             historical: false,
         },
@@ -400,9 +384,8 @@ async fn kill9_under_load() -> Result<Kill9Outcome> {
     } else {
         (4, Duration::from_secs(3), Duration::from_secs(2))
     };
-    let data = tempfile::tempdir()?;
-    let mut broker = Broker::start(data.path(), &["--demo"])?;
-    let proxy = Proxy::start(&broker.mqtt).await?;
+    let broker = BrokerProcess::start();
+    let proxy = Proxy::start(&broker.addrs.mqtt.to_string()).await?;
     let addr = Arc::new(Mutex::new(("127.0.0.1".to_owned(), proxy.port())));
     let finish = Arc::new(AtomicBool::new(false));
     let acks = Arc::new(AtomicU64::new(0));
@@ -431,7 +414,7 @@ async fn kill9_under_load() -> Result<Kill9Outcome> {
         "publishers got only {} receipts in {run_before:?}",
         acks.load(Ordering::Relaxed)
     );
-    broker.process.kill9();
+    let dir = broker.kill9_keeping_dir();
     let killed_at = started.elapsed();
     // What had been confirmed when the broker died (no receipt can come after).
     let acked_at_kill: BTreeMap<String, BTreeSet<u64>> = pubs
@@ -446,14 +429,14 @@ async fn kill9_under_load() -> Result<Kill9Outcome> {
         .sum();
 
     let restart = Instant::now();
-    broker = Broker::start(data.path(), &["--demo"])?;
-    proxy.retarget(&broker.mqtt);
+    let broker = BrokerProcess::start_in(dir, &["--demo"]);
+    proxy.retarget(&broker.addrs.mqtt.to_string());
     let restart_took = restart.elapsed();
     tokio::time::sleep(run_after).await;
     finish.store(true, Ordering::Relaxed);
     let drain = Instant::now();
     for (site, p) in &pubs {
-        eventually(Duration::from_secs(60), site, || async {
+        eventually_within(Duration::from_secs(60), site, || async {
             p.task.is_finished().then_some(())
         })
         .await?;
@@ -472,7 +455,7 @@ async fn kill9_under_load() -> Result<Kill9Outcome> {
     // The recorder commits in batches: wait for the last one before reading.
     let deadline = Instant::now() + Duration::from_secs(15);
     let events = loop {
-        let events = all_events(&broker.http).await?;
+        let events = all_events(broker.addrs.http).await?;
         if audit(&events, boot, &acked).0 >= total || Instant::now() > deadline {
             break events;
         }
@@ -511,7 +494,7 @@ struct Site {
     ward: u32,
     site: String,
     config: std::path::PathBuf,
-    _process: renkei_tests::Process,
+    _process: AgentProcess,
     _dir: tempfile::TempDir,
 }
 
@@ -526,7 +509,8 @@ impl Site {
              evacuees = 100\ncapacity = 500\nshelter_state = \"open\"\n"
         );
         std::fs::write(&config, toml)?;
-        let process = agent(&["run", "--config", config.to_str().context("utf-8 path")?])?;
+        let process =
+            AgentProcess::start(&["run", "--config", config.to_str().context("utf-8 path")?]);
         Ok(Site {
             ward,
             site: site.to_owned(),
@@ -538,13 +522,16 @@ impl Site {
 
     /// Files a shelter report the way staff do, and waits for the command to finish.
     fn report_evacuees(&self, evacuees: u32) -> Result<()> {
-        let exe = binary("renkei-agent", "renkei-agent")?;
-        let out = Command::new(exe)
-            .arg("report")
-            .arg("--config")
-            .arg(&self.config)
-            .args(["shelter", "--evacuees", &evacuees.to_string()])
-            .output()?;
+        let config = self.config.to_str().context("utf-8 path")?;
+        let evacuees = evacuees.to_string();
+        let out = run_agent(&[
+            "report",
+            "--config",
+            config,
+            "shelter",
+            "--evacuees",
+            &evacuees,
+        ]);
         ensure!(
             out.status.success(),
             "report for {} failed: {}",
@@ -580,17 +567,16 @@ fn is_silent(view: &Value) -> bool {
 }
 
 async fn agents_through_a_cut(fault: Fault, outage: Duration) -> Result<()> {
-    let data = tempfile::tempdir()?;
-    let broker = Broker::start(data.path(), &["--demo"])?;
-    let proxy = Proxy::start(&broker.mqtt).await?;
+    let broker = BrokerProcess::start();
+    let proxy = Proxy::start(&broker.addrs.mqtt.to_string()).await?;
     let url = format!("mqtt://{}", proxy.addr());
     let sites: Vec<Site> = (0..3)
         .map(|i| Site::start(&url, ward_code(i), &format!("cut-{i}"), "1s"))
         .collect::<Result<_>>()?;
-    let http = broker.http.clone();
-    let state = || async { get_json(&http, "/api/v1/state").await.ok() };
+    let http = broker.addrs.http;
+    let state = || async { get_json(http, "/api/v1/state").await.ok() };
 
-    eventually(Duration::from_secs(30), "all sites reporting", || async {
+    eventually_within(Duration::from_secs(30), "all sites reporting", || async {
         let s = state().await?;
         // Heard from lately, not `silent`: a fresh agent may show dead while it reports (see
         // `a_connected_agent_is_never_shown_dead`).
@@ -604,7 +590,7 @@ async fn agents_through_a_cut(fault: Fault, outage: Duration) -> Result<()> {
     })
     .await?;
     // Where the record stands before the outage: what comes after is the backlog's delivery.
-    let before = all_events(&http)
+    let before = all_events(http)
         .await?
         .last()
         .and_then(|e| e["id"].as_i64());
@@ -621,7 +607,7 @@ async fn agents_through_a_cut(fault: Fault, outage: Duration) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let silent_after = eventually(Duration::from_secs(30), "all sites silent", || async {
+    let silent_after = eventually_within(Duration::from_secs(30), "all sites silent", || async {
         let s = state().await?;
         sites
             .iter()
@@ -645,7 +631,7 @@ async fn agents_through_a_cut(fault: Fault, outage: Duration) -> Result<()> {
     proxy.restore();
     let restored_at = Instant::now();
 
-    let recovered_in = eventually(Duration::from_secs(60), "state recovered", || async {
+    let recovered_in = eventually_within(Duration::from_secs(60), "state recovered", || async {
         let s = state().await?;
         sites
             .iter()
@@ -661,8 +647,8 @@ async fn agents_through_a_cut(fault: Fault, outage: Duration) -> Result<()> {
 
     // The backlog: every report filed during the outage recorded once, in the order filed,
     // and the replayed (historical) messages of each site in increasing seq order.
-    let events = eventually(Duration::from_secs(30), "backlog recorded", || async {
-        let events = all_events(&http).await.ok()?;
+    let events = eventually_within(Duration::from_secs(30), "backlog recorded", || async {
+        let events = all_events(http).await.ok()?;
         let after: Vec<Value> = events
             .into_iter()
             .filter(|e| e["id"].as_i64() > before)
@@ -747,16 +733,15 @@ fn filed_evacuees(events: &[Value], site: &Site) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_lose_nothing_when_the_broker_is_killed() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let data = tempfile::tempdir()?;
-    let mut broker = Broker::start(data.path(), &["--demo"])?;
-    let proxy = Proxy::start(&broker.mqtt).await?;
+    let broker = BrokerProcess::start();
+    let proxy = Proxy::start(&broker.addrs.mqtt.to_string()).await?;
     let url = format!("mqtt://{}", proxy.addr());
     let sites: Vec<Arc<Site>> = (0..3)
         .map(|i| Site::start(&url, ward_code(i), &format!("k9-{i}"), "1s").map(Arc::new))
         .collect::<Result<_>>()?;
-    let http = broker.http.clone();
-    eventually(Duration::from_secs(30), "all sites reporting", || async {
-        let s = get_json(&http, "/api/v1/state").await.ok()?;
+    let http = broker.addrs.http;
+    eventually_within(Duration::from_secs(30), "all sites reporting", || async {
+        let s = get_json(http, "/api/v1/state").await.ok()?;
         sites
             .iter()
             .all(|site| {
@@ -786,11 +771,11 @@ async fn agents_lose_nothing_when_the_broker_is_killed() -> Result<()> {
         })
         .collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    broker.process.kill9();
+    let dir = broker.kill9_keeping_dir();
     // Reports filed while HQ is down wait in the outboxes.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    broker = Broker::start(data.path(), &["--demo"])?;
-    proxy.retarget(&broker.mqtt);
+    let broker = BrokerProcess::start_in(dir, &["--demo"]);
+    proxy.retarget(&broker.addrs.mqtt.to_string());
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let mut filed = Vec::new();
@@ -802,7 +787,7 @@ async fn agents_lose_nothing_when_the_broker_is_killed() -> Result<()> {
         );
     }
 
-    let http = broker.http.clone();
+    let http = broker.addrs.http;
     let all_recorded = |events: &[Value]| {
         sites.iter().zip(&filed).all(|(site, filed)| {
             let recorded: BTreeSet<u64> = filed_evacuees(events, site).into_iter().collect();
@@ -811,7 +796,7 @@ async fn agents_lose_nothing_when_the_broker_is_killed() -> Result<()> {
     };
     let deadline = Instant::now() + Duration::from_secs(90);
     let events = loop {
-        let events = all_events(&http).await?;
+        let events = all_events(http).await?;
         if all_recorded(&events) || Instant::now() > deadline {
             break events;
         }
@@ -880,8 +865,7 @@ async fn agents_ride_out_a_network_cut() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connected_agent_is_never_shown_dead() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
-    let data = tempfile::tempdir()?;
-    let broker = Broker::start(data.path(), &["--demo"])?;
+    let broker = BrokerProcess::start();
     let sites: Vec<Site> = (0..6)
         .map(|i| {
             Site::start(
@@ -892,9 +876,9 @@ async fn a_connected_agent_is_never_shown_dead() -> Result<()> {
             )
         })
         .collect::<Result<_>>()?;
-    let http = broker.http.clone();
-    eventually(Duration::from_secs(30), "all sites heard", || async {
-        let s = get_json(&http, "/api/v1/state").await.ok()?;
+    let http = broker.addrs.http;
+    eventually_within(Duration::from_secs(30), "all sites heard", || async {
+        let s = get_json(http, "/api/v1/state").await.ok()?;
         sites
             .iter()
             .all(|site| {
@@ -905,7 +889,7 @@ async fn a_connected_agent_is_never_shown_dead() -> Result<()> {
     .await?;
     // Long enough for every agent to have sent heartbeats on its settled connection.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let s = get_json(&http, "/api/v1/state").await?;
+    let s = get_json(http, "/api/v1/state").await?;
     let dead: Vec<&str> = sites
         .iter()
         .filter(|site| {
@@ -932,9 +916,8 @@ async fn reconnect_storm_records_every_queued_report_once() -> Result<()> {
     } else {
         (200, 20, Duration::from_secs(30))
     };
-    let data = tempfile::tempdir()?;
-    let broker = Broker::start(data.path(), &["--demo"])?;
-    let proxy = Proxy::start(&broker.mqtt).await?;
+    let broker = BrokerProcess::start();
+    let proxy = Proxy::start(&broker.addrs.mqtt.to_string()).await?;
     // The network is down when the reports are made: every client queues its reports and
     // keeps retrying (100–500 ms apart, jittered) against a proxy that resets it.
     proxy.cut(Fault::Reset);
@@ -959,33 +942,34 @@ async fn reconnect_storm_records_every_queued_report_once() -> Result<()> {
         .collect();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let refused = proxy.stats().accepted.load(Ordering::Relaxed);
-    let inserted_before = metric(&broker.http, "renkei_recorder_messages_inserted_total").await?;
+    let inserted_before =
+        metric(broker.addrs.http, "renkei_recorder_messages_inserted_total").await?;
 
     proxy.restore();
     let restored = Instant::now();
     let total = clients as u64 * reports;
     // Recorded (the issue's target) first, then confirmed: receipts follow the commits at
     // `recorder.receipt_rate`, so confirmation comes a receipt round later.
-    let http = broker.http.clone();
-    let all_recorded = eventually(
+    let http = broker.addrs.http;
+    let all_recorded = eventually_within(
         Duration::from_secs(120),
         "every report recorded",
         || async {
-            let n = metric(&http, "renkei_recorder_messages_inserted_total")
+            let n = metric(http, "renkei_recorder_messages_inserted_total")
                 .await
                 .ok()?;
             (n - inserted_before >= total as f64).then(|| restored.elapsed())
         },
     )
     .await;
-    let all_acked = eventually(
+    let all_acked = eventually_within(
         Duration::from_secs(120),
         "every report confirmed",
         || async { (acks.load(Ordering::Relaxed) >= total).then(|| restored.elapsed()) },
     )
     .await?;
     for (site, p) in &pubs {
-        eventually(Duration::from_secs(10), site, || async {
+        eventually_within(Duration::from_secs(10), site, || async {
             p.task.is_finished().then_some(())
         })
         .await?;
@@ -998,7 +982,7 @@ async fn reconnect_storm_records_every_queued_report_once() -> Result<()> {
         .iter()
         .map(|(_, p)| p.book.lock().unwrap().sessions)
         .sum();
-    let events = all_events(&broker.http).await?;
+    let events = all_events(broker.addrs.http).await?;
     let (recorded, duplicates, missing) = audit(&events, boot, &acked);
     println!(
         "reconnect storm: {clients} clients × {reports} queued reports; {refused} connection \
@@ -1031,16 +1015,6 @@ async fn reconnect_storm_records_every_queued_report_once() -> Result<()> {
 
 // ---------------------------------------------------------------------------------------------
 
-/// The broker's resident memory from /proc (kB).
-fn rss_kb(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("no VmRSS")
-}
-
 /// Long mode only: 300 simulated sites (1 s heartbeats) plus 4 QoS 1 publishers at 100 msg/s
 /// each against one broker for 10 min (`RENKEI_SOAK_SECS` to change), sampling its RSS every
 /// 10 s. Fails if memory keeps growing (the last quarter's mean above 1.5× the second
@@ -1057,10 +1031,9 @@ async fn soak_broker_memory_stays_bounded() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(600);
-    let data = tempfile::tempdir()?;
-    let broker = Broker::start(data.path(), &["--demo"])?;
+    let broker = BrokerProcess::start();
     let sim_state = tempfile::tempdir()?;
-    let _sim = agent(&[
+    let _sim = AgentProcess::start(&[
         "simulate",
         "--broker",
         &broker.mqtt_url(),
@@ -1070,9 +1043,9 @@ async fn soak_broker_memory_stays_bounded() -> Result<()> {
         "1s",
         "--state-dir",
         sim_state.path().to_str().context("utf-8 path")?,
-    ])?;
-    let (host, port) = broker.mqtt_host_port()?;
-    let addr = Arc::new(Mutex::new((host, port)));
+    ]);
+    let mqtt = broker.addrs.mqtt;
+    let addr = Arc::new(Mutex::new((mqtt.ip().to_string(), mqtt.port())));
     let finish = Arc::new(AtomicBool::new(false));
     let acks = Arc::new(AtomicU64::new(0));
     let pubs: Vec<Publisher> = (0..4)
@@ -1090,12 +1063,11 @@ async fn soak_broker_memory_stays_bounded() -> Result<()> {
             Publisher::spawn(spec, i as u64)
         })
         .collect();
-    let pid = broker.process.child.id();
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut confirmed = Vec::new();
     while started.elapsed() < Duration::from_secs(secs) {
-        let kb = rss_kb(pid)?;
+        let kb = broker.rss() / 1024;
         samples.push(kb);
         confirmed.push(acks.load(Ordering::Relaxed));
         println!(

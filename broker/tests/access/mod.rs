@@ -6,54 +6,48 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use renkei_shared::{Topic, encode, sample, topic};
-use rumqttc::{ConnectReturnCode, QoS, SubscribeReasonCode};
-
-use crate::harness::{
-    self, MqttClient, PASSWORD, PATIENCE, RunningBroker, eventually, http_get, http_get_as, metric,
-    options,
+use renkei_testkit::net::connect_from;
+use renkei_testkit::{
+    BrokerProcess, MqttClient, PASSWORD, PATIENCE, ROOT, client_id_for, eventually, http_get,
+    metric, options, refusal, scrape,
 };
+use rumqttc::{ConnectReturnCode, QoS, SubscribeReasonCode};
 
 /// How long a test waits to be sure something does *not* arrive.
 const QUIET: Duration = Duration::from_millis(1500);
 
-fn broker_with_users(config: &str) -> RunningBroker {
-    RunningBroker::start_in(harness::with_users(config), &[])
-}
-
-async fn metrics(broker: &RunningBroker) -> String {
-    http_get_as(&broker.addrs, "/metrics", Some(("root", PASSWORD)))
-        .await
-        .text()
+async fn metrics(broker: &BrokerProcess) -> String {
+    scrape(broker.addrs.http, ROOT).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_and_wrong_passwords_are_refused_and_counted() {
-    let broker = broker_with_users("max_failed_logins = 3\n");
+    let broker = BrokerProcess::start_with_users("max_failed_logins = 3\n");
     let addrs = broker.addrs;
-    let config = http_get(&addrs, "/config.json").await.json();
+    let config = http_get(addrs.http, "/config.json").await.json();
     assert_eq!(config["auth_required"], true);
 
     // Each refusal is a CONNACK that says why (MQTT 3.1.1 §3.2.2.3).
     assert_eq!(
-        harness::refusal(options(&addrs, "anonymous")).await,
+        refusal(options(addrs.mqtt, "anonymous")).await,
         Some(ConnectReturnCode::NotAuthorized),
         "anonymous refused without --demo"
     );
-    let mut wrong = options(&addrs, &harness::client_id_for("agent-nishi"));
+    let mut wrong = options(addrs.mqtt, &client_id_for("agent-nishi"));
     wrong.set_credentials("agent-nishi", "wrong");
     assert_eq!(
-        harness::refusal(wrong).await,
+        refusal(wrong).await,
         Some(ConnectReturnCode::BadUserNamePassword)
     );
-    let mut unknown = options(&addrs, "nobody");
+    let mut unknown = options(addrs.mqtt, "nobody");
     unknown.set_credentials("nobody", PASSWORD);
     assert_eq!(
-        harness::refusal(unknown).await,
+        refusal(unknown).await,
         Some(ConnectReturnCode::BadUserNamePassword)
     );
 
     // The right password gets in.
-    let _agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    let _agent = MqttClient::connect_as(addrs.mqtt, "agent-nishi", PASSWORD).await;
     let text = metrics(&broker).await;
     assert_eq!(
         metric(&text, "renkei_logins_refused_total{reason=\"anonymous\"}"),
@@ -116,14 +110,14 @@ async fn anonymous_and_wrong_passwords_are_refused_and_counted() {
     // Three failures lock a name out, even for the right password, unless it was verified
     // (and cached) before: the real agent keeps working while someone guesses.
     for _ in 0..3 {
-        let mut guess = options(&addrs, "tanaka");
+        let mut guess = options(addrs.mqtt, "tanaka");
         guess.set_credentials("tanaka", "guess");
         assert!(MqttClient::try_connect(guess).await.is_err());
     }
-    let mut right = options(&addrs, "tanaka");
+    let mut right = options(addrs.mqtt, "tanaka");
     right.set_credentials("tanaka", PASSWORD);
     assert!(MqttClient::try_connect(right).await.is_err(), "locked out");
-    let _again = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    let _again = MqttClient::connect_as(addrs.mqtt, "agent-nishi", PASSWORD).await;
     let text = metrics(&broker).await;
     assert!(metric(&text, "renkei_login_lockouts_total").unwrap_or(0) >= 1);
     assert!(metric(&text, "renkei_logins_refused_total{reason=\"locked_out\"}").unwrap_or(0) >= 1);
@@ -137,7 +131,7 @@ fn mosquitto_pub(port: u16, user: &str, topic: &str, payload: &Path, retain: boo
     let mut cmd = Command::new("timeout");
     cmd.args(["10", "mosquitto_pub", "-h", "127.0.0.1", "-p"])
         .arg(port.to_string())
-        .args(["-i", &harness::client_id_for(user)])
+        .args(["-i", &client_id_for(user)])
         .args(["-u", user, "-P", PASSWORD, "-q", "1", "-t", topic, "-f"])
         .arg(payload);
     if retain {
@@ -152,9 +146,9 @@ fn mosquitto_pub(port: u16, user: &str, topic: &str, payload: &Path, retain: boo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cross_site_publish_is_refused_never_delivered_nor_retained() {
-    let broker = broker_with_users("");
+    let broker = BrokerProcess::start_with_users("");
     let addrs = broker.addrs;
-    let mut hq = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    let mut hq = MqttClient::connect_as(addrs.mqtt, "sato", PASSWORD).await;
     hq.subscribe(topic::ALL).await;
 
     // agent-nishi speaks for Chiyoda's school: refused at the broker's door.
@@ -174,17 +168,8 @@ async fn a_cross_site_publish_is_refused_never_delivered_nor_retained() {
         true,
     );
     // With rumqttc too: the connection is closed.
-    let mut agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
-    agent
-        .client
-        .publish(
-            &forged_topic,
-            QoS::AtLeastOnce,
-            true,
-            encode(&forged).unwrap(),
-        )
-        .await
-        .unwrap();
+    let mut agent = MqttClient::connect_as(addrs.mqtt, "agent-nishi", PASSWORD).await;
+    agent.send(&forged).await;
     assert!(agent.closed_within(PATIENCE).await, "disconnected");
     assert!(
         hq.publish_within(QUIET).await.is_none(),
@@ -203,7 +188,7 @@ async fn a_cross_site_publish_is_refused_never_delivered_nor_retained() {
     ));
     let delivered = hq.next_publish().await;
     assert_eq!(delivered.topic, forged_topic);
-    let mut late = MqttClient::connect_as(&addrs, "root", PASSWORD).await;
+    let mut late = MqttClient::connect_as(addrs.mqtt, "root", PASSWORD).await;
     late.subscribe(topic::ALL).await;
     let retained = late.next_publish().await;
     assert!(retained.retain);
@@ -232,9 +217,9 @@ async fn a_cross_site_publish_is_refused_never_delivered_nor_retained() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_subscriptions_fail_and_receive_nothing() {
-    let broker = broker_with_users("");
+    let broker = BrokerProcess::start_with_users("");
     let addrs = broker.addrs;
-    let mut ward = MqttClient::connect_as(&addrs, "tanaka", PASSWORD).await;
+    let mut ward = MqttClient::connect_as(addrs.mqtt, "tanaka", PASSWORD).await;
     assert_eq!(
         ward.subscribe_codes("renkei/v1/#").await,
         [SubscribeReasonCode::Failure]
@@ -247,7 +232,7 @@ async fn forbidden_subscriptions_fail_and_receive_nothing() {
         ward.subscribe_codes("renkei/v1/131041/#").await,
         [SubscribeReasonCode::Success(QoS::AtLeastOnce)]
     );
-    let mut agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    let mut agent = MqttClient::connect_as(addrs.mqtt, "agent-nishi", PASSWORD).await;
     assert_eq!(
         agent.subscribe_codes("renkei/v1/hq/#").await,
         [SubscribeReasonCode::Failure]
@@ -260,34 +245,15 @@ async fn forbidden_subscriptions_fail_and_receive_nothing() {
     );
 
     // Chiyoda's report does not reach Shinjuku's operator; Shinjuku's does.
-    let chiyoda = MqttClient::connect_as(&addrs, "agent-chiyoda", PASSWORD).await;
+    let chiyoda = MqttClient::connect_as(addrs.mqtt, "agent-chiyoda", PASSWORD).await;
     let mut report = sample::status();
     report.header.origin = renkei_shared::Origin::Site(renkei_shared::SiteRef {
         ward: renkei_shared::WardCode(131016),
         site: renkei_shared::Id::new("chiyoda-es").unwrap(),
     });
-    chiyoda
-        .client
-        .publish(
-            Topic::of(&report).unwrap().to_string(),
-            QoS::AtLeastOnce,
-            true,
-            encode(&report).unwrap(),
-        )
-        .await
-        .unwrap();
+    chiyoda.send(&report).await;
     assert!(ward.publish_within(QUIET).await.is_none());
-    let status = sample::status();
-    agent
-        .client
-        .publish(
-            Topic::of(&status).unwrap().to_string(),
-            QoS::AtLeastOnce,
-            true,
-            encode(&status).unwrap(),
-        )
-        .await
-        .unwrap();
+    agent.send(&sample::status()).await;
     let got = ward.next_publish().await;
     assert_eq!(got.topic, "renkei/v1/131041/nishi-shinjuku-es/status");
 
@@ -304,29 +270,20 @@ async fn forbidden_subscriptions_fail_and_receive_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn integrators_read_the_mirror_and_publish_nothing() {
-    let broker = broker_with_users("");
+    let broker = BrokerProcess::start_with_users("");
     let addrs = broker.addrs;
-    let mut integrator = MqttClient::connect_as(&addrs, "dis", PASSWORD).await;
+    let mut integrator = MqttClient::connect_as(addrs.mqtt, "dis", PASSWORD).await;
     integrator.subscribe(topic::ALL_JSON).await;
-    let mut hq = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    let mut hq = MqttClient::connect_as(addrs.mqtt, "sato", PASSWORD).await;
     hq.subscribe(topic::HQ_FILTER).await;
 
     let alert = sample::alert();
-    integrator
-        .client
-        .publish(
-            Topic::of(&alert).unwrap().to_string(),
-            QoS::AtLeastOnce,
-            true,
-            encode(&alert).unwrap(),
-        )
-        .await
-        .unwrap();
+    integrator.send(&alert).await;
     assert!(integrator.closed_within(PATIENCE).await, "disconnected");
     assert!(hq.publish_within(QUIET).await.is_none());
 
     // Nobody, not even an admin, publishes on the JSON mirror.
-    let mut admin = MqttClient::connect_as(&addrs, "root", PASSWORD).await;
+    let mut admin = MqttClient::connect_as(addrs.mqtt, "root", PASSWORD).await;
     admin
         .client
         .publish(
@@ -340,7 +297,7 @@ async fn integrators_read_the_mirror_and_publish_nothing() {
     assert!(admin.closed_within(PATIENCE).await);
 
     // An agent whose last will names another site is refused at CONNECT.
-    let mut will = options(&addrs, &harness::client_id_for("agent-nishi"));
+    let mut will = options(addrs.mqtt, &client_id_for("agent-nishi"));
     will.set_credentials("agent-nishi", PASSWORD);
     will.set_last_will(rumqttc::LastWill::new(
         "renkei/v1/131016/chiyoda-es/life",
@@ -351,17 +308,9 @@ async fn integrators_read_the_mirror_and_publish_nothing() {
     assert!(MqttClient::try_connect(will).await.is_err());
 
     // HQ may raise the alert; the integrator reads it on the mirror.
-    let mut integrator = MqttClient::connect_as(&addrs, "dis", PASSWORD).await;
+    let mut integrator = MqttClient::connect_as(addrs.mqtt, "dis", PASSWORD).await;
     integrator.subscribe(topic::ALL_JSON).await;
-    hq.client
-        .publish(
-            Topic::of(&alert).unwrap().to_string(),
-            QoS::AtLeastOnce,
-            true,
-            encode(&alert).unwrap(),
-        )
-        .await
-        .unwrap();
+    hq.send(&alert).await;
     let mirrored = integrator.next_publish().await;
     assert_eq!(
         mirrored.topic,
@@ -408,7 +357,7 @@ async fn paho_sees_refusals_as_an_mqtt_client_should() {
         );
         return;
     }
-    let broker = broker_with_users("");
+    let broker = BrokerProcess::start_with_users("");
     let addrs = broker.addrs;
     let script = r#"
 import sys, time, threading
@@ -488,11 +437,7 @@ async fn login_from(
 ) -> bool {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut stream = match source {
-        Some(ip) => {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket.bind((ip, 0).into()).unwrap();
-            socket.connect(addr).await.unwrap()
-        }
+        Some(ip) => connect_from(ip, addr).await.unwrap(),
         None => tokio::net::TcpStream::connect(addr).await.unwrap(),
     };
     if let Some(header) = header {
@@ -512,8 +457,9 @@ async fn login_from(
 /// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn behind_a_proxy_failed_logins_lock_out_the_client_address() {
-    let broker =
-        broker_with_users("max_failed_logins_per_address = 3\n[mqtt]\nproxy_protocol = true\n");
+    let broker = BrokerProcess::start_with_users(
+        "max_failed_logins_per_address = 3\n[mqtt]\nproxy_protocol = true\n",
+    );
     let tcp = broker.addrs.mqtt;
     let from = |ip: &str| format!("PROXY TCP4 {ip} 127.0.0.1 40000 {}\r\n", tcp.port());
     let (guesser, other) = (from("203.0.113.7"), from("203.0.113.8"));
@@ -550,7 +496,7 @@ async fn behind_a_proxy_failed_logins_lock_out_the_client_address() {
 /// listeners, and other addresses are not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_failed_logins_lock_out_the_client_address_on_tcp_and_websocket() {
-    let broker = broker_with_users("max_failed_logins_per_address = 3\n");
+    let broker = BrokerProcess::start_with_users("max_failed_logins_per_address = 3\n");
     let tcp = broker.addrs.mqtt;
     let ip = |s: &str| Some(s.parse::<std::net::IpAddr>().unwrap());
     let (guesser, other) = (ip("127.0.0.7"), ip("127.0.0.8"));
@@ -629,9 +575,9 @@ c.loop_stop()
 /// An acknowledgement names who sent it: a login may only sign its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acks_in_another_users_name_or_role_are_refused() {
-    let broker = broker_with_users("");
+    let broker = BrokerProcess::start_with_users("");
     let addrs = broker.addrs;
-    let mut reader = MqttClient::connect_as(&addrs, "root", PASSWORD).await;
+    let mut reader = MqttClient::connect_as(addrs.mqtt, "root", PASSWORD).await;
     reader.subscribe(topic::HQ_FILTER).await;
 
     let ack_as = |user: &str, role: renkei_shared::Role| {
@@ -652,20 +598,20 @@ async fn acks_in_another_users_name_or_role_are_refused() {
         ("sato", ack_as("tanaka", Role::Ward)),
         ("tanaka", ack_as("tanaka", Role::Hq)),
     ] {
-        let mut client = MqttClient::connect_as(&addrs, login, PASSWORD).await;
+        let mut client = MqttClient::connect_as(addrs.mqtt, login, PASSWORD).await;
         client.send(&forged).await;
         assert!(client.closed_within(PATIENCE).await, "{login}'s forged ack");
     }
     assert!(reader.publish_within(QUIET).await.is_none());
     // Signed as itself, it passes.
-    let honest = MqttClient::connect_as(&addrs, "tanaka", PASSWORD).await;
+    let honest = MqttClient::connect_as(addrs.mqtt, "tanaka", PASSWORD).await;
     let own = ack_as("tanaka", Role::Ward);
     honest.send(&own).await;
     let got = reader.next_publish().await;
     assert_eq!(got.topic, Topic::of(&own).unwrap().to_string());
 
     // A ward operator reads HQ's steps on its own ward's requests, not on others'.
-    let mut ward = MqttClient::connect_as(&addrs, "tanaka", PASSWORD).await;
+    let mut ward = MqttClient::connect_as(addrs.mqtt, "tanaka", PASSWORD).await;
     for (filter, ok) in [
         ("renkei/v1/hq/#", false),
         ("renkei/v1/hq/ack/request/131016/#", false),

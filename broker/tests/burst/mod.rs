@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use renkei_shared::{Envelope, Id, Origin, SiteRef, Topic, WardCode, encode, sample, topic};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 
-use crate::harness::{self, RunningBroker, http_get, metric};
+use renkei_testkit::{BrokerProcess, metric, options, scrape};
 
 const PUBLISHERS: u64 = 50;
 const PER_PUBLISHER: u64 = 1_000;
@@ -41,7 +41,7 @@ fn status_of(site: u64, seq: u64) -> Envelope {
 async fn storm(addrs: &renkei_broker::Addrs) {
     let mut tasks = Vec::new();
     for site in 0..PUBLISHERS {
-        let mut options = harness::options(addrs, &format!("burst-{site}"));
+        let mut options = options(addrs.mqtt, &format!("burst-{site}"));
         options.set_inflight(100);
         let (client, mut eventloop) = AsyncClient::new(options, 200);
         tasks.push(tokio::spawn(async move {
@@ -76,16 +76,13 @@ async fn storm(addrs: &renkei_broker::Addrs) {
 }
 
 async fn burst(mqtt_config: &str) -> Outcome {
-    let dir = harness::prepare();
-    harness::write_config(
-        dir.path(),
-        &format!("[rules]\nenabled = false\n[mqtt]\n{mqtt_config}\n"),
-    );
-    let broker = RunningBroker::start_in(dir, &["--demo"]);
+    let broker = BrokerProcess::start_demo(&format!(
+        "[rules]\nenabled = false\n[mqtt]\n{mqtt_config}\n"
+    ));
     let addrs = broker.addrs;
 
     // A dashboard's view: QoS 1 on the whole tree, reading as fast as it can.
-    let mut options = harness::options(&addrs, "dashboard");
+    let mut options = options(addrs.mqtt, "dashboard");
     options.set_inflight(100);
     let (dashboard, mut dashboard_loop) = AsyncClient::new(options, 100);
     dashboard
@@ -109,7 +106,7 @@ async fn burst(mqtt_config: &str) -> Outcome {
     // Ingest and the recorder catch up: wait until every message is recorded or counted.
     let deadline = Instant::now() + Duration::from_secs(300);
     let (inserted, skipped) = loop {
-        let text = http_get(&addrs, "/metrics").await.text();
+        let text = scrape(addrs.http, None).await;
         let inserted = metric(&text, "renkei_recorder_messages_inserted_total").unwrap_or(0);
         let skipped = metric(&text, "renkei_ingest_skipped_total").unwrap_or(0);
         if inserted + skipped >= TOTAL || Instant::now() > deadline {

@@ -4,122 +4,18 @@
 
 use std::collections::HashSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use renkei_shared::{Topic, encode, topic};
-use rumqttc::QoS;
-
-use crate::harness::{
-    self, MqttClient, PASSWORD, PATIENCE, RunningBroker, eventually, http_get, http_get_as, metric,
-    status,
+use renkei_testkit::{
+    BrokerProcess, Mosquitto, MqttClient, ROOT, eventually, free_port, http_get, http_get_as,
+    make_pki, metric, sample_status, scrape, start_refused, with_users,
 };
-
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-const ROOT: Option<(&str, &str)> = Some(("root", PASSWORD));
-
-struct Mosquitto {
-    child: Child,
-    port: u16,
-    ws_port: u16,
-    _dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Mosquitto {
-    fn start() -> Mosquitto {
-        Mosquitto::start_on(free_port(), free_port())
-    }
-
-    fn start_on(port: u16, ws_port: u16) -> Mosquitto {
-        Mosquitto::start_with(port, ws_port, None)
-    }
-
-    /// With a TLS listener on `tls_port` too, serving `pki`'s certificate.
-    fn start_tls(tls_port: u16, pki: &crate::tls::Pki) -> Mosquitto {
-        let mosquitto = Mosquitto::start_with(free_port(), free_port(), Some((tls_port, pki)));
-        let deadline = Instant::now() + PATIENCE;
-        while std::net::TcpStream::connect(("127.0.0.1", tls_port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not listen for TLS"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        mosquitto
-    }
-
-    fn start_with(port: u16, ws_port: u16, tls: Option<(u16, &crate::tls::Pki)>) -> Mosquitto {
-        let dir = tempfile::tempdir().unwrap();
-        let conf = dir.path().join("mosquitto.conf");
-        let tls_listener = tls.map_or_else(String::new, |(tls_port, pki)| {
-            format!(
-                "listener {tls_port} 127.0.0.1\ncertfile {}\nkeyfile {}\n",
-                pki.cert.display(),
-                pki.key.display()
-            )
-        });
-        std::fs::write(
-            &conf,
-            format!(
-                "per_listener_settings false\nallow_anonymous true\npersistence false\n\
-                 max_queued_messages 0\nlistener {port} 127.0.0.1\n\
-                 listener {ws_port} 127.0.0.1\nprotocol websockets\n{tls_listener}"
-            ),
-        )
-        .unwrap();
-        let child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + PATIENCE;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Mosquitto {
-            child,
-            port,
-            ws_port,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    fn addrs(&self) -> renkei_broker::Addrs {
-        renkei_broker::Addrs {
-            mqtt: ([127, 0, 0, 1], self.port).into(),
-            ws: None,
-            http: ([127, 0, 0, 1], 1).into(),
-            mqtts: None,
-        }
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use rumqttc::QoS;
 
 /// The retained message on `topic` at Mosquitto, read by a fresh subscriber.
 async fn retained(mosquitto: &Mosquitto, topic: &str) -> Option<rumqttc::Publish> {
-    let mut reader = MqttClient::connect(&mosquitto.addrs(), "retained-reader").await;
+    let mut reader = MqttClient::connect(mosquitto.addr(), "retained-reader").await;
     reader.subscribe(topic).await;
     reader.publish_within(Duration::from_secs(2)).await
 }
@@ -149,23 +45,23 @@ async fn an_agents_message_through_mosquitto_is_recorded_mirrored_and_restored()
         "--external-client-id",
         "renkei-a",
     ];
-    let broker = RunningBroker::start_in(harness::with_users(&config), &args);
+    let broker = BrokerProcess::start_in(with_users(&config), &args);
     let addrs = broker.addrs;
     // The ready line names the external broker, and browsers are sent to its WebSocket.
     assert_eq!(addrs.mqtt.port(), mosquitto.port);
     assert_eq!(addrs.ws.map(|ws| ws.port()), Some(mosquitto.ws_port));
     assert_eq!(addrs.mqtts, None);
-    let config = http_get(&addrs, "/config.json").await.json();
+    let config = http_get(addrs.http, "/config.json").await.json();
     assert_eq!(
         config["mqtt_ws_url"],
         format!("ws://127.0.0.1:{}/mqtt", mosquitto.ws_port)
     );
 
     // An integrator on Mosquitto sees the JSON mirror of an agent's report sent to Mosquitto.
-    let mut integrator = MqttClient::connect(&addrs, "integrator").await;
+    let mut integrator = MqttClient::connect(addrs.mqtt, "integrator").await;
     integrator.subscribe(topic::ALL_JSON).await;
-    let mut agent = MqttClient::connect(&addrs, "agent-nishi").await;
-    let first = status(1);
+    let mut agent = MqttClient::connect(addrs.mqtt, "agent-nishi").await;
+    let first = sample_status(1);
     let status_topic = Topic::of(&first).unwrap();
     let renkei_shared::Origin::Site(site) = &first.header.origin else {
         unreachable!("a status comes from a site")
@@ -179,12 +75,12 @@ async fn an_agents_message_through_mosquitto_is_recorded_mirrored_and_restored()
     let json: serde_json::Value = serde_json::from_slice(&mirrored.payload).unwrap();
     assert_eq!(json["header"]["seq"], 1);
     eventually("the state to show the site", || async {
-        let state = http_get_as(&addrs, "/api/v1/state", ROOT).await.json();
+        let state = http_get_as(addrs.http, "/api/v1/state", ROOT).await.json();
         (state["sites"].as_array()?.len() == 1).then_some(())
     })
     .await;
     eventually("the message recorded", || async {
-        let text = http_get_as(&addrs, "/metrics", ROOT).await.text();
+        let text = scrape(addrs.http, ROOT).await;
         (metric(&text, "renkei_recorder_rows_total") == Some(1)).then_some(())
     })
     .await;
@@ -199,17 +95,17 @@ async fn an_agents_message_through_mosquitto_is_recorded_mirrored_and_restored()
     // the missed message over.
     let (exit, dir) = broker.terminate_keeping_dir();
     assert!(exit.success());
-    let second = status(2);
+    let second = sample_status(2);
     agent.send(&second).await;
     eventually("Mosquitto to retain the newer report", || async {
         let p = retained(&mosquitto, &status_topic.to_string()).await?;
         (renkei_shared::decode(&p.payload).ok()?.header.seq == 2).then_some(())
     })
     .await;
-    let broker = RunningBroker::start_in(dir, &args);
+    let broker = BrokerProcess::start_in(dir, &args);
     let addrs = broker.addrs;
     eventually("the missed report recorded", || async {
-        let text = http_get_as(&addrs, "/metrics", ROOT).await.text();
+        let text = scrape(addrs.http, ROOT).await;
         (metric(&text, "renkei_recorder_rows_total") == Some(1)).then_some(())
     })
     .await;
@@ -227,13 +123,13 @@ async fn an_agents_message_through_mosquitto_is_recorded_mirrored_and_restored()
     drop(integrator);
     drop(agent);
     drop(mosquitto);
-    let mosquitto = Mosquitto::start_on(port, ws_port);
+    let mosquitto = Mosquitto::setup().port(port).ws_port(ws_port).start();
     assert!(
         retained(&mosquitto, &status_topic.to_string())
             .await
             .is_none()
     );
-    let broker = RunningBroker::start_in(dir, &args);
+    let broker = BrokerProcess::start_in(dir, &args);
     let p = retained(&mosquitto, &status_topic.to_string())
         .await
         .unwrap();
@@ -250,8 +146,8 @@ async fn two_instances_in_one_share_group_split_the_stream_and_record_each_messa
     let mosquitto = Mosquitto::start();
     let url = mosquitto.url();
     let start = |id: &str| {
-        RunningBroker::start_in(
-            harness::with_users("[rules]\nenabled = false\n"),
+        BrokerProcess::start_in(
+            with_users("[rules]\nenabled = false\n"),
             &["--external", &url, "--external-client-id", id],
         )
     };
@@ -259,9 +155,9 @@ async fn two_instances_in_one_share_group_split_the_stream_and_record_each_messa
     let b = start("renkei-b");
     // Mosquitto hands a shared subscription's messages to one member at a time, to MQTT
     // 3.1.1 clients (rumqttc here) as to v5 ones.
-    let agent = MqttClient::connect(&mosquitto.addrs(), "agent-nishi").await;
+    let agent = MqttClient::connect(mosquitto.addr(), "agent-nishi").await;
     for seq in 1..=N {
-        let env = status(seq);
+        let env = sample_status(seq);
         agent
             .client
             .publish(
@@ -275,16 +171,15 @@ async fn two_instances_in_one_share_group_split_the_stream_and_record_each_messa
     }
     let rows = |text: &str| metric(text, "renkei_recorder_rows_total").unwrap_or(0);
     let (rows_a, rows_b) = eventually("every message recorded by one instance", || async {
-        let ra = rows(&http_get_as(&a.addrs, "/metrics", ROOT).await.text());
-        let rb = rows(&http_get_as(&b.addrs, "/metrics", ROOT).await.text());
+        let ra = rows(&scrape(a.addrs.http, ROOT).await);
+        let rb = rows(&scrape(b.addrs.http, ROOT).await);
         (ra + rb >= N as i64).then_some((ra, rb))
     })
     .await;
     // Nothing more arrives late.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        rows(&http_get_as(&a.addrs, "/metrics", ROOT).await.text())
-            + rows(&http_get_as(&b.addrs, "/metrics", ROOT).await.text()),
+        rows(&scrape(a.addrs.http, ROOT).await) + rows(&scrape(b.addrs.http, ROOT).await),
         N as i64
     );
     assert!(rows_a > 0 && rows_b > 0, "split {rows_a} / {rows_b}");
@@ -306,34 +201,21 @@ async fn two_instances_in_one_share_group_split_the_stream_and_record_each_messa
 
 #[test]
 fn an_unreachable_external_broker_stops_the_start() {
-    let port = free_port();
-    let dir = harness::prepare();
-    let url = format!("mqtt://127.0.0.1:{port}");
-    let out = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
-        .args(["serve", "--http", "127.0.0.1:0", "--external", &url])
-        .arg("--config")
-        .arg(dir.path().join(harness::CONFIG))
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(out.stdout.is_empty(), "no ready line");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let url = format!("mqtt://127.0.0.1:{}", free_port());
+    let stderr = refused_start(&url, &[]);
     assert!(stderr.contains(&url), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_mqtts_with_the_clusters_ca_a_message_is_recorded_and_mirrored() {
     let pki_dir = tempfile::tempdir().unwrap();
-    let pki = crate::tls::make_pki(pki_dir.path(), "cluster");
-    let tls_port = free_port();
-    let mosquitto = Mosquitto::start_tls(tls_port, &pki);
+    let pki = make_pki(pki_dir.path(), "cluster");
+    let mosquitto = Mosquitto::setup().tls(None, &pki).start();
+    let tls_port = mosquitto.tls_port.unwrap();
     let url = format!("mqtts://127.0.0.1:{tls_port}");
     let config = format!("[external]\nca_file = {:?}\n", pki.ca.display().to_string());
-    let broker = RunningBroker::start_in(
-        harness::with_users(&config),
+    let broker = BrokerProcess::start_in(
+        with_users(&config),
         &["--external", &url, "--external-client-id", "renkei-tls"],
     );
     let addrs = broker.addrs;
@@ -341,47 +223,35 @@ async fn over_mqtts_with_the_clusters_ca_a_message_is_recorded_and_mirrored() {
 
     // The agent and the integrator use Mosquitto's plain listener: only Renkei speaks TLS, so
     // the mirror reaching the integrator went in and out over it.
-    let mut integrator = MqttClient::connect(&mosquitto.addrs(), "integrator").await;
+    let mut integrator = MqttClient::connect(mosquitto.addr(), "integrator").await;
     integrator.subscribe(topic::ALL_JSON).await;
-    let agent = MqttClient::connect(&mosquitto.addrs(), "agent-nishi").await;
-    let report = status(1);
+    let agent = MqttClient::connect(mosquitto.addr(), "agent-nishi").await;
+    let report = sample_status(1);
     agent.send(&report).await;
     let mirrored = integrator.next_publish().await;
     assert_eq!(mirrored.topic, Topic::of(&report).unwrap().json());
     eventually("the message recorded", || async {
-        let text = http_get_as(&addrs, "/metrics", ROOT).await.text();
+        let text = scrape(addrs.http, ROOT).await;
         (metric(&text, "renkei_recorder_rows_total") == Some(1)).then_some(())
     })
     .await;
-    let state = http_get_as(&addrs, "/api/v1/state", ROOT).await.json();
+    let state = http_get_as(addrs.http, "/api/v1/state", ROOT).await.json();
     assert_eq!(state["sites"].as_array().map(Vec::len), Some(1), "{state}");
     assert!(broker.terminate().success());
 }
 
 /// `serve` against `url` with `extra` flags; it must not start. Its stderr.
 fn refused_start(url: &str, extra: &[&str]) -> String {
-    let dir = harness::prepare();
-    let out = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
-        .args(["serve", "--http", "127.0.0.1:0", "--external", url])
-        .args(extra)
-        .arg("--config")
-        .arg(dir.path().join(harness::CONFIG))
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(out.stdout.is_empty(), "no ready line");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let args = [&["--http", "127.0.0.1:0", "--external", url], extra].concat();
+    start_refused("", &args)
 }
 
 #[test]
 fn an_mqtts_broker_whose_certificate_is_not_trusted_stops_the_start() {
     let pki_dir = tempfile::tempdir().unwrap();
-    let pki = crate::tls::make_pki(pki_dir.path(), "cluster");
-    let tls_port = free_port();
-    let _mosquitto = Mosquitto::start_tls(tls_port, &pki);
+    let pki = make_pki(pki_dir.path(), "cluster");
+    let mosquitto = Mosquitto::setup().tls(None, &pki).start();
+    let tls_port = mosquitto.tls_port.unwrap();
     // Without external.ca_file the system's roots are trusted, and they do not hold the
     // test's CA.
     let url = format!("mqtts://127.0.0.1:{tls_port}");

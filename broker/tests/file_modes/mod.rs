@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
-use crate::harness::{self, RunningBroker};
+use renkei_testkit::{BrokerProcess, PASSWORD, add_user, prepare};
 
 /// The permission bits, in octal as `ls` and `chmod` write them.
 fn mode(path: &Path) -> String {
@@ -39,7 +39,7 @@ fn owner_only() -> Vec<(String, String)> {
 #[test]
 fn the_broker_creates_its_data_directory_and_database_for_its_owner_only() {
     // The test's umask would let group and others read what is created with the defaults.
-    let broker = RunningBroker::start();
+    let broker = BrokerProcess::start();
     let data = broker.data_dir();
     // WAL mode: the -wal and -shm files exist while the broker has the database open.
     assert_eq!(modes(&data), owner_only());
@@ -48,24 +48,24 @@ fn the_broker_creates_its_data_directory_and_database_for_its_owner_only() {
 
 #[test]
 fn user_add_on_a_fresh_directory_creates_it_for_its_owner_only() {
-    let dir = harness::prepare();
-    harness::add_user(dir.path(), "sato", &["--role", "hq"], harness::PASSWORD);
+    let dir = prepare();
+    add_user(dir.path(), "sato", &["--role", "hq"], PASSWORD);
     let data = dir.path().join("data");
     assert_eq!(mode(&data), "700", "data directory");
     assert_eq!(mode(&data.join("renkei.db")), "600", "database");
     // The broker started on it keeps the modes, WAL files included.
-    let broker = RunningBroker::start_in(dir, &[]);
+    let broker = BrokerProcess::start_in(dir, &[]);
     assert_eq!(modes(&broker.data_dir()), owner_only());
     assert!(broker.terminate().success());
 }
 
 #[test]
 fn a_database_left_readable_by_others_is_named_in_the_log() {
-    let dir = harness::prepare();
-    harness::add_user(dir.path(), "sato", &["--role", "hq"], harness::PASSWORD);
+    let dir = prepare();
+    add_user(dir.path(), "sato", &["--role", "hq"], PASSWORD);
     let db = dir.path().join("data/renkei.db");
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let broker = RunningBroker::start_in(dir, &[]);
+    let broker = BrokerProcess::start_in(dir, &[]);
     let log = broker.log();
     assert!(
         log.contains("readable by others") && log.contains("renkei.db"),

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{QoS, SubscribeReasonCode};
 
-use crate::harness::{self, MqttClient, PASSWORD, PATIENCE, RunningBroker, http_get_as, metric};
+use renkei_testkit::{BrokerProcess, MqttClient, PASSWORD, PATIENCE, ROOT, metric, scrape};
 
 const MIB: u64 = 1024 * 1024;
 /// Distinct filters the integrator subscribes to.
@@ -34,17 +34,14 @@ fn site_filters(range: std::ops::Range<usize>) -> impl Iterator<Item = String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_integrators_20000_filters_are_given_back_when_it_leaves() {
-    let broker = RunningBroker::start_in(
-        harness::with_users(&format!(
-            "[mqtt]\nmax_filters_per_connection = {FILTERS}\nmax_filters_per_user = {FILTERS}\n"
-        )),
-        &[],
-    );
+    let broker = BrokerProcess::start_with_users(&format!(
+        "[mqtt]\nmax_filters_per_connection = {FILTERS}\nmax_filters_per_user = {FILTERS}\n"
+    ));
     let addrs = broker.addrs;
 
     // Warm up: the first login and subscription allocate what the process keeps anyway
     // (the login cache, the user's session book, the first connection's buffers).
-    let mut warm = MqttClient::connect_as(&addrs, "dis", PASSWORD).await;
+    let mut warm = MqttClient::connect_as(addrs.mqtt, "dis", PASSWORD).await;
     assert_eq!(
         warm.subscribe_many_codes(site_filters(0..PER_SUBSCRIBE))
             .await,
@@ -55,7 +52,7 @@ async fn an_integrators_20000_filters_are_given_back_when_it_leaves() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = broker.rss();
 
-    let mut dis = MqttClient::connect_as(&addrs, "dis", PASSWORD).await;
+    let mut dis = MqttClient::connect_as(addrs.mqtt, "dis", PASSWORD).await;
     let subscribing = Instant::now();
     for start in (0..FILTERS).step_by(PER_SUBSCRIBE) {
         let codes = dis
@@ -100,9 +97,7 @@ async fn an_integrators_20000_filters_are_given_back_when_it_leaves() {
         mib(before)
     );
     // It was the housekeeping that gave it back.
-    let text = http_get_as(&addrs, "/metrics", Some(("root", PASSWORD)))
-        .await
-        .text();
+    let text = scrape(addrs.http, ROOT).await;
     let trims = metric(&text, "renkei_memory_trims_total").unwrap_or(0);
     assert!(trims >= 1, "{text}");
     eprintln!(
@@ -116,8 +111,8 @@ async fn an_integrators_20000_filters_are_given_back_when_it_leaves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn by_default_a_session_gets_32_filters_and_the_33rd_is_refused() {
-    let broker = RunningBroker::start_in(harness::with_users(""), &[]);
-    let mut dis = MqttClient::connect_as(&broker.addrs, "dis", PASSWORD).await;
+    let broker = BrokerProcess::start_with_users("");
+    let mut dis = MqttClient::connect_as(broker.addrs.mqtt, "dis", PASSWORD).await;
     let codes = dis.subscribe_many_codes(site_filters(0..33)).await;
     let mut expected = vec![OK; 32];
     expected.push(SubscribeReasonCode::Failure);

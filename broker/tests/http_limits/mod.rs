@@ -5,36 +5,20 @@
 
 use std::time::{Duration, Instant};
 
+use renkei_testkit::net::closed_by;
+use renkei_testkit::{BrokerProcess, PATIENCE, ROOT, eventually, http_get, http_get_as};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
-
-use crate::harness::{self, PASSWORD, PATIENCE, RunningBroker, eventually, http_get, http_get_as};
-
-const ROOT: Option<(&str, &str)> = Some(("root", PASSWORD));
 
 /// The header timeout of the slowloris tests: long enough for the API calls made while the
 /// slow connections are open, short enough to wait for.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 const HEADER_TIMEOUT_CONFIG: &str = "[http]\nheader_read_timeout = \"5s\"\n";
 
-/// Reads until the peer closes; whether it did before `deadline`.
-async fn closed_by(read: &mut OwnedReadHalf, deadline: Instant) -> bool {
-    let mut buf = [0u8; 4096];
-    loop {
-        match tokio::time::timeout_at(deadline.into(), read.read(&mut buf)).await {
-            Ok(Ok(0) | Err(_)) => return true,
-            // A response to the broken request, if the server sends one before closing.
-            Ok(Ok(_)) => continue,
-            Err(_) => return false,
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_connections_neither_starve_the_api_nor_outlive_the_header_timeout() {
     const SLOW: usize = 500;
-    let broker = RunningBroker::start_in(harness::with_users(HEADER_TIMEOUT_CONFIG), &[]);
+    let broker = BrokerProcess::start_with_users(HEADER_TIMEOUT_CONFIG);
     let addrs = broker.addrs;
     let before = broker.open_fds();
 
@@ -73,11 +57,11 @@ async fn slowloris_connections_neither_starve_the_api_nor_outlive_the_header_tim
     .await;
 
     let asked = Instant::now();
-    let health = http_get(&addrs, "/healthz").await;
+    let health = http_get(addrs.http, "/healthz").await;
     let health_took = asked.elapsed();
     assert_eq!(health.status, 200);
     let asked = Instant::now();
-    let state = http_get_as(&addrs, "/api/v1/state", ROOT).await;
+    let state = http_get_as(addrs.http, "/api/v1/state", ROOT).await;
     let state_took = asked.elapsed();
     assert_eq!(state.status, 200, "{}", state.text());
     assert!(
@@ -120,9 +104,7 @@ async fn slowloris_connections_neither_starve_the_api_nor_outlive_the_header_tim
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
-    let dir = harness::prepare();
-    harness::write_config(dir.path(), HEADER_TIMEOUT_CONFIG);
-    let broker = RunningBroker::start_in(dir, &["--demo"]);
+    let broker = BrokerProcess::start_demo(HEADER_TIMEOUT_CONFIG);
     let (mut read, mut write) = TcpStream::connect(broker.addrs.http)
         .await
         .unwrap()
@@ -165,12 +147,8 @@ async fn an_idle_kept_alive_connection_is_closed_after_the_header_timeout() {
 async fn the_connection_cap_bounds_the_brokers_open_descriptors() {
     const CAP: usize = 50;
     const FLOOD: usize = 300;
-    let dir = harness::prepare();
-    harness::write_config(
-        dir.path(),
-        "[http]\nmax_connections = 50\nheader_read_timeout = \"1s\"\n",
-    );
-    let broker = RunningBroker::start_in(dir, &["--demo"]);
+    let broker =
+        BrokerProcess::start_demo("[http]\nmax_connections = 50\nheader_read_timeout = \"1s\"\n");
     let before = broker.open_fds();
 
     // Connections that never send a byte; the kernel completes the handshake of those the
@@ -201,16 +179,14 @@ async fn the_connection_cap_bounds_the_brokers_open_descriptors() {
         drop(write);
     }
     assert_eq!(open, 0, "connections never served nor closed");
-    assert_eq!(http_get(&broker.addrs, "/healthz").await.status, 200);
+    assert_eq!(http_get(broker.addrs.http, "/healthz").await.status, 200);
     assert!(broker.terminate().success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_idle_timeout() {
     const SIZE: usize = 16 * 1024 * 1024;
-    let dir = harness::prepare();
-    harness::write_config(dir.path(), "[http]\nidle_timeout = \"1s\"\n");
-    let broker = RunningBroker::start_in(dir, &["--demo"]);
+    let broker = BrokerProcess::start_demo("[http]\nidle_timeout = \"1s\"\n");
     std::fs::write(broker.dir.path().join("dist/big.bin"), vec![7u8; SIZE]).unwrap();
 
     // A small receive window, so that the response stalls in the kernel's buffers at once.
@@ -241,6 +217,6 @@ async fn a_client_that_stops_reading_its_response_is_cut_off_after_the_idle_time
         "the stalled client got all {received} bytes: the connection was kept"
     );
     drop(write);
-    assert_eq!(http_get(&broker.addrs, "/healthz").await.status, 200);
+    assert_eq!(http_get(broker.addrs.http, "/healthz").await.status, 200);
     assert!(broker.terminate().success());
 }

@@ -17,12 +17,12 @@
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use renkei_testkit::mqtt::websocket_upgrade;
+use renkei_testkit::{BrokerProcess, MqttClient, PASSWORD, make_pki, with_users};
 use rumqttc::mqttbytes::v4::{Connect, Packet};
 use rumqttc::{ConnAck, ConnectReturnCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
-
-use crate::harness::{self, MqttClient, PASSWORD, RunningBroker};
 
 /// Idle sockets opened on each listener.
 const IDLE: usize = 200;
@@ -39,9 +39,9 @@ const CONFIG_MQTT: &str = "connect_timeout = \"30s\"\n";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_sockets_on_every_listener_hold_up_no_login() {
     let pki_dir = tempfile::tempdir().unwrap();
-    let pki = crate::tls::make_pki(pki_dir.path(), "renkei");
+    let pki = make_pki(pki_dir.path(), "renkei");
     let config = format!("{}{CONFIG_MQTT}", crate::tls::tls_config(&pki));
-    let broker = RunningBroker::start_in(harness::with_users(&config), &["--mqtts", "127.0.0.1:0"]);
+    let broker = BrokerProcess::start_in(with_users(&config), &["--mqtts", "127.0.0.1:0"]);
     let addrs = broker.addrs;
     let ws = addrs.ws.expect("a WebSocket listener");
     let mqtts = addrs.mqtts.expect("an MQTTS listener");
@@ -64,7 +64,8 @@ async fn idle_sockets_on_every_listener_hold_up_no_login() {
     let (dashboard, dashboard_took) = timed(websocket_login(ws, "sato", "sato-dash")).await;
     let dashboard = dashboard
         .unwrap_or_else(|| panic!("no CONNACK for sato over WebSocket within {GIVE_UP:?}"));
-    let (agent, agent_took) = timed(MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD)).await;
+    let (agent, agent_took) =
+        timed(MqttClient::connect_as(addrs.mqtt, "agent-nishi", PASSWORD)).await;
     let agent =
         agent.unwrap_or_else(|| panic!("no CONNACK for agent-nishi over TCP within {GIVE_UP:?}"));
     let (tls_agent, tls_took) = timed(async {
@@ -120,20 +121,7 @@ async fn timed<T>(login: impl Future<Output = T>) -> (Option<T>, Duration) {
 /// Logs in as the dashboard does: a WebSocket upgrade with the subprotocol `mqtt`, then an MQTT
 /// 3.1.1 CONNECT in a binary frame; returns the open socket once the CONNACK accepted it.
 async fn websocket_login(addr: std::net::SocketAddr, user: &str, client_id: &str) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let request = format!(
-        "GET /mqtt HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-         Sec-WebSocket-Protocol: mqtt\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8];
-        stream.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
+    let (mut stream, head) = websocket_upgrade(addr).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
 
     let mut connect = Connect::new(client_id);

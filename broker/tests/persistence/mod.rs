@@ -4,12 +4,11 @@
 use std::time::Duration;
 
 use renkei_shared::codec::SCHEMA_VERSION;
-use renkei_shared::{Envelope, Topic, encode, sample, topic};
+use renkei_shared::{Envelope, Topic, sample, topic};
+use renkei_testkit::{
+    BrokerProcess, MqttClient, PASSWORD, PATIENCE, ROOT, eventually, http_get_as, metric, scrape,
+};
 use rumqttc::QoS;
-
-use crate::harness::{self, MqttClient, PASSWORD, RunningBroker, eventually, http_get_as, metric};
-
-const ROOT: Option<(&str, &str)> = Some(("root", PASSWORD));
 
 fn count(db: &std::path::Path, sql: &str) -> i64 {
     let conn = rusqlite::Connection::open(db).unwrap();
@@ -18,17 +17,12 @@ fn count(db: &std::path::Path, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_survives_a_restart_and_refusals_are_quarantined() {
-    let broker = RunningBroker::start_in(harness::with_users(""), &[]);
+    let broker = BrokerProcess::start_with_users("");
     let addrs = broker.addrs;
-    let agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    let agent = MqttClient::connect_as(addrs.mqtt, "agent-nishi", PASSWORD).await;
     let status_topic = Topic::of(&sample::status()).unwrap().to_string();
     for env in [sample::status(), sample::shelter(), sample::status()] {
-        let topic = Topic::of(&env).unwrap().to_string();
-        agent
-            .client
-            .publish(topic, QoS::AtLeastOnce, true, encode(&env).unwrap())
-            .await
-            .unwrap();
+        agent.send(&env).await;
     }
     // Refused by ingest, quarantined: malformed, and over the 16 KiB frame limit (yet within
     // the MQTT packet limit).
@@ -43,19 +37,19 @@ async fn the_state_survives_a_restart_and_refusals_are_quarantined() {
             .unwrap();
     }
     eventually("recorded", || async {
-        let text = http_get_as(&addrs, "/metrics", ROOT).await.text();
+        let text = scrape(addrs.http, ROOT).await;
         let rows = metric(&text, "renkei_recorder_rows_total").unwrap_or(0);
         (rows == 5).then_some(())
     })
     .await;
     // Over the MQTT packet limit: the broker drops the connection, counts it and carries on.
-    let mut big = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    let mut big = MqttClient::connect_as(addrs.mqtt, "agent-nishi", PASSWORD).await;
     big.client
         .publish(&status_topic, QoS::AtLeastOnce, false, vec![0u8; 40 * 1024])
         .await
         .unwrap();
-    assert!(big.closed_within(harness::PATIENCE).await);
-    let text = http_get_as(&addrs, "/metrics", ROOT).await.text();
+    assert!(big.closed_within(PATIENCE).await);
+    let text = scrape(addrs.http, ROOT).await;
     for (reason, n) in [("malformed", 1), ("too_large", 1), ("oversize_packet", 1)] {
         assert_eq!(
             metric(
@@ -85,9 +79,9 @@ async fn the_state_survives_a_restart_and_refusals_are_quarantined() {
     );
 
     // After the restart a new subscriber receives the latest state, in both trees.
-    let broker = RunningBroker::start_in(dir, &[]);
+    let broker = BrokerProcess::start_in(dir, &[]);
     let addrs = broker.addrs;
-    let mut hq = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    let mut hq = MqttClient::connect_as(addrs.mqtt, "sato", PASSWORD).await;
     hq.subscribe(topic::ALL).await;
     let mut got = Vec::new();
     for _ in 0..2 {
@@ -106,7 +100,7 @@ async fn the_state_survives_a_restart_and_refusals_are_quarantined() {
             (status_topic.clone(), sample::status()),
         ]
     );
-    let mut integrator = MqttClient::connect_as(&addrs, "dis", PASSWORD).await;
+    let mut integrator = MqttClient::connect_as(addrs.mqtt, "dis", PASSWORD).await;
     integrator.subscribe(topic::ALL_JSON).await;
     for _ in 0..2 {
         let p = integrator.next_publish().await;
@@ -119,7 +113,7 @@ async fn the_state_survives_a_restart_and_refusals_are_quarantined() {
             .await
             .is_none()
     );
-    let state = crate::harness::http_get_as(&addrs, "/api/v1/state", Some(("sato", PASSWORD)))
+    let state = http_get_as(addrs.http, "/api/v1/state", Some(("sato", PASSWORD)))
         .await
         .json();
     assert_eq!(state["sites"][0]["site"], "nishi-shinjuku-es");

@@ -5,16 +5,17 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use renkei_shared::{Origin, Receipt, Topic, receipt_topic};
+use renkei_testkit::{
+    BrokerProcess, MqttClient, PASSWORD, PATIENCE, eventually, metric, sample_status, scrape,
+};
 use rumqttc::{QoS, SubscribeReasonCode};
-
-use crate::harness::{self, MqttClient, PASSWORD, RunningBroker, http_get, metric, status};
 
 /// Reads receipts on `client` until they have named every seq in `want` (boot `boot`).
 async fn receipts_until(client: &mut MqttClient, topic: &str, boot: u32, want: &BTreeSet<u64>) {
     let mut named = BTreeSet::new();
     while !want.is_subset(&named) {
         let p = client
-            .publish_within(harness::PATIENCE)
+            .publish_within(PATIENCE)
             .await
             .unwrap_or_else(|| panic!("receipts named only {named:?} of {want:?}"));
         assert_eq!(p.topic, topic, "only receipts are subscribed to");
@@ -26,24 +27,24 @@ async fn receipts_until(client: &mut MqttClient, topic: &str, boot: u32, want: &
 
 #[tokio::test]
 async fn every_recorded_message_is_named_in_a_receipt_redeliveries_too() {
-    let broker = RunningBroker::start();
+    let broker = BrokerProcess::start();
     let addrs = broker.addrs;
-    let first = status(1);
+    let first = sample_status(1);
     let Origin::Site(site) = &first.header.origin else {
         unreachable!("a status comes from a site")
     };
     let topic = receipt_topic(site);
-    let mut agent = MqttClient::connect(&addrs, "agent").await;
+    let mut agent = MqttClient::connect(addrs.mqtt, "agent").await;
     agent.subscribe(&topic).await;
 
     let seqs: BTreeSet<u64> = (1..=40).collect();
     for &seq in &seqs {
-        agent.send(&status(seq)).await;
+        agent.send(&sample_status(seq)).await;
     }
     receipts_until(&mut agent, &topic, first.header.boot, &seqs).await;
 
     // A message sent again (its receipt was lost, say) is stored once and confirmed again.
-    agent.send(&status(7)).await;
+    agent.send(&sample_status(7)).await;
     receipts_until(&mut agent, &topic, first.header.boot, &BTreeSet::from([7])).await;
 
     // A refused message is quarantined, never confirmed.
@@ -61,7 +62,7 @@ async fn every_recorded_message_is_named_in_a_receipt_redeliveries_too() {
         agent.publish_within(Duration::from_secs(2)).await.is_none(),
         "no receipt for a refused payload"
     );
-    let text = http_get(&addrs, "/metrics").await.text();
+    let text = scrape(addrs.http, None).await;
     assert_eq!(
         metric(&text, "renkei_recorder_messages_inserted_total"),
         Some(40)
@@ -73,11 +74,11 @@ async fn every_recorded_message_is_named_in_a_receipt_redeliveries_too() {
 
 #[tokio::test]
 async fn an_agent_reads_its_own_receipts_and_nobody_publishes_there() {
-    let broker = RunningBroker::start_in(harness::with_users(""), &[]);
+    let broker = BrokerProcess::start_with_users("");
     let addrs = broker.addrs;
     let own = "renkei/receipt/v1/131041/nishi-shinjuku-es";
     let other = "renkei/receipt/v1/131016/chiyoda-es";
-    let mut agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    let mut agent = MqttClient::connect_as(addrs.mqtt, "agent-nishi", PASSWORD).await;
     assert!(matches!(
         agent.subscribe_codes(own).await[..],
         [SubscribeReasonCode::Success(_)]
@@ -90,35 +91,35 @@ async fn an_agent_reads_its_own_receipts_and_nobody_publishes_there() {
         );
     }
     // A forged receipt closes the forger's connection and reaches nobody.
-    let mut forger = MqttClient::connect_as(&addrs, "agent-chiyoda", PASSWORD).await;
+    let mut forger = MqttClient::connect_as(addrs.mqtt, "agent-chiyoda", PASSWORD).await;
     let forged = Receipt::of_keys([(1, 1)]).remove(0).encode().unwrap();
     forger
         .client
         .publish(own, QoS::AtLeastOnce, false, forged)
         .await
         .unwrap();
-    assert!(forger.closed_within(harness::PATIENCE).await);
+    assert!(forger.closed_within(PATIENCE).await);
     assert!(agent.publish_within(Duration::from_secs(1)).await.is_none());
 
     // The agent's own messages are confirmed to it.
-    let env = status(1);
+    let env = sample_status(1);
     agent.send(&env).await;
     receipts_until(&mut agent, own, env.header.boot, &BTreeSet::from([1])).await;
 }
 
 #[tokio::test]
 async fn no_receipts_are_published_for_sites_nobody_listens_for() {
-    let broker = RunningBroker::start();
+    let broker = BrokerProcess::start();
     let addrs = broker.addrs;
-    let publisher = MqttClient::connect(&addrs, "simulator").await;
+    let publisher = MqttClient::connect(addrs.mqtt, "simulator").await;
     for seq in 1..=10 {
-        publisher.send(&status(seq)).await;
+        publisher.send(&sample_status(seq)).await;
     }
-    harness::eventually("the messages recorded", || async {
-        let text = http_get(&addrs, "/metrics").await.text();
+    eventually("the messages recorded", || async {
+        let text = scrape(addrs.http, None).await;
         (metric(&text, "renkei_recorder_messages_inserted_total") == Some(10)).then_some(())
     })
     .await;
-    let text = http_get(&addrs, "/metrics").await.text();
+    let text = scrape(addrs.http, None).await;
     assert_eq!(metric(&text, "renkei_receipts_published_total"), Some(0));
 }

@@ -7,11 +7,11 @@ use renkei_shared::{
     AlertSource, AlertState, Body, Envelope, Id, Mode, Origin, RuleKind, ShelterState, decode,
     sample,
 };
-use rumqttc::QoS;
-
-use crate::harness::{
-    self, MqttClient, PASSWORD, RunningBroker, eventually, http_get, http_get_as, metric,
+use renkei_testkit::{
+    BrokerProcess, MqttClient, PASSWORD, eventually, http_get, http_get_as, login_options, metric,
+    scrape,
 };
+use rumqttc::QoS;
 
 const SATO: Option<(&str, &str)> = Some(("sato", PASSWORD));
 const OCC: &str = "renkei/v1/hq/alert/occ-131041-nishi-shinjuku-es";
@@ -24,14 +24,15 @@ fn now(mut env: Envelope, seq: u64) -> Envelope {
     env
 }
 
+/// An open shelter of 100 places holding `evacuees`, sent now.
 fn shelter(evacuees: u32, seq: u64) -> Envelope {
-    let mut env = sample::shelter();
+    let mut env = now(sample::shelter(), seq);
     if let Body::Shelter(s) = &mut env.body {
         s.state = ShelterState::Open;
         s.capacity = Some(100);
         s.evacuees = Some(evacuees);
     }
-    now(env, seq)
+    env
 }
 
 /// The next alert published on `topic`, decoded.
@@ -53,14 +54,14 @@ fn alert_state(env: &Envelope) -> AlertState {
 
 /// HQ user `sato` under its own client id (a second connection with the same id would end the
 /// first).
-async fn hq_client(addrs: &renkei_broker::Addrs, client_id: &str) -> MqttClient {
-    let mut options = harness::options(addrs, client_id);
-    options.set_credentials("sato", PASSWORD);
-    MqttClient::try_connect(options).await.unwrap()
+async fn hq_client(mqtt: std::net::SocketAddr, client_id: &str) -> MqttClient {
+    MqttClient::try_connect(login_options(mqtt, client_id, "sato", PASSWORD))
+        .await
+        .unwrap()
 }
 
 async fn rule_alerts(addrs: &renkei_broker::Addrs, state: &str) -> i64 {
-    let text = http_get_as(addrs, "/metrics", SATO).await.text();
+    let text = scrape(addrs.http, SATO).await;
     metric(
         &text,
         &format!("renkei_rule_alerts_total{{state=\"{state}\"}}"),
@@ -71,11 +72,11 @@ async fn rule_alerts(addrs: &renkei_broker::Addrs, state: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_shelter_is_alerted_acknowledged_kept_over_a_restart_and_cleared() {
     let config = "[rules]\nevaluate_every = \"300ms\"\n";
-    let broker = RunningBroker::start_in(harness::with_users(config), &[]);
+    let broker = BrokerProcess::start_with_users(config);
     let addrs = broker.addrs;
-    let mut hq = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    let mut hq = MqttClient::connect_as(addrs.mqtt, "sato", PASSWORD).await;
     hq.subscribe("renkei/v1/hq/#").await;
-    let agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    let agent = MqttClient::connect_as(addrs.mqtt, "agent-nishi", PASSWORD).await;
     agent.send(&now(sample::status(), 100)).await;
     agent.send(&shelter(95, 101)).await;
 
@@ -92,13 +93,13 @@ async fn a_full_shelter_is_alerted_acknowledged_kept_over_a_restart_and_cleared(
     assert!(alert.headline.contains("95%"), "{}", alert.headline);
     assert!(alert.ack_required);
     // Retained: a dashboard that connects later receives it at once.
-    let mut late = hq_client(&addrs, "sato-late").await;
+    let mut late = hq_client(addrs.mqtt, "sato-late").await;
     late.client.subscribe(OCC, QoS::AtLeastOnce).await.unwrap();
     let (retained, retain_flag) = next_alert(&mut late, OCC).await;
     assert!(retain_flag);
     assert_eq!(retained, raised);
     // The JSON mirror carries it too, and the recorder has it.
-    let mut json = hq_client(&addrs, "sato-json").await;
+    let mut json = hq_client(addrs.mqtt, "sato-json").await;
     json.client
         .subscribe("renkei/json/v1/hq/alert/#", QoS::AtLeastOnce)
         .await
@@ -109,7 +110,7 @@ async fn a_full_shelter_is_alerted_acknowledged_kept_over_a_restart_and_cleared(
     // An HQ operator acknowledges; the state shows the alert with the answer.
     hq.send(&now(sample::ack(), 1)).await;
     let state = eventually("the ack in /api/v1/state", || async {
-        let state = http_get_as(&addrs, "/api/v1/state", SATO).await.json();
+        let state = http_get_as(addrs.http, "/api/v1/state", SATO).await.json();
         let acked = state["alerts"][0]["acks"][0]["user"] == "sato";
         acked.then_some(state)
     })
@@ -129,11 +130,11 @@ async fn a_full_shelter_is_alerted_acknowledged_kept_over_a_restart_and_cleared(
     // A restart restores it with its ack and does not raise it again.
     let (status, dir) = broker.terminate_keeping_dir();
     assert!(status.success());
-    let broker = RunningBroker::start_in(dir, &[]);
+    let broker = BrokerProcess::start_in(dir, &[]);
     let addrs = broker.addrs;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(rule_alerts(&addrs, "active").await, 0, "{}", broker.log());
-    let state = http_get_as(&addrs, "/api/v1/state", SATO).await.json();
+    let state = http_get_as(addrs.http, "/api/v1/state", SATO).await.json();
     assert_eq!(
         state["alerts"][0]["alert_id"],
         "occ-131041-nishi-shinjuku-es"
@@ -141,7 +142,7 @@ async fn a_full_shelter_is_alerted_acknowledged_kept_over_a_restart_and_cleared(
     assert_eq!(state["alerts"][0]["acks"][0]["user"], "sato");
 
     // The shelter empties: the alert is published again as cleared, by the new boot.
-    let mut hq = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    let mut hq = MqttClient::connect_as(addrs.mqtt, "sato", PASSWORD).await;
     hq.subscribe(OCC).await;
     let (restored, _) = next_alert(&mut hq, OCC).await;
     assert_eq!(
@@ -149,18 +150,18 @@ async fn a_full_shelter_is_alerted_acknowledged_kept_over_a_restart_and_cleared(
         AlertState::Active,
         "retained after restart"
     );
-    let agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    let agent = MqttClient::connect_as(addrs.mqtt, "agent-nishi", PASSWORD).await;
     agent.send(&shelter(50, 102)).await;
     let (cleared, _) = next_alert(&mut hq, OCC).await;
     assert_eq!(alert_state(&cleared), AlertState::Cleared);
     assert_eq!(cleared.header.boot, 2);
     eventually("no active alert in /api/v1/state", || async {
-        let state = http_get_as(&addrs, "/api/v1/state", SATO).await.json();
+        let state = http_get_as(addrs.http, "/api/v1/state", SATO).await.json();
         state["alerts"].as_array().unwrap().is_empty().then_some(())
     })
     .await;
     eventually("raised once and cleared once, recorded", || async {
-        let events = http_get_as(&addrs, "/api/v1/events?since=0&limit=1000", SATO)
+        let events = http_get_as(addrs.http, "/api/v1/events?since=0&limit=1000", SATO)
             .await
             .json();
         let alerts: Vec<String> = events["events"]
@@ -183,13 +184,11 @@ async fn a_full_shelter_is_alerted_acknowledged_kept_over_a_restart_and_cleared(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_drill_site_raises_a_drill_alert_only() {
-    let dir = harness::prepare();
-    harness::write_config(dir.path(), "[rules]\nevaluate_every = \"200ms\"\n");
-    let broker = RunningBroker::start_in(dir, &["--demo"]);
+    let broker = BrokerProcess::start_demo("[rules]\nevaluate_every = \"200ms\"\n");
     let addrs = broker.addrs;
-    let mut hq = MqttClient::connect(&addrs, "hq-screen").await;
+    let mut hq = MqttClient::connect(addrs.mqtt, "hq-screen").await;
     hq.subscribe("renkei/v1/hq/alert/#").await;
-    let agent = MqttClient::connect(&addrs, "agent-nishi-shinjuku-es").await;
+    let agent = MqttClient::connect(addrs.mqtt, "agent-nishi-shinjuku-es").await;
 
     // An exercise heartbeat every second, then nothing: silent after three seconds.
     let mut status = now(sample::status(), 100);
@@ -232,7 +231,9 @@ async fn a_silent_drill_site_raises_a_drill_alert_only() {
     ];
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let ids = loop {
-        let exercise = http_get(&addrs, "/api/v1/state?mode=exercise").await.json();
+        let exercise = http_get(addrs.http, "/api/v1/state?mode=exercise")
+            .await
+            .json();
         let mut ids: Vec<String> = exercise["alerts"]
             .as_array()
             .unwrap()
@@ -246,7 +247,9 @@ async fn a_silent_drill_site_raises_a_drill_alert_only() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(ids, expected);
-    let actual = http_get(&addrs, "/api/v1/state?mode=actual").await.json();
+    let actual = http_get(addrs.http, "/api/v1/state?mode=actual")
+        .await
+        .json();
     assert_eq!(
         actual["alerts"],
         serde_json::json!([]),

@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 
 use renkei_broker::mqtt::probe;
 use renkei_shared::{Envelope, Topic, encode, sample, topic};
+use renkei_testkit::net::connect_from;
+use renkei_testkit::{
+    BrokerProcess, MqttClient, PASSWORD, PATIENCE, ROOT, client_id_for, eventually, login_options,
+    metric, refusal, scrape,
+};
 use rumqttc::{ConnectReturnCode, MqttOptions, QoS, SubscribeReasonCode};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-use crate::harness::{
-    self, MqttClient, PASSWORD, RunningBroker, eventually, http_get_as, metric, options, refusal,
-};
 
 /// How long a test waits to be sure something does *not* arrive.
 const QUIET: Duration = Duration::from_millis(1500);
@@ -20,9 +21,7 @@ const QUIET: Duration = Duration::from_millis(1500);
 const NISHI: &str = "agent-131041-nishi-shinjuku-es";
 
 fn login(client_id: &str, user: &str, addrs: &renkei_broker::Addrs) -> MqttOptions {
-    let mut o = options(addrs, client_id);
-    o.set_credentials(user, PASSWORD);
-    o
+    login_options(addrs.mqtt, client_id, user, PASSWORD)
 }
 
 fn persistent(mut o: MqttOptions) -> MqttOptions {
@@ -30,10 +29,8 @@ fn persistent(mut o: MqttOptions) -> MqttOptions {
     o
 }
 
-async fn metrics(broker: &RunningBroker) -> String {
-    http_get_as(&broker.addrs, "/metrics", Some(("root", PASSWORD)))
-        .await
-        .text()
+async fn metrics(broker: &BrokerProcess) -> String {
+    scrape(broker.addrs.http, ROOT).await
 }
 
 /// The sample command, addressed to the sample site (nishi-shinjuku-es).
@@ -43,7 +40,7 @@ fn command_to_nishi() -> Envelope {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_login_cannot_take_a_sites_session_or_its_commands() {
-    let broker = RunningBroker::start_in(harness::with_users(""), &[]);
+    let broker = BrokerProcess::start_with_users("");
     let addrs = broker.addrs;
     // The real agent keeps a persistent session with its command subscription, then drops off.
     {
@@ -83,7 +80,7 @@ async fn another_login_cannot_take_a_sites_session_or_its_commands() {
     }
 
     // A command sent while nishi is away reaches nishi, and only nishi.
-    let hq = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    let hq = MqttClient::connect_as(addrs.mqtt, "sato", PASSWORD).await;
     let cmd = command_to_nishi();
     hq.client
         .publish(
@@ -98,7 +95,7 @@ async fn another_login_cannot_take_a_sites_session_or_its_commands() {
         .await
         .unwrap();
     let got = nishi
-        .publish_within(harness::PATIENCE)
+        .publish_within(PATIENCE)
         .await
         .expect("the command kept in nishi's session");
     assert_eq!(got.payload.as_ref(), encode(&cmd).unwrap().as_slice());
@@ -119,9 +116,9 @@ async fn another_login_cannot_take_a_sites_session_or_its_commands() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_impostor_neither_kicks_the_site_nor_fires_its_will() {
-    let broker = RunningBroker::start_in(harness::with_users(""), &[]);
+    let broker = BrokerProcess::start_with_users("");
     let addrs = broker.addrs;
-    let mut hq = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    let mut hq = MqttClient::connect_as(addrs.mqtt, "sato", PASSWORD).await;
     let life = Topic::of(&sample::death()).unwrap().to_string();
     hq.subscribe_codes(&life).await;
 
@@ -147,18 +144,15 @@ async fn a_refused_impostor_neither_kicks_the_site_nor_fires_its_will() {
         "no will fired for a site that never left"
     );
     // Its own reconnect still replaces it, as MQTT says.
-    let _again = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
-    assert!(nishi.closed_within(harness::PATIENCE).await);
+    let _again = MqttClient::connect_as(addrs.mqtt, "agent-nishi", PASSWORD).await;
+    assert!(nishi.closed_within(PATIENCE).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_login_holds_a_bounded_number_of_sessions_filters_and_items() {
-    let broker = RunningBroker::start_in(
-        harness::with_users(
-            "[mqtt]\nmax_connections_per_user = 3\nmax_filters_per_connection = 4\n\
-             max_filters_per_user = 6\nmax_items_per_site = 2\n",
-        ),
-        &[],
+    let broker = BrokerProcess::start_with_users(
+        "[mqtt]\nmax_connections_per_user = 3\nmax_filters_per_connection = 4\n\
+         max_filters_per_user = 6\nmax_items_per_site = 2\n",
     );
     let addrs = broker.addrs;
 
@@ -182,7 +176,7 @@ async fn one_login_holds_a_bounded_number_of_sessions_filters_and_items() {
         Some(ConnectReturnCode::ServiceUnavailable)
     );
     // Another user is not affected.
-    let _sato = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    let _sato = MqttClient::connect_as(addrs.mqtt, "sato", PASSWORD).await;
 
     // Filters: four per session, six per user.
     let filters: Vec<String> = (0..5)
@@ -207,11 +201,11 @@ async fn one_login_holds_a_bounded_number_of_sessions_filters_and_items() {
 
     // Items: a site's third request id is neither forwarded, retained nor recorded, and the
     // agent stays connected (it keeps the report, since no receipt names it).
-    let mut reader = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    let mut reader = MqttClient::connect_as(addrs.mqtt, "sato", PASSWORD).await;
     reader
         .subscribe_codes(&topic::site_filter(&sample::site()))
         .await;
-    let mut agent = MqttClient::connect_as(&addrs, "agent-nishi", PASSWORD).await;
+    let mut agent = MqttClient::connect_as(addrs.mqtt, "agent-nishi", PASSWORD).await;
     let mut sent = Vec::new();
     for (seq, id) in [(1u64, "r-1"), (2, "r-2"), (3, "r-3")] {
         let mut env = sample::request();
@@ -223,7 +217,7 @@ async fn one_login_holds_a_bounded_number_of_sessions_filters_and_items() {
         sent.push(env);
     }
     for env in &sent[..2] {
-        let got = reader.publish_within(harness::PATIENCE).await.unwrap();
+        let got = reader.publish_within(PATIENCE).await.unwrap();
         assert_eq!(got.topic, Topic::of(env).unwrap().to_string());
     }
     assert!(reader.publish_within(QUIET).await.is_none());
@@ -268,9 +262,7 @@ async fn one_login_holds_a_bounded_number_of_sessions_filters_and_items() {
 /// One CONNECT over raw TCP from `local` (any 127/8 address); the CONNACK's return code, or
 /// `None` if the broker closed without one.
 async fn raw_connect(broker: std::net::SocketAddr, local: [u8; 4], packet: &[u8]) -> Option<u8> {
-    let socket = tokio::net::TcpSocket::new_v4().ok()?;
-    socket.bind(std::net::SocketAddr::from((local, 0))).ok()?;
-    let mut stream = socket.connect(broker).await.ok()?;
+    let mut stream = connect_from(local.into(), broker).await.ok()?;
     stream.write_all(packet).await.ok()?;
     let mut ack = [0u8; 4];
     match tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut ack)).await {
@@ -281,10 +273,7 @@ async fn raw_connect(broker: std::net::SocketAddr, local: [u8; 4], packet: &[u8]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_wrong_passwords_for_one_user_costs_few_checks_and_shuts_no_one_out() {
-    let broker = RunningBroker::start_in(
-        harness::with_users("max_failed_logins = 5\nverify_queue = 32\n"),
-        &[],
-    );
+    let broker = BrokerProcess::start_with_users("max_failed_logins = 5\nverify_queue = 32\n");
     let addrs = broker.addrs;
     let wrong = probe::connect_packet("dis", "wrong password");
     let flood: Vec<_> = (0..2_000u32)
@@ -320,8 +309,8 @@ async fn a_flood_of_wrong_passwords_for_one_user_costs_few_checks_and_shuts_no_o
 /// out for silence (a dead peer is still found by TCP keep-alive).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_with_keep_alive_zero_is_accepted_and_kept() {
-    let broker = RunningBroker::start_in(harness::with_users(""), &[]);
-    let mut o = login(&harness::client_id_for("tanaka"), "tanaka", &broker.addrs);
+    let broker = BrokerProcess::start_with_users("");
+    let mut o = login(&client_id_for("tanaka"), "tanaka", &broker.addrs);
     o.set_keep_alive(Duration::ZERO);
     let mut client = MqttClient::try_connect(o)
         .await

@@ -1,50 +1,18 @@
-//! MQTTS: certificates made here with rcgen, clients that trust (or do not trust) their CA:
+//! MQTTS: certificates made by the test kit with rcgen, clients that trust (or do not trust) their CA:
 //! rumqttc over rustls (ring) and Mosquitto's `mosquitto_sub --cafile`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use renkei_shared::{Topic, encode, sample};
-use rumqttc::{MqttOptions, QoS, TlsConfiguration, Transport};
+use renkei_shared::{Topic, sample};
+use renkei_testkit::{
+    BrokerProcess, MqttClient, PASSWORD, Pki, ROOT, client_id_for, eventually, http_get_as,
+    login_options, make_pki, metric, scrape, start_refused, with_users,
+};
+use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use tokio::net::TcpStream;
-
-use crate::harness::{self, MqttClient, PASSWORD, RunningBroker, eventually, http_get_as, metric};
-
-const ROOT: Option<(&str, &str)> = Some(("root", PASSWORD));
-
-/// A CA and a server certificate it signed for `localhost` and 127.0.0.1, as PEM files.
-pub struct Pki {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-pub fn make_pki(dir: &Path, name: &str) -> Pki {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("{name} test CA"));
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate().unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let pki = Pki {
-        ca: dir.join(format!("{name}-ca.pem")),
-        cert: dir.join(format!("{name}-cert.pem")),
-        key: dir.join(format!("{name}-key.pem")),
-    };
-    std::fs::write(&pki.ca, ca_cert.pem()).unwrap();
-    std::fs::write(&pki.cert, cert.pem()).unwrap();
-    std::fs::write(&pki.key, key.serialize_pem()).unwrap();
-    pki
-}
 
 /// The `[mqtt]` lines that serve MQTTS with `pki`'s certificate (more `[mqtt]` keys may follow).
 pub fn tls_config(pki: &Pki) -> String {
@@ -68,7 +36,7 @@ pub fn tls_options(port: u16, user: &str, ca: &Path) -> MqttOptions {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let mut options = MqttOptions::new(crate::harness::client_id_for(user), "localhost", port);
+    let mut options = MqttOptions::new(client_id_for(user), "localhost", port);
     options.set_credentials(user, PASSWORD);
     options.set_keep_alive(Duration::from_secs(5));
     options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
@@ -90,10 +58,8 @@ async fn an_agent_publishes_over_mqtts_and_an_untrusting_client_is_refused() {
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = make_pki(pki_dir.path(), "renkei");
     let stranger = make_pki(pki_dir.path(), "stranger");
-    let broker = RunningBroker::start_in(
-        harness::with_users(&tls_config(&pki)),
-        &["--mqtts", "127.0.0.1:0"],
-    );
+    let broker =
+        BrokerProcess::start_in(with_users(&tls_config(&pki)), &["--mqtts", "127.0.0.1:0"]);
     let addrs = broker.addrs;
     let mqtts = addrs
         .mqtts
@@ -107,14 +73,9 @@ async fn an_agent_publishes_over_mqtts_and_an_untrusting_client_is_refused() {
         .await
         .expect("agent-nishi connects over TLS");
     let status = sample::status();
-    let topic = Topic::of(&status).unwrap().to_string();
-    agent
-        .client
-        .publish(&topic, QoS::AtLeastOnce, true, encode(&status).unwrap())
-        .await
-        .unwrap();
+    agent.send(&status).await;
     eventually("the state to show the site", || async {
-        let state = http_get_as(&addrs, "/api/v1/state", ROOT).await.json();
+        let state = http_get_as(addrs.http, "/api/v1/state", ROOT).await.json();
         let sites = state["sites"].as_array()?.len();
         (sites == 1).then_some(())
     })
@@ -141,7 +102,7 @@ async fn an_agent_publishes_over_mqtts_and_an_untrusting_client_is_refused() {
         "one failed handshake, and only the agent's connection on the TLS listener (not the \
          idle one, not the refused login)",
         || async {
-            let text = http_get_as(&addrs, "/metrics", ROOT).await.text();
+            let text = scrape(addrs.http, ROOT).await;
             (metric(&text, "renkei_tls_handshakes_failed_total").unwrap_or(0) >= 1
                 && metric(&text, "renkei_mqtt_connections{listener=\"tls\"}") == Some(1))
             .then_some(())
@@ -164,7 +125,7 @@ async fn an_agent_publishes_over_mqtts_and_an_untrusting_client_is_refused() {
     assert!(!out.status.success(), "mosquitto_sub trusting another CA");
 
     // The plain listener still serves alongside.
-    let _plain = MqttClient::connect_as(&addrs, "sato", PASSWORD).await;
+    let _plain = MqttClient::connect_as(addrs.mqtt, "sato", PASSWORD).await;
     assert!(broker.terminate().success());
 }
 
@@ -183,28 +144,10 @@ fn mosquitto_sub(port: u16, ca: &Path, user: &str, topic: &str) -> std::process:
         .unwrap()
 }
 
-/// Runs `serve` with `config` and returns its exit status and stderr (it must not start).
+/// Runs `serve` with MQTTS and `config`: it must not start. Its stderr.
 fn start_fails(config: &str) -> String {
-    let dir = harness::prepare();
-    harness::write_config(dir.path(), config);
-    let out = Command::new(env!("CARGO_BIN_EXE_renkei-broker"))
-        .args(["serve", "--mqtt", "127.0.0.1:0", "--ws", "127.0.0.1:0"])
-        .args([
-            "--http",
-            "127.0.0.1:0",
-            "--mqtts",
-            "127.0.0.1:0",
-            "--config",
-        ])
-        .arg(dir.path().join(harness::CONFIG))
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "the broker started with {config}");
-    assert!(out.stdout.is_empty(), "no ready line");
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let listeners = ["--mqtt", "--ws", "--http", "--mqtts"].map(|flag| [flag, "127.0.0.1:0"]);
+    start_refused(config, listeners.as_flattened())
 }
 
 #[test]
@@ -251,7 +194,7 @@ async fn failed_logins_over_mqtts_lock_out_the_client_address() {
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = make_pki(pki_dir.path(), "renkei");
     let config = format!("max_failed_logins_per_address = 3\n{}", tls_config(&pki));
-    let broker = RunningBroker::start_in(harness::with_users(&config), &["--mqtts", "127.0.0.1:0"]);
+    let broker = BrokerProcess::start_in(with_users(&config), &["--mqtts", "127.0.0.1:0"]);
     let addrs = broker.addrs;
     let mqtts = addrs.mqtts.expect("an MQTTS listener").port();
     // Right before the guessing: the right password gets in.
@@ -273,8 +216,7 @@ async fn failed_logins_over_mqtts_lock_out_the_client_address() {
     );
     // … and so is it on the plain listener: one count per address for every listener and for
     // HTTP alike, the API refuses it too.
-    let mut plain = harness::options(&addrs, "sato");
-    plain.set_credentials("sato", PASSWORD);
+    let plain = login_options(addrs.mqtt, "sato", "sato", PASSWORD);
     assert!(MqttClient::try_connect(plain).await.is_err());
-    assert_eq!(http_get_as(&addrs, "/metrics", ROOT).await.status, 401);
+    assert_eq!(http_get_as(addrs.http, "/metrics", ROOT).await.status, 401);
 }

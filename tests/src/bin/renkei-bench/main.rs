@@ -27,19 +27,19 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, ensure};
 use clap::{Parser, Subcommand, ValueEnum};
 use renkei_shared::{
     Body, Comms, Envelope, Header, HqState, Id, Mode, Origin, PowerSource, Receipt, SiteKind,
     SiteRef, SiteStatus, Timestamp, Topic, WARDS, codec, receipt_topic, topic,
 };
-use renkei_tests::{Broker, Process, free_port};
+use renkei_testkit::process::{ready_line, wait_listening};
+use renkei_testkit::{BrokerProcess, Mosquitto, Process, free_port};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 mod lean;
@@ -315,89 +315,57 @@ async fn watch(broker: &str, filter: &str, warmup: Duration, seconds: Duration) 
     Ok(())
 }
 
-/// A running target broker and how to reach it; dropping it stops the broker.
-struct Server {
-    port: u16,
-    _broker: Option<Broker>,
-    _process: Option<Process>,
-    _dir: Option<tempfile::TempDir>,
+/// A running target broker; dropping it stops the broker.
+enum Server {
+    Renkei(BrokerProcess),
+    Rumqttd { port: u16, _process: Process },
+    Mosquitto(Mosquitto),
+}
+
+impl Server {
+    /// The port of its MQTT TCP listener.
+    fn port(&self) -> u16 {
+        match self {
+            Server::Renkei(broker) => broker.addrs.mqtt.port(),
+            Server::Rumqttd { port, .. } => *port,
+            Server::Mosquitto(mosquitto) => mosquitto.port,
+        }
+    }
 }
 
 fn start(target: Target) -> Result<Server> {
-    match target {
+    Ok(match target {
         Target::Renkei | Target::RenkeiNoReceipts | Target::RenkeiIntegrator => {
-            let data = tempfile::tempdir()?;
-            let broker = Broker::start(data.path(), &["--demo"])?;
-            let (_, port) = broker.mqtt_host_port()?;
-            Ok(Server {
-                port,
-                _broker: Some(broker),
-                _process: None,
-                _dir: Some(data),
-            })
+            Server::Renkei(BrokerProcess::start())
         }
         Target::Rumqttd => {
-            let port = free_port()?;
-            let exe = std::env::current_exe()?;
-            let mut child = Command::new(exe)
-                .args(["bare-rumqttd", "--port", &port.to_string()])
-                .stdout(Stdio::piped())
-                .spawn()?;
-            let stdout = child.stdout.take().context("stdout")?;
-            let process = Process {
-                child,
-                name: "bare-rumqttd".into(),
-            };
-            renkei_tests::ready_line(stdout, "bare-rumqttd ready", Duration::from_secs(10))?;
-            wait_listening(port)?;
-            Ok(Server {
+            let port = free_port();
+            let mut process = Process::spawn(
+                "bare-rumqttd",
+                Command::new(std::env::current_exe()?)
+                    .args(["bare-rumqttd", "--port", &port.to_string()])
+                    .stdout(Stdio::piped()),
+            );
+            let stdout = process.child.stdout.take().context("stdout")?;
+            ready_line(stdout, "bare-rumqttd ready", Duration::from_secs(10))
+                .context("no ready line from bare-rumqttd")?;
+            ensure!(
+                wait_listening(port, Duration::from_secs(10)),
+                "nothing listens on port {port}"
+            );
+            Server::Rumqttd {
                 port,
-                _broker: None,
-                _process: Some(process),
-                _dir: None,
-            })
+                _process: process,
+            }
         }
-        Target::Mosquitto => {
-            let port = free_port()?;
-            let dir = tempfile::tempdir()?;
-            let conf: PathBuf = dir.path().join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                     max_queued_messages 0\nmax_inflight_messages 100\nlog_type error\n"
-                ),
-            )?;
-            let child = Command::new("/usr/sbin/mosquitto")
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .spawn()
-                .context("starting /usr/sbin/mosquitto (apt-get install mosquitto)")?;
-            let process = Process {
-                child,
-                name: "mosquitto".into(),
-            };
-            wait_listening(port)?;
-            Ok(Server {
-                port,
-                _broker: None,
-                _process: Some(process),
-                _dir: Some(dir),
-            })
-        }
-    }
-}
-
-fn wait_listening(port: u16) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("nothing listens on port {port}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+        // As fast as Mosquitto goes: 100 messages in flight per client, as rumqttd and Renkei
+        // allow, and errors only in its log.
+        Target::Mosquitto => Server::Mosquitto(
+            Mosquitto::setup()
+                .extra("max_inflight_messages 100\nlog_type error\n")
+                .start(),
+        ),
+    })
 }
 
 /// A ~200-byte status message of publisher `p`, sequence `seq`: what a real site sends.
@@ -464,7 +432,7 @@ async fn load(targets: Vec<Target>, runs: usize, load: Load) -> Result<()> {
             let server = start(target)?;
             let receipts = matches!(target, Target::Renkei | Target::RenkeiIntegrator);
             let integrator = target == Target::RenkeiIntegrator;
-            let result = one_run(server.port, load, receipts, integrator).await?;
+            let result = one_run(server.port(), load, receipts, integrator).await?;
             let commit = match &result.commit {
                 Some(c) => format!(
                     "commit p50 {:.1} ms p90 {:.1} ms p99 {:.1} ms max {:.1} ms, confirmed {}/{} never {}",
