@@ -249,30 +249,25 @@ fn test(long: bool) -> Result<()> {
         "cargo fmt --check",
         cargo().args(["fmt", "--all", "--", "--check"]),
     )?;
+    // Warnings are errors in both.
+    let clippy = |what: &[&str]| {
+        let mut cmd = cargo();
+        cmd.arg("clippy")
+            .args(what)
+            .args(["--locked", "--", "-D", "warnings"]);
+        cmd
+    };
     run(
         "clippy (native, all targets)",
-        cargo().args([
-            "clippy",
-            "--workspace",
-            "--all-targets",
-            "--locked",
-            "--",
-            "-D",
-            "warnings",
-        ]),
+        &mut clippy(&["--workspace", "--all-targets"]),
     )?;
     run(
         "clippy (dashboard, wasm32)",
-        cargo().args([
-            "clippy",
+        &mut clippy(&[
             "-p",
             "renkei-dashboard",
             "--target",
             "wasm32-unknown-unknown",
-            "--locked",
-            "--",
-            "-D",
-            "warnings",
         ]),
     )?;
     run(

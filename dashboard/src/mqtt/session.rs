@@ -254,22 +254,22 @@ mod tests {
     fn connected() -> Session {
         let (mut s, _) = Session::open("dash-x", &all(), None, 0.0).unwrap();
         let mut out = Vec::new();
-        s.on_packet(
-            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
-            1.0,
-            &mut out,
-        )
-        .unwrap();
-        s.on_packet(
-            Packet::SubAck(SubAck::new(
-                SUBSCRIBE_PKID,
-                vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
-            )),
-            2.0,
-            &mut out,
-        )
-        .unwrap();
+        accept(&mut s, 1.0, &mut out);
+        granted(&mut s, 2.0, &mut out);
         s
+    }
+
+    /// The broker's CONNACK "accepted", at `now`.
+    fn accept(s: &mut Session, now: f64, out: &mut Vec<Output>) {
+        let ack = Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false));
+        s.on_packet(ack, now, out).unwrap();
+    }
+
+    /// The broker's SUBACK granting the one filter at QoS 1, at `now`.
+    fn granted(s: &mut Session, now: f64, out: &mut Vec<Output>) {
+        let codes = vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)];
+        s.on_packet(Packet::SubAck(SubAck::new(SUBSCRIBE_PKID, codes)), now, out)
+            .unwrap();
     }
 
     fn all() -> Vec<String> {
@@ -289,12 +289,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let mut out = Vec::new();
-        s.on_packet(
-            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
-            1.0,
-            &mut out,
-        )
-        .unwrap();
+        accept(&mut s, 1.0, &mut out);
         assert_eq!(s.phase(), Phase::AwaitingSubAck);
         match &out[..] {
             [Output::Send(bytes)] => match decode(bytes) {
@@ -308,15 +303,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         out.clear();
-        s.on_packet(
-            Packet::SubAck(SubAck::new(
-                SUBSCRIBE_PKID,
-                vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
-            )),
-            2.0,
-            &mut out,
-        )
-        .unwrap();
+        granted(&mut s, 2.0, &mut out);
         assert_eq!(out, vec![Output::Subscribed]);
         assert_eq!(s.phase(), Phase::Subscribed);
     }
@@ -326,12 +313,7 @@ mod tests {
         let filters = renkei_shared::topic::ward_reader_filters(renkei_shared::WardCode(131041));
         let (mut s, _) = Session::open("tanaka-dash-1", &filters, None, 0.0).unwrap();
         let mut out = Vec::new();
-        s.on_packet(
-            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
-            1.0,
-            &mut out,
-        )
-        .unwrap();
+        accept(&mut s, 1.0, &mut out);
         let [Output::Send(bytes)] = &out[..] else {
             panic!("{out:?}")
         };
@@ -373,12 +355,7 @@ mod tests {
 
         let (mut s, _) = Session::open("d", &["f/#".to_owned()], None, 0.0).unwrap();
         let mut out = Vec::new();
-        s.on_packet(
-            Packet::ConnAck(ConnAck::new(ConnectReturnCode::Success, false)),
-            0.0,
-            &mut out,
-        )
-        .unwrap();
+        accept(&mut s, 0.0, &mut out);
         let refused = Packet::SubAck(SubAck::new(
             SUBSCRIBE_PKID,
             vec![SubscribeReasonCode::Failure],
