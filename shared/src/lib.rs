@@ -16,6 +16,7 @@
 //! - [`receive`]: the one path from a topic and payload off the network to a checked message;
 //! - [`receipt`]: HQ's word to a site that its messages are stored;
 //! - [`sample`]: one example of every message (golden vectors, docs, tests);
+//! - [`units`]: sizes and durations as the broker's and the agent's settings write them;
 //! - [`url`]: the one grammar of broker addresses (`mqtt://`, `mqtts://`).
 //!
 //! The crate builds for `wasm32-unknown-unknown` and has no I/O beyond reading the clock
@@ -28,6 +29,7 @@ pub mod receive;
 pub mod reducer;
 pub mod sample;
 pub mod topic;
+pub mod units;
 pub mod url;
 pub mod validate;
 pub mod ward;
