@@ -1,17 +1,20 @@
 //! The broker's configuration: one TOML file over compiled-in defaults.
 //!
 //! Every key is optional; an empty file (or none at all) gives [`Config::default`]. Unknown keys
-//! are errors, so a typo never silently falls back to a default. Errors name the key
-//! (`mqtt.max_packet_size: …`). Sizes and durations are written in human units (`"20KiB"`,
-//! `"5s"`). `docs/broker.example.toml` documents every key.
+//! are errors, so a typo never silently falls back to a default. Errors name the file, the line
+//! and the key (`config file broker.toml, line 12: config key mqtt.max_packet_size: …`). Sizes and
+//! durations are written in human units (`"20KiB"`, `"5s"`), read by [`renkei_shared::units`] as
+//! the agent reads them. `docs/broker.example.toml` documents every key.
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use renkei_shared::codec::MAX_FRAME;
+use renkei_shared::units::{self, UnitError};
 use serde::Deserialize;
 
 /// Room on top of [`MAX_FRAME`] for the MQTT fixed header and the topic of a PUBLISH.
@@ -32,6 +35,15 @@ pub enum ConfigError {
     /// A key is unknown, or its value has the wrong type or is out of range.
     #[error("config key {key}: {message}")]
     Invalid { key: String, message: String },
+    /// One of the errors above, in a config file: where to fix it.
+    // `error`, not `source`: its text is already in this one's, so it is not a cause to print again.
+    #[error("config file {}{}: {error}", path.display(), line.map(|n| format!(", line {n}")).unwrap_or_default())]
+    InFile {
+        path: PathBuf,
+        /// The line of the bad key or value; `None` for what no one line holds.
+        line: Option<usize>,
+        error: Box<ConfigError>,
+    },
 }
 
 /// Everything the broker can be told.
@@ -330,27 +342,46 @@ impl Config {
                     path: path.to_owned(),
                     source,
                 })?;
-                Config::from_toml(&text)
+                Config::parse(&text).map_err(|(source, line)| ConfigError::InFile {
+                    path: path.to_owned(),
+                    line,
+                    error: Box::new(source),
+                })
             }
         }
     }
 
     /// Parses and checks a configuration.
     pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
-        let de = toml::Deserializer::parse(text).map_err(|e| ConfigError::Syntax(one_line(&e)))?;
+        Config::parse(text).map_err(|(error, _line)| error)
+    }
+
+    /// [`Config::from_toml`], with the line of the error where one line holds it.
+    fn parse(text: &str) -> Result<Config, (ConfigError, Option<usize>)> {
+        let line = |span: Option<Range<usize>>| span.map(|span| line_at(text, span.start));
+        let de = toml::Deserializer::parse(text)
+            .map_err(|e| (ConfigError::Syntax(one_line(e.message())), line(e.span())))?;
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
-            ConfigError::Invalid {
+            let e = e.into_inner();
+            let error = ConfigError::Invalid {
                 // An error about the whole document has the empty path ".".
                 key: if key == "." {
                     "(top level)".into()
                 } else {
                     key
                 },
-                message: e.into_inner().message().to_owned(),
-            }
+                message: e.message().to_owned(),
+            };
+            (error, line(e.span()))
         })?;
-        config.check()?;
+        config.check().map_err(|e| {
+            let line = match &e {
+                ConfigError::Invalid { key, .. } => key_line(text, key),
+                _ => None,
+            };
+            (e, line)
+        })?;
         Ok(config)
     }
 
@@ -510,84 +541,64 @@ impl Config {
     }
 }
 
-fn one_line(e: &toml::de::Error) -> String {
-    e.to_string()
-        .lines()
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join(" ")
+fn one_line(message: &str) -> String {
+    message.lines().map(str::trim).collect::<Vec<_>>().join(" ")
 }
 
-/// A size in bytes, written `20480`, `"20KiB"` or `"1MiB"`.
-///
-/// Hand-written: two units do not justify another dependency.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// The line (from 1) of byte `offset` of `text`.
+fn line_at(text: &str, offset: usize) -> usize {
+    let before = text.get(..offset).unwrap_or(text);
+    before.matches('\n').count() + 1
+}
+
+/// The line of `key` (`mqtt.listen`) in `text`, if the text gives that key.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    let root = toml::de::DeTable::parse(text).ok()?;
+    let mut table = root.get_ref();
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        let (name, value) = table.get_key_value(part)?;
+        if parts.peek().is_none() {
+            return Some(line_at(text, name.span().start));
+        }
+        table = value.get_ref().as_table()?;
+    }
+    None
+}
+
+/// A size in bytes as rumqttd and argon2 take it (`usize`), written as
+/// [`renkei_shared::units`] reads sizes: `20480`, `"20KiB"`, `"1MiB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(try_from = "units::ByteSize")]
 pub struct ByteSize(pub usize);
+
+impl TryFrom<units::ByteSize> for ByteSize {
+    type Error = String;
+    fn try_from(size: units::ByteSize) -> Result<Self, Self::Error> {
+        usize::try_from(size.0)
+            .map(ByteSize)
+            .map_err(|_| format!("{size} is too large for this machine"))
+    }
+}
 
 impl FromStr for ByteSize {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let digits = s.bytes().take_while(u8::is_ascii_digit).count();
-        let (number, unit) = s.split_at(digits);
-        let number: usize = number
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size such as \"20KiB\""))?;
-        let scale = match unit.trim() {
-            "" | "B" => 1,
-            "KiB" => 1024,
-            "MiB" => 1024 * 1024,
-            "GiB" => 1024 * 1024 * 1024,
-            other => {
-                return Err(format!(
-                    "unknown size unit {other:?} (use B, KiB, MiB, GiB)"
-                ));
-            }
-        };
-        number
-            .checked_mul(scale)
-            .map(ByteSize)
-            .ok_or_else(|| format!("{s:?} is too large"))
+        let size: units::ByteSize = s.parse().map_err(|e: UnitError| e.to_string())?;
+        size.try_into()
     }
 }
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let n = self.0;
-        for (scale, unit) in [
-            (1024 * 1024 * 1024, "GiB"),
-            (1024 * 1024, "MiB"),
-            (1024, "KiB"),
-        ] {
-            if n >= scale && n.is_multiple_of(scale) {
-                return write!(f, "{}{unit}", n / scale);
-            }
-        }
-        write!(f, "{n}B")
+        units::ByteSize(self.0 as u64).fmt(f)
     }
 }
 
-impl<'de> Deserialize<'de> for ByteSize {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Bytes(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Bytes(n) => usize::try_from(n)
-                .map(ByteSize)
-                .map_err(|_| serde::de::Error::custom(format!("{n} is too large"))),
-            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-/// A duration, written `"500ms"`, `"5s"`, `"2m"` or `"1h"`.
-///
-/// Hand-written for the same reason as [`ByteSize`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// A duration, written as [`renkei_shared::units`] reads durations: `"500ms"`, `"5s"`, `"2m"`,
+/// `"1h"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(from = "units::HumanDuration")]
 pub struct HumanDuration(pub Duration);
 
 impl HumanDuration {
@@ -597,45 +608,22 @@ impl HumanDuration {
     }
 }
 
+impl From<units::HumanDuration> for HumanDuration {
+    fn from(d: units::HumanDuration) -> Self {
+        HumanDuration(d.0)
+    }
+}
+
 impl FromStr for HumanDuration {
-    type Err = String;
+    type Err = UnitError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.trim();
-        let digits = s.bytes().take_while(u8::is_ascii_digit).count();
-        let (number, unit) = s.split_at(digits);
-        let number: u64 = number
-            .parse()
-            .map_err(|_| format!("{s:?} is not a duration such as \"5s\""))?;
-        let d = match unit.trim() {
-            "ms" => Duration::from_millis(number),
-            "s" => Duration::from_secs(number),
-            "m" => Duration::from_secs(number.saturating_mul(60)),
-            "h" => Duration::from_secs(number.saturating_mul(3600)),
-            other => {
-                return Err(format!(
-                    "unknown duration unit {other:?} (use ms, s, m or h)"
-                ));
-            }
-        };
-        Ok(HumanDuration(d))
+        units::parse_duration(s).map(HumanDuration)
     }
 }
 
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let ms = self.0.as_millis();
-        if ms.is_multiple_of(1000) {
-            write!(f, "{}s", ms / 1000)
-        } else {
-            write!(f, "{ms}ms")
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        units::HumanDuration(self.0).fmt(f)
     }
 }
 
@@ -782,6 +770,68 @@ mod tests {
             Err(ConfigError::Syntax(message)) => assert!(!message.contains('\n')),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn errors_in_a_file_name_the_file_the_line_and_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        let error_in = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load(Some(&path)).unwrap_err().to_string()
+        };
+        let file = path.display();
+        // A value of the wrong form: the line of the value.
+        assert_eq!(
+            error_in("[mqtt]\nlisten = \"0.0.0.0:1883\"\n\nmax_packet_size = \"20 parsecs\"\n"),
+            format!(
+                "config file {file}, line 4: config key mqtt.max_packet_size: unknown size unit \
+                 \"parsecs\" (use B, KiB, MiB or GiB)"
+            )
+        );
+        // A value the checks refuse: the line of its key.
+        assert_eq!(
+            error_in("[http]\nlisten = \"0.0.0.0:8080\"\n[rules]\noccupancy_pct = 0\n"),
+            format!(
+                "config file {file}, line 4: config key rules.occupancy_pct: must be between 1 \
+                 and 1000"
+            )
+        );
+        // Written inline, the table's key is on the line of the table.
+        assert_eq!(
+            error_in("mqtt = { connect_timeout = \"5\" }\n"),
+            format!(
+                "config file {file}, line 1: config key mqtt.connect_timeout: 5 has no unit: \
+                 write 5ms, 5s, 5m or 5h"
+            )
+        );
+        // An unknown key: the line of the key.
+        assert_eq!(
+            error_in("\n[auth]\nlockout = \"5m\"\nlock_out = \"5m\"\n")
+                .split(", expected")
+                .next()
+                .unwrap(),
+            format!(
+                "config file {file}, line 4: config key auth.lock_out: unknown field `lock_out`"
+            )
+        );
+        // Not TOML at all: the line where it stops being TOML.
+        assert_eq!(
+            error_in("[mqtt]\nlisten = \"0.0.0.0:1883\"\n[http\n"),
+            format!(
+                "config file {file}, line 3: config is not valid TOML: unclosed table, expected \
+                 `]`"
+            )
+        );
+        // A rule between two keys belongs to neither line.
+        let msg = error_in("[mqtt]\ntls_cert_file = \"c.pem\"\n");
+        assert_eq!(
+            msg,
+            format!(
+                "config file {file}: config key mqtt.tls_key_file: missing: mqtt.tls_cert_file \
+                 is set, TLS needs both"
+            )
+        );
     }
 
     #[test]
