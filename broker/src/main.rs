@@ -47,8 +47,8 @@ enum UserCommand {
     Add {
         /// The user name (1–64 of A–Z a–z 0–9 _ -): it appears in acknowledgement topics.
         name: String,
-        /// agent, ward, hq, integrator or admin.
-        #[arg(long, value_parser = parse_role)]
+        /// What the user may do (SECURITY.md has each role's rights).
+        #[arg(long, value_enum)]
         role: renkei_shared::Role,
         /// The ward of an agent or ward operator (131041 or 13104).
         #[arg(long)]
@@ -99,10 +99,6 @@ impl StoreArgs {
         let conn = db::open(&config.data.dir)?;
         Ok((config, conn))
     }
-}
-
-fn parse_role(s: &str) -> Result<renkei_shared::Role, String> {
-    auth::parse_role(s).ok_or_else(|| format!("{s:?} is not agent, ward, hq, integrator or admin"))
 }
 
 /// Flags override the matching keys of the config file.

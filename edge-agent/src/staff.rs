@@ -4,7 +4,7 @@
 //! A check that fails says which flag and why, in Japanese and English, because the person
 //! typing is a volunteer on the day, not an operator.
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use renkei_shared::validate::{MAX_NAME_BYTES, MAX_TEXT_BYTES};
 use renkei_shared::{
     Body, BuildingSafety, CareNeeds, Certainty, DamageCounts, Envelope, GeoPoint, Header, Id,
@@ -44,10 +44,10 @@ pub struct ShelterArgs {
     pub capacity: Option<u32>,
     /// 開設状況 [default: open when there are evacuees, else unknown]
     #[arg(long, value_enum)]
-    pub state: Option<StateArg>,
+    pub state: Option<ShelterState>,
     /// 避難所の種別
     #[arg(long = "type", value_enum, default_value = "designated")]
-    pub shelter_type: TypeArg,
+    pub shelter_type: ShelterType,
     /// 世帯数
     #[arg(long)]
     pub households: Option<u32>,
@@ -77,22 +77,22 @@ pub struct ShelterArgs {
     pub pets: Option<u32>,
     /// 電気
     #[arg(long, value_enum)]
-    pub power: Option<LifelineArg>,
+    pub power: Option<LifelineState>,
     /// 水道
     #[arg(long, value_enum)]
-    pub water: Option<LifelineArg>,
+    pub water: Option<LifelineState>,
     /// ガス
     #[arg(long, value_enum)]
-    pub gas: Option<LifelineArg>,
+    pub gas: Option<LifelineState>,
     /// トイレ
     #[arg(long, value_enum)]
-    pub toilets: Option<LifelineArg>,
+    pub toilets: Option<LifelineState>,
     /// 通信
     #[arg(long, value_enum)]
-    pub comms: Option<LifelineArg>,
+    pub comms: Option<LifelineState>,
     /// 応急危険度判定 (green / yellow / red tag)
     #[arg(long, value_enum)]
-    pub safety: Option<SafetyArg>,
+    pub safety: Option<BuildingSafety>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -125,13 +125,13 @@ pub struct RequestArgs {
 pub struct IncidentArgs {
     /// 種別
     #[arg(long, value_enum)]
-    pub category: CategoryArg,
+    pub category: IncidentCategory,
     /// 深刻度
     #[arg(long, value_enum)]
-    pub severity: SeverityArg,
+    pub severity: Severity,
     /// 確度
     #[arg(long, value_enum, default_value = "observed")]
-    pub certainty: CertaintyArg,
+    pub certainty: Certainty,
     /// 状況 (what happened, where, what is needed)
     #[arg(long)]
     pub description: String,
@@ -149,7 +149,7 @@ pub struct IncidentArgs {
     pub version: Option<String>,
     /// 道路状況
     #[arg(long, value_enum)]
-    pub road: Option<RoadArg>,
+    pub road: Option<RoadState>,
     /// 死者
     #[arg(long)]
     pub dead: Option<u32>,
@@ -189,75 +189,6 @@ pub struct IncidentArgs {
     /// 電話不通 (lines)
     #[arg(long)]
     pub phone_lines_down: Option<u32>,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum StateArg {
-    NotOpen,
-    Preparing,
-    Open,
-    Closed,
-    Unknown,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum TypeArg {
-    Designated,
-    Welfare,
-    Temporary,
-    EmergencySite,
-    WideArea,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LifelineArg {
-    Ok,
-    Limited,
-    Out,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum SafetyArg {
-    Safe,
-    Caution,
-    Unsafe,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum CategoryArg {
-    Fire,
-    BuildingCollapse,
-    Casualties,
-    Road,
-    Lifeline,
-    Flood,
-    Landslide,
-    Other,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum SeverityArg {
-    Unknown,
-    Minor,
-    Moderate,
-    Severe,
-    Extreme,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum CertaintyArg {
-    Observed,
-    Likely,
-    Possible,
-    Unlikely,
-    Unknown,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum RoadArg {
-    Open,
-    Restricted,
-    Closed,
 }
 
 fn parse_item(text: &str) -> Result<Item, String> {
@@ -330,7 +261,9 @@ impl StaffReport {
                 if s.capacity == Some(0) {
                     return Err(bad("capacity", "0 は使えません / must be at least 1"));
                 }
-                if matches!(s.state, Some(StateArg::NotOpen | StateArg::Closed)) && s.evacuees > 0 {
+                if matches!(s.state, Some(ShelterState::NotOpen | ShelterState::Closed))
+                    && s.evacuees > 0
+                {
                     return Err(bad(
                         "state",
                         "未開設・閉鎖の避難所に避難者はいません / a shelter that is not open has no evacuees",
@@ -386,29 +319,12 @@ impl StaffReport {
         Ok(match self {
             StaffReport::Shelter(s) => {
                 let state = match s.state {
-                    Some(StateArg::NotOpen) => ShelterState::NotOpen,
-                    Some(StateArg::Preparing) => ShelterState::Preparing,
-                    Some(StateArg::Open) => ShelterState::Open,
-                    Some(StateArg::Closed) => ShelterState::Closed,
-                    Some(StateArg::Unknown) => ShelterState::Unknown,
+                    Some(state) => state,
                     None if s.evacuees > 0 => ShelterState::Open,
                     None => ShelterState::Unknown,
                 };
-                let lifeline = |l: Option<LifelineArg>| {
-                    l.map(|l| match l {
-                        LifelineArg::Ok => LifelineState::Ok,
-                        LifelineArg::Limited => LifelineState::Limited,
-                        LifelineArg::Out => LifelineState::Out,
-                    })
-                };
                 Body::Shelter(ShelterStatus {
-                    shelter_type: match s.shelter_type {
-                        TypeArg::Designated => ShelterType::Designated,
-                        TypeArg::Welfare => ShelterType::Welfare,
-                        TypeArg::Temporary => ShelterType::Temporary,
-                        TypeArg::EmergencySite => ShelterType::EmergencySite,
-                        TypeArg::WideArea => ShelterType::WideArea,
-                    },
+                    shelter_type: s.shelter_type,
                     state,
                     opened_at: None,
                     closed_at: None,
@@ -427,17 +343,13 @@ impl StaffReport {
                     },
                     pets: s.pets,
                     lifelines: Lifelines {
-                        power: lifeline(s.power),
-                        water: lifeline(s.water),
-                        gas: lifeline(s.gas),
-                        toilets: lifeline(s.toilets),
-                        comms: lifeline(s.comms),
+                        power: s.power,
+                        water: s.water,
+                        gas: s.gas,
+                        toilets: s.toilets,
+                        comms: s.comms,
                     },
-                    building_safety: s.safety.map(|b| match b {
-                        SafetyArg::Safe => BuildingSafety::Safe,
-                        SafetyArg::Caution => BuildingSafety::Caution,
-                        SafetyArg::Unsafe => BuildingSafety::Unsafe,
-                    }),
+                    building_safety: s.safety,
                     checked_at: Some(now),
                 })
             }
@@ -472,16 +384,7 @@ impl StaffReport {
                 };
                 Body::Incident(IncidentReport {
                     incident_id,
-                    category: match i.category {
-                        CategoryArg::Fire => IncidentCategory::Fire,
-                        CategoryArg::BuildingCollapse => IncidentCategory::BuildingCollapse,
-                        CategoryArg::Casualties => IncidentCategory::Casualties,
-                        CategoryArg::Road => IncidentCategory::Road,
-                        CategoryArg::Lifeline => IncidentCategory::Lifeline,
-                        CategoryArg::Flood => IncidentCategory::Flood,
-                        CategoryArg::Landslide => IncidentCategory::Landslide,
-                        CategoryArg::Other => IncidentCategory::Other,
-                    },
+                    category: i.category,
                     location: i.location.as_deref().map(parse_point).transpose()?,
                     address: i.address.clone(),
                     counts: DamageCounts {
@@ -499,25 +402,9 @@ impl StaffReport {
                         without_gas: i.without_gas,
                         phone_lines_down: i.phone_lines_down,
                     },
-                    road: i.road.map(|r| match r {
-                        RoadArg::Open => RoadState::Open,
-                        RoadArg::Restricted => RoadState::Restricted,
-                        RoadArg::Closed => RoadState::Closed,
-                    }),
-                    severity: match i.severity {
-                        SeverityArg::Unknown => Severity::Unknown,
-                        SeverityArg::Minor => Severity::Minor,
-                        SeverityArg::Moderate => Severity::Moderate,
-                        SeverityArg::Severe => Severity::Severe,
-                        SeverityArg::Extreme => Severity::Extreme,
-                    },
-                    certainty: match i.certainty {
-                        CertaintyArg::Observed => Certainty::Observed,
-                        CertaintyArg::Likely => Certainty::Likely,
-                        CertaintyArg::Possible => Certainty::Possible,
-                        CertaintyArg::Unlikely => Certainty::Unlikely,
-                        CertaintyArg::Unknown => Certainty::Unknown,
-                    },
+                    road: i.road,
+                    severity: i.severity,
+                    certainty: i.certainty,
                     version: parse_version(i.version.as_deref(), i.id.is_some())?,
                     description: i.description.clone(),
                 })

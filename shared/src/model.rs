@@ -133,6 +133,11 @@ impl SiteRef {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
     /// 実災害: a real event.
@@ -320,9 +325,16 @@ pub struct SiteStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum SiteKind {
     /// 区役所
+    // Also taken: the kebab-case spelling that scripts, settings and the web form use.
+    #[cfg_attr(feature = "clap", value(alias = "ward-office"))]
     WardOffice,
     /// 避難所
     Shelter,
@@ -333,6 +345,11 @@ pub enum SiteKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum HqState {
     None,
@@ -343,12 +360,19 @@ pub enum HqState {
     /// 廃止
     Dissolved,
     /// Not known at the site (appended: wire index 4).
+    // Help without the wire note above, which is for protocol maintainers.
+    #[cfg_attr(feature = "clap", value(help = "not known at the site"))]
     Unknown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum PowerSource {
     Grid,
@@ -356,6 +380,8 @@ pub enum PowerSource {
     Battery,
     None,
     /// Not known: the box cannot tell and staff did not say (appended: wire index 4).
+    // Help without the wire note above, which is for protocol maintainers.
+    #[cfg_attr(feature = "clap", value(help = "not known at the site"))]
     Unknown,
 }
 
@@ -363,6 +389,11 @@ pub enum PowerSource {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LinkState {
     Ok,
@@ -413,6 +444,11 @@ pub struct ShelterStatus {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ShelterType {
     /// 指定避難所
@@ -422,17 +458,28 @@ pub enum ShelterType {
     /// 臨時
     Temporary,
     /// 指定緊急避難場所
+    // Also taken: the kebab-case spelling that scripts, settings and the web form use.
+    #[cfg_attr(feature = "clap", value(alias = "emergency-site"))]
     EmergencySite,
     /// 広域避難場所
+    // Also taken: the kebab-case spelling that scripts, settings and the web form use.
+    #[cfg_attr(feature = "clap", value(alias = "wide-area"))]
     WideArea,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ShelterState {
     /// 未開設
+    // Also taken: the kebab-case spelling that scripts, settings and the web form use.
+    #[cfg_attr(feature = "clap", value(alias = "not-open"))]
     NotOpen,
     /// 開設準備中
     Preparing,
@@ -494,6 +541,11 @@ impl CareNeeds {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum LifelineState {
     Ok,
@@ -517,6 +569,11 @@ pub struct Lifelines {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum BuildingSafety {
     Safe,
@@ -730,11 +787,18 @@ pub struct IncidentReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum IncidentCategory {
     /// 火災
     Fire,
     /// 建物倒壊
+    // Also taken: the kebab-case spelling that scripts, settings and the web form use.
+    #[cfg_attr(feature = "clap", value(alias = "building-collapse"))]
     BuildingCollapse,
     /// 人的被害
     Casualties,
@@ -785,6 +849,11 @@ pub struct DamageCounts {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RoadState {
     Open,
@@ -798,6 +867,11 @@ pub enum RoadState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Severity {
     Unknown,
@@ -811,6 +885,11 @@ pub enum Severity {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Certainty {
     Observed,
@@ -947,6 +1026,11 @@ pub struct Actor {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[cfg_attr(
+    feature = "clap",
+    derive(clap::ValueEnum),
+    value(rename_all = "snake_case")
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Agent,
