@@ -1,8 +1,12 @@
 //! Settings of `renkei-agent run`: from a TOML file, overridden by command-line flags.
 //!
-//! The file and the flags fill the same [`RawConfig`] (every value as text, the keys named
-//! like the flags with `_` for `-`), so both go through one parser and every error names the
-//! key and the value that is wrong. [`RawConfig::resolve`] turns it into an [`AgentConfig`].
+//! The file and the flags fill the same typed [`Settings`], and each value has one parser:
+//! clap reads a flag with it, serde reads the file's value with it (as text, so `ward = 131041`
+//! and `ward = "131041"` are the same), and the names of every choice are the `ValueEnum`
+//! names of its type, which are its serde names too. [`load`] lays the flags (and their
+//! environment variables) over the file's values, and [`Settings::resolve`] checks what joins
+//! several settings and fills the defaults, giving an [`AgentConfig`]. Every error names the key
+//! and the value that is wrong, and, for a value from the file, the file and its line.
 //!
 //! ```toml
 //! broker = "mqtt://hq.example:1883"   # or mqtts://… with ca_file
@@ -11,7 +15,7 @@
 //! site = "nishi-shinjuku-es"     # 1–64 of A–Z a–z 0–9 _ -
 //! name = "西新宿小学校"
 //! kind = "shelter"               # ward_office | shelter | depot
-//! interval = "30s"               # heartbeat: ms, s, m, h
+//! interval = "30s"               # heartbeat: ms, s, m, h (renkei_shared::units)
 //! mode = "actual"                # actual | exercise | test
 //! state_dir = "/var/lib/renkei"  # default ./var/agent-{site}
 //! location = "35.6895,139.6917"  # optional, WGS84 degrees
@@ -40,40 +44,45 @@
 //! internet = "ok"                # also mobile, landline, radio: ok | degraded | down
 //! ```
 
+use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
+use clap::builder::{OsStringValueParser, TypedValueParser as _};
+use clap::{ArgMatches, FromArgMatches as _, ValueEnum};
+use renkei_shared::units::{self, ByteSize, HumanDuration, UnitError};
 use renkei_shared::validate::MAX_NAME_BYTES;
 use renkei_shared::{
     Comms, GeoPoint, HqState, Id, LinkState, Mode, PowerSource, ShelterState, SiteKind, SiteRef,
     WardCode,
 };
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 
 use crate::form::FormLimits;
 use crate::power::{DEFAULT_POWER_SUPPLY_DIR, PowerProbe};
 
 /// Heartbeat interval when none is given.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
-/// Port of a `mqtt://` address without one.
-pub const DEFAULT_MQTT_PORT: u16 = 1883;
-/// Port of a `mqtts://` address without one.
-pub const DEFAULT_MQTTS_PORT: u16 = 8883;
 /// Backlog replay rate when none is given (messages per second).
 pub const DEFAULT_REPLAY_RATE: u32 = 10;
 /// The smallest outbox budget: one segment.
 pub const MIN_OUTBOX: u64 = 64 * 1024;
 /// The longest heartbeat interval a status can carry (one day).
 pub const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
+/// Keys whose values are secrets: never repeated in an error.
+const SECRET_KEYS: [&str; 2] = ["password", "form_pin"];
 
 /// What tells the agent a record has been delivered, so that it may leave the outbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
 pub enum Confirm {
-    /// A receipt from HQ's recorder (`renkei_shared::receipt`): the message is on HQ's disk.
+    /// HQ stored it: HQ's recorder sent a receipt for it.
     #[default]
     Receipt,
-    /// The broker's PUBACK alone: for a broker that sends no receipts. A broker that fails
-    /// between its PUBACK and its own write loses the message.
+    /// The broker took it: its PUBACK alone, for a broker without Renkei's recorder. A broker
+    /// that fails between its PUBACK and its own write loses the message.
+    #[value(name = "puback")]
     PubAck,
 }
 
@@ -86,121 +95,136 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    /// The config file is not valid TOML or has a key this agent does not know.
-    #[error("config file {}: {message}", path.display())]
-    Syntax { path: PathBuf, message: String },
+    /// The config file is not valid TOML.
+    #[error("not valid TOML: {0}")]
+    Syntax(String),
     /// A setting without a default was given nowhere.
     #[error("missing {key}: give --{} or `{key} = …` in the config file", key.replace('_', "-"))]
     Missing { key: &'static str },
-    /// A setting has a value that cannot be used.
+    /// A setting has a value that cannot be used, or is a key this agent does not know.
     #[error("{key} = {value:?}: {reason}")]
     Invalid {
-        key: &'static str,
+        key: String,
         value: String,
         reason: String,
     },
-    /// An invalid setting that came from the config file (not from a flag).
-    #[error("config file {}: {source}", path.display())]
+    /// One of the errors above, found in the config file (not in a flag): where to fix it.
+    // `error`, not `source`: its text is already in this one's, so it is not a cause to print again.
+    #[error("config file {}{}: {error}", path.display(), line.map(|n| format!(", line {n}")).unwrap_or_default())]
     InFile {
         path: PathBuf,
-        source: Box<ConfigError>,
+        /// The line of the key or value; `None` for an error no one line holds.
+        line: Option<usize>,
+        error: Box<ConfigError>,
     },
+    /// The flags do not fit [`Settings`]: a mistake in this program, not in the flags.
+    #[error("command line: {0}")]
+    Flags(String),
 }
 
-fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> ConfigError {
+impl ConfigError {
+    /// The key an invalid value was given for.
+    fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+fn invalid(key: &str, value: impl fmt::Display, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key,
-        value: value.to_owned(),
+        key: key.to_owned(),
+        value: value.to_string(),
         reason: reason.into(),
     }
 }
 
-/// Settings as given, before checking. Filled by the config file and by the flags alike.
-/// (Serialize: only to tell which keys a file gave, for errors that name the file.)
-#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize, clap::Args)]
+/// Settings as given, each checked on its own but not yet against the others. Filled by the
+/// config file (serde, keys with `_`) and by the flags (clap, with `-`) alike.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub struct Settings {
     /// Broker address: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS (needs --ca-file)
     #[arg(long, value_name = "URL")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub broker: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub broker: Option<BrokerAddr>,
     /// PEM file of the CA that signed the broker's certificate (mqtts:// only)
     #[arg(long, value_name = "FILE")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub ca_file: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub ca_file: Option<PathBuf>,
     /// Ward code, six digits (131041) or five (13104)
     #[arg(long, value_name = "CODE")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub ward: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub ward: Option<WardCode>,
     /// Site id within Renkei (A–Z a–z 0–9 _ -)
     #[arg(long, value_name = "ID")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub site: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub site: Option<Id>,
     /// The site's name as staff know it
     #[arg(long)]
-    #[serde(default, deserialize_with = "scalar")]
+    #[serde(default, deserialize_with = "text")]
     pub name: Option<String>,
-    /// ward_office | shelter | depot [default: shelter]
-    #[arg(long)]
-    #[serde(default, deserialize_with = "scalar")]
-    pub kind: Option<String>,
+    /// The kind of site [default: shelter]
+    #[arg(long, value_enum)]
+    #[serde(default, deserialize_with = "choice")]
+    pub kind: Option<SiteKind>,
     /// Heartbeat interval, e.g. 30s, 2m [default: 30s]
     #[arg(long, value_name = "DURATION")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub interval: Option<String>,
-    /// actual | exercise | test [default: actual]
-    #[arg(long)]
-    #[serde(default, deserialize_with = "scalar")]
-    pub mode: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub interval: Option<Interval>,
+    /// Whether the site's messages are about the real world or a drill [default: actual]
+    #[arg(long, value_enum)]
+    #[serde(default, deserialize_with = "choice")]
+    pub mode: Option<Mode>,
     /// Where the boot id is kept [default: ./var/agent-{site}]
     #[arg(long, value_name = "DIR")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub state_dir: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub state_dir: Option<PathBuf>,
     /// The site's position, "LAT,LON" in degrees
     #[arg(long, value_name = "LAT,LON", allow_hyphen_values = true)]
-    #[serde(default, deserialize_with = "scalar")]
-    pub location: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub location: Option<Location>,
     /// MQTT user name
     #[arg(long)]
-    #[serde(default, deserialize_with = "scalar")]
+    #[serde(default, deserialize_with = "text")]
     pub username: Option<String>,
     /// MQTT password
     #[arg(long, env = "RENKEI_AGENT_PASSWORD", hide_env_values = true)]
-    #[serde(default, deserialize_with = "scalar")]
+    #[serde(default, deserialize_with = "text")]
     pub password: Option<String>,
     /// Evacuees now at the shelter
     #[arg(long, value_name = "N")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub evacuees: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub evacuees: Option<Count>,
     /// The shelter's planned capacity
     #[arg(long, value_name = "N")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub capacity: Option<String>,
-    /// not_open | preparing | open | closed | unknown [default: open with evacuees, else unknown]
-    #[arg(long, value_name = "STATE")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub shelter_state: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub capacity: Option<Count>,
+    /// The shelter's state [default: open with evacuees, else unknown]
+    #[arg(long, value_name = "STATE", value_enum)]
+    #[serde(default, deserialize_with = "choice")]
+    pub shelter_state: Option<ShelterState>,
     /// Byte budget of the outbox, e.g. 16MiB [default: 16MiB]
     #[arg(long, value_name = "SIZE")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub outbox_max: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub outbox_max: Option<ByteSize>,
     /// Messages per second when replaying the backlog after an outage [default: 10]
     #[arg(long, value_name = "N")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub replay_rate: Option<String>,
-    /// When a record leaves the outbox: receipt (HQ stored it) | puback (the broker took it;
-    /// for a broker without Renkei's recorder) [default: receipt]
-    #[arg(long, value_name = "WHEN")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub confirm: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub replay_rate: Option<Bounded<1, 10_000>>,
+    /// When a record leaves the outbox [default: receipt]
+    #[arg(long, value_name = "WHEN", value_enum)]
+    #[serde(default, deserialize_with = "choice")]
+    pub confirm: Option<Confirm>,
     /// Free disk space the outbox never uses; reports are refused below it [default: 1MiB]
     #[arg(long, value_name = "SIZE")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub disk_reserve: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub disk_reserve: Option<ByteSize>,
     /// Serve the staff web form on ADDR, e.g. 0.0.0.0:8090 [default: off]
     #[arg(long = "form", value_name = "ADDR")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub form_listen: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub form_listen: Option<ListenAddr>,
     /// PIN the web form asks for before it saves a report: 6–64 digits [default: none]
     #[arg(
         long,
@@ -208,108 +232,372 @@ pub struct RawConfig {
         env = "RENKEI_AGENT_FORM_PIN",
         hide_env_values = true
     )]
-    #[serde(default, deserialize_with = "scalar")]
-    pub form_pin: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub form_pin: Option<FormPin>,
     /// Host names the web form answers to besides its addresses and localhost, comma-separated
     /// (a name staff type, or a proxy's) [default: none]
     #[arg(long, value_name = "NAMES")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub form_hosts: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub form_hosts: Option<FormHosts>,
     /// Connections the web form holds at most; then the longest-idle one makes room
     /// [default: 128]
     #[arg(long, value_name = "N")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub form_max_connections: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub form_max_connections: Option<Bounded<1, 10_000>>,
     /// Time a request's head, and then its body, may take to arrive [default: 10s]
     #[arg(long, value_name = "DURATION")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub form_header_timeout: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub form_header_timeout: Option<FormTimeout>,
     /// A web form connection with no request in progress for this long is closed [default: 30s]
     #[arg(long, value_name = "DURATION")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub form_idle_timeout: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub form_idle_timeout: Option<FormTimeout>,
     /// Wrong PINs from one device within --form-pin-window that lock its PIN entry [default: 5]
     #[arg(long, value_name = "N")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub form_pin_attempts: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub form_pin_attempts: Option<Bounded<1, 1_000>>,
     /// The window in which wrong PINs are counted [default: 10m]
     #[arg(long, value_name = "DURATION")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub form_pin_window: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub form_pin_window: Option<FormTimeout>,
     /// How long PIN entry stays locked [default: 15m]
     #[arg(long, value_name = "DURATION")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub form_pin_lockout: Option<String>,
-    /// Power source when the OS does not say: grid | generator | battery | none | unknown
-    #[arg(long, value_name = "SOURCE")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub power: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub form_pin_lockout: Option<FormTimeout>,
+    /// Power source when the OS does not say
+    #[arg(long, value_name = "SOURCE", value_enum)]
+    #[serde(default, deserialize_with = "choice")]
+    pub power: Option<PowerSource>,
     /// Battery charge in percent when the OS does not say
     #[arg(long, value_name = "PCT")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub battery_pct: Option<String>,
-    /// The ward's disaster HQ as the site knows it: none | alert | established | dissolved | unknown
-    #[arg(long, value_name = "STATE")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub hq: Option<String>,
-    /// Internet link: ok | degraded | down [default: not reported]
-    #[arg(long, value_name = "STATE")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub internet: Option<String>,
-    /// Mobile network: ok | degraded | down [default: not reported]
-    #[arg(long, value_name = "STATE")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub mobile: Option<String>,
-    /// Landline: ok | degraded | down [default: not reported]
-    #[arg(long, value_name = "STATE")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub landline: Option<String>,
-    /// 防災行政無線 radio: ok | degraded | down [default: not reported]
-    #[arg(long, value_name = "STATE")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub radio: Option<String>,
+    #[serde(default, deserialize_with = "text")]
+    pub battery_pct: Option<Bounded<0, 100>>,
+    /// The ward's disaster HQ as the site knows it [default: unknown]
+    #[arg(long, value_name = "STATE", value_enum)]
+    #[serde(default, deserialize_with = "choice")]
+    pub hq: Option<HqState>,
+    /// Internet link [default: not reported]
+    #[arg(long, value_name = "STATE", value_enum)]
+    #[serde(default, deserialize_with = "choice")]
+    pub internet: Option<LinkState>,
+    /// Mobile network [default: not reported]
+    #[arg(long, value_name = "STATE", value_enum)]
+    #[serde(default, deserialize_with = "choice")]
+    pub mobile: Option<LinkState>,
+    /// Landline [default: not reported]
+    #[arg(long, value_name = "STATE", value_enum)]
+    #[serde(default, deserialize_with = "choice")]
+    pub landline: Option<LinkState>,
+    /// 防災行政無線 radio [default: not reported]
+    #[arg(long, value_name = "STATE", value_enum)]
+    #[serde(default, deserialize_with = "choice")]
+    pub radio: Option<LinkState>,
     /// Where the OS lists power supplies; "" turns reading off [default: /sys/class/power_supply]
-    #[arg(long, value_name = "DIR")]
-    #[serde(default, deserialize_with = "scalar")]
-    pub power_supply_dir: Option<String>,
+    // Not clap's path parser, which refuses the empty value that turns reading off.
+    #[arg(long, value_name = "DIR", value_parser = OsStringValueParser::new().map(PathBuf::from))]
+    #[serde(default, deserialize_with = "text")]
+    pub power_supply_dir: Option<PathBuf>,
 }
 
-/// Accepts a TOML string, integer, float or boolean as text, so `ward = 131041` and
-/// `ward = "131041"` both work and the value is checked by the same parser as the flag.
-fn scalar<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Scalar {
-        Text(String),
-        Int(i64),
-        Float(f64),
-        Bool(bool),
+/// Reads a TOML string, integer, float or boolean as text and parses it with the flag's parser,
+/// so a value means the same in the file as on the command line.
+fn text<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: FromStr,
+    T::Err: fmt::Display,
+{
+    let text = d.deserialize_any(Scalar)?;
+    text.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+/// Reads one of the names the flag takes (the type's [`ValueEnum`] names).
+fn choice<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: ValueEnum,
+{
+    let text = d.deserialize_any(Scalar)?;
+    parse_choice(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+/// One of `T`'s names (or their aliases), blanks around it ignored.
+pub fn parse_choice<T: ValueEnum>(text: &str) -> Result<T, String> {
+    let text = text.trim();
+    T::value_variants()
+        .iter()
+        .find(|v| {
+            v.to_possible_value()
+                .is_some_and(|p| p.matches(text, false))
+        })
+        .cloned()
+        .ok_or_else(|| {
+            let names: Vec<String> = T::value_variants()
+                .iter()
+                .filter_map(|v| v.to_possible_value())
+                .map(|p| p.get_name().to_owned())
+                .collect();
+            match names.split_last() {
+                Some((last, [])) => format!("expected {last}"),
+                Some((last, rest)) => format!("expected {} or {last}", rest.join(", ")),
+                None => "expected nothing".to_owned(),
+            }
+        })
+}
+
+/// The name a choice is written with.
+fn name_of<T: ValueEnum>(value: &T) -> String {
+    value
+        .to_possible_value()
+        .map(|p| p.get_name().to_owned())
+        .unwrap_or_default()
+}
+
+/// A scalar TOML value as the text a flag would give.
+struct Scalar;
+
+impl serde::de::Visitor<'_> for Scalar {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string or a number")
     }
-    Ok(Some(match Scalar::deserialize(d)? {
-        Scalar::Text(s) => s,
-        Scalar::Int(n) => n.to_string(),
-        Scalar::Float(x) => x.to_string(),
-        Scalar::Bool(b) => b.to_string(),
-    }))
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<String, E> {
+        Ok(s.to_owned())
+    }
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<String, E> {
+        Ok(n.to_string())
+    }
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<String, E> {
+        Ok(n.to_string())
+    }
+    fn visit_f64<E: serde::de::Error>(self, x: f64) -> Result<String, E> {
+        Ok(x.to_string())
+    }
+    fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<String, E> {
+        Ok(b.to_string())
+    }
 }
 
-/// A broker's network address.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BrokerAddr {
-    pub host: String,
-    pub port: u16,
-    /// `mqtts://`: the connection is TLS, checked against the configured CA.
-    pub tls: bool,
+/// A whole number from `MIN` to `MAX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounded<const MIN: u32, const MAX: u32>(pub u32);
+
+/// A head count: any whole number from 0.
+pub type Count = Bounded<0, { u32::MAX }>;
+
+impl<const MIN: u32, const MAX: u32> FromStr for Bounded<MIN, MAX> {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (MIN..=MAX).contains(n))
+            .map(Bounded)
+            .ok_or_else(|| {
+                if MAX == u32::MAX {
+                    format!("expected a whole number from {MIN}")
+                } else {
+                    format!("expected a whole number, {MIN}–{MAX}")
+                }
+            })
+    }
 }
 
-impl std::fmt::Display for BrokerAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = if self.tls { "mqtts" } else { "mqtt" };
-        if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{scheme}://{}:{}", self.host, self.port)
+impl<const MIN: u32, const MAX: u32> fmt::Display for Bounded<MIN, MAX> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// A duration in the agent's settings, as [`units::parse_duration`] reads it, except that a bare
+/// number is seconds (`interval = 30`): the agent has always read it so, and its files use it.
+pub fn duration(text: &str) -> Result<Duration, UnitError> {
+    match units::parse_duration(text) {
+        Err(UnitError::NoUnit(seconds)) => Ok(Duration::from_secs(seconds)),
+        other => other,
+    }
+}
+
+/// A heartbeat interval: whole seconds, from 1 s to one day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interval(pub Duration);
+
+impl FromStr for Interval {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let d = duration(s).map_err(|_| "expected a duration such as 30s, 2m or 1h")?;
+        if d < Duration::from_secs(1) || d > MAX_INTERVAL {
+            return Err("must be from 1s to 24h".into());
         }
+        if d.subsec_millis() != 0 {
+            return Err("must be whole seconds".into());
+        }
+        Ok(Interval(d))
+    }
+}
+
+impl fmt::Display for Interval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        HumanDuration(self.0).fmt(f)
+    }
+}
+
+/// One of the web form's timeouts: from 100 ms (less would cut off any phone) to one day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FormTimeout(pub Duration);
+
+impl FromStr for FormTimeout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        duration(s)
+            .ok()
+            .filter(|d| (Duration::from_millis(100)..=MAX_INTERVAL).contains(d))
+            .map(FormTimeout)
+            .ok_or_else(|| "expected a duration from 100ms to 24h, e.g. 10s".into())
+    }
+}
+
+impl fmt::Display for FormTimeout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        HumanDuration(self.0).fmt(f)
+    }
+}
+
+/// A broker's address, in the one grammar of [`renkei_shared::url`]; the agent's modules know
+/// it by this name.
+pub use renkei_shared::url::BrokerUrl as BrokerAddr;
+
+/// The site's position: `"LAT,LON"` in WGS84 degrees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location(pub GeoPoint);
+
+impl FromStr for Location {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_location(s).map(Location)
+    }
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let GeoPoint { lat_e6, lon_e6 } = self.0;
+        write!(f, "{},{}", f64::from(lat_e6) / 1e6, f64::from(lon_e6) / 1e6)
+    }
+}
+
+/// Parses `"LAT,LON"` in degrees, each within its range.
+pub fn parse_location(text: &str) -> Result<GeoPoint, String> {
+    let bad = || "expected \"LAT,LON\" in degrees, e.g. 35.6895,139.6917".to_owned();
+    let (lat, lon) = text.split_once(',').ok_or_else(bad)?;
+    let lat: f64 = lat.trim().parse().map_err(|_| bad())?;
+    let lon: f64 = lon.trim().parse().map_err(|_| bad())?;
+    if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
+        return Err(bad());
+    }
+    // Within the checked ranges, micro-degrees fit an i32 exactly enough (±0.5e-6°).
+    #[allow(clippy::cast_possible_truncation)]
+    Ok(GeoPoint {
+        lat_e6: (lat * 1e6).round() as i32,
+        lon_e6: (lon * 1e6).round() as i32,
+    })
+}
+
+/// Where the staff web form listens: `ADDRESS:PORT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl FromStr for ListenAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.trim()
+            .parse()
+            .map(ListenAddr)
+            .map_err(|_| "expected ADDRESS:PORT, e.g. 0.0.0.0:8090".into())
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The web form's PIN; never printed. Read as given (blanks around it dropped) and checked by
+/// [`Settings::resolve`], so that a bad PIN is refused without being repeated: clap would
+/// print the value of a flag it refuses.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FormPin(pub String);
+
+impl fmt::Debug for FormPin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FormPin(…)")
+    }
+}
+
+impl FromStr for FormPin {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(FormPin(s.trim().to_owned()))
+    }
+}
+
+impl FormPin {
+    /// At least six digits: a million guesses, where the form's lockout allows a few per
+    /// quarter hour. Digits only: what the form's numeric keypad types.
+    fn check(&self) -> Result<(), ConfigError> {
+        let p = &self.0;
+        if (6..=64).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()) {
+            return Ok(());
+        }
+        Err(invalid(
+            "form_pin",
+            "…",
+            "expected 6 to 64 digits (0–9): a shorter PIN is guessed too easily",
+        ))
+    }
+}
+
+/// Host names, comma-separated, lower-cased: each a DNS or mDNS name (labels of a–z 0–9 -)
+/// or an IP address (one the form is reached by through a port forward, say). No port: a
+/// configured name is served on any port, since a proxy may stand in front.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FormHosts(pub Vec<String>);
+
+impl FromStr for FormHosts {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut hosts = Vec::new();
+        for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let name = name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase();
+            let valid = name.parse::<std::net::IpAddr>().is_ok()
+                || (name.len() <= 253
+                    && name.split('.').all(|label| {
+                        !label.is_empty()
+                            && !label.starts_with('-')
+                            && !label.ends_with('-')
+                            && label
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    }));
+            if !valid {
+                return Err(format!(
+                    "{name:?} is not a host name (letters, digits, - and .; no port)"
+                ));
+            }
+            hosts.push(name);
+        }
+        Ok(FormHosts(hosts))
+    }
+}
+
+impl fmt::Display for FormHosts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join(","))
     }
 }
 
@@ -320,9 +608,9 @@ pub struct Credentials {
     pub password: String,
 }
 
-impl std::fmt::Debug for Credentials {
+impl fmt::Debug for Credentials {
     // Never print the password into a log.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
             .field("username", &self.username)
             .finish_non_exhaustive()
@@ -363,7 +651,7 @@ pub struct AgentConfig {
     /// Free bytes kept on the outbox's disk: reports are refused (with the alarm) below it.
     pub disk_reserve: u64,
     /// Where the staff web form listens, if anywhere.
-    pub form_listen: Option<std::net::SocketAddr>,
+    pub form_listen: Option<SocketAddr>,
     /// What the web form asks for before it saves, if anything.
     pub form_pin: Option<FormPin>,
     /// Host names the web form answers to besides its addresses and `localhost`.
@@ -378,89 +666,23 @@ pub struct AgentConfig {
     pub comms: Comms,
 }
 
-/// The web form's PIN; never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct FormPin(pub String);
-
-impl std::fmt::Debug for FormPin {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("FormPin(…)")
-    }
-}
-
-impl RawConfig {
-    /// Reads a config file.
-    pub fn from_file(path: &Path) -> Result<RawConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        RawConfig::from_toml(&text).map_err(|message| ConfigError::Syntax {
-            path: path.to_owned(),
-            message,
-        })
-    }
-
-    /// Parses config text; the error names the line and key (toml's message).
-    pub fn from_toml(text: &str) -> Result<RawConfig, String> {
-        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
-    }
-
-    /// These settings, with `fallback`'s where these have none (flags over file).
-    pub fn or(self, fallback: RawConfig) -> RawConfig {
-        RawConfig {
-            broker: self.broker.or(fallback.broker),
-            ca_file: self.ca_file.or(fallback.ca_file),
-            ward: self.ward.or(fallback.ward),
-            site: self.site.or(fallback.site),
-            name: self.name.or(fallback.name),
-            kind: self.kind.or(fallback.kind),
-            interval: self.interval.or(fallback.interval),
-            mode: self.mode.or(fallback.mode),
-            state_dir: self.state_dir.or(fallback.state_dir),
-            location: self.location.or(fallback.location),
-            username: self.username.or(fallback.username),
-            password: self.password.or(fallback.password),
-            evacuees: self.evacuees.or(fallback.evacuees),
-            capacity: self.capacity.or(fallback.capacity),
-            shelter_state: self.shelter_state.or(fallback.shelter_state),
-            outbox_max: self.outbox_max.or(fallback.outbox_max),
-            replay_rate: self.replay_rate.or(fallback.replay_rate),
-            confirm: self.confirm.or(fallback.confirm),
-            disk_reserve: self.disk_reserve.or(fallback.disk_reserve),
-            form_listen: self.form_listen.or(fallback.form_listen),
-            form_pin: self.form_pin.or(fallback.form_pin),
-            form_hosts: self.form_hosts.or(fallback.form_hosts),
-            form_max_connections: self.form_max_connections.or(fallback.form_max_connections),
-            form_header_timeout: self.form_header_timeout.or(fallback.form_header_timeout),
-            form_idle_timeout: self.form_idle_timeout.or(fallback.form_idle_timeout),
-            form_pin_attempts: self.form_pin_attempts.or(fallback.form_pin_attempts),
-            form_pin_window: self.form_pin_window.or(fallback.form_pin_window),
-            form_pin_lockout: self.form_pin_lockout.or(fallback.form_pin_lockout),
-            power: self.power.or(fallback.power),
-            battery_pct: self.battery_pct.or(fallback.battery_pct),
-            hq: self.hq.or(fallback.hq),
-            internet: self.internet.or(fallback.internet),
-            mobile: self.mobile.or(fallback.mobile),
-            landline: self.landline.or(fallback.landline),
-            radio: self.radio.or(fallback.radio),
-            power_supply_dir: self.power_supply_dir.or(fallback.power_supply_dir),
-        }
-    }
-
-    /// Checks every setting and fills the defaults.
+impl Settings {
+    /// Checks the settings against each other and fills the defaults.
     pub fn resolve(&self) -> Result<AgentConfig, ConfigError> {
-        let required = |key, v: &Option<String>| v.clone().ok_or(ConfigError::Missing { key });
-
-        let broker = parse_broker("broker", &required("broker", &self.broker)?)?;
+        let broker = self
+            .broker
+            .clone()
+            .ok_or(ConfigError::Missing { key: "broker" })?;
         let ca_file = match (&self.ca_file, broker.tls) {
-            (Some(f), _) if f.is_empty() => return Err(invalid("ca_file", f, "must not be empty")),
-            (Some(f), true) => Some(PathBuf::from(f)),
+            (Some(f), _) if f.as_os_str().is_empty() => {
+                return Err(invalid("ca_file", "", "must not be empty"));
+            }
+            (Some(f), true) => Some(f.clone()),
             (None, false) => None,
             (None, true) => {
                 return Err(invalid(
                     "broker",
-                    self.broker.as_deref().unwrap_or_default(),
+                    &broker,
                     "mqtts:// needs ca_file (--ca-file): the PEM file of the CA that signed \
                      the broker's certificate",
                 ));
@@ -468,22 +690,20 @@ impl RawConfig {
             (Some(f), false) => {
                 return Err(invalid(
                     "ca_file",
-                    f,
+                    f.display(),
                     "only used with an mqtts:// broker; the broker is plain mqtt://",
                 ));
             }
         };
-        let ward_text = required("ward", &self.ward)?;
-        let ward: WardCode =
-            ward_text
-                .parse()
-                .map_err(|e: renkei_shared::ward::WardCodeError| {
-                    invalid("ward", &ward_text, e.to_string())
-                })?;
-        let site_text = required("site", &self.site)?;
-        let site = Id::new(site_text.clone())
-            .map_err(|_| invalid("site", &site_text, "1–64 characters of A–Z a–z 0–9 _ -"))?;
-        let name = required("name", &self.name)?;
+        let ward = self.ward.ok_or(ConfigError::Missing { key: "ward" })?;
+        let site = self
+            .site
+            .clone()
+            .ok_or(ConfigError::Missing { key: "site" })?;
+        let name = self
+            .name
+            .clone()
+            .ok_or(ConfigError::Missing { key: "name" })?;
         if name.trim().is_empty() {
             return Err(invalid("name", &name, "must not be empty"));
         }
@@ -494,94 +714,38 @@ impl RawConfig {
                 format!("longer than {MAX_NAME_BYTES} bytes"),
             ));
         }
-        let kind = match &self.kind {
-            Some(k) => parse_kind("kind", k)?,
-            None => SiteKind::Shelter,
-        };
-        let interval = match &self.interval {
-            Some(i) => parse_interval("interval", i)?,
-            None => DEFAULT_INTERVAL,
-        };
-        let mode = match &self.mode {
-            Some(m) => parse_mode("mode", m)?,
-            None => Mode::Actual,
-        };
+        let kind = self.kind.unwrap_or(SiteKind::Shelter);
         let state_dir = match &self.state_dir {
-            Some(d) if d.is_empty() => return Err(invalid("state_dir", d, "must not be empty")),
-            Some(d) => PathBuf::from(d),
+            Some(d) if d.as_os_str().is_empty() => {
+                return Err(invalid("state_dir", "", "must not be empty"));
+            }
+            Some(d) => d.clone(),
             None => PathBuf::from(format!("./var/agent-{site}")),
         };
-        let location = self
-            .location
-            .as_deref()
-            .map(|l| parse_location("location", l))
-            .transpose()?;
-        let outbox_max = match &self.outbox_max {
-            Some(v) => parse_size(v).filter(|&n| n >= MIN_OUTBOX).ok_or_else(|| {
-                invalid("outbox_max", v, "expected a size from 64KiB, e.g. 16MiB")
-            })?,
-            None => crate::outbox::DEFAULT_MAX_BYTES,
-        };
-        let replay_rate = match &self.replay_rate {
-            Some(v) => v
-                .trim()
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=10_000).contains(n))
-                .ok_or_else(|| {
-                    invalid("replay_rate", v, "expected messages per second, 1–10000")
-                })?,
-            None => DEFAULT_REPLAY_RATE,
-        };
-        let confirm = match self.confirm.as_deref().map(str::trim) {
-            None | Some("receipt") => Confirm::Receipt,
-            Some("puback") => Confirm::PubAck,
-            Some(v) => return Err(invalid("confirm", v, "expected receipt or puback")),
-        };
-        let form_listen = self
-            .form_listen
-            .as_deref()
-            .map(|a| {
-                a.trim().parse::<std::net::SocketAddr>().map_err(|_| {
-                    invalid("form_listen", a, "expected ADDRESS:PORT, e.g. 0.0.0.0:8090")
-                })
-            })
-            .transpose()?;
-        let form_pin = match self.form_pin.as_deref().map(str::trim) {
-            // At least six digits: a million guesses, where the form's lockout allows a few
-            // per quarter hour. Digits only: what the form's numeric keypad types.
-            Some(p) if !(6..=64).contains(&p.len()) || !p.bytes().all(|b| b.is_ascii_digit()) => {
-                // The value is a secret: not repeated in the error.
+        let outbox_max = match self.outbox_max {
+            Some(size) if size.0 < MIN_OUTBOX => {
                 return Err(invalid(
-                    "form_pin",
-                    "…",
-                    "expected 6 to 64 digits (0–9): a shorter PIN is guessed too easily",
+                    "outbox_max",
+                    size,
+                    "expected a size from 64KiB, e.g. 16MiB",
                 ));
             }
-            Some(p) => Some(FormPin(p.to_owned())),
-            None => None,
+            Some(size) => size.0,
+            None => crate::outbox::DEFAULT_MAX_BYTES,
         };
-        let (form_hosts, form_limits) = self.form_settings()?;
+        if let Some(pin) = &self.form_pin {
+            pin.check()?;
+        }
+        let form_listen = self.form_listen.map(|a| a.0);
         if form_listen.is_none()
-            && let Some((key, value)) = self.form_keys().find(|(_, v)| v.is_some())
+            && let Some((key, value)) = self.form_keys().find_map(|(k, v)| Some((k, v?)))
         {
-            let value = if key == "form_pin" {
-                "…"
-            } else {
-                value.unwrap_or_default()
-            };
             return Err(invalid(
                 key,
                 value,
                 "only used with the web form (form_listen / --form)",
             ));
         }
-        let disk_reserve = match &self.disk_reserve {
-            Some(v) => parse_size(v).ok_or_else(|| {
-                invalid("disk_reserve", v, "expected a size, e.g. 1MiB (0: none)")
-            })?,
-            None => crate::outbox::DEFAULT_DISK_RESERVE,
-        };
         let credentials = match (&self.username, &self.password) {
             (Some(u), Some(p)) => Some(Credentials {
                 username: u.clone(),
@@ -591,84 +755,17 @@ impl RawConfig {
             (Some(_), None) => return Err(ConfigError::Missing { key: "password" }),
             (None, Some(_)) => return Err(ConfigError::Missing { key: "username" }),
         };
-
         let power = PowerProbe {
             sysfs_dir: match &self.power_supply_dir {
-                Some(d) if d.trim().is_empty() => None,
-                Some(d) => Some(PathBuf::from(d)),
+                Some(d) if d.to_string_lossy().trim().is_empty() => None,
+                Some(d) => Some(d.clone()),
                 None => Some(PathBuf::from(DEFAULT_POWER_SUPPLY_DIR)),
             },
-            configured_power: self
-                .power
-                .as_deref()
-                .map(|v| parse_power("power", v))
-                .transpose()?,
-            configured_battery_pct: self
-                .battery_pct
-                .as_deref()
-                .map(|v| {
-                    v.trim()
-                        .parse::<u8>()
-                        .ok()
-                        .filter(|&p| p <= 100)
-                        .ok_or_else(|| invalid("battery_pct", v, "expected a percentage, 0–100"))
-                })
-                .transpose()?,
+            configured_power: self.power,
+            // Bounded to 100, so within a u8.
+            configured_battery_pct: self.battery_pct.and_then(|p| u8::try_from(p.0).ok()),
         };
-        let hq = match &self.hq {
-            Some(v) => parse_hq("hq", v)?,
-            None => HqState::Unknown,
-        };
-        let link = |key, v: &Option<String>| v.as_deref().map(|v| parse_link(key, v)).transpose();
-        let comms = Comms {
-            internet: link("internet", &self.internet)?,
-            mobile: link("mobile", &self.mobile)?,
-            landline: link("landline", &self.landline)?,
-            radio: link("radio", &self.radio)?,
-        };
-
-        let evacuees = self
-            .evacuees
-            .as_deref()
-            .map(|v| parse_count("evacuees", v))
-            .transpose()?;
-        let capacity = self
-            .capacity
-            .as_deref()
-            .map(|v| parse_count("capacity", v))
-            .transpose()?;
-        let state = self
-            .shelter_state
-            .as_deref()
-            .map(|v| parse_shelter_state("shelter_state", v))
-            .transpose()?;
-        let shelter = if evacuees.is_none() && capacity.is_none() && state.is_none() {
-            None
-        } else if kind != SiteKind::Shelter {
-            let (key, value) = [
-                ("evacuees", &self.evacuees),
-                ("capacity", &self.capacity),
-                ("shelter_state", &self.shelter_state),
-            ]
-            .into_iter()
-            .find_map(|(k, v)| v.clone().map(|v| (k, v)))
-            .unwrap_or(("evacuees", String::new()));
-            return Err(invalid(
-                key,
-                &value,
-                "only a shelter reports this (kind is not shelter)",
-            ));
-        } else {
-            let state = state.unwrap_or(match evacuees {
-                Some(n) if n > 0 => ShelterState::Open,
-                _ => ShelterState::Unknown,
-            });
-            Some(ShelterInput {
-                state,
-                evacuees,
-                capacity,
-            })
-        };
+        let shelter = self.shelter(kind)?;
 
         Ok(AgentConfig {
             broker,
@@ -677,355 +774,234 @@ impl RawConfig {
             site: SiteRef { ward, site },
             name,
             kind,
-            location,
-            interval,
-            mode,
+            location: self.location.map(|l| l.0),
+            interval: self.interval.map_or(DEFAULT_INTERVAL, |i| i.0),
+            mode: self.mode.unwrap_or(Mode::Actual),
             state_dir,
             shelter,
             outbox_max,
-            replay_rate,
-            confirm,
-            disk_reserve,
+            replay_rate: self.replay_rate.map_or(DEFAULT_REPLAY_RATE, |r| r.0),
+            confirm: self.confirm.unwrap_or_default(),
+            disk_reserve: self
+                .disk_reserve
+                .map_or(crate::outbox::DEFAULT_DISK_RESERVE, |r| r.0),
             form_listen,
-            form_pin,
-            form_hosts,
-            form_limits,
+            form_pin: self.form_pin.clone(),
+            form_hosts: self.form_hosts.clone().unwrap_or_default().0,
+            form_limits: self.form_limits(),
             power,
-            hq,
-            comms,
+            hq: self.hq.unwrap_or(HqState::Unknown),
+            comms: Comms {
+                internet: self.internet,
+                mobile: self.mobile,
+                landline: self.landline,
+                radio: self.radio,
+            },
         })
     }
-}
 
-impl RawConfig {
-    /// The web form's settings other than where it listens and its PIN, with their defaults.
-    fn form_settings(&self) -> Result<(Vec<String>, FormLimits), ConfigError> {
-        let d = FormLimits::default();
-        let hosts = match &self.form_hosts {
-            Some(text) => parse_hosts("form_hosts", text)?,
-            None => Vec::new(),
+    /// The shelter's figures as staff gave them; only a shelter has any.
+    fn shelter(&self, kind: SiteKind) -> Result<Option<ShelterInput>, ConfigError> {
+        let evacuees = self.evacuees.map(|n| n.0);
+        let capacity = self.capacity.map(|n| n.0);
+        let given = [
+            ("evacuees", self.evacuees.map(|n| n.to_string())),
+            ("capacity", self.capacity.map(|n| n.to_string())),
+            ("shelter_state", self.shelter_state.as_ref().map(name_of)),
+        ];
+        let Some((key, value)) = given.into_iter().find_map(|(k, v)| Some((k, v?))) else {
+            return Ok(None);
         };
-        let duration = |key: &'static str, value: &Option<String>, default: Duration| {
-            let Some(text) = value else {
-                return Ok(default);
-            };
-            parse_duration(text)
-                .filter(|d| (Duration::from_millis(100)..=MAX_INTERVAL).contains(d))
-                .ok_or_else(|| {
-                    invalid(key, text, "expected a duration from 100ms to 24h, e.g. 10s")
-                })
-        };
-        let count = |key: &'static str, value: &Option<String>, max: u32, default: u32| {
-            let Some(text) = value else {
-                return Ok(default);
-            };
-            text.trim()
-                .parse::<u32>()
-                .ok()
-                .filter(|n| (1..=max).contains(n))
-                .ok_or_else(|| invalid(key, text, format!("expected a whole number, 1–{max}")))
-        };
-        let limits = FormLimits {
-            max_connections: count(
-                "form_max_connections",
-                &self.form_max_connections,
-                10_000,
-                u32::try_from(d.max_connections).unwrap_or(u32::MAX),
-            )? as usize,
-            header_timeout: duration(
-                "form_header_timeout",
-                &self.form_header_timeout,
-                d.header_timeout,
-            )?,
-            idle_timeout: duration("form_idle_timeout", &self.form_idle_timeout, d.idle_timeout)?,
-            pin_attempts: count(
-                "form_pin_attempts",
-                &self.form_pin_attempts,
-                1_000,
-                d.pin_attempts,
-            )?,
-            pin_window: duration("form_pin_window", &self.form_pin_window, d.pin_window)?,
-            pin_lockout: duration("form_pin_lockout", &self.form_pin_lockout, d.pin_lockout)?,
-            token_ttl: d.token_ttl,
-        };
-        Ok((hosts, limits))
-    }
-
-    /// The web form's keys other than `form_listen`, with their values as given.
-    fn form_keys(&self) -> impl Iterator<Item = (&'static str, Option<&str>)> {
-        [
-            ("form_pin", &self.form_pin),
-            ("form_hosts", &self.form_hosts),
-            ("form_max_connections", &self.form_max_connections),
-            ("form_header_timeout", &self.form_header_timeout),
-            ("form_idle_timeout", &self.form_idle_timeout),
-            ("form_pin_attempts", &self.form_pin_attempts),
-            ("form_pin_window", &self.form_pin_window),
-            ("form_pin_lockout", &self.form_pin_lockout),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k, v.as_deref()))
-    }
-
-    /// Whether these settings give `key` (a file key, `_` for `-`).
-    fn gives(&self, key: &str) -> bool {
-        toml::Value::try_from(self)
-            .ok()
-            .is_some_and(|table| table.get(key).is_some())
-    }
-}
-
-/// The settings of `renkei-agent run`: the file at `path` (if any) with `flags` over it,
-/// checked. An invalid value that came from the file is reported with the file's path, so
-/// the operator knows where to fix it.
-pub fn load(flags: RawConfig, path: Option<&Path>) -> Result<AgentConfig, ConfigError> {
-    let file = match path {
-        Some(path) => RawConfig::from_file(path)?,
-        None => RawConfig::default(),
-    };
-    let from_file = |key: &str| !flags.gives(key) && file.gives(key);
-    match flags.clone().or(file.clone()).resolve() {
-        Err(e @ ConfigError::Invalid { key, .. }) if from_file(key) => Err(ConfigError::InFile {
-            // `from_file` holds only with a file.
-            path: path.map(Path::to_owned).unwrap_or_default(),
-            source: Box::new(e),
-        }),
-        other => other,
-    }
-}
-
-/// Host names, comma-separated, lower-cased: each a DNS or mDNS name (labels of a–z 0–9 -)
-/// or an IP address (one the form is reached by through a port forward, say). No port: a
-/// configured name is served on any port, since a proxy may stand in front.
-fn parse_hosts(key: &'static str, text: &str) -> Result<Vec<String>, ConfigError> {
-    let mut hosts = Vec::new();
-    for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let name = name
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_ascii_lowercase();
-        let valid = name.parse::<std::net::IpAddr>().is_ok()
-            || (name.len() <= 253
-                && name.split('.').all(|label| {
-                    !label.is_empty()
-                        && !label.starts_with('-')
-                        && !label.ends_with('-')
-                        && label
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                }));
-        if !valid {
+        if kind != SiteKind::Shelter {
             return Err(invalid(
                 key,
-                text,
-                format!("{name:?} is not a host name (letters, digits, - and .; no port)"),
+                value,
+                "only a shelter reports this (kind is not shelter)",
             ));
         }
-        hosts.push(name);
+        let state = self.shelter_state.unwrap_or(match evacuees {
+            Some(n) if n > 0 => ShelterState::Open,
+            _ => ShelterState::Unknown,
+        });
+        Ok(Some(ShelterInput {
+            state,
+            evacuees,
+            capacity,
+        }))
     }
-    Ok(hosts)
+
+    /// The web form's limits, with their defaults.
+    fn form_limits(&self) -> FormLimits {
+        let d = FormLimits::default();
+        let timeout = |t: Option<FormTimeout>, default| t.map_or(default, |t| t.0);
+        FormLimits {
+            max_connections: self
+                .form_max_connections
+                .map_or(d.max_connections, |n| n.0 as usize),
+            header_timeout: timeout(self.form_header_timeout, d.header_timeout),
+            idle_timeout: timeout(self.form_idle_timeout, d.idle_timeout),
+            pin_attempts: self.form_pin_attempts.map_or(d.pin_attempts, |n| n.0),
+            pin_window: timeout(self.form_pin_window, d.pin_window),
+            pin_lockout: timeout(self.form_pin_lockout, d.pin_lockout),
+            token_ttl: d.token_ttl,
+        }
+    }
+
+    /// The web form's keys other than `form_listen`, with their values as written (the PIN
+    /// as "…").
+    fn form_keys(&self) -> impl Iterator<Item = (&'static str, Option<String>)> {
+        [
+            ("form_pin", self.form_pin.as_ref().map(|_| "…".to_owned())),
+            (
+                "form_hosts",
+                self.form_hosts.as_ref().map(ToString::to_string),
+            ),
+            (
+                "form_max_connections",
+                self.form_max_connections.map(|v| v.to_string()),
+            ),
+            (
+                "form_header_timeout",
+                self.form_header_timeout.map(|v| v.to_string()),
+            ),
+            (
+                "form_idle_timeout",
+                self.form_idle_timeout.map(|v| v.to_string()),
+            ),
+            (
+                "form_pin_attempts",
+                self.form_pin_attempts.map(|v| v.to_string()),
+            ),
+            (
+                "form_pin_window",
+                self.form_pin_window.map(|v| v.to_string()),
+            ),
+            (
+                "form_pin_lockout",
+                self.form_pin_lockout.map(|v| v.to_string()),
+            ),
+        ]
+        .into_iter()
+    }
 }
 
-/// Parses `mqtt://HOST[:PORT]` (or `tcp://…`, or a bare `HOST[:PORT]`), and
-/// `mqtts://HOST[:PORT]` (or `ssl://…`, `tls://…`) for TLS.
-pub fn parse_broker(key: &'static str, text: &str) -> Result<BrokerAddr, ConfigError> {
-    let (rest, tls) = if let Some((scheme, rest)) = text.split_once("://") {
-        match scheme {
-            "mqtt" | "tcp" => (rest, false),
-            "mqtts" | "ssl" | "tls" => (rest, true),
-            _ => {
-                return Err(invalid(
-                    key,
-                    text,
-                    "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]",
-                ));
-            }
-        }
-    } else {
-        (text, false)
-    };
-    let rest = rest.strip_suffix('/').unwrap_or(rest);
-    // "[::1]:1883" for IPv6, else "host:port" or "host".
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (host, after) = v6
-            .split_once(']')
-            .ok_or_else(|| invalid(key, text, "unclosed '[' in IPv6 address"))?;
-        (host, after.strip_prefix(':'))
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (rest, None),
-        }
-    };
-    if host.is_empty() || host.contains('/') || host.contains('@') {
-        return Err(invalid(key, text, "expected mqtt://HOST[:PORT]"));
+/// A config file, read: its settings and the line each of its keys is on.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub settings: Settings,
+    /// The line (from 1) of each key the file gives.
+    lines: std::collections::BTreeMap<String, usize>,
+}
+
+impl ConfigFile {
+    /// Reads the config file at `path`.
+    pub fn read(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        ConfigFile::parse(path, &text)
     }
-    let port = match port {
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|&p| p != 0)
-            .ok_or_else(|| invalid(key, text, "port must be 1–65535"))?,
-        None if tls => DEFAULT_MQTTS_PORT,
-        None => DEFAULT_MQTT_PORT,
-    };
-    Ok(BrokerAddr {
-        host: host.to_owned(),
-        port,
-        tls,
+
+    /// Parses `text`, the contents of the file at `path`; an error names the file, the line,
+    /// the key and the value.
+    pub fn parse(path: &Path, text: &str) -> Result<ConfigFile, ConfigError> {
+        let in_file = |line: Option<usize>, source| ConfigError::InFile {
+            path: path.to_owned(),
+            line,
+            error: Box::new(source),
+        };
+        let line = |span: Option<std::ops::Range<usize>>| span.map(|s| line_at(text, s.start));
+        let table = toml::de::DeTable::parse(text)
+            .map_err(|e| in_file(line(e.span()), ConfigError::Syntax(one_line(e.message()))))?;
+        let lines = table
+            .get_ref()
+            .keys()
+            .map(|key| (key.get_ref().to_string(), line_at(text, key.span().start)))
+            .collect();
+        let settings = serde_path_to_error::deserialize(toml::de::Deserializer::from(
+            table.clone(),
+        ))
+        .map_err(|e| {
+            let key = e.path().to_string();
+            let e = e.into_inner();
+            let value = if SECRET_KEYS.contains(&key.as_str()) {
+                "…".to_owned()
+            } else {
+                table
+                    .get_ref()
+                    .get(key.as_str())
+                    .map(|v| match v.get_ref() {
+                        toml::de::DeValue::String(s) => s.to_string(),
+                        _ => text.get(v.span()).unwrap_or_default().to_owned(),
+                    })
+                    .unwrap_or_default()
+            };
+            in_file(line(e.span()), invalid(&key, value, e.message()))
+        })?;
+        Ok(ConfigFile {
+            path: path.to_owned(),
+            settings,
+            lines,
+        })
+    }
+
+    /// The line of `key`, if the file gives it.
+    pub fn line(&self, key: &str) -> Option<usize> {
+        self.lines.get(key).copied()
+    }
+
+    /// The file's settings alone, checked.
+    pub fn resolve(&self) -> Result<AgentConfig, ConfigError> {
+        self.settings.resolve().map_err(|e| self.blame(e))
+    }
+
+    /// `error`, with this file and the line of its key if the file gives that key.
+    fn blame(&self, error: ConfigError) -> ConfigError {
+        match error.key().and_then(|key| self.line(key)) {
+            Some(line) => ConfigError::InFile {
+                path: self.path.clone(),
+                line: Some(line),
+                error: Box::new(error),
+            },
+            None => error,
+        }
+    }
+}
+
+/// The settings of `renkei-agent run`: the file at `path` (if any) with the flags of `flags`,
+/// and their environment variables, over it; checked. An invalid value that came from the file
+/// is reported with the file's path and line, so the operator knows where to fix it.
+pub fn load(path: Option<&Path>, flags: &ArgMatches) -> Result<AgentConfig, ConfigError> {
+    let file = path.map(ConfigFile::read).transpose()?;
+    let mut settings = file
+        .as_ref()
+        .map(|f| f.settings.clone())
+        .unwrap_or_default();
+    // clap replaces exactly the settings a flag or its environment variable gave.
+    settings
+        .update_from_arg_matches(flags)
+        .map_err(|e| ConfigError::Flags(e.to_string()))?;
+    settings.resolve().map_err(|e| match &file {
+        Some(file) if e.key().is_some_and(|key| flags.value_source(key).is_none()) => file.blame(e),
+        _ => e,
     })
 }
 
-/// Parses a size in bytes: a whole number with an optional `KiB`, `MiB` or `GiB` (`16MiB`).
-pub fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits.parse().ok()?;
-    let per = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" | "K" | "k" => 1 << 10,
-        "MiB" | "M" => 1 << 20,
-        "GiB" | "G" => 1 << 30,
-        _ => return None,
-    };
-    n.checked_mul(per)
+/// The line (from 1) of byte `offset` of `text`.
+fn line_at(text: &str, offset: usize) -> usize {
+    text.get(..offset).unwrap_or(text).matches('\n').count() + 1
 }
 
-/// Parses a human duration: a whole number followed by `ms`, `s`, `m` or `h` (`30s`, `2m`).
-///
-/// Hand-written: these four units are all the agent's settings use, and it keeps the
-/// dependency tree of a small edge binary small.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let n: u64 = digits.parse().ok()?;
-    let ms_per = match unit.trim() {
-        "ms" => 1,
-        "s" | "" => 1_000,
-        "m" | "min" => 60_000,
-        "h" => 3_600_000,
-        _ => return None,
-    };
-    n.checked_mul(ms_per).map(Duration::from_millis)
-}
-
-/// A heartbeat interval: a duration of whole seconds from 1 s to one day.
-pub fn parse_interval(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
-    let d = parse_duration(text)
-        .ok_or_else(|| invalid(key, text, "expected a duration such as 30s, 2m or 1h"))?;
-    if d < Duration::from_secs(1) || d > MAX_INTERVAL {
-        return Err(invalid(key, text, "must be from 1s to 24h"));
-    }
-    if d.subsec_millis() != 0 {
-        return Err(invalid(key, text, "must be whole seconds"));
-    }
-    Ok(d)
-}
-
-pub fn parse_mode(key: &'static str, text: &str) -> Result<Mode, ConfigError> {
-    match text {
-        "actual" => Ok(Mode::Actual),
-        "exercise" => Ok(Mode::Exercise),
-        "test" => Ok(Mode::Test),
-        _ => Err(invalid(key, text, "expected actual, exercise or test")),
-    }
-}
-
-fn parse_power(key: &'static str, text: &str) -> Result<PowerSource, ConfigError> {
-    match text.trim() {
-        "grid" => Ok(PowerSource::Grid),
-        "generator" => Ok(PowerSource::Generator),
-        "battery" => Ok(PowerSource::Battery),
-        "none" => Ok(PowerSource::None),
-        "unknown" => Ok(PowerSource::Unknown),
-        _ => Err(invalid(
-            key,
-            text,
-            "expected grid, generator, battery, none or unknown",
-        )),
-    }
-}
-
-fn parse_hq(key: &'static str, text: &str) -> Result<HqState, ConfigError> {
-    match text.trim() {
-        "none" => Ok(HqState::None),
-        "alert" => Ok(HqState::Alert),
-        "established" => Ok(HqState::Established),
-        "dissolved" => Ok(HqState::Dissolved),
-        "unknown" => Ok(HqState::Unknown),
-        _ => Err(invalid(
-            key,
-            text,
-            "expected none, alert, established, dissolved or unknown",
-        )),
-    }
-}
-
-fn parse_link(key: &'static str, text: &str) -> Result<LinkState, ConfigError> {
-    match text.trim() {
-        "ok" => Ok(LinkState::Ok),
-        "degraded" => Ok(LinkState::Degraded),
-        "down" => Ok(LinkState::Down),
-        _ => Err(invalid(key, text, "expected ok, degraded or down")),
-    }
-}
-
-fn parse_kind(key: &'static str, text: &str) -> Result<SiteKind, ConfigError> {
-    match text {
-        "ward_office" | "ward-office" => Ok(SiteKind::WardOffice),
-        "shelter" => Ok(SiteKind::Shelter),
-        "depot" => Ok(SiteKind::Depot),
-        _ => Err(invalid(key, text, "expected ward_office, shelter or depot")),
-    }
-}
-
-fn parse_shelter_state(key: &'static str, text: &str) -> Result<ShelterState, ConfigError> {
-    match text {
-        "not_open" | "not-open" => Ok(ShelterState::NotOpen),
-        "preparing" => Ok(ShelterState::Preparing),
-        "open" => Ok(ShelterState::Open),
-        "closed" => Ok(ShelterState::Closed),
-        "unknown" => Ok(ShelterState::Unknown),
-        _ => Err(invalid(
-            key,
-            text,
-            "expected not_open, preparing, open, closed or unknown",
-        )),
-    }
-}
-
-fn parse_count(key: &'static str, text: &str) -> Result<u32, ConfigError> {
-    text.trim()
-        .parse()
-        .map_err(|_| invalid(key, text, "expected a whole number from 0"))
-}
-
-pub fn parse_location(key: &'static str, text: &str) -> Result<GeoPoint, ConfigError> {
-    let bad = || {
-        invalid(
-            key,
-            text,
-            "expected \"LAT,LON\" in degrees, e.g. 35.6895,139.6917",
-        )
-    };
-    let (lat, lon) = text.split_once(',').ok_or_else(bad)?;
-    let lat: f64 = lat.trim().parse().map_err(|_| bad())?;
-    let lon: f64 = lon.trim().parse().map_err(|_| bad())?;
-    if !(-90.0..=90.0).contains(&lat) || !(-180.0..=180.0).contains(&lon) {
-        return Err(bad());
-    }
-    // Within the checked ranges, micro-degrees fit an i32 exactly enough (±0.5e-6°).
-    #[allow(clippy::cast_possible_truncation)]
-    Ok(GeoPoint {
-        lat_e6: (lat * 1e6).round() as i32,
-        lon_e6: (lon * 1e6).round() as i32,
-    })
+fn one_line(message: &str) -> String {
+    message.lines().map(str::trim).collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
 mod tests {
+    use clap::Args as _;
+
     use super::*;
 
     const MINIMAL: &str = r#"
@@ -1035,12 +1011,44 @@ mod tests {
         name = "西新宿小学校"
     "#;
 
+    /// `text` as the file agent.toml, checked.
     fn resolve(text: &str) -> Result<AgentConfig, ConfigError> {
-        RawConfig::from_toml(text).unwrap().resolve()
+        ConfigFile::parse(Path::new("agent.toml"), text)?.resolve()
     }
 
+    /// What is wrong with `text`, without where (the tests of `InFile` check that).
     fn error_of(text: &str) -> String {
-        resolve(text).unwrap_err().to_string()
+        match resolve(text).unwrap_err() {
+            ConfigError::InFile { error, .. } => error.to_string(),
+            e => e.to_string(),
+        }
+    }
+
+    /// The flags of `renkei-agent run`, as clap reads them.
+    fn flags(args: &[&str]) -> ArgMatches {
+        Settings::augment_args(clap::Command::new("run"))
+            .try_get_matches_from(std::iter::once("run").chain(args.iter().copied()))
+            .unwrap()
+    }
+
+    /// A file at a fresh path holding `text`, with the directory that holds it.
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    fn parse_broker(_key: &str, text: &str) -> Result<BrokerAddr, renkei_shared::url::UrlError> {
+        text.parse()
+    }
+
+    fn parse_size(text: &str) -> Option<u64> {
+        text.parse::<ByteSize>().ok().map(|size| size.0)
+    }
+
+    fn parse_duration(text: &str) -> Option<Duration> {
+        duration(text).ok()
     }
 
     #[test]
@@ -1108,13 +1116,12 @@ mod tests {
 
     #[test]
     fn flags_override_the_file() {
-        let file = RawConfig::from_toml(MINIMAL).unwrap();
-        let flags = RawConfig {
-            ward: Some("13113".into()),
-            interval: Some("5s".into()),
-            ..RawConfig::default()
-        };
-        let c = flags.or(file).resolve().unwrap();
+        let (_dir, path) = file(MINIMAL);
+        let c = load(
+            Some(&path),
+            &flags(&["--ward", "13113", "--interval", "5s"]),
+        )
+        .unwrap();
         assert_eq!(
             c.site.ward,
             WardCode(131130),
@@ -1185,7 +1192,7 @@ mod tests {
 
     #[test]
     fn missing_keys_say_how_to_give_them() {
-        let msg = RawConfig::default().resolve().unwrap_err().to_string();
+        let msg = Settings::default().resolve().unwrap_err().to_string();
         assert_eq!(
             msg,
             "missing broker: give --broker or `broker = …` in the config file"
@@ -1196,23 +1203,246 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_syntax_name_the_key() {
-        let err = RawConfig::from_toml("brokr = \"x\"").unwrap_err();
+        let err = error_of("brokr = \"x\"");
         assert!(err.contains("brokr"), "{err}");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.toml");
-        std::fs::write(&path, "ward = [1]").unwrap();
-        let err = RawConfig::from_file(&path).unwrap_err().to_string();
+        let (dir, path) = file("ward = [1]");
+        let err = ConfigFile::read(&path).unwrap_err().to_string();
         assert!(err.contains("agent.toml") && err.contains("ward"), "{err}");
-        let err = RawConfig::from_file(&dir.path().join("none.toml")).unwrap_err();
+        let err = ConfigFile::read(&dir.path().join("none.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }));
     }
 
     #[test]
     fn the_example_file_is_valid() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/agent.example.toml");
-        let c = RawConfig::from_file(&path).unwrap().resolve().unwrap();
+        let c = ConfigFile::read(&path).unwrap().resolve().unwrap();
         assert_eq!(c.site.site.as_str(), "nishi-shinjuku-es");
         assert_eq!(c.shelter.unwrap().evacuees, Some(120));
+    }
+
+    #[test]
+    fn errors_in_the_file_name_the_file_the_line_the_key_and_the_value() {
+        let text = |extra: &str| format!("{MINIMAL}\n# the site's own\n{extra}\n");
+        let error = |extra: &str| {
+            ConfigFile::parse(Path::new("/etc/renkei/agent.toml"), &text(extra))
+                .and_then(|f| f.resolve())
+                .unwrap_err()
+                .to_string()
+        };
+        let at_line_8 = |rest: &str| format!("config file /etc/renkei/agent.toml, line 8: {rest}");
+        // A value its type refuses.
+        assert_eq!(
+            error("mode = \"real\""),
+            at_line_8("mode = \"real\": expected actual, exercise or test")
+        );
+        assert_eq!(
+            error("outbox_max = \"16 MB\""),
+            at_line_8("outbox_max = \"16 MB\": unknown size unit \"MB\" (use B, KiB, MiB or GiB)")
+        );
+        assert_eq!(
+            error("evacuees = 12.5"),
+            at_line_8("evacuees = \"12.5\": expected a whole number from 0")
+        );
+        assert_eq!(
+            error("location = [35.6, 139.7]"),
+            at_line_8(
+                "location = \"[35.6, 139.7]\": invalid type: sequence, expected a string or a \
+                 number"
+            )
+        );
+        // A value the checks across settings refuse: the line of its key.
+        assert_eq!(
+            error("kind = \"depot\"\ncapacity = 10").replace("line 9", "line 8"),
+            at_line_8("capacity = \"10\": only a shelter reports this (kind is not shelter)")
+        );
+        // A key this agent does not know.
+        let msg = error("evacuee = 12");
+        assert!(
+            msg.starts_with(&at_line_8(
+                "evacuee = \"12\": unknown field `evacuee`, expected one of `broker`"
+            )),
+            "{msg}"
+        );
+        // Not TOML: the line where it stops being TOML.
+        assert_eq!(
+            error("shelter_state = open"),
+            at_line_8("not valid TOML: string values must be quoted, expected literal string")
+        );
+        // Secrets are never repeated, however they are wrong.
+        for line in ["form_pin = [246810]", "password = { a = 1 }"] {
+            let msg = error(line);
+            assert!(msg.contains("= \"…\": invalid type"), "{msg}");
+            assert!(!msg.contains("246810") && !msg.contains("a = 1"), "{msg}");
+        }
+        // What no line holds: a key given nowhere.
+        assert_eq!(
+            error("username = \"agent-1\""),
+            "missing password: give --password or `password = …` in the config file"
+        );
+    }
+
+    #[test]
+    fn every_unit_spelling_is_taken_in_the_file_and_as_a_flag() {
+        let (_dir, path) = file(MINIMAL);
+        let via_file = |line: &str| resolve(&format!("{MINIMAL}\n{line}")).unwrap();
+        let via_flag = |args: &[&str]| load(Some(&path), &flags(args)).unwrap();
+        let sizes: [(&str, u64); 11] = [
+            ("1048576", 1 << 20),
+            ("1048576B", 1 << 20),
+            ("1024K", 1 << 20),
+            ("1024k", 1 << 20),
+            ("1024KiB", 1 << 20),
+            ("1 MiB", 1 << 20),
+            ("16M", 16 << 20),
+            ("16MiB", 16 << 20),
+            ("1G", 1 << 30),
+            ("1GiB", 1 << 30),
+            (" 2MiB ", 2 << 20),
+        ];
+        for (text, bytes) in sizes {
+            let c = via_file(&format!("outbox_max = {text:?}\ndisk_reserve = {text:?}"));
+            assert_eq!((c.outbox_max, c.disk_reserve), (bytes, bytes), "{text}");
+            let c = via_flag(&["--outbox-max", text, "--disk-reserve", text]);
+            assert_eq!((c.outbox_max, c.disk_reserve), (bytes, bytes), "{text}");
+        }
+        let c = via_file("outbox_max = 1048576\ndisk_reserve = 0");
+        assert_eq!(
+            (c.outbox_max, c.disk_reserve),
+            (1 << 20, 0),
+            "bare TOML integers"
+        );
+        let intervals: [(&str, u64); 8] = [
+            ("30", 30),
+            ("30s", 30),
+            ("30 s", 30),
+            ("2000ms", 2),
+            ("2m", 120),
+            ("2min", 120),
+            ("1h", 3600),
+            ("24h", 86_400),
+        ];
+        for (text, seconds) in intervals {
+            let expected = Duration::from_secs(seconds);
+            assert_eq!(via_file(&format!("interval = {text:?}")).interval, expected);
+            assert_eq!(via_flag(&["--interval", text]).interval, expected, "{text}");
+        }
+        assert_eq!(via_file("interval = 45").interval, Duration::from_secs(45));
+        let form = |line: &str| via_file(&format!("form_listen = \"127.0.0.1:0\"\n{line}"));
+        for (text, expected) in [
+            ("100ms", Duration::from_millis(100)),
+            ("1500ms", Duration::from_millis(1500)),
+            ("10", Duration::from_secs(10)),
+            ("10s", Duration::from_secs(10)),
+            ("3m", Duration::from_secs(180)),
+            ("3min", Duration::from_secs(180)),
+            ("2h", Duration::from_secs(7200)),
+        ] {
+            let c = form(&format!(
+                "form_header_timeout = {text:?}\nform_pin_lockout = {text:?}"
+            ));
+            let l = c.form_limits;
+            assert_eq!(
+                (l.header_timeout, l.pin_lockout),
+                (expected, expected),
+                "{text}"
+            );
+        }
+        let refused = |flag: &str, key: &str, bad: &str| {
+            let as_flag = Settings::augment_args(clap::Command::new("run"))
+                .try_get_matches_from(["run", flag, bad]);
+            assert!(as_flag.is_err(), "{flag} {bad}");
+            assert!(
+                resolve(&format!("{MINIMAL}\n{key} = {bad:?}")).is_err(),
+                "{key} {bad}"
+            );
+        };
+        for bad in ["1.5MiB", "16MB", "1TiB", "MiB", "-1"] {
+            refused("--outbox-max", "outbox_max", bad);
+        }
+        for bad in ["1.5s", "3d", "-1s", "s", "1 hour"] {
+            refused("--interval", "interval", bad);
+        }
+    }
+
+    #[test]
+    fn every_name_of_a_choice_is_taken_in_the_file_and_as_a_flag() {
+        let (_dir, path) = file(MINIMAL);
+        let via_file = |line: &str| resolve(&format!("{MINIMAL}\n{line}")).unwrap();
+        let via_flag = |args: &[&str]| load(Some(&path), &flags(args)).unwrap();
+        for (text, kind) in [
+            ("ward_office", SiteKind::WardOffice),
+            ("ward-office", SiteKind::WardOffice),
+            ("shelter", SiteKind::Shelter),
+            ("depot", SiteKind::Depot),
+        ] {
+            assert_eq!(via_file(&format!("kind = {text:?}")).kind, kind);
+            assert_eq!(via_flag(&["--kind", text]).kind, kind);
+        }
+        for (text, state) in [
+            ("not_open", ShelterState::NotOpen),
+            ("not-open", ShelterState::NotOpen),
+            ("preparing", ShelterState::Preparing),
+            (" open ", ShelterState::Open),
+            ("closed", ShelterState::Closed),
+            ("unknown", ShelterState::Unknown),
+        ] {
+            let c = via_file(&format!("shelter_state = {text:?}"));
+            assert_eq!(c.shelter.unwrap().state, state, "{text}");
+        }
+        for (text, confirm) in [("receipt", Confirm::Receipt), ("puback", Confirm::PubAck)] {
+            assert_eq!(via_file(&format!("confirm = {text:?}")).confirm, confirm);
+            assert_eq!(via_flag(&["--confirm", text]).confirm, confirm);
+        }
+        let c = via_flag(&[
+            "--mode",
+            "test",
+            "--power",
+            "battery",
+            "--hq",
+            "dissolved",
+            "--mobile",
+            "degraded",
+        ]);
+        assert_eq!(c.mode, Mode::Test);
+        assert_eq!(c.power.configured_power, Some(PowerSource::Battery));
+        assert_eq!(
+            (c.hq, c.comms.mobile),
+            (HqState::Dissolved, Some(LinkState::Degraded))
+        );
+        let refused = Settings::augment_args(clap::Command::new("run"))
+            .try_get_matches_from(["run", "--mode", "real"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("'real'") && refused.contains("--mode"),
+            "{refused}"
+        );
+    }
+
+    /// A name in the file is the one the wire and the JSON mirror use: the enums derive both
+    /// from one rule, and this holds them to it.
+    #[test]
+    fn the_names_of_choices_are_their_serde_names() {
+        fn same<T: ValueEnum + serde::Serialize + fmt::Debug>() {
+            for v in T::value_variants() {
+                let serde_name = toml::Value::try_from(v).unwrap();
+                assert_eq!(serde_name.as_str(), Some(name_of(v).as_str()), "{v:?}");
+            }
+        }
+        same::<Mode>();
+        same::<SiteKind>();
+        same::<ShelterState>();
+        same::<PowerSource>();
+        same::<HqState>();
+        same::<LinkState>();
+        same::<renkei_shared::ShelterType>();
+        same::<renkei_shared::LifelineState>();
+        same::<renkei_shared::BuildingSafety>();
+        same::<renkei_shared::IncidentCategory>();
+        same::<renkei_shared::RoadState>();
+        same::<renkei_shared::Severity>();
+        same::<renkei_shared::Certainty>();
+        same::<renkei_shared::Role>();
     }
 
     #[test]
@@ -1350,42 +1580,30 @@ mod tests {
 
     #[test]
     fn a_bad_value_in_the_file_names_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.toml");
-        std::fs::write(
-            &path,
-            format!("{MINIMAL}\nform_listen = \"127.0.0.1:8090\"\nform_pin = \"2468\"\n"),
-        )
-        .unwrap();
-        let msg = load(RawConfig::default(), Some(&path))
-            .unwrap_err()
-            .to_string();
+        let (_dir, path) = file(&format!(
+            "{MINIMAL}\nform_listen = \"127.0.0.1:8090\"\nform_pin = \"2468\"\n"
+        ));
+        let msg = load(Some(&path), &flags(&[])).unwrap_err().to_string();
         assert_eq!(
             msg,
             format!(
-                "config file {}: form_pin = \"…\": expected 6 to 64 digits (0–9): a shorter \
-                 PIN is guessed too easily",
+                "config file {}, line 8: form_pin = \"…\": expected 6 to 64 digits (0–9): a \
+                 shorter PIN is guessed too easily",
                 path.display()
             )
         );
         // Given as a flag (or in the environment), the same value is not the file's fault.
-        let flags = RawConfig {
-            form_pin: Some("12".into()),
-            ..RawConfig::default()
-        };
-        let msg = load(flags, Some(&path)).unwrap_err().to_string();
+        let msg = load(Some(&path), &flags(&["--form-pin", "12"]))
+            .unwrap_err()
+            .to_string();
         assert!(msg.starts_with("form_pin = \"…\": expected 6"), "{msg}");
         // A good flag mends the file's bad value.
-        let flags = RawConfig {
-            form_pin: Some("135790".into()),
-            ..RawConfig::default()
-        };
-        let c = load(flags, Some(&path)).unwrap();
+        let c = load(Some(&path), &flags(&["--form-pin", "135790"])).unwrap();
         assert_eq!(c.form_pin, Some(FormPin("135790".into())));
-        // Which keys a set of settings gives, for any key.
-        let file = RawConfig::from_file(&path).unwrap();
-        assert!(file.gives("form_pin") && file.gives("ward") && !file.gives("form_hosts"));
-        assert!(!RawConfig::default().gives("ward"));
+        // Which keys a file gives, for any key.
+        let file = ConfigFile::read(&path).unwrap();
+        assert!(file.line("form_pin").is_some() && file.line("ward").is_some());
+        assert_eq!(file.line("form_hosts"), None);
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! ```
 //!
 //! Layout:
-//! - [`config`]: the `run` settings, from a TOML file and CLI flags, with errors that name the key;
+//! - [`config`]: the `run` settings, from a TOML file and CLI flags, each value typed and parsed
+//!   once, with errors that name the key and, for the file, the file and the line;
 //! - [`keys`]: the boot id raised on disk at every start and the `(boot, seq)` key of every
 //!   message, its place in the delivery order;
 //! - [`lifecycle`]: the per-boot sequence numbers, arranged so that the last will (death)

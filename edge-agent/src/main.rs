@@ -3,10 +3,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
-use renkei_agent::config::{self, AgentConfig, Credentials, RawConfig};
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use renkei_agent::config::{
+    self, AgentConfig, BrokerAddr, ConfigFile, Credentials, Interval, Settings,
+};
 use renkei_agent::daemon::{DaemonOptions, run_daemon};
 use renkei_agent::form::{self, FormState};
 use renkei_agent::keys::next_boot_id;
@@ -16,7 +19,7 @@ use renkei_agent::outbox::{Durability, Outbox};
 use renkei_agent::report::FixedSite;
 use renkei_agent::simulate::{self, SimOptions};
 use renkei_agent::staff::{self, StaffReport};
-use renkei_shared::{Body, Timestamp};
+use renkei_shared::{Body, Mode, Timestamp};
 use tokio::sync::watch;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
@@ -75,15 +78,17 @@ struct RunArgs {
     /// TOML file with the same settings as the flags (keys with '_'); flags override it
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Declares the flags; `run` reads them from the matches, which also say which were given
+    /// (see `config::load`).
     #[command(flatten)]
-    settings: RawConfig,
+    settings: Settings,
 }
 
 #[derive(Debug, Args)]
 struct SimArgs {
     /// Broker address: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] with --ca-file
     #[arg(long, value_name = "URL")]
-    broker: String,
+    broker: BrokerAddr,
     /// PEM file of the CA that signed the broker's certificate (mqtts:// only)
     #[arg(long, value_name = "FILE")]
     ca_file: Option<PathBuf>,
@@ -95,20 +100,20 @@ struct SimArgs {
     seed: u64,
     /// Heartbeat interval of every site (one step of the story at --speed 1)
     #[arg(long, value_name = "DURATION", default_value = "5s")]
-    interval: String,
-    /// steady: a disaster under way from the start; earthquake: calm, a quake at --quake-at,
-    /// then shelters open, power fails, requests, incidents, silent sites
-    #[arg(long, default_value = "steady", value_parser = ["steady", "earthquake"])]
-    scenario: String,
+    interval: Interval,
+    /// The story the sites play
+    #[arg(long, value_enum, default_value_t = ScenarioName::Steady)]
+    scenario: ScenarioName,
     /// When the quake strikes after start (earthquake only) [default: 30s]
-    #[arg(long, value_name = "DURATION")]
-    quake_at: Option<String>,
+    #[arg(long, value_name = "DURATION", value_parser = config::duration)]
+    quake_at: Option<Duration>,
     /// Story steps per heartbeat: 2.0 plays the story twice as fast
     #[arg(long, default_value_t = 1.0)]
     speed: f64,
-    /// actual | exercise | test (a simulation is an exercise unless said otherwise)
-    #[arg(long, default_value = "exercise")]
-    mode: String,
+    /// Whether the sites' messages are about the real world or a drill (a simulation is an
+    /// exercise unless said otherwise)
+    #[arg(long, value_enum, default_value = "exercise")]
+    mode: Mode,
     /// Where the simulation's boot id is kept
     #[arg(long, value_name = "DIR", default_value = "./var/simulate")]
     state_dir: PathBuf,
@@ -120,8 +125,20 @@ struct SimArgs {
     password: Option<String>,
 }
 
+/// The stories of `simulate` (see [`simulate::Scenario`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ScenarioName {
+    /// A disaster under way from the start
+    Steady,
+    /// Calm, a quake at --quake-at, then shelters open, power fails, requests, incidents,
+    /// silent sites
+    Earthquake,
+}
+
 fn main() -> Result<ExitCode> {
-    let cli = Cli::parse();
+    // The matches are kept: `run` lays the flags it was given over its config file.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // A simulation runs hundreds of sessions: only their problems are worth a line each.
     // Staff commands print their own result; the log is for what goes wrong.
     let default_filter = match cli.command {
@@ -151,7 +168,12 @@ fn main() -> Result<ExitCode> {
     .context("cannot start the async runtime")?;
     runtime.block_on(async {
         match cli.command {
-            Command::Run(args) => run(*args).await,
+            Command::Run(args) => {
+                let flags = matches
+                    .subcommand_matches("run")
+                    .context("the run command without its flags")?;
+                run(*args, flags).await
+            }
             Command::Simulate(args) => simulate(args).await,
             Command::Report(_) | Command::Status(_) => Ok(()),
         }
@@ -160,7 +182,7 @@ fn main() -> Result<ExitCode> {
 }
 
 fn load_config(path: &std::path::Path) -> Result<AgentConfig> {
-    Ok(RawConfig::from_file(path)?.resolve()?)
+    Ok(ConfigFile::read(path)?.resolve()?)
 }
 
 fn open_outbox(config: &AgentConfig) -> Result<Outbox> {
@@ -272,8 +294,9 @@ fn shutdown_signal() -> Result<watch::Receiver<bool>> {
     Ok(rx)
 }
 
-async fn run(args: RunArgs) -> Result<()> {
-    let config = config::load(args.settings, args.config.as_deref())?;
+/// `renkei-agent run`; `flags` are its matches, laid over the config file.
+async fn run(args: RunArgs, flags: &ArgMatches) -> Result<()> {
+    let config = config::load(args.config.as_deref(), flags)?;
     // Before anything is touched: a bad CA file is a setting to fix, not a boot to count.
     let tls = config
         .ca_file
@@ -369,29 +392,26 @@ async fn run(args: RunArgs) -> Result<()> {
 }
 
 async fn simulate(args: SimArgs) -> Result<()> {
-    let broker = config::parse_broker("broker", &args.broker)?;
+    let broker = args.broker;
     let tls = match (&args.ca_file, broker.tls) {
         (Some(ca), true) => Some(renkei_agent::tls::client_config(ca)?),
         (None, false) => None,
-        (None, true) => bail!("--broker {}: mqtts:// needs --ca-file", args.broker),
+        (None, true) => bail!("--broker {broker}: mqtts:// needs --ca-file"),
         (Some(_), false) => bail!("--ca-file is only used with an mqtts:// broker"),
     };
-    let interval = config::parse_interval("interval", &args.interval)?;
-    let mode = config::parse_mode("mode", &args.mode)?;
+    let interval = args.interval.0;
+    let mode = args.mode;
     if args.sites == 0 {
         bail!("sites = 0: give at least one site");
     }
-    let scenario = match (args.scenario.as_str(), &args.quake_at) {
-        ("earthquake", quake_at) => simulate::Scenario::Earthquake {
-            quake_at: match quake_at {
-                Some(text) => config::parse_duration(text).with_context(|| {
-                    format!("--quake-at {text:?}: expected a duration such as 30s or 2m")
-                })?,
-                None => std::time::Duration::from_secs(30),
-            },
+    let scenario = match (args.scenario, args.quake_at) {
+        (ScenarioName::Earthquake, quake_at) => simulate::Scenario::Earthquake {
+            quake_at: quake_at.unwrap_or(Duration::from_secs(30)),
         },
-        (_, None) => simulate::Scenario::Steady,
-        (_, Some(_)) => bail!("--quake-at is only used with --scenario earthquake"),
+        (ScenarioName::Steady, None) => simulate::Scenario::Steady,
+        (ScenarioName::Steady, Some(_)) => {
+            bail!("--quake-at is only used with --scenario earthquake")
+        }
     };
     if !(args.speed.is_finite() && args.speed > 0.0 && args.speed <= 100.0) {
         bail!(
@@ -404,7 +424,7 @@ async fn simulate(args: SimArgs) -> Result<()> {
         (None, None) => None,
         _ => bail!("give both --username and --password, or neither"),
     };
-    if mode == renkei_shared::Mode::Actual {
+    if mode == Mode::Actual {
         warn!("simulating in actual mode: HQ will count these sites as real");
     }
     let boot = next_boot_id(&args.state_dir)?;

@@ -189,17 +189,18 @@ mod tests {
     use renkei_shared::{LinkState, Mode, PowerSource, ShelterState, decode};
 
     use super::*;
-    use crate::config::RawConfig;
+    use crate::config::ConfigFile;
     use crate::lifecycle::Lifecycle;
 
     fn config(extra: &str) -> AgentConfig {
-        RawConfig::from_toml(&format!(
+        let text = format!(
             "broker = \"mqtt://localhost\"\nward = 131041\nsite = \"nishi-shinjuku-es\"\n\
              name = \"西新宿小学校\"\n{extra}"
-        ))
-        .unwrap()
-        .resolve()
-        .unwrap()
+        );
+        ConfigFile::parse(std::path::Path::new("agent.toml"), &text)
+            .unwrap()
+            .resolve()
+            .unwrap()
     }
 
     /// Stamps, frames and decodes every body, checking it is valid on the topic it goes to.

@@ -506,7 +506,8 @@ fn key_id(prefix: &str, key: Key) -> Result<Id, ReportError> {
 }
 
 fn parse_point(text: &str) -> Result<GeoPoint, ReportError> {
-    crate::config::parse_location("location", text).map_err(|e| bad("location", e.to_string()))
+    crate::config::parse_location(text)
+        .map_err(|reason| bad("location", format!("{text:?}: {reason}")))
 }
 
 fn parse_version(text: Option<&str>, has_id: bool) -> Result<ReportVersion, ReportError> {
