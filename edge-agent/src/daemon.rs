@@ -39,6 +39,7 @@ use crate::link::driver::{Driver, DriverOptions, LinkEvent, PublishError};
 use crate::link::{LinkError, LinkOptions, LinkState, command_of, timer};
 use crate::outbox::{Durability, Outbox, Record};
 use crate::report::{FixedSite, Site};
+use crate::status::Status;
 
 /// How often the pump looks for records `renkei-agent report` appended.
 const POLL: Duration = Duration::from_millis(500);
@@ -356,31 +357,20 @@ impl Daemon {
         }
     }
 
-    /// `{state_dir}/status`, for `renkei-agent status`; written whole and renamed into place.
+    /// `{state_dir}/status`, for `renkei-agent status`.
     fn write_status(&self) {
-        let link = match self.state {
-            LinkState::Connecting => "connecting",
-            LinkState::Connected => "connected",
-            LinkState::Backoff => "offline (retrying)",
-            LinkState::Closing => "stopped",
+        let status = Status {
+            link: self.state.into(),
+            since_ms: self.since.0,
+            broker: self.options.link.broker.to_string(),
+            boot: self.link.speaker().boot(),
+            acked: self.delivery.cursor().to_string(),
+            heartbeats_dropped: self.heartbeats_dropped,
+            pid: std::process::id(),
+            updated_ms: Timestamp::now().0,
+            last_error: self.last_error.clone(),
         };
-        let mut text = format!(
-            "link = {link:?}\nsince_ms = {}\nbroker = {:?}\nboot = {}\nacked = {:?}\n\
-             heartbeats_dropped = {}\npid = {}\nupdated_ms = {}\n",
-            self.since.0,
-            self.options.link.broker.to_string(),
-            self.link.speaker().boot(),
-            self.delivery.cursor().to_string(),
-            self.heartbeats_dropped,
-            std::process::id(),
-            Timestamp::now().0,
-        );
-        if let Some(e) = &self.last_error {
-            text.push_str(&format!("last_error = {e:?}\n"));
-        }
-        let path = self.options.state_dir.join("status");
-        let tmp = self.options.state_dir.join("status.tmp");
-        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &path)) {
+        if let Err(e) = status.write(&self.options.state_dir) {
             debug!(error = %e, "status file not written");
         }
     }

@@ -36,6 +36,8 @@
 //!   event loop, will, birth, backoff, close), the sans-IO delivery core ([`link::delivery`]:
 //!   what to send, and what may leave the outbox on a PUBACK or a receipt), HQ's commands, and
 //!   the live session of [`simulate`], which has no outbox;
+//! - [`status`]: `{state_dir}/status`, the daemon's account of its link for `renkei-agent
+//!   status`;
 //! - [`simulate`]: many simulated shelters across the 23 wards, for drills, demos and load,
 //!   playing a scenario deterministic for a seed: `steady` (the default: a disaster already
 //!   under way) or `earthquake` (calm, a quake at `--quake-at`, then shelters opening, power
@@ -56,6 +58,7 @@ pub mod power;
 pub mod report;
 pub mod simulate;
 pub mod staff;
+pub mod status;
 pub mod tls;
 
 /// This agent's version, sent in every birth.

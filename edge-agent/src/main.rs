@@ -19,6 +19,7 @@ use renkei_agent::outbox::{Durability, Outbox};
 use renkei_agent::report::FixedSite;
 use renkei_agent::simulate::{self, SimOptions};
 use renkei_agent::staff::{self, StaffReport};
+use renkei_agent::status::Status;
 use renkei_shared::{Body, Mode, Timestamp};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -219,25 +220,24 @@ fn status(args: StatusArgs) -> Result<()> {
     let outbox = open_outbox(&config)?;
     let running = outbox.daemon_running()?;
     let stats = outbox.lock()?.stats()?;
-    let file = std::fs::read_to_string(config.state_dir.join("status")).unwrap_or_default();
-    let field = |key: &str| {
-        file.lines()
-            .find_map(|l| l.strip_prefix(key)?.trim_start().strip_prefix('='))
-            .map(|v| v.trim().trim_matches('"').to_owned())
-    };
-    let link = if running {
-        field("link").unwrap_or_else(|| "starting".into())
-    } else {
-        "daemon not running (reports are kept and sent when it starts)".into()
+    // What the daemon says of its link; without it the outbox still tells the rest.
+    let daemon = Status::read(&config.state_dir).unwrap_or_else(|e| {
+        warn!(error = %e, "status file not read");
+        None
+    });
+    let link = match (&daemon, running) {
+        (Some(daemon), true) => daemon.link.to_string(),
+        (None, true) => "starting".into(),
+        (_, false) => "daemon not running (reports are kept and sent when it starts)".into(),
     };
     println!("site:            {} {}", config.site.ward, config.site.site);
     println!("link:            {link}");
-    if let Some(since) = field("since_ms").and_then(|v| v.parse::<i64>().ok())
+    if let Some(daemon) = &daemon
         && running
     {
         println!(
             "since:           {}s ago",
-            Timestamp::now().millis_since(Timestamp(since)) / 1000
+            Timestamp::now().millis_since(Timestamp(daemon.since_ms)) / 1000
         );
     }
     println!(
@@ -267,7 +267,7 @@ fn status(args: StatusArgs) -> Result<()> {
         );
     }
     println!("quarantined:     {}", stats.quarantined);
-    if let Some(e) = field("last_error") {
+    if let Some(e) = daemon.as_ref().and_then(|d| d.last_error.as_ref()) {
         println!("last error:      {e}");
     }
     match &stats.alarm {
