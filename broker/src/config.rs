@@ -835,6 +835,44 @@ mod tests {
     }
 
     #[test]
+    fn every_unit_spelling_reads_in_the_file() {
+        for (text, bytes) in [
+            ("20480", 20 << 10),
+            ("\"20480\"", 20 << 10),
+            ("\"20480B\"", 20 << 10),
+            ("\"20K\"", 20 << 10),
+            ("\"20k\"", 20 << 10),
+            ("\"20KiB\"", 20 << 10),
+            ("\"20 KiB\"", 20 << 10),
+            ("\"1M\"", 1 << 20),
+            ("\"1MiB\"", 1 << 20),
+            ("\"1G\"", 1 << 30),
+            ("\"1GiB\"", 1 << 30),
+        ] {
+            let c = Config::from_toml(&format!(
+                "[mqtt]\nmax_packet_size = {text}\nsegment_size = \"1GiB\"\n"
+            ))
+            .unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(c.mqtt.max_packet_size, ByteSize(bytes), "{text}");
+        }
+        for (text, d) in [
+            ("150ms", Duration::from_millis(150)),
+            ("2s", Duration::from_secs(2)),
+            ("2 s", Duration::from_secs(2)),
+            ("3m", Duration::from_secs(180)),
+            ("3min", Duration::from_secs(180)),
+            ("4h", Duration::from_secs(4 * 3600)),
+        ] {
+            let c = Config::from_toml(&format!("[recorder]\nbatch_time = {text:?}\n")).unwrap();
+            assert_eq!(c.recorder.batch_time, HumanDuration(d), "{text}");
+        }
+        for bad in ["\"2\"", "2", "\"2d\"", "\"1.5s\"", "\"2 hours\""] {
+            let (key, _) = invalid(&format!("[recorder]\nbatch_time = {bad}\n"));
+            assert_eq!(key, "recorder.batch_time", "{bad}");
+        }
+    }
+
+    #[test]
     fn unit_parsers() {
         assert_eq!("0".parse::<ByteSize>(), Ok(ByteSize(0)));
         assert_eq!("3 MiB".parse::<ByteSize>(), Ok(ByteSize(3 << 20)));

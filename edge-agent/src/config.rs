@@ -324,7 +324,7 @@ where
 }
 
 /// One of `T`'s names (or their aliases), blanks around it ignored.
-pub fn parse_choice<T: ValueEnum>(text: &str) -> Result<T, String> {
+fn parse_choice<T: ValueEnum>(text: &str) -> Result<T, String> {
     let text = text.trim();
     T::value_variants()
         .iter()
