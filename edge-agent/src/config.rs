@@ -60,7 +60,6 @@ use renkei_shared::{
 };
 use serde::{Deserialize, Deserializer};
 
-use crate::form::FormLimits;
 use crate::power::{DEFAULT_POWER_SUPPLY_DIR, PowerProbe};
 
 /// Heartbeat interval when none is given.
@@ -996,6 +995,41 @@ fn line_at(text: &str, offset: usize) -> usize {
 
 fn one_line(message: &str) -> String {
     message.lines().map(str::trim).collect::<Vec<_>>().join(" ")
+}
+
+/// Limits of the form's server and of PIN entry; the defaults suit a shelter's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormLimits {
+    /// Connections held at most; beyond it the longest-idle one is closed to make room.
+    pub max_connections: usize,
+    /// A request's head must arrive within this, and then its body within this again.
+    pub header_timeout: Duration,
+    /// A connection with no request in progress for this long is closed.
+    pub idle_timeout: Duration,
+    /// Wrong PINs from one device within `pin_window` that lock its PIN entry.
+    pub pin_attempts: u32,
+    /// The window in which wrong PINs are counted.
+    pub pin_window: Duration,
+    /// How long PIN entry stays locked.
+    pub pin_lockout: Duration,
+    /// How long the token of a rendered page is accepted.
+    pub token_ttl: Duration,
+}
+
+impl Default for FormLimits {
+    fn default() -> FormLimits {
+        FormLimits {
+            max_connections: 128,
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            pin_attempts: 5,
+            pin_window: Duration::from_secs(10 * 60),
+            pin_lockout: Duration::from_secs(15 * 60),
+            // A page left open through a shift; an older one is refused with the form
+            // refilled and a fresh token, so staff only press Save again.
+            token_ttl: Duration::from_secs(12 * 3600),
+        }
+    }
 }
 
 #[cfg(test)]
