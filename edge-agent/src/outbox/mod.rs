@@ -1,5 +1,6 @@
 //! The outbox: every message a site must deliver, on local disk before anyone is told "saved",
-//! and removed only after the broker's PUBACK.
+//! and removed only once delivered (HQ's receipt, or the PUBACK with `confirm = "puback"`).
+//! The record and segment format is in [`segment`].
 //!
 //! Layout, under `{state_dir}/outbox/`:
 //!
@@ -50,6 +51,10 @@ use tracing::{error, info, warn};
 
 use crate::keys::{BOOT_ID_FILE, BootIdError, Key, next_boot_id};
 
+mod segment;
+
+use segment::{RECORD_HEADER, frame_record, parse_segment, sync_dir, write_atomic};
+
 /// A segment is closed once it reaches this size: small enough that reading one to find the
 /// next records, or rewriting one, is cheap on an SD card.
 pub const SEGMENT_BYTES: u64 = 64 * 1024;
@@ -58,28 +63,7 @@ pub const DEFAULT_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// Default free space kept on the outbox's disk: room for the cursor, the alarm, a segment
 /// rewrite and whatever else the box must write to keep going.
 pub const DEFAULT_DISK_RESERVE: u64 = 1024 * 1024;
-/// Bytes before each frame: length and CRC.
-const RECORD_HEADER: usize = 8;
-/// Largest frame a record may claim; anything longer is corruption, not a message.
-const MAX_RECORD: usize = renkei_shared::codec::MAX_FRAME;
-const SEGMENT_EXT: &str = "seg";
 const QUARANTINE_DIR: &str = "quarantine";
-
-/// Segment files are named by the key of their first record.
-impl Key {
-    fn segment_name(self) -> String {
-        format!("{:010}-{:020}.{SEGMENT_EXT}", self.boot, self.seq)
-    }
-
-    fn from_segment_name(name: &str) -> Option<Key> {
-        let stem = name.strip_suffix(&format!(".{SEGMENT_EXT}"))?;
-        let (boot, seq) = stem.split_once('-')?;
-        Some(Key {
-            boot: boot.parse().ok()?,
-            seq: seq.parse().ok()?,
-        })
-    }
-}
 
 /// One stored message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -924,98 +908,6 @@ impl Locked<'_> {
             fs::write(&path, &bytes).map_err(|e| OutboxError::io(&path, e))
         }
     }
-}
-
-/// Appends `[len][crc][frame]` to `out`.
-fn frame_record(out: &mut Vec<u8>, frame: &[u8]) {
-    let len = u32::try_from(frame.len()).unwrap_or(u32::MAX).to_le_bytes();
-    let mut crc = crc32fast::Hasher::new();
-    crc.update(&len);
-    crc.update(frame);
-    out.extend_from_slice(&len);
-    out.extend_from_slice(&crc.finalize().to_le_bytes());
-    out.extend_from_slice(frame);
-}
-
-#[derive(Debug, Default)]
-struct Parsed {
-    records: Vec<Record>,
-    /// Bytes up to the end of the last good record before any damage.
-    good_len: usize,
-    /// Where the first bad record starts.
-    bad_at: Option<usize>,
-    /// Whether the damage is an append cut short: the bad record runs to (or past) the end.
-    torn_tail: bool,
-    /// Records whose checksum held but which do not decode (e.g. from another schema).
-    rejected: u64,
-}
-
-fn parse_segment(bytes: &[u8]) -> Parsed {
-    let mut p = Parsed::default();
-    let mut at = 0;
-    while at < bytes.len() {
-        let Some(header) = bytes.get(at..at + RECORD_HEADER) else {
-            p.bad_at = Some(at);
-            p.torn_tail = true;
-            break;
-        };
-        let len_bytes = [header[0], header[1], header[2], header[3]];
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let len = u32::from_le_bytes(len_bytes) as usize;
-        let end = at + RECORD_HEADER + len;
-        if len == 0 || len > MAX_RECORD {
-            p.bad_at = Some(at);
-            // A zero-filled tail is what a power cut leaves after an extending write.
-            p.torn_tail = bytes[at..].iter().all(|&b| b == 0);
-            break;
-        }
-        let Some(frame) = bytes.get(at + RECORD_HEADER..end) else {
-            p.bad_at = Some(at);
-            p.torn_tail = true;
-            break;
-        };
-        let mut h = crc32fast::Hasher::new();
-        h.update(&len_bytes);
-        h.update(frame);
-        if h.finalize() != crc {
-            p.bad_at = Some(at);
-            p.torn_tail = end == bytes.len();
-            break;
-        }
-        match renkei_shared::decode(frame) {
-            Ok(env) => p.records.push(Record {
-                key: Key::of(&env),
-                kind: env.body.kind(),
-                frame: frame.to_vec(),
-            }),
-            Err(_) => p.rejected += 1,
-        }
-        at = end;
-        p.good_len = at;
-    }
-    p
-}
-
-/// Writes a file so that a crash leaves the old content or the new, never a mix.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = File::create(&tmp).map_err(|e| OutboxError::io(&tmp, e))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| OutboxError::io(&tmp, e))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(|e| OutboxError::io(path, e))?;
-    if let Some(dir) = path.parent() {
-        sync_dir(dir)?;
-    }
-    Ok(())
-}
-
-/// Makes creations, renames and removals in `dir` durable.
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| OutboxError::io(dir, e))
 }
 
 #[cfg(test)]
