@@ -1,6 +1,6 @@
 //! The outbox: every message a site must deliver, on local disk before anyone is told "saved",
 //! and removed only once delivered (HQ's receipt, or the PUBACK with `confirm = "puback"`).
-//! The record and segment format is in [`segment`].
+//! The record and segment format is in `outbox/segment.rs`.
 //!
 //! Layout, under `{state_dir}/outbox/`:
 //!
