@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString, rand_core::OsRng};
 use argon2::{Argon2, PasswordVerifier};
 use blake2::{Blake2b512, Digest};
-use renkei_shared::{Id, Role, SiteRef, WardCode};
+use renkei_shared::{Id, Role, SiteRef, Timestamp, WardCode};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::Semaphore;
 
@@ -123,30 +123,6 @@ pub enum UserError {
     Hash(String),
 }
 
-/// The role name stored in the database and given on the command line.
-pub fn role_name(role: Role) -> &'static str {
-    match role {
-        Role::Agent => "agent",
-        Role::Ward => "ward",
-        Role::Hq => "hq",
-        Role::Integrator => "integrator",
-        Role::Admin => "admin",
-    }
-}
-
-/// Parses [`role_name`].
-pub fn parse_role(s: &str) -> Option<Role> {
-    [
-        Role::Agent,
-        Role::Ward,
-        Role::Hq,
-        Role::Integrator,
-        Role::Admin,
-    ]
-    .into_iter()
-    .find(|r| role_name(*r) == s)
-}
-
 /// Builds the access of a role from its bindings, checking that they fit the role.
 pub fn access_for(
     role: Role,
@@ -216,7 +192,7 @@ pub fn add_user(
     conn.execute(
         "INSERT OR REPLACE INTO users (name, role, ward, site, password_hash, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![name, role_name(role), ward, site, hash, now_ms()],
+        params![name, role.as_str(), ward, site, hash, Timestamp::now().0],
     )?;
     Ok(())
 }
@@ -243,7 +219,7 @@ pub fn list_users(conn: &Connection) -> Result<Vec<User>, UserError> {
     for row in rows {
         let (name, role, ward, site, password_hash) = row?;
         // A row edited by hand into something meaningless is skipped, not fatal.
-        let Some(role) = parse_role(&role) else {
+        let Some(role) = role.parse::<Role>().ok() else {
             tracing::warn!(%name, %role, "users: unknown role, ignored");
             continue;
         };
@@ -266,12 +242,6 @@ pub fn find_user(conn: &Connection, name: &str) -> Result<Option<String>, UserEr
             r.get(0)
         })
         .optional()?)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Why a login was refused; the names label `renkei_logins_refused_total`.
@@ -859,8 +829,8 @@ mod tests {
         assert!(access_for(Role::Ward, Some(WardCode(999999)), None).is_err());
         assert!(access_for(Role::Hq, Some(WardCode(131041)), None).is_err());
         assert_eq!(access_for(Role::Hq, None, None).unwrap(), Access::Hq);
-        assert_eq!(parse_role("integrator"), Some(Role::Integrator));
-        assert_eq!(parse_role("root"), None);
+        assert_eq!("integrator".parse::<Role>().ok(), Some(Role::Integrator));
+        assert_eq!("root".parse::<Role>().ok(), None);
     }
 
     #[tokio::test]

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use renkei_shared::{Change, Envelope, Mode, Origin, SiteRef, State, Timestamp, Topic, decode};
+use renkei_shared::{Change, Envelope, Origin, SiteRef, State, Timestamp, Topic, decode};
 use rusqlite::{Connection, params};
 
 use crate::config::RecorderConfig;
@@ -292,14 +292,6 @@ fn write_origin_key(out: &mut String, origin: &Origin) {
     };
 }
 
-pub fn mode_name(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Actual => "actual",
-        Mode::Exercise => "exercise",
-        Mode::Test => "test",
-    }
-}
-
 /// Writes one batch in one transaction; returns the rows new to `messages`.
 fn write_batch(
     conn: &mut Connection,
@@ -356,7 +348,7 @@ fn write_batch(
                         h.seq as i64,
                         topic_name,
                         envelope.body.kind().as_str(),
-                        mode_name(h.mode),
+                        h.mode.as_str(),
                         ward,
                         site,
                         payload,

@@ -553,7 +553,7 @@ impl Engine {
             Ok(()) => {
                 tracing::info!(
                     id = %alert.alert_id,
-                    mode = crate::recorder::mode_name(mode),
+                    mode = mode.as_str(),
                     state = ?alert.state,
                     headline = %alert.headline,
                     "rule alert published"

@@ -16,11 +16,6 @@ use crate::state::Dashboard;
 /// How often silence and ages are re-evaluated without messages, in ms.
 pub const TICK_MS: u32 = 2_000;
 
-/// The page's clock in Unix milliseconds.
-pub fn now_ms() -> i64 {
-    js_sys::Date::now() as i64
-}
-
 /// Starts the services for the life of the page.
 pub fn start(dispatcher: UseReducerDispatcher<Dashboard>) {
     #[cfg(target_arch = "wasm32")]
@@ -111,7 +106,7 @@ mod browser {
     use wasm_bindgen::closure::Closure;
     use yew::UseReducerDispatcher;
 
-    use super::{TICK_MS, now_ms};
+    use super::TICK_MS;
     use crate::alerts::{DEFAULT_USER, HqSender, RequestStep, user_id};
     use crate::config;
     use crate::history::{self, HistoryError, Point};
@@ -147,14 +142,14 @@ mod browser {
     pub fn start(dispatcher: UseReducerDispatcher<Dashboard>) {
         let tick = dispatcher.clone();
         Interval::new(TICK_MS, move || {
-            tick.dispatch(Action::Tick(Timestamp(now_ms())));
+            tick.dispatch(Action::Tick(Timestamp::now()));
         })
         .forget();
 
-        dispatcher.dispatch(Action::Route(current_route(), Timestamp(now_ms())));
+        dispatcher.dispatch(Action::Route(current_route(), Timestamp::now()));
         let on_hash = dispatcher.clone();
         let listener = Closure::<dyn Fn()>::new(move || {
-            on_hash.dispatch(Action::Route(current_route(), Timestamp(now_ms())));
+            on_hash.dispatch(Action::Route(current_route(), Timestamp::now()));
         });
         if let Some(window) = web_sys::window() {
             let _ = window
@@ -285,7 +280,7 @@ mod browser {
         perf::browser::batch_started();
         dispatcher.dispatch(Action::Batch {
             messages: inbox.take(),
-            now: Timestamp(now_ms()),
+            now: Timestamp::now(),
         });
         // Yew renders in a task queued by the dispatch; this one is queued after it, so it
         // runs once the render is done.
@@ -296,13 +291,13 @@ mod browser {
 
     pub fn acknowledge(alert_id: Id, mode: Mode) {
         publish("acknowledgement", |sender| {
-            sender.ack(alert_id, mode, Timestamp(now_ms()))
+            sender.ack(alert_id, mode, Timestamp::now())
         });
     }
 
     pub fn request_step(step: RequestStep, mode: Mode) {
         publish("request step", |sender| {
-            sender.request_step(step, mode, Timestamp(now_ms()))
+            sender.request_step(step, mode, Timestamp::now())
         });
     }
 

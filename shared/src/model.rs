@@ -139,6 +139,8 @@ impl SiteRef {
     value(rename_all = "snake_case")
 )]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr, strum::EnumString, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Mode {
     /// 実災害: a real event.
     Actual,
@@ -150,6 +152,11 @@ pub enum Mode {
 
 impl Mode {
     pub const ALL: [Mode; 3] = [Mode::Actual, Mode::Exercise, Mode::Test];
+
+    /// The name used in topics' JSON, the API's `?mode=` and the recorder.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
 }
 
 /// Who sent a message.
@@ -214,6 +221,8 @@ pub enum Body {
 /// The kind of a [`Body`], without its data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr, strum::EnumString, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum BodyKind {
     Status,
     Shelter,
@@ -241,17 +250,7 @@ impl BodyKind {
 
     /// The name used in topics, JSON and metrics.
     pub fn as_str(self) -> &'static str {
-        match self {
-            BodyKind::Status => "status",
-            BodyKind::Shelter => "shelter",
-            BodyKind::Supplies => "supplies",
-            BodyKind::Request => "request",
-            BodyKind::Incident => "incident",
-            BodyKind::Alert => "alert",
-            BodyKind::Ack => "ack",
-            BodyKind::Life => "life",
-            BodyKind::Command => "command",
-        }
+        self.into()
     }
 }
 
@@ -331,6 +330,8 @@ pub struct SiteStatus {
     value(rename_all = "snake_case")
 )]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr, strum::EnumString, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum SiteKind {
     /// 区役所
     // Also taken: the kebab-case spelling that scripts, settings and the web form use.
@@ -340,6 +341,13 @@ pub enum SiteKind {
     Shelter,
     /// 物資拠点
     Depot,
+}
+
+impl SiteKind {
+    /// The name used in JSON and the exports.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -589,6 +597,8 @@ pub enum BuildingSafety {
 #[cfg_attr(test, derive(proptest_derive::Arbitrary))]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr, strum::EnumString, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Item {
     /// 食料 (meals)
     Food,
@@ -645,27 +655,12 @@ impl Item {
 
     /// The name used in CLI arguments and JSON.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Item::Food => "food",
-            Item::Blankets => "blankets",
-            Item::InfantFormula => "infant_formula",
-            Item::ChildDiapers => "child_diapers",
-            Item::AdultDiapers => "adult_diapers",
-            Item::PortableToilets => "portable_toilets",
-            Item::ToiletPaper => "toilet_paper",
-            Item::SanitaryProducts => "sanitary_products",
-            Item::Water => "water",
-            Item::Medicine => "medicine",
-            Item::AllergySafeFood => "allergy_safe_food",
-            Item::CardboardBeds => "cardboard_beds",
-            Item::Fuel => "fuel",
-            Item::Other => "other",
-        }
+        self.into()
     }
 
     /// Parses the name given by [`Item::as_str`].
     pub fn parse(s: &str) -> Option<Item> {
-        Item::ALL.into_iter().find(|i| i.as_str() == s)
+        s.parse().ok()
     }
 }
 
@@ -1032,12 +1027,21 @@ pub struct Actor {
     value(rename_all = "snake_case")
 )]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr, strum::EnumString, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Role {
     Agent,
     Ward,
     Hq,
     Integrator,
     Admin,
+}
+
+impl Role {
+    /// The name stored in the users table and given on the command line.
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
 }
 
 /// What an acknowledgement does. On supply requests the lifecycle steps move the request on.
@@ -1145,6 +1149,41 @@ mod arbitrary {
 
 #[cfg(test)]
 mod tests {
+    use strum::VariantArray;
+
+    use super::*;
+    use crate::reducer::Level;
+
+    /// Every variant's text name (strum) is its serde name, and parses back to it.
+    fn names_agree<T>()
+    where
+        T: VariantArray + Copy + PartialEq + std::fmt::Debug + Serialize,
+        T: Into<&'static str> + std::str::FromStr,
+    {
+        for &v in T::VARIANTS {
+            let text: &'static str = v.into();
+            assert_eq!(serde_json::to_value(v).ok(), Some(serde_json::json!(text)));
+            assert!(
+                matches!(text.parse::<T>(), Ok(p) if p == v),
+                "{text} parses back"
+            );
+        }
+        assert!("no-such-name".parse::<T>().is_err());
+    }
+
+    #[test]
+    fn text_names_are_serde_names() {
+        names_agree::<Mode>();
+        names_agree::<BodyKind>();
+        names_agree::<SiteKind>();
+        names_agree::<Item>();
+        names_agree::<Role>();
+        names_agree::<Level>();
+        assert_eq!(Item::VARIANTS, Item::ALL.as_slice());
+        assert_eq!(BodyKind::VARIANTS, BodyKind::ALL.as_slice());
+        assert_eq!(Mode::VARIANTS, Mode::ALL.as_slice());
+    }
+
     #[test]
     fn agent_client_id_names_ward_and_site() {
         assert_eq!(

@@ -472,6 +472,8 @@ impl SiteState {
 /// How bad things look in a ward, for colouring the map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr, strum::EnumString, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Level {
     /// No site of the ward has reported.
     NoData,
@@ -616,13 +618,7 @@ impl WardRollup {
 impl Level {
     /// The name used in the API and exports (`no_data`, `normal`, …).
     pub fn as_str(self) -> &'static str {
-        match self {
-            Level::NoData => "no_data",
-            Level::Normal => "normal",
-            Level::Watch => "watch",
-            Level::Warning => "warning",
-            Level::Critical => "critical",
-        }
+        self.into()
     }
 }
 

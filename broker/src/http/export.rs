@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 
 use renkei_shared::reducer::SiteState;
 use renkei_shared::{
-    Alert, AlertSource, Certainty, Mode, Severity, SiteKind, SiteRef, State, Timestamp, Urgency,
-    WardCode, World,
+    Alert, AlertSource, Certainty, Mode, Severity, SiteRef, State, Timestamp, Urgency, WardCode,
+    World,
 };
 
 fn sites_of(world: &World, ward: Option<WardCode>) -> impl Iterator<Item = (&SiteRef, &SiteState)> {
@@ -17,14 +17,6 @@ fn sites_of(world: &World, ward: Option<WardCode>) -> impl Iterator<Item = (&Sit
         .sites
         .iter()
         .filter(move |(site, s)| s.last_heard.is_some() && ward.is_none_or(|w| w == site.ward))
-}
-
-fn kind_name(kind: SiteKind) -> &'static str {
-    match kind {
-        SiteKind::WardOffice => "ward_office",
-        SiteKind::Shelter => "shelter",
-        SiteKind::Depot => "depot",
-    }
 }
 
 /// One CSV field, quoted when it must be (RFC 4180).
@@ -63,7 +55,7 @@ pub fn sites_csv(state: &State, mode: Mode, ward: Option<WardCode>, now: Timesta
             site.ward.ward().map_or("", |w| w.name_en).to_owned(),
             site.site.to_string(),
             s.name().unwrap_or("").to_owned(),
-            opt(status.map(|st| kind_name(st.kind))),
+            opt(status.map(|st| st.kind.as_str())),
             opt(s.last_heard.map(|t| t.0)),
             s.is_silent(now).to_string(),
             shelter_state.unwrap_or_default(),
@@ -115,7 +107,7 @@ pub fn sites_geojson(
                     "ward": site.ward,
                     "site": site.site,
                     "name": status.name,
-                    "kind": kind_name(status.kind),
+                    "kind": status.kind.as_str(),
                     "last_heard": s.last_heard,
                     "silent": s.is_silent(now),
                     "occupancy_pct": s.occupancy_pct(),

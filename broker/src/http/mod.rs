@@ -231,14 +231,11 @@ struct StateQuery {
 }
 
 fn parse_mode(mode: Option<&str>) -> Result<Mode, AppError> {
-    match mode {
-        None | Some("actual") => Ok(Mode::Actual),
-        Some("exercise") => Ok(Mode::Exercise),
-        Some("test") => Ok(Mode::Test),
-        Some(other) => Err(AppError::BadRequest(format!(
-            "mode {other:?} is not actual, exercise or test"
-        ))),
-    }
+    let Some(name) = mode else {
+        return Ok(Mode::Actual);
+    };
+    name.parse()
+        .map_err(|_| AppError::BadRequest(format!("mode {name:?} is not actual, exercise or test")))
 }
 
 type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;

@@ -213,6 +213,7 @@ async fn flush(
     Ok(())
 }
 
+/// The session's clock: the one wall clock of the protocol, in the session's f64 milliseconds.
 fn now_ms() -> f64 {
-    js_sys::Date::now()
+    renkei_shared::Timestamp::now().0 as f64
 }

@@ -18,13 +18,13 @@ use crate::state::{Access, Action, Dashboard};
 /// The whole page.
 #[component]
 pub fn App() -> Html {
-    let dashboard = use_reducer(|| Dashboard::new(Timestamp(services::now_ms())));
+    let dashboard = use_reducer(|| Dashboard::new(Timestamp::now()));
     let lang = use_state(Lang::default);
     {
         let dispatcher = dashboard.dispatcher();
         use_effect_with((), move |_| {
             if let Some(mode) = services::requested_mode() {
-                dispatcher.dispatch(Action::ViewMode(mode, Timestamp(services::now_ms())));
+                dispatcher.dispatch(Action::ViewMode(mode, Timestamp::now()));
             }
             services::start(dispatcher)
         });
@@ -100,7 +100,7 @@ pub fn App() -> Html {
                 .into_iter()
                 .find(|&m| i18n::mode_key(m) == select.value())
                 .unwrap_or(Mode::Actual);
-            dispatcher.dispatch(Action::ViewMode(mode, Timestamp(services::now_ms())));
+            dispatcher.dispatch(Action::ViewMode(mode, Timestamp::now()));
         })
     };
     let viewed = snapshot.mode;
