@@ -1,6 +1,6 @@
 //! Who numbers what: the boot id kept on disk ([`next_boot_id`]) and the `(boot, seq)`
-//! [`Key`] of every message, which is also its place in the delivery order. The outbox hands
-//! out keys ([`crate::outbox`]), the lifecycle stamps them on messages
+//! [`Key`] of every message, which is also its place in the delivery order. [`allocate`]
+//! decides the next keys, the outbox hands them out under its lock ([`crate::outbox`]), the lifecycle stamps them on messages
 //! ([`crate::lifecycle`]), and the delivery core matches PUBACKs and receipts by them.
 
 use std::fs::{self, File};
@@ -41,6 +41,36 @@ impl Key {
     pub(crate) fn to_text(self) -> String {
         format!("{} {}\n", self.boot, self.seq)
     }
+}
+
+/// The keys of `count` (at least one) new records of `boot`: the first and the last.
+///
+/// They follow the last sequence number handed out (`handed_out`, the outbox's `seq` file,
+/// written without fsync) and, belt and braces, every key already stored or delivered
+/// (`floors`): a `seq` file lost in a power cut never makes a key be handed out twice.
+pub fn allocate(
+    boot: u32,
+    count: u64,
+    handed_out: Option<Key>,
+    floors: impl IntoIterator<Item = Key>,
+) -> (Key, Key) {
+    let last = handed_out
+        .into_iter()
+        .chain(floors)
+        .filter(|k| k.boot == boot)
+        .map(|k| k.seq)
+        .max()
+        .unwrap_or(0);
+    (
+        Key {
+            boot,
+            seq: last + 1,
+        },
+        Key {
+            boot,
+            seq: last + count.max(1),
+        },
+    )
 }
 
 /// The file in the state directory that holds the last boot id, as decimal text.
@@ -108,6 +138,35 @@ pub fn next_boot_id(dir: &Path) -> Result<u32, BootIdError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(boot: u32, seq: u64) -> Key {
+        Key { boot, seq }
+    }
+
+    #[test]
+    fn a_new_boot_starts_at_one() {
+        assert_eq!(allocate(3, 1, None, []), (key(3, 1), key(3, 1)));
+        // Keys of earlier boots do not count.
+        assert_eq!(
+            allocate(3, 2, Some(key(2, 90)), [key(2, 95)]),
+            (key(3, 1), key(3, 2))
+        );
+    }
+
+    #[test]
+    fn keys_follow_the_last_handed_out_and_never_fall_below_what_is_stored() {
+        assert_eq!(
+            allocate(1, 3, Some(key(1, 10)), []),
+            (key(1, 11), key(1, 13))
+        );
+        // A `seq` file behind the stored records (lost in a power cut) is overruled.
+        assert_eq!(
+            allocate(1, 1, Some(key(1, 4)), [key(1, 7), key(1, 6)]),
+            (key(1, 8), key(1, 8))
+        );
+        // No file at all: the delivered cursor is the floor.
+        assert_eq!(allocate(1, 0, None, [key(1, 20)]), (key(1, 21), key(1, 21)));
+    }
 
     #[test]
     fn boot_id_starts_at_one_and_grows_across_starts() {

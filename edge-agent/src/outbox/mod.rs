@@ -49,7 +49,7 @@ use std::sync::{Mutex, MutexGuard};
 use renkei_shared::{BodyKind, CodecError, Envelope};
 use tracing::{error, warn};
 
-use crate::keys::{BOOT_ID_FILE, BootIdError, Key, next_boot_id};
+use crate::keys::{BOOT_ID_FILE, BootIdError, Key, allocate, next_boot_id};
 
 mod budget;
 mod segment;
@@ -420,32 +420,11 @@ impl Locked<'_> {
     /// Hands out `count` consecutive sequence numbers of the current boot; returns the first.
     pub fn take_seqs(&mut self, count: u64) -> Result<Key> {
         let boot = self.current_boot()?;
-        let mut last = match self.read_key("seq")? {
-            Some(k) if k.boot == boot => k.seq,
-            _ => 0,
-        };
-        // Belt and braces: never below what is stored or delivered.
         let acked = self.acked()?;
-        if acked.boot == boot {
-            last = last.max(acked.seq);
-        }
-        for s in self.inner.summaries.values() {
-            if s.last.boot == boot {
-                last = last.max(s.last.seq);
-            }
-        }
-        let first = Key {
-            boot,
-            seq: last + 1,
-        };
-        self.write_key(
-            "seq",
-            Key {
-                boot,
-                seq: last + count.max(1),
-            },
-            false,
-        )?;
+        let handed_out = self.read_key("seq")?;
+        let stored = self.inner.summaries.values().map(|s| s.last);
+        let (first, last) = allocate(boot, count, handed_out, stored.chain([acked]));
+        self.write_key("seq", last, false)?;
         Ok(first)
     }
 
