@@ -103,6 +103,12 @@ pub struct MqttConfig {
     /// Distinct request, incident and request-acknowledgement ids the broker retains per site
     /// (each kind counted on its own).
     pub max_items_per_site: usize,
+    /// Accepted messages waiting for ingest (to be checked, applied and recorded). When the
+    /// queue is this full, publishers' PUBACKs wait until ingest catches up: a burst slows
+    /// them rather than being dropped.
+    pub ingest_queue_messages: usize,
+    /// The same bound in topic and payload bytes.
+    pub ingest_queue_bytes: ByteSize,
 }
 
 impl MqttConfig {
@@ -135,6 +141,9 @@ impl Default for MqttConfig {
             max_filters_per_connection: 32,
             max_filters_per_user: 256,
             max_items_per_site: 1_000,
+            // Half a second of a 2,000-site storm at ingest's pace, in a few MiB.
+            ingest_queue_messages: 4_096,
+            ingest_queue_bytes: ByteSize(4 * 1024 * 1024),
         }
     }
 }
@@ -416,6 +425,18 @@ impl Config {
         }
         if m.segment_count == 0 {
             return invalid("mqtt.segment_count", "must be at least 1".into());
+        }
+        if m.ingest_queue_messages == 0 {
+            return invalid("mqtt.ingest_queue_messages", "must be at least 1".into());
+        }
+        if m.ingest_queue_bytes.0 < m.max_packet_size.0 {
+            return invalid(
+                "mqtt.ingest_queue_bytes",
+                format!(
+                    "{} holds less than one packet of max_packet_size ({})",
+                    m.ingest_queue_bytes, m.max_packet_size
+                ),
+            );
         }
         if m.max_connections == 0 {
             return invalid("mqtt.max_connections", "must be at least 1".into());
@@ -850,7 +871,7 @@ mod tests {
             ("\"1GiB\"", 1 << 30),
         ] {
             let c = Config::from_toml(&format!(
-                "[mqtt]\nmax_packet_size = {text}\nsegment_size = \"1GiB\"\n"
+                "[mqtt]\nmax_packet_size = {text}\nsegment_size = \"1GiB\"\ningest_queue_bytes = \"1GiB\"\n"
             ))
             .unwrap_or_else(|e| panic!("{text}: {e}"));
             assert_eq!(c.mqtt.max_packet_size, ByteSize(bytes), "{text}");

@@ -1,7 +1,8 @@
 //! The consumer of every Renkei message.
 //!
-//! Its source is a rumqttd link subscribed to `renkei/v1/#` (embedded broker), or the messages
-//! an external broker delivers to [`crate::external`]; both feed [`Pipeline::handle`], which
+//! Its source is the embedded router's tap (every message accepted under `renkei/v1/`, handed
+//! over before its PUBACK, with the publishers held back while ingest is behind: nothing is
+//! skipped), or the messages an external broker delivers to [`crate::external`]; both feed [`Pipeline::handle`], which
 //! for each publish: parses the topic, decodes the payload, checks that the message belongs on
 //! that topic, applies it to the live [`State`], and queues its record for the
 //! [`crate::recorder`] and, if it changed the state (or is a command, which carries none), its
@@ -22,9 +23,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use renkei_shared::topic;
 use renkei_shared::{BodyKind, Change, Envelope, Scope, State, Timestamp, Topic};
-use rumqttd::Notification;
+use rumqttd::TapRx;
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
 use tokio::sync::oneshot;
 
@@ -52,7 +52,7 @@ pub enum IngestError {
     /// Boxed: rumqttd's error carries a whole router event.
     #[error("the ingest link failed: {0}")]
     Link(Box<LinkError>),
-    #[error("the router disconnected the ingest link")]
+    #[error("the router stopped handing messages to ingest")]
     Disconnected,
     #[error("the external broker's client stopped")]
     ExternalGone,
@@ -129,19 +129,15 @@ pub struct Setup {
 }
 
 impl Ingest {
-    /// Subscribes `link` (embedded broker) to every Renkei message and starts consuming.
-    ///
-    /// The subscription is sent before this returns, so a listener started afterwards cannot
-    /// deliver a message that ingest misses.
-    pub fn start(link: (LinkTx, LinkRx), setup: Setup) -> Result<Ingest, IngestError> {
-        let (mut tx, rx) = link;
-        tx.subscribe(topic::ALL)?;
+    /// Consumes the embedded broker's every accepted message from `tap` (see
+    /// [`crate::mqtt::Mqtt::take_tap`]) and mirrors through `link`.
+    pub fn start(tap: TapRx, link: (LinkTx, LinkRx), setup: Setup) -> Result<Ingest, IngestError> {
+        let (tx, _rx) = link;
         let mirror = Publisher::Embedded { tx, _rx: None };
         Ingest::spawn(move |stop| {
             let consumer = Consumer {
-                rx,
+                tap,
                 pipeline: Pipeline::new(setup, mirror),
-                offsets: Offsets::at_start(),
                 stop,
             };
             consumer.run()
@@ -245,42 +241,11 @@ impl Ingest {
     }
 }
 
-/// The embedded broker's source: ingest's rumqttd link.
+/// The embedded broker's source: the router's tap.
 struct Consumer {
-    rx: LinkRx,
+    tap: TapRx,
     pipeline: Pipeline,
-    offsets: Offsets,
     stop: Arc<AtomicBool>,
-}
-
-/// Where ingest is in the router's `renkei/v1/#` log.
-///
-/// rumqttd keeps one in-memory log per subscribed filter, numbered by a per-log offset that
-/// grows by one per message across segments. When a reader falls further behind than the log
-/// holds, the oldest segment is dropped and the reader's next read silently starts at the
-/// oldest one left: the only trace a local link gets is a jump in the offsets it is handed.
-/// (Retained messages sent on subscribing carry no offset.)
-#[derive(Debug)]
-struct Offsets {
-    /// The offset of the next message ingest expects.
-    next: u64,
-}
-
-impl Offsets {
-    /// Ingest subscribes before anything is published in this process (the filter is created
-    /// empty with the router, and no listener or link publishes before [`Ingest::start`]
-    /// returns), so its first message is offset 0: a first read that starts later has already
-    /// lost what came before it.
-    fn at_start() -> Offsets {
-        Offsets { next: 0 }
-    }
-
-    /// Takes the offset of the message just read; returns how many were dropped before it.
-    fn read(&mut self, offset: u64) -> u64 {
-        let lost = offset.saturating_sub(self.next);
-        self.next = offset + 1;
-        lost
-    }
 }
 
 impl Consumer {
@@ -293,58 +258,24 @@ impl Consumer {
 
     fn consume(&mut self) -> Result<(), IngestError> {
         while !self.stop.load(Ordering::Relaxed) {
-            // With hand-offs pending, only look whether more is already there: the link
-            // reads in batches (one wake-up from the router brings all it had queued), and
-            // when this batch is read the pending hand-offs go before ingest waits again.
-            let deadline = if self.pipeline.pending() {
-                Instant::now()
+            // With hand-offs pending, only look whether more is already there: what is queued
+            // is handled in one batch, and the pending hand-offs go before ingest waits again.
+            let next = if self.pipeline.pending() {
+                self.tap.try_recv()
             } else {
-                Instant::now() + STOP_POLL
+                self.tap.recv_deadline(Instant::now() + STOP_POLL)
             };
-            let notification = match self.rx.recv_deadline(deadline) {
-                Ok(Some(n)) => n,
-                Ok(None) => continue,
-                Err(LinkError::RecvTimeout(flume::RecvTimeoutError::Timeout)) => {
+            match next.map_err(|_| IngestError::Disconnected)? {
+                Some(tapped) => self.pipeline.handle(&tapped.topic, &tapped.payload),
+                None => {
                     self.pipeline.flush();
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-            };
-            match notification {
-                Notification::Forward(forward) => {
-                    self.check_offset(forward.cursor);
                     self.pipeline
-                        .handle(&forward.publish.topic, &forward.publish.payload);
+                        .metrics
+                        .ingest_queue(self.tap.len(), self.tap.holds());
                 }
-                // The router stops forwarding to a link whose buffer filled up until the link
-                // says it is ready again; by now everything before this marker was taken.
-                Notification::Unschedule => {
-                    tracing::debug!("ingest link unscheduled by the router; ready again");
-                    self.pipeline.flush();
-                    self.rx.ready()?;
-                }
-                Notification::Disconnect(..) => return Err(IngestError::Disconnected),
-                other => tracing::debug!(?other, "ingest link notification"),
             }
         }
         Ok(())
-    }
-
-    /// Counts messages the router dropped before ingest read them (see [`Offsets`]).
-    fn check_offset(&mut self, cursor: Option<(u64, u64)>) {
-        let Some((_, offset)) = cursor else { return };
-        let expected = self.offsets.next;
-        let lost = self.offsets.read(offset);
-        if lost > 0 {
-            self.pipeline.metrics.ingest_skipped(lost);
-            tracing::error!(
-                lost,
-                from_offset = expected,
-                to_offset = offset,
-                "ingest fell behind the router's log and lost messages: they are neither \
-                 recorded nor applied (raise mqtt.segment_size or mqtt.segment_count)"
-            );
-        }
     }
 }
 
@@ -565,7 +496,8 @@ impl LogLimiter {
 
 #[cfg(test)]
 mod tests {
-    use renkei_shared::{Mode, encode, sample};
+    use renkei_shared::{Mode, encode, sample, topic};
+    use rumqttd::Notification;
 
     use super::*;
 
@@ -599,6 +531,7 @@ mod tests {
         recorder: crate::recorder::Recorder,
         state: LiveState,
         ingest: Ingest,
+        metrics: Arc<Metrics>,
     }
 
     impl Harness {
@@ -618,7 +551,7 @@ mod tests {
             let metrics = Arc::new(Metrics::new());
             let auth = Authenticator::new(dir.path(), true, AuthConfig::default(), metrics.clone());
             let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-            let mqtt = Mqtt::new(
+            let mut mqtt = Mqtt::new(
                 &MqttConfig {
                     listen: loopback,
                     ws_listen: loopback,
@@ -637,18 +570,20 @@ mod tests {
             let state = LiveState::default();
             let setup = Setup {
                 state: state.clone(),
-                metrics,
+                metrics: metrics.clone(),
                 recorder: recorder.tx(),
                 rules: None,
                 clock: crate::clock::system_clock(),
             };
-            let ingest = Ingest::start(mqtt.link("ingest").unwrap(), setup).unwrap();
+            let tap = mqtt.take_tap().unwrap();
+            let ingest = Ingest::start(tap, mqtt.link("ingest").unwrap(), setup).unwrap();
             Harness {
                 dir,
                 mqtt,
                 recorder,
                 state,
                 ingest,
+                metrics,
             }
         }
 
@@ -818,18 +753,40 @@ mod tests {
         harness.stop();
     }
 
+    /// Ingest reads the router's tap, not a log: with room for four messages, a burst of
+    /// 2,000 that no log could hold for it is recorded whole and in order, the router holding
+    /// the publisher back instead (counted).
     #[test]
-    fn offsets_count_every_message_dropped_before_ingest_read_it() {
-        let mut offsets = Offsets::at_start();
-        // The router dropped the first segments before ingest's first read.
-        assert_eq!(offsets.read(4_720), 4_720);
-        assert_eq!(offsets.read(4_721), 0);
-        assert_eq!(offsets.read(4_722), 0);
-        // A later jump.
-        assert_eq!(offsets.read(5_000), 277);
-        // Nothing lost from the start.
-        let mut offsets = Offsets::at_start();
-        assert_eq!((0..100).map(|o| offsets.read(o)).sum::<u64>(), 0);
+    fn a_burst_bigger_than_ingests_queue_is_held_back_not_lost() {
+        let harness = Harness::start_with(crate::config::MqttConfig {
+            ingest_queue_messages: 4,
+            segment_size: crate::config::ByteSize(8 * 1024),
+            segment_count: 1,
+            ..crate::config::MqttConfig::default()
+        });
+        let (mut site, _site_rx) = harness.mqtt.link("site").unwrap();
+        let all = 2_000u64;
+        for seq in 1..=all {
+            let (topic, payload) = Harness::report(seq);
+            site.publish(topic, payload).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let recorded = harness.recorded(all as usize, deadline);
+        assert_eq!(recorded, (1..=all).collect::<Vec<_>>());
+        // Ingest reports the tap's figures when it has nothing to read.
+        std::thread::sleep(STOP_POLL * 2);
+        let text = harness.metrics.render();
+        let holds = metric_value(&text, "renkei_ingest_holds_total");
+        assert!(holds > 0, "the router held the publisher back: {holds}");
+        assert_eq!(metric_value(&text, "renkei_ingest_queue_messages"), 0);
+        harness.stop();
+    }
+
+    /// One series' value in the metrics text.
+    fn metric_value(text: &str, series: &str) -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{series} in {text}"))
     }
 
     #[test]

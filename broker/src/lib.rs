@@ -249,11 +249,12 @@ impl Broker {
         });
         let (mut source, ingest, mut publisher, held) = match &config.external.broker {
             None => {
-                let mqtt = Mqtt::new(&config.mqtt, &auth, &metrics, interest.clone())?;
+                let mut mqtt = Mqtt::new(&config.mqtt, &auth, &metrics, interest.clone())?;
                 for (topic, _, _) in &restored.retained {
                     mqtt.admission().seed_item(topic);
                 }
-                let ingest = Ingest::start(mqtt.link("ingest")?, setup)?;
+                let tap = mqtt.take_tap().ok_or(IngestError::Disconnected)?;
+                let ingest = Ingest::start(tap, mqtt.link("ingest")?, setup)?;
                 let publisher = Publisher::new(mqtt.link("publisher")?);
                 (Source::Embedded(mqtt), ingest, publisher, None)
             }

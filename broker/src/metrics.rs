@@ -59,8 +59,10 @@ pub struct Metrics {
     /// Rule alerts published, raised (active) and cleared.
     rule_alerts_active: AtomicU64,
     rule_alerts_cleared: AtomicU64,
-    /// Messages the router dropped from ingest's filter log before ingest read them.
-    ingest_skipped: AtomicU64,
+    /// Accepted messages waiting for ingest, and the times publishers were held back because
+    /// that queue was full (as last seen by ingest).
+    ingest_queue: AtomicU64,
+    ingest_holds: AtomicU64,
     /// Open MQTT connections per listener (shared with the listeners' protocol wrappers).
     pub tcp_connections: Arc<AtomicI64>,
     pub ws_connections: Arc<AtomicI64>,
@@ -193,8 +195,11 @@ impl Metrics {
         self.memory_trim_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
-    pub fn ingest_skipped(&self, lost: u64) {
-        self.ingest_skipped.fetch_add(lost, Ordering::Relaxed);
+    /// What the router's tap holds for ingest, and how often it held publishers back.
+    pub fn ingest_queue(&self, queued: usize, holds: u64) {
+        self.ingest_queue
+            .store(u64::try_from(queued).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.ingest_holds.store(holds, Ordering::Relaxed);
     }
 
     /// Accepted messages of all kinds.
@@ -393,7 +398,7 @@ impl Metrics {
             );
         }
 
-        let gauges: [(&str, &str, &str, u64); 11] = [
+        let gauges: [(&str, &str, &str, u64); 12] = [
             (
                 "renkei_recorder_queue",
                 "gauge",
@@ -449,10 +454,16 @@ impl Metrics {
                 load(&self.receipts_failed),
             ),
             (
-                "renkei_ingest_skipped_total",
+                "renkei_ingest_queue_messages",
+                "gauge",
+                "Accepted messages waiting for ingest (bounded by mqtt.ingest_queue_messages and mqtt.ingest_queue_bytes).",
+                load(&self.ingest_queue),
+            ),
+            (
+                "renkei_ingest_holds_total",
                 "counter",
-                "Messages ingest never saw: the router's log for renkei/v1/# dropped them before ingest read them (see mqtt.ingest_segment_size).",
-                load(&self.ingest_skipped),
+                "Times publishers' PUBACKs were held back because ingest's queue was full.",
+                load(&self.ingest_holds),
             ),
             (
                 "renkei_database_bytes",

@@ -34,7 +34,10 @@ use std::time::Duration;
 use renkei_shared::receipt::RECEIPT_ROOT;
 use renkei_shared::topic;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::{ConnectionSettings, Router, RouterConfig, SegmentConfig, Server, ServerSettings};
+use rumqttd::{
+    ConnectionSettings, Router, RouterConfig, SegmentConfig, Server, ServerSettings, TapLimits,
+    TapRx,
+};
 use tokio::sync::mpsc;
 
 use crate::auth::Authenticator;
@@ -147,6 +150,8 @@ pub struct Mqtt {
     /// For the readiness probes' login.
     auth: Arc<Authenticator>,
     admission: Arc<Admission>,
+    /// Every accepted Renkei message, for ingest; taken once by [`Mqtt::take_tap`].
+    tap: Option<TapRx>,
 }
 
 impl std::fmt::Debug for Mqtt {
@@ -198,6 +203,19 @@ impl Mqtt {
             items_per_site: config.max_items_per_site,
         });
         let router_tx = Router::new(0, router_config(config)).spawn();
+        // Before any listener or link exists, so that ingest sees every message.
+        let tap = rumqttd::open_tap(
+            &router_tx,
+            &format!("{}/", topic::ROOT),
+            TapLimits {
+                max_messages: config.ingest_queue_messages,
+                max_bytes: config.ingest_queue_bytes.0,
+            },
+        )
+        .map_err(|e| MqttError::Link {
+            client_id: "tap".into(),
+            source: Box::new(e.into()),
+        })?;
         let mut listeners = vec![
             (Listener::Tcp, tcp_addr, &metrics.tcp_connections),
             (Listener::WebSocket, ws_addr, &metrics.ws_connections),
@@ -247,12 +265,19 @@ impl Mqtt {
             stopped,
             auth: auth.clone(),
             admission,
+            tap: Some(tap),
         })
     }
 
     /// The session book: client ids bound to logins, and what each login holds.
     pub fn admission(&self) -> &Arc<Admission> {
         &self.admission
+    }
+
+    /// The router's hand-off of every message accepted under `renkei/v1/`, in order, before
+    /// its PUBACK (see rumqttd's `router::tap`); `None` once taken.
+    pub fn take_tap(&mut self) -> Option<TapRx> {
+        self.tap.take()
     }
 
     /// Opens an in-process link (`LinkTx`/`LinkRx`) named `name` under the reserved prefix.
@@ -373,10 +398,10 @@ fn router_config(config: &MqttConfig) -> RouterConfig {
             ),
         ])),
         // Remote clients get no dynamic filters (a log per new topic would grow memory without
-        // bound). The ingest link's filter exists from the start. The JSON mirror needs none:
-        // rumqttd takes a publish that matches no filter, keeps its retained copy and hands it
-        // to no one, so until an integrator subscribes, the mirror fills no log.
-        initialized_filters: Some(vec![topic::ALL.to_owned()]),
+        // bound), and no filter exists before its first subscriber: ingest reads the tap, not
+        // a log. rumqttd takes a publish that matches no filter, keeps its retained copy and
+        // hands it to no one, so a tree no one subscribes to fills no log.
+        initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
     }
 }

@@ -83,9 +83,10 @@ async fn an_integrators_20000_filters_are_given_back_when_it_leaves() {
         mib(after),
         left.elapsed(),
     );
-    // The load was real: each filter's log took memory.
+    // The load was real, well above the slack: each filter's log, lookups and subscription
+    // book took memory (some 2 KiB a filter, logs allocating as they fill).
     assert!(
-        subscribed > before + 100 * MIB,
+        subscribed > before + 2 * SLACK,
         "{FILTERS} filters took only {:.1} MiB",
         mib(subscribed.saturating_sub(before))
     );

@@ -23,6 +23,8 @@ pub use link::local;
 pub use link::meters;
 use protocol::ConnectReturnCode;
 pub use router::{Alert, Forward, IncomingMeter, Meter, Notification, OutgoingMeter, Router};
+// Renkei patch: the tap (`Broker::tap`).
+pub use router::tap::{open as open_tap, TapError, TapLimits, TapRx, Tapped};
 use segments::Storage;
 pub use server::{Broker, LinkType, Server};
 

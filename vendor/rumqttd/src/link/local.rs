@@ -336,7 +336,8 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            cache: VecDeque::with_capacity(100),
+            // Renkei patch: allocated as it fills (see `Outgoing::new`).
+            cache: VecDeque::new(),
         }
     }
 

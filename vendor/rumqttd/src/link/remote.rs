@@ -51,6 +51,18 @@ pub enum Error {
     Link(#[from] LinkError),
 }
 
+/// Renkei patch: packets a connection may have read and not yet handed to the router. Above
+/// any client's in-flight window (Renkei's clients keep 100) with room for its PINGREQs and
+/// acknowledgements.
+pub(crate) const MAX_BUFFERED_INCOMING: usize = 512;
+
+/// Renkei patch: the capacity a connection's exchange buffers keep after a burst.
+pub(crate) const KEPT_CAPACITY: usize = 32;
+
+/// Renkei patch: how often a connection whose buffer is full looks whether the router has
+/// taken from it.
+const FULL_BUFFER_RECHECK: Duration = Duration::from_millis(20);
+
 /// Orchestrates between Router and Network.
 pub struct RemoteLink<P> {
     connect: Connect,
@@ -122,7 +134,8 @@ impl<P: Protocol> RemoteLink<P> {
             network,
             link_tx,
             link_rx,
-            notifications: VecDeque::with_capacity(100),
+            // Renkei patch: allocated as it fills (see `Outgoing::new`).
+            notifications: VecDeque::new(),
             will_delay_interval,
         })
     }
@@ -133,8 +146,14 @@ impl<P: Protocol> RemoteLink<P> {
         // Note:
         // Shouldn't result in bounded queue deadlocks because of blocking n/w send
         loop {
+            // Renkei patch: packets read but not yet taken by the router are bounded. The
+            // router may leave a connection's publishes unread while a tap's consumer is
+            // behind (`router::tap`); a client within its in-flight window then waits for its
+            // PUBACKs, and one that is not stops being read (TCP slows it) rather than
+            // growing this buffer without bound.
+            let room = self.link_tx.buffer().len() < MAX_BUFFERED_INCOMING;
             select! {
-                o = self.network.read() => {
+                o = self.network.read(), if room => {
                     let packet = o?;
                     let len = {
                         let mut buffer = self.link_tx.buffer();
@@ -161,11 +180,18 @@ impl<P: Protocol> RemoteLink<P> {
                         }
 
                     }
+                    // Renkei patch: this buffer trades places with the router's on every
+                    // exchange; one burst must not leave every later exchange carrying its
+                    // capacity.
+                    self.notifications.shrink_to(KEPT_CAPACITY);
                     self.network.writev(packets).await?;
                     if unscheduled {
                         self.link_rx.wake().await?;
                     }
                 }
+                // The router takes held packets without a word to the link (QoS 0 ones get
+                // no acknowledgement): look again shortly.
+                _ = time::sleep(FULL_BUFFER_RECHECK), if !room => {}
             }
         }
     }

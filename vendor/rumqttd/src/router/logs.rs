@@ -41,10 +41,19 @@ impl From<PubWithProp> for PublishData {
 
 // TODO: remove this from here
 impl Storage for PublishData {
-    // TODO: calculate size of publish properties as well!
+    /// Renkei patch: what an entry really holds, so that a log bounded by bytes is bounded in
+    /// memory: the entry itself (96 bytes), its topic and payload (its own since
+    /// `append_to_commitlog` copies them) and its MQTT 5 properties if any. Upstream counted
+    /// topic and payload only, and a log of small messages held several times its bound.
     fn size(&self) -> usize {
         let publish = &self.publish;
-        4 + publish.topic.len() + publish.payload.len()
+        std::mem::size_of::<PublishData>()
+            + publish.topic.len()
+            + publish.payload.len()
+            + self
+                .properties
+                .as_ref()
+                .map_or(0, |_| std::mem::size_of::<PublishProperties>())
     }
 }
 
@@ -581,8 +590,9 @@ impl AckLog {
     /// New log
     pub fn new() -> AckLog {
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            // Renkei patch: allocated as they fill (see `Outgoing::new`).
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 

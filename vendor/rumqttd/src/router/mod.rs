@@ -23,6 +23,7 @@ mod logs;
 mod routing;
 mod scheduler;
 pub(crate) mod shared_subs;
+pub mod tap;
 mod waiters;
 
 pub use alertlog::Alert;
@@ -74,6 +75,10 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    /// Renkei patch: a tap for accepted publishes under a prefix (see [`tap`])
+    NewTap(tap::Tap),
+    /// Renkei patch: a tap's consumer has made room; serve the connections held for it
+    TapReady,
 }
 
 /// Notification from router to connection

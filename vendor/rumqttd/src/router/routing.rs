@@ -9,6 +9,7 @@ use crate::router::scheduler::{PauseReason, Tracker};
 use crate::router::{ConnectionEvents, Forward};
 use crate::segments::Position;
 use crate::*;
+use bytes::Bytes;
 use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -24,6 +25,7 @@ use super::iobufs::{Incoming, Outgoing};
 use super::logs::{AckLog, DataLog};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
+use super::tap::Tap;
 use super::{
     packetid, Connection, DataRequest, Event, FilterIdx, Meter, Notification, Print, RouterMeter,
     ShadowRequest, MAX_CHANNEL_CAPACITY, MAX_SCHEDULE_ITERATIONS,
@@ -102,6 +104,11 @@ pub struct Router {
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// Renkei patch: the tap, if one was set up (see `tap`)
+    tap: Option<Tap>,
+    /// Renkei patch: connections with a publish held back for the tap, in the order they
+    /// came; served in turn when the tap's consumer makes room
+    tap_line: VecDeque<ConnectionId>,
 }
 
 impl Router {
@@ -140,9 +147,11 @@ impl Router {
             router_rx,
             router_tx,
             router_meters: router_metrics,
-            cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
+            cache: Some(VecDeque::new()),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            tap: None,
+            tap_line: VecDeque::new(),
         }
     }
 
@@ -242,6 +251,8 @@ impl Router {
                 outgoing,
             } => self.handle_new_connection(connection, incoming, outgoing),
             Event::NewMeter(tx) => self.handle_new_meter(tx),
+            Event::NewTap(tap) => self.tap = Some(tap),
+            Event::TapReady => self.serve_tap_line(),
             Event::NewAlert(tx) => self.handle_new_alert(tx),
             Event::DeviceData => self.handle_device_payload(id),
             Event::Disconnect => self.handle_disconnection(id, None),
@@ -600,14 +611,25 @@ impl Router {
         let mut new_data = false;
         let mut disconnect = false;
         let mut disconnect_reason: Option<DisconnectReasonCode> = None;
+        let mut held = false;
 
         // info!("{:15.15}[I] {:20} count = {}", client_id, "packets", packets.len());
 
-        for packet in packets.drain(0..) {
+        while let Some(packet) = packets.pop_front() {
             match packet {
                 Packet::Publish(publish, properties) => {
                     let span = tracing::error_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
                     let _guard = span.enter();
+
+                    // Renkei patch: while the tap's consumer is behind, this publish and all
+                    // after it wait in the connection's buffer, and so does its PUBACK.
+                    if let Some(tap) = &self.tap {
+                        if !tap.is_closed() && tap.may_take(&publish.topic) && tap.must_hold() {
+                            packets.push_front(Packet::Publish(publish, properties));
+                            held = true;
+                            break;
+                        }
+                    }
 
                     let qos = publish.qos;
                     let pkid = publish.pkid;
@@ -663,6 +685,7 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
+                        self.tap.as_ref(),
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -889,6 +912,7 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
+                        self.tap.as_ref(),
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -943,6 +967,31 @@ impl Router {
             }
         }
 
+        if held {
+            // Renkei patch: PINGREQs behind the held publish are answered now (MQTT orders
+            // PUBACKs among themselves, not against PINGRESPs), so a client that waits for
+            // its acknowledgements is not taken for dead; the rest goes back, in order,
+            // before anything the connection sent since.
+            let pings = packets.len();
+            packets.retain(|p| !matches!(p, Packet::PingReq(_)));
+            for _ in packets.len()..pings {
+                self.ackslog.get_mut(id).unwrap().pingresp(PingResp);
+                force_ack = true;
+            }
+            if let Some(incoming) = self.ibufs.get_mut(id) {
+                let mut buffer = incoming.buffer.lock();
+                while let Some(packet) = packets.pop_back() {
+                    buffer.push_front(packet);
+                }
+            }
+            if !self.tap_line.contains(&id) {
+                self.tap_line.push_back(id);
+            }
+        }
+        packets.clear();
+        // Renkei patch: this buffer goes to the next connection's exchange; a burst's
+        // capacity is not handed round (see `Outgoing::new`).
+        packets.shrink_to(crate::link::remote::KEPT_CAPACITY);
         self.cache = Some(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
@@ -967,6 +1016,30 @@ impl Router {
         // 1 - 4. Hence we use a flag instead of diconnecting immediately
         if disconnect {
             self.handle_disconnection(id, disconnect_reason);
+        }
+    }
+
+    /// Renkei patch: the tap's consumer made room; the connections held for it take their
+    /// turns, each until it has nothing more or the tap is full again (it then goes to the
+    /// back of the line).
+    fn serve_tap_line(&mut self) {
+        let waiting = self.tap_line.len();
+        for _ in 0..waiting {
+            let Some(id) = self.tap_line.pop_front() else {
+                break;
+            };
+            // A connection gone since keeps no place in line (its id may have been given to
+            // a new connection, which then only gets an early look at its buffer).
+            if self.ibufs.get(id).is_some() {
+                self.handle_device_payload(id);
+            }
+            if self
+                .tap
+                .as_ref()
+                .is_some_and(|t| !t.is_closed() && t.must_hold())
+            {
+                break;
+            }
         }
     }
 
@@ -1195,6 +1268,7 @@ impl Router {
             &mut self.notifications,
             #[cfg(feature = "validate-tenant-prefix")]
             tenant_prefix,
+            self.tap.as_ref().map(|tap| (tap, client_id.as_str())),
         ) {
             Ok(_offset) => {
                 // Prepare all the consumers which are waiting for new data
@@ -1256,6 +1330,7 @@ fn append_to_commitlog(
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
+    tap: Option<&Tap>,
 ) -> Result<Offset, RouterError> {
     let connection = connections.get_mut(id).unwrap();
 
@@ -1278,6 +1353,13 @@ fn append_to_commitlog(
     if let Some(alias) = topic_alias {
         validate_and_set_topic_alias(&mut publish, connection, alias)?;
     };
+
+    // Renkei patch: the message gets bytes of its own. Its topic and payload were views of
+    // the connection's read buffer, and every log entry, retained copy and forward that held
+    // them kept that whole buffer alive (upstream rumqtt #1001): a 60-byte message could pin
+    // kilobytes for as long as a log kept it.
+    publish.topic = Bytes::copy_from_slice(&publish.topic);
+    publish.payload = Bytes::copy_from_slice(&publish.payload);
 
     let topic = std::str::from_utf8(&publish.topic)?;
 
@@ -1331,6 +1413,11 @@ fn append_to_commitlog(
         o = offset;
     }
 
+    // Renkei patch: appended, so the tap's consumer gets it (the PUBACK leaves after this).
+    if let Some(tap) = tap {
+        tap.take(&publish.topic, &publish.payload, &connection.client_id);
+    }
+
     // error!("{:15.15}[E] {:20} topic = {}", connections[id].client_id, "no-filter", topic);
     Ok(o)
 }
@@ -1341,7 +1428,11 @@ fn append_will_message(
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     #[cfg(feature = "validate-tenant-prefix")] tenant_prefix: Option<String>,
+    tap: Option<(&Tap, &str)>,
 ) -> Result<Offset, RouterError> {
+    // Renkei patch: bytes of its own (see `append_to_commitlog`).
+    publish.topic = Bytes::copy_from_slice(&publish.topic);
+    publish.payload = Bytes::copy_from_slice(&publish.payload);
     // TODO: broker should properly send the disconnect packet!
     if properties
         .as_ref()
@@ -1398,6 +1489,12 @@ fn append_will_message(
         );
 
         o = offset;
+    }
+
+    // Renkei patch: a will is a message the tap's consumer must see like any other. It is
+    // never held back (no one waits for its acknowledgement); the tap's bound is soft by it.
+    if let Some((tap, client_id)) = tap {
+        tap.take(&publish.topic, &publish.payload, client_id);
     }
 
     Ok(o)
@@ -1860,6 +1957,157 @@ fn extract_group(filter: &str) -> Option<(String, String)> {
 }
 
 /// Renkei patch: a filter's log lives as long as some session subscribes to it.
+/// Renkei patch: the tap (`router::tap`) as the router uses it.
+#[cfg(test)]
+mod tapped {
+    use super::filter_logs::{connect, forwarded, router, send, settle, subscribe, Client};
+    use super::*;
+    use crate::protocol::PingReq;
+    use crate::router::tap::{tap, TapLimits};
+    use crate::router::Ack;
+    use crate::TapRx;
+
+    fn with_tap(router: &mut Router, max_messages: usize) -> TapRx {
+        let limits = TapLimits {
+            max_messages,
+            max_bytes: 1 << 20,
+        };
+        let (tap, rx) = tap("renkei/v1/".into(), limits, router.router_tx.clone());
+        router.events(0, Event::NewTap(tap));
+        rx
+    }
+
+    fn qos1(topic: &str, pkid: u16) -> Packet {
+        let mut publish = Publish::new(topic.to_owned(), pkid.to_string(), false);
+        publish.qos = QoS::AtLeastOnce;
+        publish.pkid = pkid;
+        Packet::Publish(publish, None)
+    }
+
+    /// The packet ids of the PUBACKs sent to `client` since last asked, and its PINGRESPs.
+    fn acks(client: &Client) -> (Vec<u16>, usize) {
+        let (mut pubacks, mut pings) = (Vec::new(), 0);
+        for notification in client.outgoing.lock().drain(..) {
+            match notification {
+                Notification::DeviceAck(Ack::PubAck(ack)) => pubacks.push(ack.pkid),
+                Notification::DeviceAck(Ack::PingResp(_)) => pings += 1,
+                _ => {}
+            }
+        }
+        (pubacks, pings)
+    }
+
+    /// Takes `n` messages off the tap and lets the router handle the wake-ups that sent.
+    fn drain(router: &mut Router, rx: &TapRx, n: usize) -> Vec<(Bytes, String)> {
+        let taken = (0..n)
+            .map(|_| {
+                let t = rx.try_recv().unwrap().expect("a tapped message");
+                (t.payload, t.client_id)
+            })
+            .collect();
+        while let Ok((id, event)) = router.router_rx.try_recv() {
+            router.events(id, event);
+        }
+        settle(router);
+        taken
+    }
+
+    #[test]
+    fn a_full_tap_holds_pubacks_answers_pingreqs_and_resumes_in_order() {
+        let mut router = router(None);
+        let rx = with_tap(&mut router, 2);
+        let agent = connect(&mut router, "agent", true);
+        send(
+            &mut router,
+            &agent,
+            [
+                qos1("renkei/v1/a", 1),
+                qos1("renkei/v1/a", 2),
+                qos1("renkei/v1/a", 3),
+                Packet::PingReq(PingReq),
+                qos1("other/a", 4),
+            ],
+        );
+        // Two taken; the third waits with everything after it, but the PINGREQ is answered.
+        assert_eq!(acks(&agent), (vec![1, 2], 1));
+        assert_eq!(rx.len(), 2);
+        assert_eq!(rx.holds(), 1);
+        // Down to half: the router is woken and goes on where it stopped, in order.
+        let taken = drain(&mut router, &rx, 1);
+        assert_eq!(taken, vec![(Bytes::from("1"), "agent".to_owned())]);
+        assert_eq!(acks(&agent), (vec![3, 4], 0));
+        let rest: Vec<_> = drain(&mut router, &rx, 2)
+            .into_iter()
+            .map(|t| t.0)
+            .collect();
+        assert_eq!(rest, vec![Bytes::from("2"), Bytes::from("3")]);
+        assert_eq!(rx.try_recv().unwrap(), None, "other/ is not tapped");
+    }
+
+    #[test]
+    fn held_connections_take_turns_so_a_flood_starves_no_one() {
+        let mut router = router(None);
+        let rx = with_tap(&mut router, 4);
+        let flood = connect(&mut router, "flood", true);
+        let agent = connect(&mut router, "agent", true);
+        send(
+            &mut router,
+            &flood,
+            (1..=40).map(|i| qos1("renkei/v1/f", i)),
+        );
+        assert_eq!(acks(&flood).0, vec![1, 2, 3, 4]);
+        // The agent arrives while the tap is full: it waits in line behind the flood.
+        send(&mut router, &agent, [qos1("renkei/v1/a", 1)]);
+        assert_eq!(acks(&agent).0, Vec::<u16>::new());
+        // Room for two: the flood's turn comes first and fills the tap again...
+        let mut seen = drain(&mut router, &rx, 2);
+        assert_eq!(acks(&flood).0, vec![5, 6]);
+        // ...then the agent's, before the flood's next.
+        seen.extend(drain(&mut router, &rx, 2));
+        assert_eq!(acks(&agent).0, vec![1]);
+        assert_eq!(acks(&flood).0, vec![7]);
+        // Everything arrives, each connection's in its order.
+        while !rx.is_empty() {
+            seen.extend(drain(&mut router, &rx, 1));
+        }
+        let flood_seen: Vec<Bytes> = seen
+            .iter()
+            .filter(|(_, client)| client == "flood")
+            .map(|(payload, _)| payload.clone())
+            .collect();
+        let expected: Vec<Bytes> = (1..=40).map(|i: u16| Bytes::from(i.to_string())).collect();
+        assert_eq!(flood_seen, expected);
+        assert_eq!(seen.iter().filter(|(_, c)| c == "agent").count(), 1);
+    }
+
+    #[test]
+    fn log_entries_and_tapped_messages_own_their_bytes() {
+        let mut router = router(None);
+        let rx = with_tap(&mut router, 10);
+        let reader = connect(&mut router, "reader", true);
+        send(&mut router, &reader, [subscribe("renkei/v1/#")]);
+        let agent = connect(&mut router, "agent", true);
+        // One read buffer holding a whole packet's bytes, as the network's does.
+        let buffer = Bytes::from(vec![b'x'; 4096]);
+        let topic = Bytes::from_static(b"renkei/v1/a");
+        let mut publish = Publish::new(topic, buffer.slice(100..160), false);
+        publish.qos = QoS::AtLeastOnce;
+        publish.pkid = 1;
+        send(&mut router, &agent, [Packet::Publish(publish, None)]);
+        let inside = |b: &Bytes| {
+            let range = buffer.as_ptr() as usize..buffer.as_ptr() as usize + buffer.len();
+            range.contains(&(b.as_ptr() as usize))
+        };
+        let logged = forwarded(&mut router, &reader);
+        assert_eq!(logged.len(), 1);
+        assert_eq!(logged[0].1.len(), 60);
+        assert!(!inside(&logged[0].1), "the log's copy is its own");
+        let tapped = rx.try_recv().unwrap().unwrap();
+        assert_eq!(tapped.payload, logged[0].1);
+        assert!(!inside(&tapped.payload));
+    }
+}
+
 #[cfg(test)]
 mod filter_logs {
     use super::*;
@@ -1868,14 +2116,14 @@ mod filter_logs {
     use parking_lot::Mutex;
     use std::sync::Arc;
 
-    struct Client {
-        id: ConnectionId,
-        incoming: Arc<Mutex<VecDeque<Packet>>>,
-        outgoing: Arc<Mutex<VecDeque<Notification>>>,
+    pub(super) struct Client {
+        pub(super) id: ConnectionId,
+        pub(super) incoming: Arc<Mutex<VecDeque<Packet>>>,
+        pub(super) outgoing: Arc<Mutex<VecDeque<Notification>>>,
         _wakeups: Receiver<()>,
     }
 
-    fn router(initialized_filters: Option<Vec<Filter>>) -> Router {
+    pub(super) fn router(initialized_filters: Option<Vec<Filter>>) -> Router {
         Router::new(
             0,
             RouterConfig {
@@ -1891,7 +2139,7 @@ mod filter_logs {
     }
 
     /// Runs the router until no connection is ready.
-    fn settle(router: &mut Router) {
+    pub(super) fn settle(router: &mut Router) {
         for _ in 0..100_000 {
             if router.consume().is_none() {
                 return;
@@ -1900,7 +2148,7 @@ mod filter_logs {
         panic!("the router never settled");
     }
 
-    fn connect(router: &mut Router, client_id: &str, clean: bool) -> Client {
+    pub(super) fn connect(router: &mut Router, client_id: &str, clean: bool) -> Client {
         let connection = Connection::new(None, client_id.to_owned(), clean, false);
         let incoming = Incoming::new(client_id.to_owned());
         let (outgoing, wakeups) = Outgoing::new(client_id.to_owned());
@@ -1920,7 +2168,11 @@ mod filter_logs {
         }
     }
 
-    fn send(router: &mut Router, client: &Client, packets: impl IntoIterator<Item = Packet>) {
+    pub(super) fn send(
+        router: &mut Router,
+        client: &Client,
+        packets: impl IntoIterator<Item = Packet>,
+    ) {
         client.incoming.lock().extend(packets);
         router.events(client.id, Event::DeviceData);
         settle(router);
@@ -1931,7 +2183,7 @@ mod filter_logs {
         settle(router);
     }
 
-    fn subscribe(filter: &str) -> Packet {
+    pub(super) fn subscribe(filter: &str) -> Packet {
         let filter = Subscription {
             path: filter.to_owned(),
             qos: QoS::AtMostOnce,
@@ -1961,7 +2213,7 @@ mod filter_logs {
 
     /// The (topic, payload) of every message forwarded to `client` since last asked. Reads
     /// its outgoing buffer as its link would, asking for more when the router paused it.
-    fn forwarded(router: &mut Router, client: &Client) -> Vec<(Bytes, Bytes)> {
+    pub(super) fn forwarded(router: &mut Router, client: &Client) -> Vec<(Bytes, Bytes)> {
         let mut messages = Vec::new();
         loop {
             let mut paused = false;

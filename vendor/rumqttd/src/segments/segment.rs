@@ -27,16 +27,18 @@ impl<T> Segment<T>
 where
     T: Storage + Clone,
 {
+    /// Renkei patch: a segment allocates as it fills. Upstream reserved 1,024 entries (96 KiB)
+    /// for every segment of every filter, used or not.
     pub(crate) fn with_offset(absolute_offset: u64) -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: Vec::new(),
             absolute_offset,
             total_size: 0,
         }
     }
     pub(crate) fn new() -> Self {
         Self {
-            data: Vec::with_capacity(1024),
+            data: Vec::new(),
             absolute_offset: 0,
             total_size: 0,
         }

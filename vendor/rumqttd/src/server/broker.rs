@@ -147,6 +147,18 @@ impl Broker {
         Ok(link)
     }
 
+    /// Renkei patch: every publish accepted under `prefix` from now on, handed to the returned
+    /// consumer before its PUBACK, with back-pressure on the publishers when the consumer
+    /// falls `limits` behind (see [`crate::router::tap`]). One tap per broker; a second
+    /// replaces the first. Set it up before [`Broker::start`] so that it sees every message.
+    pub fn tap(
+        &self,
+        prefix: &str,
+        limits: crate::TapLimits,
+    ) -> Result<crate::TapRx, local::LinkError> {
+        Ok(crate::router::tap::open(&self.router_tx, prefix, limits)?)
+    }
+
     pub fn link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), local::LinkError> {
         // Register this connection with the router. Router replies with ack which if ok will
         // start the link. Router can sometimes reject the connection (ex. max connection limit).
