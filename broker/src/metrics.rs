@@ -63,6 +63,9 @@ pub struct Metrics {
     /// that queue was full (as last seen by ingest).
     ingest_queue: AtomicU64,
     ingest_holds: AtomicU64,
+    /// The router's count of events for connections it had already dropped (a benign race
+    /// of disconnect storms, logged at debug level), once the router exists.
+    router_gone_events: std::sync::OnceLock<Arc<AtomicU64>>,
     /// Open MQTT connections per listener (shared with the listeners' protocol wrappers).
     pub tcp_connections: Arc<AtomicI64>,
     pub ws_connections: Arc<AtomicI64>,
@@ -200,6 +203,11 @@ impl Metrics {
         self.ingest_queue
             .store(u64::try_from(queued).unwrap_or(u64::MAX), Ordering::Relaxed);
         self.ingest_holds.store(holds, Ordering::Relaxed);
+    }
+
+    /// Reads the router's count of events for connections already gone.
+    pub fn count_router_gone_events(&self, counter: Arc<AtomicU64>) {
+        let _ = self.router_gone_events.set(counter);
     }
 
     /// Accepted messages of all kinds.
@@ -398,7 +406,7 @@ impl Metrics {
             );
         }
 
-        let gauges: [(&str, &str, &str, u64); 12] = [
+        let gauges: [(&str, &str, &str, u64); 13] = [
             (
                 "renkei_recorder_queue",
                 "gauge",
@@ -464,6 +472,12 @@ impl Metrics {
                 "counter",
                 "Times publishers' PUBACKs were held back because ingest's queue was full.",
                 load(&self.ingest_holds),
+            ),
+            (
+                "renkei_mqtt_events_for_gone_connections_total",
+                "counter",
+                "Events the router got from links of connections it had already dropped (benign: their last data or disconnect in a disconnect storm).",
+                self.router_gone_events.get().map_or(0, |c| load(c)),
             ),
             (
                 "renkei_database_bytes",

@@ -202,7 +202,9 @@ impl Mqtt {
             filters_per_user: config.max_filters_per_user,
             items_per_site: config.max_items_per_site,
         });
-        let router_tx = Router::new(0, router_config(config)).spawn();
+        let router = Router::new(0, router_config(config));
+        metrics.count_router_gone_events(router.gone_connection_events());
+        let router_tx = router.spawn();
         // Before any listener or link exists, so that ingest sees every message.
         let tap = rumqttd::open_tap(
             &router_tx,

@@ -14,6 +14,8 @@ use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::SystemTime;
 use thiserror::Error;
@@ -109,6 +111,9 @@ pub struct Router {
     /// Renkei patch: connections with a publish held back for the tap, in the order they
     /// came; served in turn when the tap's consumer makes room
     tap_line: VecDeque<ConnectionId>,
+    /// Renkei patch: events that arrived for a connection already gone (see
+    /// [`Router::gone_connection_events`])
+    gone_events: Arc<AtomicU64>,
 }
 
 impl Router {
@@ -152,7 +157,16 @@ impl Router {
             last_wills: HashMap::new(),
             tap: None,
             tap_line: VecDeque::new(),
+            gone_events: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Renkei patch: a counter of the events that arrived for a connection the router had
+    /// already dropped (its link's last data or Disconnect, thousands of times in a disconnect
+    /// storm): a benign race, logged at debug level and counted here. Take it before
+    /// [`Router::spawn`].
+    pub fn gone_connection_events(&self) -> Arc<AtomicU64> {
+        self.gone_events.clone()
     }
 
     /// Gets handle to the router. This is not a public method to ensure that link
@@ -465,6 +479,7 @@ impl Router {
                 // Renkei patch: benign (the link's Disconnect after the router dropped the
                 // connection, thousands of times in a disconnect storm), so not an error.
                 debug!("no-connection id {} is already gone", id);
+                self.gone_events.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         };
@@ -486,6 +501,7 @@ impl Router {
                 None => {
                     // Renkei patch: benign, as above.
                     debug!("no-connection id {} is already gone", id);
+                    self.gone_events.fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             };
@@ -596,6 +612,7 @@ impl Router {
                 // Renkei patch: benign (data the link sent before the router dropped the
                 // connection), so not an error.
                 debug!("no-connection id {} is already gone", id);
+                self.gone_events.fetch_add(1, Ordering::Relaxed);
                 return;
             }
         };
@@ -3132,13 +3149,15 @@ mod gone_connections {
     fn events_for_a_connection_already_gone_are_not_errors() {
         let events = Events::default();
         let subscriber = tracing_subscriber::registry().with(events.clone());
+        let mut router = Router::new(0, RouterConfig::default());
+        let counted = router.gone_connection_events();
         tracing::subscriber::with_default(subscriber, || {
-            let mut router = Router::new(0, RouterConfig::default());
             // A disconnect storm: the link's own Disconnect and its last data arrive after
             // the router has already dropped the connection.
             router.events(7, Event::Disconnect);
             router.events(7, Event::DeviceData);
         });
+        assert_eq!(counted.load(Ordering::Relaxed), 2);
         let events = events.0.lock().unwrap();
         let gone: Vec<_> = events
             .iter()
