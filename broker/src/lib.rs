@@ -250,8 +250,8 @@ impl Broker {
         let (mut source, ingest, mut publisher, held) = match &config.external.broker {
             None => {
                 let mut mqtt = Mqtt::new(&config.mqtt, &auth, &metrics, interest.clone())?;
-                for (topic, _, _) in &restored.retained {
-                    mqtt.admission().seed_item(topic);
+                for retained in &restored.retained {
+                    mqtt.admission().seed_item(&retained.topic);
                 }
                 let tap = mqtt.take_tap().ok_or(IngestError::Disconnected)?;
                 let ingest = Ingest::start(tap, mqtt.link("ingest")?, setup)?;
@@ -287,17 +287,21 @@ impl Broker {
         recorder.send_receipts(receipts_tx);
         // Before the listeners open: a client that connects sees the state as it was. An
         // external broker keeps its retained messages: only what it lacks is published.
-        for (topic, envelope, payload) in &restored.retained {
-            let topic_name = topic.to_string();
+        for retained in &restored.retained {
+            let topic_name = retained.topic.to_string();
             if held.as_ref().is_some_and(|held| held.contains(&topic_name)) {
                 continue;
             }
             publisher
-                .publish(topic_name, payload.clone(), true)
+                .publish(topic_name, retained.payload.clone(), true)
                 .map_err(Error::Restore)?;
-            if let Ok(json) = serde_json::to_vec(envelope) {
+            let mirrored = renkei_shared::mirror::MirroredRef {
+                envelope: &retained.envelope,
+                received_at: retained.received_at,
+            };
+            if let Ok(json) = serde_json::to_vec(&mirrored) {
                 publisher
-                    .publish(topic.json(), json, true)
+                    .publish(retained.topic.json(), json, true)
                     .map_err(Error::Restore)?;
             }
         }

@@ -391,17 +391,27 @@ fn add_origin(tx: &rusqlite::Transaction<'_>, key: &str) -> rusqlite::Result<i64
 pub struct Restored {
     pub state: State,
     /// The latest message of every retained topic, with its encoded payload.
-    pub retained: Vec<(Topic, Envelope, Vec<u8>)>,
+    pub retained: Vec<Retained>,
     pub messages: u64,
     /// Rows that no longer decode (a schema change); counted and skipped.
     pub unreadable: u64,
+}
+
+/// The latest recorded message on a retained topic.
+#[derive(Debug, Clone)]
+pub struct Retained {
+    pub topic: Topic,
+    pub envelope: Envelope,
+    /// As received (postcard).
+    pub payload: Vec<u8>,
+    pub received_at: Timestamp,
 }
 
 /// Replays every recorded message in received order through the reducer.
 pub fn restore(data_dir: &Path) -> Result<Restored, RecorderError> {
     let conn = db::open(data_dir)?;
     let mut restored = Restored::default();
-    let mut latest: HashMap<Topic, (u64, Envelope, Vec<u8>)> = HashMap::new();
+    let mut latest: HashMap<Topic, (u64, Retained)> = HashMap::new();
     let mut stmt = conn.prepare("SELECT topic, payload, received_at FROM messages ORDER BY id")?;
     let mut rows = stmt.query([])?;
     let mut order = 0u64;
@@ -419,16 +429,19 @@ pub fn restore(data_dir: &Path) -> Result<Restored, RecorderError> {
         let adjusted = crate::skew::for_state(&envelope, received_at);
         let change = restored.state.apply(adjusted.as_ref().unwrap_or(&envelope));
         if topic.retained() && matches!(change, Change::Updated { .. }) {
-            latest.insert(topic, (order, envelope, payload));
+            let retained = Retained {
+                topic: topic.clone(),
+                envelope,
+                payload,
+                received_at,
+            };
+            latest.insert(topic, (order, retained));
         }
     }
     let mut retained: Vec<_> = latest.into_iter().collect();
     // Publish in the order they arrived, as the original publishers did.
-    retained.sort_by_key(|(_, (order, ..))| *order);
-    restored.retained = retained
-        .into_iter()
-        .map(|(topic, (_, envelope, payload))| (topic, envelope, payload))
-        .collect();
+    retained.sort_by_key(|(_, (order, _))| *order);
+    restored.retained = retained.into_iter().map(|(_, (_, r))| r).collect();
     Ok(restored)
 }
 
@@ -505,6 +518,6 @@ mod tests {
             8,
             "birth and death share the life topic"
         );
-        assert!(restored.retained.iter().all(|(t, ..)| t.retained()));
+        assert!(restored.retained.iter().all(|r| r.topic.retained()));
     }
 }

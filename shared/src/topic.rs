@@ -36,6 +36,13 @@ pub const ALL: &str = "renkei/v1/#";
 /// A filter for every JSON message.
 pub const ALL_JSON: &str = "renkei/json/v1/#";
 
+/// The broker's notice to one subscriber that it fell so far behind that messages of one of
+/// its filters were dropped for it: a QoS 0 publish it gets whether it subscribed to this
+/// topic or not, JSON `{"filter": "<the filter>", "skipped": <messages>}`, before the next
+/// message it reads. A live view subscribes again (the retained state comes anew); an
+/// integrator fetches what it missed from the recorder (`GET /api/v1/events?since_time=`).
+pub const SKIPPED_NOTICE: &str = "$renkei/skipped";
+
 /// What a site topic carries.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum SiteChannel {

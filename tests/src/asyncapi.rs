@@ -5,6 +5,7 @@
 //! fails when the checked-in file differs, and checks real broker output against it.
 
 use renkei_shared::Envelope;
+use renkei_shared::mirror::Mirrored;
 use schemars::generate::SchemaSettings;
 use serde_json::{Value, json};
 
@@ -105,9 +106,13 @@ pub fn document() -> Value {
     settings.definitions_path = "/components/schemas".into();
     let mut generator = settings.into_generator();
     let envelope = generator.subschema_for::<Envelope>();
+    let mirrored = generator.subschema_for::<Mirrored>();
     let mut schemas = generator.take_definitions(true);
     if !schemas.contains_key("Envelope") {
         schemas.insert("Envelope".into(), envelope.to_value());
+    }
+    if !schemas.contains_key("Mirrored") {
+        schemas.insert("Mirrored".into(), mirrored.to_value());
     }
 
     let mut channels = serde_json::Map::new();
@@ -141,8 +146,8 @@ pub fn document() -> Value {
             json!({
                 "name": name,
                 "contentType": "application/json",
-                "summary": format!("An envelope whose body is `{body}`."),
-                "payload": { "$ref": "#/components/schemas/Envelope" },
+                "summary": format!("An envelope whose body is `{body}`, with the time HQ received it."),
+                "payload": { "$ref": "#/components/schemas/Mirrored" },
                 "bindings": { "mqtt": { "qos": 1, "retain": retained } },
             }),
         );
@@ -153,7 +158,7 @@ pub fn document() -> Value {
         "info": {
             "title": "Renkei",
             "version": "1",
-            "description": "Live disaster state shared by Tokyo's 23 special wards. Every message is an envelope: a header (origin ward and site, agent boot id, per-boot sequence number, time sent in Unix milliseconds, mode actual / exercise / test, historical replay flag) and one body. Integrators read the JSON mirror under renkei/json/v1/; the postcard tree under renkei/v1/ carries the same messages as one schema-version byte followed by postcard (see shared/tests/vectors/). Exercise and test messages must never be counted as actual. Counts that are unknown are null, never 0. Generated from the Rust model: do not edit by hand (RENKEI_BLESS=1 cargo test -p renkei-tests --test asyncapi).",
+            "description": "Live disaster state shared by Tokyo's 23 special wards. Every message is an envelope: a header (origin ward and site, agent boot id, per-boot sequence number, time sent in Unix milliseconds, mode actual / exercise / test, historical replay flag) and one body. Integrators read the JSON mirror under renkei/json/v1/; the postcard tree under renkei/v1/ carries the same messages as one schema-version byte followed by postcard (see shared/tests/vectors/). Exercise and test messages must never be counted as actual. Counts that are unknown are null, never 0. Each JSON message is its envelope plus `received_at`, when HQ's broker received it (Unix ms, as its recorder keeps it). Nothing the recorder holds is lost to an integrator: one that was disconnected, or that gets a QoS 0 publish on `$renkei/skipped` (JSON `{\"filter\": ..., \"skipped\": n}`: it fell so far behind that the broker dropped n messages of that filter for it, sent before the next message it reads, whether it subscribed to that topic or not), fetches what it missed with `GET /api/v1/events?since_time=<the last received_at it has>` (OpenAPI: docs/openapi.yaml) and drops what it already holds by (origin, boot, seq). Generated from the Rust model: do not edit by hand (RENKEI_BLESS=1 cargo test -p renkei-tests --test asyncapi).",
         },
         "defaultContentType": "application/json",
         "servers": {
@@ -172,14 +177,14 @@ pub fn yaml() -> anyhow::Result<String> {
 }
 
 /// A validator for the JSON-mirror payload, built from a (checked-in) AsyncAPI document.
-pub fn envelope_validator(doc: &Value) -> anyhow::Result<jsonschema::Validator> {
+pub fn mirrored_validator(doc: &Value) -> anyhow::Result<jsonschema::Validator> {
     let schemas = doc
         .pointer("/components/schemas")
         .cloned()
         .ok_or_else(|| anyhow::anyhow!("the document has no components.schemas"))?;
     let schema = json!({
         "$schema": "http://json-schema.org/draft-07/schema#",
-        "$ref": "#/components/schemas/Envelope",
+        "$ref": "#/components/schemas/Mirrored",
         "components": { "schemas": schemas },
     });
     jsonschema::validator_for(&schema).map_err(|e| anyhow::anyhow!("schema does not compile: {e}"))

@@ -3,7 +3,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use renkei_shared::{Body, Envelope, Origin, Topic, codec, sample};
+use renkei_shared::mirror::{Mirrored, MirroredRef};
+use renkei_shared::{Body, Envelope, Origin, Timestamp, Topic, codec, sample};
 use renkei_testkit::{BrokerProcess, MqttClient, workspace_root};
 use renkei_tests::asyncapi;
 use rumqttc::QoS;
@@ -31,22 +32,33 @@ fn the_checked_in_document_is_generated_from_the_model() -> Result<()> {
 
 #[test]
 fn every_sample_message_validates_and_bad_ones_do_not() -> Result<()> {
-    let validator = asyncapi::envelope_validator(&checked_in()?)?;
+    let validator = asyncapi::mirrored_validator(&checked_in()?)?;
+    let mirrored = |env: &Envelope| {
+        serde_json::to_value(MirroredRef {
+            envelope: env,
+            received_at: Timestamp(1_700_000_000_000),
+        })
+    };
     for env in sample::all() {
-        let json = serde_json::to_value(&env)?;
+        let json = mirrored(&env)?;
         let errors: Vec<String> = validator
             .iter_errors(&json)
             .map(|e| e.to_string())
             .collect();
         assert!(errors.is_empty(), "{:?}: {errors:?}", env.body.kind());
     }
-    let mut bad = serde_json::to_value(sample::status())?;
+    let plain = serde_json::to_value(sample::status())?;
+    assert!(
+        !validator.is_valid(&plain),
+        "a message without received_at must not validate"
+    );
+    let mut bad = mirrored(&sample::status())?;
     bad["header"]["mode"] = "drill".into();
     assert!(
         !validator.is_valid(&bad),
         "an unknown mode must not validate"
     );
-    let mut bad = serde_json::to_value(sample::shelter())?;
+    let mut bad = mirrored(&sample::shelter())?;
     bad["body"]["shelter"]["evacuees"] = (-1).into();
     assert!(
         !validator.is_valid(&bad),
@@ -58,7 +70,8 @@ fn every_sample_message_validates_and_bad_ones_do_not() -> Result<()> {
 /// Real messages published to the real broker come out on the JSON mirror, valid.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_brokers_json_mirror_matches_the_document() -> Result<()> {
-    let validator = asyncapi::envelope_validator(&checked_in()?)?;
+    let validator = asyncapi::mirrored_validator(&checked_in()?)?;
+    let started = Timestamp::now();
     let broker = BrokerProcess::start();
     let mut client = MqttClient::connect(broker.addrs.mqtt, "asyncapi-check").await;
     client.subscribe("renkei/json/v1/#").await;
@@ -94,7 +107,14 @@ async fn the_brokers_json_mirror_matches_the_document() -> Result<()> {
             .map(|e| e.to_string())
             .collect();
         assert!(errors.is_empty(), "{}: {errors:?}", p.topic);
-        let env: Envelope = serde_json::from_value(json)?;
+        let Mirrored {
+            envelope: env,
+            received_at,
+        } = serde_json::from_value(json)?;
+        assert!(
+            started <= received_at && received_at <= Timestamp::now(),
+            "received_at is when HQ received it"
+        );
         assert_eq!(Topic::of(&env)?, topic, "mirrored on its own topic");
         assert!(site_samples.contains(&env), "mirrored unchanged");
         seen += 1;

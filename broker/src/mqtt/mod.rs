@@ -366,16 +366,6 @@ impl Mqtt {
 /// outstanding; an agent that misses one sends its records again and is receipted again.
 const RECEIPT_SEGMENT_SIZE: usize = 16 * 1024;
 
-/// A filter on the JSON mirror gets segments this many times `mqtt.segment_size`. rumqttd
-/// bounds a log by bytes, and a message's JSON copy is 2 to 5 times its postcard form: with the
-/// same bytes, an integrator's log held a third of the messages a dashboard's did, and in a
-/// 200,000-message burst an integrator that fell behind lost messages (rumqttd: "Read cursor
-/// start jumped") that every postcard subscriber still got. Three times holds the same storm
-/// backlog in either form (tested below). The cost: once an integrator subscribes, its log fills
-/// to this bound with the latest JSON copies and stays there, 192 MiB of message bytes by
-/// default, plus rumqttd's 96 bytes of bookkeeping per message.
-const JSON_LOG_FACTOR: usize = 3;
-
 fn router_config(config: &MqttConfig) -> RouterConfig {
     RouterConfig {
         max_connections: config.max_connections,
@@ -383,28 +373,22 @@ fn router_config(config: &MqttConfig) -> RouterConfig {
         max_outgoing_packet_count: 200,
         max_segment_size: config.segment_size.0,
         max_segment_count: config.segment_count,
-        custom_segment: Some(HashMap::from([
-            (
-                format!("{RECEIPT_ROOT}/+/+"),
-                SegmentConfig {
-                    max_segment_size: RECEIPT_SEGMENT_SIZE,
-                    max_segment_count: 2,
-                },
-            ),
-            (
-                topic::ALL_JSON.to_owned(),
-                SegmentConfig {
-                    max_segment_size: config.segment_size.0.saturating_mul(JSON_LOG_FACTOR),
-                    max_segment_count: config.segment_count,
-                },
-            ),
-        ])),
+        custom_segment: Some(HashMap::from([(
+            format!("{RECEIPT_ROOT}/+/+"),
+            SegmentConfig {
+                max_segment_size: RECEIPT_SEGMENT_SIZE,
+                max_segment_count: 2,
+            },
+        )])),
         // Remote clients get no dynamic filters (a log per new topic would grow memory without
         // bound), and no filter exists before its first subscriber: ingest reads the tap, not
         // a log. rumqttd takes a publish that matches no filter, keeps its retained copy and
         // hands it to no one, so a tree no one subscribes to fills no log.
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
+        // A subscriber that falls further behind than its log holds is told (a dashboard
+        // subscribes again for the retained state, an integrator fetches from the recorder).
+        skip_notice_topic: Some(topic::SKIPPED_NOTICE.to_owned()),
     }
 }
 
@@ -515,7 +499,7 @@ mod tests {
     }
 
     #[test]
-    fn receipt_logs_are_small_json_logs_large_and_the_rest_as_configured() {
+    fn receipt_logs_are_small_and_the_rest_as_configured() {
         let mqtt = MqttConfig::default();
         let config = router_config(&mqtt);
         let base = (mqtt.segment_size.0, mqtt.segment_count);
@@ -524,34 +508,31 @@ mod tests {
             (RECEIPT_SEGMENT_SIZE, 2)
         );
         for filter in [
+            topic::ALL,
             topic::ALL_JSON,
             "renkei/json/v1/131041/#",
-            "renkei/json/v1/+/+/status",
-        ] {
-            assert_eq!(
-                segments_of(&config, filter),
-                (base.0 * JSON_LOG_FACTOR, base.1),
-                "{filter}"
-            );
-        }
-        for filter in [
-            topic::ALL,
             "renkei/v1/cmd/131041/es-1",
             "renkei/v1/131041/#",
             "#",
         ] {
             assert_eq!(segments_of(&config, filter), base, "{filter}");
         }
+        assert_eq!(
+            config.skip_notice_topic.as_deref(),
+            Some(topic::SKIPPED_NOTICE)
+        );
     }
 
-    /// A reconnect storm's backlog, 2,000 agents with 100 periodic reports each, fits in the
-    /// guaranteed part of every filter's log, postcard or JSON. rumqttd counts a message as 4
-    /// bytes, its topic and its payload (`PublishData::size`), and drops the oldest segment when
-    /// the active one fills: the guaranteed part is all segments but the active one.
+    /// A subscriber that stalls for ten seconds while 2,000 sites report every second loses
+    /// nothing, reading postcard or JSON: that much fits in the part of a default log that is
+    /// always kept (all segments but the one filling). rumqttd counts a message as its
+    /// 96-byte entry, its topic and its payload.
     #[test]
-    fn every_log_holds_a_storm_backlog_of_reports_in_either_form() {
-        use renkei_shared::{Topic, encode, sample};
-        const BACKLOG: usize = 2_000 * 100;
+    fn every_log_holds_ten_seconds_of_two_thousand_sites_in_either_form() {
+        use renkei_shared::mirror::MirroredRef;
+        use renkei_shared::{Timestamp, Topic, encode, sample};
+        const BACKLOG: usize = 2_000 * 10;
+        const ENTRY: usize = 96;
         let mqtt = MqttConfig::default();
         let config = router_config(&mqtt);
         let held = |filter: &str| {
@@ -564,9 +545,13 @@ mod tests {
             ("supplies", sample::supplies()),
         ] {
             let topic = Topic::of(&env).unwrap();
-            let postcard = 4 + topic.to_string().len() + encode(&env).unwrap().len();
+            let postcard = ENTRY + topic.to_string().len() + encode(&env).unwrap().len();
             // The JSON copy as ingest makes it.
-            let json = 4 + topic.json().len() + serde_json::to_vec(&env).unwrap().len();
+            let mirrored = MirroredRef {
+                envelope: &env,
+                received_at: Timestamp(1_700_000_000_000),
+            };
+            let json = ENTRY + topic.json().len() + serde_json::to_vec(&mirrored).unwrap().len();
             assert!(
                 BACKLOG * postcard <= held(topic::ALL),
                 "{name}: {postcard} B"

@@ -162,14 +162,7 @@ impl Session {
                 if code != ConnectReturnCode::Success {
                     return Err(SessionError::Refused(code));
                 }
-                let mut subscribe = Subscribe::new_many(
-                    self.filters
-                        .iter()
-                        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
-                );
-                // Subscribe::new leaves the packet id at 0, which brokers reject.
-                subscribe.pkid = SUBSCRIBE_PKID;
-                out.push(Output::Send(encode(|buf| subscribe.write(buf))?));
+                out.push(Output::Send(self.subscribe()?));
                 self.phase = Phase::AwaitingSubAck;
             }
             (Phase::AwaitingConnAck, _) => {
@@ -205,7 +198,27 @@ impl Session {
         Ok(())
     }
 
+    /// The one SUBSCRIBE of all the session's filters.
+    fn subscribe(&self) -> Result<Bytes, SessionError> {
+        let mut subscribe = Subscribe::new_many(
+            self.filters
+                .iter()
+                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+        );
+        // Subscribe::new leaves the packet id at 0, which brokers reject.
+        subscribe.pkid = SUBSCRIBE_PKID;
+        encode(|buf| subscribe.write(buf))
+    }
+
     fn on_publish(&mut self, publish: Publish, out: &mut Vec<Output>) -> Result<(), SessionError> {
+        if publish.topic == renkei_shared::topic::SKIPPED_NOTICE {
+            // The page fell so far behind that the broker dropped messages for it. The same
+            // SUBSCRIBE again makes the broker send every retained message anew (MQTT 3.1.1
+            // §3.8.4): the latest state of every site replaces whatever was skipped. (Its
+            // SUBACK comes while subscribed, where it is ignored.)
+            out.push(Output::Send(self.subscribe()?));
+            return Ok(());
+        }
         match publish.qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
@@ -249,6 +262,34 @@ mod tests {
 
     fn decode(bytes: &Bytes) -> Packet {
         read(&mut BytesMut::from(&bytes[..]), 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn a_skip_notice_resubscribes_for_the_retained_state_and_is_not_delivered() {
+        let mut s = connected();
+        let mut out = Vec::new();
+        let notice = Publish::new(
+            renkei_shared::topic::SKIPPED_NOTICE,
+            QoS::AtMostOnce,
+            r#"{"filter":"renkei/v1/#","skipped":120}"#,
+        );
+        s.on_packet(Packet::Publish(notice), 5.0, &mut out).unwrap();
+        let [Output::Send(bytes)] = &out[..] else {
+            panic!("{out:?}")
+        };
+        let Packet::Subscribe(sub) = decode(bytes) else {
+            panic!("not a SUBSCRIBE")
+        };
+        assert_eq!(sub.filters[0].path, "renkei/v1/#");
+        // Its SUBACK is ignored; the session stays subscribed.
+        out.clear();
+        let suback = SubAck::new(
+            SUBSCRIBE_PKID,
+            vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)],
+        );
+        s.on_packet(Packet::SubAck(suback), 6.0, &mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(s.phase(), Phase::Subscribed);
     }
 
     fn connected() -> Session {

@@ -253,6 +253,13 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// Renkei patch: when set, a subscriber that fell so far behind that the log dropped
+    /// messages before it read them gets, before the next message it reads, a QoS 0 publish
+    /// on this topic (whether it subscribed to it or not) whose payload is JSON
+    /// `{"filter": "<its filter>", "skipped": <messages dropped>}`, so that it can fetch what
+    /// it missed from elsewhere. Upstream logged the jump and told the subscriber nothing.
+    #[serde(default)]
+    pub skip_notice_topic: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

@@ -660,6 +660,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            skip_notice_topic: None,
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("topic/a");
@@ -684,6 +685,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            skip_notice_topic: None,
         };
         let mut data = DataLog::new(config).unwrap();
         let (idx, cursor) = data.next_native_offset("topic/a");
@@ -719,6 +721,7 @@ mod test {
             custom_segment: None,
             initialized_filters: Some(vec!["a/#".to_owned(), "x/y".to_owned()]),
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            skip_notice_topic: None,
         };
         let topics = [
             "a", "a/b", "a/b/c", "x/y", "x/y/", "x//y", "/x/y", "$SYS/x", "$SYS/x/y", "a/+", "+/b",
@@ -767,6 +770,7 @@ mod test {
             custom_segment: None,
             initialized_filters: Some(vec!["kept/+".to_owned()]),
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            skip_notice_topic: None,
         };
         let mut data = DataLog::new(config).unwrap();
         let (old, _) = data.next_native_offset("a/b");
@@ -805,6 +809,7 @@ mod test {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::RoundRobin,
+            skip_notice_topic: None,
         };
         let mut data = DataLog::new(config).unwrap();
         data.next_native_offset("+/+");

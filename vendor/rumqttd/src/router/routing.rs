@@ -1036,6 +1036,38 @@ impl Router {
         }
     }
 
+    /// Renkei patch: marks connection `id`'s data request for `filter` to send the retained
+    /// messages again, and schedules it.
+    fn resend_retained(&mut self, id: ConnectionId, filter_idx: FilterIdx, filter: &str) {
+        let mut found = false;
+        if let Some(tracker) = self.scheduler.trackers.get_mut(id) {
+            for request in tracker.data_requests.iter_mut() {
+                if request.filter == filter {
+                    request.forward_retained = true;
+                    found = true;
+                }
+            }
+        }
+        if !found {
+            if let Some(log) = self.datalog.native.get_mut(filter_idx) {
+                let waiters = log.waiters.get_mut();
+                if let Some(at) = waiters
+                    .iter()
+                    .position(|(c, r)| *c == id && r.filter == filter)
+                {
+                    if let Some((_, mut request)) = waiters.remove(at) {
+                        request.forward_retained = true;
+                        self.scheduler.track(id, request);
+                        found = true;
+                    }
+                }
+            }
+        }
+        if found {
+            self.scheduler.reschedule(id, ScheduleReason::NewFilter);
+        }
+    }
+
     /// Renkei patch: the tap's consumer made room; the connections held for it take their
     /// turns, each until it has nothing more or the tap is full again (it then goes to the
     /// back of the line).
@@ -1135,6 +1167,17 @@ impl Router {
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+        } else if forward_retained
+            && matches!(
+                filter.retain_forward_rule,
+                protocol::RetainForwardRule::OnEverySubscribe
+            )
+        {
+            // Renkei patch: a SUBSCRIBE for a filter the client already holds replaces the
+            // subscription and re-sends the retained messages (MQTT 3.1.1 §3.8.4; MQTT 5's
+            // retain handling 0). Upstream sent them only for a new filter. The filter's data
+            // request is either with the scheduler or parked among the log's waiters.
+            self.resend_retained(id, filter_idx, filter_path);
         }
 
         // TODO: figure out how we can update existing DataRequest
@@ -1706,6 +1749,19 @@ fn forward_device_data(
 
         let alert = alert::cursorjump(&outgoing.client_id, &request.filter, 0);
         alertlog.log(alert);
+
+        // Renkei patch: the subscriber is told, before what it reads next.
+        if let Some(topic) = &datalog.config.skip_notice_topic {
+            let skipped = start.1.saturating_sub(request.cursor.1);
+            let payload = serde_json::json!({ "filter": request.filter, "skipped": skipped });
+            let notice = Forward {
+                cursor: None,
+                size: 0,
+                publish: Publish::new(topic.clone(), payload.to_string(), false),
+                properties: None,
+            };
+            outgoing.push_forwards(std::iter::once(notice), 0, request.filter_idx);
+        }
     }
 
     trace!(
@@ -2151,6 +2207,7 @@ mod filter_logs {
                 custom_segment: None,
                 initialized_filters,
                 shared_subscriptions_strategy: Strategy::RoundRobin,
+                skip_notice_topic: Some("$notice/skipped".into()),
             },
         )
     }
@@ -2256,6 +2313,64 @@ mod filter_logs {
     /// How many filter logs there are, once checked that no lookup names a freed one.
     fn logs(router: &Router) -> usize {
         router.datalog.check_lookups()
+    }
+
+    /// Renkei patch: a subscriber the log dropped messages for is told how many, first.
+    #[test]
+    fn a_subscriber_that_fell_behind_the_log_is_told_what_it_skipped() {
+        let mut router = router(None);
+        let reader = connect(&mut router, "reader", true);
+        send(&mut router, &reader, [subscribe("renkei/#")]);
+        let writer = connect(&mut router, "writer", true);
+        // 100 B payloads: the 10 × 10 KiB log holds some 500, the reader's buffer 200.
+        let total = 3_000;
+        let payload = "x".repeat(100);
+        for i in 0..total {
+            send(&mut router, &writer, [publish("renkei/t", &format!("{i:04}{payload}"))]);
+        }
+        let got = forwarded(&mut router, &reader);
+        let notices: Vec<(usize, serde_json::Value)> = got
+            .iter()
+            .enumerate()
+            .filter(|(_, (topic, _))| topic == "$notice/skipped")
+            .map(|(at, (_, payload))| (at, serde_json::from_slice(payload).unwrap()))
+            .collect();
+        let messages: Vec<usize> = got
+            .iter()
+            .filter(|(topic, _)| topic == "renkei/t")
+            .map(|(_, p)| std::str::from_utf8(&p[..4]).unwrap().parse().unwrap())
+            .collect();
+        assert!(messages.len() < total, "the log dropped some");
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        let (at, notice) = &notices[0];
+        assert_eq!(notice["filter"], "renkei/#");
+        let skipped = notice["skipped"].as_u64().unwrap() as usize;
+        assert_eq!(messages.len() + skipped, total, "every message read or counted");
+        // The notice sits exactly at the gap.
+        let before = messages[*at - 1];
+        let after: usize = std::str::from_utf8(&got[at + 1].1[..4]).unwrap().parse().unwrap();
+        assert_eq!(after - before - 1, skipped);
+    }
+
+    /// Renkei patch: MQTT 3.1.1 §3.8.4, the retained messages again on a repeated SUBSCRIBE.
+    #[test]
+    fn subscribing_again_to_a_held_filter_resends_the_retained_messages() {
+        let mut router = router(None);
+        let writer = connect(&mut router, "writer", true);
+        let mut retained = Publish::new("renkei/a", "state-a", true);
+        retained.retain = true;
+        send(&mut router, &writer, [Packet::Publish(retained, None)]);
+        let reader = connect(&mut router, "reader", true);
+        send(&mut router, &reader, [subscribe("renkei/#")]);
+        assert_eq!(forwarded(&mut router, &reader), vec![message("renkei/a", "state-a")]);
+        // Caught up (parked among the log's waiters), then live, then caught up again.
+        send(&mut router, &writer, [publish("renkei/b", "live")]);
+        assert_eq!(forwarded(&mut router, &reader), vec![message("renkei/b", "live")]);
+        send(&mut router, &reader, [subscribe("renkei/#")]);
+        assert_eq!(forwarded(&mut router, &reader), vec![message("renkei/a", "state-a")]);
+        // Still one subscription: a new message comes once.
+        send(&mut router, &writer, [publish("renkei/c", "once")]);
+        assert_eq!(forwarded(&mut router, &reader), vec![message("renkei/c", "once")]);
     }
 
     #[test]
