@@ -127,12 +127,12 @@ impl Default for MqttConfig {
             max_packet_size: ByteSize(MAX_FRAME + PACKET_HEADROOM),
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             max_inflight: 100,
-            // 64MiB per filter log: holds a reconnect storm (2,000 sites flushing ~100
-            // queued reports of ~200 B is ~40 MB) for a reader that falls behind, where the
-            // former 1MiB × 10 lost most of such a burst; rumqttd's own 100 MB × 10 is a
-            // gigabyte per filter. See docs/broker.example.toml.
-            segment_size: ByteSize(16 * 1024 * 1024),
-            segment_count: 4,
+            // 10 MiB per subscribed filter's log, of which 8 MiB is always kept: five seconds
+            // of 2,000 sites reporting every second, read as postcard or as JSON, before a
+            // subscriber that stalls is skipped ahead (and told: `topic::SKIPPED_NOTICE`).
+            // Ingest does not read a log. See docs/broker.example.toml.
+            segment_size: ByteSize(2 * 1024 * 1024),
+            segment_count: 5,
             tls_listen: SocketAddr::from(([0, 0, 0, 0], 8883)),
             tls_cert_file: None,
             tls_key_file: None,

@@ -22,8 +22,10 @@ struct Outcome {
     complete_origins: i64,
     /// Times the router held publishers back for ingest.
     holds: i64,
-    /// What a QoS 1 subscriber to renkei/v1/# (a dashboard) received.
+    /// What a QoS 1 subscriber to renkei/v1/# (a dashboard) received, and what the broker
+    /// told it it skipped (`$renkei/skipped`) when it fell behind its log.
     subscriber_received: u64,
+    subscriber_skipped: u64,
     elapsed: Duration,
 }
 
@@ -90,13 +92,18 @@ async fn burst(mqtt_config: &str) -> Outcome {
         .subscribe(topic::ALL, QoS::AtLeastOnce)
         .await
         .unwrap();
-    let (received_tx, mut received_rx) = tokio::sync::watch::channel(0u64);
+    let (received_tx, mut received_rx) = tokio::sync::watch::channel((0u64, 0u64));
     tokio::spawn(async move {
-        let mut received = 0;
+        let (mut received, mut skipped) = (0, 0);
         while let Ok(event) = dashboard_loop.poll().await {
-            if let Event::Incoming(Packet::Publish(_)) = event {
-                received += 1;
-                let _ = received_tx.send(received);
+            if let Event::Incoming(Packet::Publish(p)) = event {
+                if p.topic == topic::SKIPPED_NOTICE {
+                    let notice: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                    skipped += notice["skipped"].as_u64().unwrap();
+                } else {
+                    received += 1;
+                }
+                let _ = received_tx.send((received, skipped));
             }
         }
     });
@@ -118,14 +125,18 @@ async fn burst(mqtt_config: &str) -> Outcome {
     let elapsed = started.elapsed();
     // The dashboard gets a moment more; it reads over TCP.
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
-        while *received_rx.borrow() < TOTAL as u64 {
+        loop {
+            let (received, skipped) = *received_rx.borrow();
+            if received + skipped >= TOTAL as u64 {
+                break;
+            }
             if received_rx.changed().await.is_err() {
                 break;
             }
         }
     })
     .await;
-    let subscriber_received = *received_rx.borrow();
+    let (subscriber_received, subscriber_skipped) = *received_rx.borrow();
     eprintln!("inserted {inserted}, holds {holds}");
     // The publishers' disconnects raced their last packets: counted, not logged as errors.
     let text = scrape(addrs.http, None).await;
@@ -158,6 +169,7 @@ async fn burst(mqtt_config: &str) -> Outcome {
         complete_origins,
         holds,
         subscriber_received,
+        subscriber_skipped,
         elapsed,
     }
 }
@@ -171,12 +183,17 @@ async fn a_reconnect_storm_is_recorded_exactly_once_with_the_default_logs() {
     );
     assert_eq!(outcome.recorded, TOTAL, "{outcome:?}");
     assert_eq!(outcome.complete_origins, PUBLISHERS as i64, "{outcome:?}");
-    assert_eq!(outcome.subscriber_received, TOTAL as u64, "{outcome:?}");
+    // A dashboard that fell behind its log is told exactly what it skipped.
+    assert_eq!(
+        outcome.subscriber_received + outcome.subscriber_skipped,
+        TOTAL as u64,
+        "{outcome:?}"
+    );
 }
 
-/// Logs far too small for the burst (a slow dashboard may miss messages, and is a live view
-/// that gets the retained state) and an ingest queue of 64: the publishers are held back,
-/// and the record is still whole.
+/// Logs far too small for the burst (a slow dashboard misses messages, is told how many, and
+/// as a live view gets the retained state again) and an ingest queue of 64: the publishers
+/// are held back, and the record is still whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_tiny_logs_and_queue_the_record_is_whole_and_publishers_wait() {
     let outcome = burst(
@@ -188,4 +205,10 @@ async fn with_tiny_logs_and_queue_the_record_is_whole_and_publishers_wait() {
     assert_eq!(outcome.recorded, TOTAL, "{outcome:?}");
     assert_eq!(outcome.complete_origins, PUBLISHERS as i64, "{outcome:?}");
     assert!(outcome.holds > 0, "{outcome:?}");
+    // The dashboard that fell behind its small log was told exactly what it skipped.
+    assert_eq!(
+        outcome.subscriber_received + outcome.subscriber_skipped,
+        TOTAL as u64,
+        "{outcome:?}"
+    );
 }
