@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! agents, dashboards ──MQTT (TCP :1883, WebSocket :8083, TLS :8883)──▶ mqtt (embedded rumqttd) ──▶ subscribers
-//!                      guard: login, client id, ACL, per-login bounds │ in-process link, renkei/v1/#
+//!                      guard: login, client id, ACL, per-login bounds │ tap: every renkei/v1/ message, before its PUBACK
 //!                                                                     ▼
 //!        ingest: shared::receive (topic → decode → validate) → reducer ──▶ live State ──▶ rules
 //!          │ refused: counted by reason    │ JSON mirror renkei/json/v1/… ──▶ publisher ──▶ mqtt
