@@ -43,6 +43,7 @@ use renkei_testkit::{BrokerProcess, Mosquitto, Process, free_port};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 mod lean;
+mod mem;
 
 #[derive(Parser)]
 #[command(
@@ -98,6 +99,9 @@ enum Cmd {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// Sample each target broker's memory (VmRSS, VmHWM) at 1 Hz: idle, with N quiet agents
+    /// connected, and under `renkei-agent simulate` load with a dashboard and an integrator.
+    Mem(mem::MemArgs),
     /// Serve bare rumqttd (Renkei's router settings, no Renkei layer) on a port.
     BareRumqttd {
         #[arg(long)]
@@ -188,6 +192,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Cmd::BareRumqttd { port } => bare_rumqttd(port),
+        Cmd::Mem(args) => mem::run(args),
         Cmd::Watch {
             broker,
             filter,
