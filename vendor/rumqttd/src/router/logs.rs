@@ -546,7 +546,8 @@ where
         // max_segment_size: usize, max_mem_segments: usize
         let log = CommitLog::new(max_segment_size, max_mem_segments).unwrap();
 
-        let waiters = Waiters::with_capacity(10);
+        // Renkei patch: most filters (an agent's receipts, its commands) have one reader.
+        let waiters = Waiters::with_capacity(1);
         let metrics = SubscriptionMeter::default();
         Data {
             filter: filter.to_owned(),

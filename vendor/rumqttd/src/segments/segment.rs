@@ -53,6 +53,11 @@ where
     #[inline]
     pub(crate) fn push(&mut self, inner_type: T) {
         self.total_size += inner_type.size() as u64;
+        // Renkei patch: grow by an eighth (at least 64 entries), not by doubling, so that a
+        // full segment holds at most an eighth more room than entries rather than up to twice.
+        if self.data.len() == self.data.capacity() {
+            self.data.reserve_exact((self.data.len() / 8).max(64));
+        }
         self.data.push(inner_type);
     }
 
