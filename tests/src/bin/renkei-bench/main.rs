@@ -466,6 +466,15 @@ async fn load(targets: Vec<Target>, runs: usize, load: Load) -> Result<()> {
                 result.p99_ms,
                 result.max_ms
             );
+            if result.delivered < result.expected
+                && let Server::Renkei(broker) = &server
+            {
+                // What the broker said while the subscriber missed messages.
+                let log = broker.log();
+                for line in log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(20) {
+                    eprintln!("  broker: {line}");
+                }
+            }
             all.entry(target).or_default().push(result);
             drop(server);
         }
