@@ -471,7 +471,11 @@ async fn load(targets: Vec<Target>, runs: usize, load: Load) -> Result<()> {
             {
                 // What the broker said while the subscriber missed messages.
                 let log = broker.log();
-                for line in log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).take(20) {
+                for line in log
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                    .take(20)
+                {
                     eprintln!("  broker: {line}");
                 }
             }
