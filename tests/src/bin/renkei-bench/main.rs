@@ -231,7 +231,7 @@ fn main() -> Result<()> {
 }
 
 fn bare_rumqttd(port: u16) -> Result<()> {
-    // The same router limits renkei-broker configures by default (16 MiB × 4 segments per
+    // The same router limits renkei-broker configures by default (2 MiB × 5 segments per
     // filter log, 100 in flight, 5,000 connections), so the difference is the Renkei layer.
     let config = format!(
         r#"
@@ -240,8 +240,8 @@ id = 0
 id = 0
 max_connections = 5000
 max_outgoing_packet_count = 200
-max_segment_size = 16777216
-max_segment_count = 4
+max_segment_size = 2097152
+max_segment_count = 5
 [v4.1]
 name = "v4-1"
 listen = "127.0.0.1:{port}"

@@ -91,6 +91,114 @@ pub struct MemArgs {
     /// Write the raw samples (CSV, with `#` lines saying what ran, and the summary) here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Run each broker inside a memory cgroup of this size (e.g. `192MiB`; cgroup v2's
+    /// `memory.max` or v1's `memory.limit_in_bytes`, made by the tool and removed after) and
+    /// report whether the kernel had to reclaim or kill: a small box's limit, enforced.
+    #[arg(long, value_parser = renkei_shared::units::parse_size)]
+    cgroup_memory_max: Option<u64>,
+}
+
+/// A memory cgroup the tool made for one broker process, removed when dropped.
+struct MemoryCgroup {
+    dir: PathBuf,
+    /// cgroup v2 (`memory.max`, `memory.events`) or v1 (`memory.limit_in_bytes`, `memory.failcnt`).
+    v2: bool,
+}
+
+impl MemoryCgroup {
+    /// Makes a cgroup limited to `bytes` and moves `pid` into it.
+    fn enter(pid: u32, bytes: u64) -> Result<MemoryCgroup> {
+        let name = format!("renkei-bench-mem-{}-{pid}", std::process::id());
+        let v2_root = Path::new("/sys/fs/cgroup");
+        let (dir, v2, limit_file) = if v2_root.join("cgroup.controllers").exists() {
+            (v2_root.join(&name), true, "memory.max")
+        } else if Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists()
+            && !Path::new("/sys/fs/cgroup/memory").exists()
+        {
+            (
+                Path::new("/sys/fs/cgroup/unified").join(&name),
+                true,
+                "memory.max",
+            )
+        } else {
+            (
+                Path::new("/sys/fs/cgroup/memory").join(&name),
+                false,
+                "memory.limit_in_bytes",
+            )
+        };
+        std::fs::create_dir(&dir)
+            .with_context(|| format!("making the cgroup {} (needs root)", dir.display()))?;
+        let cgroup = MemoryCgroup { dir, v2 };
+        std::fs::write(cgroup.dir.join(limit_file), bytes.to_string())
+            .with_context(|| format!("{}/{limit_file}", cgroup.dir.display()))?;
+        std::fs::write(cgroup.dir.join("cgroup.procs"), pid.to_string())
+            .with_context(|| format!("moving pid {pid} into {}", cgroup.dir.display()))?;
+        Ok(cgroup)
+    }
+
+    /// What the limit did: times the kernel hit it, and processes it killed.
+    fn outcome(&self) -> String {
+        let read = |file: &str| std::fs::read_to_string(self.dir.join(file)).unwrap_or_default();
+        let stat = read("memory.stat");
+        let stat_mib = |key: &str| {
+            stat.lines()
+                .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+                / (1024 * 1024)
+        };
+        if self.v2 {
+            let events = read("memory.events");
+            let field = |key: &str| {
+                events
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            format!(
+                "cgroup v2: limit hit {} times (high {}), oom {}, oom kills {}; now anonymous \
+                 {} MiB, page cache {} MiB (the database's file pages, reclaimable)",
+                field("max "),
+                field("high "),
+                field("oom "),
+                field("oom_kill "),
+                stat_mib("anon "),
+                stat_mib("file ")
+            )
+        } else {
+            let oom = read("memory.oom_control");
+            let killed = oom
+                .lines()
+                .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            format!(
+                "cgroup v1: limit hit {} times, peak {} KiB (page cache included), oom kills \
+                 {killed}; now anonymous {} MiB, page cache {} MiB (the database's file pages, \
+                 reclaimable)",
+                read("memory.failcnt").trim(),
+                read("memory.max_usage_in_bytes")
+                    .trim()
+                    .parse::<u64>()
+                    .unwrap_or(0)
+                    / 1024,
+                stat_mib("rss "),
+                stat_mib("cache ")
+            )
+        }
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // Empty once its process has exited; a cgroup with a process in it cannot be removed.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("cannot remove the cgroup {}", self.dir.display());
+    }
 }
 
 /// A broker `mem` measures.
@@ -349,7 +457,7 @@ fn describe(server: &Server) -> Result<(u32, String)> {
             format!(
                 "renkei-bench bare-rumqttd --port {port}: the vendored rumqttd with Renkei's \
                  router settings and no Renkei layer (router max_connections 5000, \
-                 max_outgoing_packet_count 200, max_segment_size 16 MiB, max_segment_count 4; \
+                 max_outgoing_packet_count 200, max_segment_size 2 MiB, max_segment_count 5; \
                  v4 listener max_inflight_count 100, max_payload_size 20480, \
                  connection_timeout_ms 60000, dynamic_filters)"
             ),
@@ -1006,6 +1114,10 @@ async fn one_run(
     if run == 1 {
         record.note(&format!("{}: {description}", target.name()));
     }
+    let cgroup = match args.cgroup_memory_max {
+        Some(bytes) => Some(MemoryCgroup::enter(pid, bytes)?),
+        None => None,
+    };
     let (sampling, _sampler) = start_sampling(pid);
     let result = phases(target, run, args, port, &sampling, dir.path(), record).await;
     // Every sample taken, whatever happened.
@@ -1036,7 +1148,24 @@ async fn one_run(
             return Err(e);
         }
     };
+    if let Some(cgroup) = &cgroup {
+        let alive = std::fs::metadata(format!("/proc/{pid}")).is_ok();
+        let line = format!(
+            "{} run {run}: in a cgroup of {} MiB: {}; the broker {} at the end",
+            target.name(),
+            args.cgroup_memory_max.unwrap_or(0) / (1024 * 1024),
+            cgroup.outcome(),
+            if alive {
+                "was still running"
+            } else {
+                "had exited"
+            }
+        );
+        eprintln!("{line}");
+        record.note(&line);
+    }
     drop(server);
+    drop(cgroup);
     Ok(stats(&samples, load_t0, args.load_seconds as f64, counts))
 }
 
