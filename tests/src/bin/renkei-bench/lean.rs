@@ -24,6 +24,9 @@ use tokio::net::TcpStream;
 use crate::{Publishers, WINDOW, message};
 
 /// Largest packet the publisher accepts from the broker (receipts are a few hundred bytes).
+/// Free space each read of a publisher's socket asks for: a window of acknowledgements.
+const READ_ROOM: usize = 16 * 1024;
+
 const MAX_INCOMING: usize = 64 * 1024;
 
 /// Connections a publisher makes before it gives up.
@@ -148,7 +151,7 @@ impl<'a> Session<'a> {
                 _ = tick(&mut self.pacer), if may_send && self.pacer.is_some() => {
                     self.queue_next(&mut wbuf)?;
                 }
-                read = tokio::time::timeout(idle, read_more(&mut stream, &mut rbuf)) => {
+                read = tokio::time::timeout(idle, read_more(&mut stream, &mut rbuf, READ_ROOM)) => {
                     match read {
                         Ok(read) => read?,
                         // Every PUBACK is in and the receipts stopped coming: what is missing
@@ -236,7 +239,7 @@ impl<'a> Session<'a> {
             if let Some(packet) = parse(rbuf)? {
                 return Ok(packet);
             }
-            tokio::time::timeout(self.shared.idle, read_more(stream, rbuf))
+            tokio::time::timeout(self.shared.idle, read_more(stream, rbuf, READ_ROOM))
                 .await
                 .context("no CONNACK")??;
         }
@@ -253,9 +256,14 @@ async fn tick(pacer: &mut Option<tokio::time::Interval>) {
     }
 }
 
-/// Reads what the socket has; an error when the broker closed the connection.
-async fn read_more(stream: &mut TcpStream, rbuf: &mut BytesMut) -> Result<()> {
-    rbuf.reserve(16 * 1024);
+/// Reads what the socket has (into at least `room` bytes of free space); an error when the
+/// broker closed the connection.
+pub(crate) async fn read_more(
+    stream: &mut TcpStream,
+    rbuf: &mut BytesMut,
+    room: usize,
+) -> Result<()> {
+    rbuf.reserve(room);
     match stream.read_buf(rbuf).await.context("read")? {
         0 => bail!("the broker closed the connection"),
         _ => Ok(()),
@@ -263,7 +271,7 @@ async fn read_more(stream: &mut TcpStream, rbuf: &mut BytesMut) -> Result<()> {
 }
 
 /// The next whole packet in `rbuf`, if one is there.
-fn parse(rbuf: &mut BytesMut) -> Result<Option<v4::Packet>> {
+pub(crate) fn parse(rbuf: &mut BytesMut) -> Result<Option<v4::Packet>> {
     match v4::Packet::read(rbuf, MAX_INCOMING) {
         Ok(packet) => Ok(Some(packet)),
         Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),

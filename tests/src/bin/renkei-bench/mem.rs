@@ -49,11 +49,12 @@ use renkei_testkit::process::ready_line;
 use renkei_testkit::{Process, binary};
 use rumqttc::mqttbytes::{self, v4};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
+use crate::lean::{parse, read_more};
 use crate::{Server, Target, start};
 
 /// Settings of `renkei-bench mem`.
@@ -512,9 +513,6 @@ fn bench_site(p: usize) -> Result<SiteRef> {
     })
 }
 
-/// Largest packet a quiet client accepts.
-const MAX_INCOMING: usize = 64 * 1024;
-
 /// Keep alive of the quiet clients, as an agent's (PINGREQ at half of it).
 const QUIET_KEEP_ALIVE: u16 = 60;
 
@@ -672,7 +670,7 @@ async fn quiet_client(
             _ = ping.tick() => {
                 v4::PingReq.write(&mut wbuf)?;
             }
-            read = read_more(&mut stream, &mut rbuf) => {
+            read = read_more(&mut stream, &mut rbuf, 4096) => {
                 read?;
                 while let Some(packet) = parse(&mut rbuf)? {
                     if let v4::Packet::Publish(publish) = packet {
@@ -702,25 +700,7 @@ async fn next_packet(stream: &mut TcpStream, rbuf: &mut BytesMut) -> Result<v4::
         if let Some(packet) = parse(rbuf)? {
             return Ok(packet);
         }
-        read_more(stream, rbuf).await?;
-    }
-}
-
-/// Reads what the socket has; an error when the broker closed the connection.
-async fn read_more(stream: &mut TcpStream, rbuf: &mut BytesMut) -> Result<()> {
-    rbuf.reserve(4096);
-    match stream.read_buf(rbuf).await.context("read")? {
-        0 => bail!("the broker closed the connection"),
-        _ => Ok(()),
-    }
-}
-
-/// The next whole packet in `rbuf`, if one is there.
-fn parse(rbuf: &mut BytesMut) -> Result<Option<v4::Packet>> {
-    match v4::Packet::read(rbuf, MAX_INCOMING) {
-        Ok(packet) => Ok(Some(packet)),
-        Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-        Err(e) => Err(e).context("a malformed packet from the broker"),
+        read_more(stream, rbuf, 4096).await?;
     }
 }
 
