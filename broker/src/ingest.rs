@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use renkei_shared::mirror::MirroredRef;
 use renkei_shared::{BodyKind, Change, Envelope, Scope, State, Timestamp, Topic};
 use rumqttd::TapRx;
-use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::local::{LinkRx, LinkTx};
 use tokio::sync::oneshot;
 
 use crate::clock::Clock;
@@ -50,21 +50,12 @@ const MAX_LOGGED_TOPIC: usize = 160;
 /// Why ingest stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
-    /// Boxed: rumqttd's error carries a whole router event.
-    #[error("the ingest link failed: {0}")]
-    Link(Box<LinkError>),
     #[error("the router stopped handing messages to ingest")]
     Disconnected,
     #[error("the external broker's client stopped")]
     ExternalGone,
     #[error("cannot start the ingest thread: {0}")]
     Thread(std::io::Error),
-}
-
-impl From<LinkError> for IngestError {
-    fn from(e: LinkError) -> Self {
-        IngestError::Link(Box::new(e))
-    }
 }
 
 /// A message that passed every check, with what applying it did.
