@@ -1086,7 +1086,7 @@ impl Router {
             if self
                 .tap
                 .as_ref()
-                .is_some_and(|t| !t.is_closed() && t.must_hold())
+                .is_some_and(|t| !t.is_closed() && t.is_full())
             {
                 break;
             }

@@ -95,9 +95,20 @@ impl Tap {
         topic.is_empty() || topic.starts_with(self.prefix.as_bytes())
     }
 
-    /// Whether a publish the tap takes must wait. When it must, the consumer is asked to wake
-    /// the router with [`Event::TapReady`] once the queue has gone down.
+    /// Whether a publish the tap takes must wait (counted as a hold). When it must, the
+    /// consumer is asked to wake the router with [`Event::TapReady`] once the queue has gone
+    /// down.
     pub(crate) fn must_hold(&self) -> bool {
+        if !self.is_full() {
+            return false;
+        }
+        self.shared.holds.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Whether the queue is full; if it is, the consumer will wake the router once it has
+    /// gone down. Not counted: the router also asks this between connections it serves.
+    pub(crate) fn is_full(&self) -> bool {
         if self.shared.has_room() {
             return false;
         }
@@ -108,7 +119,6 @@ impl Tap {
             self.shared.waiting.store(false, Ordering::SeqCst);
             return false;
         }
-        self.shared.holds.fetch_add(1, Ordering::Relaxed);
         true
     }
 
@@ -291,6 +301,10 @@ mod tests {
         }
         assert!(tap.must_hold());
         assert_eq!(rx.len(), 4);
+        assert_eq!(rx.holds(), 1);
+        // Asking whether it is full (as the router does between the connections it serves)
+        // holds no one and is not counted.
+        assert!(tap.is_full());
         assert_eq!(rx.holds(), 1);
         rx.try_recv().unwrap().unwrap();
         // 3 left: above half, no wake-up yet, but there is room again.
