@@ -23,6 +23,9 @@ pub const KEEP_ALIVE_S: u16 = 30;
 pub const PING_EVERY_MS: u32 = 20_000;
 /// Silence after which the connection is given up: keep-alive and a half, as the broker does.
 pub const DEAD_AFTER_MS: f64 = KEEP_ALIVE_S as f64 * 1500.0;
+/// The shortest time between two re-subscriptions for the retained state after skip notices.
+const RESUBSCRIBE_EVERY_MS: f64 = 10_000.0;
+
 /// Packet id of the one SUBSCRIBE (all of the session's filters); MQTT forbids 0.
 const SUBSCRIBE_PKID: u16 = 1;
 /// First packet id of the page's own publishes, clear of [`SUBSCRIBE_PKID`].
@@ -102,6 +105,8 @@ pub struct Session {
     filters: Vec<String>,
     /// When anything was last heard, in the driver's clock (ms).
     last_heard_ms: f64,
+    /// When a skip notice last made the session subscribe again.
+    resubscribed_ms: Option<f64>,
     /// Packet id of the next publish.
     next_pkid: u16,
 }
@@ -126,6 +131,7 @@ impl Session {
             phase: Phase::AwaitingConnAck,
             filters: filters.to_vec(),
             last_heard_ms: now_ms,
+            resubscribed_ms: None,
             next_pkid: FIRST_PUBLISH_PKID,
         };
         Ok((session, bytes))
@@ -183,7 +189,7 @@ impl Session {
                 self.phase = Phase::Subscribed;
                 out.push(Output::Subscribed);
             }
-            (_, Packet::Publish(publish)) => self.on_publish(publish, out)?,
+            (_, Packet::Publish(publish)) => self.on_publish(publish, now_ms, out)?,
             (_, Packet::PingResp | Packet::PubAck(_) | Packet::SubAck(_)) => {}
             (phase, Packet::ConnAck(_)) => {
                 return Err(SessionError::Unexpected("second CONNACK", phase));
@@ -210,8 +216,22 @@ impl Session {
         encode(|buf| subscribe.write(buf))
     }
 
-    fn on_publish(&mut self, publish: Publish, out: &mut Vec<Output>) -> Result<(), SessionError> {
+    fn on_publish(
+        &mut self,
+        publish: Publish,
+        now_ms: f64,
+        out: &mut Vec<Output>,
+    ) -> Result<(), SessionError> {
         if publish.topic == renkei_shared::topic::SKIPPED_NOTICE {
+            // At most once per RESUBSCRIBE_EVERY_MS: a page that stays behind would otherwise
+            // pull every retained message again on each notice, and fall further behind.
+            if self
+                .resubscribed_ms
+                .is_some_and(|at| now_ms - at < RESUBSCRIBE_EVERY_MS)
+            {
+                return Ok(());
+            }
+            self.resubscribed_ms = Some(now_ms);
             // The page fell so far behind that the broker dropped messages for it. The same
             // SUBSCRIBE again makes the broker send every retained message anew (MQTT 3.1.1
             // §3.8.4): the latest state of every site replaces whatever was skipped. (Its
@@ -281,6 +301,23 @@ mod tests {
             panic!("not a SUBSCRIBE")
         };
         assert_eq!(sub.filters[0].path, "renkei/v1/#");
+        // A second notice soon after does not pull the retained state again; a later one does.
+        out.clear();
+        let again = |topic| Packet::Publish(Publish::new(topic, QoS::AtMostOnce, "{}"));
+        s.on_packet(
+            again(renkei_shared::topic::SKIPPED_NOTICE),
+            5_000.0,
+            &mut out,
+        )
+        .unwrap();
+        assert!(out.is_empty(), "{out:?}");
+        s.on_packet(
+            again(renkei_shared::topic::SKIPPED_NOTICE),
+            10_006.0,
+            &mut out,
+        )
+        .unwrap();
+        assert!(matches!(&out[..], [Output::Send(_)]), "{out:?}");
         // Its SUBACK is ignored; the session stays subscribed.
         out.clear();
         let suback = SubAck::new(
