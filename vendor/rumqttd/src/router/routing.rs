@@ -111,6 +111,8 @@ pub struct Router {
     /// Renkei patch: connections with a publish held back for the tap, in the order they
     /// came; served in turn when the tap's consumer makes room
     tap_line: VecDeque<ConnectionId>,
+    /// Renkei patch: the connections in `tap_line`, to look one up without a scan
+    in_tap_line: HashSet<ConnectionId>,
     /// Renkei patch: events that arrived for a connection already gone (see
     /// [`Router::gone_connection_events`])
     gone_events: Arc<AtomicU64>,
@@ -158,6 +160,7 @@ impl Router {
             last_wills: HashMap::new(),
             tap: None,
             tap_line: VecDeque::new(),
+            in_tap_line: HashSet::new(),
             gone_events: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -1002,7 +1005,7 @@ impl Router {
                     buffer.push_front(packet);
                 }
             }
-            if !self.tap_line.contains(&id) {
+            if self.in_tap_line.insert(id) {
                 self.tap_line.push_back(id);
             }
         }
@@ -1078,6 +1081,7 @@ impl Router {
             let Some(id) = self.tap_line.pop_front() else {
                 break;
             };
+            self.in_tap_line.remove(&id);
             // A connection gone since keeps no place in line (its id may have been given to
             // a new connection, which then only gets an early look at its buffer).
             if self.ibufs.get(id).is_some() {
