@@ -73,17 +73,9 @@ pub const MAX_INTERVAL: Duration = Duration::from_secs(86_400);
 /// Keys whose values are secrets: never repeated in an error.
 const SECRET_KEYS: [&str; 2] = ["password", "form_pin"];
 
-/// What tells the agent a record has been delivered, so that it may leave the outbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
-pub enum Confirm {
-    /// HQ stored it: HQ's recorder sent a receipt for it.
-    #[default]
-    Receipt,
-    /// The broker took it: its PUBACK alone, for a broker without Renkei's recorder. A broker
-    /// that fails between its PUBACK and its own write loses the message.
-    #[value(name = "puback")]
-    PubAck,
-}
+/// What tells the agent a record has been delivered (HQ's receipt, or the PUBACK), and its MQTT
+/// login: the link's own types.
+pub use renkei_link::{Confirm, Credentials};
 
 /// Why the settings cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -597,22 +589,6 @@ impl FromStr for FormHosts {
 impl fmt::Display for FormHosts {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0.join(","))
-    }
-}
-
-/// MQTT user name and password.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Credentials {
-    pub username: String,
-    pub password: String,
-}
-
-impl fmt::Debug for Credentials {
-    // Never print the password into a log.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Credentials")
-            .field("username", &self.username)
-            .finish_non_exhaustive()
     }
 }
 

@@ -34,7 +34,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::Confirm;
 use crate::keys::Key;
 use crate::lifecycle::Lifecycle;
-use crate::link::delivery::{Delivery, RECEIPT_TIMEOUT, WINDOW};
+use crate::link::delivery::{Delivery, Order, RECEIPT_TIMEOUT, WINDOW};
 use crate::link::driver::{Driver, DriverOptions, LinkEvent, PublishError};
 use crate::link::{LinkError, LinkOptions, LinkState, command_of, timer};
 use crate::outbox::{Durability, Outbox, Record};
@@ -166,7 +166,8 @@ impl Daemon {
 
     /// Hands the outbox records the delivery core offers to the link.
     fn pump(&mut self) {
-        let Some(want) = self.delivery.want() else {
+        // An in-order core asks for one read at most.
+        let Some(want) = self.delivery.wants().first().copied() else {
             return;
         };
         let records = match self
@@ -182,7 +183,7 @@ impl Daemon {
             }
         };
         let keys: Vec<Key> = records.iter().map(|r| r.key).collect();
-        let sends = self.delivery.offer(&keys, std::time::Instant::now());
+        let sends = self.delivery.offer(&want, &keys, std::time::Instant::now());
         let mut records = records.into_iter();
         for send in sends {
             let Some(record) = records.find(|r| r.key == send.key) else {
@@ -246,7 +247,9 @@ impl Daemon {
                 return;
             }
         };
-        let moved = self.delivery.receipt(&receipt);
+        let moved = self
+            .delivery
+            .receipt(|key| receipt.covers(key.boot, key.seq));
         debug!(named = receipt.count(), cursor = %self.delivery.cursor(), "receipt");
         self.retired(moved);
     }
@@ -404,6 +407,8 @@ pub async fn run_daemon(
         link,
         delivery: Delivery::new(
             options.confirm,
+            Order::InOrder,
+            WINDOW,
             cursor,
             options.replay_rate,
             std::time::Instant::now(),

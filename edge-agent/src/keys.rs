@@ -7,41 +7,8 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use renkei_shared::Envelope;
-
 /// A record's identity and place in the delivery order: its envelope's `(boot, seq)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct Key {
-    pub boot: u32,
-    pub seq: u64,
-}
-
-impl std::fmt::Display for Key {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.boot, self.seq)
-    }
-}
-
-impl Key {
-    pub(crate) fn of(env: &Envelope) -> Key {
-        Key {
-            boot: env.header.boot,
-            seq: env.header.seq,
-        }
-    }
-
-    pub(crate) fn parse(text: &str) -> Option<Key> {
-        let (boot, seq) = text.trim().split_once(' ')?;
-        Some(Key {
-            boot: boot.parse().ok()?,
-            seq: seq.parse().ok()?,
-        })
-    }
-
-    pub(crate) fn to_text(self) -> String {
-        format!("{} {}\n", self.boot, self.seq)
-    }
-}
+pub use renkei_link::Key;
 
 /// The keys of `count` (at least one) new records of `boot`: the first and the last.
 ///

@@ -59,7 +59,9 @@ pub mod report;
 pub mod simulate;
 pub mod staff;
 pub mod status;
-pub mod tls;
+
+/// `mqtts://` brokers, trusted through the site's `ca_file` only (the link's).
+pub use renkei_link::tls;
 
 /// This agent's version, sent in every birth.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

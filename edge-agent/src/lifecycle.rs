@@ -13,6 +13,7 @@
 
 use std::sync::Arc;
 
+use renkei_link::driver::Speaker;
 use tracing::error;
 
 use crate::keys::Key;
@@ -34,12 +35,16 @@ pub struct Lifecycle {
 }
 
 /// A connection's birth and last will, numbered together by [`Lifecycle::arm`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Armed {
-    /// Sent on the connection's ConnAck; re-sent verbatim on a rebirth command.
-    pub birth: Envelope,
-    /// Given to the broker as the connection's last will.
-    pub will: Envelope,
+pub use renkei_link::driver::Armed;
+
+impl Speaker for Lifecycle {
+    fn arm(&mut self, now: Timestamp) -> Option<Armed> {
+        Some(Lifecycle::arm(self, crate::AGENT_VERSION, now))
+    }
+
+    fn death(&mut self, now: Timestamp) -> Option<Envelope> {
+        Some(Lifecycle::death(self, now))
+    }
 }
 
 impl Lifecycle {

@@ -8,10 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use renkei_shared::topic::TopicForError;
 use renkei_shared::{
-    Body, CodecError, Comms, Crowding, Envelope, GeoPoint, HqState, ShelterStatus, ShelterType,
-    SiteKind, SiteStatus, Timestamp, Topic,
+    Body, Comms, Crowding, GeoPoint, HqState, ShelterStatus, ShelterType, SiteKind, SiteStatus,
+    Timestamp,
 };
 
 use crate::config::AgentConfig;
@@ -28,33 +27,9 @@ pub trait Site: Send {
     fn set_interval(&mut self, interval: Duration);
 }
 
-/// A message ready to publish: its frame, its one topic, and whether the broker keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outgoing {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub retain: bool,
-}
-
-/// Why a message of ours cannot be sent (a bug or a setting beyond the protocol's limits).
-#[derive(Debug, thiserror::Error)]
-pub enum FrameError {
-    #[error("message does not encode: {0}")]
-    Codec(#[from] CodecError),
-    #[error("message has no topic: {0}")]
-    Topic(#[from] TopicForError),
-}
-
-/// Encodes a message onto its topic, retained where the topic says so.
-pub fn frame(env: &Envelope) -> Result<Outgoing, FrameError> {
-    let payload = renkei_shared::encode(env)?;
-    let topic = Topic::of(env)?;
-    Ok(Outgoing {
-        retain: topic.retained(),
-        topic: topic.to_string(),
-        payload,
-    })
-}
+/// A message ready to publish, why one of ours cannot be, and the framing of an envelope
+/// onto its topic: the link's, shared with every hop.
+pub use renkei_link::{FrameError, Outgoing, frame};
 
 /// Crowding from occupancy: full at capacity, crowded from [`CROWDED_PCT`].
 pub fn crowding(evacuees: Option<u32>, capacity: Option<u32>) -> Option<Crowding> {
@@ -186,7 +161,7 @@ impl Site for FixedSite {
 #[cfg(test)]
 mod tests {
     use renkei_shared::validate::validate_for_topic;
-    use renkei_shared::{LinkState, Mode, PowerSource, ShelterState, decode};
+    use renkei_shared::{Envelope, LinkState, Mode, PowerSource, ShelterState, Topic, decode};
 
     use super::*;
     use crate::config::ConfigFile;

@@ -371,7 +371,7 @@ impl Locked<'_> {
         for entry in fs::read_dir(dir).map_err(|e| OutboxError::io(dir, e))? {
             let entry = entry.map_err(|e| OutboxError::io(dir, e))?;
             if let Some(name) = entry.file_name().to_str()
-                && Key::from_segment_name(name).is_some()
+                && segment::key_of_segment(name).is_some()
             {
                 names.push(name.to_owned());
             }
@@ -623,7 +623,7 @@ impl Locked<'_> {
             {
                 (n.clone(), false)
             }
-            _ => (key.segment_name(), true),
+            _ => (segment::segment_name(key), true),
         };
         let path = self.path(&name);
         let mut file = OpenOptions::new()
@@ -946,7 +946,7 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
-        assert!(q[0].starts_with(&keys[0].segment_name()), "{q:?}");
+        assert!(q[0].starts_with(&segment::segment_name(keys[0])), "{q:?}");
         // And the outbox carries on.
         assert!(append(&outbox, shelter()).unwrap().key > keys[2]);
     }
@@ -956,7 +956,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let outbox = Outbox::open(dir.path(), DEFAULT_MAX_BYTES).unwrap();
         fs::write(
-            outbox.dir().join(Key { boot: 0, seq: 1 }.segment_name()),
+            outbox
+                .dir()
+                .join(segment::segment_name(Key { boot: 0, seq: 1 })),
             b"not a segment at all, but long enough",
         )
         .unwrap();

@@ -16,19 +16,18 @@ pub(super) const MAX_RECORD: usize = renkei_shared::codec::MAX_FRAME;
 pub(super) const SEGMENT_EXT: &str = "seg";
 
 /// Segment files are named by the key of their first record.
-impl Key {
-    pub(super) fn segment_name(self) -> String {
-        format!("{:010}-{:020}.{SEGMENT_EXT}", self.boot, self.seq)
-    }
+pub(super) fn segment_name(key: Key) -> String {
+    format!("{:010}-{:020}.{SEGMENT_EXT}", key.boot, key.seq)
+}
 
-    pub(super) fn from_segment_name(name: &str) -> Option<Key> {
-        let stem = name.strip_suffix(&format!(".{SEGMENT_EXT}"))?;
-        let (boot, seq) = stem.split_once('-')?;
-        Some(Key {
-            boot: boot.parse().ok()?,
-            seq: seq.parse().ok()?,
-        })
-    }
+/// The key of a segment file's first record, from its name.
+pub(super) fn key_of_segment(name: &str) -> Option<Key> {
+    let stem = name.strip_suffix(&format!(".{SEGMENT_EXT}"))?;
+    let (boot, seq) = stem.split_once('-')?;
+    Some(Key {
+        boot: boot.parse().ok()?,
+        seq: seq.parse().ok()?,
+    })
 }
 
 /// Appends `[len][crc][frame]` to `out`.

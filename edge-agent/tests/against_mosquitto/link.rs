@@ -48,7 +48,10 @@ async fn the_link_driver_reports_each_step_and_arms_a_fresh_will_per_attempt() {
     let mut link: Driver<Lifecycle, u32> = Driver::spawn(&options, driver_options, lifecycle);
 
     assert!(matches!(event(&mut link).await, LinkEvent::Connecting));
-    let LinkEvent::Connected { birth, .. } = event(&mut link).await else {
+    let LinkEvent::Connected {
+        birth: Some(birth), ..
+    } = event(&mut link).await
+    else {
         panic!("not connected");
     };
     assert!(matches!(birth.body, Body::Life(Life::Birth { .. })));
@@ -121,7 +124,9 @@ async fn the_link_driver_reports_each_step_and_arms_a_fresh_will_per_attempt() {
     let birth2 = loop {
         assert!(Instant::now() < deadline, "not connected again");
         match event(&mut link).await {
-            LinkEvent::Connected { birth, .. } => break birth,
+            LinkEvent::Connected {
+                birth: Some(birth), ..
+            } => break birth,
             LinkEvent::Connecting | LinkEvent::Disconnected { .. } => {}
             other => panic!("{other:?} while reconnecting"),
         }

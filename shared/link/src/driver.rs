@@ -47,9 +47,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use super::{LinkError, LinkOptions, LinkState, connection_hint};
-use crate::lifecycle::{Armed, Lifecycle};
-use crate::report::{FrameError, Outgoing as Framed, frame};
+use crate::{
+    FrameError, LinkError, LinkOptions, LinkState, Outgoing as Framed, connection_hint, frame,
+};
 
 /// The wait after the first failed attempt; it doubles with every further failure.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
@@ -58,22 +58,37 @@ const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// How long a graceful close waits for its death and DISCONNECT to be written.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// A connection's birth and last will, numbered together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Armed {
+    /// Sent on the connection's ConnAck; re-sent verbatim on a rebirth command.
+    pub birth: Envelope,
+    /// Given to the broker as the connection's last will.
+    pub will: Envelope,
+}
+
 /// Who speaks on a link: numbers each attempt's birth and will, and the death of a close.
 pub trait Speaker {
     /// The birth and the last will of the next connection attempt, the will outranking the
-    /// birth and outranked by everything numbered after it.
-    fn arm(&mut self, now: Timestamp) -> Armed;
-    /// The death sent before a graceful DISCONNECT.
-    fn death(&mut self, now: Timestamp) -> Envelope;
+    /// birth and outranked by everything numbered after it; `None` for a link that announces
+    /// nothing of itself (it forwards the messages of others).
+    fn arm(&mut self, now: Timestamp) -> Option<Armed>;
+    /// The death sent before a graceful DISCONNECT, if the link announces itself.
+    fn death(&mut self, now: Timestamp) -> Option<Envelope>;
 }
 
-impl Speaker for Lifecycle {
-    fn arm(&mut self, now: Timestamp) -> Armed {
-        Lifecycle::arm(self, crate::AGENT_VERSION, now)
+/// The speaker of a link that forwards others' messages and announces nothing of its own:
+/// no will, no birth, no death.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Silent;
+
+impl Speaker for Silent {
+    fn arm(&mut self, _now: Timestamp) -> Option<Armed> {
+        None
     }
 
-    fn death(&mut self, now: Timestamp) -> Envelope {
-        Lifecycle::death(self, now)
+    fn death(&mut self, _now: Timestamp) -> Option<Envelope> {
+        None
     }
 }
 
@@ -108,10 +123,10 @@ impl Default for DriverOptions {
 pub enum LinkEvent<T> {
     /// A connection attempt started, with a freshly armed will.
     Connecting,
-    /// The broker accepted the connection; the subscriptions and then `birth` are queued. The
-    /// user sends its state now.
+    /// The broker accepted the connection; the subscriptions and then `birth` (if the speaker
+    /// has one) are queued. The user sends its state now.
     Connected {
-        birth: Envelope,
+        birth: Option<Envelope>,
         session_present: bool,
     },
     /// The SUBACK of the connection's SUBSCRIBE: one code per filter, in the order given.
@@ -147,9 +162,9 @@ enum Phase {
     /// No attempt yet: the next [`Driver::next`] arms one.
     Idle,
     /// An attempt is under way with the will of this birth.
-    Connecting { birth: Envelope },
+    Connecting { birth: Option<Envelope> },
     /// Connected; `birth` answers this connection's will.
-    Connected { birth: Envelope },
+    Connected { birth: Option<Envelope> },
     /// The last attempt failed; the next one starts at `until`.
     Backoff { until: Instant },
     /// [`Driver::close`] was called: no more attempts.
@@ -172,7 +187,7 @@ impl Phase {
 pub struct Driver<S, T = ()> {
     client: AsyncClient,
     /// Starts an attempt with this will in the task that polls rumqttc.
-    wills: mpsc::UnboundedSender<LastWill>,
+    wills: mpsc::UnboundedSender<Option<LastWill>>,
     events: mpsc::Receiver<Result<Event, ConnectionError>>,
     task: JoinHandle<()>,
     speaker: S,
@@ -269,6 +284,15 @@ impl<S: Speaker, T> Driver<S, T> {
         self.queue(out, tag)
     }
 
+    /// Queues a message already framed (a record forwarded byte for byte), tagged like
+    /// [`Driver::publish`].
+    pub fn publish_frame(&mut self, out: Framed, tag: Option<T>) -> Result<(), PublishError> {
+        if !self.is_connected() {
+            return Err(PublishError::Offline);
+        }
+        self.queue(out, tag)
+    }
+
     /// Queues `env` untagged. One rumqttc did not take is logged and counted, not retried: a
     /// live message is stale by the next chance, and the next birth brings the full state.
     pub fn publish_live(&mut self, env: &Envelope) -> Result<(), LinkError> {
@@ -286,7 +310,7 @@ impl<S: Speaker, T> Driver<S, T> {
     /// Sends this connection's birth again (a duplicate to HQ, so that the will armed with it
     /// still outranks it), as a rebirth command asks.
     pub fn rebirth(&mut self) -> Result<(), LinkError> {
-        let Phase::Connected { birth } = &self.phase else {
+        let Phase::Connected { birth: Some(birth) } = &self.phase else {
             return Ok(());
         };
         let birth = birth.clone();
@@ -303,7 +327,9 @@ impl<S: Speaker, T> Driver<S, T> {
             return Ok(late);
         }
         let death = self.speaker.death(Timestamp::now());
-        if let Err(e) = self.queue(frame(&death)?, None) {
+        if let Some(death) = &death
+            && let Err(e) = self.queue(frame(death)?, None)
+        {
             warn!(error = %e, "death not queued");
         }
         // Requests are written in order, so the death reaches the broker before DISCONNECT
@@ -326,7 +352,7 @@ impl<S: Speaker, T> Driver<S, T> {
         if tokio::time::timeout(CLOSE_TIMEOUT, drain).await.is_err() {
             warn!("broker did not take the death in time; the will reports it instead");
         }
-        info!(death_seq = death.header.seq, "disconnected");
+        info!(death_seq = death.map(|d| d.header.seq), "disconnected");
         Ok(late)
     }
 
@@ -341,8 +367,12 @@ impl<S: Speaker, T> Driver<S, T> {
     fn arm(&mut self) -> Result<LinkEvent<T>, LinkError> {
         let armed = self.speaker.arm(Timestamp::now());
         // A send fails only if the task is gone; the event channel then says so.
-        let _ = self.wills.send(last_will(&armed.will)?);
-        self.phase = Phase::Connecting { birth: armed.birth };
+        let (birth, will) = match armed {
+            Some(armed) => (Some(armed.birth), Some(last_will(&armed.will)?)),
+            None => (None, None),
+        };
+        let _ = self.wills.send(will);
+        self.phase = Phase::Connecting { birth };
         Ok(LinkEvent::Connecting)
     }
 
@@ -383,7 +413,7 @@ impl<S: Speaker, T> Driver<S, T> {
         self.backoff.reset();
         self.queued.clear();
         self.by_pkid.clear();
-        info!(broker = %self.broker, boot = birth.header.boot, birth_seq = birth.header.seq, session_present, "connected");
+        info!(broker = %self.broker, boot = birth.as_ref().map(|b| b.header.boot), birth_seq = birth.as_ref().map(|b| b.header.seq), session_present, "connected");
         self.phase = Phase::Connected {
             birth: birth.clone(),
         };
@@ -396,7 +426,9 @@ impl<S: Speaker, T> Driver<S, T> {
                 warn!(error = %e, "subscriptions not queued");
             }
         }
-        self.publish_live(&birth)?;
+        if let Some(birth) = &birth {
+            self.publish_live(birth)?;
+        }
         Ok(Some(LinkEvent::Connected {
             birth,
             session_present,
@@ -434,15 +466,21 @@ impl<S, T> Drop for Driver<S, T> {
 /// Polls rumqttc: one attempt per will received, each run to its first error.
 async fn drive(
     mut eventloop: EventLoop,
-    mut wills: mpsc::UnboundedReceiver<LastWill>,
+    mut wills: mpsc::UnboundedReceiver<Option<LastWill>>,
     events: mpsc::Sender<Result<Event, ConnectionError>>,
 ) {
+    // The options without a will: each attempt arms its own, or none.
+    let base = eventloop.mqtt_options.clone();
     while let Some(will) = wills.recv().await {
         // Requests queued after the last connection failed belong to it (the user re-sends
         // what matters after the birth); sent first on the new one, they would precede it.
         eventloop.clean();
         eventloop.pending.clear();
-        eventloop.mqtt_options.set_last_will(will);
+        let mut options = base.clone();
+        if let Some(will) = will {
+            options.set_last_will(will);
+        }
+        eventloop.mqtt_options = options;
         loop {
             let event = eventloop.poll().await;
             let lost = event.is_err();
