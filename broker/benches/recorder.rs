@@ -59,6 +59,7 @@ fn recorder(messages: &[(Topic, Envelope, Vec<u8>)]) -> Duration {
             topic: topic.clone(),
             envelope: Box::new(env.clone()),
             payload: payload.clone(),
+            via: None,
         })
         .collect();
     let started = Instant::now();

@@ -7,6 +7,7 @@
 //! | hq                | alerts, acks, commands                                        | everything                                                                   |
 //! | integrator        | nothing                                                       | `renkei/json/v1/#`, `renkei/v1/#` and narrower                               |
 //! | admin             | anything under `renkei/v1/`                                   | everything                                                                   |
+//! | relay (ward W)    | W's sites' topics, `renkei/v1/{W}/…` (forwarded as the sites sent them) | `renkei/receipt/v1/{W}/+`, `renkei/v1/cmd/{W}/#`, what a ward operator of W reads, and narrower |
 //! | demo (anonymous)  | any Renkei topic under `renkei/v1/` (site, alert, ack, command)| everything                                                                  |
 //!
 //! Nobody but the broker's own links publishes under `renkei/json/v1/` (the mirror is derived
@@ -25,7 +26,7 @@
 //! whose author is not the login that publishes it ([`ack_author`]).
 
 use renkei_shared::topic::{self, JSON_ROOT, ROOT};
-use renkei_shared::{SiteRef, Topic};
+use renkei_shared::{SiteRef, Topic, WardCode};
 
 use crate::auth::{Access, Principal};
 
@@ -79,6 +80,14 @@ pub fn may_publish(principal: &Principal, topic: &str) -> Result<(), Refusal> {
             Ok(())
         }
         (Access::Hq, Topic::Site { .. }) => Err("role"),
+        (Access::Relay(ward), Topic::Site { site, .. }) => {
+            if site.ward == *ward {
+                Ok(())
+            } else {
+                Err("other_ward")
+            }
+        }
+        (Access::Relay(_), _) => Err("role"),
         (Access::Integrator | Access::Admin | Access::Probe, _) => Err("role"),
     }
 }
@@ -121,8 +130,23 @@ pub fn may_subscribe(principal: &Principal, filter: &str) -> bool {
         Access::Agent(site) => {
             filter == topic::command_filter(site) || filter == renkei_shared::receipt_topic(site)
         }
+        Access::Relay(ward) => {
+            relay_reads_receipts(*ward, filter)
+                || within(filter, &format!("{ROOT}/cmd/{ward}/#"))
+                || topic::ward_reader_filters(*ward)
+                    .iter()
+                    .any(|allowed| within(filter, allowed))
+        }
         Access::Probe => false,
     }
+}
+
+/// Whether `filter` is the receipts of all `ward`'s sites (`…/{ward}/+`) or of one of them.
+fn relay_reads_receipts(ward: WardCode, filter: &str) -> bool {
+    if filter == renkei_shared::receipt::receipt_ward_filter(ward) {
+        return true;
+    }
+    renkei_shared::receipt::parse_receipt_topic(filter).is_some_and(|site| site.ward == ward)
 }
 
 /// Whether an acknowledgement's author (`by`) is the login that publishes it: the same user
@@ -208,6 +232,53 @@ mod tests {
             may_publish(&agent, "renkei/receipt/v1/131041/es-1"),
             Err("outside_tree")
         );
+    }
+
+    #[test]
+    fn relays_forward_only_their_wards_sites_and_read_only_what_comes_down_to_it() {
+        let relay = principal("relay-shinjuku", Access::Relay(WardCode(131041)));
+        assert_eq!(may_publish(&relay, "renkei/v1/131041/es-1/status"), Ok(()));
+        assert_eq!(
+            may_publish(&relay, "renkei/v1/131041/es-2/incident/i-1"),
+            Ok(())
+        );
+        assert_eq!(
+            may_publish(&relay, "renkei/v1/131016/es-1/status"),
+            Err("other_ward")
+        );
+        for topic in [
+            "renkei/v1/hq/alert/a-1",
+            "renkei/v1/cmd/131041/es-1",
+            "renkei/v1/hq/ack/request/131041/es-1/r-1",
+        ] {
+            assert_eq!(may_publish(&relay, topic), Err("role"), "{topic}");
+        }
+        assert_eq!(
+            may_publish(&relay, "renkei/json/v1/131041/es-1/status"),
+            Err("json_mirror")
+        );
+        for filter in [
+            "renkei/receipt/v1/131041/+",
+            "renkei/receipt/v1/131041/es-1",
+            "renkei/v1/cmd/131041/#",
+            "renkei/v1/cmd/131041/es-1",
+            "renkei/v1/hq/alert/#",
+            "renkei/v1/131041/#",
+        ] {
+            assert!(may_subscribe(&relay, filter), "{filter}");
+        }
+        for filter in [
+            "renkei/receipt/v1/131016/+",
+            "renkei/receipt/v1/+/+",
+            "renkei/receipt/v1/#",
+            "renkei/v1/cmd/131016/#",
+            "renkei/v1/cmd/#",
+            "renkei/v1/#",
+            "renkei/json/v1/#",
+            "#",
+        ] {
+            assert!(!may_subscribe(&relay, filter), "{filter}");
+        }
     }
 
     #[test]

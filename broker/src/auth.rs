@@ -70,6 +70,8 @@ pub enum Access {
     Hq,
     Integrator,
     Admin,
+    /// A ward broker's uplink: forwards its ward's record, reads what HQ sends down to it.
+    Relay(WardCode),
 }
 
 impl Access {
@@ -81,6 +83,7 @@ impl Access {
             Access::Hq => Some(Role::Hq),
             Access::Integrator => Some(Role::Integrator),
             Access::Admin => Some(Role::Admin),
+            Access::Relay(_) => Some(Role::Relay),
         }
     }
 }
@@ -145,12 +148,14 @@ pub fn access_for(
         (Role::Agent, _, _) => invalid("an agent needs --ward and --site"),
         (Role::Ward, Some(ward), None) => Ok(Access::Ward(ward)),
         (Role::Ward, _, _) => invalid("a ward operator needs --ward and no --site"),
+        (Role::Relay, Some(ward), None) => Ok(Access::Relay(ward)),
+        (Role::Relay, _, _) => invalid("a relay needs --ward (the ward it serves) and no --site"),
         (_, None, None) => Ok(match role {
             Role::Hq => Access::Hq,
             Role::Integrator => Access::Integrator,
             _ => Access::Admin,
         }),
-        _ => invalid("only agents and ward operators take --ward / --site"),
+        _ => invalid("only agents, ward operators and relays take --ward / --site"),
     }
 }
 
@@ -185,7 +190,7 @@ pub fn add_user(
         .ok_or_else(|| UserError::Invalid("demo access is not a role".into()))?;
     let (ward, site) = match access {
         Access::Agent(s) => (Some(s.ward.0), Some(s.site.to_string())),
-        Access::Ward(w) => (Some(w.0), None),
+        Access::Ward(w) | Access::Relay(w) => (Some(w.0), None),
         _ => (None, None),
     };
     let hash = hash_password(password, config)?;
@@ -258,6 +263,9 @@ pub enum LoginRefusal {
     /// Too many logins waiting for a password check, or enough checks already in flight for
     /// this name to lock it: try again later.
     Busy,
+    /// A relay's login at a broker that has an upstream itself (a ward broker): relays chain
+    /// only to HQ, so this is a misconfigured cycle or chain, refused before it forwards.
+    RelayToWardBroker,
 }
 
 impl LoginRefusal {
@@ -269,6 +277,7 @@ impl LoginRefusal {
             LoginRefusal::LockedOut => "locked_out",
             LoginRefusal::AddressLockedOut => "address_locked_out",
             LoginRefusal::Busy => "busy",
+            LoginRefusal::RelayToWardBroker => "relay_to_ward_broker",
         }
     }
 }
@@ -295,6 +304,8 @@ pub struct Authenticator {
     secret: [u8; 32],
     /// The readiness probe's password, made at start and never stored.
     probe_password: String,
+    /// See [`Authenticator::refuse_relays`].
+    refuse_relays: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -478,6 +489,7 @@ impl Authenticator {
             config,
             secret: rand::random(),
             probe_password: format!("{:032x}", rand::random::<u128>()),
+            refuse_relays: std::sync::atomic::AtomicBool::new(false),
         };
         auth.reload()?;
         Ok(auth)
@@ -593,9 +605,42 @@ impl Authenticator {
         self.verify_from(None, name, password).await
     }
 
+    /// A broker with an upstream (a ward broker) refuses relays' logins: see
+    /// [`LoginRefusal::RelayToWardBroker`].
+    pub fn refuse_relays(&self) {
+        self.refuse_relays
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// [`Authenticator::check_password`], then the refusal of relays at a ward broker (after
+    /// the password, so that a stranger learns nothing of who is a relay).
+    pub async fn verify_from(
+        &self,
+        peer: Option<IpAddr>,
+        name: &str,
+        password: &str,
+    ) -> Result<Principal, LoginRefusal> {
+        let principal = self.check_password(peer, name, password).await?;
+        if matches!(principal.access, Access::Relay(_))
+            && self
+                .refuse_relays
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            let refusal = LoginRefusal::RelayToWardBroker;
+            self.metrics.login_refused(refusal.reason());
+            tracing::warn!(
+                user = %principal.name,
+                "refused a relay's login: this broker has an upstream itself, and relays \
+                 chain only to HQ (a cycle or a chain of ward brokers in the configuration)"
+            );
+            return Err(refusal);
+        }
+        Ok(principal)
+    }
+
     /// [`Authenticator::verify`] for a client at `peer`, if known: refused while that address is
     /// locked out, and a failure counts against it.
-    pub async fn verify_from(
+    async fn check_password(
         &self,
         peer: Option<IpAddr>,
         name: &str,

@@ -57,6 +57,7 @@ pub struct Config {
     pub recorder: RecorderConfig,
     pub rules: RulesConfig,
     pub external: ExternalConfig,
+    pub upstream: UpstreamConfig,
     /// Demo mode: anonymous clients allowed (see [`crate::auth`]). Set only by `serve --demo`,
     /// never from a file, so that a copied configuration cannot open a production broker.
     #[serde(skip)]
@@ -341,6 +342,56 @@ impl Default for ExternalConfig {
     }
 }
 
+/// Ward mode: this broker serves one ward's office and forwards everything its own sites sent
+/// to HQ's broker, from its record (see [`crate::uplink`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// HQ's broker, `mqtt://HOST[:PORT]` or `mqtts://HOST[:PORT]`; set, it turns ward mode on.
+    pub broker: Option<String>,
+    /// The ward this broker serves (its six-digit code, e.g. 131041); required in ward mode.
+    /// Only its sites' messages are forwarded.
+    pub ward: Option<renkei_shared::WardCode>,
+    /// PEM: the CA certificates an `mqtts://` HQ's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// The relay's login at HQ (a user of role `relay` bound to `ward`); the password is the
+    /// first line of `password_file`. Without a user, the login is anonymous (an HQ in demo
+    /// mode only).
+    pub user: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Records out to HQ and not yet named by its receipts, at most. HQ's receipts come every
+    /// few seconds per site, so this bounds the drain rate (window / receipt delay).
+    pub window: usize,
+    /// Backlog records forwarded a second at most, after a cut; live records are never held.
+    pub replay_rate: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            broker: None,
+            ward: None,
+            ca_file: None,
+            user: None,
+            password_file: None,
+            window: 4096,
+            replay_rate: 2000,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// The relay's MQTT client id at HQ: its user name (HQ allows a named user only its own
+    /// name, or the name and a suffix), or `relay-{ward}` anonymously.
+    pub fn client_id(&self) -> String {
+        match (&self.user, self.ward) {
+            (Some(user), _) => user.clone(),
+            (None, Some(ward)) => format!("relay-{ward}"),
+            (None, None) => "relay".into(),
+        }
+    }
+}
+
 impl Config {
     /// Reads `path`, or returns the defaults when there is none.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
@@ -392,6 +443,11 @@ impl Config {
             (e, line)
         })?;
         Ok(config)
+    }
+
+    /// Checks again what [`Config::load`] checked, after the command line changed it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.check()
     }
 
     /// Checks what the types alone cannot.
@@ -508,6 +564,45 @@ impl Config {
                 "external.share_group",
                 format!("{:?} may not contain / + #", x.share_group),
             );
+        }
+        let u = &self.upstream;
+        if let Some(url) = &u.broker {
+            if let Err(error) = renkei_shared::url::BrokerUrl::parse(url) {
+                return invalid("upstream.broker", error.to_string());
+            }
+            if x.broker.is_some() {
+                return invalid(
+                    "upstream.broker",
+                    "ward mode needs the embedded broker: external.broker is set too".into(),
+                );
+            }
+            match u.ward {
+                None => {
+                    return invalid(
+                        "upstream.ward",
+                        "missing: ward mode (upstream.broker) serves one ward".into(),
+                    );
+                }
+                Some(ward) if !ward.is_known() => {
+                    return invalid(
+                        "upstream.ward",
+                        format!("{ward} is not one of the 23 special wards"),
+                    );
+                }
+                Some(_) => {}
+            }
+        }
+        if u.password_file.is_some() && u.user.is_none() {
+            return invalid(
+                "upstream.user",
+                "missing: upstream.password_file is set".into(),
+            );
+        }
+        if u.window == 0 || u.window > 65_535 {
+            return invalid("upstream.window", "must be between 1 and 65535".into());
+        }
+        if u.replay_rate == 0 {
+            return invalid("upstream.replay_rate", "must be at least 1".into());
         }
         let r = &self.recorder;
         if r.receipt_rate == 0 {

@@ -5,7 +5,7 @@
 //! users      (name PK, role, ward, site, password_hash, created_at)
 //! origins    (id PK, key UNIQUE)                      -- 'site:{ward}/{site}' or 'hq:{node}'
 //! messages   (id PK, received_at, origin_id, boot, seq, topic, kind, mode, ward, site,
-//!             payload BLOB, UNIQUE (origin_id, boot, seq))
+//!             payload BLOB, via, UNIQUE (origin_id, boot, seq))
 //! quarantine (id PK, received_at, topic, reason, detail, payload BLOB)   -- bounded
 //! meta       (key PK, value)                                           -- e.g. broker_boot
 //! ```
@@ -14,7 +14,10 @@
 //! history, in the order it sent it, is one range of the `(origin_id, boot, seq)` key, which
 //! is also what keeps a redelivered message once. The key is three integers: with the
 //! sender's name in it as text, inserting into it was a third of the recorder's time.
-//! `ward`/`site` repeat the sending site (NULL for HQ messages) for filtering. The only other
+//! `ward`/`site` repeat the sending site (NULL for HQ messages) for filtering. `via` is the
+//! client id of the connection that brought a site's message when it is not the site's own
+//! agent (a ward broker's relay, or HQ's downlink at a ward broker), NULL when the site sent
+//! it itself: a ward broker forwards only those (what came down never goes up again). The only other
 //! index is `received_at`'s, for integrators catching up from a time. Every index is a B-tree
 //! insert per recorded message on the hot path, so there are no more. Times are Unix
 //! milliseconds from the broker's clock. WAL mode lets HTTP read while the recorder writes.
@@ -70,21 +73,32 @@ macro_rules! messages_columns {
     ward        INTEGER,
     site        TEXT,
     payload     BLOB NOT NULL,
+    via         TEXT,
     UNIQUE (origin_id, boot, seq)
+)"
+    };
+}
+
+/// The columns of `users`, for [`SCHEMA`] and the upgrade that rewrites it.
+macro_rules! users_columns {
+    () => {
+        "(
+    name          TEXT PRIMARY KEY,
+    role          TEXT NOT NULL
+                  CHECK (role IN ('agent', 'ward', 'hq', 'integrator', 'admin', 'relay')),
+    ward          INTEGER,
+    site          TEXT,
+    password_hash TEXT NOT NULL,
+    created_at    INTEGER NOT NULL
 )"
     };
 }
 
 const SCHEMA: &str = concat!(
     "
-CREATE TABLE IF NOT EXISTS users (
-    name          TEXT PRIMARY KEY,
-    role          TEXT NOT NULL CHECK (role IN ('agent', 'ward', 'hq', 'integrator', 'admin')),
-    ward          INTEGER,
-    site          TEXT,
-    password_hash TEXT NOT NULL,
-    created_at    INTEGER NOT NULL
-);
+CREATE TABLE IF NOT EXISTS users ",
+    users_columns!(),
+    ";
 CREATE TABLE IF NOT EXISTS origins ",
     origins_columns!(),
     ";
@@ -108,7 +122,7 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 
 /// The schema `SCHEMA` makes, as `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// The database path for a data directory.
 pub fn path(data_dir: &Path) -> PathBuf {
@@ -212,6 +226,9 @@ pub fn open(data_dir: &Path) -> Result<Connection, DbError> {
 /// Versions 0 to 2 kept the sender's name in `messages.origin` as text, in the unique key.
 /// The names move to `origins` and the table is rewritten once with `origin_id`, keeping
 /// every row and its id, in one transaction.
+///
+/// Versions 0 to 3 had no `messages.via` (added, NULL: every row so far came from its own
+/// site) and no `relay` role in the check of `users.role` (the table is rewritten once).
 fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= SCHEMA_VERSION {
@@ -233,6 +250,26 @@ fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
         tracing::info!("database: moving sender names to origins (schema version 2 to 3)");
         conn.execute_batch(ORIGINS_UPGRADE)?;
     }
+    let has_messages: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'messages'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has_messages && !has_column("via")? {
+        tracing::info!("database: adding messages.via (schema version 3 to 4)");
+        conn.execute_batch("ALTER TABLE messages ADD COLUMN via TEXT")?;
+    }
+    let users: Option<String> = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'users'",
+            [],
+            |r| r.get(0),
+        )
+        .ok();
+    if users.is_some_and(|sql| !sql.contains("'relay'")) {
+        tracing::info!("database: users may be relays (schema version 3 to 4)");
+        conn.execute_batch(USERS_UPGRADE)?;
+    }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
 }
 
@@ -248,12 +285,28 @@ CREATE TABLE messages_v3 ",
     messages_columns!(),
     ";
 INSERT INTO messages_v3
+    (id, received_at, origin_id, boot, seq, topic, kind, mode, ward, site, payload)
     SELECT m.id, m.received_at, o.id, m.boot, m.seq, m.topic, m.kind, m.mode, m.ward, m.site,
            m.payload
     FROM messages m JOIN origins o ON o.key = m.origin ORDER BY m.id;
 DROP TABLE messages;
 ALTER TABLE messages_v3 RENAME TO messages;
 CREATE INDEX messages_by_time ON messages (received_at);
+COMMIT;
+"
+);
+
+/// Version 3 to 4: `users.role` may be `relay`.
+const USERS_UPGRADE: &str = concat!(
+    "
+BEGIN;
+CREATE TABLE users_v4 ",
+    users_columns!(),
+    ";
+INSERT INTO users_v4 (name, role, ward, site, password_hash, created_at)
+    SELECT name, role, ward, site, password_hash, created_at FROM users;
+DROP TABLE users;
+ALTER TABLE users_v4 RENAME TO users;
 COMMIT;
 "
 );
@@ -374,6 +427,59 @@ mod tests {
             "{indexes:?}"
         );
         assert_eq!(user_version(&conn), SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_version_3_database_gains_via_and_the_relay_role_and_keeps_every_row() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(path(dir.path())).unwrap();
+            old.execute_batch(
+                "CREATE TABLE users (
+                    name TEXT PRIMARY KEY,
+                    role TEXT NOT NULL
+                         CHECK (role IN ('agent', 'ward', 'hq', 'integrator', 'admin')),
+                    ward INTEGER, site TEXT, password_hash TEXT NOT NULL,
+                    created_at INTEGER NOT NULL);
+                 CREATE TABLE origins (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE);
+                 CREATE TABLE messages (
+                    id INTEGER PRIMARY KEY, received_at INTEGER NOT NULL,
+                    origin_id INTEGER NOT NULL REFERENCES origins (id), boot INTEGER NOT NULL,
+                    seq INTEGER NOT NULL, topic TEXT NOT NULL, kind TEXT NOT NULL,
+                    mode TEXT NOT NULL, ward INTEGER, site TEXT, payload BLOB NOT NULL,
+                    UNIQUE (origin_id, boot, seq));
+                 INSERT INTO users VALUES ('sato', 'hq', NULL, NULL, 'h', 1);
+                 INSERT INTO origins VALUES (1, 'site:131041/es-1');
+                 INSERT INTO messages VALUES
+                    (5, 5, 1, 1, 1, 't1', 'status', 'actual', 131041, 'es-1', x'01');
+                 PRAGMA user_version = 3;",
+            )
+            .unwrap();
+            let refused = old.execute(
+                "INSERT INTO users VALUES ('relay-shinjuku', 'relay', 131041, NULL, 'h', 2)",
+                [],
+            );
+            assert!(refused.is_err(), "the old check knows no relay");
+        }
+        let conn = open(dir.path()).unwrap();
+        conn.execute(
+            "INSERT INTO users VALUES ('relay-shinjuku', 'relay', 131041, NULL, 'h', 2)",
+            [],
+        )
+        .unwrap();
+        let users: i64 = conn
+            .query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(users, 2);
+        let row: (i64, Vec<u8>, Option<String>) = conn
+            .query_row("SELECT id, payload, via FROM messages", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!(row, (5, vec![1], None));
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
+        drop(conn);
+        open(dir.path()).unwrap();
     }
 
     #[test]

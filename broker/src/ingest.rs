@@ -178,7 +178,11 @@ impl Ingest {
                         return Err(IngestError::ExternalGone);
                     }
                 };
-                pipeline.handle(message.publish.topic.as_bytes(), &message.publish.payload);
+                pipeline.handle(
+                    message.publish.topic.as_bytes(),
+                    &message.publish.payload,
+                    None,
+                );
                 unacked.push(message.publish);
                 if !pipeline.pending() {
                     // The pipeline handed on by itself (its hand-off was full).
@@ -258,7 +262,10 @@ impl Consumer {
                 self.tap.recv_deadline(Instant::now() + STOP_POLL)
             };
             match next.map_err(|_| IngestError::Disconnected)? {
-                Some(tapped) => self.pipeline.handle(&tapped.topic, &tapped.payload),
+                Some(tapped) => {
+                    self.pipeline
+                        .handle(&tapped.topic, &tapped.payload, Some(&tapped.client_id))
+                }
                 None => self.pipeline.flush(),
             }
             // Two atomic loads and stores: kept current under load, when they matter.
@@ -325,9 +332,9 @@ impl Pipeline {
         self.outbox.handled > 0
     }
 
-    /// Handles one publish received on `topic`; what it leaves for others waits for
-    /// [`Pipeline::flush`].
-    pub fn handle(&mut self, topic: &[u8], payload: &[u8]) {
+    /// Handles one publish received on `topic` from the connection `publisher` (its client id,
+    /// when known); what it leaves for others waits for [`Pipeline::flush`].
+    pub fn handle(&mut self, topic: &[u8], payload: &[u8], publisher: Option<&str>) {
         let received_at = self.clock.now();
         match process(&self.state, topic, payload, received_at) {
             Ok(accepted) => {
@@ -351,6 +358,7 @@ impl Pipeline {
                 }
                 if self.recorder.is_some() {
                     self.outbox.records.push(Record::Accepted {
+                        via: via(&accepted.envelope, publisher),
                         received_at,
                         topic: accepted.topic,
                         envelope: Box::new(accepted.envelope),
@@ -440,6 +448,20 @@ impl Pipeline {
                 tracing::error!(error = %e, kind = kind.as_str(), "cannot encode JSON mirror");
             }
         }
+    }
+}
+
+/// Who brought a site's message when it was not the site's own agent (a ward broker's relay,
+/// HQ's downlink at a ward broker): recorded as `messages.via`. `None` for a message its
+/// sender published itself, for HQ's own messages, and where the publisher is not known.
+fn via(envelope: &renkei_shared::Envelope, publisher: Option<&str>) -> Option<String> {
+    match (&envelope.header.origin, publisher) {
+        (renkei_shared::Origin::Site(site), Some(client_id))
+            if !site.is_agent_client_id(client_id) =>
+        {
+            Some(client_id.to_owned())
+        }
+        _ => None,
     }
 }
 

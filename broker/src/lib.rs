@@ -56,6 +56,7 @@ pub mod recorder;
 pub mod rules;
 pub mod skew;
 pub mod trim;
+pub mod uplink;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -89,6 +90,8 @@ pub enum Error {
     Users(#[from] auth::UserError),
     #[error(transparent)]
     Recorder(#[from] recorder::RecorderError),
+    #[error("ward mode: {0}")]
+    Uplink(#[from] uplink::UplinkError),
     #[error("cannot start the receipts thread: {0}")]
     ReceiptsThread(std::io::Error),
     #[error(transparent)]
@@ -185,6 +188,8 @@ pub struct Broker {
     app: AppState,
     /// Runs as long as the broker.
     _trimmer: trim::Trimmer,
+    /// Ward mode: forwarding this ward's record to HQ.
+    uplink: Option<uplink::Uplink>,
     /// Raised at every start and kept in the database: the `boot` of the broker's messages.
     pub boot: u32,
 }
@@ -216,6 +221,11 @@ impl Broker {
         )?);
         if config.demo {
             tracing::warn!("demo mode: clients may connect without a user name");
+        }
+        if config.upstream.broker.is_some() {
+            // Relays chain only to HQ: a ward broker taking a relay's login is a cycle or a
+            // chain in the configuration.
+            auth.refuse_relays();
         }
         let boot = {
             let conn = db::open(data_dir)?;
@@ -324,6 +334,15 @@ impl Broker {
         if let Source::Embedded(mqtt) = &mut source {
             mqtt.listen().await?;
         }
+        let uplink = match &config.upstream.broker {
+            Some(_) => Some(uplink::Uplink::start(
+                &config.upstream,
+                data_dir,
+                recorder.committed(),
+                metrics.clone(),
+            )?),
+            None => None,
+        };
 
         let http_addr = config.http.listen;
         let http = TcpListener::bind(http_addr)
@@ -381,6 +400,7 @@ impl Broker {
             http_limits: http::server::Limits::of(&config.http),
             app,
             _trimmer: trimmer,
+            uplink,
             boot,
         })
     }
@@ -411,6 +431,7 @@ impl Broker {
             http,
             http_limits,
             app,
+            uplink,
             ..
         } = self;
         let server = http::server::serve(http, http::router(app), http_limits, shutdown);
@@ -425,6 +446,10 @@ impl Broker {
             stopped = mqtt_stopped => Err(stopped.into()),
             failed = ingest.failed() => Err(failed.into()),
         };
+        // Its last cursor is written, and HQ told with a DISCONNECT.
+        if let Some(uplink) = uplink {
+            uplink.stop().await;
+        }
         // Joining waits for at most one poll interval of the ingest thread; the recorder then
         // writes what ingest handed it (its last sender is gone with ingest).
         // The rules stop first, so that ingest still records the last alerts they published.

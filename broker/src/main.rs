@@ -146,6 +146,22 @@ struct ServeArgs {
     /// Shared-subscription group, "" for a plain subscription (external.share_group).
     #[arg(long, value_name = "GROUP", requires = "external")]
     external_share_group: Option<String>,
+    /// Ward mode (upstream.broker): mqtt://HOST[:PORT] or mqtts://HOST[:PORT] of HQ's broker;
+    /// this broker serves one ward (--upstream-ward) and forwards its record to HQ.
+    #[arg(long, value_name = "URL", requires = "upstream_ward")]
+    upstream: Option<String>,
+    /// The ward this broker serves, its six-digit code (upstream.ward).
+    #[arg(long, value_name = "CODE", requires = "upstream")]
+    upstream_ward: Option<renkei_shared::WardCode>,
+    /// The relay's login at HQ (upstream.user).
+    #[arg(long, value_name = "USER", requires = "upstream")]
+    upstream_user: Option<String>,
+    /// File whose first line is the relay's password at HQ (upstream.password_file).
+    #[arg(long, value_name = "FILE", requires = "upstream_user")]
+    upstream_password_file: Option<PathBuf>,
+    /// PEM CA certificates an mqtts:// HQ's certificate must chain to (upstream.ca_file).
+    #[arg(long, value_name = "FILE", requires = "upstream")]
+    upstream_ca_file: Option<PathBuf>,
     /// Demo mode: clients may connect without a user name (see the crate docs for what an
     /// anonymous client may do); the dashboard shows no login form.
     #[arg(long)]
@@ -197,7 +213,24 @@ impl ServeArgs {
         if let Some(group) = &self.external_share_group {
             config.external.share_group = group.clone();
         }
+        if let Some(url) = &self.upstream {
+            config.upstream.broker = Some(url.clone());
+        }
+        if let Some(ward) = self.upstream_ward {
+            config.upstream.ward = Some(ward);
+        }
+        if let Some(user) = &self.upstream_user {
+            config.upstream.user = Some(user.clone());
+        }
+        if let Some(file) = &self.upstream_password_file {
+            config.upstream.password_file = Some(file.clone());
+        }
+        if let Some(file) = &self.upstream_ca_file {
+            config.upstream.ca_file = Some(file.clone());
+        }
         config.demo = self.demo;
+        // The flags may have changed what the file's checks passed.
+        config.validate()?;
         Ok(config)
     }
 }
@@ -268,6 +301,7 @@ fn user(command: UserCommand) -> anyhow::Result<()> {
                     Access::Hq => ("hq", String::new()),
                     Access::Integrator => ("integrator", String::new()),
                     Access::Admin => ("admin", String::new()),
+                    Access::Relay(ward) => ("relay", ward.to_string()),
                     Access::Demo | Access::Probe => continue,
                 };
                 writeln!(stdout, "{}\t{role}\t{binding}", user.name)?;

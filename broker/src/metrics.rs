@@ -75,6 +75,29 @@ pub struct Metrics {
     /// Times free memory was handed back to the system ([`crate::trim`]), and the time spent.
     memory_trims: AtomicU64,
     memory_trim_micros: AtomicU64,
+    /// Ward mode: the uplink to HQ (all zero otherwise).
+    pub uplink: UplinkMetrics,
+}
+
+/// Ward mode: how the uplink to HQ stands (see [`crate::uplink`]).
+#[derive(Debug, Default)]
+pub struct UplinkMetrics {
+    /// 1 while connected to HQ.
+    pub connected: AtomicU64,
+    /// Unix ms since when HQ has been unreachable (0 while connected, or never tried).
+    pub down_since_ms: AtomicU64,
+    /// Records published to HQ (again after a cut or an overdue receipt included).
+    pub forwarded: AtomicU64,
+    /// Records HQ's receipts confirmed.
+    pub confirmed: AtomicU64,
+    /// Times receipts were overdue and everything unconfirmed went again.
+    pub overdue: AtomicU64,
+    /// The uplink's cursor: every record up to this row id is in HQ's record.
+    pub cursor: AtomicI64,
+    /// This ward's records not yet confirmed by HQ.
+    pub backlog: AtomicU64,
+    /// Unix ms of HQ's last receipt.
+    pub last_receipt_ms: AtomicU64,
 }
 
 impl Metrics {
@@ -406,7 +429,7 @@ impl Metrics {
             );
         }
 
-        let gauges: [(&str, &str, &str, u64); 13] = [
+        let gauges: [(&str, &str, &str, u64); 20] = [
             (
                 "renkei_recorder_queue",
                 "gauge",
@@ -484,6 +507,48 @@ impl Metrics {
                 "gauge",
                 "Size of the database file and its write-ahead log.",
                 load(&self.recorder_db_bytes),
+            ),
+            (
+                "renkei_uplink_connected",
+                "gauge",
+                "Ward mode: 1 while the uplink to HQ is connected.",
+                load(&self.uplink.connected),
+            ),
+            (
+                "renkei_uplink_down_since_ms",
+                "gauge",
+                "Ward mode: Unix ms since when HQ has been unreachable (0 while connected).",
+                load(&self.uplink.down_since_ms),
+            ),
+            (
+                "renkei_uplink_forwarded_total",
+                "counter",
+                "Ward mode: records published to HQ, resends included.",
+                load(&self.uplink.forwarded),
+            ),
+            (
+                "renkei_uplink_confirmed_total",
+                "counter",
+                "Ward mode: records HQ's receipts confirmed (in HQ's record).",
+                load(&self.uplink.confirmed),
+            ),
+            (
+                "renkei_uplink_overdue_total",
+                "counter",
+                "Ward mode: times HQ's receipts were overdue and the unconfirmed records went again.",
+                load(&self.uplink.overdue),
+            ),
+            (
+                "renkei_uplink_backlog_records",
+                "gauge",
+                "Ward mode: this ward's records not yet in HQ's record.",
+                load(&self.uplink.backlog),
+            ),
+            (
+                "renkei_uplink_last_receipt_ms",
+                "gauge",
+                "Ward mode: Unix ms of HQ's last receipt (a link that says connected but forwards nothing shows here).",
+                load(&self.uplink.last_receipt_ms),
             ),
         ];
         for (name, kind, help, value) in gauges {

@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use renkei_shared::receipt::{RECEIPT_ROOT, parse_receipt_topic};
-use renkei_shared::{Receipt, SiteRef, receipt_topic};
+use renkei_shared::{Receipt, SiteRef, WardCode, receipt_topic};
 
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
@@ -195,6 +195,8 @@ pub enum Wants {
     /// Possibly any site's receipts.
     All,
     Site(SiteRef),
+    /// Every site of one ward: a ward broker's relay (`renkei/receipt/v1/{ward}/+`).
+    Ward(WardCode),
 }
 
 /// The receipt subscriptions open now.
@@ -203,6 +205,7 @@ pub struct Interest {
     everyone: bool,
     all: AtomicUsize,
     sites: Mutex<HashMap<SiteRef, usize>>,
+    wards: Mutex<HashMap<WardCode, usize>>,
 }
 
 impl Interest {
@@ -227,6 +230,15 @@ impl Interest {
         };
         if let Some(site) = parse_receipt_topic(filter) {
             return Some(Wants::Site(site));
+        }
+        if let Some(ward) = filter
+            .strip_prefix(RECEIPT_ROOT)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .and_then(|rest| rest.strip_suffix("/+"))
+            .filter(|ward| ward.len() == 6)
+            .and_then(|ward| ward.parse::<WardCode>().ok())
+        {
+            return Some(Wants::Ward(ward));
         }
         let mut levels = filter.split('/');
         for fixed in RECEIPT_ROOT.split('/').chain(["", ""]) {
@@ -254,6 +266,14 @@ impl Interest {
                     .entry(site.clone())
                     .or_default() += 1;
             }
+            Wants::Ward(ward) => {
+                *self
+                    .wards
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry(*ward)
+                    .or_default() += 1;
+            }
         }
     }
 
@@ -273,6 +293,15 @@ impl Interest {
                     }
                 }
             }
+            Wants::Ward(ward) => {
+                let mut wards = self.wards.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(n) = wards.get_mut(ward) {
+                    *n -= 1;
+                    if *n == 0 {
+                        wards.remove(ward);
+                    }
+                }
+            }
         }
     }
 
@@ -285,6 +314,11 @@ impl Interest {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .contains_key(site)
+            || self
+                .wards
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(&site.ward)
     }
 }
 
@@ -315,12 +349,16 @@ mod tests {
             "renkei/receipt/#",
             "renkei/receipt/v1/#",
             "renkei/+/v1/131041/es-1",
-            "renkei/receipt/v1/131041/+",
             "+/+/+/+/+",
             "$share/g/#",
         ] {
             assert_eq!(Interest::of_filter(all), Some(Wants::All), "{all}");
         }
+        // A relay's: one ward's sites.
+        assert_eq!(
+            Interest::of_filter("renkei/receipt/v1/131041/+"),
+            Some(Wants::Ward(WardCode(131041)))
+        );
         for none in [
             "renkei/v1/#",
             "renkei/json/v1/#",
@@ -352,5 +390,14 @@ mod tests {
         interest.remove(&Wants::All);
         assert!(!interest.wanted(&site("es-2")), "never below zero");
         assert!(Interest::everyone().wanted(&site("es-9")));
+        let ward = Wants::Ward(WardCode(131041));
+        interest.add(&ward);
+        assert!(interest.wanted(&site("es-3")));
+        assert!(!interest.wanted(&SiteRef {
+            ward: WardCode(131016),
+            site: Id::new("es-3").unwrap()
+        }));
+        interest.remove(&ward);
+        assert!(!interest.wanted(&site("es-3")));
     }
 }

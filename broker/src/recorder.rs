@@ -55,6 +55,9 @@ pub enum Record {
         // Boxed: an envelope is several times the size of a refusal.
         envelope: Box<Envelope>,
         payload: Vec<u8>,
+        /// The connection that brought a site's message when it was not the site's own
+        /// agent (see `db`, `messages.via`).
+        via: Option<String>,
     },
     Rejected {
         received_at: Timestamp,
@@ -123,6 +126,7 @@ pub struct Recorder {
     tx: Option<RecorderTx>,
     thread: Option<JoinHandle<()>>,
     receipts: ReceiptSink,
+    committed: Arc<tokio::sync::Notify>,
 }
 
 impl Recorder {
@@ -137,7 +141,9 @@ impl Recorder {
         let (tx, rx) = std::sync::mpsc::sync_channel(handoffs);
         let queued = metrics.recorder_queue.clone();
         let receipts = ReceiptSink::default();
+        let committed = Arc::new(tokio::sync::Notify::new());
         let writer = Writer {
+            committed: committed.clone(),
             conn,
             origins: HashMap::new(),
             db_path: db::path(data_dir),
@@ -154,7 +160,14 @@ impl Recorder {
             tx: Some(RecorderTx { tx, queued }),
             thread: Some(thread),
             receipts,
+            committed,
         })
+    }
+
+    /// Notified after every commit that added rows to `messages` (a ward's uplink waits on
+    /// it for new rows to forward).
+    pub fn committed(&self) -> Arc<tokio::sync::Notify> {
+        self.committed.clone()
     }
 
     /// From now on, the receipts of every commit go to `sender`.
@@ -185,6 +198,7 @@ struct Writer {
     metrics: Arc<Metrics>,
     queued: Arc<AtomicI64>,
     receipts: ReceiptSink,
+    committed: Arc<tokio::sync::Notify>,
 }
 
 impl Writer {
@@ -227,6 +241,9 @@ impl Writer {
             Ok(inserted) => {
                 self.metrics.recorder_batch(rows, inserted);
                 self.send_receipts(batch);
+                if inserted > 0 {
+                    self.committed.notify_one();
+                }
             }
             Err(e) => {
                 // Senders first seen in the batch are not in the table after all.
@@ -307,8 +324,8 @@ fn write_batch(
     {
         let mut message = tx.prepare_cached(
             "INSERT OR IGNORE INTO messages
-             (received_at, origin_id, boot, seq, topic, kind, mode, ward, site, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+             (received_at, origin_id, boot, seq, topic, kind, mode, ward, site, payload, via)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
         )?;
         let mut quarantine = tx.prepare_cached(
             "INSERT INTO quarantine (received_at, topic, reason, detail, payload)
@@ -321,6 +338,7 @@ fn write_batch(
                     topic,
                     envelope,
                     payload,
+                    via,
                 } => {
                     let h = &envelope.header;
                     let (ward, site) = match &h.origin {
@@ -352,6 +370,7 @@ fn write_batch(
                         ward,
                         site,
                         payload,
+                        via,
                     ])?;
                 }
                 Record::Rejected {
@@ -457,6 +476,7 @@ mod tests {
             topic: Topic::of(&envelope).unwrap(),
             payload: encode(&envelope).unwrap(),
             envelope: Box::new(envelope),
+            via: None,
         }
     }
 

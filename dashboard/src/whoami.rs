@@ -63,8 +63,9 @@ impl Login {
                 let ward = self.ward.ok_or(LoginError::NoWard)?;
                 Ok(topic::ward_reader_filters(ward).to_vec())
             }
-            // Agents publish for their site and may read only their commands and receipts.
-            Some(Role::Agent) => Err(LoginError::Role),
+            // Agents publish for their site and may read only their commands and receipts; a
+            // ward broker's relay is a machine login, not a person's.
+            Some(Role::Agent | Role::Relay) => Err(LoginError::Role),
         }
     }
 
@@ -74,7 +75,7 @@ impl Login {
         match self.role {
             None => Some(Role::Hq),
             Some(role @ (Role::Hq | Role::Ward | Role::Admin)) => Some(role),
-            Some(Role::Integrator | Role::Agent) => None,
+            Some(Role::Integrator | Role::Agent | Role::Relay) => None,
         }
     }
 }

@@ -399,6 +399,7 @@ pub async fn run_daemon(
         inflight: Some((WINDOW + 8) as u16),
         connect_timeout: Some(Duration::from_secs(CONNECT_TIMEOUT_S)),
         request_capacity: REQUEST_CAPACITY,
+        ..DriverOptions::default()
     };
     let receipts = receipt_topic(lifecycle.site());
     let link = Driver::spawn(&options.link, driver_options, lifecycle);

@@ -127,6 +127,19 @@ impl SiteRef {
     pub fn agent_client_id(&self) -> String {
         format!("agent-{}-{}", self.ward, self.site)
     }
+
+    /// Whether `client_id` is [`SiteRef::agent_client_id`], without making it: asked of every
+    /// message a broker records.
+    pub fn is_agent_client_id(&self, client_id: &str) -> bool {
+        client_id
+            .strip_prefix("agent-")
+            .and_then(|rest| rest.split_once('-'))
+            .is_some_and(|(ward, site)| {
+                ward.len() == 6
+                    && ward.parse::<u32>().is_ok_and(|w| w == self.ward.0)
+                    && site == self.site.as_str()
+            })
+    }
 }
 
 /// Whether a message is about the real world or a drill. Drills must never pass for reality.
@@ -1035,6 +1048,9 @@ pub enum Role {
     Hq,
     Integrator,
     Admin,
+    /// A ward broker's uplink to HQ, bound to one ward: forwards that ward's record, reads
+    /// what HQ sends down to it.
+    Relay,
 }
 
 impl Role {
@@ -1186,9 +1202,18 @@ mod tests {
 
     #[test]
     fn agent_client_id_names_ward_and_site() {
-        assert_eq!(
-            crate::sample::site().agent_client_id(),
-            "agent-131041-nishi-shinjuku-es"
-        );
+        let site = crate::sample::site();
+        assert_eq!(site.agent_client_id(), "agent-131041-nishi-shinjuku-es");
+        assert!(site.is_agent_client_id("agent-131041-nishi-shinjuku-es"));
+        for other in [
+            "agent-131041-nishi-shinjuku",
+            "agent-131041-nishi-shinjuku-es2",
+            "agent-13104-1nishi-shinjuku-es",
+            "agent-131016-nishi-shinjuku-es",
+            "relay-131041",
+            "",
+        ] {
+            assert!(!site.is_agent_client_id(other), "{other}");
+        }
     }
 }

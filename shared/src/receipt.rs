@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::{CodecError, SCHEMA_VERSION};
 use crate::model::SiteRef;
+use crate::ward::WardCode;
 
 /// The root of the receipt tree.
 pub const RECEIPT_ROOT: &str = "renkei/receipt/v1";
@@ -31,6 +32,12 @@ pub const MAX_RANGES: usize = 256;
 /// The topic HQ sends `site`'s receipts on, which is also the filter its agent subscribes to.
 pub fn receipt_topic(site: &SiteRef) -> String {
     format!("{RECEIPT_ROOT}/{}/{}", site.ward, site.site)
+}
+
+/// The filter of every receipt of `ward`'s sites: what a ward broker's uplink subscribes to at
+/// HQ.
+pub fn receipt_ward_filter(ward: WardCode) -> String {
+    format!("{RECEIPT_ROOT}/{ward}/+")
 }
 
 /// The site whose receipt topic this is, if it is one (exactly `renkei/receipt/v1/{ward}/{site}`).

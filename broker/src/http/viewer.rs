@@ -123,7 +123,7 @@ impl FromRequestParts<AppState> for Viewer {
             .await
             .map_err(|_| unauthenticated)?;
         match principal.access {
-            Access::Agent(_) | Access::Probe => Err(Refused::Forbidden),
+            Access::Agent(_) | Access::Probe | Access::Relay(_) => Err(Refused::Forbidden),
             _ => Ok(Viewer { principal }),
         }
     }

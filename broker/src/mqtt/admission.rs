@@ -124,7 +124,7 @@ pub fn may_use_client_id(
                     .any(|(i, _)| is_user(&client_id[..i]));
             if owned { refused } else { Ok(()) }
         }
-        Access::Ward(_) | Access::Hq | Access::Integrator | Access::Admin => {
+        Access::Ward(_) | Access::Hq | Access::Integrator | Access::Admin | Access::Relay(_) => {
             let user = principal.name.as_str();
             if looks_like_agent_id(client_id) {
                 return refused;

@@ -57,7 +57,10 @@ pub(super) fn connack_code(refusal: ConnectRefusal) -> ConnectReturnCode {
             ConnectReturnCode::BadUserNamePassword
         }
         ConnectRefusal::Login(
-            LoginRefusal::Anonymous | LoginRefusal::LockedOut | LoginRefusal::AddressLockedOut,
+            LoginRefusal::Anonymous
+            | LoginRefusal::LockedOut
+            | LoginRefusal::AddressLockedOut
+            | LoginRefusal::RelayToWardBroker,
         ) => ConnectReturnCode::NotAuthorized,
         ConnectRefusal::Login(LoginRefusal::Busy) | ConnectRefusal::Unseen => {
             ConnectReturnCode::ServiceUnavailable

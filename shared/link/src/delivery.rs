@@ -374,7 +374,7 @@ impl<K: Copy + Ord + Default + Debug> Delivery<K> {
 
     /// The next hop's receipt: confirms the records in flight that `names` picks out.
     /// Returns the new cursor if it moved.
-    pub fn receipt(&mut self, names: impl Fn(&K) -> bool) -> Option<K> {
+    pub fn receipt(&mut self, mut names: impl FnMut(&K) -> bool) -> Option<K> {
         let Phase::Online(w) = &self.phase else {
             return None;
         };

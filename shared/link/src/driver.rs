@@ -104,6 +104,8 @@ pub struct DriverOptions {
     pub connect_timeout: Option<Duration>,
     /// Requests the user may queue for rumqttc at once.
     pub request_capacity: usize,
+    /// The longest wait between attempts (`None`: a minute, for a site's box).
+    pub backoff_max: Option<Duration>,
 }
 
 impl Default for DriverOptions {
@@ -114,6 +116,7 @@ impl Default for DriverOptions {
             connect_timeout: None,
             // A birth and a full state are a handful of messages.
             request_capacity: 64,
+            backoff_max: None,
         }
     }
 }
@@ -229,7 +232,14 @@ impl<S: Speaker, T> Driver<S, T> {
             speaker,
             broker: link.broker.to_string(),
             subscriptions: options.subscriptions,
-            backoff: Backoff::new(BACKOFF_FIRST, BACKOFF_MAX, StdRng::from_os_rng()),
+            backoff: Backoff::new(
+                BACKOFF_FIRST,
+                options
+                    .backoff_max
+                    .unwrap_or(BACKOFF_MAX)
+                    .max(BACKOFF_FIRST),
+                StdRng::from_os_rng(),
+            ),
             phase: Phase::Idle,
             queued: VecDeque::new(),
             by_pkid: HashMap::new(),

@@ -1,0 +1,527 @@
+//! Ward mode through faults: a real HQ broker and a real ward broker (`renkei-broker serve`
+//! with `[upstream]`), the ward's uplink to HQ through the harness's TCP proxy, and
+//! publishers at the ward office sending their sites' messages at a steady rate.
+//!
+//! After every fault the two records must hold the same messages: every `(origin, boot, seq,
+//! payload)` of the ward's own sites in the ward's record is in HQ's, once, and HQ's names the
+//! relay that brought it.
+//!
+//! - [`a_silent_cut_of_the_uplink_loses_nothing_and_the_backlog_drains_fast`]: the line to HQ
+//!   goes silent (no RST) for 60 s (10 minutes with `RENKEI_LONG_TESTS=1`) at ≥ 50 messages a
+//!   second; after it heals, the records match within 2 minutes, the backlog drains ≥ 10×
+//!   faster than it built up, and live messages reach HQ within 2 s (p99) during the drain.
+//! - [`a_ward_broker_killed_at_random_moments_forwards_everything_once`]: SIGKILL of the ward
+//!   broker, some kills during a cut, some during the drain.
+//! - [`hq_killed_mid_drain_records_every_message_once`]: SIGKILL of HQ while the backlog
+//!   streams in: only HQ's receipts, sent after its commits, retire the ward's rows.
+//! - [`a_relay_login_at_a_ward_broker_is_refused_and_counted`]: ward A's upstream is ward B
+//!   (a cycle or a chain): B refuses the relay's CONNECT and counts it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use renkei_shared::{Envelope, Id, Origin, SiteRef, Timestamp, Topic, WardCode};
+use renkei_testkit::{
+    BrokerProcess, PASSWORD, ROOT, add_user, eventually_within, metric, prepare, scrape,
+    with_users, write_config,
+};
+use renkei_tests::proxy::{Fault, Proxy};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tempfile::TempDir;
+
+/// The ward the ward broker serves (Shinjuku).
+const WARD: u32 = 131041;
+/// The relay's login at HQ.
+const RELAY: &str = "relay-shinjuku";
+
+/// The federation tests run one at a time: each runs two brokers and a stream of messages.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn long_mode() -> bool {
+    std::env::var("RENKEI_LONG_TESTS").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// HQ: a broker with the kit's users and a relay bound to [`WARD`].
+fn start_hq() -> BrokerProcess {
+    let dir = with_users("");
+    add_user(
+        dir.path(),
+        RELAY,
+        &["--role", "relay", "--ward", &WARD.to_string()],
+        PASSWORD,
+    );
+    BrokerProcess::start_in(dir, &[])
+}
+
+/// A directory for a ward broker whose upstream is `hq_url` (the proxy in front of HQ).
+fn ward_dir(hq_url: &str, ward: u32) -> TempDir {
+    let dir = prepare();
+    let password = dir.path().join("relay.password");
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    write_config(
+        dir.path(),
+        &format!(
+            "[upstream]\nbroker = \"{hq_url}\"\nward = {ward}\nuser = \"{RELAY}\"\n\
+             password_file = \"{}\"\n",
+            password.display()
+        ),
+    );
+    dir
+}
+
+/// The ward broker: demo mode, so that the test's publishers connect without logins (their
+/// client ids are their sites' agent ids, so their messages count as sent by the sites).
+fn start_ward(dir: TempDir) -> BrokerProcess {
+    BrokerProcess::start_in(dir, &["--demo"])
+}
+
+/// One message of a record: `(origin key, boot, seq, payload)`.
+type Row = (String, i64, i64, Vec<u8>);
+/// How many messages each `via` brought.
+type Vias = BTreeMap<Option<String>, u64>;
+
+/// The messages of [`WARD`]'s sites in the record in `data_dir`, and, for HQ, who brought
+/// each (`via`) counted.
+fn record(data_dir: &Path) -> Result<(BTreeSet<Row>, Vias)> {
+    let conn = rusqlite::Connection::open_with_flags(
+        data_dir.join("renkei.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let mut stmt = conn.prepare(
+        "SELECT o.key, m.boot, m.seq, m.payload, m.via
+         FROM messages m JOIN origins o ON o.id = m.origin_id WHERE m.ward = ?1",
+    )?;
+    let mut rows = BTreeSet::new();
+    let mut vias = BTreeMap::new();
+    let mut query = stmt.query([WARD])?;
+    while let Some(row) = query.next()? {
+        rows.insert((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?));
+        *vias.entry(row.get::<_, Option<String>>(4)?).or_default() += 1;
+    }
+    Ok((rows, vias))
+}
+
+/// How many of [`WARD`]'s messages the record in `data_dir` holds.
+fn count(data_dir: &Path) -> Result<u64> {
+    let conn = rusqlite::Connection::open_with_flags(
+        data_dir.join("renkei.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn.query_row(
+        "SELECT COUNT(*) FROM messages WHERE ward = ?1",
+        [WARD],
+        |r| r.get(0),
+    )?)
+}
+
+/// Waits until HQ's record of the ward is the ward's, exactly; how long that took.
+async fn records_match(hq: &Path, ward: &Path, within: Duration) -> Result<Duration> {
+    let start = Instant::now();
+    let matched = eventually_within(within, "HQ's record equals the ward's", || async {
+        let (at_ward, _) = record(ward).ok()?;
+        let (at_hq, _) = record(hq).ok()?;
+        (!at_ward.is_empty() && at_ward == at_hq).then_some(())
+    })
+    .await;
+    if matched.is_err() {
+        let (at_ward, _) = record(ward)?;
+        let (at_hq, vias) = record(hq)?;
+        let missing = at_ward.difference(&at_hq).count();
+        let extra = at_hq.difference(&at_ward).count();
+        anyhow::bail!(
+            "after {within:?}: the ward holds {} messages, HQ {} ({missing} missing at HQ, \
+             {extra} at HQ only); HQ's via: {vias:?}",
+            at_ward.len(),
+            at_hq.len()
+        );
+    }
+    let (_, vias) = record(hq)?;
+    ensure!(
+        vias.keys().all(|via| via.as_deref() == Some(RELAY)),
+        "HQ must name the relay that brought each message: {vias:?}"
+    );
+    Ok(start.elapsed())
+}
+
+/// Sites at the ward office, each publishing a status every `period` (QoS 1, as an agent
+/// would), through a proxy so that the ward broker can restart on new ports.
+struct Publishers {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Publishers {
+    fn start(addr: Arc<Mutex<SocketAddr>>, sites: usize, period: Duration) -> Publishers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let tasks = (0..sites)
+            .map(|i| {
+                let (stop, sent, addr) = (stop.clone(), sent.clone(), addr.clone());
+                tokio::spawn(async move {
+                    let site = SiteRef {
+                        ward: WardCode(WARD),
+                        site: Id::new(format!("fed-{i}")).unwrap(),
+                    };
+                    publish_site(site, addr, period, stop, sent).await;
+                })
+            })
+            .collect();
+        Publishers { stop, sent, tasks }
+    }
+
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+/// One site: a status every `period`, `seq` raised for each; a new boot for every
+/// connection, as an agent that lost its link re-announces itself.
+async fn publish_site(
+    site: SiteRef,
+    addr: Arc<Mutex<SocketAddr>>,
+    period: Duration,
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+) {
+    let mut boot = 0u32;
+    let mut ticker = tokio::time::interval(period);
+    while !stop.load(Ordering::Relaxed) {
+        boot += 1;
+        let target = *addr.lock().unwrap();
+        let mut options = MqttOptions::new(
+            site.agent_client_id(),
+            target.ip().to_string(),
+            target.port(),
+        );
+        options.set_keep_alive(Duration::from_secs(5));
+        let (client, mut eventloop) = AsyncClient::new(options, 256);
+        let up = Arc::new(AtomicBool::new(true));
+        let poll = {
+            let up = up.clone();
+            tokio::spawn(async move {
+                while let Ok(event) = eventloop.poll().await {
+                    if let Event::Incoming(Packet::Disconnect) = event {
+                        break;
+                    }
+                }
+                up.store(false, Ordering::Relaxed);
+            })
+        };
+        let mut seq = 0u64;
+        while up.load(Ordering::Relaxed) && !stop.load(Ordering::Relaxed) {
+            ticker.tick().await;
+            seq += 1;
+            let mut env: Envelope = renkei_shared::sample::status();
+            env.header.origin = Origin::Site(site.clone());
+            env.header.boot = boot;
+            env.header.seq = seq;
+            env.header.sent_at = Timestamp::now();
+            let topic = Topic::of(&env).unwrap();
+            let payload = renkei_shared::encode(&env).unwrap();
+            if client
+                .publish(
+                    topic.to_string(),
+                    QoS::AtLeastOnce,
+                    topic.retained(),
+                    payload,
+                )
+                .await
+                .is_ok()
+            {
+                sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let _ = client.disconnect().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), poll).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Latency of live messages at HQ: a subscriber (HQ operator) reading the ward's statuses,
+/// timing those sent after `live_from` from their `sent_at` (same machine, same clock).
+struct LiveProbe {
+    latencies: Arc<Mutex<Vec<i64>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LiveProbe {
+    async fn start(hq: SocketAddr, live_from: Timestamp) -> LiveProbe {
+        let mut options = renkei_testkit::login_options(hq, "sato-probe", "sato", PASSWORD);
+        options.set_max_packet_size(64 * 1024, 64 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        client
+            .subscribe(format!("renkei/v1/{WARD}/+/status"), QoS::AtMostOnce)
+            .await
+            .unwrap();
+        let latencies = Arc::new(Mutex::new(Vec::new()));
+        let task = {
+            let latencies = latencies.clone();
+            tokio::spawn(async move {
+                let _client = client;
+                while let Ok(event) = eventloop.poll().await {
+                    if let Event::Incoming(Packet::Publish(p)) = event
+                        && let Ok(env) = renkei_shared::decode(&p.payload)
+                        && env.header.sent_at.0 >= live_from.0
+                    {
+                        let latency = Timestamp::now().0 - env.header.sent_at.0;
+                        latencies.lock().unwrap().push(latency);
+                    }
+                }
+            })
+        };
+        LiveProbe { latencies, task }
+    }
+
+    /// The 99th percentile (ms) and the number of live messages seen.
+    fn p99(self) -> (i64, usize) {
+        self.task.abort();
+        let mut l = self.latencies.lock().unwrap().clone();
+        l.sort_unstable();
+        let n = l.len();
+        let p99 = if n == 0 {
+            i64::MAX
+        } else {
+            l[(n * 99 / 100).min(n - 1)]
+        };
+        (p99, n)
+    }
+}
+
+fn data(broker: &BrokerProcess) -> PathBuf {
+    broker.data_dir()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_cut_of_the_uplink_loses_nothing_and_the_backlog_drains_fast() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let cut_for = if long_mode() {
+        Duration::from_secs(600)
+    } else {
+        Duration::from_secs(60)
+    };
+    let hq = start_hq();
+    let uplink = Proxy::start(&hq.addrs.mqtt.to_string()).await?;
+    let ward = start_ward(ward_dir(&format!("mqtt://{}", uplink.addr()), WARD));
+    // 10 sites at 6 messages a second each: 60 messages a second at the ward office.
+    let publishers = Publishers::start(
+        Arc::new(Mutex::new(ward.addrs.mqtt)),
+        10,
+        Duration::from_millis(166),
+    );
+    records_match(&data(&hq), &data(&ward), Duration::from_secs(30))
+        .await
+        .context("before the cut")?;
+
+    uplink.cut(Fault::Blackhole);
+    let cut_at = Instant::now();
+    let at_hq_before = count(&data(&hq))?;
+    tokio::time::sleep(cut_for).await;
+    let at_ward = count(&data(&ward))?;
+    let at_hq = count(&data(&hq))?;
+    let built = at_ward.saturating_sub(at_hq);
+    let built_rate = built as f64 / cut_at.elapsed().as_secs_f64();
+    ensure!(
+        at_hq <= at_hq_before + 200,
+        "HQ kept receiving through a silent cut: {at_hq_before} then {at_hq}"
+    );
+    ensure!(
+        built_rate >= 50.0,
+        "the ward built {built_rate:.1} msg/s, not 50"
+    );
+
+    let probe = LiveProbe::start(hq.addrs.mqtt, Timestamp::now()).await;
+    uplink.restore();
+    let restored = Instant::now();
+    // The drain: from HQ's first new message to the last of the backlog.
+    let mut first = None;
+    let drained = loop {
+        let now = count(&data(&hq))?;
+        if first.is_none() && now > at_hq {
+            first = Some(Instant::now());
+        }
+        if now >= at_ward {
+            break Instant::now();
+        }
+        ensure!(
+            restored.elapsed() < Duration::from_secs(120),
+            "the backlog did not drain in 2 minutes: HQ at {now} of {at_ward}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let first = first.unwrap_or(drained);
+    let drain_secs = (drained - first).as_secs_f64().max(0.1);
+    let drain_rate = built as f64 / drain_secs;
+    let sent = publishers.stop().await;
+    let matched = records_match(&data(&hq), &data(&ward), Duration::from_secs(120)).await?;
+    let (p99, live) = probe.p99();
+    eprintln!(
+        "silent cut of {cut_for:?}: {built} messages built up at {built_rate:.1}/s; link back \
+         {:.1}s after the restore; drained at {drain_rate:.0}/s ({:.1}x); live p99 during the \
+         drain {p99} ms over {live} messages; records matched {matched:?} after; {sent} sent",
+        (first - restored).as_secs_f64(),
+        drain_rate / built_rate
+    );
+    ensure!(
+        drain_rate >= 10.0 * built_rate,
+        "the backlog drained at {drain_rate:.0}/s, less than 10x the {built_rate:.1}/s it built at"
+    );
+    ensure!(live > 0, "no live message reached HQ during the drain");
+    ensure!(p99 <= 2000, "live p99 during the drain was {p99} ms");
+    let metrics = scrape(ward.addrs.http, None).await;
+    ensure!(
+        metric(&metrics, "renkei_uplink_connected") == Some(1),
+        "the uplink says it is down:\n{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ward_broker_killed_at_random_moments_forwards_everything_once() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let kills = if long_mode() { 20 } else { 6 };
+    let hq = start_hq();
+    let uplink = Proxy::start(&hq.addrs.mqtt.to_string()).await?;
+    let hq_url = format!("mqtt://{}", uplink.addr());
+    let mut ward = start_ward(ward_dir(&hq_url, WARD));
+    // The sites reach the ward broker through a proxy of their own, retargeted after each
+    // restart (a new process listens on new ports).
+    let office = Proxy::start(&ward.addrs.mqtt.to_string()).await?;
+    let office_addr: SocketAddr = office.addr().parse()?;
+    let publishers = Publishers::start(
+        Arc::new(Mutex::new(office_addr)),
+        5,
+        Duration::from_millis(100),
+    );
+    let mut seed = 0x5eed_u64;
+    let mut random = move |n: u64| {
+        // xorshift: a fixed sequence of moments, the same in every run.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    for kill in 0..kills {
+        // The restarted broker reconnects and forwards before the next fault.
+        eventually_within(Duration::from_secs(30), "the uplink up", || async {
+            let text = scrape(ward.addrs.http, None).await;
+            (metric(&text, "renkei_uplink_connected") == Some(1)).then_some(())
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(random(1000))).await;
+        // Half the kills during a silent cut, after the broker has sent rows into it and
+        // written its cursor at least once; half during the drain that follows a cut.
+        let during_cut = kill % 2 == 0;
+        uplink.cut(Fault::Blackhole);
+        tokio::time::sleep(Duration::from_millis(1200 + random(2000))).await;
+        if !during_cut {
+            uplink.restore();
+            tokio::time::sleep(Duration::from_millis(random(300))).await;
+        }
+        let dir = ward.kill9_keeping_dir();
+        if during_cut {
+            // What the dead broker had sent into the silent line is lost with it: the line
+            // resets (the office's router reboots) before it comes back.
+            uplink.cut(Fault::Reset);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        uplink.restore();
+        ward = start_ward(dir);
+        office.retarget(&ward.addrs.mqtt.to_string());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sent = publishers.stop().await;
+    let matched = records_match(&data(&hq), &data(&ward), Duration::from_secs(120)).await?;
+    let (rows, _) = record(&data(&ward))?;
+    eprintln!(
+        "{kills} kills of the ward broker: {} messages in both records ({sent} published), \
+         matched {matched:?} after the last",
+        rows.len()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hq_killed_mid_drain_records_every_message_once() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let mut hq = start_hq();
+    let uplink = Proxy::start(&hq.addrs.mqtt.to_string()).await?;
+    let ward = start_ward(ward_dir(&format!("mqtt://{}", uplink.addr()), WARD));
+    let publishers = Publishers::start(
+        Arc::new(Mutex::new(ward.addrs.mqtt)),
+        5,
+        Duration::from_millis(50),
+    );
+    for round in 0..3u64 {
+        uplink.cut(Fault::Blackhole);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        uplink.restore();
+        // HQ dies while the backlog streams in: what it took and had not committed is lost
+        // with it, and only its receipts (sent after its commits) may retire rows.
+        tokio::time::sleep(Duration::from_millis(50 + 70 * round)).await;
+        let dir = hq.kill9_keeping_dir();
+        hq = BrokerProcess::start_in(dir, &[]);
+        uplink.retarget(&hq.addrs.mqtt.to_string());
+    }
+    let sent = publishers.stop().await;
+    let matched = records_match(&data(&hq), &data(&ward), Duration::from_secs(120)).await?;
+    eprintln!("HQ killed 3 times mid-drain: {sent} published, records matched {matched:?} after");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_login_at_a_ward_broker_is_refused_and_counted() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    // Ward B is itself a ward broker (its upstream goes nowhere), with a relay user for A.
+    let b_dir = ward_dir("mqtt://127.0.0.1:9", 131016);
+    add_user(b_dir.path(), "root", &["--role", "admin"], PASSWORD);
+    add_user(
+        b_dir.path(),
+        RELAY,
+        &["--role", "relay", "--ward", &WARD.to_string()],
+        PASSWORD,
+    );
+    let b = BrokerProcess::start_in(b_dir, &[]);
+    // Ward A's upstream is B: a chain of ward brokers, as a cycle would be.
+    let a = start_ward(ward_dir(&b.mqtt_url(), WARD));
+    let refused = eventually_within(Duration::from_secs(30), "B refuses A's relay", || async {
+        let text = scrape(b.addrs.http, ROOT).await;
+        metric(
+            &text,
+            "renkei_logins_refused_total{reason=\"relay_to_ward_broker\"}",
+        )
+        .filter(|n| *n > 0)
+    })
+    .await?;
+    let code = renkei_testkit::refusal(renkei_testkit::login_options(
+        b.addrs.mqtt,
+        RELAY,
+        RELAY,
+        PASSWORD,
+    ))
+    .await;
+    ensure!(
+        code == Some(rumqttc::ConnectReturnCode::NotAuthorized),
+        "the relay's CONNECT at a ward broker got {code:?}"
+    );
+    let metrics = scrape(a.addrs.http, None).await;
+    ensure!(
+        metric(&metrics, "renkei_uplink_connected") == Some(0),
+        "A's uplink must not count as connected:\n{metrics}"
+    );
+    eprintln!("B refused A's relay {refused} times");
+    Ok(())
+}
