@@ -98,6 +98,9 @@ pub struct UplinkMetrics {
     pub backlog: AtomicU64,
     /// Unix ms of HQ's last receipt.
     pub last_receipt_ms: AtomicU64,
+    /// 1 while connected with records HQ's broker took and HQ has not stored for longer than
+    /// the uplink's stall limit: a link that says connected but forwards nothing.
+    pub stalled: AtomicU64,
 }
 
 impl Metrics {
@@ -429,7 +432,7 @@ impl Metrics {
             );
         }
 
-        let gauges: [(&str, &str, &str, u64); 20] = [
+        let gauges: [(&str, &str, &str, u64); 21] = [
             (
                 "renkei_recorder_queue",
                 "gauge",
@@ -543,6 +546,12 @@ impl Metrics {
                 "gauge",
                 "Ward mode: this ward's records not yet in HQ's record.",
                 load(&self.uplink.backlog),
+            ),
+            (
+                "renkei_uplink_stalled",
+                "gauge",
+                "Ward mode: 1 while HQ's broker takes records that HQ does not store (connected, forwarding nothing).",
+                load(&self.uplink.stalled),
             ),
             (
                 "renkei_uplink_last_receipt_ms",

@@ -53,6 +53,11 @@ const CURSOR_KEY: &str = "uplink_cursor";
 const TICK: Duration = Duration::from_millis(100);
 /// How often the cursor is written and the backlog counted, at most.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// A record HQ's broker took this long ago and HQ has not stored raises the stall alarm
+/// (`renkei_uplink_stalled`). HQ's receipts come within a few seconds even under load (its
+/// receipt pacing names every site at least every few seconds); the records are sent again
+/// at the receipt timeout (30 s).
+const STALL_AFTER: Duration = Duration::from_secs(20);
 
 /// Why ward mode cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -385,6 +390,7 @@ impl Forwarder {
             LinkEvent::Message(publish) => self.on_message(&publish).await,
             LinkEvent::Disconnected { .. } => {
                 self.delivery.disconnected();
+                self.metrics.uplink.stalled.store(0, Ordering::Relaxed);
                 self.in_flight.clear();
                 self.set_down();
             }
@@ -440,6 +446,24 @@ impl Forwarder {
     }
 
     async fn on_tick(&mut self) {
+        let stalled = self
+            .delivery
+            .oldest_unreceipted()
+            .is_some_and(|taken| taken.elapsed() >= STALL_AFTER);
+        let was = self
+            .metrics
+            .uplink
+            .stalled
+            .swap(u64::from(stalled), Ordering::Relaxed);
+        if stalled && was == 0 {
+            tracing::error!(
+                after_s = STALL_AFTER.as_secs(),
+                "uplink: HQ's broker takes this ward's records but HQ stores none: the link \
+                 says connected and forwards nothing (HQ's recorder or disk?)"
+            );
+        } else if !stalled && was == 1 {
+            tracing::info!("uplink: HQ stores this ward's records again");
+        }
         if let Some(overdue) = self.delivery.check_overdue(Instant::now()) {
             self.metrics.uplink.overdue.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(

@@ -12,6 +12,11 @@
 //!   faster than it built up, and live messages reach HQ within 2 s (p99) during the drain.
 //! - [`a_ward_broker_killed_at_random_moments_forwards_everything_once`]: SIGKILL of the ward
 //!   broker, some kills during a cut, some during the drain.
+//! - [`a_flapping_uplink_loses_nothing`]: the line to HQ goes down and up every 5–12 s for
+//!   60 s (5–30 s for 10 minutes in long mode), silently or with resets.
+//! - [`a_link_that_says_connected_but_stores_nothing_is_alarmed_and_caught_up`]: HQ's broker
+//!   takes the relay's messages but its database is locked: the ward raises
+//!   `renkei_uplink_stalled`, and sends again what HQ lost once it stores again.
 //! - [`hq_killed_mid_drain_records_every_message_once`]: SIGKILL of HQ while the backlog
 //!   streams in: only HQ's receipts, sent after its commits, retire the ward's rows.
 //! - [`a_relay_login_at_a_ward_broker_is_refused_and_counted`]: ward A's upstream is ward B
@@ -479,6 +484,106 @@ async fn hq_killed_mid_drain_records_every_message_once() -> Result<()> {
     let sent = publishers.stop().await;
     let matched = records_match(&data(&hq), &data(&ward), Duration::from_secs(120)).await?;
     eprintln!("HQ killed 3 times mid-drain: {sent} published, records matched {matched:?} after");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_flapping_uplink_loses_nothing() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let (flaps_for, longest) = if long_mode() {
+        (Duration::from_secs(600), 30)
+    } else {
+        (Duration::from_secs(60), 12)
+    };
+    let hq = start_hq();
+    let uplink = Proxy::start(&hq.addrs.mqtt.to_string()).await?;
+    let ward = start_ward(ward_dir(&format!("mqtt://{}", uplink.addr()), WARD));
+    let publishers = Publishers::start(
+        Arc::new(Mutex::new(ward.addrs.mqtt)),
+        10,
+        Duration::from_millis(200),
+    );
+    let mut seed = 0xf1a9_u64;
+    let mut random = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let started = Instant::now();
+    let mut flaps = 0;
+    while started.elapsed() < flaps_for {
+        // Down for 5 s or more, silently or with a reset; up again as long.
+        let fault = if random(2) == 0 {
+            Fault::Blackhole
+        } else {
+            Fault::Reset
+        };
+        uplink.cut(fault);
+        tokio::time::sleep(Duration::from_secs(5 + random(longest - 4))).await;
+        uplink.restore();
+        flaps += 1;
+        tokio::time::sleep(Duration::from_secs(5 + random(longest - 4))).await;
+    }
+    let sent = publishers.stop().await;
+    let matched = records_match(&data(&hq), &data(&ward), Duration::from_secs(120)).await?;
+    eprintln!(
+        "{flaps} flaps in {:?}: {sent} published, records matched {matched:?} after",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_link_that_says_connected_but_stores_nothing_is_alarmed_and_caught_up() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let hq = start_hq();
+    let ward = start_ward(ward_dir(&hq.mqtt_url(), WARD));
+    let publishers = Publishers::start(
+        Arc::new(Mutex::new(ward.addrs.mqtt)),
+        5,
+        Duration::from_millis(200),
+    );
+    records_match(&data(&hq), &data(&ward), Duration::from_secs(30)).await?;
+    // HQ's database is held by someone else: its broker still takes (PUBACKs) the relay's
+    // messages and answers its pings, but its recorder commits nothing, so no receipt comes.
+    let lock = {
+        let path = data(&hq).join("renkei.db");
+        std::thread::spawn(move || {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            conn.execute_batch("BEGIN EXCLUSIVE").unwrap();
+            std::thread::sleep(Duration::from_secs(30));
+            conn.execute_batch("COMMIT").unwrap();
+        })
+    };
+    let stalled_after = {
+        let start = Instant::now();
+        eventually_within(Duration::from_secs(40), "the stall alarm", || async {
+            let text = scrape(ward.addrs.http, None).await;
+            (metric(&text, "renkei_uplink_stalled") == Some(1)
+                && metric(&text, "renkei_uplink_connected") == Some(1))
+            .then_some(())
+        })
+        .await?;
+        start.elapsed()
+    };
+    tokio::task::spawn_blocking(move || lock.join().unwrap()).await?;
+    // What HQ's recorder failed to write while locked is sent again on the receipt timeout.
+    let matched = records_match(&data(&hq), &data(&ward), Duration::from_secs(90)).await?;
+    let text = scrape(ward.addrs.http, None).await;
+    ensure!(
+        metric(&text, "renkei_uplink_stalled") == Some(0),
+        "the alarm must clear once HQ stores again:\n{text}"
+    );
+    ensure!(
+        metric(&text, "renkei_uplink_overdue_total").unwrap_or(0) > 0,
+        "the unconfirmed records must have gone again:\n{text}"
+    );
+    let sent = publishers.stop().await;
+    eprintln!(
+        "stall alarmed {stalled_after:?} after HQ's database locked; records matched \
+         {matched:?} after it was released; {sent} published"
+    );
     Ok(())
 }
 

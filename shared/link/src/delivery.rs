@@ -220,6 +220,16 @@ impl<K: Copy + Ord + Default + Debug> Delivery<K> {
         }
     }
 
+    /// When the oldest record the broker took (its PUBACK) and the next hop has not yet
+    /// confirmed was taken: a link that says connected while nothing it sends is stored
+    /// shows here long before the receipt timeout resends.
+    pub fn oldest_unreceipted(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::Offline => None,
+            Phase::Online(w) => w.pubacked.values().min().copied(),
+        }
+    }
+
     /// Records out and not yet confirmed: at most the window.
     pub fn unconfirmed(&self) -> usize {
         match &self.phase {
