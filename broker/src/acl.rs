@@ -7,7 +7,7 @@
 //! | hq                | alerts, acks, commands                                        | everything                                                                   |
 //! | integrator        | nothing                                                       | `renkei/json/v1/#`, `renkei/v1/#` and narrower                               |
 //! | admin             | anything under `renkei/v1/`                                   | everything                                                                   |
-//! | relay (ward W)    | W's sites' topics, `renkei/v1/{W}/…` (forwarded as the sites sent them) | `renkei/receipt/v1/{W}/+`, `renkei/v1/cmd/{W}/#`, what a ward operator of W reads, and narrower |
+//! | relay (ward W)    | W's sites' topics, `renkei/v1/{W}/…` (forwarded as the sites sent them) | `renkei/receipt/v1/{W}/+`, `renkei/v1/cmd/{W}/#`, what a ward operator of W reads, any one ward's tree `renkei/v1/{X}/#` (other wards' state, sent down), and narrower |
 //! | demo (anonymous)  | any Renkei topic under `renkei/v1/` (site, alert, ack, command)| everything                                                                  |
 //!
 //! Nobody but the broker's own links publishes under `renkei/json/v1/` (the mirror is derived
@@ -136,6 +136,10 @@ pub fn may_subscribe(principal: &Principal, filter: &str) -> bool {
                 || topic::ward_reader_filters(*ward)
                     .iter()
                     .any(|allowed| within(filter, allowed))
+                // Other wards' state, for the ward's dashboard: one ward's tree at a time.
+                || renkei_shared::WARDS
+                    .iter()
+                    .any(|w| within(filter, &topic::ward_filter(w.code)))
         }
         Access::Probe => false,
     }
@@ -264,6 +268,8 @@ mod tests {
             "renkei/v1/cmd/131041/es-1",
             "renkei/v1/hq/alert/#",
             "renkei/v1/131041/#",
+            "renkei/v1/131016/#",
+            "renkei/v1/131016/+/status",
         ] {
             assert!(may_subscribe(&relay, filter), "{filter}");
         }

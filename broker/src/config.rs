@@ -364,6 +364,20 @@ pub struct UpstreamConfig {
     pub window: usize,
     /// Backlog records forwarded a second at most, after a cut; live records are never held.
     pub replay_rate: u32,
+    /// What of the other 22 wards HQ sends down for this ward's dashboard: `"status"` (each
+    /// site's heartbeat: who is up, power, comms), `"all"` (every site message) or `"none"`.
+    /// HQ's alerts, its acknowledgements and its commands for this ward always come down.
+    pub other_wards: OtherWards,
+}
+
+/// What of the other wards a ward broker takes from HQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OtherWards {
+    None,
+    #[default]
+    Status,
+    All,
 }
 
 impl Default for UpstreamConfig {
@@ -376,6 +390,7 @@ impl Default for UpstreamConfig {
             password_file: None,
             window: 4096,
             replay_rate: 2000,
+            other_wards: OtherWards::Status,
         }
     }
 }

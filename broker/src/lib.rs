@@ -324,6 +324,10 @@ impl Broker {
                 publisher,
                 metrics: metrics.clone(),
                 boot,
+                node: renkei_shared::Id::new(rules::node_name(
+                    config.upstream.broker.as_ref().and(config.upstream.ward),
+                ))
+                .map_err(|e| Error::Rules(std::io::Error::other(e.to_string())))?,
                 started_at: clock.now(),
                 clock: clock.clone(),
             };
@@ -335,12 +339,20 @@ impl Broker {
             mqtt.listen().await?;
         }
         let uplink = match &config.upstream.broker {
-            Some(_) => Some(uplink::Uplink::start(
-                &config.upstream,
-                data_dir,
-                recorder.committed(),
-                metrics.clone(),
-            )?),
+            Some(_) => {
+                let Source::Embedded(mqtt) = &source else {
+                    return Err(Error::Uplink(uplink::UplinkError::Url(
+                        "ward mode needs the embedded broker".into(),
+                    )));
+                };
+                Some(uplink::Uplink::start(
+                    &config.upstream,
+                    data_dir,
+                    recorder.committed(),
+                    Publisher::new(mqtt.link("downlink")?),
+                    metrics.clone(),
+                )?)
+            }
             None => None,
         };
 

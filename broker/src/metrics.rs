@@ -98,6 +98,10 @@ pub struct UplinkMetrics {
     pub backlog: AtomicU64,
     /// Unix ms of HQ's last receipt.
     pub last_receipt_ms: AtomicU64,
+    /// Messages HQ sent down (alerts, acks, commands, other wards) published here.
+    pub down: AtomicU64,
+    /// Messages HQ sent down again (QoS 1 redelivery), passed over.
+    pub down_repeated: AtomicU64,
     /// 1 while connected with records HQ's broker took and HQ has not stored for longer than
     /// the uplink's stall limit: a link that says connected but forwards nothing.
     pub stalled: AtomicU64,
@@ -432,7 +436,7 @@ impl Metrics {
             );
         }
 
-        let gauges: [(&str, &str, &str, u64); 21] = [
+        let gauges: [(&str, &str, &str, u64); 23] = [
             (
                 "renkei_recorder_queue",
                 "gauge",
@@ -546,6 +550,18 @@ impl Metrics {
                 "gauge",
                 "Ward mode: this ward's records not yet in HQ's record.",
                 load(&self.uplink.backlog),
+            ),
+            (
+                "renkei_uplink_down_total",
+                "counter",
+                "Ward mode: messages HQ sent down (alerts, acks, commands, other wards' state) published here.",
+                load(&self.uplink.down),
+            ),
+            (
+                "renkei_uplink_down_repeated_total",
+                "counter",
+                "Ward mode: messages HQ sent down again (a QoS 1 redelivery), passed over so that each reaches the ward once.",
+                load(&self.uplink.down_repeated),
             ),
             (
                 "renkei_uplink_stalled",

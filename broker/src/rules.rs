@@ -46,8 +46,18 @@ use crate::live::LiveState;
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
 
-/// The node name in the `Origin::Hq` of every alert the rules publish.
+/// The node name in the `Origin::Hq` of every alert HQ's rules publish; a ward broker's
+/// rules publish as `ward-{ward}` ([`node_name`]), so that HQ's alerts coming down to a ward
+/// never share an origin (and so a key) with the ward's own.
 pub const NODE: &str = "broker";
+
+/// The node name of this broker's rules: [`NODE`] at HQ, `ward-{ward}` at a ward broker.
+pub fn node_name(ward: Option<renkei_shared::WardCode>) -> String {
+    match ward {
+        Some(ward) => format!("ward-{ward}"),
+        None => NODE.to_owned(),
+    }
+}
 
 /// How long the rules wait after a change before they evaluate, so that a burst of reports is
 /// evaluated once rather than once per message.
@@ -376,6 +386,8 @@ pub struct Setup {
     pub metrics: Arc<Metrics>,
     /// The broker's boot counter: the `boot` of every alert it publishes.
     pub boot: u32,
+    /// The node name in the origin of every alert ([`node_name`]).
+    pub node: Id,
     pub started_at: Timestamp,
     /// What "now" is when the rules look.
     pub clock: Clock,
@@ -401,6 +413,7 @@ impl Rules {
             publisher: setup.publisher,
             metrics: setup.metrics,
             boot: setup.boot,
+            node: setup.node,
             seq: 0,
             started_at: setup.started_at,
             clock: setup.clock,
@@ -447,6 +460,7 @@ struct Engine {
     publisher: Publisher,
     metrics: Arc<Metrics>,
     boot: u32,
+    node: Id,
     seq: u64,
     started_at: Timestamp,
     clock: Clock,
@@ -530,10 +544,9 @@ impl Engine {
             _ => now,
         };
         self.seq += 1;
-        let Ok(origin) = Id::new(NODE) else { return };
         let envelope = Envelope {
             header: Header {
-                origin: Origin::Hq(origin),
+                origin: Origin::Hq(self.node.clone()),
                 boot: self.boot,
                 seq: self.seq,
                 sent_at,

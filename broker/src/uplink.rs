@@ -23,6 +23,13 @@
 //!   newest state whatever the order of arrival. A backlog row is published retained only if
 //!   no newer row of its topic went out live on this connection, so that HQ's broker never
 //!   hands a late subscriber an older copy than it has.
+//! - **Down**: the same connection subscribes to what HQ sends this ward (its alerts and
+//!   their acknowledgements, its steps on this ward's requests, its commands to this ward's
+//!   sites) and, per `upstream.other_wards`, the other wards' sites' statuses or all their
+//!   messages. Each is published into this broker as it came (topic and payload), so the
+//!   ward's agents get their commands and its dashboard the wider picture; ingest records
+//!   them with `via` = this link, and they are never forwarded up again. HQ keeps the relay's
+//!   session (QoS 1, clean session off): what it sent during a cut comes on reconnection.
 //! - One driver, one delivery core: the agent's (`renkei-link`), with a speaker that announces
 //!   nothing of its own.
 
@@ -42,15 +49,21 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use crate::config::UpstreamConfig;
+use crate::config::{OtherWards, UpstreamConfig};
 use crate::db;
 use crate::metrics::Metrics;
+use crate::publisher::Publisher;
 
 /// The `meta` key of the uplink's cursor.
 const CURSOR_KEY: &str = "uplink_cursor";
 /// How often the uplink looks at the clock: the backlog's pace, overdue receipts, the cursor
 /// written to disk, the backlog counted.
 const TICK: Duration = Duration::from_millis(100);
+/// Messages that came down remembered by `(origin, boot, seq)`, so that HQ's redelivery of
+/// one (QoS 1 is at least once: a reconnection resends what was not acknowledged) reaches the
+/// ward's sites once.
+const DOWN_SEEN: usize = 4096;
+
 /// How often the cursor is written and the backlog counted, at most.
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// A record HQ's broker took this long ago and HQ has not stored raises the stall alarm
@@ -93,6 +106,7 @@ impl Uplink {
         config: &UpstreamConfig,
         data_dir: &Path,
         committed: Arc<Notify>,
+        down: Publisher,
         metrics: Arc<Metrics>,
     ) -> Result<Uplink, UplinkError> {
         let url = config
@@ -125,7 +139,7 @@ impl Uplink {
         let cursor = store.cursor()?;
         let window = config.window;
         let options = DriverOptions {
-            subscriptions: vec![receipt_ward_filter(ward)],
+            subscriptions: subscriptions(ward, config.other_wards),
             inflight: Some(u16::try_from(window.min(1000)).unwrap_or(1000)),
             connect_timeout: Some(Duration::from_secs(10)),
             request_capacity: window + 64,
@@ -158,6 +172,9 @@ impl Uplink {
             in_flight: BTreeMap::new(),
             live_topics: HashSet::new(),
             committed,
+            down: Arc::new(Mutex::new(down)),
+            ward,
+            seen_down: Seen::new(DOWN_SEEN),
             stop: stop.clone(),
             metrics,
             saved: cursor,
@@ -174,6 +191,23 @@ impl Uplink {
         self.stop.notify_one();
         let _ = self.task.await;
     }
+}
+
+/// What the uplink subscribes to at HQ: this ward's receipts first, then what comes down.
+fn subscriptions(ward: WardCode, other_wards: OtherWards) -> Vec<String> {
+    use renkei_shared::topic::{ROOT, ward_reader_filters};
+    let mut filters = vec![receipt_ward_filter(ward), format!("{ROOT}/cmd/{ward}/#")];
+    // HQ's alerts, their acknowledgements and its steps on this ward's requests; not the
+    // ward's own tree (first of the four), which is this ward's to send.
+    filters.extend(ward_reader_filters(ward).into_iter().skip(1));
+    for other in renkei_shared::WARDS.iter().filter(|w| w.code != ward) {
+        match other_wards {
+            OtherWards::None => {}
+            OtherWards::Status => filters.push(format!("{ROOT}/{}/+/status", other.code)),
+            OtherWards::All => filters.push(renkei_shared::topic::ward_filter(other.code)),
+        }
+    }
+    filters
 }
 
 fn read_password(path: Option<&Path>) -> Result<String, UplinkError> {
@@ -321,6 +355,10 @@ struct Forwarder {
     /// Topics a live row went out on, this connection.
     live_topics: HashSet<String>,
     committed: Arc<Notify>,
+    /// This broker's own link: what comes down is published here.
+    down: Arc<Mutex<Publisher>>,
+    ward: WardCode,
+    seen_down: Seen,
     stop: Arc<Notify>,
     metrics: Arc<Metrics>,
     saved: i64,
@@ -407,7 +445,7 @@ impl Forwarder {
 
     async fn on_message(&mut self, publish: &rumqttc::Publish) {
         let Some(site) = parse_receipt_topic(&publish.topic) else {
-            tracing::debug!(topic = %publish.topic, "uplink: ignoring a publish from HQ");
+            self.came_down(publish).await;
             return;
         };
         let receipt = match Receipt::decode(&publish.payload) {
@@ -437,6 +475,61 @@ impl Forwarder {
         if let Some(cursor) = moved {
             self.moved(cursor);
             self.pump().await;
+        }
+    }
+
+    /// Publishes what HQ sent down into this broker, as it came. Only Renkei topics are taken
+    /// (the subscriptions allow nothing else; this is the guard of a link past the guard).
+    async fn came_down(&mut self, publish: &rumqttc::Publish) {
+        let Ok(topic) = Topic::parse(&publish.topic) else {
+            tracing::warn!(topic = %publish.topic, "uplink: ignoring a publish from HQ on no Renkei topic");
+            return;
+        };
+        if let Topic::Site { site, .. } = &topic
+            && site.ward == self.ward
+        {
+            // This ward's own news comes from its own sites, never back from HQ.
+            tracing::warn!(topic = %publish.topic, "uplink: ignoring this ward's own message sent back down");
+            return;
+        }
+        match renkei_shared::decode(&publish.payload) {
+            Ok(env) => {
+                let key = (
+                    crate::recorder::origin_key(&env.header.origin),
+                    env.header.boot,
+                    env.header.seq,
+                );
+                if !self.seen_down.insert(key) {
+                    self.metrics
+                        .uplink
+                        .down_repeated
+                        .fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+            Err(e) => {
+                // Passed on all the same: this broker's ingest refuses and quarantines it.
+                tracing::warn!(topic = %publish.topic, error = %e, "uplink: HQ sent down an undecodable message");
+            }
+        }
+        let (name, payload, retain) = (
+            publish.topic.clone(),
+            publish.payload.to_vec(),
+            topic.retained(),
+        );
+        let down = self.down.clone();
+        let sent = tokio::task::spawn_blocking(move || {
+            down.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .publish(name, payload, retain)
+        })
+        .await;
+        match sent {
+            Ok(Ok(())) => {
+                self.metrics.uplink.down.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "uplink: cannot publish what came down"),
+            Err(e) => tracing::error!(error = %e, "uplink: cannot publish what came down"),
         }
     }
 
@@ -573,6 +666,38 @@ impl Forwarder {
                 None
             }
         }
+    }
+}
+
+/// The last `capacity` keys seen, in a set.
+struct Seen {
+    capacity: usize,
+    order: std::collections::VecDeque<(String, u32, u64)>,
+    set: HashSet<(String, u32, u64)>,
+}
+
+impl Seen {
+    fn new(capacity: usize) -> Seen {
+        Seen {
+            capacity,
+            order: std::collections::VecDeque::new(),
+            set: HashSet::new(),
+        }
+    }
+
+    /// False if `key` is among the last seen.
+    fn insert(&mut self, key: (String, u32, u64)) -> bool {
+        if self.set.contains(&key) {
+            return false;
+        }
+        if self.order.len() >= self.capacity
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.order.push_back(key.clone());
+        self.set.insert(key);
+        true
     }
 }
 

@@ -19,6 +19,9 @@
 //!   `renkei_uplink_stalled`, and sends again what HQ lost once it stores again.
 //! - [`hq_killed_mid_drain_records_every_message_once`]: SIGKILL of HQ while the backlog
 //!   streams in: only HQ's receipts, sent after its commits, retire the ward's rows.
+//! - [`what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes_up`]: HQ's
+//!   alert and another ward's status reach the ward's dashboard; a command HQ issues during a
+//!   cut reaches the site once the line is back, once; none of it goes up again.
 //! - [`a_relay_login_at_a_ward_broker_is_refused_and_counted`]: ward A's upstream is ward B
 //!   (a cycle or a chain): B refuses the relay's CONNECT and counts it.
 
@@ -34,8 +37,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use renkei_shared::{Envelope, Id, Origin, SiteRef, Timestamp, Topic, WardCode};
 use renkei_testkit::{
-    BrokerProcess, PASSWORD, ROOT, add_user, eventually_within, metric, prepare, scrape,
-    with_users, write_config,
+    BrokerProcess, MqttClient, PASSWORD, ROOT, add_user, eventually_within, metric, prepare,
+    scrape, with_users, write_config,
 };
 use renkei_tests::proxy::{Fault, Proxy};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -583,6 +586,135 @@ async fn a_link_that_says_connected_but_stores_nothing_is_alarmed_and_caught_up(
     eprintln!(
         "stall alarmed {stalled_after:?} after HQ's database locked; records matched \
          {matched:?} after it was released; {sent} published"
+    );
+    Ok(())
+}
+
+/// The next publish on `topic`, skipping others, within `wait`.
+async fn publish_on(client: &mut MqttClient, topic: &str, wait: Duration) -> Option<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Some(p) = client.publish_by(deadline).await {
+        if p.topic == topic {
+            return Some(p.payload.to_vec());
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes_up() -> Result<()>
+{
+    let _one = ONE_AT_A_TIME.lock().await;
+    let hq = start_hq();
+    let uplink = Proxy::start(&hq.addrs.mqtt.to_string()).await?;
+    let ward = start_ward(ward_dir(&format!("mqtt://{}", uplink.addr()), WARD));
+    eventually_within(Duration::from_secs(30), "the uplink up", || async {
+        let text = scrape(ward.addrs.http, None).await;
+        (metric(&text, "renkei_uplink_connected") == Some(1)).then_some(())
+    })
+    .await?;
+    // At the ward office: a site's agent, and a dashboard reading HQ's alerts and the
+    // neighbouring ward's statuses.
+    let command = renkei_shared::sample::command();
+    let command_topic = Topic::of(&command)?.to_string();
+    let site = renkei_shared::sample::site();
+    let mut agent = MqttClient::connect(ward.addrs.mqtt, &site.agent_client_id()).await;
+    agent.subscribe(&command_topic).await;
+    let mut dashboard = MqttClient::connect(ward.addrs.mqtt, "ward-dashboard").await;
+    dashboard.subscribe("renkei/v1/hq/alert/#").await;
+    dashboard.subscribe("renkei/v1/131016/+/status").await;
+
+    // At HQ: an operator's alert, and a status from a site of another ward.
+    let sato = MqttClient::connect_as(hq.addrs.mqtt, "sato", PASSWORD).await;
+    let alert = renkei_shared::sample::alert();
+    let alert_topic = Topic::of(&alert)?.to_string();
+    sato.send(&alert).await;
+    let chiyoda = MqttClient::connect_as(hq.addrs.mqtt, "agent-chiyoda", PASSWORD).await;
+    let mut status = renkei_shared::sample::status();
+    status.header.origin = Origin::Site(SiteRef {
+        ward: WardCode(131016),
+        site: Id::new("chiyoda-es")?,
+    });
+    status.header.sent_at = Timestamp::now();
+    let status_topic = Topic::of(&status)?.to_string();
+    chiyoda.send(&status).await;
+    let got = publish_on(&mut dashboard, &alert_topic, Duration::from_secs(10)).await;
+    ensure!(
+        got == Some(renkei_shared::encode(&alert)?),
+        "HQ's alert did not reach the ward's dashboard as sent"
+    );
+    let got = publish_on(&mut dashboard, &status_topic, Duration::from_secs(10)).await;
+    ensure!(
+        got == Some(renkei_shared::encode(&status)?),
+        "the other ward's status did not come down"
+    );
+
+    // A command HQ issues while the line is down reaches the site once it is back, once.
+    uplink.cut(Fault::Reset);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sato.send(&command).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    ensure!(
+        publish_on(&mut agent, &command_topic, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "a command crossed a cut line"
+    );
+    uplink.restore();
+    let got = publish_on(&mut agent, &command_topic, Duration::from_secs(30)).await;
+    ensure!(
+        got == Some(renkei_shared::encode(&command)?),
+        "the command issued during the cut never reached the site"
+    );
+    ensure!(
+        publish_on(&mut agent, &command_topic, Duration::from_secs(3))
+            .await
+            .is_none(),
+        "the command came twice"
+    );
+
+    // The ward recorded what came down, marked as brought by its downlink, and sent none of
+    // it up: HQ never saw the relay publish outside its ward.
+    let conn = rusqlite::Connection::open_with_flags(
+        data(&ward).join("renkei.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    let down: Vec<(String, Option<String>)> = eventually_within(
+        Duration::from_secs(10),
+        "the ward's record of what came down",
+        || async {
+            let mut stmt = conn
+                .prepare("SELECT topic, via FROM messages WHERE topic IN (?1, ?2, ?3) ORDER BY id")
+                .ok()?;
+            let rows: Vec<(String, Option<String>)> = stmt
+                .query_map([&alert_topic, &status_topic, &command_topic], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .ok()?
+                .collect::<Result<_, _>>()
+                .ok()?;
+            (rows.len() == 3).then_some(rows)
+        },
+    )
+    .await?;
+    let status_via = down.iter().find(|(t, _)| *t == status_topic).map(|r| &r.1);
+    ensure!(
+        status_via.is_some_and(|via| via.as_deref().is_some_and(|v| v.contains("downlink"))),
+        "the other ward's status must be recorded as brought by the downlink: {down:?}"
+    );
+    let text = scrape(hq.addrs.http, ROOT).await;
+    ensure!(
+        !text
+            .lines()
+            .any(|l| l.starts_with("renkei_acl_refused_total")
+                && l.contains("publish")
+                && !l.ends_with(" 0")),
+        "HQ refused a publish (something went up that came down):\n{text}"
+    );
+    let text = scrape(ward.addrs.http, None).await;
+    ensure!(
+        metric(&text, "renkei_uplink_down_total").unwrap_or(0) >= 3,
+        "{text}"
     );
     Ok(())
 }
