@@ -19,9 +19,9 @@
 //!   `renkei_uplink_stalled`, and sends again what HQ lost once it stores again.
 //! - [`hq_killed_mid_drain_records_every_message_once`]: SIGKILL of HQ while the backlog
 //!   streams in: only HQ's receipts, sent after its commits, retire the ward's rows.
-//! - [`what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes_up`]: HQ's
-//!   alert and another ward's status reach the ward's dashboard; a command HQ issues during a
-//!   cut reaches the site once the line is back, once; none of it goes up again.
+//! - HQ's alert and another ward's status reach the ward's dashboard; a command HQ issues
+//!   during a cut reaches the site once the line is back, once; none of it goes up again
+//!   ([`what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes_up`]).
 //! - [`a_relay_login_at_a_ward_broker_is_refused_and_counted`]: ward A's upstream is ward B
 //!   (a cycle or a chain): B refuses the relay's CONNECT and counts it.
 
