@@ -93,6 +93,10 @@ struct SimArgs {
     /// PEM file of the CA that signed the broker's certificate (mqtts:// only)
     #[arg(long, value_name = "FILE")]
     ca_file: Option<PathBuf>,
+    /// The sites of one ward report to that ward's own broker (ward mode) instead of
+    /// --broker: CODE=URL, e.g. 131041=mqtt://127.0.0.1:11883; repeat for more wards
+    #[arg(long, value_name = "CODE=URL", value_parser = ward_broker)]
+    ward_broker: Vec<(renkei_shared::WardCode, BrokerAddr)>,
     /// Number of simulated sites
     #[arg(long, value_name = "N")]
     sites: usize,
@@ -124,6 +128,20 @@ struct SimArgs {
     /// MQTT password for every site
     #[arg(long, env = "RENKEI_AGENT_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+}
+
+/// `CODE=URL` of `--ward-broker`.
+fn ward_broker(text: &str) -> Result<(renkei_shared::WardCode, BrokerAddr), String> {
+    let (code, url) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: expected CODE=URL, e.g. 131041=mqtt://host:1883"))?;
+    let ward: renkei_shared::WardCode =
+        code.trim().parse().map_err(|e| format!("{code:?}: {e}"))?;
+    if !ward.is_known() {
+        return Err(format!("{ward} is not one of the 23 special wards"));
+    }
+    let url = BrokerAddr::parse(url.trim()).map_err(|e| e.to_string())?;
+    Ok((ward, url))
 }
 
 /// The stories of `simulate` (see [`simulate::Scenario`]).
@@ -431,6 +449,7 @@ async fn simulate(args: SimArgs) -> Result<()> {
     let shutdown = shutdown_signal()?;
     let options = SimOptions {
         broker,
+        ward_brokers: args.ward_broker.into_iter().collect(),
         tls,
         credentials,
         sites: args.sites,

@@ -2,7 +2,9 @@
 //!
 //! - `cargo xtask demo`  — builds the dashboard and the programs, starts the broker (data in
 //!   `var/demo`, anonymous, on 127.0.0.1 unless `--listen-all`), starts a simulator for the
-//!   23 wards and prints the URL to open.
+//!   23 wards and prints the URL to open. With `--wards N`, the first N wards also get a ward
+//!   broker of their own (ward mode), whose sites report to it and whose line to HQ can be
+//!   cut and restored by typing `cut CODE` / `restore CODE` (docs/federation.md).
 //! - `cargo xtask test`  — every check CI runs: format, clippy (native and wasm32), the
 //!   dashboard's release build, all Rust tests, and the browser tests in real Chromium.
 //! - `cargo xtask setup` — installs only the tools the two commands above need.
@@ -51,6 +53,10 @@ enum Task {
         /// anonymous: anyone who can reach this machine may then read and publish everything.
         #[arg(long)]
         listen_all: bool,
+        /// Ward brokers (ward mode) for the first N wards, each forwarding to HQ over a line
+        /// the demo can cut and restore.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=23))]
+        wards: u32,
     },
     /// Run every check and test that CI runs.
     Test {
@@ -69,7 +75,8 @@ fn main() -> ExitCode {
             sites,
             http_port,
             listen_all,
-        } => demo(sites, http_port, listen_all),
+            wards,
+        } => demo(sites, http_port, listen_all, wards),
         Task::Test { long } => test(long),
         Task::Setup => setup(true),
     };
@@ -347,7 +354,13 @@ impl Drop for Children {
     }
 }
 
-fn demo(sites: u32, http_port: u16, listen_all: bool) -> Result<()> {
+/// The 23 wards' codes, in the order of `renkei_shared::WARDS`.
+const WARD_CODES: [u32; 23] = [
+    131016, 131024, 131032, 131041, 131059, 131067, 131075, 131083, 131091, 131105, 131113, 131121,
+    131130, 131148, 131156, 131164, 131172, 131181, 131199, 131202, 131211, 131229, 131237,
+];
+
+fn demo(sites: u32, http_port: u16, listen_all: bool, wards: u32) -> Result<()> {
     if listen_all {
         eprintln!(
             "xtask: warning: --listen-all: the demo broker is anonymous (serve --demo): anyone \
@@ -400,6 +413,45 @@ fn demo(sites: u32, http_port: u16, listen_all: bool) -> Result<()> {
         .context("the broker's ready line names no http address")?
         .replace("0.0.0.0", "127.0.0.1");
 
+    // Ward mode: a broker per ward office, its line to HQ through a switch the demo controls.
+    let mut lines = Vec::new();
+    let mut ward_args = Vec::new();
+    let mut ward_urls = Vec::new();
+    for (i, code) in WARD_CODES.iter().take(wards as usize).enumerate() {
+        let line = line::Line::open(&mqtt)?;
+        let n = u16::try_from(i).unwrap_or(0);
+        let ip = if listen_all { "0.0.0.0" } else { "127.0.0.1" };
+        let data = format!("var/demo/ward-{code}");
+        let mut ward = Command::new(bin.join("renkei-broker"))
+            .current_dir(root())
+            .args(["serve", "--demo", "--data", &data, "--dashboard", "dist"])
+            .args(["--mqtt", &format!("{ip}:{}", 11883 + n)])
+            .args(["--ws", &format!("{ip}:{}", 18083 + n)])
+            .args(["--http", &format!("{ip}:{}", http_port + 1 + n)])
+            .args(["--upstream", &format!("mqtt://{}", line.addr())])
+            .args(["--upstream-ward", &code.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a ward broker")?;
+        let stdout = ward.stdout.take().context("ward broker stdout")?;
+        children.0.push(ward);
+        let ready = wait_for_ready(stdout, Duration::from_secs(30))?;
+        let ward_mqtt = ready
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("mqtt="))
+            .context("a ward broker's ready line names no mqtt address")?
+            .replace("0.0.0.0", "127.0.0.1");
+        let ward_http = ready
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("http="))
+            .context("a ward broker's ready line names no http address")?
+            .replace("0.0.0.0", "127.0.0.1");
+        ward_args.push("--ward-broker".to_owned());
+        ward_args.push(format!("{code}=mqtt://{ward_mqtt}"));
+        ward_urls.push((*code, ward_http));
+        lines.push((*code, line));
+    }
+
     let simulator = Command::new(bin.join("renkei-agent"))
         .current_dir(root())
         .args([
@@ -409,6 +461,7 @@ fn demo(sites: u32, http_port: u16, listen_all: bool) -> Result<()> {
             "--sites",
             &sites.to_string(),
         ])
+        .args(&ward_args)
         .args(["--state-dir", "var/demo/agents"])
         .spawn()
         .context("starting the simulator")?;
@@ -419,6 +472,15 @@ fn demo(sites: u32, http_port: u16, listen_all: bool) -> Result<()> {
     // link opens the dashboard on the exercise world, under its banner.
     println!("  Renkei is running: open http://{http}/?mode=exercise  (Ctrl-C to stop)");
     println!("  MQTT: mqtt://{mqtt}   {sites} simulated sites (exercise) across the 23 wards");
+    for (code, http) in &ward_urls {
+        println!("  ward {code}: its own broker, open http://{http}/?mode=exercise");
+    }
+    if !lines.is_empty() {
+        println!();
+        println!("  Type `cut CODE` or `restore CODE` (and Enter) to cut or restore a ward's line");
+        println!("  to HQ, e.g. `cut {}`.", lines[0].0);
+        line::read_commands(lines);
+    }
     println!();
     // Wait until one of the children ends (or Ctrl-C ends us and the guard kills them).
     loop {
@@ -495,5 +557,163 @@ mod tests {
             assert!(addr.ip().is_unspecified(), "{flag} {addr}");
         }
         assert_eq!(listen_addr(&args, "--http").map(|a| a.port()), Some(9090));
+    }
+}
+
+/// The demo's line between a ward office and HQ: a TCP relay the person at the keyboard can
+/// cut (every connection torn down, new ones refused) and restore.
+///
+/// Hand-written (some sixty lines of std): the demo needs only up and down, no fault proxy
+/// server to install, and the tests' own proxy (tests/src/proxy.rs) is async and lives in
+/// the test crate.
+mod line {
+    use std::io::BufRead;
+    use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use anyhow::{Context, Result};
+
+    pub struct Line {
+        addr: SocketAddr,
+        up: Arc<AtomicBool>,
+        open: Arc<Mutex<Vec<TcpStream>>>,
+    }
+
+    impl Line {
+        /// A line on an ephemeral port of 127.0.0.1 to `target`.
+        pub fn open(target: &str) -> Result<Line> {
+            let listener = TcpListener::bind("127.0.0.1:0").context("binding a ward's line")?;
+            let addr = listener.local_addr()?;
+            let up = Arc::new(AtomicBool::new(true));
+            let open = Arc::new(Mutex::new(Vec::new()));
+            let (target, up_, open_) = (target.to_owned(), up.clone(), open.clone());
+            std::thread::spawn(move || {
+                for client in listener.incoming().map_while(Result::ok) {
+                    if !up_.load(Ordering::Relaxed) {
+                        let _ = client.shutdown(Shutdown::Both);
+                        continue;
+                    }
+                    let Ok(server) = TcpStream::connect(&target) else {
+                        continue;
+                    };
+                    if let Ok(mut open) = open_.lock() {
+                        open.retain(|s: &TcpStream| s.peer_addr().is_ok());
+                        open.extend(client.try_clone().ok());
+                        open.extend(server.try_clone().ok());
+                    }
+                    pipe(&client, &server);
+                    pipe(&server, &client);
+                }
+            });
+            Ok(Line { addr, up, open })
+        }
+
+        pub fn addr(&self) -> SocketAddr {
+            self.addr
+        }
+
+        fn set(&self, up: bool) {
+            self.up.store(up, Ordering::Relaxed);
+            if !up && let Ok(mut open) = self.open.lock() {
+                for stream in open.drain(..) {
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
+            }
+        }
+    }
+
+    fn pipe(from: &TcpStream, to: &TcpStream) {
+        let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+            return;
+        };
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut from, &mut to);
+            let _ = to.shutdown(Shutdown::Both);
+        });
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::io::{Read, Write};
+
+        use super::*;
+
+        fn echo_server() -> SocketAddr {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            std::thread::spawn(move || {
+                for stream in listener.incoming().map_while(Result::ok) {
+                    std::thread::spawn(move || {
+                        let mut read = stream.try_clone().unwrap();
+                        let mut write = stream;
+                        let _ = std::io::copy(&mut read, &mut write);
+                    });
+                }
+            });
+            addr
+        }
+
+        fn round_trip(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
+            let mut stream = TcpStream::connect(addr)?;
+            stream.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+            stream.write_all(b"renkei")?;
+            let mut got = vec![0u8; 6];
+            stream.read_exact(&mut got)?;
+            Ok(got)
+        }
+
+        #[test]
+        fn a_line_carries_bytes_until_cut_and_again_once_restored() {
+            let line = Line::open(&echo_server().to_string()).unwrap();
+            let mut held = TcpStream::connect(line.addr()).unwrap();
+            held.write_all(b"x").unwrap();
+            let mut one = [0u8; 1];
+            held.read_exact(&mut one).unwrap();
+            assert_eq!(round_trip(line.addr()).unwrap(), b"renkei");
+
+            line.set(false);
+            held.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                .unwrap();
+            let _ = held.write_all(b"y");
+            assert!(
+                matches!(held.read(&mut one), Ok(0) | Err(_)),
+                "an open connection must be torn down by the cut"
+            );
+            assert!(
+                round_trip(line.addr()).is_err(),
+                "a new one must go nowhere"
+            );
+
+            line.set(true);
+            assert_eq!(round_trip(line.addr()).unwrap(), b"renkei");
+        }
+    }
+
+    /// Reads `cut CODE` / `restore CODE` from stdin on a thread of its own.
+    pub fn read_commands(lines: Vec<(u32, Line)>) {
+        std::thread::spawn(move || {
+            for command in std::io::stdin().lock().lines().map_while(Result::ok) {
+                let mut words = command.split_whitespace();
+                let (Some(verb), Some(code)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let Some((code, line)) = lines.iter().find(|(c, _)| c.to_string() == code) else {
+                    println!("  no ward broker for {code}");
+                    continue;
+                };
+                match verb {
+                    "cut" => {
+                        line.set(false);
+                        println!("  ward {code}: line to HQ cut");
+                    }
+                    "restore" => {
+                        line.set(true);
+                        println!("  ward {code}: line to HQ restored");
+                    }
+                    _ => println!("  commands: cut CODE, restore CODE"),
+                }
+            }
+        });
     }
 }

@@ -165,6 +165,8 @@ impl Site for SimSite {
 #[derive(Debug, Clone)]
 pub struct SimOptions {
     pub broker: BrokerAddr,
+    /// Sites of these wards report to their ward's own broker instead.
+    pub ward_brokers: std::collections::HashMap<renkei_shared::WardCode, BrokerAddr>,
     /// For an `mqtts://` broker, shared by every site.
     pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     /// Shared by every site; `{ward}` and `{site}` in the user name are replaced per site.
@@ -202,7 +204,11 @@ pub fn spawn(
             password: c.password.clone(),
         });
         let link = LinkOptions {
-            broker: options.broker.clone(),
+            broker: options
+                .ward_brokers
+                .get(&site.site.ward)
+                .unwrap_or(&options.broker)
+                .clone(),
             credentials,
             client_id: site.site.agent_client_id(),
             tls: options.tls.clone(),
