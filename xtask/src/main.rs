@@ -633,6 +633,33 @@ mod line {
         });
     }
 
+    /// Reads `cut CODE` / `restore CODE` from stdin on a thread of its own.
+    pub fn read_commands(lines: Vec<(u32, Line)>) {
+        std::thread::spawn(move || {
+            for command in std::io::stdin().lock().lines().map_while(Result::ok) {
+                let mut words = command.split_whitespace();
+                let (Some(verb), Some(code)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let Some((code, line)) = lines.iter().find(|(c, _)| c.to_string() == code) else {
+                    println!("  no ward broker for {code}");
+                    continue;
+                };
+                match verb {
+                    "cut" => {
+                        line.set(false);
+                        println!("  ward {code}: line to HQ cut");
+                    }
+                    "restore" => {
+                        line.set(true);
+                        println!("  ward {code}: line to HQ restored");
+                    }
+                    _ => println!("  commands: cut CODE, restore CODE"),
+                }
+            }
+        });
+    }
+
     #[cfg(test)]
     mod tests {
         use std::io::{Read, Write};
@@ -688,32 +715,5 @@ mod line {
             line.set(true);
             assert_eq!(round_trip(line.addr()).unwrap(), b"renkei");
         }
-    }
-
-    /// Reads `cut CODE` / `restore CODE` from stdin on a thread of its own.
-    pub fn read_commands(lines: Vec<(u32, Line)>) {
-        std::thread::spawn(move || {
-            for command in std::io::stdin().lock().lines().map_while(Result::ok) {
-                let mut words = command.split_whitespace();
-                let (Some(verb), Some(code)) = (words.next(), words.next()) else {
-                    continue;
-                };
-                let Some((code, line)) = lines.iter().find(|(c, _)| c.to_string() == code) else {
-                    println!("  no ward broker for {code}");
-                    continue;
-                };
-                match verb {
-                    "cut" => {
-                        line.set(false);
-                        println!("  ward {code}: line to HQ cut");
-                    }
-                    "restore" => {
-                        line.set(true);
-                        println!("  ward {code}: line to HQ restored");
-                    }
-                    _ => println!("  commands: cut CODE, restore CODE"),
-                }
-            }
-        });
     }
 }
