@@ -792,6 +792,47 @@ mod tests {
     }
 
     #[test]
+    fn ward_mode_needs_a_known_ward_and_the_embedded_broker() {
+        let ok = Config::from_toml(
+            "[upstream]\nbroker = \"mqtt://hq:1883\"\nward = 131041\nuser = \"relay-shinjuku\"\n\
+             other_wards = \"all\"\n",
+        )
+        .unwrap();
+        assert_eq!(ok.upstream.client_id(), "relay-shinjuku");
+        assert_eq!(ok.upstream.other_wards, OtherWards::All);
+        for (text, key, says) in [
+            ("[upstream]\nbroker = \"mqtt://hq\"\n", "upstream.ward", "missing"),
+            (
+                "[upstream]\nbroker = \"mqtt://hq\"\nward = 131999\n",
+                "upstream.ward",
+                "23 special wards",
+            ),
+            (
+                "[upstream]\nbroker = \"http://hq\"\nward = 131041\n",
+                "upstream.broker",
+                "",
+            ),
+            (
+                "[upstream]\nbroker = \"mqtt://hq\"\nward = 131041\n[external]\nbroker = \"mqtt://c\"\n",
+                "upstream.broker",
+                "embedded",
+            ),
+            ("[upstream]\nwindow = 0\n", "upstream.window", "between"),
+            ("[upstream]\npassword_file = \"/p\"\n", "upstream.user", "missing"),
+            ("[upstream]\nother_wards = \"some\"\n", "upstream.other_wards", ""),
+        ] {
+            let (k, message) = invalid(text);
+            assert_eq!(k, key, "{text}: {message}");
+            assert!(message.contains(says), "{text}: {message}");
+        }
+        let anonymous = UpstreamConfig {
+            ward: Some(renkei_shared::WardCode(131041)),
+            ..UpstreamConfig::default()
+        };
+        assert_eq!(anonymous.client_id(), "relay-131041");
+    }
+
+    #[test]
     fn reads_human_units() {
         let c = Config::from_toml(
             r#"
