@@ -801,7 +801,11 @@ mod tests {
         assert_eq!(ok.upstream.client_id(), "relay-shinjuku");
         assert_eq!(ok.upstream.other_wards, OtherWards::All);
         for (text, key, says) in [
-            ("[upstream]\nbroker = \"mqtt://hq\"\n", "upstream.ward", "missing"),
+            (
+                "[upstream]\nbroker = \"mqtt://hq\"\n",
+                "upstream.ward",
+                "missing",
+            ),
             (
                 "[upstream]\nbroker = \"mqtt://hq\"\nward = 131999\n",
                 "upstream.ward",
@@ -818,8 +822,16 @@ mod tests {
                 "embedded",
             ),
             ("[upstream]\nwindow = 0\n", "upstream.window", "between"),
-            ("[upstream]\npassword_file = \"/p\"\n", "upstream.user", "missing"),
-            ("[upstream]\nother_wards = \"some\"\n", "upstream.other_wards", ""),
+            (
+                "[upstream]\npassword_file = \"/p\"\n",
+                "upstream.user",
+                "missing",
+            ),
+            (
+                "[upstream]\nother_wards = \"some\"\n",
+                "upstream.other_wards",
+                "",
+            ),
         ] {
             let (k, message) = invalid(text);
             assert_eq!(k, key, "{text}: {message}");

@@ -146,6 +146,7 @@ impl Uplink {
             // One link per ward office, to a broker sized for all of them: retried often, so
             // that the backlog starts soon after the line is back.
             backoff_max: Some(Duration::from_secs(5)),
+            ..DriverOptions::default()
         };
         let driver = Driver::spawn(&link, options, Silent);
         let delivery = Delivery::new(

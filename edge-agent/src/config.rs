@@ -10,6 +10,7 @@
 //!
 //! ```toml
 //! broker = "mqtt://hq.example:1883"   # or mqtts://… with ca_file
+//! fallback_broker = "mqtt://hq2.example:1883"   # failed over to when broker does not answer
 //! ca_file = "/etc/renkei/hq-ca.pem"   # mqtts:// only, then required
 //! ward = 131041                  # or "13104"; the 23 special wards only
 //! site = "nishi-shinjuku-es"     # 1–64 of A–Z a–z 0–9 _ -
@@ -140,6 +141,11 @@ pub struct Settings {
     #[arg(long, value_name = "URL")]
     #[serde(default, deserialize_with = "text")]
     pub broker: Option<BrokerAddr>,
+    /// A second broker to fail over to when `broker` does not answer (HQ's, when `broker` is
+    /// the ward office's); the same login, and the same scheme so that one ca_file serves
+    #[arg(long, value_name = "URL")]
+    #[serde(default, deserialize_with = "text")]
+    pub fallback_broker: Option<BrokerAddr>,
     /// PEM file of the CA that signed the broker's certificate (mqtts:// only)
     #[arg(long, value_name = "FILE")]
     #[serde(default, deserialize_with = "text")]
@@ -604,6 +610,8 @@ pub struct ShelterInput {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
     pub broker: BrokerAddr,
+    /// Failed over to when `broker` does not answer; failed back from when it does.
+    pub fallback_broker: Option<BrokerAddr>,
     /// The CA the broker's certificate must chain to; `Some` exactly when the broker is TLS.
     pub ca_file: Option<PathBuf>,
     pub credentials: Option<Credentials>,
@@ -670,6 +678,15 @@ impl Settings {
                 ));
             }
         };
+        if let Some(fallback) = &self.fallback_broker
+            && fallback.tls != broker.tls
+        {
+            return Err(invalid(
+                "fallback_broker",
+                fallback,
+                "must use the scheme of broker (mqtt:// or mqtts://): one ca_file serves both",
+            ));
+        }
         let ward = self.ward.ok_or(ConfigError::Missing { key: "ward" })?;
         let site = self
             .site
@@ -744,6 +761,7 @@ impl Settings {
 
         Ok(AgentConfig {
             broker,
+            fallback_broker: self.fallback_broker.clone(),
             ca_file,
             credentials,
             site: SiteRef { ward, site },
@@ -1177,6 +1195,11 @@ mod tests {
             ("broker = \"mqtt://hq:0\"", "port"),
             ("broker = \"mqtt://:1883\"", "broker"),
             ("username = \"u\"", "missing password"),
+            (
+                "fallback_broker = \"mqtts://hq2:8883\"",
+                "must use the scheme of broker",
+            ),
+            ("fallback_broker = \"http://hq2\"", "fallback_broker"),
         ];
         for (line, expected) in cases {
             // Later keys win in our test text only if we drop the minimal one they replace.

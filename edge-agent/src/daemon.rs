@@ -52,6 +52,8 @@ const CONNECT_TIMEOUT_S: u64 = 20;
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
     pub link: LinkOptions,
+    /// Failed over to when `link`'s broker does not answer (HQ's, for a ward office's).
+    pub fallback: Option<LinkOptions>,
     pub interval: Duration,
     /// Backlog messages per second.
     pub replay_rate: u32,
@@ -399,6 +401,7 @@ pub async fn run_daemon(
         inflight: Some((WINDOW + 8) as u16),
         connect_timeout: Some(Duration::from_secs(CONNECT_TIMEOUT_S)),
         request_capacity: REQUEST_CAPACITY,
+        fallback: options.fallback.clone(),
         ..DriverOptions::default()
     };
     let receipts = receipt_topic(lifecycle.site());

@@ -374,6 +374,10 @@ async fn run(args: RunArgs, flags: &ArgMatches) -> Result<()> {
         client_id: config.site.agent_client_id(),
         tls,
     };
+    let fallback = config.fallback_broker.clone().map(|broker| LinkOptions {
+        broker,
+        ..link.clone()
+    });
     let lifecycle = Lifecycle::shared(config.site.clone(), boot, config.mode, outbox.clone());
     let site = FixedSite::from_config(&config, Timestamp::now());
     // The configured shelter figures are the site's state until staff report: stored once,
@@ -399,6 +403,7 @@ async fn run(args: RunArgs, flags: &ArgMatches) -> Result<()> {
     }
     let options = DaemonOptions {
         link,
+        fallback,
         interval: config.interval,
         replay_rate: config.replay_rate,
         confirm: config.confirm,

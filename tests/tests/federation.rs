@@ -22,6 +22,9 @@
 //! - HQ's alert and another ward's status reach the ward's dashboard; a command HQ issues
 //!   during a cut reaches the site once the line is back, once; none of it goes up again
 //!   ([`what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes_up`]).
+//! - [`a_site_whose_ward_office_is_lost_fails_over_to_hq_and_back`]: a real `renkei-agent run`
+//!   with its ward's broker and HQ's: the ward office dies, the site reports straight to HQ,
+//!   the office returns and the site goes back to it; HQ keeps each message once.
 //! - [`a_relay_login_at_a_ward_broker_is_refused_and_counted`]: ward A's upstream is ward B
 //!   (a cycle or a chain): B refuses the relay's CONNECT and counts it.
 
@@ -716,6 +719,131 @@ async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes
         metric(&text, "renkei_uplink_down_total").unwrap_or(0) >= 3,
         "{text}"
     );
+    Ok(())
+}
+
+/// How many messages of the sample site (131041/nishi-shinjuku-es) the record in `data_dir`
+/// holds that came straight from the site (`direct`) or through someone else.
+fn site_rows(data_dir: &Path, direct: bool) -> Result<u64> {
+    let conn = rusqlite::Connection::open_with_flags(
+        data_dir.join("renkei.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    let via = if direct { "IS NULL" } else { "IS NOT NULL" };
+    Ok(conn.query_row(
+        &format!("SELECT COUNT(*) FROM messages WHERE site = 'nishi-shinjuku-es' AND via {via}"),
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_site_whose_ward_office_is_lost_fails_over_to_hq_and_back() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let hq = start_hq();
+    let uplink = Proxy::start(&hq.addrs.mqtt.to_string()).await?;
+    // The ward broker has the site's login too, as HQ has.
+    let dir = ward_dir(&format!("mqtt://{}", uplink.addr()), WARD);
+    add_user(
+        dir.path(),
+        "agent-nishi",
+        &[
+            "--role",
+            "agent",
+            "--ward",
+            "131041",
+            "--site",
+            "nishi-shinjuku-es",
+        ],
+        PASSWORD,
+    );
+    let ward = BrokerProcess::start_in(dir, &[]);
+    // The site reaches its ward office through the office's network.
+    let office = Proxy::start(&ward.addrs.mqtt.to_string()).await?;
+    let agent_dir = tempfile::tempdir()?;
+    let config = agent_dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "broker = \"mqtt://{}\"\nfallback_broker = \"{}\"\nward = 131041\n\
+             site = \"nishi-shinjuku-es\"\nname = \"西新宿小学校\"\nkind = \"shelter\"\n\
+             interval = \"1s\"\nstate_dir = {:?}\nusername = \"agent-nishi\"\n\
+             password = \"{PASSWORD}\"\nevacuees = 100\ncapacity = 500\n\
+             shelter_state = \"open\"\n",
+            office.addr(),
+            hq.mqtt_url(),
+            agent_dir.path().join("state"),
+        ),
+    )?;
+    let agent = renkei_testkit::AgentProcess::start(&[
+        "run",
+        "--config",
+        config.to_str().context("utf-8 path")?,
+    ]);
+    let ward_data = data(&ward);
+    eventually_within(
+        Duration::from_secs(30),
+        "the site heard at HQ through its ward",
+        || {
+            let hq = data(&hq);
+            async move { (site_rows(&hq, false).ok()? >= 3).then_some(()) }
+        },
+    )
+    .await?;
+
+    // The ward office is lost: its broker dies and its network with it.
+    let ward_dir = ward.kill9_keeping_dir();
+    office.cut(Fault::Reset);
+    let lost = Instant::now();
+    let failed_over = eventually_within(Duration::from_secs(60), "the site straight at HQ", || {
+        let hq = data(&hq);
+        async move { (site_rows(&hq, true).ok()? >= 3).then(|| lost.elapsed()) }
+    })
+    .await?;
+
+    // The office comes back (on new ports, behind the same address).
+    let ward = BrokerProcess::start_in(ward_dir, &[]);
+    office.retarget(&ward.addrs.mqtt.to_string());
+    office.restore();
+    let back = Instant::now();
+    let at_ward_before = site_rows(&data(&ward), true)?;
+    let failed_back = eventually_within(Duration::from_secs(60), "the site back at its ward", || {
+        let ward = data(&ward);
+        async move { (site_rows(&ward, true).ok()? >= at_ward_before + 3).then(|| back.elapsed()) }
+    })
+    .await
+    .with_context(|| format!("the agent's log:\n{}", agent.log()))?;
+    // What the site sent its ward is at HQ, once, whichever way it went.
+    let caught_up = eventually_within(Duration::from_secs(60), "HQ has all the ward has", || {
+        let (ward, hq) = (data(&ward), data(&hq));
+        async move {
+            let (at_ward, _) = record(&ward).ok()?;
+            let (at_hq, _) = record(&hq).ok()?;
+            at_ward.is_subset(&at_hq).then_some(at_hq.len())
+        }
+    })
+    .await?;
+    let status =
+        renkei_testkit::run_agent(&["status", "--config", config.to_str().context("utf-8")?]);
+    let status = String::from_utf8_lossy(&status.stdout).into_owned();
+    let depth: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("queue depth:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .context("queue depth in the status")?;
+    ensure!(
+        depth <= 5,
+        "the site's outbox did not drain:\n{status}\n{}",
+        agent.log()
+    );
+    eprintln!(
+        "ward office lost: the site failed over to HQ in {failed_over:?} and back in \
+         {failed_back:?}; HQ holds {caught_up} of the ward's messages, {} straight from the \
+         site; its outbox holds {depth}",
+        site_rows(&data(&hq), true)?
+    );
+    drop(ward_data);
     Ok(())
 }
 

@@ -31,6 +31,13 @@
 //!   come in the order the publishes were queued.
 //! - **[`Driver::next`] is cancel-safe**, so the user may `select!` it against its timers: the
 //!   event channel is, and a backoff wait keeps its deadline across calls.
+//! - **Failover** ([`DriverOptions::fallback`]): a site configured with its ward's broker and
+//!   HQ's tries the ward's; after [`DriverOptions::fail_over_after`] failed attempts in a row
+//!   it tries HQ's, and after as many there the ward's again. Connected to the fallback, it
+//!   looks every [`DriverOptions::fail_back_every`] whether the primary answers a TCP connect;
+//!   if it does, it disconnects (gracefully: no will) and connects to the primary. Its user
+//!   sees an ordinary reconnection ([`LinkEvent::Connected`] names the broker) and sends
+//!   everything unconfirmed again; each broker keeps one copy of each message.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
@@ -39,8 +46,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use renkei_shared::{Envelope, Timestamp};
 use rumqttc::{
-    AsyncClient, ClientError, ConnectionError, Event, EventLoop, LastWill, Outgoing, Packet, QoS,
-    SubscribeFilter, SubscribeReasonCode,
+    AsyncClient, ClientError, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing,
+    Packet, QoS, SubscribeFilter, SubscribeReasonCode,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -106,6 +113,12 @@ pub struct DriverOptions {
     pub request_capacity: usize,
     /// The longest wait between attempts (`None`: a minute, for a site's box).
     pub backoff_max: Option<Duration>,
+    /// A second broker to fail over to (HQ's, for a site whose ward office is lost).
+    pub fallback: Option<LinkOptions>,
+    /// Failed attempts in a row on one broker before trying the other.
+    pub fail_over_after: u32,
+    /// Connected to the fallback: how often to look whether the primary is back.
+    pub fail_back_every: Duration,
 }
 
 impl Default for DriverOptions {
@@ -117,6 +130,9 @@ impl Default for DriverOptions {
             // A birth and a full state are a handful of messages.
             request_capacity: 64,
             backoff_max: None,
+            fallback: None,
+            fail_over_after: 3,
+            fail_back_every: Duration::from_secs(15),
         }
     }
 }
@@ -131,6 +147,8 @@ pub enum LinkEvent<T> {
     Connected {
         birth: Option<Envelope>,
         session_present: bool,
+        /// Connected to the fallback broker, not the primary.
+        fallback: bool,
     },
     /// The SUBACK of the connection's SUBSCRIBE: one code per filter, in the order given.
     Subscribed(Vec<SubscribeReasonCode>),
@@ -189,13 +207,25 @@ impl Phase {
 /// user wants to hear of.
 pub struct Driver<S, T = ()> {
     client: AsyncClient,
-    /// Starts an attempt with this will in the task that polls rumqttc.
-    wills: mpsc::UnboundedSender<Option<LastWill>>,
+    /// Starts an attempt with these options (a broker, a will) in the task that polls rumqttc.
+    attempts: mpsc::UnboundedSender<MqttOptions>,
+    /// The options of the primary broker and of the fallback, without a will.
+    targets: Vec<(String, MqttOptions)>,
+    /// Which of `targets` the current or next attempt goes to.
+    target: usize,
+    /// Failed attempts in a row on `target`.
+    failed_here: u32,
+    fail_over_after: u32,
+    fail_back_every: Duration,
+    /// The primary's address, for the fail-back probe.
+    primary: (String, u16),
+    /// A fail-back is under way: the next attempt goes to the primary, at once.
+    failing_back: bool,
+    /// Connected to the fallback: when to look at the primary next.
+    next_probe: Option<Instant>,
     events: mpsc::Receiver<Result<Event, ConnectionError>>,
     task: JoinHandle<()>,
     speaker: S,
-    /// For the log.
-    broker: String,
     subscriptions: Vec<String>,
     backoff: Backoff,
     phase: Phase,
@@ -211,26 +241,39 @@ impl<S: Speaker, T> Driver<S, T> {
     /// Starts the task that polls rumqttc; the first attempt starts on the first
     /// [`Driver::next`].
     pub fn spawn(link: &LinkOptions, options: DriverOptions, speaker: S) -> Driver<S, T> {
-        let mut mqtt = link.mqtt_options();
-        if let Some(inflight) = options.inflight {
-            mqtt.set_inflight(inflight.max(1));
-        }
-        let (client, mut eventloop) = AsyncClient::new(mqtt, options.request_capacity);
+        let target_options = |link: &LinkOptions| {
+            let mut mqtt = link.mqtt_options();
+            if let Some(inflight) = options.inflight {
+                mqtt.set_inflight(inflight.max(1));
+            }
+            (link.broker.to_string(), mqtt)
+        };
+        let mut targets = vec![target_options(link)];
+        targets.extend(options.fallback.as_ref().map(target_options));
+        let (client, mut eventloop) =
+            AsyncClient::new(targets[0].1.clone(), options.request_capacity);
         if let Some(timeout) = options.connect_timeout {
             eventloop
                 .network_options
                 .set_connection_timeout(timeout.as_secs().max(1));
         }
-        let (wills, wills_rx) = mpsc::unbounded_channel();
+        let (attempts, attempts_rx) = mpsc::unbounded_channel();
         let (events_tx, events) = mpsc::channel(options.request_capacity);
-        let task = tokio::spawn(drive(eventloop, wills_rx, events_tx));
+        let task = tokio::spawn(drive(eventloop, attempts_rx, events_tx));
         Driver {
             client,
-            wills,
+            attempts,
+            targets,
+            target: 0,
+            failed_here: 0,
+            fail_over_after: options.fail_over_after.max(1),
+            fail_back_every: options.fail_back_every,
+            primary: (link.broker.host.clone(), link.broker.port),
+            failing_back: false,
+            next_probe: None,
             events,
             task,
             speaker,
-            broker: link.broker.to_string(),
             subscriptions: options.subscriptions,
             backoff: Backoff::new(
                 BACKOFF_FIRST,
@@ -277,11 +320,48 @@ impl<S: Speaker, T> Driver<S, T> {
                 Phase::Closed => return Err(LinkError::Stopped),
                 Phase::Connecting { .. } | Phase::Connected { .. } => {}
             }
-            let event = self.events.recv().await.ok_or(LinkError::Stopped)?;
+            // On the fallback: look now and then whether the primary is back. The deadline
+            // is kept across calls and events, so that a busy link still probes on time.
+            let probe = self.target != 0 && self.is_connected() && !self.failing_back;
+            let next_probe = *self
+                .next_probe
+                .get_or_insert_with(|| Instant::now() + self.fail_back_every);
+            let event = tokio::select! {
+                event = self.events.recv() => event.ok_or(LinkError::Stopped)?,
+                () = tokio::time::sleep_until(next_probe), if probe => {
+                    self.next_probe = Some(Instant::now() + self.fail_back_every);
+                    self.probe_primary().await;
+                    continue;
+                }
+            };
             if let Some(event) = self.on_event(event)? {
                 return Ok(event);
             }
         }
+    }
+
+    /// Whether the primary accepts a TCP connection; if so, leaves the fallback (a graceful
+    /// DISCONNECT: the fallback fires no will) for the primary.
+    async fn probe_primary(&mut self) {
+        let (host, port) = (&self.primary.0, self.primary.1);
+        let answered = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio::net::TcpStream::connect((host.as_str(), port)),
+        )
+        .await
+        .is_ok_and(|c| c.is_ok());
+        if answered {
+            info!(primary = %self.targets[0].0, "the primary broker answers again: failing back");
+            self.failing_back = true;
+            if let Err(e) = self.client.try_disconnect() {
+                warn!(error = %e, "disconnect not queued");
+            }
+        }
+    }
+
+    /// The broker of the current connection or attempt.
+    pub fn broker(&self) -> &str {
+        &self.targets[self.target].0
     }
 
     /// Queues `env` (QoS 1, retained where its topic says so); with a tag, its PUBACK comes
@@ -381,7 +461,25 @@ impl<S: Speaker, T> Driver<S, T> {
             Some(armed) => (Some(armed.birth), Some(last_will(&armed.will)?)),
             None => (None, None),
         };
-        let _ = self.wills.send(will);
+        if std::mem::take(&mut self.failing_back) {
+            self.target = 0;
+            self.failed_here = 0;
+        } else if self.failed_here >= self.fail_over_after && self.targets.len() > 1 {
+            let from = self.target;
+            self.target = (self.target + 1) % self.targets.len();
+            self.failed_here = 0;
+            warn!(
+                from = %self.targets[from].0,
+                to = %self.targets[self.target].0,
+                "failing over: the broker did not answer {} attempts in a row",
+                self.fail_over_after
+            );
+        }
+        let mut options = self.targets[self.target].1.clone();
+        if let Some(will) = will {
+            options.set_last_will(will);
+        }
+        let _ = self.attempts.send(options);
         self.phase = Phase::Connecting { birth };
         Ok(LinkEvent::Connecting)
     }
@@ -423,7 +521,9 @@ impl<S: Speaker, T> Driver<S, T> {
         self.backoff.reset();
         self.queued.clear();
         self.by_pkid.clear();
-        info!(broker = %self.broker, boot = birth.as_ref().map(|b| b.header.boot), birth_seq = birth.as_ref().map(|b| b.header.seq), session_present, "connected");
+        self.failed_here = 0;
+        self.next_probe = None;
+        info!(broker = %self.targets[self.target].0, fallback = self.target != 0, boot = birth.as_ref().map(|b| b.header.boot), birth_seq = birth.as_ref().map(|b| b.header.seq), session_present, "connected");
         self.phase = Phase::Connected {
             birth: birth.clone(),
         };
@@ -442,12 +542,18 @@ impl<S: Speaker, T> Driver<S, T> {
         Ok(Some(LinkEvent::Connected {
             birth,
             session_present,
+            fallback: self.target != 0,
         }))
     }
 
     fn lost(&mut self, error: ConnectionError) -> LinkEvent<T> {
-        let retry_in = self.backoff.next_delay();
-        warn!(broker = %self.broker, error = %error, hint = connection_hint(&error), retry_in_ms = retry_in.as_millis() as u64, "connection lost");
+        let retry_in = if self.failing_back {
+            Duration::ZERO
+        } else {
+            self.failed_here = self.failed_here.saturating_add(1);
+            self.backoff.next_delay()
+        };
+        warn!(broker = %self.targets[self.target].0, error = %error, hint = connection_hint(&error), retry_in_ms = retry_in.as_millis() as u64, "connection lost");
         self.phase = Phase::Backoff {
             until: Instant::now() + retry_in,
         };
@@ -460,7 +566,7 @@ impl<S: Speaker, T> Driver<S, T> {
 impl<S, T> std::fmt::Debug for Driver<S, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Driver")
-            .field("broker", &self.broker)
+            .field("broker", &self.targets[self.target].0)
             .field("state", &self.phase.state())
             .field("queued", &self.queued.len())
             .finish_non_exhaustive()
@@ -473,23 +579,18 @@ impl<S, T> Drop for Driver<S, T> {
     }
 }
 
-/// Polls rumqttc: one attempt per will received, each run to its first error.
+/// Polls rumqttc: one attempt per set of options received (a broker and its will), each run
+/// to its first error.
 async fn drive(
     mut eventloop: EventLoop,
-    mut wills: mpsc::UnboundedReceiver<Option<LastWill>>,
+    mut attempts: mpsc::UnboundedReceiver<MqttOptions>,
     events: mpsc::Sender<Result<Event, ConnectionError>>,
 ) {
-    // The options without a will: each attempt arms its own, or none.
-    let base = eventloop.mqtt_options.clone();
-    while let Some(will) = wills.recv().await {
+    while let Some(options) = attempts.recv().await {
         // Requests queued after the last connection failed belong to it (the user re-sends
         // what matters after the birth); sent first on the new one, they would precede it.
         eventloop.clean();
         eventloop.pending.clear();
-        let mut options = base.clone();
-        if let Some(will) = will {
-            options.set_last_will(will);
-        }
         eventloop.mqtt_options = options;
         loop {
             let event = eventloop.poll().await;
