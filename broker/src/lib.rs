@@ -53,6 +53,7 @@ pub mod mqtt;
 pub mod publisher;
 pub mod receipts;
 pub mod recorder;
+pub mod relays;
 pub mod rules;
 pub mod skew;
 pub mod trim;
@@ -400,6 +401,7 @@ impl Broker {
             clock,
             auth: (!config.demo).then(|| auth.clone()),
             data_dir: data_dir.clone(),
+            upstream_ward: config.upstream.broker.as_ref().and(config.upstream.ward),
         };
         Ok(Broker {
             addrs,

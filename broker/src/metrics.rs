@@ -77,6 +77,8 @@ pub struct Metrics {
     memory_trim_micros: AtomicU64,
     /// Ward mode: the uplink to HQ (all zero otherwise).
     pub uplink: UplinkMetrics,
+    /// At HQ: the ward brokers' relays.
+    pub relays: crate::relays::Relays,
 }
 
 /// Ward mode: how the uplink to HQ stands (see [`crate::uplink`]).
@@ -579,6 +581,21 @@ impl Metrics {
         for (name, kind, help, value) in gauges {
             header(&mut out, name, kind, help);
             let _ = writeln!(out, "{name} {value}");
+        }
+
+        header(
+            &mut out,
+            "renkei_relay_connected",
+            "gauge",
+            "At HQ: 1 while the ward's relay (ward broker) is connected; 0 since it went.",
+        );
+        for relay in self.relays.views() {
+            let _ = writeln!(
+                out,
+                "renkei_relay_connected{{ward=\"{}\"}} {}",
+                relay.ward,
+                u8::from(relay.connected)
+            );
         }
 
         header(

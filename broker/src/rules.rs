@@ -93,12 +93,16 @@ impl Thresholds {
 ///
 /// `listening_since` is when the broker started: a site cannot be blamed for silence the broker
 /// was not there to hear, so staleness counts from whichever is later.
+///
+/// `line_down` says which wards' relays (ward brokers) HQ cannot reach now: their sites'
+/// silence is the line's, not theirs, so no "site silent" alert is raised for them.
 pub fn evaluate(
     world: &World,
     mode: Mode,
     now: Timestamp,
     listening_since: Timestamp,
     t: &Thresholds,
+    line_down: &dyn Fn(renkei_shared::WardCode) -> bool,
 ) -> BTreeMap<Id, Alert> {
     let mut out = BTreeMap::new();
     let mut add = |alert: Alert| {
@@ -150,7 +154,7 @@ pub fn evaluate(
                 ack_required: true,
             });
         }
-        if is_silent(state, now, listening_since) {
+        if is_silent(state, now, listening_since) && !line_down(site.ward) {
             let interval = state.interval_s();
             let description = if state.is_dead() {
                 format!(
@@ -503,7 +507,16 @@ impl Engine {
                 .into_iter()
                 .map(|mode| {
                     let world = state.world(mode);
-                    let alerts = evaluate(world, mode, now, self.started_at, &self.thresholds);
+                    let relays = &self.metrics.relays;
+                    let line_down = |ward| relays.unreachable_since(ward).is_some();
+                    let alerts = evaluate(
+                        world,
+                        mode,
+                        now,
+                        self.started_at,
+                        &self.thresholds,
+                        &line_down,
+                    );
                     (mode, alerts)
                 })
                 .collect()
@@ -629,7 +642,7 @@ mod tests {
             (120, Some(Severity::Severe)),
         ] {
             let (state, mode) = world(&[sample::status(), shelter(evacuees, 50)]);
-            let alerts = evaluate(state.world(mode), mode, at(1), at(0), &T);
+            let alerts = evaluate(state.world(mode), mode, at(1), at(0), &T, &|_| false);
             let got = alerts.get(&Id::new("occ-131041-nishi-shinjuku-es").unwrap());
             assert_eq!(got.map(|a| a.severity), expected, "{evacuees}");
             if let Some(a) = got {
@@ -645,7 +658,7 @@ mod tests {
     fn a_filling_shelter_republishes_its_alert_only_at_each_step() {
         let alert = |evacuees: u32| {
             let (state, mode) = world(&[sample::status(), shelter(evacuees, 50)]);
-            let alerts = evaluate(state.world(mode), mode, at(1), at(0), &T);
+            let alerts = evaluate(state.world(mode), mode, at(1), at(0), &T, &|_| false);
             alerts
                 .get(&Id::new("occ-131041-nishi-shinjuku-es").unwrap())
                 .cloned()
@@ -682,13 +695,21 @@ mod tests {
         let (state, mode) = world(&[sample::status()]);
         let w = state.world(mode);
         let limit = SILENT_AFTER_INTERVALS * 30;
-        assert!(ids(&evaluate(w, mode, at(limit), at(0), &T)).is_empty());
+        assert!(ids(&evaluate(w, mode, at(limit), at(0), &T, &|_| false)).is_empty());
         assert_eq!(
-            ids(&evaluate(w, mode, at(limit + 1), at(0), &T)),
+            ids(&evaluate(w, mode, at(limit + 1), at(0), &T, &|_| false)),
             ["silent-131041-nishi-shinjuku-es"]
         );
         // The broker itself started late: the site gets three intervals from then.
-        assert!(ids(&evaluate(w, mode, at(limit + 1), at(10), &T)).is_empty());
+        assert!(ids(&evaluate(w, mode, at(limit + 1), at(10), &T, &|_| false)).is_empty());
+        // Its ward's relay is unreachable: HQ does not know, and says no more than that.
+        let shinjuku_down = |ward: renkei_shared::WardCode| ward.0 == 131041;
+        assert!(ids(&evaluate(w, mode, at(limit + 1), at(0), &T, &shinjuku_down)).is_empty());
+        let chiyoda_down = |ward: renkei_shared::WardCode| ward.0 == 131016;
+        assert_eq!(
+            ids(&evaluate(w, mode, at(limit + 1), at(0), &T, &chiyoda_down)),
+            ["silent-131041-nishi-shinjuku-es"]
+        );
     }
 
     #[test]
@@ -714,7 +735,7 @@ mod tests {
             ];
         }
         let (state, mode) = world(&[sample::status(), env.clone()]);
-        let alerts = evaluate(state.world(mode), mode, at(1), at(0), &T);
+        let alerts = evaluate(state.world(mode), mode, at(1), at(0), &T, &|_| false);
         assert_eq!(ids(&alerts), ["stock-131041-nishi-shinjuku-es-water"]);
 
         // Counts that leave the days left as they were do not change the alert.
@@ -725,7 +746,7 @@ mod tests {
                 s.lines[0].daily_need = Some(daily_need);
             }
             let (state, mode) = world(&[sample::status(), env]);
-            evaluate(state.world(mode), mode, at(1), at(0), &T)
+            evaluate(state.world(mode), mode, at(1), at(0), &T, &|_| false)
                 .remove(&Id::new("stock-131041-nishi-shinjuku-es-water").unwrap())
         };
         assert_eq!(water(90, 100), water(180, 200));
@@ -750,11 +771,14 @@ mod tests {
                 mode,
                 at(hours - 1),
                 at(hours),
-                &T
+                &T,
+                &|_| false
             ))
             .is_empty()
         );
-        let alerts = evaluate(state.world(mode), mode, at(hours), at(hours), &T);
+        let alerts = evaluate(state.world(mode), mode, at(hours), at(hours), &T, &|_| {
+            false
+        });
         assert_eq!(alerts.len(), 1);
         assert!(ids(&alerts)[0].starts_with("req-131041-nishi-shinjuku-es-"));
         let mut ack = sample::ack();
@@ -766,7 +790,12 @@ mod tests {
         }
         ack.header.sent_at = at(hours);
         state.apply(&ack);
-        assert!(evaluate(state.world(mode), mode, at(hours), at(hours), &T).is_empty());
+        assert!(
+            evaluate(state.world(mode), mode, at(hours), at(hours), &T, &|_| {
+                false
+            })
+            .is_empty()
+        );
     }
 
     #[test]
@@ -774,13 +803,24 @@ mod tests {
         let mut env = shelter(95, 50);
         env.header.mode = Mode::Exercise;
         let (state, _) = world(&[env]);
-        assert!(evaluate(state.world(Mode::Actual), Mode::Actual, at(1), at(0), &T).is_empty());
+        assert!(
+            evaluate(
+                state.world(Mode::Actual),
+                Mode::Actual,
+                at(1),
+                at(0),
+                &T,
+                &|_| false
+            )
+            .is_empty()
+        );
         let alerts = evaluate(
             state.world(Mode::Exercise),
             Mode::Exercise,
             at(1),
             at(0),
             &T,
+            &|_| false,
         );
         assert_eq!(ids(&alerts), ["ex-occ-131041-nishi-shinjuku-es"]);
     }
@@ -812,7 +852,7 @@ mod tests {
         let state = state.into_inner().unwrap();
         let mode = request.header.mode;
         let alerts = |now| -> Vec<String> {
-            evaluate(state.world(mode), mode, now, at(0), &T)
+            evaluate(state.world(mode), mode, now, at(0), &T, &|_| false)
                 .into_keys()
                 .map(|id| id.as_str().to_owned())
                 .collect()

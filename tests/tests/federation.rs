@@ -653,8 +653,34 @@ async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes
     );
 
     // A command HQ issues while the line is down reaches the site once it is back, once.
+    let hq_links = renkei_testkit::http_get_as(hq.addrs.http, "/api/v1/links", ROOT)
+        .await
+        .json();
+    ensure!(
+        hq_links["relays"][0]["ward"] == WARD && hq_links["relays"][0]["connected"] == true,
+        "HQ must list the ward's relay as connected: {hq_links}"
+    );
     uplink.cut(Fault::Reset);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Both ends say the line is down, and since when.
+    let (hq_says, ward_says) =
+        eventually_within(Duration::from_secs(10), "the line down", || async {
+            let hq_links = renkei_testkit::http_get_as(hq.addrs.http, "/api/v1/links", ROOT)
+                .await
+                .json();
+            let ward_links = renkei_testkit::http_get(ward.addrs.http, "/api/v1/links")
+                .await
+                .json();
+            (hq_links["relays"][0]["connected"] == false
+                && ward_links["uplink"]["connected"] == false
+                && ward_links["uplink"]["down_since"].is_i64())
+            .then_some((hq_links, ward_links))
+        })
+        .await?;
+    ensure!(
+        hq_says["relays"][0]["since"].as_i64() > Some(0),
+        "HQ must say since when: {hq_says}"
+    );
+    ensure!(ward_says["uplink"]["ward"] == WARD, "{ward_says}");
     sato.send(&command).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(

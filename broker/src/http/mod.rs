@@ -11,6 +11,7 @@
 //! | `GET /api/v1/export/sites.csv?mode=`           | sites, one line each ([`export`])          |
 //! | `GET /api/v1/export/sites.geojson?mode=`       | sites with a location, as Points           |
 //! | `GET /api/v1/export/alerts.cap.xml?mode=`      | active alerts, CAP 1.2                     |
+//! | `GET /api/v1/links`                            | ward mode's lines: this ward broker's uplink to HQ, or at HQ the wards' relays |
 //! | `GET /metrics`                                 | Prometheus text ([`crate::metrics`])       |
 //! | anything else                                  | the built dashboard (open); unknown paths get its `index.html` |
 //!
@@ -64,6 +65,8 @@ pub struct AppState {
     pub auth: Option<Arc<Authenticator>>,
     /// Where the recorder's database is, for history and events.
     pub data_dir: PathBuf,
+    /// Ward mode: the ward this broker serves (it forwards to HQ).
+    pub upstream_ward: Option<WardCode>,
 }
 
 impl std::fmt::Debug for AppState {
@@ -80,7 +83,7 @@ impl std::fmt::Debug for AppState {
 
 /// Every route [`router`] serves besides the dashboard, as axum writes them; each must be in
 /// `docs/openapi.yaml` (checked by the broker's tests).
-pub const ROUTES: [&str; 10] = [
+pub const ROUTES: [&str; 11] = [
     "/healthz",
     "/config.json",
     "/api/v1/whoami",
@@ -90,6 +93,7 @@ pub const ROUTES: [&str; 10] = [
     "/api/v1/export/sites.csv",
     "/api/v1/export/sites.geojson",
     "/api/v1/export/alerts.cap.xml",
+    "/api/v1/links",
     "/metrics",
 ];
 
@@ -108,6 +112,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/export/sites.csv", get(export_csv))
         .route("/api/v1/export/sites.geojson", get(export_geojson))
         .route("/api/v1/export/alerts.cap.xml", get(export_cap))
+        .route("/api/v1/links", get(links))
         .route("/metrics", get(metrics))
         .fallback_service(dashboard)
         .layer(TraceLayer::new_for_http())
@@ -176,6 +181,55 @@ async fn whoami(viewer: Viewer) -> Response {
         Json(body),
     )
         .into_response()
+}
+
+/// Ward mode's lines, for the dashboards: at a ward broker its uplink to HQ, at HQ the wards'
+/// relays (a ward operator sees its own ward's).
+#[derive(Debug, serde::Serialize)]
+pub struct Links {
+    pub uplink: Option<UplinkView>,
+    pub relays: Vec<crate::relays::RelayView>,
+}
+
+/// A ward broker's line to HQ.
+#[derive(Debug, serde::Serialize)]
+pub struct UplinkView {
+    pub ward: WardCode,
+    pub connected: bool,
+    /// Since when HQ is unreachable (Unix ms), while it is.
+    pub down_since: Option<i64>,
+    /// This ward's records HQ does not have yet.
+    pub backlog: u64,
+    /// HQ's last receipt (Unix ms).
+    pub last_receipt: Option<i64>,
+    /// HQ takes this ward's records and stores none.
+    pub stalled: bool,
+}
+
+async fn links(State(app): State<AppState>, viewer: Viewer) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let u = &app.metrics.uplink;
+    let nonzero = |v: u64| (v > 0).then(|| i64::try_from(v).unwrap_or(i64::MAX));
+    let uplink = app.upstream_ward.map(|ward| UplinkView {
+        ward,
+        connected: u.connected.load(Relaxed) == 1,
+        down_since: if u.connected.load(Relaxed) == 1 {
+            None
+        } else {
+            nonzero(u.down_since_ms.load(Relaxed))
+        },
+        backlog: u.backlog.load(Relaxed),
+        last_receipt: nonzero(u.last_receipt_ms.load(Relaxed)),
+        stalled: u.stalled.load(Relaxed) == 1,
+    });
+    let relays = app
+        .metrics
+        .relays
+        .views()
+        .into_iter()
+        .filter(|r| viewer.sees(r.ward))
+        .collect();
+    (no_store(), Json(Links { uplink, relays })).into_response()
 }
 
 /// Tells the dashboard where the MQTT WebSocket is: the host the browser used to load the

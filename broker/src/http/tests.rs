@@ -23,6 +23,7 @@ fn app_in(dashboard_dir: &Path) -> AppState {
         clock: crate::clock::Clock::new(|| sample::SENT_AT.plus_secs(10)),
         auth: None,
         data_dir: dashboard_dir.join("no-data"),
+        upstream_ward: None,
     }
 }
 

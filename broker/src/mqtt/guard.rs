@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Buf, BytesMut};
 use ppp::PartialResult as _;
-use renkei_shared::Topic;
+use renkei_shared::{Timestamp, Topic};
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{self, ConnectReturnCode, Login, Packet, Protocol, SubscribeReasonCode};
 
@@ -63,6 +63,8 @@ pub struct Guard {
     ticket: Option<Arc<Ticket>>,
     /// A bound was hit: logged once per connection, then only counted.
     limit_logged: AtomicBool,
+    /// This connection is the relay of this ward, counted up in `metrics.relays`.
+    relay_up: Option<renkei_shared::WardCode>,
 }
 
 impl std::fmt::Debug for Guard {
@@ -99,6 +101,7 @@ impl Guard {
             admission,
             ticket: None,
             limit_logged: AtomicBool::new(false),
+            relay_up: None,
         }
     }
 
@@ -272,6 +275,9 @@ impl Guard {
                 return Err(protocol::Error::InvalidProtocol);
             }
         };
+        if let Some(ward) = self.relay_up {
+            self.metrics.relays.heard(ward, Timestamp::now());
+        }
         let parsed = Topic::parse(topic).ok();
         if let Some(Topic::AlertAck { .. } | Topic::RequestAck { .. }) = &parsed
             && let Ok(envelope) = renkei_shared::decode(&publish.payload)
@@ -331,6 +337,16 @@ impl Guard {
             } else if let Some(wants) = Interest::of_filter(&filter.path) {
                 // Kept until the connection ends (an UNSUBSCRIBE only costs unread receipts).
                 self.interest.add(&wants);
+                // A relay's subscription to its ward's receipts: it is up (at HQ).
+                if let (Wants::Ward(ward), Some(Access::Relay(own))) =
+                    (&wants, self.principal.as_ref().map(|p| &p.access))
+                    && ward == own
+                    && self.relay_up.is_none()
+                {
+                    let name = self.principal.as_ref().map_or("", |p| p.name.as_str());
+                    self.metrics.relays.up(*ward, name, Timestamp::now());
+                    self.relay_up = Some(*ward);
+                }
                 self.receipt_filters.push(wants);
             }
         }
@@ -379,6 +395,7 @@ impl Clone for Guard {
             admission: self.admission.clone(),
             ticket: None,
             limit_logged: AtomicBool::new(false),
+            relay_up: None,
         }
     }
 }
@@ -390,6 +407,9 @@ impl Drop for Guard {
         }
         for wants in &self.receipt_filters {
             self.interest.remove(wants);
+        }
+        if let Some(ward) = self.relay_up {
+            self.metrics.relays.down(ward, Timestamp::now());
         }
     }
 }
