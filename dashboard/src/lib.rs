@@ -37,6 +37,7 @@ pub mod detail;
 pub mod history;
 pub mod i18n;
 pub mod inbox;
+pub mod links;
 mod log;
 pub mod mqtt;
 pub mod perf;

@@ -146,6 +146,18 @@ mod browser {
         })
         .forget();
 
+        // Ward mode's lines: asked now and then, as the logged-in user once there is one.
+        let lines = dispatcher.clone();
+        Interval::new(crate::links::EVERY_MS, move || {
+            let lines = lines.clone();
+            wasm_bindgen_futures::spawn_local(async move {
+                if let Some(links) = fetch_links().await {
+                    lines.dispatch(Action::Links(links));
+                }
+            });
+        })
+        .forget();
+
         dispatcher.dispatch(Action::Route(current_route(), Timestamp::now()));
         let on_hash = dispatcher.clone();
         let listener = Closure::<dyn Fn()>::new(move || {
@@ -326,6 +338,22 @@ mod browser {
             };
             let _ = publisher.outgoing.unbounded_send(message);
         });
+    }
+
+    /// `GET /api/v1/links`; `None` when it cannot be read (not logged in yet, an older
+    /// broker): nothing is then said about the lines.
+    async fn fetch_links() -> Option<crate::links::Links> {
+        let mut request = gloo_net::http::Request::get(crate::links::PATH);
+        if let Some(c) = LOGIN.with(|l| l.borrow().clone()) {
+            request = request
+                .header("Authorization", &history::basic_auth(&c.user, &c.password))
+                .header("X-Requested-With", "XMLHttpRequest");
+        }
+        let response = request.send().await.ok()?;
+        if !response.ok() {
+            return None;
+        }
+        crate::links::parse(&response.text().await.ok()?)
     }
 
     pub async fn fetch_history(site: &SiteRef, mode: Mode) -> Result<Vec<Point>, HistoryError> {

@@ -277,6 +277,8 @@ pub enum Action {
     /// The operator chose which world to view.
     ViewMode(Mode, Timestamp),
     Access(Access),
+    /// Ward mode's lines, as the broker last said ([`crate::links`]).
+    Links(crate::links::Links),
 }
 
 /// What is shown of the state: which world, which page.
@@ -319,6 +321,7 @@ pub struct Dashboard {
     pub endpoint: Option<Rc<str>>,
     pub view: View,
     pub access: Access,
+    pub links: crate::links::Links,
 }
 
 impl Default for Dashboard {
@@ -339,6 +342,7 @@ impl Dashboard {
             endpoint: None,
             view,
             access: Access::Resolving,
+            links: crate::links::Links::default(),
         }
     }
 
@@ -410,6 +414,15 @@ impl Reducible for Dashboard {
                 endpoint: Some(url),
                 ..(*self).clone()
             }),
+            Action::Links(links) => {
+                if links == self.links {
+                    return self;
+                }
+                Rc::new(Dashboard {
+                    links,
+                    ..(*self).clone()
+                })
+            }
             Action::Route(route, now) => {
                 let view = View {
                     route,

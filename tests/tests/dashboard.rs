@@ -777,6 +777,49 @@ async fn request_steps_taken_in_the_page_reach_mqtt_and_move_the_request_on() ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ward_brokers_page_says_since_when_hq_is_unreachable() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let hq = BrokerProcess::start();
+    let line = renkei_tests::proxy::Proxy::start(&hq.addrs.mqtt.to_string()).await?;
+    let dir = prepare();
+    renkei_testkit::write_config(
+        dir.path(),
+        &format!(
+            "[upstream]\nbroker = \"mqtt://{}\"\nward = 131041\n",
+            line.addr()
+        ),
+    );
+    let bench = Bench::start_in(dir, &["--demo"]).await?;
+    let b = &bench.browser;
+    bench
+        .checked("hq-unreachable", async {
+            let banner = ".links-banner";
+            // Up: nothing said.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            if b.text(banner).await.is_some() {
+                bail!("a banner while the line is up: {:?}", b.text(banner).await);
+            }
+            line.cut(renkei_tests::proxy::Fault::Reset);
+            let said = eventually_within(WAIT, "the HQ-unreachable notice", || async {
+                b.text(banner)
+                    .await
+                    .filter(|t| t.contains("本部（HQ）に接続できません"))
+            })
+            .await?;
+            if !said.contains("から") {
+                bail!("the notice must say since when: {said}");
+            }
+            line.restore();
+            eventually_within(WAIT, "the notice gone", || async {
+                b.text(banner).await.is_none().then_some(())
+            })
+            .await?;
+            Ok(())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_language_switch_changes_every_label() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let bench = Bench::start().await?;

@@ -135,6 +135,9 @@ pub fn App() -> Html {
                 // Fixed bilingual text: a drill must be unmistakable whatever the language.
                 <div id="mode-banner" data-modes={drills} role="alert">{ "訓練 EXERCISE" }</div>
             }
+            { for crate::links::notices(&dashboard.links, lang).into_iter().map(|notice| html! {
+                <div class="links-banner" role="alert">{ notice }</div>
+            }) }
             if viewed != Mode::Actual {
                 <div id="view-mode-banner" data-mode={i18n::mode_key(viewed)} role="alert">
                     { format!("{} — {}", i18n::mode(viewed, lang), Label::ViewingDrill.text(lang)) }
