@@ -262,6 +262,12 @@ pub struct RecorderConfig {
     pub quarantine_rows: usize,
     /// Receipts published per second at most (see `crate::receipts`).
     pub receipt_rate: u32,
+    /// The most the record (database and write-ahead log) may take; `"0"`: what the disk
+    /// allows. Past it, or past `min_free`, batches are refused (counted; their senders keep
+    /// them and send again); from 80 % of what the record may take an alarm is raised.
+    pub max_bytes: ByteSize,
+    /// Free space the record leaves on its disk, for the system and the rest.
+    pub min_free: ByteSize,
 }
 
 impl Default for RecorderConfig {
@@ -272,6 +278,8 @@ impl Default for RecorderConfig {
             batch_time: HumanDuration(Duration::from_millis(200)),
             quarantine_rows: 10_000,
             receipt_rate: 500,
+            max_bytes: ByteSize(0),
+            min_free: ByteSize(64 * 1024 * 1024),
         }
     }
 }

@@ -51,6 +51,11 @@ pub struct Metrics {
     recorder_last_batch: AtomicU64,
     recorder_failed: AtomicU64,
     recorder_db_bytes: AtomicU64,
+    /// What the record may take in all (`recorder.max_bytes` and the disk), and whether it
+    /// holds 80 % of it; batches refused for want of room, by reason.
+    recorder_budget: AtomicU64,
+    recorder_alarm: AtomicU64,
+    recorder_refused: Mutex<BTreeMap<&'static str, u64>>,
     /// Receipts published to sites after a commit, the messages they named, and receipts
     /// that could not be handed to the broker.
     receipts_published: AtomicU64,
@@ -188,6 +193,46 @@ impl Metrics {
     pub fn recorder_failed(&self, rows: usize) {
         self.recorder_failed
             .fetch_add(rows as u64, Ordering::Relaxed);
+    }
+
+    /// The record may take `budget` bytes in all and holds `bytes`.
+    pub fn recorder_budget(&self, budget: u64, bytes: u64) {
+        self.recorder_budget.store(budget, Ordering::Relaxed);
+        let alarm = budget > 0 && bytes.saturating_mul(5) >= budget.saturating_mul(4);
+        let was = self
+            .recorder_alarm
+            .swap(u64::from(alarm), Ordering::Relaxed);
+        if alarm && was == 0 {
+            tracing::warn!(
+                bytes,
+                budget,
+                "the record holds 80 % of the room it may take (recorder.max_bytes, the disk)"
+            );
+        }
+    }
+
+    /// A batch of `rows` was refused for want of room.
+    pub fn recorder_refused(&self, rows: usize, reason: &'static str) {
+        *self
+            .recorder_refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(reason)
+            .or_default() += rows as u64;
+    }
+
+    /// The record's size, what it may take, whether it is at 80 %, and the rows refused.
+    pub fn record_room(&self) -> (u64, u64, bool, u64) {
+        (
+            self.recorder_db_bytes.load(Ordering::Relaxed),
+            self.recorder_budget.load(Ordering::Relaxed),
+            self.recorder_alarm.load(Ordering::Relaxed) == 1,
+            self.recorder_refused
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .sum(),
+        )
     }
 
     pub fn recorder_db_bytes(&self, bytes: u64) {
@@ -438,7 +483,7 @@ impl Metrics {
             );
         }
 
-        let gauges: [(&str, &str, &str, u64); 23] = [
+        let gauges: [(&str, &str, &str, u64); 25] = [
             (
                 "renkei_recorder_queue",
                 "gauge",
@@ -518,6 +563,18 @@ impl Metrics {
                 load(&self.recorder_db_bytes),
             ),
             (
+                "renkei_database_budget_bytes",
+                "gauge",
+                "What the record may take in all: recorder.max_bytes, or what the disk gives beyond recorder.min_free.",
+                load(&self.recorder_budget),
+            ),
+            (
+                "renkei_database_alarm",
+                "gauge",
+                "1 while the record holds 80 % or more of what it may take.",
+                load(&self.recorder_alarm),
+            ),
+            (
                 "renkei_uplink_connected",
                 "gauge",
                 "Ward mode: 1 while the uplink to HQ is connected.",
@@ -581,6 +638,24 @@ impl Metrics {
         for (name, kind, help, value) in gauges {
             header(&mut out, name, kind, help);
             let _ = writeln!(out, "{name} {value}");
+        }
+
+        header(
+            &mut out,
+            "renkei_recorder_refused_total",
+            "counter",
+            "Records refused for want of room (max_bytes, min_free): their senders keep them and send again.",
+        );
+        for (reason, count) in self
+            .recorder_refused
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "renkei_recorder_refused_total{{reason=\"{reason}\"}} {count}"
+            );
         }
 
         header(

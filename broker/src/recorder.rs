@@ -142,8 +142,18 @@ impl Recorder {
         let queued = metrics.recorder_queue.clone();
         let receipts = ReceiptSink::default();
         let committed = Arc::new(tokio::sync::Notify::new());
+        let db_bytes = [
+            db::path(data_dir),
+            db::path(data_dir).with_extension("db-wal"),
+        ]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum::<u64>();
         let writer = Writer {
             committed: committed.clone(),
+            db_bytes,
+            refusal_logged: None,
             conn,
             origins: HashMap::new(),
             db_path: db::path(data_dir),
@@ -199,6 +209,10 @@ struct Writer {
     queued: Arc<AtomicI64>,
     receipts: ReceiptSink,
     committed: Arc<tokio::sync::Notify>,
+    /// The record's size after the last batch (database and write-ahead log).
+    db_bytes: u64,
+    /// When a refusal was last logged (one line a minute at most).
+    refusal_logged: Option<Instant>,
 }
 
 impl Writer {
@@ -232,6 +246,26 @@ impl Writer {
         let rows = batch.len();
         self.queued.fetch_sub(rows as i64, Ordering::Relaxed);
         let started = Instant::now();
+        if let Err(reason) = self.room() {
+            // Nothing of the batch is written and no receipt goes out: every sender keeps its
+            // messages and sends them again, so they are counted here, never lost.
+            self.metrics.recorder_refused(rows, reason);
+            if self
+                .refusal_logged
+                .is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(60))
+            {
+                self.refusal_logged = Some(Instant::now());
+                tracing::error!(
+                    rows,
+                    reason,
+                    db_bytes = self.db_bytes,
+                    "recorder: the record has no room: batch refused (its senders keep it and \
+                     send again; free space or raise recorder.max_bytes)"
+                );
+            }
+            batch.clear();
+            return;
+        }
         match write_batch(
             &mut self.conn,
             &mut self.origins,
@@ -258,12 +292,42 @@ impl Writer {
             .filter_map(|p| std::fs::metadata(p).ok())
             .map(|m| m.len())
             .sum::<u64>();
+        self.db_bytes = bytes;
         self.metrics.recorder_db_bytes(bytes);
         tracing::trace!(rows, elapsed = ?started.elapsed(), "recorder batch");
     }
 }
 
 impl Writer {
+    /// Whether the record may grow by a batch: within `recorder.max_bytes`, and leaving
+    /// `recorder.min_free` on its disk. Also sets the budget and the 80 % alarm.
+    fn room(&mut self) -> Result<(), &'static str> {
+        let max = self.config.max_bytes.0 as u64;
+        let min_free = self.config.min_free.0 as u64;
+        let free = self
+            .db_path
+            .parent()
+            .and_then(|dir| rustix::fs::statvfs(dir).ok())
+            .map(|v| v.f_bavail.saturating_mul(v.f_frsize));
+        // What the record may take in all: up to max_bytes, and no more than the disk gives.
+        let by_disk = free.map(|f| self.db_bytes.saturating_add(f.saturating_sub(min_free)));
+        let budget = match (max, by_disk) {
+            (0, Some(d)) => d,
+            (0, None) => 0,
+            (m, Some(d)) => m.min(d),
+            (m, None) => m,
+        };
+        self.metrics.recorder_db_bytes(self.db_bytes);
+        self.metrics.recorder_budget(budget, self.db_bytes);
+        if max > 0 && self.db_bytes >= max {
+            return Err("max_bytes");
+        }
+        if free.is_some_and(|f| f < min_free) {
+            return Err("min_free");
+        }
+        Ok(())
+    }
+
     /// Tells every site in a committed batch which of its messages are now stored.
     fn send_receipts(&self, batch: &[Record]) {
         let sink = self.receipts.lock().unwrap_or_else(PoisonError::into_inner);
@@ -478,6 +542,58 @@ mod tests {
             envelope: Box::new(envelope),
             via: None,
         }
+    }
+
+    #[test]
+    fn a_record_out_of_room_refuses_counts_and_receipts_nothing_and_takes_again_with_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Arc::new(Metrics::new());
+        // No room at all: the empty database already holds more than a byte.
+        let config = RecorderConfig {
+            max_bytes: crate::config::ByteSize(1),
+            ..RecorderConfig::default()
+        };
+        let recorder = Recorder::start(dir.path(), config, metrics.clone()).unwrap();
+        let tx = recorder.tx().unwrap();
+        for env in sample::all() {
+            assert!(tx.send(accepted(env)));
+        }
+        drop(tx);
+        recorder.stop();
+        let (bytes, budget, alarm, refused) = metrics.record_room();
+        assert_eq!(refused, sample::all().len() as u64, "every record counted");
+        assert!(alarm && budget == 1 && bytes > 0);
+        let text = metrics.render();
+        assert!(
+            text.contains("renkei_recorder_refused_total{reason=\"max_bytes\"} 10"),
+            "{text}"
+        );
+        assert!(text.contains("renkei_database_alarm 1"), "{text}");
+        let conn = db::open(dir.path()).unwrap();
+        let stored: i64 = conn
+            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, 0);
+        drop(conn);
+
+        // With room again (the budget raised), the same messages, sent again, are taken.
+        let metrics = Arc::new(Metrics::new());
+        let recorder =
+            Recorder::start(dir.path(), RecorderConfig::default(), metrics.clone()).unwrap();
+        let tx = recorder.tx().unwrap();
+        for env in sample::all() {
+            assert!(tx.send(accepted(env)));
+        }
+        drop(tx);
+        recorder.stop();
+        let (_, budget, alarm, refused) = metrics.record_room();
+        assert_eq!((refused, alarm), (0, false));
+        assert!(budget > 0, "the disk's room");
+        let conn = db::open(dir.path()).unwrap();
+        let stored: i64 = conn
+            .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, sample::all().len() as i64);
     }
 
     #[test]

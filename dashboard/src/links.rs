@@ -18,6 +18,17 @@ pub struct Links {
     pub uplink: Option<Uplink>,
     #[serde(default)]
     pub relays: Vec<Relay>,
+    #[serde(default)]
+    pub record: Record,
+}
+
+/// The broker's record and its room on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+pub struct Record {
+    pub bytes: u64,
+    pub budget: u64,
+    pub alarm: bool,
+    pub refused: u64,
 }
 
 /// A ward broker's line to HQ.
@@ -47,6 +58,25 @@ pub fn parse(body: &str) -> Option<Links> {
 /// The notices to show, most important first.
 pub fn notices(links: &Links, lang: Lang) -> Vec<String> {
     let mut out = Vec::new();
+    let record = &links.record;
+    if record.refused > 0 {
+        out.push(match lang {
+            Lang::Ja => format!(
+                "記録領域が不足しています: {} 件の報告を受け付けられませんでした（送信元が保持し、再送します）。",
+                record.refused
+            ),
+            Lang::En => format!(
+                "The record is out of room: {} reports were refused (their senders keep them and send again).",
+                record.refused
+            ),
+        });
+    } else if record.alarm && record.budget > 0 {
+        let pct = record.bytes.saturating_mul(100) / record.budget;
+        out.push(match lang {
+            Lang::Ja => format!("記録領域の {pct}% を使用しています。空き容量を確保してください。"),
+            Lang::En => format!("The record uses {pct}% of its room. Free some space."),
+        });
+    }
     if let Some(up) = &links.uplink {
         if !up.connected {
             let since = up
@@ -134,5 +164,21 @@ mod tests {
         .unwrap();
         assert!(notices(&up, Lang::Ja).is_empty());
         assert_eq!(parse("<html>"), None);
+        // A record at 80 %, then one refusing.
+        let full = parse(
+            r#"{"uplink":null,"relays":[],
+            "record":{"bytes":85,"budget":100,"alarm":true,"refused":0}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            notices(&full, Lang::En),
+            ["The record uses 85% of its room. Free some space."]
+        );
+        let refusing = parse(
+            r#"{"uplink":null,"relays":[],
+            "record":{"bytes":100,"budget":100,"alarm":true,"refused":7}}"#,
+        )
+        .unwrap();
+        assert!(notices(&refusing, Lang::Ja)[0].contains("7 件"));
     }
 }

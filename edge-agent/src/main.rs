@@ -100,6 +100,9 @@ struct SimArgs {
     /// Number of simulated sites
     #[arg(long, value_name = "N")]
     sites: usize,
+    /// Every site in this ward (a ward office's own sites) instead of across the 23
+    #[arg(long, value_name = "CODE")]
+    only_ward: Option<renkei_shared::WardCode>,
     /// Seed: the same seed gives the same sites and the same story
     #[arg(long, default_value_t = 2026)]
     seed: u64,
@@ -455,6 +458,7 @@ async fn simulate(args: SimArgs) -> Result<()> {
     let options = SimOptions {
         broker,
         ward_brokers: args.ward_broker.into_iter().collect(),
+        only_ward: args.only_ward,
         tls,
         credentials,
         sites: args.sites,

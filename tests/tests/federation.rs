@@ -25,6 +25,9 @@
 //! - [`a_site_whose_ward_office_is_lost_fails_over_to_hq_and_back`]: a real `renkei-agent run`
 //!   with its ward's broker and HQ's: the ward office dies, the site reports straight to HQ,
 //!   the office returns and the site goes back to it; HQ keeps each message once.
+//! - [`a_ward_record_out_of_room_refuses_counts_and_loses_nothing`]: a ward broker whose
+//!   record has no room refuses each batch and counts it, its agent keeps every report, and
+//!   once there is room again everything reaches the ward and HQ.
 //! - [`a_relay_login_at_a_ward_broker_is_refused_and_counted`]: ward A's upstream is ward B
 //!   (a cycle or a chain): B refuses the relay's CONNECT and counts it.
 
@@ -871,6 +874,96 @@ async fn a_site_whose_ward_office_is_lost_fails_over_to_hq_and_back() -> Result<
     );
     drop(ward_data);
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ward_record_out_of_room_refuses_counts_and_loses_nothing() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let hq = start_hq();
+    let hq_url = hq.mqtt_url();
+    // A ward broker whose record has no room at all.
+    let dir = ward_dir(&hq_url, WARD);
+    let config = dir.path().join(renkei_testkit::CONFIG);
+    let roomy = std::fs::read_to_string(&config)?;
+    std::fs::write(&config, format!("{roomy}[recorder]\nmax_bytes = \"1\"\n"))?;
+    let ward = start_ward(dir);
+    // The site reaches its ward office through the office's network (the restarted broker
+    // listens on new ports behind it).
+    let office = Proxy::start(&ward.addrs.mqtt.to_string()).await?;
+    let agent_dir = tempfile::tempdir()?;
+    let agent_config = agent_dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "broker = \"mqtt://{}\"\nward = 131041\nsite = \"room-es\"\nname = \"試験\"\n\
+             kind = \"shelter\"\ninterval = \"1s\"\nstate_dir = {:?}\n",
+            office.addr(),
+            agent_dir.path().join("state"),
+        ),
+    )?;
+    let agent_config = agent_config.to_str().context("utf-8 path")?.to_owned();
+    let agent = renkei_testkit::AgentProcess::start(&["run", "--config", &agent_config]);
+    let depth = || -> Result<u64> {
+        let out = renkei_testkit::run_agent(&["status", "--config", &agent_config]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("queue depth:"))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .context("queue depth")
+    };
+    let refused = eventually_within(Duration::from_secs(30), "refusals counted", || async {
+        let text = scrape(ward.addrs.http, None).await;
+        let links = renkei_testkit::http_get(ward.addrs.http, "/api/v1/links")
+            .await
+            .json();
+        (metric(&text, "renkei_recorder_refused_total{reason=\"max_bytes\"}").unwrap_or(0) >= 5
+            && metric(&text, "renkei_database_alarm") == Some(1)
+            && links["record"]["refused"].as_u64() >= Some(5))
+        .then_some(())
+    })
+    .await;
+    refused.with_context(|| format!("the ward's log:\n{}", ward.log()))?;
+    // The agent keeps every report it stored (its birth and snapshots are live: sent again
+    // at its next connection).
+    let kept = eventually_within(
+        Duration::from_secs(30),
+        "the agent keeping them",
+        || async { depth().ok().filter(|d| *d >= 5) },
+    )
+    .await?;
+    ensure!(
+        site_rows_of(&data(&ward), "room-es")? == 0,
+        "nothing recorded without room"
+    );
+
+    // Room again: everything the agent kept reaches the ward's record and HQ's.
+    let (_, dir) = ward.terminate_keeping_dir();
+    std::fs::write(dir.path().join(renkei_testkit::CONFIG), &roomy)?;
+    let ward = start_ward(dir);
+    office.retarget(&ward.addrs.mqtt.to_string());
+    let at_hq = eventually_within(Duration::from_secs(60), "the backlog at HQ", || async {
+        let n = site_rows_of(&data(&hq), "room-es").ok()?;
+        (depth().ok()? <= 2 && n >= kept).then_some(n)
+    })
+    .await
+    .with_context(|| format!("the agent's log:\n{}", agent.log()))?;
+    eprintln!("{kept} reports kept by the agent while the ward had no room; HQ holds {at_hq}");
+    drop(ward);
+    Ok(())
+}
+
+/// How many messages of site `site` of the ward the record in `data_dir` holds.
+fn site_rows_of(data_dir: &Path, site: &str) -> Result<u64> {
+    let conn = rusqlite::Connection::open_with_flags(
+        data_dir.join("renkei.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn.query_row(
+        "SELECT COUNT(*) FROM messages WHERE site = ?1",
+        [site],
+        |r| r.get(0),
+    )?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

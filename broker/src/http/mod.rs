@@ -189,6 +189,18 @@ async fn whoami(viewer: Viewer) -> Response {
 pub struct Links {
     pub uplink: Option<UplinkView>,
     pub relays: Vec<crate::relays::RelayView>,
+    /// This broker's record: its room on disk.
+    pub record: RecordView,
+}
+
+/// The record's room: what it holds, what it may take, the 80 % alarm, and what was refused
+/// for want of room (its senders keep it and send it again).
+#[derive(Debug, serde::Serialize)]
+pub struct RecordView {
+    pub bytes: u64,
+    pub budget: u64,
+    pub alarm: bool,
+    pub refused: u64,
 }
 
 /// A ward broker's line to HQ.
@@ -229,7 +241,22 @@ async fn links(State(app): State<AppState>, viewer: Viewer) -> Response {
         .into_iter()
         .filter(|r| viewer.sees(r.ward))
         .collect();
-    (no_store(), Json(Links { uplink, relays })).into_response()
+    let (bytes, budget, alarm, refused) = app.metrics.record_room();
+    let record = RecordView {
+        bytes,
+        budget,
+        alarm,
+        refused,
+    };
+    (
+        no_store(),
+        Json(Links {
+            uplink,
+            relays,
+            record,
+        }),
+    )
+        .into_response()
 }
 
 /// Tells the dashboard where the MQTT WebSocket is: the host the browser used to load the

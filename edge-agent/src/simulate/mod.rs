@@ -165,6 +165,8 @@ impl Site for SimSite {
 #[derive(Debug, Clone)]
 pub struct SimOptions {
     pub broker: BrokerAddr,
+    /// Every site in this ward (a ward office's own sites), instead of across the 23.
+    pub only_ward: Option<renkei_shared::WardCode>,
     /// Sites of these wards report to their ward's own broker instead.
     pub ward_brokers: std::collections::HashMap<renkei_shared::WardCode, BrokerAddr>,
     /// For an `mqtts://` broker, shared by every site.
@@ -194,6 +196,7 @@ pub fn spawn(
         options.interval,
         options.scenario,
         options.speed,
+        options.only_ward,
     );
     for (i, site) in sites.into_iter().enumerate() {
         let credentials = options.credentials.as_ref().map(|c| Credentials {
@@ -289,6 +292,21 @@ mod tests {
     }
 
     #[test]
+    fn a_ward_offices_sites_are_all_in_its_ward() {
+        let shinjuku = renkei_shared::WardCode(131041);
+        let sites = plan_scenario(
+            100,
+            7,
+            Duration::from_secs(1),
+            Scenario::Steady,
+            1.0,
+            Some(shinjuku),
+        );
+        assert_eq!(sites.len(), 100);
+        assert!(sites.iter().all(|s| s.site.ward == shinjuku));
+    }
+
+    #[test]
     fn plans_are_deterministic_for_a_seed() {
         let a = plan(60, 42, Duration::from_secs(5));
         let b = plan(60, 42, Duration::from_secs(5));
@@ -370,7 +388,7 @@ mod tests {
         let quake = Scenario::Earthquake {
             quake_at: Duration::from_secs(15),
         };
-        plan_scenario(sites, seed, Duration::from_secs(5), quake, speed)
+        plan_scenario(sites, seed, Duration::from_secs(5), quake, speed, None)
     }
 
     /// The bodies of `beats` heartbeats of every site, uptime (wall-clock) blanked.
@@ -402,7 +420,7 @@ mod tests {
         // The steady story of a seed is unchanged by the scenario machinery.
         let steady = |seed| run_story(&mut plan(40, seed, Duration::from_secs(5)), 20);
         let explicit = run_story(
-            &mut plan_scenario(40, 5, Duration::from_secs(5), Scenario::Steady, 1.0),
+            &mut plan_scenario(40, 5, Duration::from_secs(5), Scenario::Steady, 1.0, None),
             20,
         );
         assert_eq!(steady(5), explicit);

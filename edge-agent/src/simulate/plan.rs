@@ -56,7 +56,7 @@ pub fn apportion(total: usize, weights: &[u32]) -> Vec<usize> {
 
 /// Sites spread over the wards, deterministic for a seed.
 pub fn plan(sites: usize, seed: u64, interval: Duration) -> Vec<SimSite> {
-    plan_scenario(sites, seed, interval, Scenario::Steady, 1.0)
+    plan_scenario(sites, seed, interval, Scenario::Steady, 1.0, None)
 }
 
 /// Sites spread over the wards playing `scenario` at `speed` story steps per heartbeat,
@@ -67,9 +67,19 @@ pub fn plan_scenario(
     interval: Duration,
     scenario: Scenario,
     speed: f64,
+    only_ward: Option<renkei_shared::WardCode>,
 ) -> Vec<SimSite> {
-    let weights: Vec<u32> = WARDS.iter().map(|w| w.shelters_2024).collect();
-    let per_ward = apportion(sites, &weights);
+    // Spread by each ward's shelters, or all in one ward (a ward office's own sites).
+    let per_ward: Vec<usize> = match only_ward {
+        Some(only) => WARDS
+            .iter()
+            .map(|w| if w.code == only { sites } else { 0 })
+            .collect(),
+        None => {
+            let weights: Vec<u32> = WARDS.iter().map(|w| w.shelters_2024).collect();
+            apportion(sites, &weights)
+        }
+    };
     let mut out = Vec::with_capacity(sites);
     for (ward, &count) in WARDS.iter().zip(&per_ward) {
         for n in 1..=count {

@@ -42,6 +42,7 @@ use renkei_testkit::process::{ready_line, wait_listening};
 use renkei_testkit::{BrokerProcess, Mosquitto, Process, free_port};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
+mod federation;
 mod lean;
 mod mem;
 
@@ -56,6 +57,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Ward mode beside HQ alone: forwarding throughput, drain rate after a cut, and a ward
+    /// broker's memory with its sites.
+    Federation(federation::Args),
     /// Run the load against each target, `runs` times, and print a summary.
     Load {
         #[arg(
@@ -193,6 +197,7 @@ fn main() -> Result<()> {
     match cli.command {
         Cmd::BareRumqttd { port } => bare_rumqttd(port),
         Cmd::Mem(args) => mem::run(args),
+        Cmd::Federation(args) => federation::run(args),
         Cmd::Watch {
             broker,
             filter,
