@@ -29,7 +29,9 @@
 //!   messages. Each is published into this broker as it came (topic and payload), so the
 //!   ward's agents get their commands and its dashboard the wider picture; ingest records
 //!   them with `via` = this link, and they are never forwarded up again. HQ keeps the relay's
-//!   session (QoS 1, clean session off): what it sent during a cut comes on reconnection.
+//!   session (QoS 1, clean session off): what it sent during a cut comes on reconnection,
+//!   except a command older than `upstream.command_ttl`, which has expired: counted, logged,
+//!   and not handed to the site.
 //! - One driver, one delivery core: the agent's (`renkei-link`), with a speaker that announces
 //!   nothing of its own.
 
@@ -176,6 +178,7 @@ impl Uplink {
             down: Arc::new(Mutex::new(down)),
             ward,
             seen_down: Seen::new(DOWN_SEEN),
+            command_ttl: config.command_ttl.0,
             stop: stop.clone(),
             metrics,
             saved: cursor,
@@ -360,6 +363,7 @@ struct Forwarder {
     down: Arc<Mutex<Publisher>>,
     ward: WardCode,
     seen_down: Seen,
+    command_ttl: Duration,
     stop: Arc<Notify>,
     metrics: Arc<Metrics>,
     saved: i64,
@@ -506,6 +510,22 @@ impl Forwarder {
                         .down_repeated
                         .fetch_add(1, Ordering::Relaxed);
                     return;
+                }
+                if let renkei_shared::Body::Command(command) = &env.body {
+                    let age_ms = Timestamp::now().millis_since(env.header.sent_at);
+                    if age_ms > i64::try_from(self.command_ttl.as_millis()).unwrap_or(i64::MAX) {
+                        self.metrics
+                            .uplink
+                            .commands_expired
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            command = %command.command_id,
+                            site = %command.target.site,
+                            age_s = age_ms / 1000,
+                            "uplink: a command from HQ expired while the line was down; not handed to the site"
+                        );
+                        return;
+                    }
                 }
             }
             Err(e) => {

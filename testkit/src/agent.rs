@@ -33,7 +33,8 @@ pub fn run_agent(args: &[&str]) -> Output {
 }
 
 /// A running `renkei-agent` (`run` or `simulate`), killed on drop. Its log (stderr, at debug
-/// level for the agent's own lines) goes to a file, for the messages of failing tests.
+/// level for the agent's own lines and its link's) goes to a file, for the messages of failing
+/// tests.
 #[derive(Debug)]
 pub struct AgentProcess {
     process: Process,
@@ -50,7 +51,7 @@ impl AgentProcess {
             "renkei-agent",
             agent_command()
                 .args(args)
-                .env("RUST_LOG", "renkei_agent=debug")
+                .env("RUST_LOG", "renkei_agent=debug,renkei_link=debug")
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(std::fs::File::create(&log).unwrap()),

@@ -621,7 +621,8 @@ async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes
     .await?;
     // At the ward office: a site's agent, and a dashboard reading HQ's alerts and the
     // neighbouring ward's statuses.
-    let command = renkei_shared::sample::command();
+    let mut command = renkei_shared::sample::command();
+    command.header.sent_at = Timestamp::now();
     let command_topic = Topic::of(&command)?.to_string();
     let site = renkei_shared::sample::site();
     let mut agent = MqttClient::connect(ward.addrs.mqtt, &site.agent_client_id()).await;
@@ -692,6 +693,15 @@ async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes
             .is_none(),
         "a command crossed a cut line"
     );
+    // And one HQ sent two hours ago (its clock, or a queue somewhere, held it): expired.
+    let mut stale = renkei_shared::sample::command();
+    stale.header.seq += 100;
+    stale.header.sent_at = Timestamp(Timestamp::now().0 - 2 * 3600 * 1000);
+    if let renkei_shared::Body::Command(c) = &mut stale.body {
+        c.command_id = Id::new("cmd-stale")?;
+    }
+    sato.send(&stale).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     uplink.restore();
     let got = publish_on(&mut agent, &command_topic, Duration::from_secs(30)).await;
     ensure!(
@@ -702,7 +712,12 @@ async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes
         publish_on(&mut agent, &command_topic, Duration::from_secs(3))
             .await
             .is_none(),
-        "the command came twice"
+        "the command came twice, or the expired one came"
+    );
+    let text = scrape(ward.addrs.http, None).await;
+    ensure!(
+        metric(&text, "renkei_uplink_commands_expired_total") == Some(1),
+        "the expired command must be counted:\n{text}"
     );
 
     // The ward recorded what came down, marked as brought by its downlink, and sent none of
