@@ -419,6 +419,16 @@ impl UpstreamConfig {
     }
 }
 
+/// The password in a `password_file` (external.password_file, upstream.password_file): its
+/// first line.
+pub fn read_password_file(path: &Path) -> std::io::Result<String> {
+    Ok(std::fs::read_to_string(path)?
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned())
+}
+
 impl Config {
     /// Reads `path`, or returns the defaults when there is none.
     pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {

@@ -36,8 +36,6 @@ use renkei_shared::topic;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject as _;
 use tokio::sync::oneshot;
 
 use renkei_shared::url::BrokerUrl;
@@ -106,29 +104,13 @@ fn client_options(
 /// listener and of the agent, no C toolchain), TLS 1.2 and 1.3, trusting exactly the CA
 /// certificates of `external.ca_file` (PEM, one or more), or the system's roots without one.
 ///
-/// The CA file is read as the agent reads its `ca_file` (edge-agent/src/tls.rs; the broker
-/// does not depend on the agent crate, so the few lines are repeated).
+/// The CA file is read as the agent and a ward's uplink read theirs (`renkei_link::tls`).
 fn client_tls(config: &ExternalConfig) -> Result<Arc<rustls::ClientConfig>, ExternalError> {
-    let mut roots = rustls::RootCertStore::empty();
-    match &config.ca_file {
-        Some(path) => {
-            let invalid = |reason: String| {
-                ExternalError::Tls(format!("external.ca_file {}: {reason}", path.display()))
-            };
-            let pem = std::fs::read(path).map_err(|e| invalid(format!("cannot read it: {e}")))?;
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| invalid(format!("not valid PEM: {e}")))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| invalid(format!("not a usable CA certificate: {e}")))?;
-            }
-            if roots.is_empty() {
-                return Err(invalid(
-                    "no certificate in it (expected PEM: -----BEGIN CERTIFICATE-----)".into(),
-                ));
-            }
-        }
+    let roots = match &config.ca_file {
+        Some(path) => renkei_link::tls::roots_from(path)
+            .map_err(|e| ExternalError::Tls(format!("external.{e}")))?,
         None => {
+            let mut roots = rustls::RootCertStore::empty();
             let found = rustls_native_certs::load_native_certs();
             roots.add_parsable_certificates(found.certs);
             if roots.is_empty() {
@@ -137,16 +119,10 @@ fn client_tls(config: &ExternalConfig) -> Result<Arc<rustls::ClientConfig>, Exte
                     found.errors.len()
                 )));
             }
+            roots
         }
-    }
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| ExternalError::Tls(format!("no usable TLS version: {e}")))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Arc::new(tls))
+    };
+    renkei_link::tls::trusting(roots).map_err(ExternalError::Tls)
 }
 
 /// The filter ingest subscribes with.
@@ -329,15 +305,12 @@ pub async fn retained_topics(
 
 fn read_password(config: &ExternalConfig) -> Result<String, ExternalError> {
     match &config.password_file {
-        Some(path) => Ok(std::fs::read_to_string(path)
-            .map_err(|source| ExternalError::Password {
+        Some(path) => {
+            crate::config::read_password_file(path).map_err(|source| ExternalError::Password {
                 path: path.clone(),
                 source,
-            })?
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned()),
+            })
+        }
         None => Ok(String::new()),
     }
 }

@@ -216,15 +216,12 @@ fn subscriptions(ward: WardCode, other_wards: OtherWards) -> Vec<String> {
 
 fn read_password(path: Option<&Path>) -> Result<String, UplinkError> {
     match path {
-        Some(path) => Ok(std::fs::read_to_string(path)
-            .map_err(|source| UplinkError::Password {
+        Some(path) => {
+            crate::config::read_password_file(path).map_err(|source| UplinkError::Password {
                 path: path.to_owned(),
                 source,
-            })?
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_owned()),
+            })
+        }
         None => Ok(String::new()),
     }
 }

@@ -82,32 +82,35 @@ pub fn client_id_for(user: &str) -> String {
 pub fn with_users(config: &str) -> TempDir {
     let dir = prepare();
     write_config(dir.path(), config);
-    let users: [(&str, &[&str]); 6] = [
-        (
-            "agent-nishi",
-            &[
-                "--role",
-                "agent",
-                "--ward",
-                "131041",
-                "--site",
-                "nishi-shinjuku-es",
-            ],
-        ),
-        (
-            "agent-chiyoda",
-            &["--role", "agent", "--ward", "13101", "--site", "chiyoda-es"],
-        ),
-        ("tanaka", &["--role", "ward", "--ward", "131041"]),
-        ("sato", &["--role", "hq"]),
-        ("dis", &["--role", "integrator"]),
-        ("root", &["--role", "admin"]),
-    ];
-    for (name, args) in users {
+    for (name, args) in USER_ROLES {
         add_user(dir.path(), name, args, PASSWORD);
     }
     dir
 }
+
+/// The users of [`with_users`] and their `user add` role arguments; the first is the sample
+/// site's agent (`agent-nishi`, 131041/nishi-shinjuku-es).
+pub const USER_ROLES: [(&str, &[&str]); 6] = [
+    (
+        "agent-nishi",
+        &[
+            "--role",
+            "agent",
+            "--ward",
+            "131041",
+            "--site",
+            "nishi-shinjuku-es",
+        ],
+    ),
+    (
+        "agent-chiyoda",
+        &["--role", "agent", "--ward", "13101", "--site", "chiyoda-es"],
+    ),
+    ("tanaka", &["--role", "ward", "--ward", "131041"]),
+    ("sato", &["--role", "hq"]),
+    ("dis", &["--role", "integrator"]),
+    ("root", &["--role", "admin"]),
+];
 
 /// Runs `renkei-broker serve` with `args` and `config` (appended to the kit's), which must
 /// not start: no ready line, a failed exit. Its stderr.

@@ -42,8 +42,8 @@ pub mod wait;
 
 pub use agent::{AgentProcess, run_agent};
 pub use broker::{
-    BrokerProcess, CONFIG, InProcessBroker, PASSWORD, ROOT, add_user, client_id_for, prepare,
-    start_refused, with_users, write_config,
+    BrokerProcess, CONFIG, InProcessBroker, PASSWORD, ROOT, USER_ROLES, add_user, client_id_for,
+    prepare, start_refused, with_users, write_config,
 };
 pub use http::{HttpRequest, HttpResponse, http_get, http_get_as, metric, scrape};
 pub use mosquitto::Mosquitto;

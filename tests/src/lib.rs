@@ -18,6 +18,22 @@ use renkei_testkit::{AgentProcess, Process, free_port, workspace_root};
 pub mod asyncapi;
 pub mod proxy;
 
+/// A broker's record (`renkei.db` in its data directory), opened read-only beside the running
+/// broker, waiting up to 5 s for its writer.
+pub fn open_record(data_dir: &Path) -> Result<rusqlite::Connection> {
+    let conn = rusqlite::Connection::open_with_flags(
+        data_dir.join("renkei.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// One number from a broker's record: `sql` (a `SELECT COUNT(*) …`) with one parameter.
+pub fn record_count(data_dir: &Path, sql: &str, param: impl rusqlite::ToSql) -> Result<u64> {
+    Ok(open_record(data_dir)?.query_row(sql, [param], |r| r.get(0))?)
+}
+
 /// The dashboard Trunk built into `dist/`, which the browser tests load from the broker.
 pub fn built_dashboard() -> Result<PathBuf> {
     let dist = workspace_root().join("dist");

@@ -34,6 +34,14 @@ pub enum TlsError {
 
 /// A client configuration trusting the certificates in `ca_file` (PEM, one or more).
 pub fn client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
+    trusting(roots_from(ca_file)?).map_err(|reason| TlsError::Invalid {
+        path: ca_file.to_owned(),
+        reason,
+    })
+}
+
+/// The CA certificates in `ca_file` (PEM, one or more); at least one.
+pub fn roots_from(ca_file: &Path) -> Result<RootCertStore, TlsError> {
     let invalid = |reason: String| TlsError::Invalid {
         path: ca_file.to_owned(),
         reason,
@@ -54,10 +62,15 @@ pub fn client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, TlsError> {
             path: ca_file.to_owned(),
         });
     }
+    Ok(roots)
+}
+
+/// A client configuration (rustls with ring, TLS 1.2 and 1.3) trusting exactly `roots`.
+pub fn trusting(roots: RootCertStore) -> Result<Arc<ClientConfig>, String> {
     let config =
         ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
             .with_safe_default_protocol_versions()
-            .map_err(|e| invalid(format!("no usable TLS version: {e}")))?
+            .map_err(|e| format!("no usable TLS version: {e}"))?
             .with_root_certificates(roots)
             .with_no_client_auth();
     Ok(Arc::new(config))

@@ -113,16 +113,11 @@ fn start_ward(hq_url: &str) -> BrokerProcess {
 
 /// How many of the ward's messages the record in `data_dir` holds.
 fn recorded(data_dir: &Path) -> Result<u64> {
-    let conn = rusqlite::Connection::open_with_flags(
-        data_dir.join("renkei.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn.query_row(
+    renkei_tests::record_count(
+        data_dir,
         "SELECT COUNT(*) FROM messages WHERE ward = ?1 AND kind = 'status'",
-        [WARD],
-        |r| r.get(0),
-    )?)
+        WARD,
+    )
 }
 
 /// Waits until the record in `data_dir` holds `want` messages; the times of the first and
@@ -332,13 +327,11 @@ async fn memory(args: &Args) -> Result<()> {
     };
     let at_ward = recorded(&ward.data_dir())?;
     // What a message costs on the ward's disk, for the spool's budget (docs/federation.md).
-    let rows: u64 = {
-        let conn = rusqlite::Connection::open_with_flags(
-            ward.data_dir().join("renkei.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )?;
-        conn.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))?
-    };
+    let rows = renkei_tests::record_count(
+        &ward.data_dir(),
+        "SELECT COUNT(*) FROM messages WHERE ?1",
+        1,
+    )?;
     let bytes: u64 = ["renkei.db", "renkei.db-wal"]
         .iter()
         .filter_map(|f| std::fs::metadata(ward.data_dir().join(f)).ok())
