@@ -2,6 +2,8 @@
 //! HQ is reachable, at HQ whether each ward's relay is. The page says what is unknown and
 //! since when, so that silence on a cut line is not read as silence at the sites.
 
+use std::rc::Rc;
+
 use renkei_shared::{Timestamp, WardCode};
 use serde::Deserialize;
 
@@ -48,6 +50,19 @@ pub struct Relay {
     pub connected: bool,
     pub since: i64,
     pub last_heard: Option<i64>,
+}
+
+impl Links {
+    /// The wards whose ward office HQ cannot reach now: their sites' state is unknown.
+    pub fn wards_cut_off(&self) -> Rc<Vec<WardCode>> {
+        Rc::new(
+            self.relays
+                .iter()
+                .filter(|r| !r.connected)
+                .map(|r| r.ward)
+                .collect(),
+        )
+    }
 }
 
 /// Reads the body; `None` if it is not one (an older broker answers 404 with the page).
@@ -156,6 +171,7 @@ mod tests {
             en[1].contains("Chiyoda") && en[1].contains("unknown"),
             "{en:?}"
         );
+        assert_eq!(*links.wards_cut_off(), vec![WardCode(131016)]);
         // All up: nothing to say.
         let up = parse(
             r#"{"uplink":{"ward":131041,"connected":true,"down_since":null,

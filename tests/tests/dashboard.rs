@@ -820,6 +820,61 @@ async fn a_ward_brokers_page_says_since_when_hq_is_unreachable() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hq_marks_a_cut_off_ward_unknown_not_silent() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    // HQ's page, and a ward broker for Shinjuku forwarding to it over a line the test cuts.
+    let bench = Bench::start().await?;
+    let line = renkei_tests::proxy::Proxy::start(&bench.broker.addrs.mqtt.to_string()).await?;
+    let dir = prepare();
+    renkei_testkit::write_config(
+        dir.path(),
+        &format!(
+            "[upstream]\nbroker = \"mqtt://{}\"\nward = 131041\n",
+            line.addr()
+        ),
+    );
+    let _ward = BrokerProcess::start_in(dir, &["--demo"]);
+    let b = &bench.browser;
+    bench
+        .checked("cut-off-ward", async {
+            let row = "#wards tr[data-ward=\"131041\"]";
+            // The relay is seen, connected: nothing unknown.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            if b.attr(row, "data-line").await.as_deref() != Some("up") {
+                bail!(
+                    "Shinjuku's row before the cut: {:?}",
+                    b.attr(row, "data-line").await
+                );
+            }
+            line.cut(renkei_tests::proxy::Fault::Reset);
+            b.wait_for_text(
+                &format!("{row}[data-line=\"down\"] td[data-field=\"silent\"]"),
+                "不明",
+                WAIT,
+            )
+            .await?;
+            bench
+                .exists("#ward-map .tile[data-ward=\"131041\"][data-line=\"down\"]")
+                .await?;
+            let notice = eventually_within(WAIT, "the cut-off notice", || async {
+                b.text(".links-banner")
+                    .await
+                    .filter(|t| t.contains("新宿区"))
+            })
+            .await?;
+            if !notice.contains("不明") {
+                bail!("the notice must say the shelters are unknown: {notice}");
+            }
+            line.restore();
+            bench
+                .exists("#wards tr[data-ward=\"131041\"][data-line=\"up\"]")
+                .await?;
+            Ok(())
+        })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_language_switch_changes_every_label() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let bench = Bench::start().await?;

@@ -337,10 +337,14 @@ impl Guard {
             } else if let Some(wants) = Interest::of_filter(&filter.path) {
                 // Kept until the connection ends (an UNSUBSCRIBE only costs unread receipts).
                 self.interest.add(&wants);
-                // A relay's subscription to its ward's receipts: it is up (at HQ).
-                if let (Wants::Ward(ward), Some(Access::Relay(own))) =
-                    (&wants, self.principal.as_ref().map(|p| &p.access))
-                    && ward == own
+                // A relay's subscription to its ward's receipts: it is up (at HQ). In demo
+                // mode relays log in anonymously, and the subscription alone says which.
+                let relay_of = match (&wants, self.principal.as_ref().map(|p| &p.access)) {
+                    (Wants::Ward(ward), Some(Access::Relay(own))) if ward == own => Some(*ward),
+                    (Wants::Ward(ward), Some(Access::Demo)) => Some(*ward),
+                    _ => None,
+                };
+                if let Some(ward) = &relay_of
                     && self.relay_up.is_none()
                 {
                     let name = self.principal.as_ref().map_or("", |p| p.name.as_str());

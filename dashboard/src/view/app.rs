@@ -104,12 +104,13 @@ pub fn App() -> Html {
         })
     };
     let viewed = snapshot.mode;
+    let cut_off = dashboard.links.wards_cut_off();
     let content = match &dashboard.view.route {
         Route::Overview => html! {
             <>
-                <WardMap {lang} snapshot={snapshot.clone()} />
+                <WardMap {lang} snapshot={snapshot.clone()} cut_off={cut_off.clone()} />
                 <section class="table-section">
-                    <WardTable {lang} snapshot={snapshot.clone()} />
+                    <WardTable {lang} snapshot={snapshot.clone()} {cut_off} />
                 </section>
             </>
         },

@@ -27,19 +27,28 @@ pub fn grid_area(ward: &Ward) -> String {
 pub struct TileProps {
     pub lang: Lang,
     pub row: WardRow,
+    /// HQ cannot reach this ward's office now: its sites' state is unknown.
+    #[prop_or_default]
+    pub cut_off: bool,
 }
 
 /// One ward's tile: name, evacuees / capacity, silent sites, age of the freshest report.
 #[component]
 pub fn WardTile(props: &TileProps) -> Html {
-    let TileProps { lang, row } = props;
+    let TileProps { lang, row, cut_off } = props;
     let lang = *lang;
     let f = &row.figures;
     let code = row.ward.code;
+    let state = if *cut_off {
+        Some("cut-off")
+    } else {
+        row.all_silent.then_some("stale")
+    };
     html! {
         <a
-            class={classes!("tile", level_class(row.level), row.all_silent.then_some("stale"))}
+            class={classes!("tile", level_class(row.level), state)}
             data-ward={code.to_string()}
+            data-line={if *cut_off { "down" } else { "up" }}
             href={Route::Ward(code).hash()}
             style={grid_area(row.ward)}
         >
@@ -47,7 +56,11 @@ pub fn WardTile(props: &TileProps) -> Html {
             <span class="tile-evacuees" data-field="evacuees">
                 { format!("{} / {}", f.evacuees, f.capacity) }
             </span>
-            if f.silent > 0 {
+            if *cut_off {
+                <span class="tile-silent" data-field="silent" data-unknown="true">
+                    { lang.pick("区本部と通信途絶", "office cut off") }
+                </span>
+            } else if f.silent > 0 {
                 <span class="tile-silent" data-field="silent">
                     { format!("{} {}", Label::Silent.text(lang), f.silent) }
                 </span>
@@ -61,6 +74,9 @@ pub fn WardTile(props: &TileProps) -> Html {
 pub struct WardMapProps {
     pub lang: Lang,
     pub snapshot: Rc<Snapshot>,
+    /// Wards whose ward office HQ cannot reach now ([`crate::links`]).
+    #[prop_or_default]
+    pub cut_off: Rc<Vec<renkei_shared::WardCode>>,
 }
 
 #[component]
@@ -70,8 +86,9 @@ pub fn WardMap(props: &WardMapProps) -> Html {
         <section class="map-section">
             <h2>{ Label::Map.text(lang) }</h2>
             <div id="ward-map" role="list">
-                { for props.snapshot.rows.iter().map(|row| html! {
-                    <WardTile key={row.ward.code.0} {lang} row={row.clone()} />
+                { for props.snapshot.rows.iter().map(|row| {
+                    let cut_off = props.cut_off.contains(&row.ward.code);
+                    html! { <WardTile key={row.ward.code.0} {lang} row={row.clone()} {cut_off} /> }
                 }) }
             </div>
         </section>

@@ -94,13 +94,24 @@ const ATTENTION: [&str; 2] = ["silent", "outbox_alarms"];
 pub struct WardTableProps {
     pub lang: Lang,
     pub snapshot: Rc<Snapshot>,
+    /// Wards whose ward office HQ cannot reach now ([`crate::links`]).
+    #[prop_or_default]
+    pub cut_off: Rc<Vec<renkei_shared::WardCode>>,
 }
 
-fn cells(figures: &Figures) -> Html {
+/// The figures' cells; with the ward's office cut off, its silence is unknown, not counted.
+fn cells(figures: &Figures, cut_off: bool, lang: Lang) -> Html {
     COLUMNS
         .iter()
         .map(|c| {
             let value = (c.value)(figures);
+            if cut_off && c.field == "silent" {
+                return html! {
+                    <td data-field={c.field} data-unknown="true" class="unknown">
+                        { lang.pick("不明", "unknown") }
+                    </td>
+                };
+            }
             let class = (ATTENTION.contains(&c.field) && value > 0).then_some("attention");
             html! { <td data-field={c.field} class={classes!(class)}>{ value }</td> }
         })
@@ -111,24 +122,33 @@ fn cells(figures: &Figures) -> Html {
 pub struct WardRowProps {
     pub lang: Lang,
     pub row: WardRow,
+    /// HQ cannot reach this ward's office now.
+    #[prop_or_default]
+    pub cut_off: bool,
 }
 
 /// One ward's row; re-renders only when its own figures (or the language) change.
 #[component]
 pub fn WardRowView(props: &WardRowProps) -> Html {
-    let WardRowProps { lang, row } = props;
+    let WardRowProps { lang, row, cut_off } = props;
     let code = row.ward.code;
     let open = Callback::from(move |_: MouseEvent| services::go(Route::Ward(code)));
+    let state = if *cut_off {
+        Some("cut-off")
+    } else {
+        row.all_silent.then_some("stale")
+    };
     html! {
         <tr
             data-ward={code.to_string()}
-            class={classes!(level_class(row.level), row.all_silent.then_some("stale"))}
+            data-line={if *cut_off { "down" } else { "up" }}
+            class={classes!(level_class(row.level), state)}
             onclick={open}
         >
             <th scope="row" data-field="name">
                 <a href={Route::Ward(code).hash()}>{ ward_name(row.ward, *lang) }</a>
             </th>
-            { cells(&row.figures) }
+            { cells(&row.figures, *cut_off, *lang) }
             <td data-field="age">{ age_text(row.newest, *lang) }</td>
         </tr>
     }
@@ -139,7 +159,8 @@ pub fn WardRowView(props: &WardRowProps) -> Html {
 pub fn WardTable(props: &WardTableProps) -> Html {
     let lang = props.lang;
     let rows = props.snapshot.rows.iter().map(|row| {
-        html! { <WardRowView key={row.ward.code.0} {lang} row={row.clone()} /> }
+        let cut_off = props.cut_off.contains(&row.ward.code);
+        html! { <WardRowView key={row.ward.code.0} {lang} row={row.clone()} {cut_off} /> }
     });
     html! {
         <table id="wards">
@@ -154,7 +175,7 @@ pub fn WardTable(props: &WardTableProps) -> Html {
             <tfoot>
                 <tr id="totals">
                     <th scope="row" data-field="name">{ Label::Total.text(lang) }</th>
-                    { cells(&props.snapshot.totals) }
+                    { cells(&props.snapshot.totals, false, lang) }
                     <td data-field="age"></td>
                 </tr>
             </tfoot>
