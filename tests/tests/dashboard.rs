@@ -833,7 +833,20 @@ async fn hq_marks_a_cut_off_ward_unknown_not_silent() -> Result<()> {
             line.addr()
         ),
     );
-    let _ward = BrokerProcess::start_in(dir, &["--demo"]);
+    let ward = BrokerProcess::start_in(dir, &["--demo"]);
+    // A shelter of Shinjuku reports to its ward broker, once (every second, it says).
+    let site = renkei_shared::sample::site();
+    let agent = MqttClient::connect(ward.addrs.mqtt, &site.agent_client_id()).await;
+    for mut env in [
+        renkei_shared::sample::status(),
+        renkei_shared::sample::shelter(),
+    ] {
+        env.header.sent_at = Timestamp::now();
+        if let Body::Status(status) = &mut env.body {
+            status.interval_s = 1;
+        }
+        agent.send(&env).await;
+    }
     let b = &bench.browser;
     bench
         .checked("cut-off-ward", async {
@@ -865,6 +878,15 @@ async fn hq_marks_a_cut_off_ward_unknown_not_silent() -> Result<()> {
             if !notice.contains("不明") {
                 bail!("the notice must say the shelters are unknown: {notice}");
             }
+            // In the ward's own view, its quiet shelter is unknown, not silent.
+            b.client.goto(&bench.page("#/ward/131041")).await?;
+            bench
+                .exists(&format!(
+                    "#shelters tr[data-site=\"{}\"][data-unknown=\"true\"].unknown",
+                    site.site
+                ))
+                .await?;
+            b.client.goto(&bench.page("#/")).await?;
             line.restore();
             bench
                 .exists("#wards tr[data-ward=\"131041\"][data-line=\"up\"]")

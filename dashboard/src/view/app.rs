@@ -115,7 +115,7 @@ pub fn App() -> Html {
             </>
         },
         Route::Ward(ward) => html! {
-            <WardView key={ward.0} {lang} mode={viewed} ward={*ward} detail={snapshot.detail.clone()} />
+            <WardView key={ward.0} {lang} mode={viewed} ward={*ward} detail={snapshot.detail.clone()} cut_off={cut_off.contains(ward)} />
         },
         // Keyed by site and world: another site, or another world's history, starts afresh.
         Route::Site(site) => html! {

@@ -19,13 +19,31 @@ pub struct ShelterRowProps {
     pub lang: Lang,
     pub ward: WardCode,
     pub row: ShelterRow,
+    /// HQ cannot reach the ward's office: a quiet site is unknown, not silent.
+    #[prop_or_default]
+    pub cut_off: bool,
+}
+
+/// The row's class and flag for a site gone quiet: `unknown` while its ward's office is cut
+/// off from HQ (its silence is the line's), else `stale`.
+fn quiet(silent: bool, cut_off: bool) -> (Option<&'static str>, bool) {
+    match (silent, cut_off) {
+        (true, true) => (Some("unknown"), true),
+        (true, false) => (Some("stale"), false),
+        (false, _) => (None, false),
+    }
 }
 
 /// One shelter; greyed out when its site has gone quiet, flagged when its agent dropped.
 /// Clicking it opens the site's view.
 #[component]
 pub fn ShelterRowView(props: &ShelterRowProps) -> Html {
-    let ShelterRowProps { lang, ward, row } = props;
+    let ShelterRowProps {
+        lang,
+        ward,
+        row,
+        cut_off,
+    } = props;
     let lang = *lang;
     let route = Route::Site(SiteRef {
         ward: *ward,
@@ -34,7 +52,10 @@ pub fn ShelterRowView(props: &ShelterRowProps) -> Html {
     let href = route.hash();
     let open = Callback::from(move |_: MouseEvent| services::go(route.clone()));
     let f = &row.freshness;
-    let flag = if f.dead {
+    let (class, unknown) = quiet(f.silent(), *cut_off);
+    let flag = if unknown {
+        Some(Label::Unknown)
+    } else if f.dead {
         Some(Label::Offline)
     } else if f.stale {
         Some(Label::Stale)
@@ -44,7 +65,8 @@ pub fn ShelterRowView(props: &ShelterRowProps) -> Html {
     html! {
         <tr
             data-site={row.site.to_string()}
-            class={classes!(f.silent().then_some("stale"))}
+            class={classes!(class)}
+            data-unknown={unknown.to_string()}
             data-stale={f.stale.to_string()}
             data-dead={f.dead.to_string()}
             data-outbox-alarm={row.outbox_alarm.to_string()}
@@ -75,12 +97,20 @@ pub struct OtherSiteRowProps {
     pub lang: Lang,
     pub ward: WardCode,
     pub row: SiteRow,
+    /// HQ cannot reach the ward's office: a quiet site is unknown, not silent.
+    #[prop_or_default]
+    pub cut_off: bool,
 }
 
 /// A ward office or depot, by its heartbeat; clicking it opens the site's view.
 #[component]
 pub fn OtherSiteRowView(props: &OtherSiteRowProps) -> Html {
-    let OtherSiteRowProps { lang, ward, row } = props;
+    let OtherSiteRowProps {
+        lang,
+        ward,
+        row,
+        cut_off,
+    } = props;
     let lang = *lang;
     let route = Route::Site(SiteRef {
         ward: *ward,
@@ -89,6 +119,7 @@ pub fn OtherSiteRowView(props: &OtherSiteRowProps) -> Html {
     let href = route.hash();
     let open = Callback::from(move |_: MouseEvent| services::go(route.clone()));
     let f = &row.freshness;
+    let (class, unknown) = quiet(f.silent(), *cut_off);
     html! {
         <tr
             data-site={row.site.to_string()}
@@ -96,12 +127,15 @@ pub fn OtherSiteRowView(props: &OtherSiteRowProps) -> Html {
             data-outbox-alarm={row.outbox_alarm.to_string()}
             data-stale={f.stale.to_string()}
             data-dead={f.dead.to_string()}
-            class={classes!(f.silent().then_some("stale"))}
+            data-unknown={unknown.to_string()}
+            class={classes!(class)}
             onclick={open}
         >
             <th scope="row" data-field="name">
                 <a href={href}>{ &row.name }</a>
-                if f.dead {
+                if unknown {
+                    { " " }<span class="flag">{ Label::Unknown.text(lang) }</span>
+                } else if f.dead {
                     { " " }<span class="flag">{ Label::Offline.text(lang) }</span>
                 } else if f.stale {
                     { " " }<span class="flag">{ Label::Stale.text(lang) }</span>
@@ -130,6 +164,9 @@ pub struct WardViewProps {
     pub mode: Mode,
     pub ward: WardCode,
     pub detail: Option<Rc<WardDetail>>,
+    /// HQ cannot reach this ward's office now ([`crate::links`]).
+    #[prop_or_default]
+    pub cut_off: bool,
 }
 
 fn sort_heading(lang: Lang) -> impl Fn(SortKey) -> &'static str {
@@ -209,7 +246,7 @@ pub fn WardView(props: &WardViewProps) -> Html {
                 </thead>
                 <tbody>
                     { for shown.iter().map(|row| html! {
-                        <ShelterRowView key={row.site.to_string()} {lang} ward={props.ward} row={(*row).clone()} />
+                        <ShelterRowView key={row.site.to_string()} {lang} ward={props.ward} row={(*row).clone()} cut_off={props.cut_off} />
                     }) }
                 </tbody>
             </table>
@@ -233,7 +270,7 @@ pub fn WardView(props: &WardViewProps) -> Html {
                     </tr></thead>
                     <tbody>
                         { for detail.other_sites.iter().map(|row| html! {
-                            <OtherSiteRowView key={row.site.to_string()} {lang} ward={props.ward} row={row.clone()} />
+                            <OtherSiteRowView key={row.site.to_string()} {lang} ward={props.ward} row={row.clone()} cut_off={props.cut_off} />
                         }) }
                     </tbody>
                 </table>
