@@ -70,6 +70,8 @@ async fn an_integrators_20000_filters_are_given_back_when_it_leaves() {
     assert!(dis.closed_within(PATIENCE).await);
     let left = Instant::now();
     let mut after = broker.rss();
+    // Freed at the top of the heap, memory may go back to the system by itself at once.
+    let given_back_by_itself = after <= before + SLACK;
     while after > before + SLACK && left.elapsed() < GIVE_BACK_WITHIN {
         tokio::time::sleep(Duration::from_millis(250)).await;
         after = broker.rss();
@@ -98,10 +100,10 @@ async fn an_integrators_20000_filters_are_given_back_when_it_leaves() {
         mib(after),
         mib(before)
     );
-    // It was the housekeeping that gave it back.
+    // It was the housekeeping that gave it back (unless the allocator did at once).
     let text = scrape(addrs.http, ROOT).await;
     let trims = metric(&text, "renkei_memory_trims_total").unwrap_or(0);
-    assert!(trims >= 1, "{text}");
+    assert!(trims >= 1 || given_back_by_itself, "{text}");
     eprintln!(
         "{trims} trims, {} s in all",
         text.lines()
