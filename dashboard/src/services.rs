@@ -343,11 +343,12 @@ mod browser {
     /// `GET /api/v1/links`; `None` when it cannot be read (not logged in yet, an older
     /// broker): nothing is then said about the lines.
     async fn fetch_links() -> Option<crate::links::Links> {
-        let mut request = gloo_net::http::Request::get(crate::links::PATH);
+        // Before a login the broker answers 401, without the Basic challenge that would put
+        // the browser's own password dialog in front of the page.
+        let mut request = gloo_net::http::Request::get(crate::links::PATH)
+            .header("X-Requested-With", "XMLHttpRequest");
         if let Some(c) = LOGIN.with(|l| l.borrow().clone()) {
-            request = request
-                .header("Authorization", &history::basic_auth(&c.user, &c.password))
-                .header("X-Requested-With", "XMLHttpRequest");
+            request = request.header("Authorization", &history::basic_auth(&c.user, &c.password));
         }
         let response = request.send().await.ok()?;
         if !response.ok() {

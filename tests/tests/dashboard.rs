@@ -97,6 +97,8 @@ impl Bench {
     /// Fills in the login form and submits it.
     async fn log_in(&self, user: &str, password: &str) -> Result<()> {
         let client = &self.browser.client;
+        // The form shows once the page has read /config.json.
+        self.exists("#login-user").await?;
         let field = client.find(Locator::Css("#login-user")).await?;
         field.clear().await?;
         field.send_keys(user).await?;
