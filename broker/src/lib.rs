@@ -28,6 +28,8 @@
 //! - [`ingest`]: the consumer that keeps the live state, the JSON mirror and the recorder fed;
 //! - [`recorder`]: every accepted message into the database, in batches, and the restore;
 //! - [`receipts`]: tells each agent which of its messages the recorder has committed;
+//! - [`uplink`]: ward mode, the ward's record forwarded to HQ and what HQ sends down;
+//! - [`relays`]: at HQ, the ward brokers' relays and whether each is reachable;
 //! - [`external`]: external-broker mode, where a clustered broker replaces the embedded one
 //!   and ingest, the mirror and the rules speak to it as an MQTT client;
 //! - [`skew`]: what the live state takes from a sender's clock;

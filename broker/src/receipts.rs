@@ -237,6 +237,8 @@ impl Interest {
             .and_then(|rest| rest.strip_suffix("/+"))
             .filter(|ward| ward.len() == 6)
             .and_then(|ward| ward.parse::<WardCode>().ok())
+            // One of the 23: an anonymous demo client names no other ward into the relays.
+            .filter(|ward| ward.is_known())
         {
             return Some(Wants::Ward(ward));
         }
