@@ -18,6 +18,22 @@ use renkei_testkit::{AgentProcess, Process, free_port, workspace_root};
 pub mod asyncapi;
 pub mod proxy;
 
+/// A directory for a ward broker (ward mode) of `ward` whose upstream is `hq_url`; `upstream`,
+/// given the directory, adds keys to its `[upstream]` section (a relay's login).
+pub fn ward_broker_dir(
+    hq_url: &str,
+    ward: u32,
+    upstream: impl FnOnce(&Path) -> String,
+) -> tempfile::TempDir {
+    let dir = renkei_testkit::prepare();
+    let extra = upstream(dir.path());
+    renkei_testkit::write_config(
+        dir.path(),
+        &format!("[upstream]\nbroker = \"{hq_url}\"\nward = {ward}\n{extra}"),
+    );
+    dir
+}
+
 /// A broker's record (`renkei.db` in its data directory), opened read-only beside the running
 /// broker, waiting up to 5 s for its writer.
 pub fn open_record(data_dir: &Path) -> Result<rusqlite::Connection> {

@@ -783,14 +783,9 @@ async fn a_ward_brokers_page_says_since_when_hq_is_unreachable() -> Result<()> {
     let _serial = ONE_AT_A_TIME.lock().await;
     let hq = BrokerProcess::start();
     let line = renkei_tests::proxy::Proxy::start(&hq.addrs.mqtt.to_string()).await?;
-    let dir = prepare();
-    renkei_testkit::write_config(
-        dir.path(),
-        &format!(
-            "[upstream]\nbroker = \"mqtt://{}\"\nward = 131041\n",
-            line.addr()
-        ),
-    );
+    let dir = renkei_tests::ward_broker_dir(&format!("mqtt://{}", line.addr()), 131041, |_| {
+        String::new()
+    });
     let bench = Bench::start_in(dir, &["--demo"]).await?;
     let b = &bench.browser;
     bench
@@ -827,14 +822,9 @@ async fn hq_marks_a_cut_off_ward_unknown_not_silent() -> Result<()> {
     // HQ's page, and a ward broker for Shinjuku forwarding to it over a line the test cuts.
     let bench = Bench::start().await?;
     let line = renkei_tests::proxy::Proxy::start(&bench.broker.addrs.mqtt.to_string()).await?;
-    let dir = prepare();
-    renkei_testkit::write_config(
-        dir.path(),
-        &format!(
-            "[upstream]\nbroker = \"mqtt://{}\"\nward = 131041\n",
-            line.addr()
-        ),
-    );
+    let dir = renkei_tests::ward_broker_dir(&format!("mqtt://{}", line.addr()), 131041, |_| {
+        String::new()
+    });
     let ward = BrokerProcess::start_in(dir, &["--demo"]);
     // A shelter of Shinjuku reports to its ward broker, once (every second, it says).
     let site = renkei_shared::sample::site();

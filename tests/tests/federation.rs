@@ -43,8 +43,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use renkei_shared::{Envelope, Id, Origin, SiteRef, Timestamp, Topic, WardCode};
 use renkei_testkit::{
-    BrokerProcess, MqttClient, PASSWORD, ROOT, add_user, eventually_within, metric, prepare,
-    scrape, with_users, write_config,
+    BrokerProcess, MqttClient, PASSWORD, ROOT, add_user, eventually_within, metric, scrape,
+    with_users,
 };
 use renkei_tests::proxy::{Fault, Proxy};
 use renkei_tests::{open_record, record_count};
@@ -77,18 +77,14 @@ fn start_hq() -> BrokerProcess {
 
 /// A directory for a ward broker whose upstream is `hq_url` (the proxy in front of HQ).
 fn ward_dir(hq_url: &str, ward: u32) -> TempDir {
-    let dir = prepare();
-    let password = dir.path().join("relay.password");
-    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
-    write_config(
-        dir.path(),
-        &format!(
-            "[upstream]\nbroker = \"{hq_url}\"\nward = {ward}\nuser = \"{RELAY}\"\n\
-             password_file = \"{}\"\n",
+    renkei_tests::ward_broker_dir(hq_url, ward, |dir| {
+        let password = dir.join("relay.password");
+        std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+        format!(
+            "user = \"{RELAY}\"\npassword_file = \"{}\"\n",
             password.display()
-        ),
-    );
-    dir
+        )
+    })
 }
 
 /// The ward broker: demo mode, so that the test's publishers connect without logins (their
@@ -307,6 +303,17 @@ impl LiveProbe {
     }
 }
 
+/// A fixed sequence of moments, the same in every run (xorshift from `seed`): each call gives
+/// a number below its argument.
+fn moments(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}
+
 fn data(broker: &BrokerProcess) -> PathBuf {
     broker.data_dir()
 }
@@ -412,14 +419,7 @@ async fn a_ward_broker_killed_at_random_moments_forwards_everything_once() -> Re
         5,
         Duration::from_millis(100),
     );
-    let mut seed = 0x5eed_u64;
-    let mut random = move |n: u64| {
-        // xorshift: a fixed sequence of moments, the same in every run.
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut random = moments(0x5eed);
     for kill in 0..kills {
         // The restarted broker reconnects and forwards before the next fault.
         eventually_within(Duration::from_secs(30), "the uplink up", || async {
@@ -504,13 +504,7 @@ async fn a_flapping_uplink_loses_nothing() -> Result<()> {
         10,
         Duration::from_millis(200),
     );
-    let mut seed = 0xf1a9_u64;
-    let mut random = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut random = moments(0xf1a9);
     let started = Instant::now();
     let mut flaps = 0;
     while started.elapsed() < flaps_for {

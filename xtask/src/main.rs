@@ -402,16 +402,8 @@ fn demo(sites: u32, http_port: u16, listen_all: bool, wards: u32) -> Result<()> 
     let stdout = broker.stdout.take().context("broker stdout")?;
     children.0.push(broker);
     let ready = wait_for_ready(stdout, Duration::from_secs(30))?;
-    let mqtt = ready
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("mqtt="))
-        .context("the broker's ready line names no mqtt address")?
-        .replace("0.0.0.0", "127.0.0.1");
-    let http = ready
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("http="))
-        .context("the broker's ready line names no http address")?
-        .replace("0.0.0.0", "127.0.0.1");
+    let mqtt = ready_addr(&ready, "mqtt")?;
+    let http = ready_addr(&ready, "http")?;
 
     // Ward mode: a broker per ward office, its line to HQ through a switch the demo controls.
     let mut lines = Vec::new();
@@ -436,16 +428,8 @@ fn demo(sites: u32, http_port: u16, listen_all: bool, wards: u32) -> Result<()> 
         let stdout = ward.stdout.take().context("ward broker stdout")?;
         children.0.push(ward);
         let ready = wait_for_ready(stdout, Duration::from_secs(30))?;
-        let ward_mqtt = ready
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("mqtt="))
-            .context("a ward broker's ready line names no mqtt address")?
-            .replace("0.0.0.0", "127.0.0.1");
-        let ward_http = ready
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix("http="))
-            .context("a ward broker's ready line names no http address")?
-            .replace("0.0.0.0", "127.0.0.1");
+        let ward_mqtt = ready_addr(&ready, "mqtt")?;
+        let ward_http = ready_addr(&ready, "http")?;
         ward_args.push("--ward-broker".to_owned());
         ward_args.push(format!("{code}=mqtt://{ward_mqtt}"));
         ward_urls.push((*code, ward_http));
@@ -507,6 +491,16 @@ fn broker_listen_args(http_port: u16, listen_all: bool) -> Vec<String> {
         "--http".into(),
         format!("{ip}:{http_port}"),
     ]
+}
+
+/// The address a broker's ready line gives for `key` (`mqtt`, `http`), reachable from here.
+fn ready_addr(ready: &str, key: &str) -> Result<String> {
+    let prefix = format!("{key}=");
+    Ok(ready
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(prefix.as_str()))
+        .with_context(|| format!("the broker's ready line names no {key} address: {ready}"))?
+        .replace("0.0.0.0", "127.0.0.1"))
 }
 
 /// Reads the broker's stdout until its `renkei-broker ready …` line, then keeps draining it.

@@ -23,7 +23,7 @@ use renkei_shared::{
     Body, Comms, Envelope, Header, HqState, Id, Mode, Origin, PowerSource, SiteKind, SiteRef,
     SiteStatus, Timestamp, Topic, WardCode, codec,
 };
-use renkei_testkit::{AgentProcess, BrokerProcess, prepare, write_config};
+use renkei_testkit::{AgentProcess, BrokerProcess};
 use renkei_tests::proxy::{Fault, Proxy};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
@@ -103,12 +103,10 @@ fn start_hq() -> BrokerProcess {
 
 /// A ward broker (demo mode) whose upstream is `hq_url`.
 fn start_ward(hq_url: &str) -> BrokerProcess {
-    let dir = prepare();
-    write_config(
-        dir.path(),
-        &format!("[upstream]\nbroker = \"{hq_url}\"\nward = {WARD}\n"),
-    );
-    BrokerProcess::start_in(dir, &["--demo"])
+    BrokerProcess::start_in(
+        renkei_tests::ward_broker_dir(hq_url, WARD, |_| String::new()),
+        &["--demo"],
+    )
 }
 
 /// How many of the ward's messages the record in `data_dir` holds.
