@@ -10,8 +10,13 @@
 //! | relay (ward W)    | W's sites' topics, `renkei/v1/{W}/…` (forwarded as the sites sent them) | `renkei/receipt/v1/{W}/+`, `renkei/v1/cmd/{W}/#`, what a ward operator of W reads, any one ward's tree `renkei/v1/{X}/#` (other wards' state, sent down), and narrower |
 //! | demo (anonymous)  | any Renkei topic under `renkei/v1/` (site, alert, ack, command)| everything                                                                  |
 //!
+//! Besides, a relay (and, in demo mode, anyone) publishes its ward's line report,
+//! `renkei/link/v1/{W}` ([`renkei_shared::line`]); integrators read every ward's and a ward
+//! operator its own.
+//!
 //! Nobody but the broker's own links publishes under `renkei/json/v1/` (the mirror is derived
-//! from validated messages only), and nothing outside `renkei/v1/` is published at all.
+//! from validated messages only), and nothing outside `renkei/v1/` and the line reports is
+//! published at all.
 //! Filters are checked level by level: a wildcard where a fixed level is required (e.g.
 //! `renkei/v1/+/…` for a ward operator) is refused, since it would reach other wards.
 //! Shared subscriptions (`$share/{group}/…`) are checked on the filter after the group.
@@ -25,6 +30,7 @@
 //! Acknowledgements carry who sent them (`by.user`, `by.role`): the guard refuses an ack
 //! whose author is not the login that publishes it ([`ack_author`]).
 
+use renkei_shared::line;
 use renkei_shared::topic::{self, JSON_ROOT, ROOT};
 use renkei_shared::{SiteRef, Topic, WardCode};
 
@@ -41,6 +47,15 @@ pub const REFUSED_FILTER: &str = "renkei/refused/subscription";
 pub fn may_publish(principal: &Principal, topic: &str) -> Result<(), Refusal> {
     if topic.starts_with(JSON_ROOT) {
         return Err("json_mirror");
+    }
+    if let Some(ward) = line::parse_line_topic(topic) {
+        // A ward broker's report of its line: its relay's, or any anonymous client's in demo.
+        return match principal.access {
+            Access::Relay(own) if own == ward => Ok(()),
+            Access::Relay(_) => Err("other_ward"),
+            Access::Demo | Access::Admin => Ok(()),
+            _ => Err("role"),
+        };
     }
     let Some(rest) = topic.strip_prefix(ROOT).filter(|r| r.starts_with('/')) else {
         return Err("outside_tree");
@@ -118,14 +133,18 @@ pub fn may_subscribe(principal: &Principal, filter: &str) -> bool {
     if filter.starts_with('$') {
         return false;
     }
+    let lines = format!("{}/#", line::LINE_ROOT);
     match &principal.access {
         Access::Admin | Access::Hq | Access::Demo => true,
-        Access::Integrator => within(filter, topic::ALL_JSON) || within(filter, topic::ALL),
+        Access::Integrator => {
+            within(filter, topic::ALL_JSON) || within(filter, topic::ALL) || within(filter, &lines)
+        }
         Access::Ward(ward) => {
             topic::ward_reader_filters(*ward)
                 .iter()
                 .any(|allowed| within(filter, allowed))
                 || within(filter, &format!("{JSON_ROOT}/{ward}/#"))
+                || filter == line::line_topic(*ward)
         }
         Access::Agent(site) => {
             filter == topic::command_filter(site) || filter == renkei_shared::receipt_topic(site)
@@ -285,6 +304,44 @@ mod tests {
         ] {
             assert!(!may_subscribe(&relay, filter), "{filter}");
         }
+    }
+
+    #[test]
+    fn only_a_wards_relay_reports_its_line_and_integrators_read_every_report() {
+        let relay = principal("relay-shinjuku", Access::Relay(WardCode(131041)));
+        assert_eq!(may_publish(&relay, "renkei/link/v1/131041"), Ok(()));
+        assert_eq!(
+            may_publish(&relay, "renkei/link/v1/131016"),
+            Err("other_ward")
+        );
+        for (access, name) in [
+            (Access::Hq, "sato"),
+            (Access::Ward(WardCode(131041)), "tanaka"),
+            (Access::Agent(site(131041, "es-1")), "a"),
+            (Access::Integrator, "i"),
+        ] {
+            assert_eq!(
+                may_publish(&principal(name, access), "renkei/link/v1/131041"),
+                Err("role"),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            may_publish(&principal("", Access::Demo), "renkei/link/v1/131041"),
+            Ok(())
+        );
+        assert!(
+            may_publish(&relay, "renkei/link/v1/131041/x").is_err(),
+            "not a report topic"
+        );
+        let integrator = principal("i", Access::Integrator);
+        assert!(may_subscribe(&integrator, "renkei/link/v1/#"));
+        assert!(may_subscribe(&integrator, "renkei/link/v1/131041"));
+        let ward = principal("tanaka", Access::Ward(WardCode(131041)));
+        assert!(may_subscribe(&ward, "renkei/link/v1/131041"));
+        assert!(!may_subscribe(&ward, "renkei/link/v1/131016"));
+        assert!(!may_subscribe(&ward, "renkei/link/v1/#"));
+        assert!(!may_subscribe(&relay, "renkei/link/v1/#"));
     }
 
     #[test]

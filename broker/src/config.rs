@@ -376,9 +376,6 @@ pub struct UpstreamConfig {
     /// site's heartbeat: who is up, power, comms), `"all"` (every site message) or `"none"`.
     /// HQ's alerts, its acknowledgements and its commands for this ward always come down.
     pub other_wards: OtherWards,
-    /// A command HQ sent longer ago than this (its `sent_at`), held while the line was down,
-    /// has expired: it is counted and not handed to the site.
-    pub command_ttl: HumanDuration,
 }
 
 /// What of the other wards a ward broker takes from HQ.
@@ -402,7 +399,6 @@ impl Default for UpstreamConfig {
             window: 4096,
             replay_rate: 2000,
             other_wards: OtherWards::Status,
-            command_ttl: HumanDuration(Duration::from_secs(3600)),
         }
     }
 }

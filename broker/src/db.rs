@@ -106,6 +106,8 @@ CREATE TABLE IF NOT EXISTS messages ",
     messages_columns!(),
     ";
 CREATE INDEX IF NOT EXISTS messages_by_time ON messages (received_at);
+CREATE INDEX IF NOT EXISTS messages_commands ON messages (id)
+    WHERE kind IN ('command', 'command_result');
 CREATE TABLE IF NOT EXISTS quarantine (
     id          INTEGER PRIMARY KEY,
     received_at INTEGER NOT NULL,

@@ -109,8 +109,6 @@ pub struct UplinkMetrics {
     pub down: AtomicU64,
     /// Messages HQ sent down again (QoS 1 redelivery), passed over.
     pub down_repeated: AtomicU64,
-    /// Commands that came down older than `upstream.command_ttl`, not handed to their sites.
-    pub commands_expired: AtomicU64,
     /// 1 while connected with records HQ's broker took and HQ has not stored for longer than
     /// the uplink's stall limit: a link that says connected but forwards nothing.
     pub stalled: AtomicU64,
@@ -485,7 +483,7 @@ impl Metrics {
             );
         }
 
-        let gauges: [(&str, &str, &str, u64); 26] = [
+        let gauges: [(&str, &str, &str, u64); 25] = [
             (
                 "renkei_recorder_queue",
                 "gauge",
@@ -623,12 +621,6 @@ impl Metrics {
                 "counter",
                 "Ward mode: messages HQ sent down again (a QoS 1 redelivery), passed over so that each reaches the ward once.",
                 load(&self.uplink.down_repeated),
-            ),
-            (
-                "renkei_uplink_commands_expired_total",
-                "counter",
-                "Ward mode: commands from HQ older than upstream.command_ttl when they came down (held during a cut), not handed to their sites.",
-                load(&self.uplink.commands_expired),
             ),
             (
                 "renkei_uplink_stalled",

@@ -565,7 +565,10 @@ mod tests {
         assert!(alarm && budget == 1 && bytes > 0);
         let text = metrics.render();
         assert!(
-            text.contains("renkei_recorder_refused_total{reason=\"max_bytes\"} 10"),
+            text.contains(&format!(
+                "renkei_recorder_refused_total{{reason=\"max_bytes\"}} {}",
+                sample::all().len()
+            )),
             "{text}"
         );
         assert!(text.contains("renkei_database_alarm 1"), "{text}");

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, PoisonError};
 
+use renkei_shared::line::LineReport;
 use renkei_shared::{Timestamp, WardCode};
 use serde::Serialize;
 
@@ -27,6 +28,8 @@ struct Entry {
     since: Timestamp,
     /// When it last published.
     last_heard: Option<Timestamp>,
+    /// Its last report of the ward's backlog, and when it came.
+    report: Option<(LineReport, Timestamp)>,
 }
 
 /// One relay, as the API shows it.
@@ -39,6 +42,13 @@ pub struct RelayView {
     pub since: i64,
     /// When it last forwarded a message (Unix ms).
     pub last_heard: Option<i64>,
+    /// The ward's messages not yet in HQ's record, as its relay last reported (while it is
+    /// unreachable: how much was waiting when it was last heard).
+    pub backlog: Option<u64>,
+    /// When that report came (Unix ms).
+    pub backlog_at: Option<i64>,
+    /// The relay last reported that HQ stored none of what it forwarded for a while.
+    pub stalled: bool,
 }
 
 impl Relays {
@@ -50,6 +60,7 @@ impl Relays {
             connections: 0,
             since: now,
             last_heard: None,
+            report: None,
         });
         if entry.connections == 0 {
             entry.since = now;
@@ -81,6 +92,18 @@ impl Relays {
         }
     }
 
+    /// `ward`'s relay reported its line.
+    pub fn report(&self, ward: WardCode, report: LineReport, now: Timestamp) {
+        if let Some(entry) = self
+            .by_ward
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(&ward)
+        {
+            entry.report = Some((report, now));
+        }
+    }
+
     /// Since when `ward`'s relay is unreachable, if it has one and it is.
     pub fn unreachable_since(&self, ward: WardCode) -> Option<Timestamp> {
         self.by_ward
@@ -103,6 +126,9 @@ impl Relays {
                 connected: e.connections > 0,
                 since: e.since.0,
                 last_heard: e.last_heard.map(|t| t.0),
+                backlog: e.report.map(|(r, _)| r.backlog),
+                backlog_at: e.report.map(|(_, at)| at.0),
+                stalled: e.report.is_some_and(|(r, _)| r.stalled),
             })
             .collect()
     }
@@ -130,5 +156,27 @@ mod tests {
         relays.up(ward, "relay-shinjuku", Timestamp(6));
         assert_eq!(relays.unreachable_since(ward), None);
         assert_eq!(relays.views()[0].since, 6);
+    }
+
+    #[test]
+    fn the_last_backlog_report_outlives_the_connection() {
+        let relays = Relays::default();
+        let ward = WardCode(131041);
+        let report = |backlog| LineReport {
+            backlog,
+            stalled: false,
+            at: Timestamp(0),
+        };
+        relays.report(ward, report(5), Timestamp(1));
+        assert!(relays.views().is_empty(), "no relay, no report kept");
+        relays.up(ward, "relay-shinjuku", Timestamp(2));
+        relays.report(ward, report(120), Timestamp(3));
+        relays.down(ward, Timestamp(4));
+        let view = &relays.views()[0];
+        assert!(!view.connected);
+        assert_eq!((view.backlog, view.backlog_at), (Some(120), Some(3)));
+        relays.up(ward, "relay-shinjuku", Timestamp(5));
+        relays.report(ward, report(3000), Timestamp(6));
+        assert_eq!(relays.views()[0].backlog, Some(3000));
     }
 }

@@ -30,8 +30,10 @@
 //!   ward's agents get their commands and its dashboard the wider picture; ingest records
 //!   them with `via` = this link, and they are never forwarded up again. HQ keeps the relay's
 //!   session (QoS 1, clean session off): what it sent during a cut comes on reconnection,
-//!   except a command older than `upstream.command_ttl`, which has expired: counted, logged,
-//!   and not handed to the site.
+//!   once. A command is handed to its site however late: the site carries it out unless it
+//!   is older than [`renkei_shared::COMMAND_TTL_MS`], and answers either way
+//!   ([`renkei_shared::CommandResult`], forwarded up like its other news), so HQ learns
+//!   which.
 //! - One driver, one delivery core: the agent's (`renkei-link`), with a speaker that announces
 //!   nothing of its own.
 
@@ -178,11 +180,11 @@ impl Uplink {
             down: Arc::new(Mutex::new(down)),
             ward,
             seen_down: Seen::new(DOWN_SEEN),
-            command_ttl: config.command_ttl.0,
             stop: stop.clone(),
             metrics,
             saved: cursor,
             saved_at: Instant::now(),
+            reported_at: None,
         };
         Ok(Uplink {
             task: tokio::spawn(uplink.run()),
@@ -360,11 +362,12 @@ struct Forwarder {
     down: Arc<Mutex<Publisher>>,
     ward: WardCode,
     seen_down: Seen,
-    command_ttl: Duration,
     stop: Arc<Notify>,
     metrics: Arc<Metrics>,
     saved: i64,
     saved_at: Instant,
+    /// When this connection last reported the backlog to HQ (`None`: not yet).
+    reported_at: Option<Instant>,
 }
 
 impl Forwarder {
@@ -401,6 +404,7 @@ impl Forwarder {
                 self.delivery.connected(last);
                 self.in_flight.clear();
                 self.live_topics.clear();
+                self.reported_at = None;
                 self.metrics.uplink.connected.store(1, Ordering::Relaxed);
                 self.metrics
                     .uplink
@@ -508,22 +512,6 @@ impl Forwarder {
                         .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
-                if let renkei_shared::Body::Command(command) = &env.body {
-                    let age_ms = Timestamp::now().millis_since(env.header.sent_at);
-                    if age_ms > i64::try_from(self.command_ttl.as_millis()).unwrap_or(i64::MAX) {
-                        self.metrics
-                            .uplink
-                            .commands_expired
-                            .fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            command = %command.command_id,
-                            site = %command.target.site,
-                            age_s = age_ms / 1000,
-                            "uplink: a command from HQ expired while the line was down; not handed to the site"
-                        );
-                        return;
-                    }
-                }
             }
             Err(e) => {
                 // Passed on all the same: this broker's ingest refuses and quarantines it.
@@ -586,6 +574,36 @@ impl Forwarder {
         }
         self.pump().await;
         self.save(false).await;
+        self.report();
+    }
+
+    /// Tells HQ this ward's backlog (`renkei/link/v1/{ward}`, retained): at once on each
+    /// connection, then every few seconds, so that HQ knows how much is catching up, and
+    /// after a cut how much was waiting when it last heard.
+    fn report(&mut self) {
+        let due = self.reported_at.is_none_or(|at| {
+            at.elapsed() >= Duration::from_secs(renkei_shared::line::REPORT_EVERY_S)
+        });
+        if !due || !self.driver.is_connected() {
+            return;
+        }
+        let report = renkei_shared::line::LineReport {
+            backlog: self.metrics.uplink.backlog.load(Ordering::Relaxed),
+            stalled: self.metrics.uplink.stalled.load(Ordering::Relaxed) == 1,
+            at: Timestamp::now(),
+        };
+        let Ok(payload) = serde_json::to_vec(&report) else {
+            return;
+        };
+        let out = Outgoing {
+            topic: renkei_shared::line::line_topic(self.ward),
+            payload,
+            retain: true,
+        };
+        match self.driver.publish_frame(out, None) {
+            Ok(()) => self.reported_at = Some(Instant::now()),
+            Err(e) => tracing::debug!(error = %e, "uplink: backlog report not queued"),
+        }
     }
 
     /// Forwards what the delivery core offers.

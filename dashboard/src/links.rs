@@ -50,6 +50,9 @@ pub struct Relay {
     pub connected: bool,
     pub since: i64,
     pub last_heard: Option<i64>,
+    /// The ward's messages HQ does not have yet, as its relay last reported.
+    #[serde(default)]
+    pub backlog: Option<u64>,
 }
 
 impl Links {
@@ -125,13 +128,28 @@ pub fn notices(links: &Links, lang: Lang) -> Vec<String> {
             .last_heard
             .map(|t| i18n::clock_jst(Timestamp(t)))
             .unwrap_or_else(|| "—".into());
+        let waiting = relay.backlog.map(|n| match lang {
+            Lang::Ja => format!("最終報告時の未送信 {n} 件、"),
+            Lang::En => format!(", {n} reports waiting at its last report"),
+        });
+        let waiting = waiting.unwrap_or_default();
         out.push(match lang {
             Lang::Ja => format!(
-                "{name}の区本部と通信できません: {since} から（最終受信 {heard}）。{name}の避難所の状況は不明です（途絶とは限りません）。"
+                "{name}の区本部と通信できません: {since} から（{waiting}最終受信 {heard}）。{name}の避難所の状況は不明です（途絶とは限りません）。"
             ),
             Lang::En => format!(
-                "{name} ward office unreachable since {since} (last heard {heard}). Its shelters' state is unknown, not necessarily silent."
+                "{name} ward office unreachable since {since} (last heard {heard}{waiting}). Its shelters' state is unknown, not necessarily silent."
             ),
+        });
+    }
+    for relay in links.relays.iter().filter(|r| r.connected) {
+        let Some(n) = relay.backlog.filter(|n| *n > 0) else {
+            continue;
+        };
+        let name = ward_name(relay.ward, lang);
+        out.push(match lang {
+            Lang::Ja => format!("{name}の区本部から未着分を受信中: 残り {n} 件。{name}の状況は追いつくまで古い可能性があります。"),
+            Lang::En => format!("{name} ward office catching up: {n} reports still to come. Its figures may be old until then."),
         });
     }
     out
@@ -153,8 +171,10 @@ mod tests {
         let body = r#"{"uplink":{"ward":131041,"connected":false,"down_since":1800000000000,
             "backlog":42,"last_receipt":null,"stalled":false},
             "relays":[{"ward":131016,"user":"relay-chiyoda","connected":false,
-            "since":1800000000000,"last_heard":1799999990000},
-            {"ward":131024,"user":"relay-chuo","connected":true,"since":1,"last_heard":null}]}"#;
+            "since":1800000000000,"last_heard":1799999990000,"backlog":120,
+            "backlog_at":1799999990000,"stalled":false},
+            {"ward":131024,"user":"relay-chuo","connected":true,"since":1,"last_heard":null,
+            "backlog":0,"backlog_at":1,"stalled":false}]}"#;
         let links = parse(body).unwrap();
         let ja = notices(&links, Lang::Ja);
         assert_eq!(ja.len(), 2, "{ja:?}");
@@ -162,7 +182,7 @@ mod tests {
         let since = i18n::clock_jst(Timestamp(1_800_000_000_000));
         assert!(ja[0].contains(&since), "{ja:?}");
         assert!(
-            ja[1].contains("千代田区") && ja[1].contains("不明"),
+            ja[1].contains("千代田区") && ja[1].contains("不明") && ja[1].contains("120 件"),
             "{ja:?}"
         );
         let en = notices(&links, Lang::En);
@@ -172,6 +192,22 @@ mod tests {
             "{en:?}"
         );
         assert_eq!(*links.wards_cut_off(), vec![WardCode(131016)]);
+        // A ward office back on the line with a backlog: it is catching up.
+        let catching_up = parse(
+            r#"{"uplink":null,"relays":[{"ward":131024,"user":"relay-chuo","connected":true,
+            "since":1,"last_heard":1,"backlog":3000,"backlog_at":1,"stalled":false}]}"#,
+        )
+        .unwrap();
+        let en = notices(&catching_up, Lang::En);
+        assert_eq!(en.len(), 1, "{en:?}");
+        assert!(en[0].contains("Chuo") && en[0].contains("3000"), "{en:?}");
+        // A broker from before the reports: no backlog said.
+        let older = parse(
+            r#"{"uplink":null,"relays":[{"ward":131024,"user":"relay-chuo","connected":false,
+            "since":1,"last_heard":null}]}"#,
+        )
+        .unwrap();
+        assert!(!notices(&older, Lang::En)[0].contains("waiting"));
         // All up: nothing to say.
         let up = parse(
             r#"{"uplink":{"ward":131041,"connected":true,"down_since":null,

@@ -36,7 +36,7 @@ use crate::keys::Key;
 use crate::lifecycle::Lifecycle;
 use crate::link::delivery::{Delivery, Order, RECEIPT_TIMEOUT, WINDOW};
 use crate::link::driver::{Driver, DriverOptions, LinkEvent, PublishError};
-use crate::link::{LinkError, LinkOptions, LinkState, command_of, timer};
+use crate::link::{Answered, LinkError, LinkOptions, LinkState, command_of, timer};
 use crate::outbox::{Durability, Outbox, Record};
 use crate::report::{FixedSite, Site};
 use crate::status::Status;
@@ -80,6 +80,8 @@ struct Daemon {
     /// The last heartbeat found no room (outbox or disk full): the alarm stands until one fits.
     heartbeat_refused: bool,
     last_error: Option<String>,
+    /// HQ's commands answered this run.
+    answered: Answered,
 }
 
 impl Daemon {
@@ -337,28 +339,49 @@ impl Daemon {
         self.snapshot()
     }
 
-    /// Handles a command from HQ; each is acknowledged by what it makes the site publish.
-    /// Returns the new heartbeat interval, if it changed.
+    /// Handles a command from HQ: carried out once unless it expired on its way, and
+    /// answered either way with a result stored in the outbox like any report, so that HQ
+    /// learns what became of it. Returns the new heartbeat interval, if it changed.
     fn on_command(&mut self, publish: &rumqttc::Publish) -> Result<Option<Duration>, LinkError> {
-        let Some((command, mode)) = command_of(publish, self.link.speaker().site()) else {
+        let site = self.link.speaker().site().clone();
+        let Some(arrived) = command_of(publish, &site, &mut self.answered, Timestamp::now()) else {
             return Ok(None);
         };
-        match command.action {
-            CommandAction::Rebirth => {
-                info!(command = %command.command_id, mode = ?mode, "command rebirth: acknowledged with birth and snapshot");
-                self.link.rebirth()?;
-                self.snapshot()?;
-                Ok(None)
+        let command = &arrived.command;
+        let mut interval = None;
+        if arrived.carry_out() {
+            match command.action {
+                CommandAction::Rebirth => {
+                    info!(command = %command.command_id, mode = ?arrived.mode, "command rebirth: answered with birth and snapshot");
+                    self.link.rebirth()?;
+                    self.snapshot()?;
+                }
+                CommandAction::SetInterval { seconds } => {
+                    let to = Duration::from_secs(u64::from(seconds));
+                    info!(command = %command.command_id, mode = ?arrived.mode, from_s = self.options.interval.as_secs(), to_s = seconds, "command set interval: answered with a fresh status");
+                    self.options.interval = to;
+                    self.site.set_interval(to);
+                    self.heartbeat();
+                    interval = Some(to);
+                }
             }
-            CommandAction::SetInterval { seconds } => {
-                let interval = Duration::from_secs(u64::from(seconds));
-                info!(command = %command.command_id, mode = ?mode, from_s = self.options.interval.as_secs(), to_s = seconds, "command set interval: acknowledged with a fresh status");
-                self.options.interval = interval;
-                self.site.set_interval(interval);
-                self.heartbeat();
-                self.pump();
-                Ok(Some(interval))
-            }
+        }
+        self.store(Body::CommandResult(arrived.result), Durability::Sync);
+        self.pump();
+        Ok(interval)
+    }
+
+    /// Stores one report of the site's in the outbox (it is sent from there).
+    fn store(&mut self, body: Body, durability: Durability) {
+        let lifecycle = self.link.speaker();
+        let stamped = |key| lifecycle.envelope(key, body, Timestamp::now());
+        let appended = self
+            .outbox
+            .lock()
+            .and_then(|mut l| l.append(stamped, durability));
+        if let Err(e) = appended {
+            warn!(error = %e, "report not stored");
+            self.last_error = Some(e.to_string());
         }
     }
 
@@ -426,6 +449,7 @@ pub async fn run_daemon(
         heartbeats_dropped: 0,
         heartbeat_refused: false,
         last_error: None,
+        answered: Answered::default(),
     };
     let mut ticker = timer(Instant::now(), daemon.options.interval);
     let mut poll = timer(Instant::now(), POLL);

@@ -15,7 +15,7 @@
 //!   `$share/{group}/…`) matches, is one the role may read;
 //! - every role may subscribe to its documented filters.
 //!
-//! Input: byte 0 picks the role (low 3 bits mod 7) and the mode (bit 7: raw MQTT), byte 1 the
+//! Input: byte 0 picks the role (low 3 bits) and the mode (bit 7: raw MQTT), byte 1 the
 //! ward (mod 23). Text mode: the rest is UTF-8 lines: name, agent's site, topic, filter, then
 //! levels to fill wildcards with. Raw mode: the rest is MQTT bytes.
 #![no_main]
@@ -24,6 +24,8 @@ use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use renkei_broker::acl;
 use renkei_broker::auth::{Access, Principal};
+use renkei_shared::line::{self, LINE_ROOT};
+use renkei_shared::receipt::receipt_ward_filter;
 use renkei_shared::topic::{self, JSON_ROOT, ROOT};
 use renkei_shared::{Id, SiteRef, Topic, WARDS};
 use rumqttd::protocol::v4::V4;
@@ -38,7 +40,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let ward = WARDS[usize::from(*ward) % WARDS.len()].code;
-    let access = |site: &str| match (role & 0x07) % 7 {
+    let access = |site: &str| match role & 0x07 {
         0 => Access::Demo,
         1 => Access::Probe,
         2 => Access::Agent(SiteRef {
@@ -48,6 +50,7 @@ fuzz_target!(|data: &[u8]| {
         3 => Access::Ward(ward),
         4 => Access::Hq,
         5 => Access::Integrator,
+        6 => Access::Relay(ward),
         _ => Access::Admin,
     };
     if role & 0x80 != 0 {
@@ -119,7 +122,7 @@ fn check_publish(principal: &Principal, topic: &str) {
             rumqttd::protocol::valid_topic(topic),
             "a wildcard topic was allowed: {topic:?}"
         );
-        if principal.access != Access::Admin {
+        if principal.access != Access::Admin && line::parse_line_topic(topic).is_none() {
             let parsed = Topic::parse(topic).expect("allowed, so a Renkei topic");
             assert_eq!(
                 parsed.to_string(),
@@ -134,6 +137,13 @@ fn check_publish(principal: &Principal, topic: &str) {
 fn model_publish(principal: &Principal, topic: &str) -> bool {
     if topic.starts_with(JSON_ROOT) {
         return false;
+    }
+    if let Some(ward) = line::parse_line_topic(topic) {
+        return match &principal.access {
+            Access::Relay(own) => *own == ward,
+            Access::Demo | Access::Admin => true,
+            _ => false,
+        };
     }
     let Some(rest) = topic.strip_prefix(ROOT).and_then(|r| r.strip_prefix('/')) else {
         return false;
@@ -154,6 +164,7 @@ fn model_publish(principal: &Principal, topic: &str) -> bool {
             Ok(Topic::Alert { .. } | Topic::RequestAck { .. } | Topic::Command { .. }) => true,
             _ => false,
         },
+        Access::Relay(ward) => matches!(parsed, Ok(Topic::Site { site, .. }) if site.ward == *ward),
     }
 }
 
@@ -214,15 +225,28 @@ fn readable(principal: &Principal, topic: &str) -> bool {
     match &principal.access {
         Access::Admin | Access::Hq | Access::Demo => true,
         Access::Probe => false,
-        Access::Integrator => under(ROOT.to_owned()) || under(JSON_ROOT.to_owned()),
+        Access::Integrator => {
+            under(ROOT.to_owned()) || under(JSON_ROOT.to_owned()) || under(LINE_ROOT.to_owned())
+        }
         Access::Ward(ward) => {
             under(format!("{ROOT}/{ward}"))
                 || under(format!("{ROOT}/hq/alert"))
                 || under(format!("{ROOT}/hq/ack/alert"))
                 || under(format!("{ROOT}/hq/ack/request/{ward}"))
                 || under(format!("{JSON_ROOT}/{ward}"))
+                || topic == line::line_topic(*ward)
         }
-        Access::Agent(site) => topic == topic::command_filter(site),
+        Access::Agent(site) => {
+            topic == topic::command_filter(site) || topic == renkei_shared::receipt_topic(site)
+        }
+        Access::Relay(ward) => {
+            under(format!("renkei/receipt/v1/{ward}"))
+                || under(format!("{ROOT}/cmd/{ward}"))
+                || under(format!("{ROOT}/hq/alert"))
+                || under(format!("{ROOT}/hq/ack/alert"))
+                || under(format!("{ROOT}/hq/ack/request/{ward}"))
+                || WARDS.iter().any(|w| under(format!("{ROOT}/{}", w.code)))
+        }
     }
 }
 
@@ -231,15 +255,30 @@ fn documented_filters(principal: &Principal) {
     let allowed: Vec<String> = match &principal.access {
         Access::Admin | Access::Hq | Access::Demo => vec!["#".into(), topic::ALL.into()],
         Access::Probe => vec![],
-        Access::Integrator => vec![topic::ALL.into(), topic::ALL_JSON.into()],
+        Access::Integrator => vec![
+            topic::ALL.into(),
+            topic::ALL_JSON.into(),
+            format!("{LINE_ROOT}/#"),
+        ],
         Access::Ward(ward) => vec![
             topic::ward_filter(*ward),
             format!("{ROOT}/hq/alert/#"),
             format!("{ROOT}/hq/ack/alert/#"),
             format!("{ROOT}/hq/ack/request/{ward}/#"),
             format!("{JSON_ROOT}/{ward}/#"),
+            line::line_topic(*ward),
         ],
-        Access::Agent(site) => vec![topic::command_filter(site)],
+        Access::Agent(site) => vec![
+            topic::command_filter(site),
+            renkei_shared::receipt_topic(site),
+        ],
+        Access::Relay(ward) => vec![
+            receipt_ward_filter(*ward),
+            format!("{ROOT}/cmd/{ward}/#"),
+            format!("{ROOT}/hq/alert/#"),
+            topic::ward_filter(*ward),
+            topic::ward_filter(WARDS[0].code),
+        ],
     };
     for filter in allowed {
         assert!(

@@ -15,6 +15,7 @@
 //! - [`reducer`]: the state and the one function that changes it;
 //! - [`receive`]: the one path from a topic and payload off the network to a checked message;
 //! - [`receipt`]: HQ's word to a site that its messages are stored;
+//! - [`line`]: a ward broker's report of its line to HQ (its backlog);
 //! - [`mirror`]: the JSON mirror's message for integrators (the envelope and when HQ got it);
 //! - [`sample`]: one example of every message (golden vectors, docs, tests);
 //! - [`units`]: sizes and durations as the broker's and the agent's settings write them;
@@ -24,6 +25,7 @@
 //! ([`model::Timestamp::now`]).
 
 pub mod codec;
+pub mod line;
 pub mod mirror;
 pub mod model;
 pub mod receipt;

@@ -229,6 +229,7 @@ pub enum Body {
     Ack(Ack),
     Life(Life),
     Command(Command),
+    CommandResult(CommandResult),
 }
 
 /// The kind of a [`Body`], without its data.
@@ -246,10 +247,11 @@ pub enum BodyKind {
     Ack,
     Life,
     Command,
+    CommandResult,
 }
 
 impl BodyKind {
-    pub const ALL: [BodyKind; 9] = [
+    pub const ALL: [BodyKind; 10] = [
         BodyKind::Status,
         BodyKind::Shelter,
         BodyKind::Supplies,
@@ -259,6 +261,7 @@ impl BodyKind {
         BodyKind::Ack,
         BodyKind::Life,
         BodyKind::Command,
+        BodyKind::CommandResult,
     ];
 
     /// The name used in topics, JSON and metrics.
@@ -279,6 +282,7 @@ impl Body {
             Body::Ack(_) => BodyKind::Ack,
             Body::Life(_) => BodyKind::Life,
             Body::Command(_) => BodyKind::Command,
+            Body::CommandResult(_) => BodyKind::CommandResult,
         }
     }
 }
@@ -1136,6 +1140,52 @@ pub enum CommandAction {
     },
 }
 
+/// How long a command stays good: one that reaches its site older than this (by the site's
+/// clock, from its `sent_at`) is not carried out, and the site answers
+/// [`CommandOutcome::Expired`]. One TTL for the whole system, so that HQ knows from the
+/// command alone when to stop waiting for its result.
+pub const COMMAND_TTL_MS: i64 = 60 * 60 * 1000;
+
+impl CommandOutcome {
+    /// What a site does with a command sent at `sent_at` that reaches it at `now`.
+    pub fn on_arrival(sent_at: Timestamp, now: Timestamp) -> CommandOutcome {
+        let age_ms = now.millis_since(sent_at);
+        if age_ms > COMMAND_TTL_MS {
+            CommandOutcome::Expired {
+                age_s: u32::try_from(age_ms / 1000).unwrap_or(u32::MAX),
+            }
+        } else {
+            CommandOutcome::Done
+        }
+    }
+}
+
+/// Site → HQ: what became of a command, sent once per command by the site it targets.
+///
+/// It travels like any report of the site (through its outbox, its ward's broker and that
+/// broker's uplink), so HQ learns the outcome of a command that waited out a cut line as
+/// surely as the site's other news.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct CommandResult {
+    pub command_id: Id,
+    pub outcome: CommandOutcome,
+}
+
+/// What a site did with a command. Variants are encoded by position: append only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(test, derive(proptest_derive::Arbitrary))]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum CommandOutcome {
+    /// Carried out on arrival.
+    Done,
+    /// Not carried out: it arrived older than the site's command TTL (its age on arrival,
+    /// by the site's clock, in seconds).
+    Expired { age_s: u32 },
+}
+
 #[cfg(test)]
 mod arbitrary {
     //! Strategies for the types whose valid values are narrower than their Rust type.
@@ -1198,6 +1248,24 @@ mod tests {
         assert_eq!(Item::VARIANTS, Item::ALL.as_slice());
         assert_eq!(BodyKind::VARIANTS, BodyKind::ALL.as_slice());
         assert_eq!(Mode::VARIANTS, Mode::ALL.as_slice());
+    }
+
+    #[test]
+    fn a_command_is_carried_out_within_its_ttl_and_expires_after() {
+        let sent = Timestamp(1_000_000_000);
+        let at = |ms| CommandOutcome::on_arrival(sent, Timestamp(sent.0 + ms));
+        assert_eq!(at(0), CommandOutcome::Done);
+        assert_eq!(at(COMMAND_TTL_MS), CommandOutcome::Done);
+        // A site whose clock is behind the sender's carries it out.
+        assert_eq!(at(-5_000), CommandOutcome::Done);
+        assert_eq!(
+            at(COMMAND_TTL_MS + 1),
+            CommandOutcome::Expired { age_s: 3600 }
+        );
+        assert_eq!(
+            at(2 * COMMAND_TTL_MS),
+            CommandOutcome::Expired { age_s: 7200 }
+        );
     }
 
     #[test]

@@ -264,6 +264,8 @@ impl World {
                     Err(Change::Duplicate)
                 }
             }
+            // A command's result is news from the site, not state.
+            Body::CommandResult(_) => Err(Change::NotState),
             Body::Alert(_) | Body::Ack(_) | Body::Command(_) => Err(Change::NotState),
         };
         // Hearing from a site is news even when the message itself was already known.

@@ -236,6 +236,16 @@ pub fn command() -> Envelope {
     )
 }
 
+pub fn command_result() -> Envelope {
+    from_site(
+        15,
+        Body::CommandResult(CommandResult {
+            command_id: id("cmd-1"),
+            outcome: CommandOutcome::Done,
+        }),
+    )
+}
+
 /// Every sample, with a file name for its golden vector.
 pub fn named() -> Vec<(&'static str, Envelope)> {
     vec![
@@ -249,6 +259,7 @@ pub fn named() -> Vec<(&'static str, Envelope)> {
         ("birth", birth()),
         ("death", death()),
         ("command", command()),
+        ("command_result", command_result()),
     ]
 }
 

@@ -7,6 +7,7 @@
 //! renkei/v1/{ward}/{site}/life                    birth / death (last will)    retained
 //! renkei/v1/{ward}/{site}/request/{request_id}    a supply request             retained
 //! renkei/v1/{ward}/{site}/incident/{incident_id}  an incident report           retained
+//! renkei/v1/{ward}/{site}/command/{command_id}    what the site did with a command  not retained
 //! renkei/v1/hq/alert/{alert_id}                   an alert                     retained
 //! renkei/v1/hq/ack/alert/{alert_id}/{user}        a user's answer to an alert  retained
 //! renkei/v1/hq/ack/request/{ward}/{site}/{request_id}  HQ's step on a request  retained
@@ -52,6 +53,8 @@ pub enum SiteChannel {
     Life,
     Request(Id),
     Incident(Id),
+    /// The site's answer to one command.
+    CommandResult(Id),
 }
 
 /// A parsed Renkei topic.
@@ -122,6 +125,7 @@ impl Topic {
             Body::Command(c) => Ok(Topic::Command {
                 site: c.target.clone(),
             }),
+            Body::CommandResult(r) => site_topic(SiteChannel::CommandResult(r.command_id.clone())),
         }
     }
 
@@ -176,6 +180,7 @@ impl Topic {
                 let channel = match *channel {
                     "request" => SiteChannel::Request(id(item)?),
                     "incident" => SiteChannel::Incident(id(item)?),
+                    "command" => SiteChannel::CommandResult(id(item)?),
                     other => return Err(TopicError::Channel(other.into())),
                 };
                 Ok(Topic::Site {
@@ -199,7 +204,14 @@ impl Topic {
 
     /// Whether messages on this topic are retained (latest state) rather than events.
     pub fn retained(&self) -> bool {
-        !matches!(self, Topic::Command { .. })
+        !matches!(
+            self,
+            Topic::Command { .. }
+                | Topic::Site {
+                    channel: SiteChannel::CommandResult(_),
+                    ..
+                }
+        )
     }
 
     /// The site the topic belongs to, if any (for access control).
@@ -225,6 +237,7 @@ impl Topic {
                     SiteChannel::Life => write!(out, "{ward}/{site}/life"),
                     SiteChannel::Request(r) => write!(out, "{ward}/{site}/request/{r}"),
                     SiteChannel::Incident(i) => write!(out, "{ward}/{site}/incident/{i}"),
+                    SiteChannel::CommandResult(c) => write!(out, "{ward}/{site}/command/{c}"),
                 }
             }
             Topic::Alert { alert_id } => write!(out, "hq/alert/{alert_id}"),
@@ -329,6 +342,13 @@ mod tests {
                 "renkei/v1/131041/nishi-shinjuku-es/request/r-1",
             ),
             (
+                Topic::Site {
+                    site: s.clone(),
+                    channel: SiteChannel::CommandResult(Id::new("cmd-1").unwrap()),
+                },
+                "renkei/v1/131041/nishi-shinjuku-es/command/cmd-1",
+            ),
+            (
                 Topic::Alert {
                     alert_id: Id::new("a1").unwrap(),
                 },
@@ -389,10 +409,24 @@ mod tests {
     }
 
     #[test]
-    fn only_commands_are_not_retained() {
+    fn only_commands_and_their_results_are_not_retained() {
         assert!(
             !Topic::Command {
                 site: shinjuku("a")
+            }
+            .retained()
+        );
+        assert!(
+            !Topic::Site {
+                site: shinjuku("a"),
+                channel: SiteChannel::CommandResult(Id::new("c").unwrap()),
+            }
+            .retained()
+        );
+        assert!(
+            Topic::Site {
+                site: shinjuku("a"),
+                channel: SiteChannel::Incident(Id::new("c").unwrap()),
             }
             .retained()
         );

@@ -149,6 +149,7 @@ pub fn validate(env: &Envelope) -> Result {
                 range("command.seconds", i64::from(seconds), 1, 86_400)?;
             }
         }
+        Body::CommandResult(r) => id("command_result.command_id", &r.command_id)?,
     }
     Ok(())
 }

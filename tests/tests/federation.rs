@@ -33,7 +33,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -359,13 +359,16 @@ async fn a_silent_cut_of_the_uplink_loses_nothing_and_the_backlog_drains_fast() 
     let probe = LiveProbe::start(hq.addrs.mqtt, Timestamp::now()).await;
     uplink.restore();
     let restored = Instant::now();
-    // The drain: from HQ's first new message to the last of the backlog.
+    // The drain: from HQ's first new message to the last of the backlog. Meanwhile HQ's API
+    // says how much the ward still has to send, from the relay's reports.
     let mut first = None;
+    let mut reported = 0;
     let drained = loop {
         let now = count(&data(&hq))?;
         if first.is_none() && now > at_hq {
             first = Some(Instant::now());
         }
+        reported = reported.max(hq_backlog(&hq).await.unwrap_or(0));
         if now >= at_ward {
             break Instant::now();
         }
@@ -399,7 +402,29 @@ async fn a_silent_cut_of_the_uplink_loses_nothing_and_the_backlog_drains_fast() 
         metric(&metrics, "renkei_uplink_connected") == Some(1),
         "the uplink says it is down:\n{metrics}"
     );
+    ensure!(
+        reported >= built / 2,
+        "HQ never heard the ward's backlog ({built} built up; largest reported {reported})"
+    );
+    eventually_within(
+        Duration::from_secs(15),
+        "HQ hears the backlog is gone",
+        || async { (hq_backlog(&hq).await? == 0).then_some(()) },
+    )
+    .await?;
     Ok(())
+}
+
+/// The ward's backlog as HQ's API says its relay last reported it.
+async fn hq_backlog(hq: &BrokerProcess) -> Option<u64> {
+    let links = renkei_testkit::http_get_as(hq.addrs.http, "/api/v1/links", ROOT)
+        .await
+        .json();
+    links["relays"]
+        .as_array()?
+        .iter()
+        .find(|r| r["ward"] == WARD)?["backlog"]
+        .as_u64()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -605,14 +630,41 @@ async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes
         (metric(&text, "renkei_uplink_connected") == Some(1)).then_some(())
     })
     .await?;
-    // At the ward office: a site's agent, and a dashboard reading HQ's alerts and the
+    // At the ward office: a site's agent (a real `renkei-agent run`), a client watching what
+    // reaches the site's command topic, and a dashboard reading HQ's alerts and the
     // neighbouring ward's statuses.
     let mut command = renkei_shared::sample::command();
     command.header.sent_at = Timestamp::now();
     let command_topic = Topic::of(&command)?.to_string();
-    let site = renkei_shared::sample::site();
-    let mut agent = MqttClient::connect(ward.addrs.mqtt, &site.agent_client_id()).await;
+    let agent_dir = tempfile::tempdir()?;
+    let agent_config = agent_dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "broker = \"mqtt://{}\"\nward = {WARD}\nsite = \"nishi-shinjuku-es\"\n\
+             name = \"西新宿小学校\"\nkind = \"shelter\"\ninterval = \"1s\"\n\
+             state_dir = {:?}\n",
+            ward.addrs.mqtt,
+            agent_dir.path().join("state"),
+        ),
+    )?;
+    let site_agent = renkei_testkit::AgentProcess::start(&[
+        "run",
+        "--config",
+        agent_config.to_str().context("utf-8 path")?,
+    ]);
+    let mut agent = MqttClient::connect(ward.addrs.mqtt, "ward-command-watch").await;
     agent.subscribe(&command_topic).await;
+    eventually_within(
+        Duration::from_secs(30),
+        "the site's agent at its ward",
+        || {
+            let ward = data(&ward);
+            async move { (site_rows(&ward, true).ok()? >= 1).then_some(()) }
+        },
+    )
+    .await
+    .with_context(|| site_agent.log())?;
     let mut dashboard = MqttClient::connect(ward.addrs.mqtt, "ward-dashboard").await;
     dashboard.subscribe("renkei/v1/hq/alert/#").await;
     dashboard.subscribe("renkei/v1/131016/+/status").await;
@@ -642,7 +694,8 @@ async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes
         "the other ward's status did not come down"
     );
 
-    // A command HQ issues while the line is down reaches the site once it is back, once.
+    // A command HQ issues while the line is down reaches the site once it is back, once, and
+    // HQ learns what became of it.
     let hq_links = renkei_testkit::http_get_as(hq.addrs.http, "/api/v1/links", ROOT)
         .await
         .json();
@@ -688,22 +741,59 @@ async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes
     }
     sato.send(&stale).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let issued = HashSet::from([
+        renkei_shared::encode(&command)?,
+        renkei_shared::encode(&stale)?,
+    ]);
     uplink.restore();
-    let got = publish_on(&mut agent, &command_topic, Duration::from_secs(30)).await;
+    // Both reach the site's topic, each once: the site, not the line, judges the old one.
+    let mut reached = Vec::new();
+    let mut wait = Duration::from_secs(30);
+    while let Some(payload) = publish_on(&mut agent, &command_topic, wait).await {
+        reached.push(payload);
+        wait = Duration::from_secs(3);
+    }
     ensure!(
-        got == Some(renkei_shared::encode(&command)?),
-        "the command issued during the cut never reached the site"
+        reached.len() == 2 && reached.iter().cloned().collect::<HashSet<_>>() == issued,
+        "the commands issued during the cut must reach the site once each: {} came",
+        reached.len()
     );
-    ensure!(
-        publish_on(&mut agent, &command_topic, Duration::from_secs(3))
+    // HQ sees which was carried out and which expired, from the site's own answers, which
+    // came up through the ward's record like its other news.
+    let outcomes = eventually_within(Duration::from_secs(30), "HQ hears the outcomes", || async {
+        let body = renkei_testkit::http_get_as(hq.addrs.http, "/api/v1/commands", ROOT)
             .await
-            .is_none(),
-        "the command came twice, or the expired one came"
-    );
-    let text = scrape(ward.addrs.http, None).await;
+            .json();
+        let state = |id: &str| {
+            body["commands"]
+                .as_array()?
+                .iter()
+                .find(|c| c["command_id"] == id)
+                .map(|c| {
+                    (
+                        c["state"].as_str().unwrap_or("").to_owned(),
+                        c["age_s"].as_u64(),
+                    )
+                })
+        };
+        let (done, expired) = (state("cmd-1")?, state("cmd-stale")?);
+        (done.0 == "done" && expired.0 == "expired").then_some((done, expired))
+    })
+    .await
+    .with_context(|| site_agent.log())?;
     ensure!(
-        metric(&text, "renkei_uplink_commands_expired_total") == Some(1),
-        "the expired command must be counted:\n{text}"
+        outcomes.1.1.is_some_and(|age| age >= 7200),
+        "the expired command's age at the site: {outcomes:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let answers = record_count(
+        &data(&hq),
+        "SELECT COUNT(*) FROM messages WHERE kind = ?1",
+        "command_result",
+    )?;
+    ensure!(
+        answers == 2,
+        "HQ recorded {answers} answers, not one per command"
     );
 
     // The ward recorded what came down, marked as brought by its downlink, and sent none of
@@ -723,7 +813,7 @@ async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes
                 .ok()?
                 .collect::<Result<_, _>>()
                 .ok()?;
-            (rows.len() == 3).then_some(rows)
+            (rows.len() == 4).then_some(rows)
         },
     )
     .await?;

@@ -110,9 +110,274 @@ pub fn events(
     Ok(events)
 }
 
+/// What became of a command, as far as the record says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandState {
+    /// No answer yet, and it has not expired: the site may not have it yet.
+    Pending,
+    /// The site carried it out.
+    Done,
+    /// It reached its site too old, and the site did not carry it out.
+    Expired,
+    /// No answer, and it is past its TTL: it never reached its site, or the site's answer
+    /// is still on its way (a cut line).
+    NoAnswer,
+}
+
+/// A command and what became of it.
+#[derive(Debug, Serialize)]
+pub struct CommandView {
+    pub command_id: Id,
+    pub target: SiteRef,
+    pub action: renkei_shared::CommandAction,
+    /// Who issued it (the origin's name).
+    pub by: String,
+    pub sent_at: i64,
+    pub received_at: i64,
+    pub state: CommandState,
+    /// When the site's answer was recorded.
+    pub answered_at: Option<i64>,
+    /// For an expired command: its age when it reached the site, in seconds.
+    pub age_s: Option<u32>,
+}
+
+/// The latest `limit` commands (newest first), each with its site's answer if one is
+/// recorded; a ward operator's are limited to its ward's sites. Both kinds are read through
+/// the partial index `messages_commands`, so the record's size does not matter.
+pub fn commands(
+    data_dir: &Path,
+    ward: Option<WardCode>,
+    limit: u32,
+    now: renkei_shared::Timestamp,
+) -> rusqlite::Result<Vec<CommandView>> {
+    use renkei_shared::{Body, CommandOutcome};
+    let conn = open(data_dir)?;
+    let mut stmt = conn.prepare_cached(COMMANDS)?;
+    let rows = stmt
+        .query_map(params![limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+            ))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let mut commands = Vec::new();
+    for (id, received_at, payload) in rows {
+        let Ok(env) = renkei_shared::decode(&payload) else {
+            continue;
+        };
+        let Body::Command(c) = env.body else { continue };
+        if ward.is_some_and(|w| w != c.target.ward) {
+            continue;
+        }
+        let by = match &env.header.origin {
+            Origin::Hq(node) => node.to_string(),
+            Origin::Site(s) => format!("{}/{}", s.ward, s.site),
+        };
+        let expired = now.millis_since(env.header.sent_at) > renkei_shared::COMMAND_TTL_MS;
+        commands.push((
+            id,
+            CommandView {
+                command_id: c.command_id,
+                target: c.target,
+                action: c.action,
+                by,
+                sent_at: env.header.sent_at.0,
+                received_at,
+                state: if expired {
+                    CommandState::NoAnswer
+                } else {
+                    CommandState::Pending
+                },
+                answered_at: None,
+                age_s: None,
+            },
+        ));
+    }
+    let Some(oldest) = commands.iter().map(|(id, _)| *id).min() else {
+        return Ok(Vec::new());
+    };
+    // The answers recorded since the oldest of these commands (an answer is recorded after
+    // its command, which came through this broker first, or it is an answer to an older one).
+    let mut stmt = conn.prepare_cached(ANSWERS)?;
+    let answers = stmt
+        .query_map(params![oldest], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    for (received_at, payload) in answers {
+        let Ok(env) = renkei_shared::decode(&payload) else {
+            continue;
+        };
+        let (Origin::Site(site), Body::CommandResult(result)) = (&env.header.origin, &env.body)
+        else {
+            continue;
+        };
+        // A command id names one command of one target; the first answer counts.
+        let Some((_, view)) = commands.iter_mut().find(|(_, v)| {
+            v.answered_at.is_none() && v.command_id == result.command_id && &v.target == site
+        }) else {
+            continue;
+        };
+        view.answered_at = Some(received_at);
+        match result.outcome {
+            CommandOutcome::Done => view.state = CommandState::Done,
+            CommandOutcome::Expired { age_s } => {
+                view.state = CommandState::Expired;
+                view.age_s = Some(age_s);
+            }
+        }
+    }
+    Ok(commands.into_iter().map(|(_, v)| v).collect())
+}
+
+/// The latest commands, newest first.
+const COMMANDS: &str = "SELECT id, received_at, payload FROM messages
+     WHERE kind IN ('command', 'command_result') AND kind = 'command'
+     ORDER BY id DESC LIMIT ?1";
+
+/// The answers after a row id, oldest first.
+const ANSWERS: &str = "SELECT received_at, payload FROM messages
+     WHERE kind IN ('command', 'command_result') AND kind = 'command_result' AND id >= ?1
+     ORDER BY id";
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commands_and_their_answers_are_read_through_their_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::db::open(dir.path()).unwrap();
+        for (sql, arg) in [(COMMANDS, 10), (ANSWERS, 1)] {
+            let plan: Vec<String> = conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map(params![arg], |r| r.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let plan = plan.join("; ");
+            assert!(plan.contains("messages_commands"), "{plan}");
+            assert!(!plan.contains("TEMP B-TREE"), "{plan}");
+        }
+    }
+
+    /// Records `envs` as ingest would, in order.
+    fn record(dir: &Path, envs: Vec<renkei_shared::Envelope>) {
+        use std::sync::Arc;
+
+        use crate::recorder::{Record, Recorder};
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let recorder =
+            Recorder::start(dir, crate::config::RecorderConfig::default(), metrics).unwrap();
+        let tx = recorder.tx().unwrap();
+        for env in envs {
+            assert!(tx.send(Record::Accepted {
+                received_at: env.header.sent_at,
+                topic: renkei_shared::Topic::of(&env).unwrap(),
+                payload: renkei_shared::encode(&env).unwrap(),
+                envelope: Box::new(env),
+                via: None,
+            }));
+        }
+        drop(tx);
+        recorder.stop();
+    }
+
+    #[test]
+    fn each_command_shows_its_sites_answer_or_how_long_it_waits() {
+        use renkei_shared::{Body, CommandOutcome, CommandResult, Timestamp, sample};
+        let now = Timestamp(sample::SENT_AT.0 + 3 * 3600 * 1000);
+        let hours_ago = |h: i64| Timestamp(now.0 - h * 3600 * 1000 + 1);
+        let mut seq = 100;
+        let mut command = |name: &str, sent_at: Timestamp, ward: u32| {
+            let mut env = sample::command();
+            seq += 1;
+            env.header.seq = seq;
+            env.header.sent_at = sent_at;
+            if let Body::Command(c) = &mut env.body {
+                c.command_id = Id::new(name).unwrap();
+                c.target.ward = WardCode(ward);
+            }
+            env
+        };
+        let answer = |name: &str, outcome, seq, site: &str| {
+            let mut env = sample::command_result();
+            env.header.seq = seq;
+            env.header.sent_at = now;
+            env.header.origin = Origin::Site(SiteRef {
+                ward: WardCode(131041),
+                site: Id::new(site).unwrap(),
+            });
+            env.body = Body::CommandResult(CommandResult {
+                command_id: Id::new(name).unwrap(),
+                outcome,
+            });
+            env
+        };
+        let dir = tempfile::tempdir().unwrap();
+        record(
+            dir.path(),
+            vec![
+                command("done", hours_ago(0), 131041),
+                command("expired", hours_ago(2), 131041),
+                command("pending", hours_ago(0), 131041),
+                command("no-answer", hours_ago(2), 131041),
+                command("chiyoda", hours_ago(0), 131016),
+                // Another site's answer naming the same id answers nothing.
+                answer(
+                    "done",
+                    CommandOutcome::Expired { age_s: 1 },
+                    200,
+                    "other-es",
+                ),
+                answer("done", CommandOutcome::Done, 201, "nishi-shinjuku-es"),
+                answer(
+                    "expired",
+                    CommandOutcome::Expired { age_s: 7200 },
+                    202,
+                    "nishi-shinjuku-es",
+                ),
+                // Delivered twice, answered twice: the first answer counts.
+                answer(
+                    "done",
+                    CommandOutcome::Expired { age_s: 9 },
+                    203,
+                    "nishi-shinjuku-es",
+                ),
+            ],
+        );
+        let all = commands(dir.path(), None, 10, now).unwrap();
+        let states: Vec<(&str, CommandState, Option<u32>)> = all
+            .iter()
+            .map(|c| (c.command_id.as_str(), c.state, c.age_s))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("chiyoda", CommandState::Pending, None),
+                ("no-answer", CommandState::NoAnswer, None),
+                ("pending", CommandState::Pending, None),
+                ("expired", CommandState::Expired, Some(7200)),
+                ("done", CommandState::Done, None),
+            ],
+            "newest first"
+        );
+        assert_eq!(all[4].answered_at, Some(now.0));
+        assert_eq!(all[4].by, "broker");
+        let shinjuku = commands(dir.path(), Some(WardCode(131041)), 10, now).unwrap();
+        assert_eq!(
+            shinjuku.len(),
+            4,
+            "a ward operator sees its own ward's commands"
+        );
+        let latest = commands(dir.path(), None, 2, now).unwrap();
+        assert_eq!(latest.len(), 2);
+        assert_eq!(latest[1].command_id.as_str(), "no-answer");
+    }
 
     #[test]
     fn a_site_history_reads_the_message_key_without_sorting() {

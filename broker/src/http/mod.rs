@@ -83,13 +83,14 @@ impl std::fmt::Debug for AppState {
 
 /// Every route [`router`] serves besides the dashboard, as axum writes them; each must be in
 /// `docs/openapi.yaml` (checked by the broker's tests).
-pub const ROUTES: [&str; 11] = [
+pub const ROUTES: [&str; 12] = [
     "/healthz",
     "/config.json",
     "/api/v1/whoami",
     "/api/v1/state",
     "/api/v1/sites/{ward}/{site}/history",
     "/api/v1/events",
+    "/api/v1/commands",
     "/api/v1/export/sites.csv",
     "/api/v1/export/sites.geojson",
     "/api/v1/export/alerts.cap.xml",
@@ -109,6 +110,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/state", get(state_api))
         .route("/api/v1/sites/{ward}/{site}/history", get(site_history))
         .route("/api/v1/events", get(events))
+        .route("/api/v1/commands", get(commands))
         .route("/api/v1/export/sites.csv", get(export_csv))
         .route("/api/v1/export/sites.geojson", get(export_geojson))
         .route("/api/v1/export/alerts.cap.xml", get(export_cap))
@@ -458,6 +460,30 @@ async fn events(
     let events = read_db(move || history::events(&dir, since, ward, limit)).await?;
     let next = events.last().map(|e| e.id);
     json_response(&serde_json::json!({ "events": events, "next": next }))
+}
+
+#[derive(Debug, Deserialize)]
+struct CommandsQuery {
+    limit: Option<u32>,
+}
+
+/// The latest commands, newest first, each with what its site answered: HQ's view of
+/// whether a command issued during a cut was carried out or expired.
+async fn commands(
+    State(app): State<AppState>,
+    viewer: Viewer,
+    q: QueryResult<CommandsQuery>,
+) -> Result<Response, AppError> {
+    let q = query(q)?;
+    let limit = limit(q.limit)?;
+    let dir = app.data_dir.clone();
+    let ward = viewer.ward();
+    let now = app.clock.now();
+    let commands = read_db(move || history::commands(&dir, ward, limit, now)).await?;
+    json_response(&serde_json::json!({
+        "ttl_ms": renkei_shared::COMMAND_TTL_MS,
+        "commands": commands,
+    }))
 }
 
 #[derive(Debug, Deserialize)]

@@ -250,6 +250,21 @@ impl Guard {
         Ok(Packet::Connect(connect, props, will, will_props, login))
     }
 
+    /// A relay's report of its ward's line: its backlog, kept for the API and the dashboard.
+    /// One that does not read is logged and passed on (integrators may read it).
+    fn line_report(&self, ward: renkei_shared::WardCode, payload: &[u8]) {
+        use renkei_shared::line::{LineReport, MAX_REPORT_BYTES};
+        let report = (payload.len() <= MAX_REPORT_BYTES)
+            .then(|| serde_json::from_slice::<LineReport>(payload).ok())
+            .flatten();
+        match report {
+            Some(report) => self.metrics.relays.report(ward, report, Timestamp::now()),
+            None => {
+                tracing::info!(%ward, bytes = payload.len(), "a relay's line report does not read")
+            }
+        }
+    }
+
     fn check_publish(&self, packet: Packet) -> Result<Packet, protocol::Error> {
         let Packet::Publish(mut publish, props) = packet else {
             return Ok(packet);
@@ -277,6 +292,9 @@ impl Guard {
         };
         if let Some(ward) = self.relay_up {
             self.metrics.relays.heard(ward, Timestamp::now());
+            if renkei_shared::line::parse_line_topic(topic) == Some(ward) {
+                self.line_report(ward, &publish.payload);
+            }
         }
         let parsed = Topic::parse(topic).ok();
         if let Some(Topic::AlertAck { .. } | Topic::RequestAck { .. }) = &parsed

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::driver::{Driver, DriverOptions, LinkEvent};
-use super::{LinkError, LinkOptions, command_of, timer};
+use super::{Answered, LinkError, LinkOptions, command_of, timer};
 use crate::lifecycle::Lifecycle;
 use crate::report::Site;
 
@@ -33,6 +33,7 @@ pub async fn run_site<S: Site>(
     };
     let mut link: Driver<Lifecycle> = Driver::spawn(&options, driver_options, lifecycle);
     let mut ticker = timer(Instant::now(), interval);
+    let mut answered = Answered::default();
 
     loop {
         if *shutdown.borrow() {
@@ -48,23 +49,28 @@ pub async fn run_site<S: Site>(
                     ticker.reset();
                 }
                 LinkEvent::Message(publish) => {
-                    let Some((command, mode)) = command_of(&publish, link.speaker().site()) else {
+                    let own = link.speaker().site().clone();
+                    let Some(arrived) = command_of(&publish, &own, &mut answered, Timestamp::now()) else {
                         continue;
                     };
+                    let command = &arrived.command;
                     match command.action {
+                        _ if !arrived.carry_out() => {}
                         CommandAction::Rebirth => {
-                            info!(command = %command.command_id, mode = ?mode, "command rebirth: acknowledged with birth and full state");
+                            info!(command = %command.command_id, mode = ?arrived.mode, "command rebirth: answered with birth and full state");
                             link.rebirth()?;
                             let bodies = site.full_state(Timestamp::now());
                             send(&mut link, bodies)?;
                         }
                         CommandAction::SetInterval { seconds } => {
                             let to = Duration::from_secs(u64::from(seconds));
-                            info!(command = %command.command_id, mode = ?mode, from_s = ticker.period().as_secs(), to_s = seconds, "command set interval");
+                            info!(command = %command.command_id, mode = ?arrived.mode, from_s = ticker.period().as_secs(), to_s = seconds, "command set interval");
                             site.set_interval(to);
                             ticker = timer(Instant::now() + to, to);
                         }
                     }
+                    // Live like the rest of a simulated site's news: lost if the link drops.
+                    send(&mut link, vec![Body::CommandResult(arrived.result)])?;
                 }
                 _ => {}
             },
