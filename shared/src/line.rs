@@ -24,6 +24,7 @@ pub const MAX_REPORT_BYTES: usize = 256;
 
 /// One report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct LineReport {
     /// The ward's own messages not yet in HQ's record (sent or not).
     pub backlog: u64,

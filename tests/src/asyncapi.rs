@@ -79,7 +79,14 @@ const CHANNELS: &[(&str, &str, &str, bool, &str)] = &[
         "renkei/json/v1/cmd/{ward}/{site}",
         "command",
         false,
-        "A command from HQ to an agent (send a full report, change the heartbeat interval).",
+        "A command from HQ to an agent (send a full report, change the heartbeat interval). It stays good for one hour after its `sent_at`.",
+    ),
+    (
+        "commandResult",
+        "renkei/json/v1/{ward}/{site}/command/{commandId}",
+        "command_result",
+        false,
+        "A site's answer to a command, once per command: `done` (carried out) or `expired` (it reached the site more than one hour after its `sent_at`, and was not carried out). `GET /api/v1/commands` lists each command with its answer.",
     ),
 ];
 
@@ -107,12 +114,16 @@ pub fn document() -> Value {
     let mut generator = settings.into_generator();
     let envelope = generator.subschema_for::<Envelope>();
     let mirrored = generator.subschema_for::<Mirrored>();
+    let line = generator.subschema_for::<renkei_shared::line::LineReport>();
     let mut schemas = generator.take_definitions(true);
     if !schemas.contains_key("Envelope") {
         schemas.insert("Envelope".into(), envelope.to_value());
     }
     if !schemas.contains_key("Mirrored") {
         schemas.insert("Mirrored".into(), mirrored.to_value());
+    }
+    if !schemas.contains_key("LineReport") {
+        schemas.insert("LineReport".into(), line.to_value());
     }
 
     let mut channels = serde_json::Map::new();
@@ -152,6 +163,35 @@ pub fn document() -> Value {
             }),
         );
     }
+
+    // Not an envelope: a ward broker's word on its own line to HQ.
+    channels.insert(
+        "wardLine".into(),
+        json!({
+            "address": "renkei/link/v1/{ward}",
+            "description": "A ward broker's report of its line to HQ (ward mode): how many of the ward's messages HQ's record does not have yet, whether HQ stores none of what it forwards (stalled), and when the ward broker made the report (its clock, Unix ms). Published by the ward's relay on connecting and every 5 s while connected; retained, so the last one stands while the ward is cut off. Not in the JSON mirror and not recorded.",
+            "parameters": parameters("renkei/link/v1/{ward}"),
+            "messages": { "wardLineMessage": { "$ref": "#/components/messages/wardLineMessage" } },
+        }),
+    );
+    operations.insert(
+        "receiveWardLine".into(),
+        json!({
+            "action": "receive",
+            "channel": { "$ref": "#/channels/wardLine" },
+            "messages": [{ "$ref": "#/channels/wardLine/messages/wardLineMessage" }],
+        }),
+    );
+    messages.insert(
+        "wardLineMessage".into(),
+        json!({
+            "name": "wardLine",
+            "contentType": "application/json",
+            "summary": "A ward broker's backlog to HQ.",
+            "payload": { "$ref": "#/components/schemas/LineReport" },
+            "bindings": { "mqtt": { "qos": 0, "retain": true } },
+        }),
+    );
 
     json!({
         "asyncapi": "3.0.0",

@@ -387,7 +387,8 @@ async fn a_silent_cut_of_the_uplink_loses_nothing_and_the_backlog_drains_fast() 
     eprintln!(
         "silent cut of {cut_for:?}: {built} messages built up at {built_rate:.1}/s; link back \
          {:.1}s after the restore; drained at {drain_rate:.0}/s ({:.1}x); live p99 during the \
-         drain {p99} ms over {live} messages; records matched {matched:?} after; {sent} sent",
+         drain {p99} ms over {live} messages; records matched {matched:?} after; {sent} sent; \
+         HQ heard a backlog of {reported} at most",
         (first - restored).as_secs_f64(),
         drain_rate / built_rate
     );
