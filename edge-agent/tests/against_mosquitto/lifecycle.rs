@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use renkei_shared::topic::SiteChannel;
 use renkei_shared::{
-    Body, CommandAction, Envelope, Header, Id, Mode, Origin, ShelterState, SiteKind, SiteRef,
-    Timestamp, Topic, WardCode,
+    Body, CommandAction, CommandOutcome, Envelope, Header, Id, Mode, Origin, ShelterState,
+    SiteKind, SiteRef, Timestamp, Topic, WardCode,
 };
 use renkei_testkit::{AgentProcess, Mosquitto};
 use rumqttc::QoS;
 use tokio::time::Instant;
 
-use crate::hq::{WAIT, Watch, is_life, watched_broker};
+use crate::hq::{Received, WAIT, Watch, is_life, watched_broker};
 use crate::site::{run_args, site};
 
 #[tokio::test]
@@ -149,7 +149,7 @@ async fn commands_ask_for_a_rebirth_and_change_the_interval() {
             origin: Origin::Hq(Id::new("hq-test").unwrap()),
             boot: 1,
             seq: n,
-            sent_at: Timestamp(0),
+            sent_at: Timestamp::now(),
             mode: Mode::Exercise,
             historical: false,
         },
@@ -185,7 +185,31 @@ async fn commands_ask_for_a_rebirth_and_change_the_interval() {
         .await;
     // The same delivered report again: HQ's reducer sees a duplicate, not news.
     assert_eq!(shelter_again, first_shelter);
-    assert!(agent.log().contains("command rebirth: acknowledged"));
+    assert!(agent.log().contains("command rebirth: answered"));
+    let answer = |id: &'static str| {
+        move |m: &Received| match &m.env.body {
+            Body::CommandResult(r) if r.command_id.as_str() == id => Some(r.outcome),
+            _ => None,
+        }
+    };
+    assert_eq!(
+        wire.next(&agent, "the answer to cmd-1", answer("cmd-1"))
+            .await,
+        CommandOutcome::Done
+    );
+
+    // A command that waited too long on its way (two hours: a cut line, a queue) is answered
+    // but not carried out.
+    let mut old = command(3, CommandAction::SetInterval { seconds: 7 });
+    old.header.sent_at = Timestamp(Timestamp::now().0 - 2 * 3600 * 1000);
+    send(old).await;
+    let outcome = wire
+        .next(&agent, "the answer to cmd-3", answer("cmd-3"))
+        .await;
+    assert!(
+        matches!(outcome, CommandOutcome::Expired { age_s } if age_s >= 7200),
+        "{outcome:?}"
+    );
 
     // Garbage on the command topic is logged and ignored.
     hq.publish(
@@ -203,11 +227,14 @@ async fn commands_ask_for_a_rebirth_and_change_the_interval() {
         .next(&agent, "status at the new interval", |m| {
             match &m.env.body {
                 Body::Status(s) if s.interval_s == 1 => Some(s.clone()),
+                Body::Status(s) if s.interval_s == 7 => {
+                    panic!("the expired command was carried out")
+                }
                 _ => None,
             }
         })
         .await;
-    assert_eq!(status.interval_s, 1);
+    assert_eq!(status.interval_s, 1, "the expired command changed nothing");
     assert!(started.elapsed() < Duration::from_secs(10));
     // And more follow at that pace.
     wire.next(&agent, "second fast heartbeat", |m| match &m.env.body {
