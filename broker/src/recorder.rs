@@ -628,7 +628,10 @@ mod tests {
 
         let conn = db::open(dir.path()).unwrap();
         let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
-        assert_eq!(count("SELECT COUNT(*) FROM messages"), 10);
+        assert_eq!(
+            count("SELECT COUNT(*) FROM messages"),
+            sample::all().len() as i64
+        );
         assert_eq!(count("SELECT COUNT(*) FROM quarantine"), 3);
         assert_eq!(
             count("SELECT MAX(length(payload)) FROM quarantine"),
@@ -642,16 +645,22 @@ mod tests {
             )
             .unwrap();
         assert_eq!(detail, "bad 2", "the oldest went first");
-        assert!(metrics.render().contains("renkei_recorder_rows_total 16"));
+        // Every sample once, and the six refusals (three trimmed since).
+        let rows = sample::all().len() + 6;
+        assert!(
+            metrics
+                .render()
+                .contains(&format!("renkei_recorder_rows_total {rows}"))
+        );
 
         let restored = restore(dir.path()).unwrap();
-        assert_eq!(restored.messages, 10);
+        assert_eq!(restored.messages, sample::all().len() as u64);
         let mut live = State::new();
         for env in sample::all() {
             live.apply(&env);
         }
         assert_eq!(restored.state, live);
-        // Every retained kind comes back once; commands are not retained.
+        // Every retained kind comes back once; commands and their answers are not retained.
         assert_eq!(
             restored.retained.len(),
             8,
