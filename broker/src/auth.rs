@@ -839,7 +839,7 @@ fn short_name(name: &str) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{ByteSize, HumanDuration};
 

@@ -89,7 +89,8 @@ macro_rules! users_columns {
     ward          INTEGER,
     site          TEXT,
     password_hash TEXT NOT NULL,
-    created_at    INTEGER NOT NULL
+    created_at    INTEGER NOT NULL,
+    cluster_hash  TEXT
 )"
     };
 }
@@ -124,7 +125,7 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 
 /// The schema `SCHEMA` makes, as `PRAGMA user_version`.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = 5;
 
 /// The database path for a data directory.
 pub fn path(data_dir: &Path) -> PathBuf {
@@ -231,6 +232,10 @@ pub fn open(data_dir: &Path) -> Result<Connection, DbError> {
 ///
 /// Versions 0 to 3 had no `messages.via` (added, NULL: every row so far came from its own
 /// site) and no `relay` role in the check of `users.role` (the table is rewritten once).
+///
+/// Versions 0 to 4 had no `users.cluster_hash` (added, NULL: a user's bcrypt hash for a
+/// clustered engine, kept only when it is asked for; docs/scaling.md) and no partial index of
+/// commands (`messages_commands`, made by [`SCHEMA`]).
 fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version >= SCHEMA_VERSION {
@@ -268,9 +273,18 @@ fn upgrade(conn: &Connection) -> rusqlite::Result<()> {
             |r| r.get(0),
         )
         .ok();
-    if users.is_some_and(|sql| !sql.contains("'relay'")) {
+    if users.as_ref().is_some_and(|sql| !sql.contains("'relay'")) {
         tracing::info!("database: users may be relays (schema version 3 to 4)");
         conn.execute_batch(USERS_UPGRADE)?;
+    }
+    let users_have_cluster_hash: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('users') WHERE name = 'cluster_hash'",
+        [],
+        |r| r.get(0),
+    )?;
+    if users.is_some() && !users_have_cluster_hash {
+        tracing::info!("database: adding users.cluster_hash (schema version 4 to 5)");
+        conn.execute_batch("ALTER TABLE users ADD COLUMN cluster_hash TEXT")?;
     }
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)
 }

@@ -32,6 +32,7 @@
 //! - [`relays`]: at HQ, the ward brokers' relays and whether each is reachable;
 //! - [`external`]: external-broker mode, where a clustered broker replaces the embedded one
 //!   and ingest, the mirror and the rules speak to it as an MQTT client;
+//! - [`cluster_acl`]: Renkei's users and roles as a NATS cluster's `authorization` block;
 //! - [`skew`]: what the live state takes from a sender's clock;
 //! - [`rules`]: alerts raised and cleared from the live state, published through MQTT so that
 //!   they take the same path as every other message;
@@ -44,6 +45,7 @@
 pub mod acl;
 pub mod auth;
 pub mod clock;
+pub mod cluster_acl;
 pub mod config;
 pub mod db;
 pub mod external;

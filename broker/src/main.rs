@@ -39,6 +39,15 @@ enum Command {
     /// Manages the users that may connect (MQTT) and use the HTTP API.
     #[command(subcommand)]
     User(UserCommand),
+    /// Writes the users and their roles as a NATS server's `authorization` block, for HQ on a
+    /// NATS JetStream cluster (docs/scaling.md); every user needs a cluster password.
+    ClusterAcl {
+        /// Where to write it (stdout without it).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -60,6 +69,10 @@ enum UserCommand {
         /// made and printed once.
         #[arg(long)]
         password_stdin: bool,
+        /// Also keep a bcrypt hash of the password for a NATS cluster's config
+        /// (`renkei-broker cluster-acl`); NATS reads no argon2 hashes.
+        #[arg(long)]
+        cluster_password: bool,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -260,6 +273,16 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::User(command) => user(command),
+        Command::ClusterAcl { out, store } => {
+            let (_, conn) = store.open()?;
+            let block = renkei_broker::cluster_acl::authorization(&conn)?;
+            match out {
+                Some(path) => std::fs::write(&path, block)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => std::io::stdout().lock().write_all(block.as_bytes())?,
+            }
+            Ok(())
+        }
     }
 }
 
@@ -272,6 +295,7 @@ fn user(command: UserCommand) -> anyhow::Result<()> {
             ward,
             site,
             password_stdin,
+            cluster_password,
             store,
         } => {
             let access = auth::access_for(role, ward, site.as_deref())?;
@@ -286,6 +310,9 @@ fn user(command: UserCommand) -> anyhow::Result<()> {
                 (format!("{:032x}", rand::random::<u128>()), true)
             };
             auth::add_user(&conn, &name, &access, &password, &config.auth)?;
+            if cluster_password {
+                renkei_broker::cluster_acl::set_cluster_hash(&conn, &name, &password)?;
+            }
             if made {
                 writeln!(stdout, "added {name}; password: {password}")?;
             } else {

@@ -18,6 +18,7 @@
 //!   or as a library in this process ([`InProcessBroker`]);
 //! - [`agent`]: `renkei-agent` as a process ([`AgentProcess`]) and its one-shot commands;
 //! - [`mosquitto`]: a Mosquitto with plain, WebSocket and TLS listeners;
+//! - [`nats`]: a three-node NATS JetStream cluster with MQTT listeners ([`nats::NatsCluster`]);
 //! - [`pki`]: a CA and a server certificate made with rcgen;
 //! - [`mqtt`]: an MQTT 3.1.1 client whose event loop runs in a task ([`MqttClient`]);
 //! - [`http`]: one HTTP/1.1 request per connection, and Prometheus samples;
@@ -35,6 +36,7 @@ pub mod broker;
 pub mod http;
 pub mod mosquitto;
 pub mod mqtt;
+pub mod nats;
 pub mod net;
 pub mod pki;
 pub mod process;

@@ -11,7 +11,7 @@
 //!
 //! On a fresh machine the tools are installed from the package registries only: the wasm32
 //! target (rustup), Trunk and wasm-bindgen-cli (cargo install, versions pinned below and to
-//! Cargo.lock), Chromium, ChromeDriver and Mosquitto (Debian). Installed tools are reused when
+//! Cargo.lock), Chromium, ChromeDriver, Mosquitto and the NATS server (Debian). Installed tools are reused when
 //! their versions match, so only the first run on a machine pays for them.
 
 use std::io::{BufRead, BufReader};
@@ -30,6 +30,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("chromium-driver", "/usr/bin/chromedriver"),
     ("mosquitto", "/usr/sbin/mosquitto"),
     ("mosquitto-clients", "/usr/bin/mosquitto_sub"),
+    ("nats-server", "/usr/sbin/nats-server"),
 ];
 
 #[derive(Parser)]

@@ -1,0 +1,200 @@
+//! Debian's NATS server 2.9 as a real clustered engine: three nodes on loopback, each with
+//! JetStream, an MQTT listener and MQTT over WebSocket (`ws://…/mqtt`), for HQ on a cluster
+//! (docs/scaling.md, `tests/tests/cluster.rs`).
+//!
+//! The nodes list all three routes and set `mqtt.stream_replicas: 3`: left unset, NATS sizes
+//! its own MQTT streams by the routes a node lists, and a node listing only its two peers
+//! makes them R2, which stop when either replica is lost.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::process::{Process, free_port, wait_listening};
+use crate::wait::PATIENCE;
+
+/// Where Debian installs it (`apt-get install nats-server`).
+pub const NATS_SERVER: &str = "/usr/sbin/nats-server";
+
+/// One node's ports.
+#[derive(Debug, Clone, Copy)]
+pub struct NatsPorts {
+    pub client: u16,
+    pub cluster: u16,
+    pub mqtt: u16,
+    pub ws: u16,
+    pub http: u16,
+}
+
+/// One node: its process while it runs.
+#[derive(Debug)]
+pub struct NatsNode {
+    pub name: String,
+    pub ports: NatsPorts,
+    conf: PathBuf,
+    log: PathBuf,
+    process: Option<Process>,
+}
+
+impl NatsNode {
+    /// The MQTT listener's address.
+    pub fn mqtt(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.ports.mqtt))
+    }
+
+    /// The NATS protocol URL.
+    pub fn nats_url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.ports.client)
+    }
+
+    /// MQTT over WebSocket, as a browser is given it.
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/mqtt", self.ports.ws)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(&self.log).unwrap();
+        self.process = Some(Process::spawn(
+            &self.name,
+            Command::new(NATS_SERVER)
+                .arg("-c")
+                .arg(&self.conf)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log),
+        ));
+    }
+
+    /// Whether `/healthz` says the node serves, its JetStream included.
+    pub fn healthy(&self) -> bool {
+        get_status(self.ports.http, "/healthz") == Some(200)
+    }
+
+    /// The node's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A three-node cluster on 127.0.0.1, killed on drop.
+#[derive(Debug)]
+pub struct NatsCluster {
+    pub nodes: Vec<NatsNode>,
+    _dir: TempDir,
+}
+
+impl NatsCluster {
+    pub fn installed() -> bool {
+        Path::new(NATS_SERVER).exists()
+    }
+
+    /// Starts three nodes whose config ends with `authorization` (a NATS `authorization { … }`
+    /// block, e.g. from `renkei-broker cluster-acl`), and waits until every node is healthy.
+    pub fn start(authorization: &str) -> NatsCluster {
+        assert!(
+            NatsCluster::installed(),
+            "{NATS_SERVER} is not installed (apt-get install nats-server)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<NatsPorts> = (0..3)
+            .map(|_| NatsPorts {
+                client: free_port(),
+                cluster: free_port(),
+                mqtt: free_port(),
+                ws: free_port(),
+                http: free_port(),
+            })
+            .collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{}", p.cluster))
+            .collect();
+        let mut nodes = Vec::new();
+        for (i, p) in ports.iter().enumerate() {
+            let name = format!("hq-{}", ["a", "b", "c"][i]);
+            let store = dir.path().join(&name);
+            let conf = dir.path().join(format!("{name}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\n\
+                     jetstream {{ store_dir: {store:?}, max_memory_store: 64MB, max_file_store: 1GB }}\n\
+                     cluster {{ name: renkei-hq, listen: 127.0.0.1:{}, routes: [{}] }}\n\
+                     mqtt {{ listen: 127.0.0.1:{}, stream_replicas: 3 }}\n\
+                     websocket {{ listen: 127.0.0.1:{}, no_tls: true }}\n{authorization}\n",
+                    p.client,
+                    p.http,
+                    p.cluster,
+                    routes.join(", "),
+                    p.mqtt,
+                    p.ws,
+                ),
+            )
+            .unwrap();
+            let mut node = NatsNode {
+                log: dir.path().join(format!("{name}.log")),
+                name,
+                ports: *p,
+                conf,
+                process: None,
+            };
+            node.spawn();
+            nodes.push(node);
+        }
+        let cluster = NatsCluster { nodes, _dir: dir };
+        for i in 0..3 {
+            cluster.wait_healthy(i);
+        }
+        cluster
+    }
+
+    /// Waits until node `i` listens for MQTT and says it is healthy.
+    pub fn wait_healthy(&self, i: usize) {
+        let node = &self.nodes[i];
+        assert!(
+            wait_listening(node.ports.mqtt, PATIENCE),
+            "{} did not listen for MQTT:\n{}",
+            node.name,
+            node.log()
+        );
+        let deadline = Instant::now() + PATIENCE;
+        while !node.healthy() {
+            assert!(
+                Instant::now() < deadline,
+                "{} not healthy within {PATIENCE:?}:\n{}",
+                node.name,
+                node.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills node `i` with SIGKILL.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut p) = self.nodes[i].process.take() {
+            p.kill9();
+        }
+    }
+
+    /// Starts node `i` again (its store and ports kept) and waits until it is healthy.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].spawn();
+        self.wait_healthy(i);
+    }
+}
+
+/// The status code of `GET path` on 127.0.0.1:`port`, if it answers.
+fn get_status(port: u16, path: &str) -> Option<u16> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut head = [0u8; 64];
+    let n = stream.read(&mut head).ok()?;
+    let line = std::str::from_utf8(&head[..n]).ok()?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

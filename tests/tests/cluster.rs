@@ -1,0 +1,218 @@
+//! HQ on a clustered engine: a real three-node NATS JetStream cluster (Debian's nats-server
+//! 2.9) whose MQTT listeners serve agents and dashboards, with permissions written by
+//! `renkei-broker cluster-acl` from Renkei's users (docs/scaling.md).
+//!
+//! - [`the_clusters_permissions_keep_each_login_in_its_tree`]: an agent's report reaches HQ
+//!   through another node; an agent cannot publish into another site's tree, a ward operator
+//!   cannot read another ward, an integrator cannot publish, a wrong password is refused.
+//! - [`clients_on_the_surviving_nodes_keep_working_when_a_node_is_killed`]: SIGKILL of one
+//!   node; agents and dashboards on the other two exchange messages again, and the node
+//!   rejoins.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use renkei_testkit::mqtt::login_options;
+use renkei_testkit::nats::NatsCluster;
+use renkei_testkit::{MqttClient, PASSWORD, USER_ROLES, add_user, eventually_within, with_users};
+use rumqttc::{ConnectReturnCode, QoS, SubscribeReasonCode};
+
+/// The kit's users, each with a cluster password, as `cluster-acl` writes them for NATS.
+fn authorization() -> Result<String> {
+    let dir = with_users("");
+    for (name, args) in USER_ROLES {
+        let mut args = args.to_vec();
+        args.push("--cluster-password");
+        add_user(dir.path(), name, &args, PASSWORD);
+    }
+    let out = dir.path().join("auth.conf");
+    let status = Command::new(renkei_testkit::process::binary(
+        "renkei-broker",
+        "renkei-broker",
+    ))
+    .args(["cluster-acl", "--data"])
+    .arg(dir.path().join("data"))
+    .arg("--out")
+    .arg(&out)
+    .env_remove("RENKEI_BROKER_CONFIG")
+    .stdin(Stdio::null())
+    .status()?;
+    ensure!(status.success(), "cluster-acl failed");
+    Ok(std::fs::read_to_string(Path::new(&out))?)
+}
+
+fn cluster() -> Result<Option<NatsCluster>> {
+    if !NatsCluster::installed() {
+        eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
+        return Ok(None);
+    }
+    Ok(Some(NatsCluster::start(&authorization()?)))
+}
+
+/// A publish on `topic` within `wait`, if one comes.
+async fn publish_on(client: &mut MqttClient, topic: &str, wait: Duration) -> Option<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Some(p) = client.publish_by(deadline).await {
+        if p.topic == topic {
+            return Some(p.payload.to_vec());
+        }
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clusters_permissions_keep_each_login_in_its_tree() -> Result<()> {
+    let Some(cluster) = cluster()? else {
+        return Ok(());
+    };
+    let (a, b) = (cluster.nodes[0].mqtt(), cluster.nodes[1].mqtt());
+    let mut sato = MqttClient::connect_as(b, "sato", PASSWORD).await;
+    let codes = sato.subscribe_codes("renkei/v1/#").await;
+    ensure!(
+        codes
+            .iter()
+            .all(|c| !matches!(c, SubscribeReasonCode::Failure)),
+        "HQ may read everything: {codes:?}"
+    );
+    let agent = MqttClient::connect_as(a, "agent-nishi", PASSWORD).await;
+
+    // Its own report crosses the cluster, byte for byte.
+    let status = renkei_shared::sample::status();
+    let own = renkei_shared::Topic::of(&status)?.to_string();
+    agent.send(&status).await;
+    let got = publish_on(&mut sato, &own, Duration::from_secs(10)).await;
+    ensure!(
+        got == Some(renkei_shared::encode(&status)?),
+        "the agent's own report did not reach HQ through the other node"
+    );
+
+    // Into another site's tree: NATS acknowledges it and drops it; nobody reads it.
+    let forged = "renkei/v1/131016/chiyoda-es/status";
+    agent
+        .client
+        .publish(
+            forged,
+            QoS::AtLeastOnce,
+            false,
+            renkei_shared::encode(&status)?,
+        )
+        .await?;
+    let integrator = MqttClient::connect_as(a, "dis", PASSWORD).await;
+    integrator
+        .client
+        .publish(
+            &own,
+            QoS::AtLeastOnce,
+            false,
+            b"from an integrator".to_vec(),
+        )
+        .await?;
+    ensure!(
+        publish_on(&mut sato, forged, Duration::from_secs(3))
+            .await
+            .is_none(),
+        "an agent published into another site's tree"
+    );
+    ensure!(
+        publish_on(&mut sato, &own, Duration::from_secs(1))
+            .await
+            .is_none(),
+        "an integrator published"
+    );
+
+    // A ward operator reads its own ward, not another's; an agent reads no one's tree.
+    let mut tanaka = MqttClient::connect_as(b, "tanaka", PASSWORD).await;
+    let codes = tanaka
+        .subscribe_many_codes([
+            "renkei/v1/131041/#".to_owned(),
+            "renkei/v1/131016/#".to_owned(),
+            "renkei/v1/hq/alert/#".to_owned(),
+        ])
+        .await;
+    ensure!(
+        matches!(
+            codes.as_slice(),
+            [
+                SubscribeReasonCode::Success(_),
+                SubscribeReasonCode::Failure,
+                SubscribeReasonCode::Success(_)
+            ]
+        ),
+        "a ward operator's subscriptions: {codes:?}"
+    );
+    let mut nosy = MqttClient::connect_as(a, "agent-chiyoda", PASSWORD).await;
+    let codes = nosy.subscribe_codes("renkei/v1/131041/#").await;
+    ensure!(
+        matches!(codes.as_slice(), [SubscribeReasonCode::Failure]),
+        "an agent read another ward: {codes:?}"
+    );
+
+    // A wrong password, or no login at all, is refused.
+    let refused = renkei_testkit::mqtt::refusal(login_options(a, "x", "sato", "wrong")).await;
+    ensure!(
+        matches!(refused, Some(ConnectReturnCode::NotAuthorized)),
+        "{refused:?}"
+    );
+    let anonymous = renkei_testkit::mqtt::refusal(renkei_testkit::mqtt::options(a, "y")).await;
+    ensure!(anonymous.is_some(), "an anonymous client got in");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_on_the_surviving_nodes_keep_working_when_a_node_is_killed() -> Result<()> {
+    let Some(mut cluster) = cluster()? else {
+        return Ok(());
+    };
+    let (a, b) = (cluster.nodes[0].mqtt(), cluster.nodes[1].mqtt());
+    cluster.kill9(2);
+    let killed = Instant::now();
+    // An HQ dashboard on one surviving node, an agent on the other. The engine moves the
+    // leaders of its replicated streams off the dead node meanwhile; until it has, a node may
+    // refuse a QoS 1 subscription or drop a connection, and the clients connect again.
+    let mut round = 0u64;
+    let back = eventually_within(Duration::from_secs(60), "MQTT across the survivors", || {
+        round += 1;
+        let seq = round;
+        async move {
+            let mut sato = MqttClient::try_connect(login_options(b, "sato-dash", "sato", PASSWORD))
+                .await
+                .ok()?;
+            let codes = sato.subscribe_codes("renkei/v1/131041/#").await;
+            if codes
+                .iter()
+                .any(|c| matches!(c, SubscribeReasonCode::Failure))
+            {
+                return None;
+            }
+            let agent =
+                MqttClient::try_connect(login_options(a, "agent-nishi", "agent-nishi", PASSWORD))
+                    .await
+                    .ok()?;
+            let mut status = renkei_shared::sample::status();
+            status.header.seq = 1000 + seq;
+            let topic = renkei_shared::Topic::of(&status).ok()?.to_string();
+            agent.send(&status).await;
+            let want = renkei_shared::encode(&status).ok()?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while let Some(p) = sato.publish_by(deadline).await {
+                if p.topic == topic && *p.payload == *want {
+                    return Some(killed.elapsed());
+                }
+            }
+            None
+        }
+    })
+    .await
+    .with_context(|| cluster.nodes[0].log())?;
+    cluster.restart(2);
+    let rejoined = killed.elapsed();
+    eprintln!(
+        "one node of three killed: messages flowed between the survivors again {back:?} after; \
+         the node restarted and was healthy {rejoined:?} after the kill"
+    );
+    Ok(())
+}
