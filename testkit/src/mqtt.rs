@@ -140,6 +140,17 @@ impl MqttClient {
             .unwrap();
     }
 
+    /// The payload of the next publish on `topic` within `wait`, skipping others.
+    pub async fn publish_on(&mut self, topic: &str, wait: Duration) -> Option<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        while let Some(p) = self.publish_by(deadline).await {
+            if p.topic == topic {
+                return Some(p.payload.to_vec());
+            }
+        }
+        None
+    }
+
     /// The next publish received, within [`PATIENCE`].
     pub async fn next_publish(&mut self) -> Publish {
         if let Some(p) = self.early.pop_front() {

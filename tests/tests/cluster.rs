@@ -53,17 +53,6 @@ fn cluster() -> Result<Option<NatsCluster>> {
     Ok(Some(NatsCluster::start(&authorization()?)))
 }
 
-/// A publish on `topic` within `wait`, if one comes.
-async fn publish_on(client: &mut MqttClient, topic: &str, wait: Duration) -> Option<Vec<u8>> {
-    let deadline = tokio::time::Instant::now() + wait;
-    while let Some(p) = client.publish_by(deadline).await {
-        if p.topic == topic {
-            return Some(p.payload.to_vec());
-        }
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clusters_permissions_keep_each_login_in_its_tree() -> Result<()> {
     let Some(cluster) = cluster()? else {
@@ -84,7 +73,7 @@ async fn the_clusters_permissions_keep_each_login_in_its_tree() -> Result<()> {
     let status = renkei_shared::sample::status();
     let own = renkei_shared::Topic::of(&status)?.to_string();
     agent.send(&status).await;
-    let got = publish_on(&mut sato, &own, Duration::from_secs(10)).await;
+    let got = sato.publish_on(&own, Duration::from_secs(10)).await;
     ensure!(
         got == Some(renkei_shared::encode(&status)?),
         "the agent's own report did not reach HQ through the other node"
@@ -112,13 +101,13 @@ async fn the_clusters_permissions_keep_each_login_in_its_tree() -> Result<()> {
         )
         .await?;
     ensure!(
-        publish_on(&mut sato, forged, Duration::from_secs(3))
+        sato.publish_on(forged, Duration::from_secs(3))
             .await
             .is_none(),
         "an agent published into another site's tree"
     );
     ensure!(
-        publish_on(&mut sato, &own, Duration::from_secs(1))
+        sato.publish_on(&own, Duration::from_secs(1))
             .await
             .is_none(),
         "an integrator published"

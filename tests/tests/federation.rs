@@ -608,17 +608,6 @@ async fn a_link_that_says_connected_but_stores_nothing_is_alarmed_and_caught_up(
     Ok(())
 }
 
-/// The next publish on `topic`, skipping others, within `wait`.
-async fn publish_on(client: &mut MqttClient, topic: &str, wait: Duration) -> Option<Vec<u8>> {
-    let deadline = tokio::time::Instant::now() + wait;
-    while let Some(p) = client.publish_by(deadline).await {
-        if p.topic == topic {
-            return Some(p.payload.to_vec());
-        }
-    }
-    None
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes_up() -> Result<()>
 {
@@ -684,12 +673,16 @@ async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes
     status.header.sent_at = Timestamp::now();
     let status_topic = Topic::of(&status)?.to_string();
     chiyoda.send(&status).await;
-    let got = publish_on(&mut dashboard, &alert_topic, Duration::from_secs(10)).await;
+    let got = dashboard
+        .publish_on(&alert_topic, Duration::from_secs(10))
+        .await;
     ensure!(
         got == Some(renkei_shared::encode(&alert)?),
         "HQ's alert did not reach the ward's dashboard as sent"
     );
-    let got = publish_on(&mut dashboard, &status_topic, Duration::from_secs(10)).await;
+    let got = dashboard
+        .publish_on(&status_topic, Duration::from_secs(10))
+        .await;
     ensure!(
         got == Some(renkei_shared::encode(&status)?),
         "the other ward's status did not come down"
@@ -728,7 +721,8 @@ async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes
     sato.send(&command).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     ensure!(
-        publish_on(&mut agent, &command_topic, Duration::from_millis(500))
+        agent
+            .publish_on(&command_topic, Duration::from_millis(500))
             .await
             .is_none(),
         "a command crossed a cut line"
@@ -750,7 +744,7 @@ async fn what_hq_sends_down_reaches_the_wards_sites_and_dashboard_and_never_goes
     // Both reach the site's topic, each once: the site, not the line, judges the old one.
     let mut reached = Vec::new();
     let mut wait = Duration::from_secs(30);
-    while let Some(payload) = publish_on(&mut agent, &command_topic, wait).await {
+    while let Some(payload) = agent.publish_on(&command_topic, wait).await {
         reached.push(payload);
         wait = Duration::from_secs(3);
     }
