@@ -334,6 +334,15 @@ pub struct ExternalConfig {
     /// Shared-subscription group (`$share/GROUP/renkei/v1/#`): instances in one group split
     /// the stream. Empty: a plain subscription, every instance gets every message.
     pub share_group: String,
+    /// A NATS JetStream cluster's servers (`nats://HOST:PORT`, any of them): set, ingest reads
+    /// the replicated stream `stream` with a durable consumer named `client_id` and
+    /// acknowledges each message only once it is committed, instead of subscribing over MQTT
+    /// (docs/scaling.md). Logs in as `user`, the same login as over MQTT.
+    pub jetstream: Vec<String>,
+    /// The JetStream stream every `renkei/v1/…` message is kept in (made if missing).
+    pub stream: String,
+    /// Its replicas, when this instance makes it (3 on a three-node cluster).
+    pub stream_replicas: usize,
 }
 
 impl Default for ExternalConfig {
@@ -346,6 +355,9 @@ impl Default for ExternalConfig {
             password_file: None,
             client_id: "renkei-broker".into(),
             share_group: "renkei".into(),
+            jetstream: Vec::new(),
+            stream: "RENKEI".into(),
+            stream_replicas: 3,
         }
     }
 }

@@ -479,10 +479,19 @@ mod tests {
         }
         let conn = open(dir.path()).unwrap();
         conn.execute(
-            "INSERT INTO users VALUES ('relay-shinjuku', 'relay', 131041, NULL, 'h', 2)",
+            "INSERT INTO users (name, role, ward, site, password_hash, created_at)
+             VALUES ('relay-shinjuku', 'relay', 131041, NULL, 'h', 2)",
             [],
         )
         .unwrap();
+        let cluster_hash: Option<String> = conn
+            .query_row(
+                "SELECT cluster_hash FROM users WHERE name = 'sato'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(cluster_hash, None, "version 5 adds the column, empty");
         let users: i64 = conn
             .query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0))
             .unwrap();
@@ -566,6 +575,34 @@ mod tests {
         assert_eq!(user_version(&conn), SCHEMA_VERSION);
         drop(conn);
         // Opening again finds nothing to do.
+        open(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_version_4_database_gains_the_cluster_hash_column() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(path(dir.path())).unwrap();
+            old.execute_batch(
+                "CREATE TABLE users (
+                    name TEXT PRIMARY KEY,
+                    role TEXT NOT NULL
+                         CHECK (role IN ('agent', 'ward', 'hq', 'integrator', 'admin', 'relay')),
+                    ward INTEGER, site TEXT, password_hash TEXT NOT NULL,
+                    created_at INTEGER NOT NULL);
+                 INSERT INTO users VALUES ('sato', 'hq', NULL, NULL, 'h', 1);
+                 PRAGMA user_version = 4;",
+            )
+            .unwrap();
+        }
+        let conn = open(dir.path()).unwrap();
+        conn.execute(
+            "UPDATE users SET cluster_hash = 'b' WHERE name = 'sato'",
+            [],
+        )
+        .unwrap();
+        assert_eq!(user_version(&conn), SCHEMA_VERSION);
+        drop(conn);
         open(dir.path()).unwrap();
     }
 }

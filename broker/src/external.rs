@@ -125,13 +125,16 @@ fn client_tls(config: &ExternalConfig) -> Result<Arc<rustls::ClientConfig>, Exte
     renkei_link::tls::trusting(roots).map_err(ExternalError::Tls)
 }
 
-/// The filter ingest subscribes with.
-pub fn filter(config: &ExternalConfig) -> String {
-    if config.share_group.is_empty() {
+/// The filter ingest subscribes with: none when it reads a JetStream stream instead.
+pub fn filter(config: &ExternalConfig) -> Option<String> {
+    if !config.jetstream.is_empty() {
+        return None;
+    }
+    Some(if config.share_group.is_empty() {
         topic::ALL.to_owned()
     } else {
         format!("$share/{}/{}", config.share_group, topic::ALL)
-    }
+    })
 }
 
 /// A message delivered by the external broker, to be acknowledged once handled.
@@ -303,7 +306,7 @@ pub async fn retained_topics(
     Ok(topics)
 }
 
-fn read_password(config: &ExternalConfig) -> Result<String, ExternalError> {
+pub(crate) fn read_password(config: &ExternalConfig) -> Result<String, ExternalError> {
     match &config.password_file {
         Some(path) => {
             crate::config::read_password_file(path).map_err(|source| ExternalError::Password {
@@ -319,7 +322,7 @@ fn read_password(config: &ExternalConfig) -> Result<String, ExternalError> {
 /// forwards publishes to ingest, reconnects with backoff.
 struct Driver {
     client: AsyncClient,
-    filter: String,
+    filter: Option<String>,
     incoming: std::sync::mpsc::Sender<Incoming>,
     /// Told the outcome of the first connection and subscription.
     ready: Option<oneshot::Sender<Result<(), String>>>,
@@ -351,15 +354,16 @@ impl Driver {
                                 "external broker reconnected"
                             );
                         }
-                        if !ack.session_present {
+                        match &self.filter {
                             // A new session (first start, or the broker forgot it): the
                             // subscription must be made again.
-                            if let Err(e) = self.client.try_subscribe(&self.filter, QoS::AtLeastOnce)
-                            {
-                                tracing::error!(error = %e, "cannot subscribe");
+                            Some(filter) if !ack.session_present => {
+                                if let Err(e) = self.client.try_subscribe(filter, QoS::AtLeastOnce)
+                                {
+                                    tracing::error!(error = %e, "cannot subscribe");
+                                }
                             }
-                        } else {
-                            self.tell(Ok(()));
+                            _ => self.tell(Ok(())),
                         }
                     }
                     Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -376,7 +380,7 @@ impl Driver {
                             tracing::error!("{reason}");
                             self.tell(Err(reason));
                         } else {
-                            tracing::info!(filter = %self.filter, "subscribed at the external broker");
+                            tracing::info!(filter = ?self.filter, "subscribed at the external broker");
                             self.tell(Ok(()));
                         }
                     }
@@ -456,8 +460,13 @@ mod tests {
     #[test]
     fn shares_the_subscription_unless_told_not_to() {
         let mut config = ExternalConfig::default();
-        assert_eq!(filter(&config), "$share/renkei/renkei/v1/#");
+        assert_eq!(
+            filter(&config).as_deref(),
+            Some("$share/renkei/renkei/v1/#")
+        );
         config.share_group.clear();
-        assert_eq!(filter(&config), "renkei/v1/#");
+        assert_eq!(filter(&config).as_deref(), Some("renkei/v1/#"));
+        config.jetstream = vec!["nats://127.0.0.1:4222".into()];
+        assert_eq!(filter(&config), None, "ingest reads the stream instead");
     }
 }

@@ -31,10 +31,11 @@ use tokio::sync::oneshot;
 
 use crate::clock::Clock;
 use crate::external::Incoming;
+use crate::jetstream::{Delivered, Settle};
 use crate::live::LiveState;
 use crate::metrics::Metrics;
 use crate::publisher::{Outgoing, Publisher};
-use crate::recorder::{HANDOFF_RECORDS, Record, RecorderTx};
+use crate::recorder::{HANDOFF_RECORDS, Progress, Record, RecorderTx};
 use crate::rules::Trigger;
 use crate::skew;
 
@@ -190,6 +191,53 @@ impl Ingest {
                 }
             }
             handed_on(&mut pipeline, &mut unacked);
+            Ok(())
+        })
+    }
+
+    /// Consumes a JetStream stream (see [`crate::jetstream`]), mirroring through `client`,
+    /// and settles each message with the engine once the recorder has committed it, or could
+    /// not store it.
+    pub fn start_jetstream(
+        incoming: std::sync::mpsc::Receiver<Delivered>,
+        settle: tokio::sync::mpsc::UnboundedSender<Settle>,
+        client: rumqttc::AsyncClient,
+        setup: Setup,
+    ) -> Result<Ingest, IngestError> {
+        Ingest::spawn(move |stop| {
+            let progress = setup.recorder.as_ref().map(RecorderTx::progress);
+            let mut pipeline = Pipeline::new(setup, Publisher::External(client));
+            let mut settling = Settling::new(progress, settle);
+            while !stop.load(Ordering::Relaxed) {
+                let next = if settling.handled.is_empty() {
+                    incoming.recv_timeout(STOP_POLL)
+                } else {
+                    incoming.try_recv().map_err(|e| match e {
+                        TryRecvError::Empty => RecvTimeoutError::Timeout,
+                        TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+                    })
+                };
+                let message = match next {
+                    Ok(message) => message,
+                    Err(RecvTimeoutError::Timeout) => {
+                        settling.handed_on(&mut pipeline);
+                        settling.release();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => {
+                        settling.handed_on(&mut pipeline);
+                        return Err(IngestError::ExternalGone);
+                    }
+                };
+                pipeline.handle(message.topic.as_bytes(), &message.payload, None);
+                settling.handled.push(message.ack);
+                if !pipeline.pending() {
+                    // The pipeline handed on by itself (its hand-off was full).
+                    settling.handed_on(&mut pipeline);
+                }
+                settling.release();
+            }
+            settling.handed_on(&mut pipeline);
             Ok(())
         })
     }
@@ -508,6 +556,76 @@ impl LogLimiter {
             w.suppressed += 1;
             None
         }
+    }
+}
+
+/// JetStream messages taken and not yet settled, by the recorder hand-off that carries them.
+struct Settling {
+    progress: Option<Arc<Progress>>,
+    settle: tokio::sync::mpsc::UnboundedSender<Settle>,
+    /// Handled since the last hand-off.
+    handled: Vec<async_nats::jetstream::message::Acker>,
+    /// Handed on, waiting for the recorder: the count of hand-offs sent when each went.
+    waiting: std::collections::VecDeque<(u64, Vec<async_nats::jetstream::message::Acker>)>,
+    /// Hand-offs not stored, as last seen.
+    not_stored_seen: u64,
+}
+
+impl Settling {
+    fn new(
+        progress: Option<Arc<Progress>>,
+        settle: tokio::sync::mpsc::UnboundedSender<Settle>,
+    ) -> Settling {
+        let not_stored_seen = progress.as_ref().map_or(0, |p| p.done().1);
+        Settling {
+            progress,
+            settle,
+            handled: Vec::new(),
+            waiting: std::collections::VecDeque::new(),
+            not_stored_seen,
+        }
+    }
+
+    /// Hands the pipeline's queue on and notes what went with it.
+    fn handed_on(&mut self, pipeline: &mut Pipeline) {
+        pipeline.flush();
+        if self.handled.is_empty() {
+            return;
+        }
+        let handled = std::mem::take(&mut self.handled);
+        match &self.progress {
+            Some(progress) => self.waiting.push_back((progress.sent(), handled)),
+            // Nothing records: handled is all there is.
+            None => {
+                let _ = self.settle.send(Settle::Stored(handled));
+            }
+        }
+    }
+
+    /// Settles what the recorder has finished with: acknowledged if stored, delivered again
+    /// if a hand-off was not stored meanwhile (which of them is not known here: all of that
+    /// round go again, and the store keeps one copy of what it already had).
+    fn release(&mut self) {
+        let Some(progress) = &self.progress else {
+            return;
+        };
+        let (done, not_stored) = progress.done();
+        let mut ready = Vec::new();
+        while self.waiting.front().is_some_and(|(mark, _)| *mark <= done) {
+            if let Some((_, ackers)) = self.waiting.pop_front() {
+                ready.extend(ackers);
+            }
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let again = not_stored > self.not_stored_seen;
+        self.not_stored_seen = not_stored;
+        let _ = self.settle.send(if again {
+            Settle::Again(ready)
+        } else {
+            Settle::Stored(ready)
+        });
     }
 }
 

@@ -51,6 +51,7 @@ pub mod db;
 pub mod external;
 pub mod http;
 pub mod ingest;
+pub mod jetstream;
 pub mod live;
 pub mod metrics;
 pub mod mqtt;
@@ -105,6 +106,8 @@ pub enum Error {
     Ingest(#[from] IngestError),
     #[error(transparent)]
     External(#[from] ExternalError),
+    #[error(transparent)]
+    JetStream(#[from] jetstream::JetStreamError),
     #[error("cannot publish the restored retained state: {0}")]
     Restore(publisher::PublishError),
     #[error("cannot start the rules thread: {0}")]
@@ -174,7 +177,8 @@ impl Addrs {
 #[derive(Debug)]
 enum Source {
     Embedded(Mqtt),
-    External(External),
+    /// An external broker, and the JetStream stream ingest reads instead of subscribing.
+    External(External, Option<jetstream::JetStreamSource>),
 }
 
 /// A started broker: MQTT listening (or the external broker connected), ingest consuming,
@@ -277,22 +281,38 @@ impl Broker {
                 let held = external::retained_topics(&config.external, url).await?;
                 let mut external = External::connect(&config.external, url).await?;
                 let incoming = external.incoming.take().ok_or(IngestError::ExternalGone)?;
-                let ingest = Ingest::start_external(incoming, external.client.clone(), setup)?;
+                let (ingest, stream) = if config.external.jetstream.is_empty() {
+                    let ingest = Ingest::start_external(incoming, external.client.clone(), setup)?;
+                    (ingest, None)
+                } else {
+                    let password = external::read_password(&config.external)?;
+                    let (stream, delivered, settle) =
+                        jetstream::JetStreamSource::start(&config.external, password).await?;
+                    let ingest =
+                        Ingest::start_jetstream(delivered, settle, external.client.clone(), setup)?;
+                    (ingest, Some(stream))
+                };
                 let publisher = Publisher::External(external.client.clone());
                 tracing::info!(
                     %url,
-                    filter = %external::filter(&config.external),
+                    filter = ?external::filter(&config.external),
+                    jetstream = ?config.external.jetstream,
                     client_id = %config.external.client_id,
                     already_retained = held.len(),
                     "external-broker mode: the embedded MQTT listeners are off"
                 );
-                (Source::External(external), ingest, publisher, Some(held))
+                (
+                    Source::External(external, stream),
+                    ingest,
+                    publisher,
+                    Some(held),
+                )
             }
         };
         let (receipts, receipts_tx) = receipts::Sender::start(
             match &source {
                 Source::Embedded(mqtt) => Publisher::new(mqtt.link("receipts")?),
-                Source::External(external) => Publisher::External(external.client.clone()),
+                Source::External(external, _) => Publisher::External(external.client.clone()),
             },
             interest,
             config.recorder.receipt_rate,
@@ -380,7 +400,7 @@ impl Broker {
                 http: http_addr,
                 mqtts: mqtt.tls_addr,
             },
-            Source::External(external) => Addrs {
+            Source::External(external, _) => Addrs {
                 mqtt: external.addr,
                 ws: external.ws_addr,
                 http: http_addr,
@@ -456,7 +476,7 @@ impl Broker {
         let mqtt_stopped = async {
             match &mut source {
                 Source::Embedded(mqtt) => mqtt.stopped().await,
-                Source::External(_) => std::future::pending().await,
+                Source::External(..) => std::future::pending().await,
             }
         };
         let result = tokio::select! {
@@ -477,7 +497,10 @@ impl Broker {
             }
             ingest.stop();
             // After ingest: the last mirror and alert publishes are queued before DISCONNECT.
-            if let Source::External(external) = source {
+            if let Source::External(external, stream) = source {
+                if let Some(stream) = stream {
+                    stream.stop();
+                }
                 external.stop();
             }
             recorder.stop();

@@ -159,6 +159,10 @@ struct ServeArgs {
     /// Shared-subscription group, "" for a plain subscription (external.share_group).
     #[arg(long, value_name = "GROUP", requires = "external")]
     external_share_group: Option<String>,
+    /// A NATS JetStream server of the cluster whose stream ingest reads (external.jetstream);
+    /// repeat it for each node.
+    #[arg(long, value_name = "URL", requires = "external")]
+    external_jetstream: Vec<String>,
     /// Ward mode (upstream.broker): mqtt://HOST[:PORT] or mqtts://HOST[:PORT] of HQ's broker;
     /// this broker serves one ward (--upstream-ward) and forwards its record to HQ.
     #[arg(long, value_name = "URL", requires = "upstream_ward")]
@@ -225,6 +229,9 @@ impl ServeArgs {
         }
         if let Some(group) = &self.external_share_group {
             config.external.share_group = group.clone();
+        }
+        if !self.external_jetstream.is_empty() {
+            config.external.jetstream = self.external_jetstream.clone();
         }
         if let Some(url) = &self.upstream {
             config.upstream.broker = Some(url.clone());

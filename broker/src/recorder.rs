@@ -26,7 +26,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
@@ -82,11 +82,38 @@ pub enum RecorderError {
 /// Most records in one hand-off from ingest (see [`RecorderTx::send_all`]).
 pub const HANDOFF_RECORDS: usize = 256;
 
+/// How far the recorder has got, counted in hand-offs ([`RecorderTx::send_all`]): for a
+/// reader that acknowledges what it consumed only once it is stored (JetStream ingest).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Hand-offs queued so far.
+    sent: AtomicU64,
+    /// Hand-offs the writer has finished with, in order: stored, refused or failed.
+    done: AtomicU64,
+    /// Of those, hand-offs whose batch was not stored (refused for want of room, or failed).
+    not_stored: AtomicU64,
+}
+
+impl Progress {
+    /// Hand-offs queued so far: every record handed on before this call is in one of them.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Acquire)
+    }
+
+    /// Hand-offs finished with, and how many of them were not stored.
+    pub fn done(&self) -> (u64, u64) {
+        // `not_stored` is raised before `done`: read after it, it counts every one done.
+        let done = self.done.load(Ordering::Acquire);
+        (done, self.not_stored.load(Ordering::Acquire))
+    }
+}
+
 /// The sending end, held by ingest.
 #[derive(Debug, Clone)]
 pub struct RecorderTx {
     tx: SyncSender<Vec<Record>>,
     queued: Arc<AtomicI64>,
+    progress: Arc<Progress>,
 }
 
 impl RecorderTx {
@@ -108,6 +135,8 @@ impl RecorderTx {
             return true;
         }
         self.queued.fetch_add(n, Ordering::Relaxed);
+        // Counted before the hand-off can reach the writer, so that `done` never passes `sent`.
+        self.progress.sent.fetch_add(1, Ordering::AcqRel);
         let sent = match self.tx.try_send(records) {
             Ok(()) => true,
             Err(TrySendError::Full(records)) => self.tx.send(records).is_ok(),
@@ -115,8 +144,14 @@ impl RecorderTx {
         };
         if !sent {
             self.queued.fetch_sub(n, Ordering::Relaxed);
+            self.progress.sent.fetch_sub(1, Ordering::AcqRel);
         }
         sent
+    }
+
+    /// How far the recorder has got with what was handed to it.
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
     }
 }
 
@@ -150,7 +185,9 @@ impl Recorder {
         .filter_map(|p| std::fs::metadata(p).ok())
         .map(|m| m.len())
         .sum::<u64>();
+        let progress = Arc::new(Progress::default());
         let writer = Writer {
+            progress: progress.clone(),
             committed: committed.clone(),
             db_bytes,
             refusal_logged: None,
@@ -167,7 +204,11 @@ impl Recorder {
             .spawn(move || writer.run(rx))
             .map_err(RecorderError::Thread)?;
         Ok(Recorder {
-            tx: Some(RecorderTx { tx, queued }),
+            tx: Some(RecorderTx {
+                tx,
+                queued,
+                progress,
+            }),
             thread: Some(thread),
             receipts,
             committed,
@@ -209,6 +250,7 @@ struct Writer {
     queued: Arc<AtomicI64>,
     receipts: ReceiptSink,
     committed: Arc<tokio::sync::Notify>,
+    progress: Arc<Progress>,
     /// The record's size after the last batch (database and write-ahead log).
     db_bytes: u64,
     /// When a refusal was last logged (one line a minute at most).
@@ -222,11 +264,15 @@ impl Writer {
         // up. A batch may pass `batch_size` by less than one hand-off.
         while let Ok(mut records) = rx.recv() {
             batch.append(&mut records);
+            let mut handoffs = 1;
             let deadline = Instant::now() + self.config.batch_time.0;
             let mut closed = false;
             while batch.len() < self.config.batch_size {
                 match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                    Ok(mut records) => batch.append(&mut records),
+                    Ok(mut records) => {
+                        batch.append(&mut records);
+                        handoffs += 1;
+                    }
                     Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => {
                         closed = true;
@@ -234,7 +280,13 @@ impl Writer {
                     }
                 }
             }
-            self.write(&mut batch);
+            let stored = self.write(&mut batch);
+            if !stored {
+                self.progress
+                    .not_stored
+                    .fetch_add(handoffs, Ordering::AcqRel);
+            }
+            self.progress.done.fetch_add(handoffs, Ordering::AcqRel);
             if closed {
                 break;
             }
@@ -242,7 +294,8 @@ impl Writer {
         tracing::info!("recorder flushed and stopped");
     }
 
-    fn write(&mut self, batch: &mut Vec<Record>) {
+    /// Writes a batch; false if it was not stored (refused for want of room, or failed).
+    fn write(&mut self, batch: &mut Vec<Record>) -> bool {
         let rows = batch.len();
         self.queued.fetch_sub(rows as i64, Ordering::Relaxed);
         let started = Instant::now();
@@ -264,9 +317,9 @@ impl Writer {
                 );
             }
             batch.clear();
-            return;
+            return false;
         }
-        match write_batch(
+        let stored = match write_batch(
             &mut self.conn,
             &mut self.origins,
             batch,
@@ -278,14 +331,16 @@ impl Writer {
                 if inserted > 0 {
                     self.committed.notify_one();
                 }
+                true
             }
             Err(e) => {
                 // Senders first seen in the batch are not in the table after all.
                 self.origins.clear();
                 self.metrics.recorder_failed(rows);
                 tracing::error!(error = %e, rows, "recorder: cannot write a batch");
+                false
             }
-        }
+        };
         batch.clear();
         let bytes = [self.db_path.clone(), self.db_path.with_extension("db-wal")]
             .iter()
@@ -295,6 +350,7 @@ impl Writer {
         self.db_bytes = bytes;
         self.metrics.recorder_db_bytes(bytes);
         tracing::trace!(rows, elapsed = ?started.elapsed(), "recorder batch");
+        stored
     }
 }
 

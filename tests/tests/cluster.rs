@@ -20,9 +20,11 @@ use renkei_testkit::mqtt::login_options;
 use renkei_testkit::nats::NatsCluster;
 use renkei_testkit::{MqttClient, PASSWORD, USER_ROLES, add_user, eventually_within, with_users};
 use rumqttc::{ConnectReturnCode, QoS, SubscribeReasonCode};
+use tempfile::TempDir;
 
-/// The kit's users, each with a cluster password, as `cluster-acl` writes them for NATS.
-fn authorization() -> Result<String> {
+/// The kit's users, each with a cluster password, as `cluster-acl` writes them for NATS; and
+/// the broker directory that holds them.
+fn authorization() -> Result<(TempDir, String)> {
     let dir = with_users("");
     for (name, args) in USER_ROLES {
         let mut args = args.to_vec();
@@ -42,15 +44,22 @@ fn authorization() -> Result<String> {
     .stdin(Stdio::null())
     .status()?;
     ensure!(status.success(), "cluster-acl failed");
-    Ok(std::fs::read_to_string(Path::new(&out))?)
+    let block = std::fs::read_to_string(Path::new(&out))?;
+    Ok((dir, block))
 }
 
-fn cluster() -> Result<Option<NatsCluster>> {
+/// The cluster, with the broker directory whose users it knows.
+fn cluster_with_users() -> Result<Option<(NatsCluster, TempDir)>> {
     if !NatsCluster::installed() {
         eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
         return Ok(None);
     }
-    Ok(Some(NatsCluster::start(&authorization()?)))
+    let (dir, block) = authorization()?;
+    Ok(Some((NatsCluster::start(&block), dir)))
+}
+
+fn cluster() -> Result<Option<NatsCluster>> {
+    Ok(cluster_with_users()?.map(|(cluster, _)| cluster))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,6 +211,153 @@ async fn clients_on_the_surviving_nodes_keep_working_when_a_node_is_killed() -> 
     eprintln!(
         "one node of three killed: messages flowed between the survivors again {back:?} after; \
          the node restarted and was healthy {rejoined:?} after the kill"
+    );
+    Ok(())
+}
+
+/// The `(boot, seq)` of the sample site's messages in the record in `data_dir`, each once.
+fn recorded(data_dir: &Path) -> Result<Vec<(i64, i64)>> {
+    let conn = renkei_tests::open_record(data_dir)?;
+    let mut stmt =
+        conn.prepare("SELECT boot, seq FROM messages WHERE site = 'nishi-shinjuku-es'")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(rows)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_records_from_the_replicated_stream_and_receipts_after_the_commit() -> Result<()>
+{
+    let Some((mut cluster, dir)) = cluster_with_users()? else {
+        return Ok(());
+    };
+    let password = dir.path().join("cluster.password");
+    std::fs::write(&password, format!("{PASSWORD}\n"))?;
+    let mqtt = format!("mqtt://{}", cluster.nodes[0].mqtt());
+    let (js_b, js_c) = (cluster.nodes[1].nats_url(), cluster.nodes[2].nats_url());
+    let password = password.to_str().context("utf-8 path")?.to_owned();
+    let broker = renkei_testkit::BrokerProcess::start_in(
+        dir,
+        &[
+            "--external",
+            &mqtt,
+            "--external-user",
+            "root",
+            "--external-password-file",
+            &password,
+            "--external-client-id",
+            "renkei-hq-1",
+            "--external-jetstream",
+            &js_b,
+            "--external-jetstream",
+            &js_c,
+        ],
+    );
+    let data = broker.data_dir();
+
+    // An agent on the third node: its reports are recorded from the stream, and receipted.
+    let site = renkei_shared::sample::site();
+    let receipts = renkei_shared::receipt_topic(&site);
+    let mut agent = MqttClient::connect_as(cluster.nodes[2].mqtt(), "agent-nishi", PASSWORD).await;
+    agent.subscribe(&receipts).await;
+    let mut sent = Vec::new();
+    for env in [
+        renkei_shared::sample::status(),
+        renkei_shared::sample::shelter(),
+        renkei_shared::sample::supplies(),
+    ] {
+        sent.push((i64::from(env.header.boot), env.header.seq as i64));
+        agent.send(&env).await;
+    }
+    let last = renkei_shared::sample::supplies().header;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let receipt = loop {
+        ensure!(
+            Instant::now() < deadline,
+            "no receipt for the reports:\n{}",
+            broker.log()
+        );
+        let Some(payload) = agent.publish_on(&receipts, Duration::from_secs(1)).await else {
+            continue;
+        };
+        if let Ok(receipt) = renkei_shared::Receipt::decode(&payload)
+            && receipt.covers(last.boot, last.seq)
+        {
+            break receipt;
+        }
+    };
+    let at_receipt = recorded(&data)?;
+    for key in &sent {
+        ensure!(
+            at_receipt.contains(key),
+            "receipted before it was recorded: {key:?} not in {at_receipt:?} ({receipt:?})"
+        );
+    }
+
+    // A node the instance reads the stream through dies (its MQTT connection, on the first
+    // node, stays). The agent sends each report until it is receipted (as `renkei-agent`
+    // does), from whichever node answers; every report is recorded, once.
+    cluster.kill9(1);
+    let nodes = [cluster.nodes[0].mqtt(), cluster.nodes[2].mqtt()];
+    let started = Instant::now();
+    for n in 0..10u64 {
+        let mut status = renkei_shared::sample::status();
+        status.header.seq = 100 + n;
+        let key = (i64::from(status.header.boot), status.header.seq as i64);
+        sent.push(key);
+        eventually_within(Duration::from_secs(60), "the report receipted", || {
+            let status = status.clone();
+            let receipts = receipts.clone();
+            async move {
+                let node = nodes[usize::try_from(n).unwrap_or(0) % 2];
+                let mut agent = MqttClient::try_connect(login_options(
+                    node,
+                    "agent-131041-nishi-shinjuku-es",
+                    "agent-nishi",
+                    PASSWORD,
+                ))
+                .await
+                .ok()?;
+                let codes = agent.subscribe_codes(&receipts).await;
+                if codes
+                    .iter()
+                    .any(|c| matches!(c, SubscribeReasonCode::Failure))
+                {
+                    return None;
+                }
+                agent.send(&status).await;
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while let Some(p) = agent.publish_by(deadline).await {
+                    if p.topic == receipts
+                        && renkei_shared::Receipt::decode(&p.payload)
+                            .is_ok_and(|r| r.covers(status.header.boot, status.header.seq))
+                    {
+                        return Some(());
+                    }
+                }
+                None
+            }
+        })
+        .await
+        .with_context(|| broker.log())?;
+    }
+    let through_kill = started.elapsed();
+    let rows = recorded(&data)?;
+    let mut unique = rows.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    ensure!(
+        unique.len() == rows.len(),
+        "a report recorded twice: {rows:?}"
+    );
+    for key in &sent {
+        ensure!(rows.contains(key), "receipted but not recorded: {key:?}");
+    }
+    eprintln!(
+        "JetStream ingest: {} reports recorded once each, receipted after the commit; 10 sent \
+         one by one across a node kill in {through_kill:?}",
+        sent.len()
     );
     Ok(())
 }
