@@ -334,6 +334,10 @@ pub struct ExternalConfig {
     /// Shared-subscription group (`$share/GROUP/renkei/v1/#`): instances in one group split
     /// the stream. Empty: a plain subscription, every instance gets every message.
     pub share_group: String,
+    /// More MQTT addresses of the same cluster (`mqtt://` or `mqtts://`), tried in turn after
+    /// `broker` when the one in use is lost: the session lives in the cluster, so the instance
+    /// carries on through another node.
+    pub failover: Vec<String>,
     /// A NATS JetStream cluster's servers (`nats://HOST:PORT`, any of them): set, ingest reads
     /// the replicated stream `stream` with a durable consumer named `client_id` and
     /// acknowledges each message only once it is committed, instead of subscribing over MQTT
@@ -355,6 +359,7 @@ impl Default for ExternalConfig {
             password_file: None,
             client_id: "renkei-broker".into(),
             share_group: "renkei".into(),
+            failover: Vec::new(),
             jetstream: Vec::new(),
             stream: "RENKEI".into(),
             stream_replicas: 3,

@@ -165,14 +165,25 @@ impl External {
             Some(ws) => ws_socket_addr(ws).await,
             None => None,
         };
-        let mut options = client_options(config.client_id.clone(), config, &broker)?;
-        options.set_clean_session(false).set_manual_acks(true);
-        let (client, eventloop) = AsyncClient::new(options, 1024);
+        let session = |url: &BrokerUrl| -> Result<MqttOptions, ExternalError> {
+            let mut options = client_options(config.client_id.clone(), config, url)?;
+            options.set_clean_session(false).set_manual_acks(true);
+            Ok(options)
+        };
+        let mut addresses = vec![session(&broker)?];
+        for other in &config.failover {
+            let url = BrokerUrl::parse(other)
+                .map_err(|e| ExternalError::Url(format!("external.failover {other}: {e}")))?;
+            addresses.push(session(&url)?);
+        }
+        let (client, eventloop) = AsyncClient::new(addresses[0].clone(), 1024);
         let (tx, incoming) = std::sync::mpsc::channel();
         let (ready_tx, ready) = oneshot::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let driver = Driver {
             client: client.clone(),
+            addresses,
+            current: 0,
             filter: filter(config),
             incoming: tx,
             ready: Some(ready_tx),
@@ -322,6 +333,10 @@ pub(crate) fn read_password(config: &ExternalConfig) -> Result<String, ExternalE
 /// forwards publishes to ingest, reconnects with backoff.
 struct Driver {
     client: AsyncClient,
+    /// The session's options at each of the cluster's addresses, `external.broker` first.
+    addresses: Vec<MqttOptions>,
+    /// The one in use.
+    current: usize,
     filter: Option<String>,
     incoming: std::sync::mpsc::Sender<Incoming>,
     /// Told the outcome of the first connection and subscription.
@@ -418,6 +433,14 @@ impl Driver {
                             tracing::warn!(error = %e, "external broker connection lost; reconnecting");
                         } else {
                             tracing::debug!(error = %e, "external broker still unreachable");
+                        }
+                        if self.addresses.len() > 1 {
+                            // The next node of the cluster; the session is the cluster's.
+                            self.current = (self.current + 1) % self.addresses.len();
+                            let next = self.addresses[self.current].clone();
+                            let (host, port) = next.broker_address();
+                            tracing::info!(%host, port, "external broker: trying the next address");
+                            eventloop.mqtt_options = next;
                         }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -159,6 +159,10 @@ struct ServeArgs {
     /// Shared-subscription group, "" for a plain subscription (external.share_group).
     #[arg(long, value_name = "GROUP", requires = "external")]
     external_share_group: Option<String>,
+    /// Another MQTT address of the external cluster, tried in turn when the one in use is lost
+    /// (external.failover); repeat it for each node.
+    #[arg(long, value_name = "URL", requires = "external")]
+    external_failover: Vec<String>,
     /// A NATS JetStream server of the cluster whose stream ingest reads (external.jetstream);
     /// repeat it for each node.
     #[arg(long, value_name = "URL", requires = "external")]
@@ -229,6 +233,9 @@ impl ServeArgs {
         }
         if let Some(group) = &self.external_share_group {
             config.external.share_group = group.clone();
+        }
+        if !self.external_failover.is_empty() {
+            config.external.failover = self.external_failover.clone();
         }
         if !self.external_jetstream.is_empty() {
             config.external.jetstream = self.external_jetstream.clone();

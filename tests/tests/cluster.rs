@@ -8,6 +8,13 @@
 //! - [`clients_on_the_surviving_nodes_keep_working_when_a_node_is_killed`]: SIGKILL of one
 //!   node; agents and dashboards on the other two exchange messages again, and the node
 //!   rejoins.
+//! - a `renkei-broker` in external mode reads the JetStream stream, receipts only what it
+//!   recorded, and, through the kill of the node it was connected to, records every report
+//!   an agent sends until receipted, once
+//!   ([`an_instance_records_from_the_replicated_stream_and_receipts_after_the_commit`]).
+//!
+//! The tests run one at a time: each runs three nodes, whose elections slow down on a busy
+//! machine.
 
 #![allow(clippy::unwrap_used)]
 
@@ -58,12 +65,16 @@ fn cluster_with_users() -> Result<Option<(NatsCluster, TempDir)>> {
     Ok(Some((NatsCluster::start(&block), dir)))
 }
 
+/// One cluster at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn cluster() -> Result<Option<NatsCluster>> {
     Ok(cluster_with_users()?.map(|(cluster, _)| cluster))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clusters_permissions_keep_each_login_in_its_tree() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(cluster) = cluster()? else {
         return Ok(());
     };
@@ -162,6 +173,7 @@ async fn the_clusters_permissions_keep_each_login_in_its_tree() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_on_the_surviving_nodes_keep_working_when_a_node_is_killed() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some(mut cluster) = cluster()? else {
         return Ok(());
     };
@@ -172,7 +184,7 @@ async fn clients_on_the_surviving_nodes_keep_working_when_a_node_is_killed() -> 
     // leaders of its replicated streams off the dead node meanwhile; until it has, a node may
     // refuse a QoS 1 subscription or drop a connection, and the clients connect again.
     let mut round = 0u64;
-    let back = eventually_within(Duration::from_secs(60), "MQTT across the survivors", || {
+    let back = eventually_within(Duration::from_secs(90), "MQTT across the survivors", || {
         round += 1;
         let seq = round;
         async move {
@@ -229,19 +241,28 @@ fn recorded(data_dir: &Path) -> Result<Vec<(i64, i64)>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_records_from_the_replicated_stream_and_receipts_after_the_commit() -> Result<()>
 {
+    let _one = ONE_AT_A_TIME.lock().await;
     let Some((mut cluster, dir)) = cluster_with_users()? else {
         return Ok(());
     };
     let password = dir.path().join("cluster.password");
     std::fs::write(&password, format!("{PASSWORD}\n"))?;
-    let mqtt = format!("mqtt://{}", cluster.nodes[0].mqtt());
-    let (js_b, js_c) = (cluster.nodes[1].nats_url(), cluster.nodes[2].nats_url());
+    let mqtt: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("mqtt://{}", n.mqtt()))
+        .collect();
+    let nats: Vec<String> = cluster.nodes.iter().map(|n| n.nats_url()).collect();
     let password = password.to_str().context("utf-8 path")?.to_owned();
     let broker = renkei_testkit::BrokerProcess::start_in(
         dir,
         &[
             "--external",
-            &mqtt,
+            &mqtt[0],
+            "--external-failover",
+            &mqtt[1],
+            "--external-failover",
+            &mqtt[2],
             "--external-user",
             "root",
             "--external-password-file",
@@ -249,9 +270,11 @@ async fn an_instance_records_from_the_replicated_stream_and_receipts_after_the_c
             "--external-client-id",
             "renkei-hq-1",
             "--external-jetstream",
-            &js_b,
+            &nats[0],
             "--external-jetstream",
-            &js_c,
+            &nats[1],
+            "--external-jetstream",
+            &nats[2],
         ],
     );
     let data = broker.data_dir();
@@ -295,18 +318,19 @@ async fn an_instance_records_from_the_replicated_stream_and_receipts_after_the_c
         );
     }
 
-    // A node the instance reads the stream through dies (its MQTT connection, on the first
-    // node, stays). The agent sends each report until it is receipted (as `renkei-agent`
-    // does), from whichever node answers; every report is recorded, once.
-    cluster.kill9(1);
-    let nodes = [cluster.nodes[0].mqtt(), cluster.nodes[2].mqtt()];
+    // The node the instance publishes through dies: its MQTT session moves to the next node
+    // it knows, its stream reader to another server. The agent sends each report until it is
+    // receipted (as `renkei-agent` does), from whichever node answers; every report is
+    // recorded, once.
+    cluster.kill9(0);
+    let nodes = [cluster.nodes[1].mqtt(), cluster.nodes[2].mqtt()];
     let started = Instant::now();
     for n in 0..10u64 {
         let mut status = renkei_shared::sample::status();
         status.header.seq = 100 + n;
         let key = (i64::from(status.header.boot), status.header.seq as i64);
         sent.push(key);
-        eventually_within(Duration::from_secs(60), "the report receipted", || {
+        eventually_within(Duration::from_secs(90), "the report receipted", || {
             let status = status.clone();
             let receipts = receipts.clone();
             async move {
