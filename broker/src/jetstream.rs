@@ -93,6 +93,10 @@ impl std::fmt::Debug for Settle {
 pub struct JetStreamSource {
     pull: JoinHandle<()>,
     settle: JoinHandle<()>,
+    /// The cluster's JetStream, for the rules' lease ([`crate::leadership`]).
+    pub js: jetstream::Context,
+    /// The rules' lease, when this instance seeks it.
+    pub leadership: Option<crate::leadership::Leadership>,
 }
 
 impl JetStreamSource {
@@ -129,6 +133,7 @@ impl JetStreamSource {
                 reason: e.to_string(),
             })?;
         let js = jetstream::new(client);
+        let context = js.clone();
         let stream_err = |reason: String| JetStreamError::Stream {
             stream: config.stream.clone(),
             reason,
@@ -205,11 +210,23 @@ impl JetStreamSource {
                 }
             }
         });
-        Ok((JetStreamSource { pull, settle }, rx, settle_tx))
+        Ok((
+            JetStreamSource {
+                pull,
+                settle,
+                js: context,
+                leadership: None,
+            },
+            rx,
+            settle_tx,
+        ))
     }
 
     /// Stops reading (what was taken and not acknowledged comes again).
     pub fn stop(self) {
+        if let Some(leadership) = self.leadership {
+            leadership.stop();
+        }
         self.pull.abort();
         self.settle.abort();
     }

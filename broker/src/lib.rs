@@ -34,6 +34,8 @@
 //!   and ingest, the mirror and the rules speak to it as an MQTT client;
 //! - [`cluster_acl`]: Renkei's users and roles as a NATS cluster's `authorization` block;
 //! - [`skew`]: what the live state takes from a sender's clock;
+//! - [`jetstream`] and [`leadership`]: HQ on a NATS JetStream cluster: ingest from its
+//!   replicated stream, and the lease that says which instance runs the rules;
 //! - [`rules`]: alerts raised and cleared from the live state, published through MQTT so that
 //!   they take the same path as every other message;
 //! - [`http`]: the axum routes (`router(AppState)`), with the state API in [`http::api`];
@@ -52,6 +54,7 @@ pub mod external;
 pub mod http;
 pub mod ingest;
 pub mod jetstream;
+pub mod leadership;
 pub mod live;
 pub mod metrics;
 pub mod mqtt;
@@ -342,6 +345,25 @@ impl Broker {
         }
         // The rules start from the restored state (its alerts included), so what they already
         // raised is not raised again; what they publish reaches ingest like any message.
+        // On a cluster read by several instances, the rules run on the one holding the lease,
+        // and each names its alerts by its own client id, so that two leaders in turn never
+        // reuse each other's `(origin, boot, seq)`.
+        let mut leading = None;
+        let mut node = rules::node_name(config.upstream.broker.as_ref().and(config.upstream.ward));
+        if config.rules.enabled
+            && let Source::External(_, Some(stream)) = &mut source
+        {
+            let leadership = leadership::Leadership::start(
+                stream.js.clone(),
+                config.external.client_id.clone(),
+                config.external.stream_replicas,
+            )
+            .await
+            .map_err(|e| Error::Rules(std::io::Error::other(e)))?;
+            leading = Some(leadership.leading.clone());
+            stream.leadership = Some(leadership);
+            node = config.external.client_id.clone();
+        }
         let rules = if config.rules.enabled {
             let setup = rules::Setup {
                 config: config.rules.clone(),
@@ -349,12 +371,11 @@ impl Broker {
                 publisher,
                 metrics: metrics.clone(),
                 boot,
-                node: renkei_shared::Id::new(rules::node_name(
-                    config.upstream.broker.as_ref().and(config.upstream.ward),
-                ))
-                .map_err(|e| Error::Rules(std::io::Error::other(e.to_string())))?,
+                node: renkei_shared::Id::new(node)
+                    .map_err(|e| Error::Rules(std::io::Error::other(e.to_string())))?,
                 started_at: clock.now(),
                 clock: clock.clone(),
+                leading,
             };
             Some(Rules::start(setup, triggered).map_err(Error::Rules)?)
         } else {

@@ -84,6 +84,8 @@ pub struct Metrics {
     pub uplink: UplinkMetrics,
     /// At HQ: the ward brokers' relays.
     pub relays: crate::relays::Relays,
+    /// 1 while this instance runs the rules (always, unless several share a cluster).
+    pub rules_leader: AtomicU64,
 }
 
 /// Ward mode: how the uplink to HQ stands (see [`crate::uplink`]).
@@ -483,7 +485,7 @@ impl Metrics {
             );
         }
 
-        let gauges: [(&str, &str, &str, u64); 25] = [
+        let gauges: [(&str, &str, &str, u64); 26] = [
             (
                 "renkei_recorder_queue",
                 "gauge",
@@ -627,6 +629,12 @@ impl Metrics {
                 "gauge",
                 "Ward mode: 1 while HQ's broker takes records that HQ does not store (connected, forwarding nothing).",
                 load(&self.uplink.stalled),
+            ),
+            (
+                "renkei_rules_leader",
+                "gauge",
+                "1 while this instance runs the rules (on a cluster, the one holding the lease).",
+                load(&self.rules_leader),
             ),
             (
                 "renkei_uplink_last_receipt_ms",

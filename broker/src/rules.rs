@@ -395,6 +395,9 @@ pub struct Setup {
     pub started_at: Timestamp,
     /// What "now" is when the rules look.
     pub clock: Clock,
+    /// Set when several instances share a cluster: the rules run only while it is true
+    /// ([`crate::leadership`]). `None`: always.
+    pub leading: Option<Arc<AtomicBool>>,
 }
 
 impl Rules {
@@ -424,7 +427,13 @@ impl Rules {
             published,
             trigger,
             stop: stop.clone(),
+            led: setup.leading.is_none(),
+            leading: setup.leading,
         };
+        engine
+            .metrics
+            .rules_leader
+            .store(u64::from(engine.led), Ordering::Relaxed);
         let thread = std::thread::Builder::new()
             .name("renkei-rules".into())
             .spawn(move || engine.run())?;
@@ -472,6 +481,9 @@ struct Engine {
     published: HashMap<(Mode, Id), (Timestamp, Alert)>,
     trigger: Receiver<()>,
     stop: Arc<AtomicBool>,
+    leading: Option<Arc<AtomicBool>>,
+    /// Whether it ran the rules at its last look.
+    led: bool,
 }
 
 impl Engine {
@@ -479,7 +491,14 @@ impl Engine {
         let mut next_tick = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
             let now = Instant::now();
-            if now >= next_tick {
+            // Taking the rules over is looked at every STOP_POLL: the new leader runs them
+            // at once, not at its next tick.
+            let taking_over = !self.led
+                && self
+                    .leading
+                    .as_ref()
+                    .is_some_and(|flag| flag.load(Ordering::Acquire));
+            if now >= next_tick || taking_over {
                 self.evaluate();
                 next_tick = now + self.every;
                 continue;
@@ -499,7 +518,31 @@ impl Engine {
         }
     }
 
+    /// Whether this instance runs the rules now. On taking them over, what was already
+    /// published (by the previous leader, recorded since) is read again from the live state,
+    /// so that nothing is announced twice.
+    fn leads(&mut self) -> bool {
+        let Some(flag) = &self.leading else {
+            return true;
+        };
+        let leads = flag.load(Ordering::Acquire);
+        if leads && !self.led {
+            let state = self.live.read().unwrap_or_else(PoisonError::into_inner);
+            self.published = published_in(&state);
+        }
+        if leads != self.led {
+            self.metrics
+                .rules_leader
+                .store(u64::from(leads), Ordering::Relaxed);
+        }
+        self.led = leads;
+        leads
+    }
+
     fn evaluate(&mut self) {
+        if !self.leads() {
+            return;
+        }
         let now = self.clock.now();
         let wanted: Vec<(Mode, BTreeMap<Id, Alert>)> = {
             let state = self.live.read().unwrap_or_else(PoisonError::into_inner);

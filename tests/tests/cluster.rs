@@ -25,7 +25,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use renkei_testkit::mqtt::login_options;
 use renkei_testkit::nats::NatsCluster;
-use renkei_testkit::{MqttClient, PASSWORD, USER_ROLES, add_user, eventually_within, with_users};
+use renkei_testkit::{
+    BrokerProcess, MqttClient, PASSWORD, ROOT, USER_ROLES, add_user, eventually_within, metric,
+    scrape, with_users,
+};
 use rumqttc::{ConnectReturnCode, QoS, SubscribeReasonCode};
 use tempfile::TempDir;
 
@@ -227,6 +230,34 @@ async fn clients_on_the_surviving_nodes_keep_working_when_a_node_is_killed() -> 
     Ok(())
 }
 
+/// A `renkei-broker` in external mode on the cluster, reading its stream, logged in as the
+/// kit's admin, connected to the first node and knowing the others.
+fn instance(cluster: &NatsCluster, dir: TempDir, id: &str) -> Result<BrokerProcess> {
+    let password = dir.path().join("cluster.password");
+    std::fs::write(&password, format!("{PASSWORD}\n"))?;
+    let password = password.to_str().context("utf-8 path")?.to_owned();
+    let mut args: Vec<String> = vec![
+        "--external".into(),
+        format!("mqtt://{}", cluster.nodes[0].mqtt()),
+        "--external-user".into(),
+        "root".into(),
+        "--external-password-file".into(),
+        password,
+        "--external-client-id".into(),
+        id.into(),
+    ];
+    for node in &cluster.nodes[1..] {
+        args.push("--external-failover".into());
+        args.push(format!("mqtt://{}", node.mqtt()));
+    }
+    for node in &cluster.nodes {
+        args.push("--external-jetstream".into());
+        args.push(node.nats_url());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Ok(BrokerProcess::start_in(dir, &args))
+}
+
 /// The `(boot, seq)` of the sample site's messages in the record in `data_dir`, each once.
 fn recorded(data_dir: &Path) -> Result<Vec<(i64, i64)>> {
     let conn = renkei_tests::open_record(data_dir)?;
@@ -245,38 +276,7 @@ async fn an_instance_records_from_the_replicated_stream_and_receipts_after_the_c
     let Some((mut cluster, dir)) = cluster_with_users()? else {
         return Ok(());
     };
-    let password = dir.path().join("cluster.password");
-    std::fs::write(&password, format!("{PASSWORD}\n"))?;
-    let mqtt: Vec<String> = cluster
-        .nodes
-        .iter()
-        .map(|n| format!("mqtt://{}", n.mqtt()))
-        .collect();
-    let nats: Vec<String> = cluster.nodes.iter().map(|n| n.nats_url()).collect();
-    let password = password.to_str().context("utf-8 path")?.to_owned();
-    let broker = renkei_testkit::BrokerProcess::start_in(
-        dir,
-        &[
-            "--external",
-            &mqtt[0],
-            "--external-failover",
-            &mqtt[1],
-            "--external-failover",
-            &mqtt[2],
-            "--external-user",
-            "root",
-            "--external-password-file",
-            &password,
-            "--external-client-id",
-            "renkei-hq-1",
-            "--external-jetstream",
-            &nats[0],
-            "--external-jetstream",
-            &nats[1],
-            "--external-jetstream",
-            &nats[2],
-        ],
-    );
+    let broker = instance(&cluster, dir, "renkei-hq-1")?;
     let data = broker.data_dir();
 
     // An agent on the third node: its reports are recorded from the stream, and receipted.
@@ -383,5 +383,51 @@ async fn an_instance_records_from_the_replicated_stream_and_receipts_after_the_c
          one by one across a node kill in {through_kill:?}",
         sent.len()
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rules_run_on_one_instance_and_move_within_ten_seconds_when_it_dies() -> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some((cluster, dir)) = cluster_with_users()? else {
+        return Ok(());
+    };
+    // The second instance's own directory, with the same users.
+    let (other_dir, _) = authorization()?;
+    let a = instance(&cluster, dir, "renkei-hq-a")?;
+    let b = instance(&cluster, other_dir, "renkei-hq-b")?;
+    let leader = |text: &str| metric(text, "renkei_rules_leader");
+    let (first, second) = eventually_within(Duration::from_secs(30), "one leader", || async {
+        let (ta, tb) = (
+            scrape(a.addrs.http, ROOT).await,
+            scrape(b.addrs.http, ROOT).await,
+        );
+        match (leader(&ta), leader(&tb)) {
+            (Some(1), Some(0)) => Some(("a", "b")),
+            (Some(0), Some(1)) => Some(("b", "a")),
+            _ => None,
+        }
+    })
+    .await?;
+    // Both stay as they are: one leader, not two.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (ta, tb) = (
+        scrape(a.addrs.http, ROOT).await,
+        scrape(b.addrs.http, ROOT).await,
+    );
+    ensure!(
+        leader(&ta).unwrap_or(0) + leader(&tb).unwrap_or(0) == 1,
+        "two leaders, or none:\n{ta}\n{tb}"
+    );
+    let (dead, survivor) = if first == "a" { (a, b) } else { (b, a) };
+    let _dir = dead.kill9_keeping_dir();
+    let killed = Instant::now();
+    let took_over = eventually_within(Duration::from_secs(10), "the rules moved", || async {
+        let text = scrape(survivor.addrs.http, ROOT).await;
+        (leader(&text) == Some(1)).then(|| killed.elapsed())
+    })
+    .await
+    .with_context(|| survivor.log())?;
+    eprintln!("rules: {first} led; killed, {second} took over {took_over:?} after");
     Ok(())
 }
