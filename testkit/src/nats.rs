@@ -94,11 +94,26 @@ impl NatsCluster {
 
     /// Starts three nodes whose config ends with `authorization` (a NATS `authorization { … }`
     /// block, e.g. from `renkei-broker cluster-acl`), and waits until every node is healthy.
+    ///
+    /// Fifteen free ports are picked and then bound by the nodes: another test may take one
+    /// in between, and the node that finds it taken exits. The cluster is then started again
+    /// on fresh ports, up to three times.
     pub fn start(authorization: &str) -> NatsCluster {
         assert!(
             NatsCluster::installed(),
             "{NATS_SERVER} is not installed (apt-get install nats-server)"
         );
+        let mut last = String::new();
+        for _ in 0..3 {
+            match NatsCluster::try_start(authorization) {
+                Ok(cluster) => return cluster,
+                Err(why) => last = why,
+            }
+        }
+        panic!("the NATS cluster did not start:\n{last}");
+    }
+
+    fn try_start(authorization: &str) -> Result<NatsCluster, String> {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<NatsPorts> = (0..3)
             .map(|_| NatsPorts {
@@ -145,30 +160,45 @@ impl NatsCluster {
             node.spawn();
             nodes.push(node);
         }
-        let cluster = NatsCluster { nodes, _dir: dir };
+        let mut cluster = NatsCluster { nodes, _dir: dir };
         for i in 0..3 {
-            cluster.wait_healthy(i);
+            cluster.healthy_within(i, PATIENCE)?;
         }
-        cluster
+        Ok(cluster)
     }
 
     /// Waits until node `i` listens for MQTT and says it is healthy.
-    pub fn wait_healthy(&self, i: usize) {
-        let node = &self.nodes[i];
-        assert!(
-            wait_listening(node.ports.mqtt, PATIENCE),
-            "{} did not listen for MQTT:\n{}",
-            node.name,
-            node.log()
-        );
-        let deadline = Instant::now() + PATIENCE;
-        while !node.healthy() {
-            assert!(
-                Instant::now() < deadline,
-                "{} not healthy within {PATIENCE:?}:\n{}",
-                node.name,
-                node.log()
-            );
+    pub fn wait_healthy(&mut self, i: usize) {
+        if let Err(why) = self.healthy_within(i, PATIENCE) {
+            panic!("{why}");
+        }
+    }
+
+    /// Node `i` healthy within `within`, or why not (its log); a node that exited says so at
+    /// once.
+    fn healthy_within(&mut self, i: usize, within: Duration) -> Result<(), String> {
+        let node = &mut self.nodes[i];
+        let deadline = Instant::now() + within;
+        loop {
+            if node.healthy() && wait_listening(node.ports.mqtt, Duration::from_millis(100)) {
+                return Ok(());
+            }
+            let exited = node
+                .process
+                .as_mut()
+                .is_some_and(|p| p.child.try_wait().ok().flatten().is_some());
+            if exited || Instant::now() >= deadline {
+                return Err(format!(
+                    "{} {} :\n{}",
+                    node.name,
+                    if exited {
+                        "exited"
+                    } else {
+                        "not healthy in time"
+                    },
+                    node.log()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
