@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 
 use renkei_link::delivery::{Delivery, Order, Want};
 use renkei_link::driver::{Driver, DriverOptions, LinkEvent, PublishError, Silent};
+use renkei_link::recent::Recent;
 use renkei_link::{Confirm, Credentials, LinkOptions, Outgoing};
 use renkei_shared::receipt::{parse_receipt_topic, receipt_ward_filter};
 use renkei_shared::url::BrokerUrl;
@@ -179,7 +180,7 @@ impl Uplink {
             committed,
             down: Arc::new(Mutex::new(down)),
             ward,
-            seen_down: Seen::new(DOWN_SEEN),
+            seen_down: Recent::new(DOWN_SEEN),
             stop: stop.clone(),
             metrics,
             saved: cursor,
@@ -361,7 +362,7 @@ struct Forwarder {
     /// This broker's own link: what comes down is published here.
     down: Arc<Mutex<Publisher>>,
     ward: WardCode,
-    seen_down: Seen,
+    seen_down: Recent<(String, u32, u64)>,
     stop: Arc<Notify>,
     metrics: Arc<Metrics>,
     saved: i64,
@@ -505,7 +506,7 @@ impl Forwarder {
                     env.header.boot,
                     env.header.seq,
                 );
-                if !self.seen_down.insert(key) {
+                if !self.seen_down.first_time(&key) {
                     self.metrics
                         .uplink
                         .down_repeated
@@ -702,38 +703,6 @@ impl Forwarder {
                 None
             }
         }
-    }
-}
-
-/// The last `capacity` keys seen, in a set.
-struct Seen {
-    capacity: usize,
-    order: std::collections::VecDeque<(String, u32, u64)>,
-    set: HashSet<(String, u32, u64)>,
-}
-
-impl Seen {
-    fn new(capacity: usize) -> Seen {
-        Seen {
-            capacity,
-            order: std::collections::VecDeque::new(),
-            set: HashSet::new(),
-        }
-    }
-
-    /// False if `key` is among the last seen.
-    fn insert(&mut self, key: (String, u32, u64)) -> bool {
-        if self.set.contains(&key) {
-            return false;
-        }
-        if self.order.len() >= self.capacity
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
-        }
-        self.order.push_back(key.clone());
-        self.set.insert(key);
-        true
     }
 }
 

@@ -449,7 +449,7 @@ pub async fn run_daemon(
         heartbeats_dropped: 0,
         heartbeat_refused: false,
         last_error: None,
-        answered: Answered::default(),
+        answered: crate::link::answered(),
     };
     let mut ticker = timer(Instant::now(), daemon.options.interval);
     let mut poll = timer(Instant::now(), POLL);

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::driver::{Driver, DriverOptions, LinkEvent};
-use super::{Answered, LinkError, LinkOptions, command_of, timer};
+use super::{LinkError, LinkOptions, command_of, timer};
 use crate::lifecycle::Lifecycle;
 use crate::report::Site;
 
@@ -33,7 +33,7 @@ pub async fn run_site<S: Site>(
     };
     let mut link: Driver<Lifecycle> = Driver::spawn(&options, driver_options, lifecycle);
     let mut ticker = timer(Instant::now(), interval);
-    let mut answered = Answered::default();
+    let mut answered = super::answered();
 
     loop {
         if *shutdown.borrow() {

@@ -16,8 +16,6 @@ pub use renkei_link::{
     KEEP_ALIVE, LinkError, LinkOptions, LinkState, connection_hint, delivery, driver, timer,
 };
 
-use std::collections::{HashSet, VecDeque};
-
 use renkei_shared::{Body, Command, CommandOutcome, CommandResult, Id, Mode, Timestamp, topic};
 use tracing::{debug, info, warn};
 
@@ -43,27 +41,11 @@ const ANSWERED: usize = 256;
 /// The commands this site answered since it started, so that one delivered twice (QoS 1 is
 /// at least once, and a site that fails over to HQ meets it again in its session there) is
 /// carried out and answered once.
-#[derive(Debug, Default)]
-pub(crate) struct Answered {
-    order: VecDeque<Id>,
-    set: HashSet<Id>,
-}
+pub(crate) type Answered = renkei_link::recent::Recent<Id>;
 
-impl Answered {
-    /// False if `id` was answered already.
-    fn first_time(&mut self, id: &Id) -> bool {
-        if self.set.contains(id) {
-            return false;
-        }
-        if self.order.len() >= ANSWERED
-            && let Some(old) = self.order.pop_front()
-        {
-            self.set.remove(&old);
-        }
-        self.order.push_back(id.clone());
-        self.set.insert(id.clone());
-        true
-    }
+/// A site's [`Answered`], remembering the last [`ANSWERED`] commands.
+pub(crate) fn answered() -> Answered {
+    Answered::new(ANSWERED)
 }
 
 /// The command in a publish from the broker, if it is a valid command from HQ for `site`
@@ -133,7 +115,7 @@ mod tests {
     #[test]
     fn a_command_is_carried_out_once_and_an_old_one_only_answered() {
         let site = sample::site();
-        let mut answered = Answered::default();
+        let mut answered = answered();
         let command = sample::command();
         let sent = command.header.sent_at;
         let got = command_of(&publish(&command), &site, &mut answered, sent).unwrap();
@@ -157,7 +139,7 @@ mod tests {
 
     #[test]
     fn a_command_for_another_site_or_a_non_command_is_dropped() {
-        let mut answered = Answered::default();
+        let mut answered = answered();
         let command = sample::command();
         let other = renkei_shared::SiteRef {
             ward: renkei_shared::WardCode(131041),

@@ -6,6 +6,7 @@
 //! - [`delivery`]: the sans-IO delivery core: which stored records go out, in which order and
 //!   at which pace, and when one may leave the store (the next hop's PUBACK or its receipt);
 //! - [`tls`]: `mqtts://` brokers, trusted through a CA file only;
+//! - [`recent`]: the last few keys seen, to pass over a repeat;
 //! - here: how to reach a broker ([`LinkOptions`]), the link's states and errors, a message's
 //!   [`Key`], and the framing of an envelope onto its topic ([`frame`]).
 //!
@@ -14,6 +15,7 @@
 
 pub mod delivery;
 pub mod driver;
+pub mod recent;
 pub mod tls;
 
 use std::fmt;
