@@ -2,6 +2,7 @@
 //! (for integrators catching up). Each request opens its own read connection on a blocking
 //! thread; WAL mode lets it read while the recorder writes.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use renkei_shared::{Id, Origin, SiteRef, WardCode};
@@ -207,18 +208,26 @@ pub fn commands(
             Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
+    // A command id names one command of one target; the first answer counts. By key, so that
+    // a site sending many answers costs one lookup each.
+    let by_key: HashMap<(SiteRef, Id), usize> = commands
+        .iter()
+        .enumerate()
+        .map(|(i, (_, v))| ((v.target.clone(), v.command_id.clone()), i))
+        .collect();
     for (received_at, payload) in answers {
         let Ok(env) = renkei_shared::decode(&payload) else {
             continue;
         };
-        let (Origin::Site(site), Body::CommandResult(result)) = (&env.header.origin, &env.body)
+        let (Origin::Site(site), Body::CommandResult(result)) = (env.header.origin, env.body)
         else {
             continue;
         };
-        // A command id names one command of one target; the first answer counts.
-        let Some((_, view)) = commands.iter_mut().find(|(_, v)| {
-            v.answered_at.is_none() && v.command_id == result.command_id && &v.target == site
-        }) else {
+        let Some((_, view)) = by_key
+            .get(&(site, result.command_id))
+            .and_then(|i| commands.get_mut(*i))
+            .filter(|(_, v)| v.answered_at.is_none())
+        else {
             continue;
         };
         view.answered_at = Some(received_at);
