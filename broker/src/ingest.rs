@@ -160,15 +160,7 @@ impl Ingest {
                 }
             };
             while !stop.load(Ordering::Relaxed) {
-                let next = if unacked.is_empty() {
-                    incoming.recv_timeout(STOP_POLL)
-                } else {
-                    incoming.try_recv().map_err(|e| match e {
-                        TryRecvError::Empty => RecvTimeoutError::Timeout,
-                        TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
-                    })
-                };
-                let message = match next {
+                let message = match next(&incoming, !unacked.is_empty()) {
                     Ok(message) => message,
                     Err(RecvTimeoutError::Timeout) => {
                         handed_on(&mut pipeline, &mut unacked);
@@ -209,15 +201,7 @@ impl Ingest {
             let mut pipeline = Pipeline::new(setup, Publisher::External(client));
             let mut settling = Settling::new(progress, settle);
             while !stop.load(Ordering::Relaxed) {
-                let next = if settling.handled.is_empty() {
-                    incoming.recv_timeout(STOP_POLL)
-                } else {
-                    incoming.try_recv().map_err(|e| match e {
-                        TryRecvError::Empty => RecvTimeoutError::Timeout,
-                        TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
-                    })
-                };
-                let message = match next {
+                let message = match next(&incoming, !settling.handled.is_empty()) {
                     Ok(message) => message,
                     Err(RecvTimeoutError::Timeout) => {
                         settling.handed_on(&mut pipeline);
@@ -556,6 +540,19 @@ impl LogLimiter {
             w.suppressed += 1;
             None
         }
+    }
+}
+
+/// The next message of an external source. With messages handled and not yet handed on
+/// (`holding`), it does not wait: a `Timeout` then says to hand them on now.
+fn next<T>(incoming: &std::sync::mpsc::Receiver<T>, holding: bool) -> Result<T, RecvTimeoutError> {
+    if holding {
+        incoming.try_recv().map_err(|e| match e {
+            TryRecvError::Empty => RecvTimeoutError::Timeout,
+            TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+        })
+    } else {
+        incoming.recv_timeout(STOP_POLL)
     }
 }
 
