@@ -58,14 +58,17 @@ pub fn set_cluster_hash(conn: &Connection, name: &str, password: &str) -> Result
 
 /// Every user with its cluster hash, if it has one.
 fn users_with_hashes(conn: &Connection) -> Result<Vec<(User, Option<String>)>, UserError> {
-    let users = crate::auth::list_users(conn)?;
-    let mut stmt = conn.prepare("SELECT cluster_hash FROM users WHERE name = ?1")?;
-    let mut out = Vec::with_capacity(users.len());
-    for user in users {
-        let hash: Option<String> = stmt.query_row([&user.name], |r| r.get(0))?;
-        out.push((user, hash));
-    }
-    Ok(out)
+    let mut hashes: std::collections::HashMap<String, Option<String>> = conn
+        .prepare("SELECT name, cluster_hash FROM users")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(crate::auth::list_users(conn)?
+        .into_iter()
+        .map(|user| {
+            let hash = hashes.remove(&user.name).flatten();
+            (user, hash)
+        })
+        .collect())
 }
 
 /// The NATS `authorization { users = [...] }` block for every user.
