@@ -17,7 +17,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use renkei_broker::config::RecorderConfig;
 use renkei_broker::db;
 use renkei_broker::metrics::Metrics;
-use renkei_broker::recorder::{HANDOFF_RECORDS, Record, Recorder};
+use renkei_broker::recorder::{Archive, HANDOFF_RECORDS, Record, Recorder};
 use renkei_shared::{Envelope, Id, Origin, SiteRef, Topic, WARDS, encode, sample};
 
 const SITES: usize = 2_000;
@@ -49,8 +49,12 @@ fn messages() -> Vec<(Topic, Envelope, Vec<u8>)> {
 fn recorder(messages: &[(Topic, Envelope, Vec<u8>)]) -> Duration {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = RecorderConfig::default();
-    let recorder =
-        Recorder::start(dir.path(), config, Arc::new(Metrics::new())).expect("recorder starts");
+    let recorder = Recorder::start(
+        &Archive::Sqlite(dir.path().to_path_buf()),
+        config,
+        Arc::new(Metrics::new()),
+    )
+    .expect("recorder starts");
     let tx = recorder.tx().expect("recorder running");
     let mut records: Vec<Record> = messages
         .iter()

@@ -266,8 +266,15 @@ pub struct RecorderConfig {
     /// allows. Past it, or past `min_free`, batches are refused (counted; their senders keep
     /// them and send again); from 80 % of what the record may take an alarm is raised.
     pub max_bytes: ByteSize,
-    /// Free space the record leaves on its disk, for the system and the rest.
+    /// Free space the record leaves on its disk, for the system and the rest (SQLite only:
+    /// PostgreSQL's disk is its server's to watch).
     pub min_free: ByteSize,
+    /// Keep the record in this PostgreSQL database instead of SQLite, shared by every
+    /// instance of a clustered HQ (docs/scaling.md): a connection string,
+    /// `postgresql://user@host:port/db` or `host=… user=… dbname=…`. Users stay in SQLite.
+    pub postgres: Option<String>,
+    /// The PostgreSQL user's password, on the file's first line (kept out of the string).
+    pub postgres_password_file: Option<PathBuf>,
 }
 
 impl Default for RecorderConfig {
@@ -280,6 +287,8 @@ impl Default for RecorderConfig {
             receipt_rate: 500,
             max_bytes: ByteSize(0),
             min_free: ByteSize(64 * 1024 * 1024),
+            postgres: None,
+            postgres_password_file: None,
         }
     }
 }
@@ -615,10 +624,22 @@ impl Config {
                 format!("{:?} may not contain / + #", x.share_group),
             );
         }
+        if let Some(conninfo) = &self.recorder.postgres
+            && let Err(error) = crate::pg::parse(conninfo)
+        {
+            return invalid("recorder.postgres", error.to_string());
+        }
         let u = &self.upstream;
         if let Some(url) = &u.broker {
             if let Err(error) = renkei_shared::url::BrokerUrl::parse(url) {
                 return invalid("upstream.broker", error.to_string());
+            }
+            if self.recorder.postgres.is_some() {
+                return invalid(
+                    "upstream.broker",
+                    "ward mode forwards from its own SQLite record: recorder.postgres is set too"
+                        .into(),
+                );
             }
             if x.broker.is_some() {
                 return invalid(

@@ -628,6 +628,7 @@ impl Settling {
 
 #[cfg(test)]
 mod tests {
+    use crate::recorder::Archive;
     use renkei_shared::{Mode, encode, sample, topic};
     use rumqttd::Notification;
 
@@ -698,7 +699,12 @@ mod tests {
                 batch_time: crate::config::HumanDuration(Duration::from_millis(20)),
                 ..RecorderConfig::default()
             };
-            let recorder = Recorder::start(dir.path(), recorder, metrics.clone()).unwrap();
+            let recorder = Recorder::start(
+                &Archive::Sqlite(dir.path().to_path_buf()),
+                recorder,
+                metrics.clone(),
+            )
+            .unwrap();
             let state = LiveState::default();
             let setup = Setup {
                 state: state.clone(),
@@ -860,9 +866,12 @@ mod tests {
                     // Where the integrator resumes from: the last message it has.
                     let (_, since) = *got.last().unwrap();
                     let mut recovered = Vec::new();
-                    for event in
-                        events(harness.dir.path(), Since::Time(since.0), None, 5_000).unwrap()
-                    {
+                    let archive = Archive::Sqlite(harness.dir.path().to_path_buf());
+                    let read = events(&archive, Since::Time(since.0), None, 5_000);
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    for event in runtime.block_on(read).unwrap() {
                         let seq = event.envelope["header"]["seq"].as_u64().unwrap();
                         if !got.iter().any(|(s, _)| *s == seq) {
                             recovered.push((seq, Timestamp(event.received_at)));

@@ -58,6 +58,7 @@ pub mod leadership;
 pub mod live;
 pub mod metrics;
 pub mod mqtt;
+pub mod pg;
 pub mod publisher;
 pub mod receipts;
 pub mod recorder;
@@ -246,8 +247,10 @@ impl Broker {
                 source,
             })?
         };
-        let restored = recorder::restore(data_dir)?;
+        let archive = recorder::Archive::open(&config.recorder, data_dir).await?;
+        let restored = recorder::restore(&archive).await?;
         tracing::info!(
+            record = archive.name(),
             boot,
             messages = restored.messages,
             unreadable = restored.unreadable,
@@ -255,7 +258,7 @@ impl Broker {
             "state rebuilt from the database"
         );
         let live: LiveState = Arc::new(std::sync::RwLock::new(restored.state));
-        let recorder = Recorder::start(data_dir, config.recorder.clone(), metrics.clone())?;
+        let recorder = Recorder::start(&archive, config.recorder.clone(), metrics.clone())?;
         let clock = clock::system_clock();
         let (trigger, triggered) = Rules::trigger();
         let setup = ingest::Setup {
@@ -445,7 +448,7 @@ impl Broker {
             dashboard_dir: config.http.dashboard_dir.clone(),
             clock,
             auth: (!config.demo).then(|| auth.clone()),
-            data_dir: data_dir.clone(),
+            archive: archive.clone(),
             upstream_ward: config.upstream.broker.as_ref().and(config.upstream.ward),
         };
         Ok(Broker {

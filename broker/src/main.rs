@@ -167,6 +167,11 @@ struct ServeArgs {
     /// repeat it for each node.
     #[arg(long, value_name = "URL", requires = "external")]
     external_jetstream: Vec<String>,
+    /// Keep the record in this PostgreSQL database, shared by every instance of a clustered HQ
+    /// (recorder.postgres): postgresql://USER@HOST[:PORT]/DB, the password in
+    /// recorder.postgres_password_file.
+    #[arg(long, value_name = "CONNINFO")]
+    postgres: Option<String>,
     /// Ward mode (upstream.broker): mqtt://HOST[:PORT] or mqtts://HOST[:PORT] of HQ's broker;
     /// this broker serves one ward (--upstream-ward) and forwards its record to HQ.
     #[arg(long, value_name = "URL", requires = "upstream_ward")]
@@ -239,6 +244,9 @@ impl ServeArgs {
         }
         if !self.external_jetstream.is_empty() {
             config.external.jetstream = self.external_jetstream.clone();
+        }
+        if let Some(conninfo) = &self.postgres {
+            config.recorder.postgres = Some(conninfo.clone());
         }
         if let Some(url) = &self.upstream {
             config.upstream.broker = Some(url.clone());

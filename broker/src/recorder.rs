@@ -1,4 +1,6 @@
-//! The recorder: every message ingest accepted, and every payload it refused, into SQLite.
+//! The recorder: every message ingest accepted, and every payload it refused, into the record:
+//! SQLite in the data directory (the default), or a PostgreSQL database that every instance of
+//! a clustered HQ shares ([`Archive`], `crate::pg`).
 //!
 //! Ingest hands the outcomes to [`RecorderTx::send_all`], many at a time: a bounded channel to
 //! one thread that writes in batches (up to `recorder.batch_size` rows, or whatever arrived within
@@ -36,9 +38,9 @@ use renkei_shared::{Change, Envelope, Origin, SiteRef, State, Timestamp, Topic, 
 use rusqlite::{Connection, params};
 
 use crate::config::RecorderConfig;
-use crate::db;
 use crate::metrics::Metrics;
 use crate::receipts::SenderTx;
+use crate::{db, pg};
 
 /// Where receipts go once the MQTT side is up; empty until then (nothing is received before).
 type ReceiptSink = Arc<Mutex<Option<SenderTx>>>;
@@ -75,8 +77,133 @@ pub enum RecorderError {
     Db(#[from] db::DbError),
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Pg(#[from] pg::PgError),
+    #[error("PostgreSQL: {0}")]
+    PgWrite(#[from] postgres::Error),
     #[error("cannot start the recorder thread: {0}")]
     Thread(std::io::Error),
+}
+
+/// Where the record is kept.
+#[derive(Debug, Clone)]
+pub enum Archive {
+    /// `renkei.db` in this data directory (the embedded default).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database every instance of a clustered HQ shares (`recorder.postgres`).
+    Postgres {
+        // Boxed: a connection's settings are several times the size of a path.
+        config: Box<tokio_postgres::Config>,
+        /// The HTTP API's connections.
+        pool: pg::Pool,
+    },
+}
+
+impl Archive {
+    /// The record `recorder.postgres` names (its schema made or checked), or else the
+    /// SQLite file in `data_dir`.
+    pub async fn open(config: &RecorderConfig, data_dir: &Path) -> Result<Archive, RecorderError> {
+        let Some(conninfo) = &config.postgres else {
+            return Ok(Archive::Sqlite(data_dir.to_path_buf()));
+        };
+        let mut pg_config = pg::parse(conninfo)?;
+        if let Some(path) = &config.postgres_password_file {
+            let password = crate::config::read_password_file(path).map_err(|source| {
+                pg::PgError::Password {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
+            pg_config.password(password);
+        }
+        let config = pg_config;
+        pg::migrate(&config).await?;
+        let pool = pg::Pool::new(config.clone())?;
+        Ok(Archive::Postgres {
+            config: Box::new(config),
+            pool,
+        })
+    }
+
+    /// What the logs call it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Archive::Sqlite(_) => "SQLite",
+            Archive::Postgres { .. } => "PostgreSQL",
+        }
+    }
+}
+
+/// Where the writer writes.
+enum Store {
+    Sqlite {
+        conn: Connection,
+        /// `origins.id` by key, for every sender already in the table.
+        origins: HashMap<String, i64>,
+        path: PathBuf,
+    },
+    // Boxed: its client and settings are several times the size of SQLite's connection.
+    Postgres(Box<pg::Writer>),
+}
+
+impl Store {
+    fn open(archive: &Archive) -> Result<Store, RecorderError> {
+        Ok(match archive {
+            Archive::Sqlite(data_dir) => Store::Sqlite {
+                conn: db::open(data_dir)?,
+                origins: HashMap::new(),
+                path: db::path(data_dir),
+            },
+            Archive::Postgres { config, .. } => {
+                Store::Postgres(Box::new(pg::Writer::new(config.as_ref().clone())))
+            }
+        })
+    }
+
+    /// Writes one batch in one transaction; returns the rows new to `messages`.
+    fn write_batch(
+        &mut self,
+        batch: &[Record],
+        quarantine_rows: usize,
+    ) -> Result<usize, RecorderError> {
+        match self {
+            Store::Sqlite { conn, origins, .. } => {
+                let written = write_batch(conn, origins, batch, quarantine_rows);
+                if written.is_err() {
+                    // Senders first seen in the batch are not in the table after all.
+                    origins.clear();
+                }
+                Ok(written?)
+            }
+            Store::Postgres(writer) => Ok(writer.write_batch(batch, quarantine_rows)?),
+        }
+    }
+
+    /// The record's size (database and write-ahead log); `None` when it cannot be read now.
+    fn bytes(&mut self) -> Option<u64> {
+        match self {
+            Store::Sqlite { path, .. } => Some(
+                [path.clone(), path.with_extension("db-wal")]
+                    .iter()
+                    .filter_map(|p| std::fs::metadata(p).ok())
+                    .map(|m| m.len())
+                    .sum::<u64>(),
+            ),
+            Store::Postgres(writer) => writer.bytes(),
+        }
+    }
+
+    /// Free space on the record's disk, where that disk is this machine's.
+    fn free(&self) -> Option<u64> {
+        match self {
+            Store::Sqlite { path, .. } => path
+                .parent()
+                .and_then(|dir| rustix::fs::statvfs(dir).ok())
+                .map(|v| v.f_bavail.saturating_mul(v.f_frsize)),
+            // PostgreSQL's disk is its server's to watch.
+            Store::Postgres(_) => None,
+        }
+    }
 }
 
 /// Most records in one hand-off from ingest (see [`RecorderTx::send_all`]).
@@ -165,35 +292,31 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Opens the database and starts the writer thread.
+    /// Opens the record and starts the writer thread.
     pub fn start(
-        data_dir: &Path,
+        archive: &Archive,
         config: RecorderConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Recorder, RecorderError> {
-        let conn = db::open(data_dir)?;
+        let mut store = Store::open(archive)?;
         let handoffs = config.queue_capacity.div_ceil(HANDOFF_RECORDS).max(1);
         let (tx, rx) = std::sync::mpsc::sync_channel(handoffs);
         let queued = metrics.recorder_queue.clone();
         let receipts = ReceiptSink::default();
         let committed = Arc::new(tokio::sync::Notify::new());
-        let db_bytes = [
-            db::path(data_dir),
-            db::path(data_dir).with_extension("db-wal"),
-        ]
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum::<u64>();
+        // PostgreSQL's is read on the writer's thread (its blocking client must not run here,
+        // where an async runtime may be).
+        let db_bytes = match store {
+            Store::Sqlite { .. } => store.bytes().unwrap_or(0),
+            Store::Postgres(_) => 0,
+        };
         let progress = Arc::new(Progress::default());
         let writer = Writer {
             progress: progress.clone(),
             committed: committed.clone(),
             db_bytes,
             refusal_logged: None,
-            conn,
-            origins: HashMap::new(),
-            db_path: db::path(data_dir),
+            store,
             config,
             metrics,
             queued: queued.clone(),
@@ -241,10 +364,7 @@ impl Recorder {
 }
 
 struct Writer {
-    conn: Connection,
-    /// `origins.id` by key, for every sender already in the table.
-    origins: HashMap<String, i64>,
-    db_path: PathBuf,
+    store: Store,
     config: RecorderConfig,
     metrics: Arc<Metrics>,
     queued: Arc<AtomicI64>,
@@ -319,12 +439,7 @@ impl Writer {
             batch.clear();
             return false;
         }
-        let stored = match write_batch(
-            &mut self.conn,
-            &mut self.origins,
-            batch,
-            self.config.quarantine_rows,
-        ) {
+        let stored = match self.store.write_batch(batch, self.config.quarantine_rows) {
             Ok(inserted) => {
                 self.metrics.recorder_batch(rows, inserted);
                 self.send_receipts(batch);
@@ -334,21 +449,16 @@ impl Writer {
                 true
             }
             Err(e) => {
-                // Senders first seen in the batch are not in the table after all.
-                self.origins.clear();
                 self.metrics.recorder_failed(rows);
                 tracing::error!(error = %e, rows, "recorder: cannot write a batch");
                 false
             }
         };
         batch.clear();
-        let bytes = [self.db_path.clone(), self.db_path.with_extension("db-wal")]
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum::<u64>();
-        self.db_bytes = bytes;
-        self.metrics.recorder_db_bytes(bytes);
+        if let Some(bytes) = self.store.bytes() {
+            self.db_bytes = bytes;
+        }
+        self.metrics.recorder_db_bytes(self.db_bytes);
         tracing::trace!(rows, elapsed = ?started.elapsed(), "recorder batch");
         stored
     }
@@ -360,11 +470,7 @@ impl Writer {
     fn room(&mut self) -> Result<(), &'static str> {
         let max = self.config.max_bytes.0 as u64;
         let min_free = self.config.min_free.0 as u64;
-        let free = self
-            .db_path
-            .parent()
-            .and_then(|dir| rustix::fs::statvfs(dir).ok())
-            .map(|v| v.f_bavail.saturating_mul(v.f_frsize));
+        let free = self.store.free();
         // What the record may take in all: up to max_bytes, and no more than the disk gives.
         let by_disk = free.map(|f| self.db_bytes.saturating_add(f.saturating_sub(min_free)));
         let budget = match (max, by_disk) {
@@ -421,7 +527,7 @@ pub fn origin_key(origin: &Origin) -> String {
 }
 
 /// Appends [`origin_key`] to `out`.
-fn write_origin_key(out: &mut String, origin: &Origin) {
+pub(crate) fn write_origin_key(out: &mut String, origin: &Origin) {
     // Writing to a String cannot fail.
     let _ = match origin {
         Origin::Site(s) => write!(out, "site:{}/{}", s.ward, s.site),
@@ -547,26 +653,51 @@ pub struct Retained {
 }
 
 /// Replays every recorded message in received order through the reducer.
-pub fn restore(data_dir: &Path) -> Result<Restored, RecorderError> {
-    let conn = db::open(data_dir)?;
-    let mut restored = Restored::default();
-    let mut latest: HashMap<Topic, (u64, Retained)> = HashMap::new();
-    let mut stmt = conn.prepare("SELECT topic, payload, received_at FROM messages ORDER BY id")?;
-    let mut rows = stmt.query([])?;
-    let mut order = 0u64;
-    while let Some(row) = rows.next()? {
-        let topic: String = row.get(0)?;
-        let payload: Vec<u8> = row.get(1)?;
-        let received_at = Timestamp(row.get(2)?);
-        let (Ok(topic), Ok(envelope)) = (Topic::parse(&topic), decode(&payload)) else {
-            restored.unreadable += 1;
-            continue;
+pub async fn restore(archive: &Archive) -> Result<Restored, RecorderError> {
+    let mut replay = Replay::default();
+    match archive {
+        Archive::Sqlite(data_dir) => {
+            let conn = db::open(data_dir)?;
+            let mut stmt =
+                conn.prepare("SELECT topic, payload, received_at FROM messages ORDER BY id")?;
+            let mut rows = stmt.query([])?;
+            while let Some(row) = rows.next()? {
+                replay.add(&row.get::<_, String>(0)?, row.get(1)?, row.get(2)?);
+            }
+        }
+        Archive::Postgres { config, .. } => {
+            pg::replay(config, |topic, payload, received_at| {
+                replay.add(&topic, payload, received_at);
+            })
+            .await?;
+        }
+    }
+    Ok(replay.finish())
+}
+
+/// The restore's progress through the record.
+#[derive(Default)]
+struct Replay {
+    restored: Restored,
+    latest: HashMap<Topic, (u64, Retained)>,
+    order: u64,
+}
+
+impl Replay {
+    fn add(&mut self, topic: &str, payload: Vec<u8>, received_at: i64) {
+        let received_at = Timestamp(received_at);
+        let (Ok(topic), Ok(envelope)) = (Topic::parse(topic), decode(&payload)) else {
+            self.restored.unreadable += 1;
+            return;
         };
-        restored.messages += 1;
-        order += 1;
+        self.restored.messages += 1;
+        self.order += 1;
         // As ingest applied it.
         let adjusted = crate::skew::for_state(&envelope, received_at);
-        let change = restored.state.apply(adjusted.as_ref().unwrap_or(&envelope));
+        let change = self
+            .restored
+            .state
+            .apply(adjusted.as_ref().unwrap_or(&envelope));
         if topic.retained() && matches!(change, Change::Updated { .. }) {
             let retained = Retained {
                 topic: topic.clone(),
@@ -574,14 +705,17 @@ pub fn restore(data_dir: &Path) -> Result<Restored, RecorderError> {
                 payload,
                 received_at,
             };
-            latest.insert(topic, (order, retained));
+            self.latest.insert(topic, (self.order, retained));
         }
     }
-    let mut retained: Vec<_> = latest.into_iter().collect();
-    // Publish in the order they arrived, as the original publishers did.
-    retained.sort_by_key(|(_, (order, _))| *order);
-    restored.retained = retained.into_iter().map(|(_, (_, r))| r).collect();
-    Ok(restored)
+
+    fn finish(mut self) -> Restored {
+        let mut retained: Vec<_> = self.latest.into_iter().collect();
+        // Publish in the order they arrived, as the original publishers did.
+        retained.sort_by_key(|(_, (order, _))| *order);
+        self.restored.retained = retained.into_iter().map(|(_, (_, r))| r).collect();
+        self.restored
+    }
 }
 
 #[cfg(test)]
@@ -609,7 +743,12 @@ mod tests {
             max_bytes: crate::config::ByteSize(1),
             ..RecorderConfig::default()
         };
-        let recorder = Recorder::start(dir.path(), config, metrics.clone()).unwrap();
+        let recorder = Recorder::start(
+            &Archive::Sqlite(dir.path().to_path_buf()),
+            config,
+            metrics.clone(),
+        )
+        .unwrap();
         let tx = recorder.tx().unwrap();
         for env in sample::all() {
             assert!(tx.send(accepted(env)));
@@ -637,8 +776,12 @@ mod tests {
 
         // With room again (the budget raised), the same messages, sent again, are taken.
         let metrics = Arc::new(Metrics::new());
-        let recorder =
-            Recorder::start(dir.path(), RecorderConfig::default(), metrics.clone()).unwrap();
+        let recorder = Recorder::start(
+            &Archive::Sqlite(dir.path().to_path_buf()),
+            RecorderConfig::default(),
+            metrics.clone(),
+        )
+        .unwrap();
         let tx = recorder.tx().unwrap();
         for env in sample::all() {
             assert!(tx.send(accepted(env)));
@@ -663,7 +806,12 @@ mod tests {
             quarantine_rows: 3,
             ..RecorderConfig::default()
         };
-        let recorder = Recorder::start(dir.path(), config, metrics.clone()).unwrap();
+        let recorder = Recorder::start(
+            &Archive::Sqlite(dir.path().to_path_buf()),
+            config,
+            metrics.clone(),
+        )
+        .unwrap();
         let tx = recorder.tx().unwrap();
         for env in sample::all() {
             assert!(tx.send(accepted(env)));
@@ -709,7 +857,9 @@ mod tests {
                 .contains(&format!("renkei_recorder_rows_total {rows}"))
         );
 
-        let restored = restore(dir.path()).unwrap();
+        let restored =
+            futures::executor::block_on(restore(&Archive::Sqlite(dir.path().to_path_buf())))
+                .unwrap();
         assert_eq!(restored.messages, sample::all().len() as u64);
         let mut live = State::new();
         for env in sample::all() {

@@ -39,6 +39,7 @@ pub mod mqtt;
 pub mod nats;
 pub mod net;
 pub mod pki;
+pub mod postgres;
 pub mod process;
 pub mod wait;
 

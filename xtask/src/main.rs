@@ -31,6 +31,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("mosquitto", "/usr/sbin/mosquitto"),
     ("mosquitto-clients", "/usr/bin/mosquitto_sub"),
     ("nats-server", "/usr/sbin/nats-server"),
+    // The shared record of HQ on a cluster: the tests start throw-away servers with initdb.
+    ("postgresql", "/usr/lib/postgresql/15/bin/initdb"),
 ];
 
 #[derive(Parser)]

@@ -1,6 +1,7 @@
-//! Reads from the recorder's database: one site's history, and every event after a point
-//! (for integrators catching up). Each request opens its own read connection on a blocking
-//! thread; WAL mode lets it read while the recorder writes.
+//! Reads from the record: one site's history, every event after a point (for integrators
+//! catching up), and the latest commands with their answers. From SQLite, each request opens
+//! its own read connection on a blocking thread (WAL mode lets it read while the recorder
+//! writes); from PostgreSQL, it borrows one of the pool's.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,6 +10,134 @@ use renkei_shared::{Id, Origin, SiteRef, WardCode};
 use rusqlite::{Connection, OpenFlags, params};
 use serde::Serialize;
 use serde_json::Value;
+
+use crate::pg::PgError;
+use crate::recorder::Archive;
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error("database read failed: {0}")]
+    Blocking(#[from] tokio::task::JoinError),
+}
+
+/// One recorded message as the record holds it.
+struct Row {
+    id: i64,
+    received_at: i64,
+    topic: String,
+    payload: Vec<u8>,
+}
+
+/// What to read: the same four columns (id, received_at, topic, payload) every time.
+enum Read {
+    /// A backwards walk of one site's range of the `(origin_id, boot, seq)` key.
+    Site {
+        origin: String,
+        kind: Option<String>,
+        limit: u32,
+    },
+    /// Rows after an id and from a time, of one ward's sites or all.
+    After {
+        after_id: i64,
+        from_time: i64,
+        ward: Option<i64>,
+        limit: u32,
+    },
+    /// The latest commands, newest first.
+    Commands { limit: u32 },
+    /// The answers from a row id on, oldest first.
+    Answers { from_id: i64 },
+}
+
+impl Read {
+    /// The query, in SQLite's words and PostgreSQL's.
+    fn sql(&self) -> (&'static str, &'static str) {
+        match self {
+            Read::Site { .. } => (SITE_HISTORY, PG_SITE_HISTORY),
+            Read::After { .. } => (AFTER, PG_AFTER),
+            Read::Commands { .. } => (COMMANDS, PG_COMMANDS),
+            Read::Answers { .. } => (ANSWERS, PG_ANSWERS),
+        }
+    }
+}
+
+/// Runs `read` against the record.
+async fn rows(archive: &Archive, read: Read) -> Result<Vec<Row>, ReadError> {
+    match archive {
+        Archive::Sqlite(data_dir) => {
+            let data_dir = data_dir.clone();
+            tokio::task::spawn_blocking(move || sqlite_rows(&data_dir, &read)).await?
+        }
+        Archive::Postgres { pool, .. } => {
+            let sql = read.sql().1;
+            let rows = match &read {
+                Read::Site {
+                    origin,
+                    kind,
+                    limit,
+                } => pool.query(sql, &[origin, kind, &i64::from(*limit)]).await?,
+                Read::After {
+                    after_id,
+                    from_time,
+                    ward,
+                    limit,
+                } => {
+                    pool.query(sql, &[after_id, from_time, ward, &i64::from(*limit)])
+                        .await?
+                }
+                Read::Commands { limit } => pool.query(sql, &[&i64::from(*limit)]).await?,
+                Read::Answers { from_id } => pool.query(sql, &[from_id]).await?,
+            };
+            let row = |r: &tokio_postgres::Row| -> Result<Row, tokio_postgres::Error> {
+                Ok(Row {
+                    id: r.try_get(0)?,
+                    received_at: r.try_get(1)?,
+                    topic: r.try_get(2)?,
+                    payload: r.try_get(3)?,
+                })
+            };
+            Ok(rows
+                .iter()
+                .map(row)
+                .collect::<Result<_, _>>()
+                .map_err(PgError::from)?)
+        }
+    }
+}
+
+fn sqlite_rows(data_dir: &Path, read: &Read) -> Result<Vec<Row>, ReadError> {
+    let conn = open(data_dir)?;
+    let mut stmt = conn.prepare_cached(read.sql().0)?;
+    let row = |r: &rusqlite::Row<'_>| {
+        Ok(Row {
+            id: r.get(0)?,
+            received_at: r.get(1)?,
+            topic: r.get(2)?,
+            payload: r.get(3)?,
+        })
+    };
+    let rows = match read {
+        Read::Site {
+            origin,
+            kind,
+            limit,
+        } => stmt.query_map(params![origin, kind, limit], row)?,
+        Read::After {
+            after_id,
+            from_time,
+            ward,
+            limit,
+        } => stmt.query_map(params![after_id, from_time, ward, limit], row)?,
+        Read::Commands { limit } => stmt.query_map(params![limit], row)?,
+        Read::Answers { from_id } => stmt.query_map(params![from_id], row)?,
+    };
+    Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+}
 
 /// Most events one request returns.
 pub const MAX_LIMIT: u32 = 5_000;
@@ -34,39 +163,39 @@ fn open(data_dir: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-fn event(row: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
-    let payload: Vec<u8> = row.get(3)?;
-    Ok(Event {
-        id: row.get(0)?,
-        received_at: row.get(1)?,
-        topic: row.get(2)?,
+fn event(row: Row) -> Event {
+    Event {
+        id: row.id,
+        received_at: row.received_at,
         // The payload was validated when it was recorded; one that no longer decodes (a
         // message version this broker does not read) shows null, as the state rebuild skips it.
-        envelope: renkei_shared::decode(&payload)
+        envelope: renkei_shared::decode(&row.payload)
             .ok()
             .and_then(|envelope| serde_json::to_value(envelope).ok())
             .unwrap_or(Value::Null),
-    })
+        topic: row.topic,
+    }
 }
 
 /// The latest `limit` messages a site sent (of one kind, if given), oldest first, in the order
 /// the site sent them (boot, then sequence), which a backlog delivered late does not disturb.
-pub fn site_history(
-    data_dir: &Path,
+pub async fn site_history(
+    archive: &Archive,
     ward: WardCode,
     site: &Id,
     kind: Option<&str>,
     limit: u32,
-) -> rusqlite::Result<Vec<Event>> {
-    let conn = open(data_dir)?;
-    let mut stmt = conn.prepare_cached(SITE_HISTORY)?;
+) -> Result<Vec<Event>, ReadError> {
     let origin = crate::recorder::origin_key(&Origin::Site(SiteRef {
         ward,
         site: site.clone(),
     }));
-    let mut events = stmt
-        .query_map(params![origin, kind, limit], event)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let read = Read::Site {
+        origin,
+        kind: kind.map(str::to_owned),
+        limit,
+    };
+    let mut events: Vec<Event> = rows(archive, read).await?.into_iter().map(event).collect();
     events.reverse();
     Ok(events)
 }
@@ -75,6 +204,10 @@ pub fn site_history(
 const SITE_HISTORY: &str = "SELECT id, received_at, topic, payload FROM messages
      WHERE origin_id = (SELECT id FROM origins WHERE key = ?1) AND (?2 IS NULL OR kind = ?2)
      ORDER BY boot DESC, seq DESC LIMIT ?3";
+const PG_SITE_HISTORY: &str = "SELECT id, received_at, topic, payload FROM messages
+     WHERE origin_id = (SELECT id FROM origins WHERE key = $1)
+         AND ($2::text IS NULL OR kind = $2)
+     ORDER BY boot DESC, seq DESC LIMIT $3";
 
 /// Where [`events`] starts.
 #[derive(Debug, Clone, Copy)]
@@ -86,30 +219,31 @@ pub enum Since {
 }
 
 /// Messages after a point, oldest first; a ward operator's are limited to its ward's sites.
-pub fn events(
-    data_dir: &Path,
+pub async fn events(
+    archive: &Archive,
     since: Since,
     ward: Option<WardCode>,
     limit: u32,
-) -> rusqlite::Result<Vec<Event>> {
-    let conn = open(data_dir)?;
+) -> Result<Vec<Event>, ReadError> {
     let (after_id, from_time) = match since {
         Since::Id(id) => (id, i64::MIN),
         Since::Time(t) => (i64::MIN, t),
     };
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, received_at, topic, payload FROM messages
-         WHERE id > ?1 AND received_at >= ?2 AND (?3 IS NULL OR ward = ?3)
-         ORDER BY id LIMIT ?4",
-    )?;
-    let events = stmt
-        .query_map(
-            params![after_id, from_time, ward.map(|w| w.0), limit],
-            event,
-        )?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(events)
+    let read = Read::After {
+        after_id,
+        from_time,
+        ward: ward.map(|w| i64::from(w.0)),
+        limit,
+    };
+    Ok(rows(archive, read).await?.into_iter().map(event).collect())
 }
+
+const AFTER: &str = "SELECT id, received_at, topic, payload FROM messages
+     WHERE id > ?1 AND received_at >= ?2 AND (?3 IS NULL OR ward = ?3)
+     ORDER BY id LIMIT ?4";
+const PG_AFTER: &str = "SELECT id, received_at, topic, payload FROM messages
+     WHERE id > $1 AND received_at >= $2 AND ($3::int8 IS NULL OR ward = $3)
+     ORDER BY id LIMIT $4";
 
 /// What became of a command, as far as the record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -146,26 +280,21 @@ pub struct CommandView {
 /// The latest `limit` commands (newest first), each with its site's answer if one is
 /// recorded; a ward operator's are limited to its ward's sites. Both kinds are read through
 /// the partial index `messages_commands`, so the record's size does not matter.
-pub fn commands(
-    data_dir: &Path,
+pub async fn commands(
+    archive: &Archive,
     ward: Option<WardCode>,
     limit: u32,
     now: renkei_shared::Timestamp,
-) -> rusqlite::Result<Vec<CommandView>> {
+) -> Result<Vec<CommandView>, ReadError> {
     use renkei_shared::{Body, CommandOutcome};
-    let conn = open(data_dir)?;
-    let mut stmt = conn.prepare_cached(COMMANDS)?;
-    let rows = stmt
-        .query_map(params![limit], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, Vec<u8>>(2)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
     let mut commands = Vec::new();
-    for (id, received_at, payload) in rows {
+    for Row {
+        id,
+        received_at,
+        payload,
+        ..
+    } in rows(archive, Read::Commands { limit }).await?
+    {
         let Ok(env) = renkei_shared::decode(&payload) else {
             continue;
         };
@@ -202,12 +331,7 @@ pub fn commands(
     };
     // The answers recorded since the oldest of these commands (an answer is recorded after
     // its command, which came through this broker first, or it is an answer to an older one).
-    let mut stmt = conn.prepare_cached(ANSWERS)?;
-    let answers = stmt
-        .query_map(params![oldest], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let answers = rows(archive, Read::Answers { from_id: oldest }).await?;
     // A command id names one command of one target; the first answer counts. By key, so that
     // a site sending many answers costs one lookup each.
     let by_key: HashMap<(SiteRef, Id), usize> = commands
@@ -215,7 +339,12 @@ pub fn commands(
         .enumerate()
         .map(|(i, (_, v))| ((v.target.clone(), v.command_id.clone()), i))
         .collect();
-    for (received_at, payload) in answers {
+    for Row {
+        received_at,
+        payload,
+        ..
+    } in answers
+    {
         let Ok(env) = renkei_shared::decode(&payload) else {
             continue;
         };
@@ -243,17 +372,23 @@ pub fn commands(
 }
 
 /// The latest commands, newest first.
-const COMMANDS: &str = "SELECT id, received_at, payload FROM messages
+const COMMANDS: &str = "SELECT id, received_at, topic, payload FROM messages
      WHERE kind IN ('command', 'command_result') AND kind = 'command'
      ORDER BY id DESC LIMIT ?1";
+const PG_COMMANDS: &str = "SELECT id, received_at, topic, payload FROM messages
+     WHERE kind IN ('command', 'command_result') AND kind = 'command'
+     ORDER BY id DESC LIMIT $1";
 
 /// The answers after a row id, oldest first.
-const ANSWERS: &str = "SELECT received_at, payload FROM messages
+const ANSWERS: &str = "SELECT id, received_at, topic, payload FROM messages
      WHERE kind IN ('command', 'command_result') AND kind = 'command_result' AND id >= ?1
+     ORDER BY id";
+const PG_ANSWERS: &str = "SELECT id, received_at, topic, payload FROM messages
+     WHERE kind IN ('command', 'command_result') AND kind = 'command_result' AND id >= $1
      ORDER BY id";
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -275,13 +410,13 @@ mod tests {
     }
 
     /// Records `envs` as ingest would, in order.
-    fn record(dir: &Path, envs: Vec<renkei_shared::Envelope>) {
+    pub(crate) fn record(archive: &Archive, envs: Vec<renkei_shared::Envelope>) {
         use std::sync::Arc;
 
         use crate::recorder::{Record, Recorder};
         let metrics = Arc::new(crate::metrics::Metrics::new());
         let recorder =
-            Recorder::start(dir, crate::config::RecorderConfig::default(), metrics).unwrap();
+            Recorder::start(archive, crate::config::RecorderConfig::default(), metrics).unwrap();
         let tx = recorder.tx().unwrap();
         for env in envs {
             assert!(tx.send(Record::Accepted {
@@ -296,8 +431,32 @@ mod tests {
         recorder.stop();
     }
 
-    #[test]
-    fn each_command_shows_its_sites_answer_or_how_long_it_waits() {
+    #[tokio::test]
+    async fn each_command_shows_its_sites_answer_or_how_long_it_waits() {
+        let dir = tempfile::tempdir().unwrap();
+        commands_and_answers(Archive::Sqlite(dir.path().to_path_buf())).await;
+    }
+
+    /// The same in PostgreSQL, which a clustered HQ's instances share.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_command_shows_its_sites_answer_in_postgresql_too() {
+        let pg = renkei_testkit::postgres::Postgres::start();
+        commands_and_answers(postgres_archive(&pg).await).await;
+    }
+
+    /// The record in `pg`, as this crate opens it (the test kit's is another build of it).
+    pub(crate) async fn postgres_archive(pg: &renkei_testkit::postgres::Postgres) -> Archive {
+        let config = crate::config::RecorderConfig {
+            postgres: Some(pg.url()),
+            ..Default::default()
+        };
+        Archive::open(&config, Path::new("/nonexistent"))
+            .await
+            .unwrap()
+    }
+
+    /// Records commands and answers in `archive` and reads them back through the API's query.
+    async fn commands_and_answers(archive: Archive) {
         use renkei_shared::{Body, CommandOutcome, CommandResult, Timestamp, sample};
         let now = Timestamp(sample::SENT_AT.0 + 3 * 3600 * 1000);
         let hours_ago = |h: i64| Timestamp(now.0 - h * 3600 * 1000 + 1);
@@ -327,39 +486,36 @@ mod tests {
             });
             env
         };
-        let dir = tempfile::tempdir().unwrap();
-        record(
-            dir.path(),
-            vec![
-                command("done", hours_ago(0), 131041),
-                command("expired", hours_ago(2), 131041),
-                command("pending", hours_ago(0), 131041),
-                command("no-answer", hours_ago(2), 131041),
-                command("chiyoda", hours_ago(0), 131016),
-                // Another site's answer naming the same id answers nothing.
-                answer(
-                    "done",
-                    CommandOutcome::Expired { age_s: 1 },
-                    200,
-                    "other-es",
-                ),
-                answer("done", CommandOutcome::Done, 201, "nishi-shinjuku-es"),
-                answer(
-                    "expired",
-                    CommandOutcome::Expired { age_s: 7200 },
-                    202,
-                    "nishi-shinjuku-es",
-                ),
-                // Delivered twice, answered twice: the first answer counts.
-                answer(
-                    "done",
-                    CommandOutcome::Expired { age_s: 9 },
-                    203,
-                    "nishi-shinjuku-es",
-                ),
-            ],
-        );
-        let all = commands(dir.path(), None, 10, now).unwrap();
+        let envs = vec![
+            command("done", hours_ago(0), 131041),
+            command("expired", hours_ago(2), 131041),
+            command("pending", hours_ago(0), 131041),
+            command("no-answer", hours_ago(2), 131041),
+            command("chiyoda", hours_ago(0), 131016),
+            // Another site's answer naming the same id answers nothing.
+            answer(
+                "done",
+                CommandOutcome::Expired { age_s: 1 },
+                200,
+                "other-es",
+            ),
+            answer("done", CommandOutcome::Done, 201, "nishi-shinjuku-es"),
+            answer(
+                "expired",
+                CommandOutcome::Expired { age_s: 7200 },
+                202,
+                "nishi-shinjuku-es",
+            ),
+            // Delivered twice, answered twice: the first answer counts.
+            answer(
+                "done",
+                CommandOutcome::Expired { age_s: 9 },
+                203,
+                "nishi-shinjuku-es",
+            ),
+        ];
+        record(&archive, envs);
+        let all = commands(&archive, None, 10, now).await.unwrap();
         let states: Vec<(&str, CommandState, Option<u32>)> = all
             .iter()
             .map(|c| (c.command_id.as_str(), c.state, c.age_s))
@@ -377,13 +533,15 @@ mod tests {
         );
         assert_eq!(all[4].answered_at, Some(now.0));
         assert_eq!(all[4].by, "broker");
-        let shinjuku = commands(dir.path(), Some(WardCode(131041)), 10, now).unwrap();
+        let shinjuku = commands(&archive, Some(WardCode(131041)), 10, now)
+            .await
+            .unwrap();
         assert_eq!(
             shinjuku.len(),
             4,
             "a ward operator sees its own ward's commands"
         );
-        let latest = commands(dir.path(), None, 2, now).unwrap();
+        let latest = commands(&archive, None, 2, now).await.unwrap();
         assert_eq!(latest.len(), 2);
         assert_eq!(latest[1].command_id.as_str(), "no-answer");
     }

@@ -63,8 +63,8 @@ pub struct AppState {
     /// Checks API credentials; `None` in demo mode, where the API is open and the dashboard
     /// shows no login form.
     pub auth: Option<Arc<Authenticator>>,
-    /// Where the recorder's database is, for history and events.
-    pub data_dir: PathBuf,
+    /// The record, for history, events and commands.
+    pub archive: crate::recorder::Archive,
     /// Ward mode: the ward this broker serves (it forwards to HQ).
     pub upstream_ward: Option<WardCode>,
 }
@@ -76,7 +76,7 @@ impl std::fmt::Debug for AppState {
             .field("public_mqtt_ws_url", &self.public_mqtt_ws_url)
             .field("dashboard_dir", &self.dashboard_dir)
             .field("auth_required", &self.auth.is_some())
-            .field("data_dir", &self.data_dir)
+            .field("archive", &self.archive.name())
             .finish_non_exhaustive()
     }
 }
@@ -385,14 +385,9 @@ fn json_response(body: &impl serde::Serialize) -> Result<Response, AppError> {
         .into_response())
 }
 
-/// Runs a database read on a blocking thread.
-async fn read_db<T: Send + 'static>(
-    f: impl FnOnce() -> rusqlite::Result<T> + Send + 'static,
-) -> Result<T, AppError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| AppError::Internal(format!("database read failed: {e}")))?
-        .map_err(|e| AppError::Internal(format!("database: {e}")))
+/// A failed read of the record, as the API answers it.
+fn read_failed(e: history::ReadError) -> AppError {
+    AppError::Internal(e.to_string())
 }
 
 async fn site_history(
@@ -415,11 +410,9 @@ async fn site_history(
         return Err(AppError::BadRequest(format!("unknown kind {kind:?}")));
     }
     let limit = limit(q.limit)?;
-    let dir = app.data_dir.clone();
-    let (site_for_query, kind) = (site.clone(), q.kind.clone());
-    let events =
-        read_db(move || history::site_history(&dir, ward, &site_for_query, kind.as_deref(), limit))
-            .await?;
+    let events = history::site_history(&app.archive, ward, &site, q.kind.as_deref(), limit)
+        .await
+        .map_err(read_failed)?;
     let events: Vec<_> = events
         .into_iter()
         .map(|e| serde_json::json!({ "received_at": e.received_at, "envelope": e.envelope }))
@@ -455,9 +448,9 @@ async fn events(
         (id, None) => history::Since::Id(id.unwrap_or(0)),
     };
     let limit = limit(q.limit)?;
-    let dir = app.data_dir.clone();
-    let ward = viewer.ward();
-    let events = read_db(move || history::events(&dir, since, ward, limit)).await?;
+    let events = history::events(&app.archive, since, viewer.ward(), limit)
+        .await
+        .map_err(read_failed)?;
     let next = events.last().map(|e| e.id);
     json_response(&serde_json::json!({ "events": events, "next": next }))
 }
@@ -476,10 +469,10 @@ async fn commands(
 ) -> Result<Response, AppError> {
     let q = query(q)?;
     let limit = limit(q.limit)?;
-    let dir = app.data_dir.clone();
-    let ward = viewer.ward();
     let now = app.clock.now();
-    let commands = read_db(move || history::commands(&dir, ward, limit, now)).await?;
+    let commands = history::commands(&app.archive, viewer.ward(), limit, now)
+        .await
+        .map_err(read_failed)?;
     json_response(&serde_json::json!({
         "ttl_ms": renkei_shared::COMMAND_TTL_MS,
         "commands": commands,

@@ -22,7 +22,7 @@ fn app_in(dashboard_dir: &Path) -> AppState {
         // Ten seconds after the samples were sent: every sample site is fresh.
         clock: crate::clock::Clock::new(|| sample::SENT_AT.plus_secs(10)),
         auth: None,
-        data_dir: dashboard_dir.join("no-data"),
+        archive: crate::recorder::Archive::Sqlite(dashboard_dir.join("no-data")),
         upstream_ward: None,
     }
 }
