@@ -848,6 +848,34 @@ mod tests {
     }
 
     #[test]
+    fn a_postgresql_record_needs_a_connection_string_and_no_ward_mode() {
+        let ok = Config::from_toml(
+            "[recorder]\npostgres = \"host=db.hq port=5432 user=renkei dbname=renkei\"\n",
+        )
+        .unwrap();
+        assert!(ok.recorder.postgres.is_some());
+        for (text, key) in [
+            (
+                "[recorder]\npostgres = \"postgresql://renkei:secret@[db\"\n",
+                "recorder.postgres",
+            ),
+            (
+                "[recorder]\npostgres = \"postgresql://db/renkei\"\n[upstream]\n\
+                 broker = \"mqtt://hq\"\nward = 131041\n",
+                "upstream.broker",
+            ),
+        ] {
+            match Config::from_toml(text) {
+                Err(ConfigError::Invalid { key: k, message }) => {
+                    assert_eq!(k, key, "{message}");
+                    assert!(!message.contains("secret"), "{message}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn ward_mode_needs_a_known_ward_and_the_embedded_broker() {
         let ok = Config::from_toml(
             "[upstream]\nbroker = \"mqtt://hq:1883\"\nward = 131041\nuser = \"relay-shinjuku\"\n\

@@ -233,6 +233,16 @@ async fn clients_on_the_surviving_nodes_keep_working_when_a_node_is_killed() -> 
 /// A `renkei-broker` in external mode on the cluster, reading its stream, logged in as the
 /// kit's admin, connected to the first node and knowing the others.
 fn instance(cluster: &NatsCluster, dir: TempDir, id: &str) -> Result<BrokerProcess> {
+    instance_recording_in(cluster, dir, id, None)
+}
+
+/// [`instance`], its record in the PostgreSQL database `postgres` names when given.
+fn instance_recording_in(
+    cluster: &NatsCluster,
+    dir: TempDir,
+    id: &str,
+    postgres: Option<&str>,
+) -> Result<BrokerProcess> {
     let password = dir.path().join("cluster.password");
     std::fs::write(&password, format!("{PASSWORD}\n"))?;
     let password = password.to_str().context("utf-8 path")?.to_owned();
@@ -253,6 +263,10 @@ fn instance(cluster: &NatsCluster, dir: TempDir, id: &str) -> Result<BrokerProce
     for node in &cluster.nodes {
         args.push("--external-jetstream".into());
         args.push(node.nats_url());
+    }
+    if let Some(conninfo) = postgres {
+        args.push("--postgres".into());
+        args.push(conninfo.into());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Ok(BrokerProcess::start_in(dir, &args))
@@ -429,5 +443,184 @@ async fn the_rules_run_on_one_instance_and_move_within_ten_seconds_when_it_dies(
     .await
     .with_context(|| survivor.log())?;
     eprintln!("rules: {first} led; killed, {second} took over {took_over:?} after");
+    Ok(())
+}
+
+/// Sites of the load, all in Shinjuku: `load-000` to `load-{LOAD_SITES - 1}`.
+const LOAD_SITES: u64 = 200;
+
+/// The load's message `n` (0-based): site `n % LOAD_SITES`, its sequence number `n / LOAD_SITES`.
+fn load_message(n: u64) -> renkei_shared::Envelope {
+    let mut env = renkei_shared::sample::status();
+    let site = renkei_shared::SiteRef {
+        ward: renkei_shared::WardCode(131041),
+        site: renkei_shared::Id::new(format!("load-{:03}", n % LOAD_SITES)).unwrap(),
+    };
+    env.header.origin = renkei_shared::Origin::Site(site);
+    env.header.boot = 1;
+    env.header.seq = n / LOAD_SITES + 1;
+    env.header.sent_at = renkei_shared::Timestamp(env.header.sent_at.0 + (n / LOAD_SITES) as i64);
+    env
+}
+
+/// Every `(site, seq)` some receipt has named, as the sites' agents would keep them.
+#[derive(Default)]
+struct Receipted(
+    std::sync::Mutex<std::collections::HashMap<String, Vec<renkei_shared::receipt::SeqRange>>>,
+);
+
+impl Receipted {
+    fn add(&self, topic: &str, payload: &[u8]) {
+        let (Some(site), Ok(receipt)) = (
+            renkei_shared::receipt::parse_receipt_topic(topic),
+            renkei_shared::Receipt::decode(payload),
+        ) else {
+            return;
+        };
+        let mut map = self.0.lock().unwrap();
+        map.entry(site.site.to_string())
+            .or_default()
+            .extend(receipt.recorded);
+    }
+
+    fn covers(&self, n: u64) -> bool {
+        let env = load_message(n);
+        let renkei_shared::Origin::Site(site) = &env.header.origin else {
+            return false;
+        };
+        let map = self.0.lock().unwrap();
+        map.get(site.site.as_str()).is_some_and(|ranges| {
+            ranges
+                .iter()
+                .any(|r| r.boot == 1 && r.first <= env.header.seq && env.header.seq <= r.last)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_postgresql_record_through_a_node_kill_a_database_restart_and_an_instance_kill()
+-> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let Some((mut cluster, dir)) = cluster_with_users()? else {
+        return Ok(());
+    };
+    let mut pg = renkei_testkit::postgres::Postgres::start();
+    let (other_dir, _) = authorization()?;
+    let a = instance_recording_in(&cluster, dir, "renkei-hq-a", Some(&pg.url()))?;
+    let b = instance_recording_in(&cluster, other_dir, "renkei-hq-b", Some(&pg.url()))?;
+
+    // The load and the receipts go through the third node, which stays up; the sites'
+    // messages are sent by one client under the admin login, as many agents would.
+    let node = cluster.nodes[2].mqtt();
+    let receipted = std::sync::Arc::new(Receipted::default());
+    let mut listener =
+        MqttClient::try_connect(login_options(node, "load-receipts", "root", PASSWORD))
+            .await
+            .map_err(anyhow::Error::msg)?;
+    listener.subscribe("renkei/receipt/v1/131041/+").await;
+    let listening = {
+        let receipted = receipted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(p) = listener.publish_within(Duration::from_secs(600)).await else {
+                    return;
+                };
+                receipted.add(&p.topic, &p.payload);
+            }
+        })
+    };
+    let sender = MqttClient::try_connect(login_options(node, "load-sender", "root", PASSWORD))
+        .await
+        .map_err(anyhow::Error::msg)?;
+
+    // ~2,000 messages a second for 30 s, in steps of 10 ms; the faults at set times.
+    const RATE: u64 = 2_000;
+    const SECONDS: u64 = 30;
+    let total = RATE * SECONDS;
+    let started = Instant::now();
+    let mut faults = vec![
+        (Duration::from_secs(6), "kill -9 NATS node 0"),
+        (Duration::from_secs(14), "PostgreSQL crash"),
+        (Duration::from_secs(18), "PostgreSQL back"),
+        (Duration::from_secs(22), "kill -9 instance a"),
+    ];
+    faults.reverse();
+    let mut a = Some(a);
+    let mut dead_a = None;
+    let mut fault_log = Vec::new();
+    let mut sent = 0u64;
+    while sent < total {
+        let due = (started.elapsed().as_millis() as u64 * RATE / 1000).min(total);
+        while sent < due {
+            sender.send(&load_message(sent)).await;
+            sent += 1;
+        }
+        if let Some((at, what)) = faults.last().copied()
+            && started.elapsed() >= at
+        {
+            faults.pop();
+            match what {
+                "kill -9 NATS node 0" => cluster.kill9(0),
+                "PostgreSQL crash" => pg.crash(),
+                "PostgreSQL back" => pg.start_again(),
+                _ => dead_a = a.take().map(BrokerProcess::kill9_keeping_dir),
+            }
+            fault_log.push(format!("{what} at {:?} ({sent} sent)", started.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let load_took = started.elapsed();
+    ensure!(
+        a.is_none() && dead_a.is_some(),
+        "every fault ran: {fault_log:?}"
+    );
+
+    // As the sites' agents do: whatever has no receipt is sent again, until all have one.
+    let mut resent = 0u64;
+    let drain = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let missing: Vec<u64> = (0..total).filter(|n| !receipted.covers(*n)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        ensure!(
+            drain.elapsed() < Duration::from_secs(180),
+            "{} of {total} never receipted (first {:?}); faults {fault_log:?}\n{}",
+            missing.len(),
+            &missing[..missing.len().min(5)],
+            b.log()
+        );
+        for n in &missing {
+            sender.send(&load_message(*n)).await;
+        }
+        resent += missing.len() as u64;
+    }
+    let receipted_all = drain.elapsed();
+    listening.abort();
+
+    // One record: every message once, whichever instance wrote it.
+    let rows = pg.count("SELECT COUNT(*) FROM messages WHERE site LIKE 'load-%'");
+    let keys = pg.count(
+        "SELECT COUNT(DISTINCT (origin_id, boot, seq)) FROM messages WHERE site LIKE 'load-%'",
+    );
+    ensure!(
+        rows == total as i64 && keys == rows,
+        "{rows} rows, {keys} keys for {total} messages"
+    );
+    // The survivor serves the whole state from it.
+    let state = renkei_testkit::http_get_as(b.addrs.http, "/api/v1/state", ROOT).await;
+    let body = String::from_utf8_lossy(&state.body);
+    let load_sites = body.matches("\"load-").count();
+    ensure!(
+        load_sites as u64 >= LOAD_SITES,
+        "the survivor's state lacks load sites ({load_sites})"
+    );
+    eprintln!(
+        "two instances on one PostgreSQL record: {total} messages at {:.0} msg/s over {load_took:?}; \
+         {fault_log:?}; {resent} sent again for want of a receipt; all receipted {receipted_all:?} \
+         after the load; {rows} rows, one per message",
+        total as f64 / load_took.as_secs_f64()
+    );
     Ok(())
 }
