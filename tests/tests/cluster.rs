@@ -529,15 +529,46 @@ async fn two_instances_share_one_postgresql_record_through_a_node_kill_a_databas
             }
         })
     };
-    let sender = MqttClient::try_connect(login_options(node, "load-sender", "root", PASSWORD))
-        .await
-        .map_err(anyhow::Error::msg)?;
+    // NATS takes a connection's QoS 1 publishes one at a time (each waits for its stream's
+    // acknowledgement), so the sites' messages come through SENDERS connections, as many
+    // agents' would.
+    const SENDERS: u64 = 20;
+    let mut senders = Vec::new();
+    for k in 0..SENDERS {
+        let options = login_options(node, &format!("load-sender-{k}"), "root", PASSWORD);
+        senders.push(std::sync::Arc::new(
+            MqttClient::try_connect(options)
+                .await
+                .map_err(anyhow::Error::msg)?,
+        ));
+    }
 
-    // ~2,000 messages a second for 30 s, in steps of 10 ms; the faults at set times.
+    // ~2,000 messages a second for 30 s, each sender pacing its share in steps of 10 ms; the
+    // faults at set times meanwhile.
     const RATE: u64 = 2_000;
     const SECONDS: u64 = 30;
     let total = RATE * SECONDS;
     let started = Instant::now();
+    let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut sending = Vec::new();
+    for (k, sender) in senders.iter().enumerate() {
+        let (sender, sent) = (sender.clone(), sent.clone());
+        let k = k as u64;
+        sending.push(tokio::spawn(async move {
+            // This sender's messages: k, k + SENDERS, k + 2 SENDERS, …
+            let mine = (total - k).div_ceil(SENDERS);
+            let mut i = 0;
+            while i < mine {
+                let due = (started.elapsed().as_millis() as u64 * RATE / 1000 / SENDERS).min(mine);
+                while i < due {
+                    sender.send(&load_message(k + i * SENDERS)).await;
+                    sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    i += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
     let mut faults = vec![
         (Duration::from_secs(6), "kill -9 NATS node 0"),
         (Duration::from_secs(14), "PostgreSQL crash"),
@@ -548,36 +579,30 @@ async fn two_instances_share_one_postgresql_record_through_a_node_kill_a_databas
     let mut a = Some(a);
     let mut dead_a = None;
     let mut fault_log = Vec::new();
-    let mut sent = 0u64;
-    while sent < total {
-        let due = (started.elapsed().as_millis() as u64 * RATE / 1000).min(total);
-        while sent < due {
-            sender.send(&load_message(sent)).await;
-            sent += 1;
+    while let Some((at, what)) = faults.pop() {
+        tokio::time::sleep(at.saturating_sub(started.elapsed())).await;
+        match what {
+            "kill -9 NATS node 0" => cluster.kill9(0),
+            "PostgreSQL crash" => pg.crash(),
+            "PostgreSQL back" => pg.start_again(),
+            _ => dead_a = a.take().map(BrokerProcess::kill9_keeping_dir),
         }
-        if let Some((at, what)) = faults.last().copied()
-            && started.elapsed() >= at
-        {
-            faults.pop();
-            match what {
-                "kill -9 NATS node 0" => cluster.kill9(0),
-                "PostgreSQL crash" => pg.crash(),
-                "PostgreSQL back" => pg.start_again(),
-                _ => dead_a = a.take().map(BrokerProcess::kill9_keeping_dir),
-            }
-            fault_log.push(format!("{what} at {:?} ({sent} sent)", started.elapsed()));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        let so_far = sent.load(std::sync::atomic::Ordering::Relaxed);
+        fault_log.push(format!("{what} at {:?} ({so_far} sent)", started.elapsed()));
+    }
+    for task in sending {
+        task.await?;
     }
     let load_took = started.elapsed();
     ensure!(
         a.is_none() && dead_a.is_some(),
         "every fault ran: {fault_log:?}"
     );
-
-    // As the sites' agents do: whatever has no receipt is sent again, until all have one.
+    // As the sites' agents do: whatever has no receipt once receipts stop coming is sent
+    // again, until every message has one.
     let mut resent = 0u64;
     let drain = Instant::now();
+    let mut before = usize::MAX;
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let missing: Vec<u64> = (0..total).filter(|n| !receipted.covers(*n)).collect();
@@ -585,14 +610,24 @@ async fn two_instances_share_one_postgresql_record_through_a_node_kill_a_databas
             break;
         }
         ensure!(
-            drain.elapsed() < Duration::from_secs(180),
-            "{} of {total} never receipted (first {:?}); faults {fault_log:?}\n{}",
+            drain.elapsed() < Duration::from_secs(240),
+            "{} of {total} never receipted (first {:?}); {} rows recorded; faults \
+             {fault_log:?}\n{}",
             missing.len(),
             &missing[..missing.len().min(5)],
+            pg.count("SELECT COUNT(*) FROM messages WHERE site LIKE 'load-%'"),
             b.log()
         );
+        if missing.len() < before {
+            // Still catching up.
+            before = missing.len();
+            continue;
+        }
+        before = missing.len();
         for n in &missing {
-            sender.send(&load_message(*n)).await;
+            senders[(*n % SENDERS) as usize]
+                .send(&load_message(*n))
+                .await;
         }
         resent += missing.len() as u64;
     }
