@@ -39,6 +39,8 @@ use renkei_shared::{
     SiteRef, SiteStatus, Timestamp, Topic, WARDS, codec, receipt_topic, topic,
 };
 use renkei_testkit::process::{ready_line, wait_listening};
+use renkei_testkit::nats::NatsCluster;
+use renkei_testkit::postgres::Postgres;
 use renkei_testkit::{BrokerProcess, Mosquitto, Process, free_port};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
@@ -124,6 +126,10 @@ enum Target {
     RenkeiIntegrator,
     Rumqttd,
     Mosquitto,
+    /// HQ on a cluster (docs/scaling.md): a three-node NATS JetStream cluster whose MQTT
+    /// listener takes the load and serves the subscriber, and two Renkei instances reading its
+    /// replicated stream into one PostgreSQL record and sending the receipts.
+    Cluster,
 }
 
 /// The publishers' MQTT client. Both keep the same session: clean, receipts subscribed before
@@ -330,6 +336,12 @@ enum Server {
     Renkei(BrokerProcess),
     Rumqttd { port: u16, _process: Process },
     Mosquitto(Mosquitto),
+    Cluster {
+        // Dropped in order: the instances first, then the engine and the record.
+        instances: Vec<BrokerProcess>,
+        cluster: NatsCluster,
+        _record: Postgres,
+    },
 }
 
 impl Server {
@@ -339,6 +351,7 @@ impl Server {
             Server::Renkei(broker) => broker.addrs.mqtt.port(),
             Server::Rumqttd { port, .. } => *port,
             Server::Mosquitto(mosquitto) => mosquitto.port,
+            Server::Cluster { cluster, .. } => cluster.nodes[0].ports.mqtt,
         }
     }
 }
@@ -375,6 +388,39 @@ fn start(target: Target) -> Result<Server> {
                 .extra("max_inflight_messages 100\nlog_type error\n")
                 .start(),
         ),
+        Target::Cluster => {
+            // Open, as the demo's embedded broker is: the cost measured is the engine's and
+            // the record's, not the logins'.
+            let cluster = NatsCluster::start("");
+            let record = Postgres::start();
+            let mut instances = Vec::new();
+            for id in ["renkei-bench-a", "renkei-bench-b"] {
+                let mut args = vec![
+                    "--demo".to_owned(),
+                    "--external".to_owned(),
+                    format!("mqtt://{}", cluster.nodes[0].mqtt()),
+                    "--external-client-id".to_owned(),
+                    id.to_owned(),
+                    "--postgres".to_owned(),
+                    record.url(),
+                ];
+                for node in &cluster.nodes[1..] {
+                    args.push("--external-failover".to_owned());
+                    args.push(format!("mqtt://{}", node.mqtt()));
+                }
+                for node in &cluster.nodes {
+                    args.push("--external-jetstream".to_owned());
+                    args.push(node.nats_url());
+                }
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                instances.push(BrokerProcess::start_in(renkei_testkit::prepare(), &args));
+            }
+            Server::Cluster {
+                instances,
+                cluster,
+                _record: record,
+            }
+        }
     })
 }
 
@@ -440,7 +486,10 @@ async fn load(targets: Vec<Target>, runs: usize, load: Load) -> Result<()> {
         // Interleave targets so that machine noise falls on all of them alike.
         for &target in &targets {
             let server = start(target)?;
-            let receipts = matches!(target, Target::Renkei | Target::RenkeiIntegrator);
+            let receipts = matches!(
+                target,
+                Target::Renkei | Target::RenkeiIntegrator | Target::Cluster
+            );
             let integrator = target == Target::RenkeiIntegrator;
             let result = one_run(server.port(), load, receipts, integrator).await?;
             let commit = match &result.commit {
@@ -471,17 +520,22 @@ async fn load(targets: Vec<Target>, runs: usize, load: Load) -> Result<()> {
                 result.p99_ms,
                 result.max_ms
             );
-            if result.delivered < result.expected
-                && let Server::Renkei(broker) = &server
-            {
+            if result.delivered < result.expected {
+                let brokers = match &server {
+                    Server::Renkei(broker) => std::slice::from_ref(broker),
+                    Server::Cluster { instances, .. } => instances.as_slice(),
+                    _ => &[],
+                };
                 // What the broker said while the subscriber missed messages.
-                let log = broker.log();
-                for line in log
-                    .lines()
-                    .filter(|l| l.contains("WARN") || l.contains("ERROR"))
-                    .take(20)
-                {
-                    eprintln!("  broker: {line}");
+                for broker in brokers {
+                    let log = broker.log();
+                    for line in log
+                        .lines()
+                        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                        .take(20)
+                    {
+                        eprintln!("  broker: {line}");
+                    }
                 }
             }
             all.entry(target).or_default().push(result);

@@ -438,6 +438,9 @@ fn child_named(name: &str) -> Result<u32> {
 /// What a target's broker process is, for the record: its pid and its configuration.
 fn describe(server: &Server) -> Result<(u32, String)> {
     Ok(match server {
+        Server::Cluster { .. } => {
+            bail!("the memory benchmark measures one broker process; a cluster is several")
+        }
         Server::Renkei(broker) => {
             let config_path = broker.dir.path().join(renkei_testkit::CONFIG);
             let config = std::fs::read_to_string(&config_path)
