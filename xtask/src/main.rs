@@ -60,6 +60,10 @@ enum Task {
         /// the demo can cut and restore.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=23))]
         wards: u32,
+        /// HQ on a cluster instead (docs/scaling.md): three NATS JetStream nodes, a PostgreSQL
+        /// record and two broker instances sharing it, all throw-away, with the simulator.
+        #[arg(long, conflicts_with_all = ["wards", "listen_all"])]
+        cluster: bool,
     },
     /// Run every check and test that CI runs.
     Test {
@@ -79,7 +83,13 @@ fn main() -> ExitCode {
             http_port,
             listen_all,
             wards,
+            cluster: false,
         } => demo(sites, http_port, listen_all, wards),
+        Task::Demo {
+            sites,
+            cluster: true,
+            ..
+        } => demo_cluster(sites),
         Task::Test { long } => test(long),
         Task::Setup => setup(true),
     };
@@ -478,6 +488,36 @@ fn demo(sites: u32, http_port: u16, listen_all: bool, wards: u32) -> Result<()> 
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// `demo --cluster`: `renkei-cluster` (tests/src/bin) starts the cluster, the record, the two
+/// instances and the simulator with the parts the cluster tests use, and stops them at the end.
+fn demo_cluster(sites: u32) -> Result<()> {
+    // NATS and PostgreSQL come from Debian's packages, as for the tests.
+    setup(true)?;
+    build_dashboard()?;
+    run(
+        "cargo build --release (broker, agent, cluster launcher)",
+        cargo().args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "renkei-broker",
+            "-p",
+            "renkei-agent",
+            "-p",
+            "renkei-tests",
+            "--bin",
+            "renkei-cluster",
+        ]),
+    )?;
+    run(
+        "renkei-cluster (Ctrl-C or end of input stops it)",
+        Command::new(root().join("target/release/renkei-cluster"))
+            .current_dir(root())
+            .args(["--sites", &sites.to_string(), "--dashboard", "dist"]),
+    )
 }
 
 /// The demo broker's listener flags: 127.0.0.1 unless `listen_all`, since `serve --demo` lets

@@ -38,9 +38,9 @@ use renkei_shared::{
     Body, Comms, Envelope, Header, HqState, Id, Mode, Origin, PowerSource, Receipt, SiteKind,
     SiteRef, SiteStatus, Timestamp, Topic, WARDS, codec, receipt_topic, topic,
 };
-use renkei_testkit::process::{ready_line, wait_listening};
 use renkei_testkit::nats::NatsCluster;
 use renkei_testkit::postgres::Postgres;
+use renkei_testkit::process::{ready_line, wait_listening};
 use renkei_testkit::{BrokerProcess, Mosquitto, Process, free_port};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
@@ -334,7 +334,10 @@ async fn watch(broker: &str, filter: &str, warmup: Duration, seconds: Duration) 
 /// A running target broker; dropping it stops the broker.
 enum Server {
     Renkei(BrokerProcess),
-    Rumqttd { port: u16, _process: Process },
+    Rumqttd {
+        port: u16,
+        _process: Process,
+    },
     Mosquitto(Mosquitto),
     Cluster {
         // Dropped in order: the instances first, then the engine and the record.
