@@ -334,6 +334,9 @@ pub struct ExternalConfig {
     pub ca_file: Option<PathBuf>,
     /// The broker's MQTT-over-WebSocket URL for browsers (`ws://…` or `wss://…`), when it has one.
     pub ws_url: Option<String>,
+    /// The cluster's other MQTT-over-WebSocket URLs: a dashboard whose connection to `ws_url`
+    /// is lost tries them in turn (`/config.json`, `mqtt_ws_failover`).
+    pub ws_failover: Vec<String>,
     /// Login at the external broker; the password is the first line of `password_file`.
     pub user: Option<String>,
     pub password_file: Option<PathBuf>,
@@ -369,6 +372,7 @@ impl Default for ExternalConfig {
             client_id: "renkei-broker".into(),
             share_group: "renkei".into(),
             failover: Vec::new(),
+            ws_failover: Vec::new(),
             jetstream: Vec::new(),
             stream: "RENKEI".into(),
             stream_replicas: 3,
@@ -607,6 +611,22 @@ impl Config {
             return invalid(
                 "external.ws_url",
                 format!("{url:?} is not a ws:// or wss:// URL"),
+            );
+        }
+        if let Some(url) = x
+            .ws_failover
+            .iter()
+            .find(|url| !(url.starts_with("ws://") || url.starts_with("wss://")))
+        {
+            return invalid(
+                "external.ws_failover",
+                format!("{url:?} is not a ws:// or wss:// URL"),
+            );
+        }
+        if !x.ws_failover.is_empty() && x.ws_url.is_none() {
+            return invalid(
+                "external.ws_url",
+                "missing: external.ws_failover lists the others".into(),
             );
         }
         if x.password_file.is_some() && x.user.is_none() {

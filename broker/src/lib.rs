@@ -445,6 +445,10 @@ impl Broker {
             metrics,
             ws_port: addrs.ws.map_or(0, |ws| ws.port()),
             public_mqtt_ws_url,
+            mqtt_ws_failover: match &config.external.broker {
+                Some(_) => config.external.ws_failover.clone(),
+                None => Vec::new(),
+            },
             dashboard_dir: config.http.dashboard_dir.clone(),
             clock,
             auth: (!config.demo).then(|| auth.clone()),

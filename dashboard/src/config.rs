@@ -22,6 +22,9 @@ pub const DEFAULT_WS_PORT: u16 = 8083;
 #[derive(Debug, Deserialize)]
 struct ServedConfig {
     mqtt_ws_url: Option<String>,
+    /// A clustered engine's other nodes, tried in turn when the first is lost.
+    #[serde(default)]
+    mqtt_ws_failover: Vec<String>,
     #[serde(default)]
     auth_required: bool,
 }
@@ -30,6 +33,8 @@ struct ServedConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
     pub url: String,
+    /// Tried in turn when `url` is lost (a clustered engine's other nodes).
+    pub failover: Vec<String>,
     /// The broker refuses connections without a user name and password.
     pub auth_required: bool,
 }
@@ -67,8 +72,18 @@ pub fn choose(
         Some(query) => (usable(query, page_hostname).unwrap_or(named), None),
         None => (named, None),
     };
+    // The server's other addresses go with its own, never with an override.
+    let failover = if query_ws.is_none() || auth_required {
+        failover_from_config_json(config_body, page_hostname)
+    } else {
+        Vec::new()
+    };
     Resolution {
-        endpoint: Endpoint { url, auth_required },
+        endpoint: Endpoint {
+            url,
+            failover,
+            auth_required,
+        },
         warning,
     }
 }
@@ -82,6 +97,19 @@ pub fn auth_required(body: &str) -> bool {
 pub fn from_config_json(body: &str, page_hostname: &str) -> Option<String> {
     let config: ServedConfig = serde_json::from_str(body).ok()?;
     usable(&config.mqtt_ws_url?, page_hostname)
+}
+
+/// The usable failover URLs of a `/config.json` body.
+pub fn failover_from_config_json(body: &str, page_hostname: &str) -> Vec<String> {
+    serde_json::from_str::<ServedConfig>(body).map_or_else(
+        |_| Vec::new(),
+        |c| {
+            c.mqtt_ws_failover
+                .iter()
+                .filter_map(|u| usable(u, page_hostname))
+                .collect()
+        },
+    )
 }
 
 /// A WebSocket URL as given, or with a wildcard host replaced by the page's host: a broker
@@ -208,6 +236,7 @@ mod tests {
             chosen.endpoint,
             Endpoint {
                 url: "ws://hq.example:9001".into(),
+                failover: Vec::new(),
                 auth_required: true,
             }
         );
@@ -255,9 +284,29 @@ mod tests {
             choose(None, "", "https:", "page.example").endpoint,
             Endpoint {
                 url: "wss://page.example:8083".into(),
+                failover: Vec::new(),
                 auth_required: false,
             }
         );
+    }
+
+    #[test]
+    fn a_clusters_other_nodes_come_with_the_servers_url_only() {
+        let body = r#"{"mqtt_ws_url":"ws://n1:8083/mqtt","mqtt_ws_failover":
+            ["ws://n2:8083/mqtt","http://bad","ws://0.0.0.0:9/mqtt"],"auth_required":true}"#;
+        let chosen = choose(None, body, "http:", "page.example");
+        assert_eq!(chosen.endpoint.url, "ws://n1:8083/mqtt");
+        assert_eq!(
+            chosen.endpoint.failover,
+            ["ws://n2:8083/mqtt", "ws://page.example:9/mqtt"]
+        );
+        // With a login, an override is set aside and the server's list kept.
+        let chosen = choose(Some(DECOY), body, "http:", "page.example");
+        assert_eq!(chosen.endpoint.failover.len(), 2);
+        // In demo mode an override goes alone.
+        let demo = body.replace("true", "false");
+        let chosen = choose(Some("ws://127.0.0.1:1"), &demo, "http:", "page.example");
+        assert!(chosen.endpoint.failover.is_empty());
     }
 
     #[test]

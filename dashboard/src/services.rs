@@ -130,6 +130,9 @@ mod browser {
         /// The login the broker accepted over MQTT, for the HTTP API's Basic auth. Kept in
         /// this page's memory only, never in storage or the state.
         static LOGIN: RefCell<Option<Credentials>> = const { RefCell::new(None) };
+        /// The server's other WebSocket addresses (`/config.json`), tried in turn when the
+        /// one in use is lost.
+        static FAILOVER: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     }
 
     fn current_route() -> Route {
@@ -172,6 +175,7 @@ mod browser {
 
         wasm_bindgen_futures::spawn_local(async move {
             let endpoint = config::resolve().await;
+            FAILOVER.with(|f| f.borrow_mut().clone_from(&endpoint.failover));
             dispatcher.dispatch(Action::Endpoint(endpoint.url.as_str().into()));
             if endpoint.auth_required {
                 // Nothing connects until someone logs in: say so rather than "connecting".
@@ -260,8 +264,9 @@ mod browser {
             });
         });
         let inbox = Rc::new(Inbox::new());
+        let others = FAILOVER.with(|f| f.borrow().clone());
         mqtt::client::spawn(
-            url,
+            mqtt::backoff::Addresses::new(url, others),
             filters,
             credentials,
             receiver,

@@ -58,6 +58,8 @@ pub struct AppState {
     pub ws_port: u16,
     /// Overrides the URL `/config.json` derives from the request's host.
     pub public_mqtt_ws_url: Option<String>,
+    /// The cluster's other WebSocket URLs, tried in turn when the first is lost.
+    pub mqtt_ws_failover: Vec<String>,
     pub dashboard_dir: PathBuf,
     pub clock: Clock,
     /// Checks API credentials; `None` in demo mode, where the API is open and the dashboard
@@ -272,11 +274,15 @@ async fn config_json(
         Some(url) => url.clone(),
         None => format!("ws://{}:{}", browser_host(&headers, &uri)?, app.ws_port),
     };
-    let body = Json(serde_json::json!({
+    let mut body = serde_json::json!({
         "mqtt_ws_url": mqtt_ws_url,
         "version": VERSION,
         "auth_required": app.auth.is_some(),
-    }));
+    });
+    if !app.mqtt_ws_failover.is_empty() {
+        body["mqtt_ws_failover"] = serde_json::json!(app.mqtt_ws_failover);
+    }
+    let body = Json(body);
     Ok((no_store(), body).into_response())
 }
 

@@ -18,6 +18,7 @@ fn app_in(dashboard_dir: &Path) -> AppState {
         metrics: Arc::new(Metrics::new()),
         ws_port: WS_PORT,
         public_mqtt_ws_url: None,
+        mqtt_ws_failover: Vec::new(),
         dashboard_dir: dashboard_dir.to_owned(),
         // Ten seconds after the samples were sent: every sample site is fresh.
         clock: crate::clock::Clock::new(|| sample::SENT_AT.plus_secs(10)),

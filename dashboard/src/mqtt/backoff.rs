@@ -1,10 +1,62 @@
 //! Delay between reconnection attempts: doubling from one second up to half a minute, with
 //! jitter so that dashboards dropped together by a broker restart do not return together.
+//!
+//! With several addresses (a clustered engine's nodes, `/config.json`'s `mqtt_ws_failover`),
+//! a dropped connection moves to the next address after [`NEXT_ADDRESS_MS`], and only a whole
+//! round of them failing waits the backoff ([`Addresses`]).
 
 /// First delay after a connection ends, in ms.
 pub const INITIAL_MS: u32 = 1_000;
 /// Longest delay, in ms.
 pub const MAX_MS: u32 = 30_000;
+/// The pause before trying the next address when the one in use was lost, in ms.
+pub const NEXT_ADDRESS_MS: u32 = 250;
+
+/// The broker's addresses, the first the one to use while it answers.
+#[derive(Debug, Clone)]
+pub struct Addresses {
+    urls: Vec<String>,
+    current: usize,
+    /// Addresses that failed since a connection last reached the subscribed state.
+    failed: usize,
+}
+
+impl Addresses {
+    /// `first`, then `others` in turn.
+    pub fn new(first: String, others: Vec<String>) -> Self {
+        let mut urls = vec![first];
+        urls.extend(others.into_iter().filter(|u| !u.is_empty()));
+        Addresses {
+            urls,
+            current: 0,
+            failed: 0,
+        }
+    }
+
+    /// The address to connect to now.
+    pub fn current(&self) -> &str {
+        self.urls.get(self.current).map_or("", String::as_str)
+    }
+
+    /// A connection reached the subscribed state.
+    pub fn connected(&mut self) {
+        self.failed = 0;
+    }
+
+    /// The connection to [`Addresses::current`] ended or never came up: moves on to the next
+    /// address. True when every address has failed since the last good connection, so the
+    /// backoff is due before the next try.
+    pub fn dropped(&mut self) -> bool {
+        self.current = (self.current + 1) % self.urls.len().max(1);
+        self.failed += 1;
+        if self.failed >= self.urls.len() {
+            self.failed = 0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct Backoff {
@@ -51,5 +103,31 @@ mod tests {
         assert!(delays[7] <= MAX_MS && delays[7] > MAX_MS - 10);
         b.reset();
         assert_eq!(b.next_delay_ms(0.0), INITIAL_MS / 2);
+    }
+
+    #[test]
+    fn a_lost_address_gives_way_to_the_next_and_a_failed_round_waits() {
+        let mut one = Addresses::new("ws://a".into(), Vec::new());
+        assert!(
+            one.dropped(),
+            "one address: every failure waits the backoff"
+        );
+        assert_eq!(one.current(), "ws://a");
+
+        let mut three = Addresses::new(
+            "ws://a".into(),
+            vec!["ws://b".into(), String::new(), "ws://c".into()],
+        );
+        assert!(!three.dropped());
+        assert_eq!(three.current(), "ws://b");
+        assert!(!three.dropped());
+        assert_eq!(three.current(), "ws://c");
+        assert!(three.dropped(), "all three failed: back off");
+        assert_eq!(three.current(), "ws://a");
+        // A good connection on b, then b is lost: c is tried at once.
+        assert!(!three.dropped());
+        three.connected();
+        assert!(!three.dropped());
+        assert_eq!(three.current(), "ws://c");
     }
 }

@@ -6,21 +6,22 @@ use futures::{SinkExt, StreamExt};
 use gloo_net::websocket::{Message, futures::WebSocket};
 use gloo_timers::future::{IntervalStream, TimeoutFuture};
 
-use super::backoff::Backoff;
+use super::backoff::{Addresses, Backoff, NEXT_ADDRESS_MS};
 use super::frames::{Frame, Splitter};
 use super::session::{Credentials, Output, PING_EVERY_MS, Phase, Session, SessionError};
 use super::{ConnState, Event, Outgoing, client_id};
 use crate::log;
 
-/// Starts the client; it runs for the life of the page, or until a login is refused.
+/// Starts the client on `urls` (the first, then the others in turn when it is lost); it runs
+/// for the life of the page, or until a login is refused.
 pub fn spawn(
-    url: String,
+    urls: Addresses,
     filters: Vec<String>,
     credentials: Option<Credentials>,
     outgoing: UnboundedReceiver<Outgoing>,
     on_event: impl Fn(Event) + 'static,
 ) {
-    wasm_bindgen_futures::spawn_local(run(url, filters, credentials, outgoing, on_event));
+    wasm_bindgen_futures::spawn_local(run(urls, filters, credentials, outgoing, on_event));
 }
 
 /// How one connection ended.
@@ -33,7 +34,7 @@ enum Ended {
 
 /// What survives reconnections.
 struct Link<'a> {
-    url: &'a str,
+    urls: Addresses,
     filters: &'a [String],
     credentials: Option<&'a Credentials>,
     outgoing: UnboundedReceiver<Outgoing>,
@@ -42,7 +43,7 @@ struct Link<'a> {
 }
 
 async fn run(
-    url: String,
+    urls: Addresses,
     filters: Vec<String>,
     credentials: Option<Credentials>,
     outgoing: UnboundedReceiver<Outgoing>,
@@ -50,7 +51,7 @@ async fn run(
 ) {
     let mut backoff = Backoff::new();
     let mut link = Link {
-        url: &url,
+        urls,
         filters: &filters,
         credentials: credentials.as_ref(),
         outgoing,
@@ -62,14 +63,21 @@ async fn run(
         on_event(Event::State(ConnState::Disconnected));
         match ended {
             Ended::Refused(why) if link.credentials.is_some() => {
+                let url = link.urls.current();
                 log::warn(&format!("renkei: MQTT login at {url} refused ({why})"));
                 on_event(Event::Refused(why));
                 return;
             }
             Ended::Refused(why) | Ended::Dropped(why) => {
-                let delay = backoff.next_delay_ms(js_sys::Math::random());
+                let url = link.urls.current().to_owned();
+                let delay = if link.urls.dropped() {
+                    backoff.next_delay_ms(js_sys::Math::random())
+                } else {
+                    NEXT_ADDRESS_MS
+                };
                 log::warn(&format!(
-                    "renkei: MQTT connection to {url} ended ({why}); retrying in {delay} ms"
+                    "renkei: MQTT connection to {url} ended ({why}); trying {} in {delay} ms",
+                    link.urls.current()
                 ));
                 TimeoutFuture::new(delay).await;
             }
@@ -83,7 +91,7 @@ async fn connect_once(
     on_event: &impl Fn(Event),
     backoff: &mut Backoff,
 ) -> Ended {
-    let mut ws = match WebSocket::open_with_protocol(link.url, "mqtt") {
+    let mut ws = match WebSocket::open_with_protocol(link.urls.current(), "mqtt") {
         Ok(ws) => ws,
         Err(e) => return Ended::Dropped(format!("cannot open: {e}")),
     };
@@ -183,6 +191,7 @@ async fn connect_once(
                     }
                     Output::Subscribed => {
                         backoff.reset();
+                        link.urls.connected();
                         on_event(Event::State(ConnState::Connected));
                         if let Err(e) = flush(&mut session, &mut ws, &mut link.pending).await {
                             return Ended::Dropped(e);

@@ -37,13 +37,22 @@ fn main() -> Result<()> {
     let mut instances = Vec::new();
     for (i, id) in ["renkei-hq-a", "renkei-hq-b"].iter().enumerate() {
         let dir = tempfile::tempdir()?;
-        // Dashboards connect to the nodes' WebSocket listener, the first instance's to the
-        // first node, the second's to the second.
+        // Dashboards connect to the nodes' WebSocket listeners, the first instance's to the
+        // first node, the second's to the second, and go on to the others when theirs is lost.
+        let others: Vec<String> = (1..cluster.nodes.len())
+            .map(|k| {
+                format!(
+                    "{:?}",
+                    cluster.nodes[(i + k) % cluster.nodes.len()].ws_url()
+                )
+            })
+            .collect();
         write_config(
             dir.path(),
             &format!(
-                "[external]\nws_url = \"{}\"\n",
-                cluster.nodes[i % cluster.nodes.len()].ws_url()
+                "[external]\nws_url = \"{}\"\nws_failover = [{}]\n",
+                cluster.nodes[i].ws_url(),
+                others.join(", ")
             ),
         );
         let mut flags = vec![
