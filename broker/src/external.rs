@@ -159,6 +159,28 @@ pub struct External {
 impl External {
     /// Connects, subscribes, and returns once the broker has acknowledged the subscription.
     pub async fn connect(config: &ExternalConfig, url: &str) -> Result<External, ExternalError> {
+        External::connect_session(config, url, config.client_id.clone(), filter(config), false)
+            .await
+    }
+
+    /// A further connection that only publishes (its own clean session, `{client_id}-{name}`),
+    /// failing over as the first does.
+    pub async fn connect_publisher(
+        config: &ExternalConfig,
+        url: &str,
+        name: &str,
+    ) -> Result<External, ExternalError> {
+        let client_id = format!("{}-{name}", config.client_id);
+        External::connect_session(config, url, client_id, None, true).await
+    }
+
+    async fn connect_session(
+        config: &ExternalConfig,
+        url: &str,
+        client_id: String,
+        filter: Option<String>,
+        clean: bool,
+    ) -> Result<External, ExternalError> {
         let broker = BrokerUrl::parse(url).map_err(|e| ExternalError::Url(e.to_string()))?;
         let addr = resolve(&broker.host, broker.port).await?;
         let ws_addr = match &config.ws_url {
@@ -166,8 +188,8 @@ impl External {
             None => None,
         };
         let session = |url: &BrokerUrl| -> Result<MqttOptions, ExternalError> {
-            let mut options = client_options(config.client_id.clone(), config, url)?;
-            options.set_clean_session(false).set_manual_acks(true);
+            let mut options = client_options(client_id.clone(), config, url)?;
+            options.set_clean_session(clean).set_manual_acks(true);
             Ok(options)
         };
         let mut addresses = vec![session(&broker)?];
@@ -184,7 +206,7 @@ impl External {
             client: client.clone(),
             addresses,
             current: 0,
-            filter: filter(config),
+            filter,
             incoming: tx,
             ready: Some(ready_tx),
             stop: stop.clone(),

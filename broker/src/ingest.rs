@@ -193,12 +193,12 @@ impl Ingest {
     pub fn start_jetstream(
         incoming: std::sync::mpsc::Receiver<Delivered>,
         settle: tokio::sync::mpsc::UnboundedSender<Settle>,
-        client: rumqttc::AsyncClient,
+        publisher: Publisher,
         setup: Setup,
     ) -> Result<Ingest, IngestError> {
         Ingest::spawn(move |stop| {
             let progress = setup.recorder.as_ref().map(RecorderTx::progress);
-            let mut pipeline = Pipeline::new(setup, Publisher::External(client));
+            let mut pipeline = Pipeline::new(setup, publisher);
             let mut settling = Settling::new(progress, settle);
             while !stop.load(Ordering::Relaxed) {
                 let message = match next(&incoming, !settling.handled.is_empty()) {

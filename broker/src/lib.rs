@@ -181,9 +181,15 @@ impl Addrs {
 #[derive(Debug)]
 enum Source {
     Embedded(Mqtt),
-    /// An external broker, and the JetStream stream ingest reads instead of subscribing.
-    External(External, Option<jetstream::JetStreamSource>),
+    /// An external broker, the JetStream stream ingest reads instead of subscribing, and the
+    /// further connections the mirror and the receipts go out through (JetStream mode).
+    External(External, Option<jetstream::JetStreamSource>, Vec<External>),
 }
+
+/// Connections the JSON mirror and the receipts go out through on a NATS cluster: NATS takes
+/// one connection's QoS 1 publishes one at a time (a retained one is written to a replicated
+/// stream first), so one connection carries a few hundred a second (docs/scaling.md).
+const JETSTREAM_PUBLISHERS: usize = 8;
 
 /// A started broker: MQTT listening (or the external broker connected), ingest consuming,
 /// HTTP bound but not yet serving.
@@ -287,6 +293,7 @@ impl Broker {
                 let held = external::retained_topics(&config.external, url).await?;
                 let mut external = External::connect(&config.external, url).await?;
                 let incoming = external.incoming.take().ok_or(IngestError::ExternalGone)?;
+                let mut out = Vec::new();
                 let (ingest, stream) = if config.external.jetstream.is_empty() {
                     let ingest = Ingest::start_external(incoming, external.client.clone(), setup)?;
                     (ingest, None)
@@ -294,8 +301,14 @@ impl Broker {
                     let password = external::read_password(&config.external)?;
                     let (stream, delivered, settle) =
                         jetstream::JetStreamSource::start(&config.external, password).await?;
-                    let ingest =
-                        Ingest::start_jetstream(delivered, settle, external.client.clone(), setup)?;
+                    for k in 0..JETSTREAM_PUBLISHERS {
+                        out.push(
+                            External::connect_publisher(&config.external, url, &format!("out{k}"))
+                                .await?,
+                        );
+                    }
+                    let mirror = Publisher::Spread(out.iter().map(|o| o.client.clone()).collect());
+                    let ingest = Ingest::start_jetstream(delivered, settle, mirror, setup)?;
                     (ingest, Some(stream))
                 };
                 let publisher = Publisher::External(external.client.clone());
@@ -308,7 +321,7 @@ impl Broker {
                     "external-broker mode: the embedded MQTT listeners are off"
                 );
                 (
-                    Source::External(external, stream),
+                    Source::External(external, stream, out),
                     ingest,
                     publisher,
                     Some(held),
@@ -318,7 +331,10 @@ impl Broker {
         let (receipts, receipts_tx) = receipts::Sender::start(
             match &source {
                 Source::Embedded(mqtt) => Publisher::new(mqtt.link("receipts")?),
-                Source::External(external, _) => Publisher::External(external.client.clone()),
+                Source::External(_, _, out) if !out.is_empty() => {
+                    Publisher::Spread(out.iter().map(|o| o.client.clone()).collect())
+                }
+                Source::External(external, ..) => Publisher::External(external.client.clone()),
             },
             interest,
             config.recorder.receipt_rate,
@@ -354,7 +370,7 @@ impl Broker {
         let mut leading = None;
         let mut node = rules::node_name(config.upstream.broker.as_ref().and(config.upstream.ward));
         if config.rules.enabled
-            && let Source::External(_, Some(stream)) = &mut source
+            && let Source::External(_, Some(stream), _) = &mut source
         {
             let leadership = leadership::Leadership::start(
                 stream.js.clone(),
@@ -424,7 +440,7 @@ impl Broker {
                 http: http_addr,
                 mqtts: mqtt.tls_addr,
             },
-            Source::External(external, _) => Addrs {
+            Source::External(external, ..) => Addrs {
                 mqtt: external.addr,
                 ws: external.ws_addr,
                 http: http_addr,
@@ -525,9 +541,12 @@ impl Broker {
             }
             ingest.stop();
             // After ingest: the last mirror and alert publishes are queued before DISCONNECT.
-            if let Source::External(external, stream) = source {
+            if let Source::External(external, stream, out) = source {
                 if let Some(stream) = stream {
                     stream.stop();
+                }
+                for o in out {
+                    o.stop();
                 }
                 external.stop();
             }

@@ -16,6 +16,10 @@ pub enum Publisher {
         _rx: Option<LinkRx>,
     },
     External(rumqttc::AsyncClient),
+    /// Several clients of an external broker, each topic always through the same one (its
+    /// messages stay in order): for an engine that takes one connection's QoS 1 publishes one
+    /// at a time (NATS stores each retained one in a replicated stream before the next).
+    Spread(Vec<rumqttc::AsyncClient>),
 }
 
 impl std::fmt::Debug for Publisher {
@@ -23,6 +27,7 @@ impl std::fmt::Debug for Publisher {
         f.write_str(match self {
             Publisher::Embedded { .. } => "Publisher::Embedded",
             Publisher::External(_) => "Publisher::External",
+            Publisher::Spread(_) => "Publisher::Spread",
         })
     }
 }
@@ -34,6 +39,16 @@ pub enum PublishError {
     Link(Box<LinkError>),
     #[error("the external broker's client is gone: {0}")]
     External(#[from] rumqttc::ClientError),
+    #[error("no client of the external broker to publish through")]
+    NoClient,
+}
+
+/// Which of `n` clients carries `topic`: the same one every time.
+fn spread_index(topic: &str, n: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    topic.hash(&mut hasher);
+    (hasher.finish() % n.max(1) as u64) as usize
 }
 
 impl Publisher {
@@ -76,6 +91,17 @@ impl Publisher {
                 retain,
                 payload,
             ))?),
+            Publisher::Spread(clients) => {
+                let Some(client) = clients.get(spread_index(&topic, clients.len())) else {
+                    return Err(PublishError::NoClient);
+                };
+                Ok(futures::executor::block_on(client.publish(
+                    topic,
+                    rumqttc::QoS::AtLeastOnce,
+                    retain,
+                    payload,
+                ))?)
+            }
         }
     }
 
@@ -108,7 +134,7 @@ impl Publisher {
                     None => Ok(()),
                 }
             }
-            Publisher::External(_) => messages
+            Publisher::External(_) | Publisher::Spread(_) => messages
                 .into_iter()
                 .try_for_each(|m| self.publish(m.topic, m.payload, m.retain)),
         }
@@ -129,5 +155,26 @@ impl Outgoing {
             rumqttd::protocol::Publish::new(self.topic.into_bytes(), self.payload, self.retain),
             None,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_topic_keeps_its_client_and_topics_spread_over_all() {
+        let topics: Vec<String> = (0..400)
+            .map(|i| format!("renkei/json/v1/131041/es-{i}/status"))
+            .collect();
+        for t in &topics {
+            assert_eq!(spread_index(t, 8), spread_index(t, 8));
+        }
+        let mut used = [0usize; 8];
+        for t in &topics {
+            used[spread_index(t, 8)] += 1;
+        }
+        assert!(used.iter().all(|n| *n > 20), "{used:?}");
+        assert_eq!(spread_index("x", 0), 0);
     }
 }

@@ -659,3 +659,91 @@ async fn two_instances_share_one_postgresql_record_through_a_node_kill_a_databas
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_on_the_cluster_shows_live_data_again_soon_after_its_node_is_killed()
+-> Result<()> {
+    let _one = ONE_AT_A_TIME.lock().await;
+    if !NatsCluster::installed() {
+        eprintln!("SKIPPED: nats-server is not installed (apt-get install nats-server)");
+        return Ok(());
+    }
+    // Open, as the demo's: the login is the embedded tests' business; this is the failover.
+    let mut cluster = NatsCluster::start("");
+    let ws: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|n| format!("{:?}", n.ws_url()))
+        .collect();
+    let dir = renkei_testkit::prepare();
+    renkei_testkit::write_config(
+        dir.path(),
+        &format!(
+            "[external]\nws_url = {}\nws_failover = [{}]\n",
+            ws[0],
+            ws[1..].join(", ")
+        ),
+    );
+    // The instance serves the page and its /config.json, and reads the stream through node 1:
+    // only the dashboard's own node dies.
+    let mut args = vec![
+        "--demo".to_owned(),
+        "--external".to_owned(),
+        format!("mqtt://{}", cluster.nodes[1].mqtt()),
+        "--external-client-id".to_owned(),
+        "renkei-hq-dash".to_owned(),
+        "--external-failover".to_owned(),
+        format!("mqtt://{}", cluster.nodes[2].mqtt()),
+    ];
+    for node in &cluster.nodes {
+        args.push("--external-jetstream".into());
+        args.push(node.nats_url());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let broker = BrokerProcess::start_serving(&renkei_tests::built_dashboard()?, dir, &args);
+    let browser = renkei_tests::Browser::start().await?;
+    browser
+        .client
+        .goto(&format!("http://{}/", broker.addrs.http))
+        .await?;
+
+    // A shelter reports through node 2 every second; the page shows it through node 0.
+    let tile = ".tile[data-ward=\"131041\"] [data-field=\"evacuees\"]";
+    let agent = MqttClient::connect(cluster.nodes[2].mqtt(), "dash-agent").await;
+    let report = |seq: u64, evacuees: u32| {
+        let mut env = renkei_shared::sample::shelter();
+        env.header.seq = seq;
+        env.header.sent_at = renkei_shared::Timestamp::now();
+        if let renkei_shared::Body::Shelter(s) = &mut env.body {
+            s.evacuees = Some(evacuees);
+        }
+        env
+    };
+    let mut seq = 1000;
+    let wait = |want: &'static str, within: Duration| {
+        let browser = &browser;
+        async move { browser.wait_for_text(tile, want, within).await }
+    };
+    agent.send(&report(seq, 312)).await;
+    wait("312 / 450", Duration::from_secs(60))
+        .await
+        .with_context(|| broker.log())?;
+
+    cluster.kill9(0);
+    let killed = Instant::now();
+    let reporting = tokio::spawn(async move {
+        loop {
+            seq += 1;
+            agent.send(&report(seq, 77)).await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let shown = wait("77 / 450", Duration::from_secs(90)).await;
+    let took = killed.elapsed();
+    reporting.abort();
+    shown.with_context(|| format!("nothing new on the page {took:?} after its node died"))?;
+    eprintln!(
+        "dashboard on the cluster: its node killed, live data on the page again {took:?} after"
+    );
+    Ok(())
+}
