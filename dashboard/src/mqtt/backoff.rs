@@ -11,6 +11,9 @@ pub const INITIAL_MS: u32 = 1_000;
 pub const MAX_MS: u32 = 30_000;
 /// The pause before trying the next address when the one in use was lost, in ms.
 pub const NEXT_ADDRESS_MS: u32 = 250;
+/// Longest delay with several addresses, in ms: a cluster that refuses on every node is
+/// electing leaders, which takes seconds, and a round costs each node one connection.
+pub const MAX_CLUSTER_MS: u32 = 5_000;
 
 /// The broker's addresses, the first the one to use while it answers.
 #[derive(Debug, Clone)]
@@ -31,6 +34,11 @@ impl Addresses {
             current: 0,
             failed: 0,
         }
+    }
+
+    /// How many there are (never none).
+    pub fn count(&self) -> usize {
+        self.urls.len()
     }
 
     /// The address to connect to now.
@@ -61,12 +69,14 @@ impl Addresses {
 #[derive(Debug, Clone)]
 pub struct Backoff {
     next_ms: u32,
+    max_ms: u32,
 }
 
 impl Default for Backoff {
     fn default() -> Self {
         Backoff {
             next_ms: INITIAL_MS,
+            max_ms: MAX_MS,
         }
     }
 }
@@ -76,10 +86,23 @@ impl Backoff {
         Backoff::default()
     }
 
+    /// The backoff for a broker at `addresses` addresses: capped at [`MAX_CLUSTER_MS`] when
+    /// there are several.
+    pub fn for_addresses(addresses: usize) -> Self {
+        Backoff {
+            next_ms: INITIAL_MS,
+            max_ms: if addresses > 1 {
+                MAX_CLUSTER_MS
+            } else {
+                MAX_MS
+            },
+        }
+    }
+
     /// The delay before the next attempt; `random` in [0, 1) picks the jitter (50–100 %).
     pub fn next_delay_ms(&mut self, random: f64) -> u32 {
         let base = self.next_ms;
-        self.next_ms = self.next_ms.saturating_mul(2).min(MAX_MS);
+        self.next_ms = self.next_ms.saturating_mul(2).min(self.max_ms);
         let factor = 0.5 + 0.5 * random.clamp(0.0, 1.0);
         (f64::from(base) * factor) as u32
     }
@@ -123,6 +146,9 @@ mod tests {
         assert!(!three.dropped());
         assert_eq!(three.current(), "ws://c");
         assert!(three.dropped(), "all three failed: back off");
+        let mut backoff = Backoff::for_addresses(three.count());
+        let delays: Vec<u32> = (0..6).map(|_| backoff.next_delay_ms(0.999_999)).collect();
+        assert!(delays[5] <= MAX_CLUSTER_MS, "{delays:?}");
         assert_eq!(three.current(), "ws://a");
         // A good connection on b, then b is lost: c is tried at once.
         assert!(!three.dropped());

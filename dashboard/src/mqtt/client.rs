@@ -49,7 +49,7 @@ async fn run(
     outgoing: UnboundedReceiver<Outgoing>,
     on_event: impl Fn(Event),
 ) {
-    let mut backoff = Backoff::new();
+    let mut backoff = Backoff::for_addresses(urls.count());
     let mut link = Link {
         urls,
         filters: &filters,
