@@ -446,6 +446,61 @@ async fn the_rules_run_on_one_instance_and_move_within_ten_seconds_when_it_dies(
     Ok(())
 }
 
+/// A client that connects again whenever the engine closes its connection, as an agent's
+/// does (NATS closes connections whose QoS 1 work stalls while its streams elect leaders).
+/// `filter`, if given, is subscribed on every connection (the session is clean); whether the
+/// last subscription was granted is the flag returned; what arrives goes to `on_publish`.
+fn reconnecting(
+    options: rumqttc::MqttOptions,
+    filter: Option<&'static str>,
+    on_publish: impl Fn(&rumqttc::Publish) + Send + 'static,
+) -> (
+    rumqttc::AsyncClient,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 1_000);
+    let subscribed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (subscriber, flag) = (client.clone(), subscribed.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    flag.store(false, Relaxed);
+                    if let Some(filter) = filter {
+                        let _ = subscriber.try_subscribe(filter, QoS::AtLeastOnce);
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(ack))) => {
+                    let granted = !ack
+                        .return_codes
+                        .iter()
+                        .any(|c| matches!(c, SubscribeReasonCode::Failure));
+                    flag.store(granted, Relaxed);
+                    if !granted && let Some(filter) = filter {
+                        // Refused while the engine elects leaders: ask again.
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        let _ = subscriber.try_subscribe(filter, QoS::AtLeastOnce);
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => on_publish(&p),
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+            }
+        }
+    });
+    (client, subscribed, task)
+}
+
+/// Publishes a Renkei message on its own topic, retained, at QoS 1, as agents send; queued
+/// while the client is between connections.
+async fn publish(client: &rumqttc::AsyncClient, env: &renkei_shared::Envelope) {
+    let topic = renkei_shared::Topic::of(env).unwrap().to_string();
+    let payload = renkei_shared::encode(env).unwrap();
+    let _ = client.publish(topic, QoS::AtLeastOnce, true, payload).await;
+}
+
 /// Sites of the load, all in Shinjuku: `load-000` to `load-{LOAD_SITES - 1}`.
 const LOAD_SITES: u64 = 200;
 
@@ -513,22 +568,23 @@ async fn two_instances_share_one_postgresql_record_through_a_node_kill_a_databas
     // messages are sent by one client under the admin login, as many agents would.
     let node = cluster.nodes[2].mqtt();
     let receipted = std::sync::Arc::new(Receipted::default());
-    let mut listener =
-        MqttClient::try_connect(login_options(node, "load-receipts", "root", PASSWORD))
-            .await
-            .map_err(anyhow::Error::msg)?;
-    listener.subscribe("renkei/receipt/v1/131041/+").await;
-    let listening = {
+    let (_listener, subscribed, listening) = {
         let receipted = receipted.clone();
-        tokio::spawn(async move {
-            loop {
-                let Some(p) = listener.publish_within(Duration::from_secs(600)).await else {
-                    return;
-                };
-                receipted.add(&p.topic, &p.payload);
-            }
-        })
+        reconnecting(
+            login_options(node, "load-receipts", "root", PASSWORD),
+            Some("renkei/receipt/v1/131041/+"),
+            move |p| receipted.add(&p.topic, &p.payload),
+        )
     };
+    eventually_within(Duration::from_secs(30), "the receipts subscribed", || {
+        let subscribed = subscribed.clone();
+        async move {
+            subscribed
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .then_some(())
+        }
+    })
+    .await?;
     // NATS takes a connection's QoS 1 publishes one at a time (each waits for its stream's
     // acknowledgement), so the sites' messages come through SENDERS connections, as many
     // agents' would.
@@ -536,11 +592,7 @@ async fn two_instances_share_one_postgresql_record_through_a_node_kill_a_databas
     let mut senders = Vec::new();
     for k in 0..SENDERS {
         let options = login_options(node, &format!("load-sender-{k}"), "root", PASSWORD);
-        senders.push(std::sync::Arc::new(
-            MqttClient::try_connect(options)
-                .await
-                .map_err(anyhow::Error::msg)?,
-        ));
+        senders.push(reconnecting(options, None, |_| {}).0);
     }
 
     // ~2,000 messages a second for 30 s, each sender pacing its share in steps of 10 ms; the
@@ -561,7 +613,7 @@ async fn two_instances_share_one_postgresql_record_through_a_node_kill_a_databas
             while i < mine {
                 let due = (started.elapsed().as_millis() as u64 * RATE / 1000 / SENDERS).min(mine);
                 while i < due {
-                    sender.send(&load_message(k + i * SENDERS)).await;
+                    publish(&sender, &load_message(k + i * SENDERS)).await;
                     sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     i += 1;
                 }
@@ -625,9 +677,7 @@ async fn two_instances_share_one_postgresql_record_through_a_node_kill_a_databas
         }
         before = missing.len();
         for n in &missing {
-            senders[(*n % SENDERS) as usize]
-                .send(&load_message(*n))
-                .await;
+            publish(&senders[(*n % SENDERS) as usize], &load_message(*n)).await;
         }
         resent += missing.len() as u64;
     }
