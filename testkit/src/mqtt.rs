@@ -140,6 +140,19 @@ impl MqttClient {
             .unwrap();
     }
 
+    /// As [`MqttClient::send`], but false instead of a panic when the connection has ended
+    /// (an engine that closes connections, as NATS does while its streams elect leaders).
+    pub async fn try_send(&self, env: &renkei_shared::Envelope) -> bool {
+        let (Ok(topic), Ok(payload)) = (renkei_shared::Topic::of(env), renkei_shared::encode(env))
+        else {
+            return false;
+        };
+        self.client
+            .publish(topic.to_string(), QoS::AtLeastOnce, true, payload)
+            .await
+            .is_ok()
+    }
+
     /// The payload of the next publish on `topic` within `wait`, skipping others.
     pub async fn publish_on(&mut self, topic: &str, wait: Duration) -> Option<Vec<u8>> {
         let deadline = tokio::time::Instant::now() + wait;
