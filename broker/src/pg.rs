@@ -473,23 +473,14 @@ mod tests {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use renkei_shared::{Envelope, State, Topic, encode, sample};
+    use renkei_shared::{State, sample};
     use renkei_testkit::postgres::Postgres;
 
     use crate::config::RecorderConfig;
     use crate::http::history::tests::postgres_archive;
     use crate::metrics::Metrics;
+    use crate::recorder::tests::accepted;
     use crate::recorder::{Archive, Record, Recorder, restore};
-
-    fn accepted(envelope: Envelope) -> Record {
-        Record::Accepted {
-            received_at: sample::SENT_AT,
-            topic: Topic::of(&envelope).unwrap(),
-            payload: encode(&envelope).unwrap(),
-            envelope: Box::new(envelope),
-            via: None,
-        }
-    }
 
     fn rejected(i: u8) -> Record {
         Record::Rejected {

@@ -719,12 +719,13 @@ impl Replay {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use renkei_shared::{encode, sample};
 
     use super::*;
 
-    fn accepted(envelope: Envelope) -> Record {
+    /// An accepted record of `envelope`, as ingest hands it over.
+    pub(crate) fn accepted(envelope: Envelope) -> Record {
         Record::Accepted {
             received_at: sample::SENT_AT,
             topic: Topic::of(&envelope).unwrap(),
