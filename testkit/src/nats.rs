@@ -203,6 +203,49 @@ impl NatsCluster {
         }
     }
 
+    /// Node `first`, then the others in turn.
+    fn from(&self, first: usize) -> impl Iterator<Item = &NatsNode> {
+        let n = self.nodes.len();
+        (0..n).map(move |k| &self.nodes[(first + k) % n])
+    }
+
+    /// The flags of a `renkei-broker` instance on this cluster (`serve` in external mode): its
+    /// MQTT session through node `first`, the others to fail over to, and its ingest reading
+    /// the replicated stream through every node.
+    pub fn instance_flags(&self, first: usize) -> Vec<String> {
+        let mut flags = Vec::new();
+        for (k, node) in self.from(first).enumerate() {
+            flags.push(
+                if k == 0 {
+                    "--external"
+                } else {
+                    "--external-failover"
+                }
+                .to_owned(),
+            );
+            flags.push(format!("mqtt://{}", node.mqtt()));
+        }
+        for node in &self.nodes {
+            flags.push("--external-jetstream".to_owned());
+            flags.push(node.nats_url());
+        }
+        flags
+    }
+
+    /// The `[external]` config that sends an instance's dashboards to node `first`'s
+    /// WebSocket listener, and to the others in turn when it is lost.
+    pub fn dashboard_config(&self, first: usize) -> String {
+        let urls: Vec<String> = self
+            .from(first)
+            .map(|n| format!("{:?}", n.ws_url()))
+            .collect();
+        format!(
+            "[external]\nws_url = {}\nws_failover = [{}]\n",
+            urls[0],
+            urls[1..].join(", ")
+        )
+    }
+
     /// Kills node `i` with SIGKILL.
     pub fn kill9(&mut self, i: usize) {
         if let Some(mut p) = self.nodes[i].process.take() {

@@ -248,24 +248,15 @@ fn instance_recording_in(
     let password = dir.path().join("cluster.password");
     std::fs::write(&password, format!("{PASSWORD}\n"))?;
     let password = password.to_str().context("utf-8 path")?.to_owned();
-    let mut args: Vec<String> = vec![
-        "--external".into(),
-        format!("mqtt://{}", cluster.nodes[0].mqtt()),
+    let mut args = cluster.instance_flags(0);
+    args.extend([
         "--external-user".into(),
         "root".into(),
         "--external-password-file".into(),
         password,
         "--external-client-id".into(),
         id.into(),
-    ];
-    for node in &cluster.nodes[1..] {
-        args.push("--external-failover".into());
-        args.push(format!("mqtt://{}", node.mqtt()));
-    }
-    for node in &cluster.nodes {
-        args.push("--external-jetstream".into());
-        args.push(node.nats_url());
-    }
+    ]);
     if let Some(conninfo) = postgres {
         args.push("--postgres".into());
         args.push(conninfo.into());
@@ -725,35 +716,16 @@ async fn a_dashboard_on_the_cluster_shows_live_data_again_soon_after_its_node_is
     }
     // Open, as the demo's: the login is the embedded tests' business; this is the failover.
     let mut cluster = NatsCluster::start("");
-    let ws: Vec<String> = cluster
-        .nodes
-        .iter()
-        .map(|n| format!("{:?}", n.ws_url()))
-        .collect();
     let dir = renkei_testkit::prepare();
-    renkei_testkit::write_config(
-        dir.path(),
-        &format!(
-            "[external]\nws_url = {}\nws_failover = [{}]\n",
-            ws[0],
-            ws[1..].join(", ")
-        ),
-    );
-    // The instance serves the page and its /config.json, and reads the stream through node 1:
+    renkei_testkit::write_config(dir.path(), &cluster.dashboard_config(0));
+    // The instance serves the page and its /config.json, and has its session through node 1:
     // only the dashboard's own node dies.
-    let mut args = vec![
-        "--demo".to_owned(),
-        "--external".to_owned(),
-        format!("mqtt://{}", cluster.nodes[1].mqtt()),
-        "--external-client-id".to_owned(),
-        "renkei-hq-dash".to_owned(),
-        "--external-failover".to_owned(),
-        format!("mqtt://{}", cluster.nodes[2].mqtt()),
-    ];
-    for node in &cluster.nodes {
-        args.push("--external-jetstream".into());
-        args.push(node.nats_url());
-    }
+    let mut args = cluster.instance_flags(1);
+    args.extend([
+        "--demo".into(),
+        "--external-client-id".into(),
+        "renkei-hq-dash".into(),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let broker = BrokerProcess::start_serving(&renkei_tests::built_dashboard()?, dir, &args);
     let browser = renkei_tests::Browser::start().await?;

@@ -39,39 +39,15 @@ fn main() -> Result<()> {
         let dir = tempfile::tempdir()?;
         // Dashboards connect to the nodes' WebSocket listeners, the first instance's to the
         // first node, the second's to the second, and go on to the others when theirs is lost.
-        let others: Vec<String> = (1..cluster.nodes.len())
-            .map(|k| {
-                format!(
-                    "{:?}",
-                    cluster.nodes[(i + k) % cluster.nodes.len()].ws_url()
-                )
-            })
-            .collect();
-        write_config(
-            dir.path(),
-            &format!(
-                "[external]\nws_url = \"{}\"\nws_failover = [{}]\n",
-                cluster.nodes[i].ws_url(),
-                others.join(", ")
-            ),
-        );
-        let mut flags = vec![
+        write_config(dir.path(), &cluster.dashboard_config(i));
+        let mut flags = cluster.instance_flags(i);
+        flags.extend([
             "--demo".to_owned(),
-            "--external".to_owned(),
-            format!("mqtt://{}", cluster.nodes[i].mqtt()),
             "--external-client-id".to_owned(),
             (*id).to_owned(),
             "--postgres".to_owned(),
             record.url(),
-        ];
-        for (j, node) in cluster.nodes.iter().enumerate() {
-            if j != i {
-                flags.push("--external-failover".to_owned());
-                flags.push(format!("mqtt://{}", node.mqtt()));
-            }
-            flags.push("--external-jetstream".to_owned());
-            flags.push(node.nats_url());
-        }
+        ]);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         instances.push(Some(BrokerProcess::start_serving(
             &args.dashboard,

@@ -398,23 +398,14 @@ fn start(target: Target) -> Result<Server> {
             let record = Postgres::start();
             let mut instances = Vec::new();
             for id in ["renkei-bench-a", "renkei-bench-b"] {
-                let mut args = vec![
+                let mut args = cluster.instance_flags(0);
+                args.extend([
                     "--demo".to_owned(),
-                    "--external".to_owned(),
-                    format!("mqtt://{}", cluster.nodes[0].mqtt()),
                     "--external-client-id".to_owned(),
                     id.to_owned(),
                     "--postgres".to_owned(),
                     record.url(),
-                ];
-                for node in &cluster.nodes[1..] {
-                    args.push("--external-failover".to_owned());
-                    args.push(format!("mqtt://{}", node.mqtt()));
-                }
-                for node in &cluster.nodes {
-                    args.push("--external-jetstream".to_owned());
-                    args.push(node.nats_url());
-                }
+                ]);
                 let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 instances.push(BrokerProcess::start_in(renkei_testkit::prepare(), &args));
             }
