@@ -7,7 +7,7 @@
 //! and what a killed server had committed is in the page cache for its restart.
 
 use std::os::unix::process::CommandExt as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -141,16 +141,30 @@ impl Postgres {
     }
 
     fn create_database(&self) {
-        let out = Command::new(self.bin.join("createdb"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-U", DATABASE, DATABASE])
+        self.client("createdb", &[DATABASE]);
+    }
+
+    /// Runs the client program `name` against the server as its user, and returns what it
+    /// printed; panics with what it said if it fails.
+    fn client(&self, name: &str, args: &[&str]) -> String {
+        let out = Command::new(self.bin.join(name))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                DATABASE,
+            ])
+            .args(args)
             .output()
-            .expect("running createdb");
+            .unwrap_or_else(|e| panic!("running {name}: {e}"));
         assert!(
             out.status.success(),
-            "createdb failed: {}",
+            "{name} {args:?} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     fn log_path(&self) -> PathBuf {
@@ -170,40 +184,12 @@ impl Postgres {
         )
     }
 
-    /// The record in this server, its schema made, as the broker opens it.
-    pub async fn archive(&self) -> renkei_broker::recorder::Archive {
-        let config = renkei_broker::config::RecorderConfig {
-            postgres: Some(self.url()),
-            ..Default::default()
-        };
-        renkei_broker::recorder::Archive::open(&config, Path::new("/nonexistent"))
-            .await
-            .expect("opening the PostgreSQL record")
-    }
-
     /// Runs one query with psql and returns its output, trimmed (`-At`: values only).
     pub fn query(&self, sql: &str) -> String {
-        let out = Command::new(self.bin.join("psql"))
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args([
-                "-U",
-                DATABASE,
-                "-d",
-                DATABASE,
-                "-At",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-c",
-                sql,
-            ])
-            .output()
-            .expect("running psql");
-        assert!(
-            out.status.success(),
-            "psql {sql:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        self.client(
+            "psql",
+            &["-d", DATABASE, "-At", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        )
     }
 
     /// A query's single number.

@@ -444,7 +444,7 @@ pub(crate) mod tests {
         commands_and_answers(postgres_archive(&pg).await).await;
     }
 
-    /// The record in `pg`, as this crate opens it (the test kit's is another build of it).
+    /// The record in `pg`, opened as the broker opens it.
     pub(crate) async fn postgres_archive(pg: &renkei_testkit::postgres::Postgres) -> Archive {
         let config = crate::config::RecorderConfig {
             postgres: Some(pg.url()),
