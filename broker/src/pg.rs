@@ -246,7 +246,12 @@ pub struct Writer {
     client: Option<postgres::Client>,
     /// `origins.id` by key, for every sender already in the table.
     origins: HashMap<String, i64>,
+    /// When [`Writer::bytes`] last asked the server.
+    size_read: Option<std::time::Instant>,
 }
+
+/// How often [`Writer::bytes`] asks the server at most (it walks the database's files).
+const SIZE_EVERY: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for Writer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -289,6 +294,7 @@ impl Writer {
             config: postgres::Config::from(config),
             client: None,
             origins: HashMap::new(),
+            size_read: None,
         }
     }
 
@@ -456,9 +462,15 @@ impl Writer {
         Ok(usize::try_from(inserted).unwrap_or(usize::MAX))
     }
 
-    /// The database's size on disk, if it can be read now.
+    /// The database's size on disk, if it can be read now: at most once a [`SIZE_EVERY`], and
+    /// only over a connection the last batch left open (never a new one: after a failed batch
+    /// that would wait out the connect timeout a second time).
     pub fn bytes(&mut self) -> Option<u64> {
-        let client = self.client().ok()?;
+        if self.size_read.is_some_and(|at| at.elapsed() < SIZE_EVERY) {
+            return None;
+        }
+        let client = self.client.as_mut().filter(|c| !c.is_closed())?;
+        self.size_read = Some(std::time::Instant::now());
         let row = client
             .query_one("SELECT pg_database_size(current_database())", &[])
             .ok()?;

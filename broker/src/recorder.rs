@@ -179,7 +179,8 @@ impl Store {
         }
     }
 
-    /// The record's size (database and write-ahead log); `None` when it cannot be read now.
+    /// The record's size (database and write-ahead log); `None` when it cannot be read now, or
+    /// (PostgreSQL) was read less than a second ago: the last size stands.
     fn bytes(&mut self) -> Option<u64> {
         match self {
             Store::Sqlite { path, .. } => Some(
