@@ -38,9 +38,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use renkei_shared::Origin;
 
-use crate::recorder::{QUARANTINE_PAYLOAD_BYTES, Record, write_origin_key};
+use crate::recorder::{QUARANTINE_PAYLOAD_BYTES, Record, site_columns, write_origin_key};
 
 /// The schema [`SCHEMA`] makes, as `renkei_meta.schema_version`.
 pub const SCHEMA_VERSION: i64 = 1;
@@ -382,10 +381,7 @@ impl Writer {
                         tracing::error!(origin = %key, "PostgreSQL record: sender has no id");
                         continue;
                     };
-                    let (ward, site) = match &h.origin {
-                        Origin::Site(s) => (Some(i64::from(s.ward.0)), Some(s.site.to_string())),
-                        Origin::Hq(_) => (None, None),
-                    };
+                    let (ward, site) = site_columns(&h.origin);
                     columns.received_at.push(received_at.0);
                     columns.origin_id.push(*origin_id);
                     columns.boot.push(i64::from(h.boot));
@@ -394,8 +390,8 @@ impl Writer {
                     columns.topic.push(topic.to_string());
                     columns.kind.push(envelope.body.kind().as_str());
                     columns.mode.push(h.mode.as_str());
-                    columns.ward.push(ward);
-                    columns.site.push(site);
+                    columns.ward.push(ward.map(i64::from));
+                    columns.site.push(site.map(str::to_owned));
                     columns.payload.push(payload.clone());
                     columns.via.push(via.clone());
                 }

@@ -520,6 +520,14 @@ impl Writer {
     }
 }
 
+/// The sending site's `ward` and `site` columns; none for HQ's own messages.
+pub(crate) fn site_columns(origin: &Origin) -> (Option<u32>, Option<&str>) {
+    match origin {
+        Origin::Site(s) => (Some(s.ward.0), Some(s.site.as_str())),
+        Origin::Hq(_) => (None, None),
+    }
+}
+
 /// `site:{ward}/{site}` or `hq:{node}`.
 pub fn origin_key(origin: &Origin) -> String {
     let mut key = String::new();
@@ -568,10 +576,7 @@ fn write_batch(
                     via,
                 } => {
                     let h = &envelope.header;
-                    let (ward, site) = match &h.origin {
-                        Origin::Site(s) => (Some(s.ward.0), Some(s.site.as_str())),
-                        Origin::Hq(_) => (None, None),
-                    };
+                    let (ward, site) = site_columns(&h.origin);
                     origin.clear();
                     write_origin_key(&mut origin, &h.origin);
                     let origin_id = match origins.get(origin.as_str()) {
