@@ -383,18 +383,7 @@ fn demo(sites: u32, http_port: u16, listen_all: bool, wards: u32) -> Result<()> 
     }
     setup(false)?;
     build_dashboard()?;
-    run(
-        "cargo build --release (broker, agent)",
-        cargo().args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "renkei-broker",
-            "-p",
-            "renkei-agent",
-        ]),
-    )?;
+    build_release(&[])?;
     let bin = root().join("target/release");
     let mut children = Children(Vec::new());
 
@@ -490,28 +479,30 @@ fn demo(sites: u32, http_port: u16, listen_all: bool, wards: u32) -> Result<()> 
     }
 }
 
+/// Builds the broker, the agent and `more` (package, binary) for a demo, in release.
+fn build_release(more: &[(&str, &str)]) -> Result<()> {
+    let mut command = cargo();
+    command.args(["build", "--release", "--locked"]);
+    // Each binary named: with `--bin`, Cargo builds only the binaries it names.
+    for (package, bin) in [
+        ("renkei-broker", "renkei-broker"),
+        ("renkei-agent", "renkei-agent"),
+    ]
+    .iter()
+    .chain(more)
+    {
+        command.args(["-p", package, "--bin", bin]);
+    }
+    run("cargo build --release (the demo's programs)", &mut command)
+}
+
 /// `demo --cluster`: `renkei-cluster` (tests/src/bin) starts the cluster, the record, the two
 /// instances and the simulator with the parts the cluster tests use, and stops them at the end.
 fn demo_cluster(sites: u32) -> Result<()> {
     // NATS and PostgreSQL come from Debian's packages, as for the tests.
     setup(true)?;
     build_dashboard()?;
-    run(
-        "cargo build --release (broker, agent, cluster launcher)",
-        cargo().args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "renkei-broker",
-            "-p",
-            "renkei-agent",
-            "-p",
-            "renkei-tests",
-            "--bin",
-            "renkei-cluster",
-        ]),
-    )?;
+    build_release(&[("renkei-tests", "renkei-cluster")])?;
     run(
         "renkei-cluster (Ctrl-C or end of input stops it)",
         Command::new(root().join("target/release/renkei-cluster"))
