@@ -9,7 +9,7 @@
 //!        ingest: shared::receive (topic → decode → validate) → reducer ──▶ live State ──▶ rules
 //!          │ refused: counted by reason    │ JSON mirror renkei/json/v1/… ──▶ publisher ──▶ mqtt
 //!          ▼                                                                  alerts ──▶ mqtt
-//!        recorder: batches into SQLite (db) ──▶ receipts: renkei/receipt/v1/{ward}/{site} ──▶ agent
+//!        recorder: batches into SQLite (db) or PostgreSQL (pg) ──▶ receipts: renkei/receipt/v1/{ward}/{site} ──▶ agent
 //!                                                                     │
 //! browsers, integrators ◀──── http: dashboard, /config.json, /api/v1/…, /metrics (reads live State, db)
 //! ```
@@ -26,7 +26,8 @@
 //! - [`live`]: the live cross-ward state that ingest writes and the rules and HTTP read;
 //! - [`clock`]: the injectable clock of ingest, the rules and HTTP;
 //! - [`ingest`]: the consumer that keeps the live state, the JSON mirror and the recorder fed;
-//! - [`recorder`]: every accepted message into the database, in batches, and the restore;
+//! - [`recorder`]: every accepted message into the record, in batches, and the restore;
+//! - [`pg`]: the record in a PostgreSQL database every instance of a clustered HQ shares;
 //! - [`receipts`]: tells each agent which of its messages the recorder has committed;
 //! - [`uplink`]: ward mode, the ward's record forwarded to HQ and what HQ sends down;
 //! - [`relays`]: at HQ, the ward brokers' relays and whether each is reachable;

@@ -41,7 +41,7 @@ use futures::StreamExt as _;
 
 use crate::recorder::{QUARANTINE_PAYLOAD_BYTES, Record, site_columns, write_origin_key};
 
-/// The schema [`SCHEMA`] makes, as `renkei_meta.schema_version`.
+/// The schema `SCHEMA` makes, as `renkei_meta.schema_version`.
 pub const SCHEMA_VERSION: i64 = 1;
 
 /// The advisory lock every batch's transaction holds: writers take turns.
@@ -206,7 +206,7 @@ impl std::fmt::Debug for Pool {
 }
 
 impl Pool {
-    /// A pool of up to [`READERS`] connections, opened as they are needed.
+    /// A pool of up to `READERS` (4) connections, opened as they are needed.
     pub fn new(config: tokio_postgres::Config) -> Result<Pool, PgError> {
         let manager = deadpool_postgres::Manager::from_config(
             config,
@@ -458,7 +458,7 @@ impl Writer {
         Ok(usize::try_from(inserted).unwrap_or(usize::MAX))
     }
 
-    /// The database's size on disk, if it can be read now: at most once a [`SIZE_EVERY`], and
+    /// The database's size on disk, if it can be read now: at most once a second (`SIZE_EVERY`), and
     /// only over a connection the last batch left open (never a new one: after a failed batch
     /// that would wait out the connect timeout a second time).
     pub fn bytes(&mut self) -> Option<u64> {
