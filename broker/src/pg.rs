@@ -458,7 +458,8 @@ impl Writer {
         Ok(usize::try_from(inserted).unwrap_or(usize::MAX))
     }
 
-    /// The database's size on disk, if it can be read now: at most once a second (`SIZE_EVERY`), and
+    /// The database's size on disk, if it can be read now: at most once a second
+    /// (`SIZE_EVERY`), and
     /// only over a connection the last batch left open (never a new one: after a failed batch
     /// that would wait out the connect timeout a second time).
     pub fn bytes(&mut self) -> Option<u64> {

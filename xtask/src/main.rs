@@ -11,8 +11,9 @@
 //!
 //! On a fresh machine the tools are installed from the package registries only: the wasm32
 //! target (rustup), Trunk and wasm-bindgen-cli (cargo install, versions pinned below and to
-//! Cargo.lock), Chromium, ChromeDriver, Mosquitto and the NATS server (Debian). Installed tools are reused when
-//! their versions match, so only the first run on a machine pays for them.
+//! Cargo.lock), Chromium, ChromeDriver, Mosquitto, the NATS server and PostgreSQL (Debian).
+//! Installed tools are reused when their versions match, so only the first run on a machine
+//! pays for them.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
