@@ -4,7 +4,9 @@
 //!   `var/demo`, anonymous, on 127.0.0.1 unless `--listen-all`), starts a simulator for the
 //!   23 wards and prints the URL to open. With `--wards N`, the first N wards also get a ward
 //!   broker of their own (ward mode), whose sites report to it and whose line to HQ can be
-//!   cut and restored by typing `cut CODE` / `restore CODE` (docs/federation.md).
+//!   cut and restored by typing `cut CODE` / `restore CODE` (docs/federation.md). With
+//!   `--cluster`, HQ on a cluster instead: three NATS nodes, PostgreSQL and two instances,
+//!   all throw-away (docs/scaling.md).
 //! - `cargo xtask test`  — every check CI runs: format, clippy (native and wasm32), the
 //!   dashboard's release build, all Rust tests, and the browser tests in real Chromium.
 //! - `cargo xtask setup` — installs only the tools the two commands above need.
