@@ -444,6 +444,14 @@ impl DataLog {
         self.native.len()
     }
 
+    /// Renkei patch, for tests: how many entries the log of `filter` holds.
+    #[cfg(test)]
+    pub fn held(&self, filter: &str) -> u64 {
+        self.native
+            .get(self.filter_indexes[filter])
+            .map_or(0, |data| data.log.held())
+    }
+
     fn is_initialized(&self, filter: &str) -> bool {
         self.config
             .initialized_filters
@@ -558,6 +566,32 @@ where
         }
     }
 
+    /// Renkei patch: when every reader of this log has read all of it, the log lets go of
+    /// what it holds. Upstream kept the last `max_segment_count` segments whether or not
+    /// anyone would read them again: the dashboard's and an integrator's busy logs held their
+    /// full bound (10 MiB each with Renkei's defaults) and every agent's receipt log its own,
+    /// for the life of the subscription, though each subscriber had long read them.
+    ///
+    /// Every subscription that reads the log is counted (`subscribers`: connected clients'
+    /// and saved sessions'), and one that has read everything is parked among the `waiters`
+    /// until the next append. So when there are as many waiters as subscriptions, no one is
+    /// behind and nothing in the log will be read again: a new subscriber starts at the end.
+    /// Except where a reader may go back: a persistent session's cursor returns to its first
+    /// unacknowledged message when its connection ends, and a shared group reads through one
+    /// cursor its members move in turn; a log with such a reader keeps its segments, as
+    /// upstream did. Offsets go on from where they were, so parked cursors stay valid.
+    fn release_if_all_read(&mut self) {
+        let waiters = self.waiters.waiters();
+        if waiters.len() != self.subscribers
+            || waiters
+                .iter()
+                .any(|(_, request)| request.persistent || request.group.is_some())
+        {
+            return;
+        }
+        self.log.release_read();
+    }
+
     /// Writes to all the filters that are mapped to this publish topic
     /// and wakes up consumers that are matching this topic (if they exist)
     pub fn append(
@@ -566,6 +600,7 @@ where
         notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     ) -> (Offset, &Filter) {
         let size = item.size();
+        self.release_if_all_read();
         let offset = self.log.append(item);
         if let Some(mut parked) = self.waiters.take() {
             notifications.append(&mut parked);
@@ -690,6 +725,9 @@ mod test {
         };
         let mut data = DataLog::new(config).unwrap();
         let (idx, cursor) = data.next_native_offset("topic/a");
+        // Read from `cursor` below as a subscriber would, so counted as one: a log no one
+        // subscribes to keeps only its last message.
+        data.add_subscriber(idx);
         let properties = PublishProperties {
             message_expiry_interval: Some(3600),
             content_type: Some("application/json".to_owned()),

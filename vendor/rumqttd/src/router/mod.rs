@@ -210,6 +210,11 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// Renkei patch: the request belongs to a persistent session (clean session 0). When its
+    /// connection ends, its cursor goes back to its first unacknowledged message, so its log
+    /// must keep what it has already read (see `Data::release_if_all_read`).
+    #[serde(default)]
+    pub(crate) persistent: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1167,6 +1167,7 @@ impl Router {
                 // set true for new subscriptions
                 forward_retained,
                 group,
+                persistent: !connection.clean,
             };
 
             self.scheduler.track(id, request);
@@ -2464,6 +2465,114 @@ mod filter_logs {
             }
         }
         assert_eq!(got, 3000);
+    }
+
+    fn subscribe_qos1(filter: &str) -> Packet {
+        let mut sub = subscribe(filter);
+        if let Packet::Subscribe(s, _) = &mut sub {
+            s.filters[0].qos = QoS::AtLeastOnce;
+        }
+        sub
+    }
+
+    fn numbered(messages: &[(Bytes, Bytes)]) -> Vec<usize> {
+        messages
+            .iter()
+            .map(|(topic, payload)| {
+                assert_eq!(topic, "renkei/t", "no skip notice");
+                std::str::from_utf8(&payload[..4]).unwrap().parse().unwrap()
+            })
+            .collect()
+    }
+
+    /// Renkei patch: a log lets go of what every reader has read, and keeps what one is still
+    /// to read.
+    #[test]
+    fn a_log_lets_go_of_what_every_reader_has_read() {
+        let mut router = router(None);
+        let fast = connect(&mut router, "fast", true);
+        let slow = connect(&mut router, "slow", true);
+        send(&mut router, &fast, [subscribe("renkei/#")]);
+        send(&mut router, &slow, [subscribe("renkei/#")]);
+        let writer = connect(&mut router, "writer", true);
+        let payload = "x".repeat(20);
+        let mut n = 0;
+        let mut next = |router: &mut Router| {
+            send(
+                router,
+                &writer,
+                [publish("renkei/t", &format!("{n:04}{payload}"))],
+            );
+            n += 1;
+        };
+
+        // Both read as it comes: the log holds no more than the message last appended (all
+        // 300 fit in its bound, so without the patch it held them all).
+        for i in 0..300 {
+            next(&mut router);
+            assert_eq!(numbered(&forwarded(&mut router, &fast)), vec![i]);
+            assert_eq!(numbered(&forwarded(&mut router, &slow)), vec![i]);
+            assert!(router.datalog.held("renkei/#") <= 1);
+        }
+
+        // One falls behind (its 200-message buffer fills and it stops being served): the log
+        // keeps what it has not read, though the other has.
+        for _ in 0..400 {
+            next(&mut router);
+            assert_eq!(forwarded(&mut router, &fast).len(), 1);
+        }
+        assert!(router.datalog.held("renkei/#") >= 200);
+        assert_eq!(
+            numbered(&forwarded(&mut router, &slow)),
+            (300..700).collect::<Vec<_>>(),
+            "every message, in order, no skip"
+        );
+
+        // Caught up again: the next append lets go of the rest.
+        next(&mut router);
+        assert_eq!(router.datalog.held("renkei/#"), 1);
+        assert_eq!(numbered(&forwarded(&mut router, &fast)), vec![700]);
+        assert_eq!(numbered(&forwarded(&mut router, &slow)), vec![700]);
+
+        // A new subscriber starts at the end, as before.
+        let late = connect(&mut router, "late", true);
+        send(&mut router, &late, [subscribe("renkei/#")]);
+        next(&mut router);
+        assert_eq!(numbered(&forwarded(&mut router, &late)), vec![701]);
+        logs(&router);
+    }
+
+    /// Renkei patch: a persistent session goes back to its first unacknowledged message when
+    /// its connection ends, so its log keeps what it has read: nothing is lost across the
+    /// reconnect.
+    #[test]
+    fn a_persistent_readers_unacknowledged_messages_stay_in_the_log() {
+        let mut router = router(None);
+        let keeper = connect(&mut router, "keeper", false);
+        send(&mut router, &keeper, [subscribe_qos1("renkei/#")]);
+        let writer = connect(&mut router, "writer", true);
+        for i in 0..50 {
+            send(
+                &mut router,
+                &writer,
+                [publish("renkei/t", &format!("{i:04}"))],
+            );
+        }
+        // Read, never acknowledged; caught up, so parked.
+        assert_eq!(
+            numbered(&forwarded(&mut router, &keeper)),
+            (0..50).collect::<Vec<_>>()
+        );
+        send(&mut router, &writer, [publish("renkei/t", "0050")]);
+        assert_eq!(router.datalog.held("renkei/#"), 51, "kept for a rewind");
+
+        disconnect(&mut router, keeper);
+        let keeper = connect(&mut router, "keeper", false);
+        assert_eq!(
+            numbered(&forwarded(&mut router, &keeper)),
+            (0..51).collect::<Vec<_>>(),
+            "the unacknowledged messages again, and the one sent while away"
+        );
     }
 
     #[test]

@@ -162,6 +162,25 @@ where
         }
     }
 
+    /// Renkei patch: drops every entry, keeping the numbering: the next append gets the
+    /// offset it would have had, and a cursor at the end stays at the end. For a log whose
+    /// readers have all read everything (see `Data::release_if_all_read`).
+    pub fn release_read(&mut self) {
+        if self.segments.len() == 1 && self.active_segment().len() == 0 {
+            return;
+        }
+        let next = self.active_segment().next_offset();
+        self.segments.clear();
+        self.segments.push_back(Segment::with_offset(next));
+        self.head = self.tail;
+    }
+
+    /// Renkei patch, for tests: how many entries the log holds.
+    #[cfg(test)]
+    pub fn held(&self) -> u64 {
+        self.segments.iter().map(|segment| segment.len()).sum()
+    }
+
     #[inline]
     pub fn last(&self) -> Option<T> {
         self.active_segment().last()
@@ -633,6 +652,59 @@ mod tests {
                 end: (3, 40)
             }
         );
+    }
+
+    /// Renkei patch: a released log holds nothing, and its numbering goes on.
+    #[test]
+    fn a_released_log_holds_nothing_and_keeps_its_numbering() {
+        let mut log = CommitLog::new(1024 * 10, 5).unwrap();
+        for i in 0..35 {
+            log.append(random_payload(i, 1024));
+        }
+        assert_eq!((log.head, log.tail), (0, 3));
+        let end = log.next_offset();
+        assert_eq!(end, (3, 35));
+
+        log.release_read();
+        assert_eq!(log.held(), 0);
+        assert_eq!(log.size(), 0);
+        assert_eq!(
+            log.next_offset(),
+            end,
+            "a cursor at the end stays at the end"
+        );
+        let mut out = Vec::new();
+        assert_eq!(
+            log.readv(end, 10, &mut out).unwrap(),
+            Done { start: end, end }
+        );
+        assert!(out.is_empty());
+
+        // The next append gets the offset it would have had, and is read from the old end
+        // with no jump.
+        assert_eq!(log.append(random_payload(35, 1024)), (3, 36));
+        assert_eq!(
+            log.readv(end, 10, &mut out).unwrap(),
+            Done {
+                start: end,
+                end: (3, 36)
+            }
+        );
+        assert_eq!(out.len(), 1);
+        verify(35, 1024, out.pop().unwrap());
+
+        // Released twice, or released empty: nothing changes.
+        log.release_read();
+        log.release_read();
+        assert_eq!(log.next_offset(), (3, 36));
+        assert_eq!(log.held(), 0);
+
+        // It fills and rolls over as before.
+        for i in 0..60 {
+            log.append(random_payload(i, 1024));
+        }
+        assert_eq!(log.held(), 50, "five segments of ten");
+        assert_eq!(log.next_offset().1, 96);
     }
 
     #[test]
