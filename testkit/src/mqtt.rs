@@ -98,10 +98,12 @@ impl MqttClient {
 
     /// Subscribes and returns the SUBACK's return codes.
     pub async fn subscribe_codes(&mut self, filter: &str) -> Vec<SubscribeReasonCode> {
-        self.client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .await
-            .unwrap();
+        self.subscribe_codes_at(filter, QoS::AtLeastOnce).await
+    }
+
+    /// [`MqttClient::subscribe_codes`] at `qos` (the dashboard subscribes at QoS 0).
+    pub async fn subscribe_codes_at(&mut self, filter: &str, qos: QoS) -> Vec<SubscribeReasonCode> {
+        self.client.subscribe(filter, qos).await.unwrap();
         self.suback().await
     }
 

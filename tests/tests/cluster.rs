@@ -185,16 +185,31 @@ async fn clients_on_the_surviving_nodes_keep_working_when_a_node_is_killed() -> 
     let killed = Instant::now();
     // An HQ dashboard on one surviving node, an agent on the other. The engine moves the
     // leaders of its replicated streams off the dead node meanwhile; until it has, a node may
-    // refuse a QoS 1 subscription or drop a connection, and the clients connect again.
+    // stall or refuse a connection or a QoS 1 publish, and the clients connect again. The
+    // dashboard connects as the page does: a fresh client id each time, subscribing at QoS 0.
+    // What became of each round, for the report: where the time goes.
+    let rounds = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let note = |rounds: &std::sync::Mutex<Vec<String>>, what: String| {
+        if let Ok(mut rounds) = rounds.lock() {
+            rounds.push(format!("{what} at {:.1} s", killed.elapsed().as_secs_f64()));
+        }
+    };
     let mut round = 0u64;
     let back = eventually_within(Duration::from_secs(90), "MQTT across the survivors", || {
         round += 1;
         let seq = round;
+        let rounds = rounds.clone();
         async move {
-            let mut sato = MqttClient::try_connect(login_options(b, "sato-dash", "sato", PASSWORD))
-                .await
-                .ok()?;
-            let codes = sato.subscribe_codes("renkei/v1/131041/#").await;
+            let dash = format!("sato-dash-{seq}");
+            let sato = MqttClient::try_connect(login_options(b, &dash, "sato", PASSWORD)).await;
+            let Ok(mut sato) = sato.map_err(|e| note(&rounds, format!("{seq}: dashboard {e}")))
+            else {
+                return None;
+            };
+            let codes = sato
+                .subscribe_codes_at("renkei/v1/131041/#", QoS::AtMostOnce)
+                .await;
+            note(&rounds, format!("{seq}: dashboard subscribed {codes:?}"));
             if codes
                 .iter()
                 .any(|c| matches!(c, SubscribeReasonCode::Failure))
@@ -203,13 +218,17 @@ async fn clients_on_the_surviving_nodes_keep_working_when_a_node_is_killed() -> 
             }
             let agent =
                 MqttClient::try_connect(login_options(a, "agent-nishi", "agent-nishi", PASSWORD))
-                    .await
-                    .ok()?;
+                    .await;
+            let Ok(agent) = agent.map_err(|e| note(&rounds, format!("{seq}: agent {e}"))) else {
+                return None;
+            };
             let mut status = renkei_shared::sample::status();
             status.header.seq = 1000 + seq;
             let topic = renkei_shared::Topic::of(&status).ok()?.to_string();
             // NATS may close either connection meanwhile: then this round ends.
-            agent.try_send(&status).await.then_some(())?;
+            let sent = agent.try_send(&status).await;
+            note(&rounds, format!("{seq}: agent connected, sent {sent}"));
+            sent.then_some(())?;
             let want = renkei_shared::encode(&status).ok()?;
             let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
             let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -225,9 +244,10 @@ async fn clients_on_the_surviving_nodes_keep_working_when_a_node_is_killed() -> 
     .with_context(|| cluster.nodes[0].log())?;
     cluster.restart(2);
     let rejoined = killed.elapsed();
+    let rounds = rounds.lock().map(|r| r.join("; ")).unwrap_or_default();
     eprintln!(
         "one node of three killed: messages flowed between the survivors again {back:?} after; \
-         the node restarted and was healthy {rejoined:?} after the kill"
+         the node restarted and was healthy {rejoined:?} after the kill; rounds: {rounds}"
     );
     Ok(())
 }

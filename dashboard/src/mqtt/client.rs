@@ -8,7 +8,7 @@ use gloo_timers::future::{IntervalStream, TimeoutFuture};
 
 use super::backoff::{Addresses, Backoff, NEXT_ADDRESS_MS};
 use super::frames::{Frame, Splitter};
-use super::session::{Credentials, Output, PING_EVERY_MS, Phase, Session, SessionError};
+use super::session::{Credentials, Output, Phase, Session, SessionError, TICK_MS};
 use super::{ConnState, Event, Outgoing, client_id};
 use crate::log;
 
@@ -111,22 +111,21 @@ async fn connect_once(
     if let Err(e) = ws.send(Message::Bytes(connect.to_vec())).await {
         return Ended::Dropped(format!("cannot send CONNECT: {e}"));
     }
-    // The broker answers a refused login with a CONNACK that says why; a close before any
-    // CONNACK (an older broker, or a proxy) is taken as a refusal too.
+    // The broker answers a refused login with a CONNACK that says why (Renkei's, Mosquitto,
+    // NATS). A close before any CONNACK is not a refusal: a cluster node that cannot reach
+    // its session store closes the connection without one, and the next address may serve.
     let closed = |session: &Session, why: String| {
-        if session.phase() == Phase::AwaitingConnAck {
-            Ended::Refused(format!(
-                "connection closed before the broker accepted it ({why})"
-            ))
+        Ended::Dropped(if session.phase() == Phase::AwaitingConnAck {
+            format!("connection closed before the broker accepted it ({why})")
         } else {
-            Ended::Dropped(why)
-        }
+            why
+        })
     };
     let mut splitter = Splitter::new();
-    let mut ping = IntervalStream::new(PING_EVERY_MS);
+    let mut tick = IntervalStream::new(TICK_MS);
     let mut outputs = Vec::new();
     loop {
-        let woken = select(select(ws.next(), ping.next()), link.outgoing.next()).await;
+        let woken = select(select(ws.next(), tick.next()), link.outgoing.next()).await;
         let bytes = match woken {
             Either::Left((Either::Left((Some(Ok(Message::Bytes(bytes))), _)), _)) => bytes,
             Either::Left((Either::Left((Some(Ok(Message::Text(_))), _)), _)) => {
@@ -138,13 +137,14 @@ async fn connect_once(
             Either::Left((Either::Left((None, _)), _)) => {
                 return closed(&session, "socket closed".into());
             }
-            Either::Left((Either::Right(_), _)) => match session.on_ping_timer(now_ms()) {
-                Ok(ping) => {
+            Either::Left((Either::Right(_), _)) => match session.on_tick(now_ms()) {
+                Ok(Some(ping)) => {
                     if let Err(e) = ws.send(Message::Bytes(ping.to_vec())).await {
                         return Ended::Dropped(e.to_string());
                     }
                     continue;
                 }
+                Ok(None) => continue,
                 Err(e) => return Ended::Dropped(e.to_string()),
             },
             Either::Right((Some(message), _)) => {

@@ -7,8 +7,15 @@
 //! ```
 //!
 //! The broker must see CONNACK before SUBSCRIBE (rumqttd drops a client that does otherwise),
-//! every QoS 1 publish is acknowledged at once, and a connection that has said nothing for
-//! longer than the keep-alive allows is treated as dead even if the socket looks open.
+//! every QoS 1 publish is acknowledged at once, a handshake that takes longer than
+//! [`HANDSHAKE_MS`] is given up, and a connection that has said nothing for longer than the
+//! keep-alive allows is treated as dead even if the socket looks open.
+//!
+//! The page subscribes at QoS 0. Its session is clean, so a message in flight when the link
+//! drops is lost at either QoS; what the page shows comes back with the retained messages of
+//! the next SUBSCRIBE. On a clustered engine a QoS 1 subscription also costs a replicated
+//! consumer per filter, made while the client waits for its SUBACK, and while the engine
+//! elects leaders after losing a node that stalls or fails (docs/scaling.md).
 
 use bytes::{Bytes, BytesMut};
 use mqttbytes::QoS;
@@ -20,7 +27,14 @@ use mqttbytes::v4::{
 /// Keep-alive announced in CONNECT, in seconds.
 pub const KEEP_ALIVE_S: u16 = 30;
 /// How often to send PINGREQ: well inside the keep-alive, so one late ping is not fatal.
-pub const PING_EVERY_MS: u32 = 20_000;
+pub const PING_EVERY_MS: f64 = 20_000.0;
+/// How often the driver calls [`Session::on_tick`].
+pub const TICK_MS: u32 = 1_000;
+/// How long CONNACK and SUBACK may take together before the address is given up for the
+/// next: a broker that holds the handshake this long is not serving (a cluster node cut off
+/// from its peers, or one waiting out an election, answers in 4 s or closes). Generous for a
+/// single broker: an embedded one answers in milliseconds, even under a reconnect storm.
+pub const HANDSHAKE_MS: f64 = 10_000.0;
 /// Silence after which the connection is given up: keep-alive and a half, as the broker does.
 pub const DEAD_AFTER_MS: f64 = KEEP_ALIVE_S as f64 * 1500.0;
 /// The shortest time between two re-subscriptions for the retained state after skip notices.
@@ -82,6 +96,8 @@ pub enum SessionError {
     Unexpected(&'static str, Phase),
     /// Nothing heard for longer than [`DEAD_AFTER_MS`].
     Silent,
+    /// Not subscribed [`HANDSHAKE_MS`] after opening.
+    HandshakeTimeout(Phase),
     Encode(mqttbytes::Error),
 }
 
@@ -92,6 +108,9 @@ impl std::fmt::Display for SessionError {
             SessionError::SubscriptionRefused => f.write_str("broker refused the subscription"),
             SessionError::Unexpected(what, phase) => write!(f, "unexpected {what} in {phase:?}"),
             SessionError::Silent => f.write_str("broker silent past the keep-alive"),
+            SessionError::HandshakeTimeout(phase) => {
+                write!(f, "no answer within {HANDSHAKE_MS} ms ({phase:?})")
+            }
             SessionError::Encode(e) => write!(f, "cannot encode a packet: {e:?}"),
         }
     }
@@ -103,8 +122,12 @@ pub struct Session {
     phase: Phase,
     /// The topic filters subscribed to once connected, in one SUBSCRIBE.
     filters: Vec<String>,
-    /// When anything was last heard, in the driver's clock (ms).
+    /// When the CONNECT went, in the driver's clock (ms).
+    opened_ms: f64,
+    /// When anything was last heard.
     last_heard_ms: f64,
+    /// When the last PINGREQ went (or the session opened).
+    pinged_ms: f64,
     /// When a skip notice last made the session subscribe again.
     resubscribed_ms: Option<f64>,
     /// Packet id of the next publish.
@@ -130,7 +153,9 @@ impl Session {
         let session = Session {
             phase: Phase::AwaitingConnAck,
             filters: filters.to_vec(),
+            opened_ms: now_ms,
             last_heard_ms: now_ms,
+            pinged_ms: now_ms,
             resubscribed_ms: None,
             next_pkid: FIRST_PUBLISH_PKID,
         };
@@ -209,7 +234,7 @@ impl Session {
         let mut subscribe = Subscribe::new_many(
             self.filters
                 .iter()
-                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+                .map(|f| SubscribeFilter::new(f.clone(), QoS::AtMostOnce)),
         );
         // Subscribe::new leaves the packet id at 0, which brokers reject.
         subscribe.pkid = SUBSCRIBE_PKID;
@@ -245,7 +270,7 @@ impl Session {
                 let ack = PubAck::new(publish.pkid);
                 out.push(Output::Send(encode(|buf| ack.write(buf))?));
             }
-            // Not requested (the subscription is QoS 1), so not handled: the broker downgrades.
+            // Not requested (the subscription is QoS 0), so not handled: the broker downgrades.
             QoS::ExactlyOnce => {}
         }
         out.push(Output::Deliver(Incoming {
@@ -256,12 +281,20 @@ impl Session {
         Ok(())
     }
 
-    /// Called on the ping timer: the PINGREQ to send, or an error if the broker went silent.
-    pub fn on_ping_timer(&mut self, now_ms: f64) -> Result<Bytes, SessionError> {
+    /// Called every [`TICK_MS`]: a PINGREQ to send when one is due, or an error if the
+    /// handshake took too long or the broker went silent.
+    pub fn on_tick(&mut self, now_ms: f64) -> Result<Option<Bytes>, SessionError> {
+        if self.phase != Phase::Subscribed && now_ms - self.opened_ms > HANDSHAKE_MS {
+            return Err(SessionError::HandshakeTimeout(self.phase));
+        }
         if now_ms - self.last_heard_ms > DEAD_AFTER_MS {
             return Err(SessionError::Silent);
         }
-        encode(|buf| PingReq.write(buf))
+        if now_ms - self.pinged_ms < PING_EVERY_MS {
+            return Ok(None);
+        }
+        self.pinged_ms = now_ms;
+        encode(|buf| PingReq.write(buf)).map(Some)
     }
 }
 
@@ -343,9 +376,9 @@ mod tests {
         s.on_packet(ack, now, out).unwrap();
     }
 
-    /// The broker's SUBACK granting the one filter at QoS 1, at `now`.
+    /// The broker's SUBACK granting the one filter at QoS 0, at `now`.
     fn granted(s: &mut Session, now: f64, out: &mut Vec<Output>) {
-        let codes = vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)];
+        let codes = vec![SubscribeReasonCode::Success(QoS::AtMostOnce)];
         s.on_packet(Packet::SubAck(SubAck::new(SUBSCRIBE_PKID, codes)), now, out)
             .unwrap();
     }
@@ -374,7 +407,7 @@ mod tests {
                 Packet::Subscribe(sub) => {
                     assert_ne!(sub.pkid, 0);
                     assert_eq!(sub.filters[0].path, "renkei/v1/#");
-                    assert_eq!(sub.filters[0].qos, QoS::AtLeastOnce);
+                    assert_eq!(sub.filters[0].qos, QoS::AtMostOnce);
                 }
                 other => panic!("{other:?}"),
             },
@@ -512,16 +545,42 @@ mod tests {
     }
 
     #[test]
-    fn pings_until_the_broker_goes_silent() {
+    fn pings_every_twenty_seconds_until_the_broker_goes_silent() {
         let mut s = connected();
-        let ping = s.on_ping_timer(20_000.0).unwrap();
+        assert_eq!(s.on_tick(19_000.0), Ok(None), "not yet due");
+        let ping = s.on_tick(20_000.0).unwrap().unwrap();
         assert_eq!(decode(&ping), Packet::PingReq);
+        assert_eq!(s.on_tick(21_000.0), Ok(None), "one ping per period");
         s.on_packet(Packet::PingResp, 21_000.0, &mut Vec::new())
             .unwrap();
-        assert!(s.on_ping_timer(21_000.0 + DEAD_AFTER_MS - 1.0).is_ok());
+        assert!(s.on_tick(40_000.0).unwrap().is_some());
+        assert!(s.on_tick(21_000.0 + DEAD_AFTER_MS - 1.0).is_ok());
         assert_eq!(
-            s.on_ping_timer(21_000.0 + DEAD_AFTER_MS + 1.0),
+            s.on_tick(21_000.0 + DEAD_AFTER_MS + 1.0),
             Err(SessionError::Silent)
         );
+    }
+
+    #[test]
+    fn a_handshake_that_takes_too_long_is_given_up() {
+        // No CONNACK.
+        let (mut s, _) = Session::open("dash-x", &all(), None, 0.0).unwrap();
+        assert_eq!(s.on_tick(HANDSHAKE_MS - 1.0), Ok(None));
+        assert_eq!(
+            s.on_tick(HANDSHAKE_MS + 1.0),
+            Err(SessionError::HandshakeTimeout(Phase::AwaitingConnAck))
+        );
+        // A CONNACK but no SUBACK: the broker answers, but serves nothing.
+        let (mut s, _) = Session::open("dash-x", &all(), None, 0.0).unwrap();
+        accept(&mut s, 3_000.0, &mut Vec::new());
+        assert_eq!(
+            s.on_tick(HANDSHAKE_MS + 1.0),
+            Err(SessionError::HandshakeTimeout(Phase::AwaitingSubAck))
+        );
+        // Subscribed in time: no deadline any more.
+        let (mut s, _) = Session::open("dash-x", &all(), None, 0.0).unwrap();
+        accept(&mut s, 1_000.0, &mut Vec::new());
+        granted(&mut s, 9_000.0, &mut Vec::new());
+        assert_eq!(s.on_tick(HANDSHAKE_MS + 1.0), Ok(None));
     }
 }
