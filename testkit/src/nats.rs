@@ -4,7 +4,9 @@
 //!
 //! The nodes list all three routes and set `mqtt.stream_replicas: 3`: left unset, NATS sizes
 //! its own MQTT streams by the routes a node lists, and a node listing only its two peers
-//! makes them R2, which stop when either replica is lost.
+//! makes them R2, which stop when either replica is lost. They also set `mqtt.ack_wait` to
+//! 5 s (30 s by default): a QoS 1 message in flight to a subscriber whose node died (an
+//! agent's receipt) is sent again that much sooner once it has connected elsewhere.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -139,7 +141,7 @@ impl NatsCluster {
                     "server_name: {name}\nlisten: 127.0.0.1:{}\nhttp: 127.0.0.1:{}\n\
                      jetstream {{ store_dir: {store:?}, max_memory_store: 64MB, max_file_store: 1GB }}\n\
                      cluster {{ name: renkei-hq, listen: 127.0.0.1:{}, routes: [{}] }}\n\
-                     mqtt {{ listen: 127.0.0.1:{}, stream_replicas: 3 }}\n\
+                     mqtt {{ listen: 127.0.0.1:{}, stream_replicas: 3, ack_wait: \"5s\" }}\n\
                      websocket {{ listen: 127.0.0.1:{}, no_tls: true }}\n{authorization}\n",
                     p.client,
                     p.http,
