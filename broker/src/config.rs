@@ -128,7 +128,7 @@ impl Default for MqttConfig {
             max_packet_size: ByteSize(MAX_FRAME + PACKET_HEADROOM),
             connect_timeout: HumanDuration(Duration::from_secs(5)),
             max_inflight: 100,
-            // 10 MiB per subscribed filter's log, of which 8 MiB is always kept: five seconds
+            // At most 10 MiB per subscribed filter's log, 8 MiB of it kept once full: five seconds
             // of 2,000 sites reporting every second, read as postcard or as JSON, before a
             // subscriber that stalls is skipped ahead (and told: `topic::SKIPPED_NOTICE`).
             // Ingest does not read a log. See docs/broker.example.toml.

@@ -525,7 +525,7 @@ mod tests {
 
     /// A subscriber that stalls for five seconds while 2,000 sites report every second loses
     /// nothing, reading postcard or JSON: that much fits in the part of a default log that is
-    /// always kept (all segments but the one filling). rumqttd counts a message as its
+    /// kept once it is full (all segments but the one filling). rumqttd counts a message as its
     /// 96-byte entry, its topic and its payload.
     #[test]
     fn every_log_holds_five_seconds_of_two_thousand_sites_in_either_form() {
