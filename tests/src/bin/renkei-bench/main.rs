@@ -163,6 +163,9 @@ struct RunResult {
     commit: Option<CommitResult>,
     /// What the integrator on the JSON mirror received (first copies, duplicates), if any.
     integrator: Option<(u64, u64)>,
+    /// The broker process's peak RSS (`VmHWM`) once the run is over, in MiB: a fresh process
+    /// for every run, so the run's own peak. `None` for a cluster (several processes).
+    peak_rss_mib: Option<f64>,
 }
 
 /// Publish → recorder committed, from the first receipt that names each message.
@@ -485,7 +488,8 @@ async fn load(targets: Vec<Target>, runs: usize, load: Load) -> Result<()> {
                 Target::Renkei | Target::RenkeiIntegrator | Target::Cluster
             );
             let integrator = target == Target::RenkeiIntegrator;
-            let result = one_run(server.port(), load, receipts, integrator).await?;
+            let mut result = one_run(server.port(), load, receipts, integrator).await?;
+            result.peak_rss_mib = mem::peak_rss_mib(&server);
             let commit = match &result.commit {
                 Some(c) => format!(
                     "commit p50 {:.1} ms p90 {:.1} ms p99 {:.1} ms max {:.1} ms, confirmed {}/{} never {}",
@@ -503,8 +507,11 @@ async fn load(targets: Vec<Target>, runs: usize, load: Load) -> Result<()> {
                 Some((got, dup)) => format!("; integrator {got}/{} dup {dup}", result.expected),
                 None => String::new(),
             };
+            let peak = result
+                .peak_rss_mib
+                .map_or(String::new(), |mib| format!("; peak RSS {mib:.1} MiB"));
             println!(
-                "run {run} {target:?}: {:.0} msg/s delivered {}/{} dup {} in {:.2}s, latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms; {commit}{integrator}",
+                "run {run} {target:?}: {:.0} msg/s delivered {}/{} dup {} in {:.2}s, latency p50 {:.1} ms p99 {:.1} ms max {:.1} ms; {commit}{integrator}{peak}",
                 result.rate(),
                 result.delivered,
                 result.expected,
@@ -581,9 +588,15 @@ async fn load(targets: Vec<Target>, runs: usize, load: Load) -> Result<()> {
             .map_or(String::new(), |(lost, dups)| {
                 format!("; integrator lost {lost}, duplicates {dups}")
             });
+        let mut peaks: Vec<f64> = results.iter().filter_map(|r| r.peak_rss_mib).collect();
+        let peak = if peaks.is_empty() {
+            String::new()
+        } else {
+            format!("; peak RSS {:.1} MiB", median(&mut peaks))
+        };
         println!(
             "  {target:?}: {rate:.0} msg/s, p99 {:.1} ms, lost {lost}, duplicates {dups}; \
-             {commit}{integrator}",
+             {commit}{integrator}{peak}",
             median(&mut p99)
         );
     }
@@ -718,6 +731,7 @@ async fn one_run(port: u16, load: Load, receipts: bool, integrator: bool) -> Res
         max_ms: pct(1.0),
         commit,
         integrator,
+        peak_rss_mib: None,
     })
 }
 

@@ -435,6 +435,15 @@ fn child_named(name: &str) -> Result<u32> {
     }
 }
 
+/// The peak RSS (`VmHWM`) of `server`'s broker process so far, in MiB; `None` for a cluster
+/// (several processes) or a process gone. For `renkei-bench load`, where each run has a fresh
+/// broker process.
+pub(crate) fn peak_rss_mib(server: &Server) -> Option<f64> {
+    let (pid, _) = describe(server).ok()?;
+    let (_, hwm_kib) = read_memory(pid).ok()?;
+    Some(hwm_kib as f64 / 1024.0)
+}
+
 /// What a target's broker process is, for the record: its pid and its configuration.
 fn describe(server: &Server) -> Result<(u32, String)> {
     Ok(match server {
