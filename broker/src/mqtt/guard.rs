@@ -230,10 +230,10 @@ impl Guard {
         if principal.access == Access::Demo && login.is_none() {
             // rumqttd calls its auth hook only for a CONNECT with a login; an empty one is
             // what the hook admits as anonymous in demo mode.
-            login = Some(Login {
+            login = Some(Box::new(Login {
                 username: String::new(),
                 password: String::new(),
-            });
+            }));
         }
         if let Some(login) = &login {
             // The auth hook, which checks the password next, is told neither the address nor

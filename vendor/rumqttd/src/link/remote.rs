@@ -57,7 +57,8 @@ pub enum Error {
 pub(crate) const MAX_BUFFERED_INCOMING: usize = 512;
 
 /// Renkei patch: the capacity a connection's buffers keep after a burst. A Renkei agent sends a
-/// message or two at a time; 2,000 of them each keeping room for 32 packets (392 bytes each)
+/// message or two at a time; 2,000 of them each keeping room for 32 packets (392 bytes each
+/// upstream, 88 since patch 20)
 /// and 32 notifications (248 bytes) held some 40 MB for nothing.
 pub(crate) const KEPT_CAPACITY: usize = 4;
 
@@ -112,8 +113,8 @@ impl<P: Protocol> RemoteLink<P> {
         let (link_tx, link_rx, notification) = LinkBuilder::new(client_id, router_tx)
             .tenant_id(tenant_id)
             .clean_session(clean_session)
-            .last_will(lastwill)
-            .last_will_properties(lastwill_props)
+            .last_will(crate::protocol::unboxed(lastwill))
+            .last_will_properties(crate::protocol::unboxed(lastwill_props))
             .dynamic_filters(dynamic_filters)
             .topic_alias_max(topic_alias_max.unwrap_or(0))
             .build()?;
@@ -228,7 +229,7 @@ where
 
     Span::current().record("client_id", &connect.client_id);
 
-    if let Err(code) = handle_auth(config.clone(), login.as_ref(), &connect.client_id).await {
+    if let Err(code) = handle_auth(config.clone(), login.as_deref(), &connect.client_id).await {
         return refuse(network, code).await;
     }
 

@@ -75,8 +75,8 @@ impl Outgoing {
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
         // Renkei patch: buffers allocate as they fill. Upstream reserved room for 200
         // notifications and 100 in-flight publishes here, and 200 packets in `Incoming`,
-        // some 130 KiB a connection whether it ever sent or received a message (a packet
-        // is 392 bytes, a notification 248): most of an idle broker's memory with
+        // some 130 KiB a connection whether it ever sent or received a message (upstream's
+        // packet is 392 bytes, a notification 248): most of an idle broker's memory with
         // thousands of quiet clients.
         let data_buffer = VecDeque::new();
         let inflight_buffer = VecDeque::new();

@@ -111,10 +111,14 @@ type MaybePacket = Option<Packet>;
 impl From<Notification> for MaybePacket {
     fn from(notification: Notification) -> Self {
         let packet: Packet = match notification {
-            Notification::Forward(forward) => Packet::Publish(forward.publish, forward.properties),
+            Notification::Forward(forward) => {
+                Packet::Publish(forward.publish, crate::protocol::boxed(forward.properties))
+            }
             Notification::DeviceAck(ack) => ack.into(),
             Notification::Unschedule => return None,
-            Notification::Disconnect(disconnect, props) => Packet::Disconnect(disconnect, props),
+            Notification::Disconnect(disconnect, props) => {
+                Packet::Disconnect(disconnect, crate::protocol::boxed(props))
+            }
             v => {
                 tracing::error!("Unexpected notification here, it cannot be converted into Packet, Notification: {:?}", v);
                 return None;
@@ -156,7 +160,9 @@ pub enum Ack {
 impl From<Ack> for Packet {
     fn from(value: Ack) -> Self {
         match value {
-            Ack::ConnAck(_id, connack, props) => Packet::ConnAck(connack, props),
+            Ack::ConnAck(_id, connack, props) => {
+                Packet::ConnAck(connack, crate::protocol::boxed(props))
+            }
             Ack::PubAck(puback) => Packet::PubAck(puback, None),
             Ack::PubAckWithProperties(puback, prop) => Packet::PubAck(puback, Some(prop)),
             Ack::SubAck(suback) => Packet::SubAck(suback, None),

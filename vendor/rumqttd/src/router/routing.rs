@@ -1,7 +1,7 @@
 use crate::protocol::{
-    ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
-    LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, SubAck,
+    unboxed, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode,
+    LastWill, LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason,
+    PubRec, PubRecReason, PubRel, PubRelReason, Publish, PublishProperties, QoS, SubAck,
     SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use crate::router::alertlog::alert;
@@ -687,7 +687,7 @@ impl Router {
                             };
 
                             let ackslog = self.ackslog.get_mut(id).unwrap();
-                            ackslog.pubrec(publish, properties, pubrec);
+                            ackslog.pubrec(publish, unboxed(properties), pubrec);
                             force_ack = true;
                             continue;
                         }
@@ -702,7 +702,7 @@ impl Router {
                     match append_to_commitlog(
                         id,
                         publish.clone(),
-                        properties,
+                        unboxed(properties),
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,

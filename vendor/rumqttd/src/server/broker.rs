@@ -883,7 +883,7 @@ mod test_client {
             username: username.to_owned(),
             password: password.to_owned(),
         });
-        Packet::Connect(connect, None, will, None, login)
+        Packet::Connect(connect, None, will.map(Box::new), None, login.map(Box::new))
     }
 
     pub async fn send(stream: &mut (impl AsyncWrite + Unpin), packet: Packet) {

@@ -386,11 +386,17 @@ impl Protocol for V5 {
             PacketType::Connect => {
                 let (connect, properties, will, willproperties, login) =
                     connect::read(fixed_header, packet)?;
-                Packet::Connect(connect, properties, will, willproperties, login)
+                Packet::Connect(
+                    connect,
+                    boxed(properties),
+                    boxed(will),
+                    boxed(willproperties),
+                    boxed(login),
+                )
             }
             PacketType::Publish => {
                 let (publish, properties) = publish::read(fixed_header, packet)?;
-                Packet::Publish(publish, properties)
+                Packet::Publish(publish, boxed(properties))
             }
             PacketType::PubAck => {
                 let (puback, properties) = puback::read(fixed_header, packet)?;
@@ -412,7 +418,7 @@ impl Protocol for V5 {
             PacketType::PingResp => Packet::PingResp(PingResp),
             PacketType::Disconnect => {
                 let (disconnect, properties) = disconnect::read(fixed_header, packet)?;
-                Packet::Disconnect(disconnect, properties)
+                Packet::Disconnect(disconnect, boxed(properties))
             }
             PacketType::PubRec => {
                 let (pubrec, properties) = pubrec::read(fixed_header, packet)?;
@@ -442,14 +448,18 @@ impl Protocol for V5 {
                 login,
             ) => connect::write(
                 &connect,
-                &connect_properties,
-                &last_will,
-                &last_will_properties,
-                &login,
+                &unboxed(connect_properties),
+                &unboxed(last_will),
+                &unboxed(last_will_properties),
+                &unboxed(login),
                 buffer,
             )?,
-            Packet::ConnAck(connack, properties) => connack::write(&connack, &properties, buffer)?,
-            Packet::Publish(publish, properties) => publish::write(&publish, &properties, buffer)?,
+            Packet::ConnAck(connack, properties) => {
+                connack::write(&connack, &unboxed(properties), buffer)?
+            }
+            Packet::Publish(publish, properties) => {
+                publish::write(&publish, &unboxed(properties), buffer)?
+            }
             Packet::PubAck(puback, properties) => puback::write(&puback, &properties, buffer)?,
             Packet::Subscribe(subscribe, properties) => {
                 subscribe::write(&subscribe, &properties, buffer)?
@@ -465,7 +475,7 @@ impl Protocol for V5 {
                 unsuback::write(&unsuback, &properties, buffer)?
             }
             Packet::Disconnect(disconnect, properties) => {
-                disconnect::write(&disconnect, &properties, buffer)?
+                disconnect::write(&disconnect, &unboxed(properties), buffer)?
             }
             Packet::PingReq(pingreq) => ping::pingreq::write(buffer)?,
             Packet::PingResp(pingresp) => ping::pingresp::write(buffer)?,
