@@ -439,24 +439,34 @@ fn child_named(name: &str) -> Result<u32> {
 /// (several processes) or a process gone. For `renkei-bench load`, where each run has a fresh
 /// broker process.
 pub(crate) fn peak_rss_mib(server: &Server) -> Option<f64> {
-    let (pid, _) = describe(server).ok()?;
-    let (_, hwm_kib) = read_memory(pid).ok()?;
+    let (_, hwm_kib) = read_memory(pid_of(server).ok()?).ok()?;
     Some(hwm_kib as f64 / 1024.0)
 }
 
-/// What a target's broker process is, for the record: its pid and its configuration.
-fn describe(server: &Server) -> Result<(u32, String)> {
+/// The pid of a target's one broker process.
+fn pid_of(server: &Server) -> Result<u32> {
     Ok(match server {
         Server::Cluster { .. } => {
             bail!("the memory benchmark measures one broker process; a cluster is several")
         }
+        Server::Renkei(broker) => broker.pid(),
+        Server::Rumqttd { _process, .. } => _process.id(),
+        Server::Mosquitto(_) => child_named("mosquitto")?,
+    })
+}
+
+/// What a target's broker process is, for the record: its pid and its configuration.
+fn describe(server: &Server) -> Result<(u32, String)> {
+    let pid = pid_of(server)?;
+    Ok(match server {
+        Server::Cluster { .. } => unreachable!("pid_of refuses a cluster"),
         Server::Renkei(broker) => {
             let config_path = broker.dir.path().join(renkei_testkit::CONFIG);
             let config = std::fs::read_to_string(&config_path)
                 .with_context(|| format!("{}", config_path.display()))?;
             let bin = binary("renkei-broker", "renkei-broker");
             (
-                broker.pid(),
+                pid,
                 format!(
                     "{} serve --demo (every listener on 127.0.0.1 port 0); every other setting \
                      at its default; config file:\n{}",
@@ -465,8 +475,8 @@ fn describe(server: &Server) -> Result<(u32, String)> {
                 ),
             )
         }
-        Server::Rumqttd { port, _process } => (
-            _process.id(),
+        Server::Rumqttd { port, .. } => (
+            pid,
             format!(
                 "renkei-bench bare-rumqttd --port {port}: the vendored rumqttd with Renkei's \
                  router settings and no Renkei layer (router max_connections 5000, \
@@ -476,7 +486,6 @@ fn describe(server: &Server) -> Result<(u32, String)> {
             ),
         ),
         Server::Mosquitto(_) => {
-            let pid = child_named("mosquitto")?;
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .with_context(|| format!("/proc/{pid}/cmdline"))?;
             let args: Vec<String> = cmdline
