@@ -58,8 +58,7 @@ pub(crate) const MAX_BUFFERED_INCOMING: usize = 512;
 
 /// Renkei patch: the capacity a connection's buffers keep after a burst. A Renkei agent sends a
 /// message or two at a time; 2,000 of them each keeping room for 32 packets (392 bytes each
-/// upstream, 88 since patch 20)
-/// and 32 notifications (248 bytes) held some 40 MB for nothing.
+/// then; 88 since patch 20) and 32 notifications (248 bytes) held some 40 MB for nothing.
 pub(crate) const KEPT_CAPACITY: usize = 4;
 
 /// Renkei patch: how often a connection whose buffer is full looks whether the router has
