@@ -55,6 +55,19 @@ pub struct MqttClient {
     early: VecDeque<Publish>,
 }
 
+/// Publishes a Renkei message on its own topic, retained, at QoS 1, as agents send, through
+/// any rumqttc client; false if it cannot be encoded or the client's event loop has ended.
+pub async fn send_on(client: &AsyncClient, env: &renkei_shared::Envelope) -> bool {
+    let (Ok(topic), Ok(payload)) = (renkei_shared::Topic::of(env), renkei_shared::encode(env))
+    else {
+        return false;
+    };
+    client
+        .publish(topic.to_string(), QoS::AtLeastOnce, true, payload)
+        .await
+        .is_ok()
+}
+
 impl MqttClient {
     /// Connects anonymously (a broker in demo mode, Mosquitto) and waits for the CONNACK.
     pub async fn connect(addr: SocketAddr, client_id: &str) -> MqttClient {
@@ -131,28 +144,13 @@ impl MqttClient {
 
     /// Publishes a Renkei message on its own topic, retained, at QoS 1, as agents send.
     pub async fn send(&self, env: &renkei_shared::Envelope) {
-        self.client
-            .publish(
-                renkei_shared::Topic::of(env).unwrap().to_string(),
-                QoS::AtLeastOnce,
-                true,
-                renkei_shared::encode(env).unwrap(),
-            )
-            .await
-            .unwrap();
+        assert!(send_on(&self.client, env).await, "cannot send {env:?}");
     }
 
     /// As [`MqttClient::send`], but false instead of a panic when the connection has ended
     /// (an engine that closes connections, as NATS does while its streams elect leaders).
     pub async fn try_send(&self, env: &renkei_shared::Envelope) -> bool {
-        let (Ok(topic), Ok(payload)) = (renkei_shared::Topic::of(env), renkei_shared::encode(env))
-        else {
-            return false;
-        };
-        self.client
-            .publish(topic.to_string(), QoS::AtLeastOnce, true, payload)
-            .await
-            .is_ok()
+        send_on(&self.client, env).await
     }
 
     /// The payload of the next publish on `topic` within `wait`, skipping others.

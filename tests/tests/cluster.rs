@@ -23,7 +23,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use renkei_testkit::mqtt::login_options;
+use renkei_testkit::mqtt::{login_options, send_on};
 use renkei_testkit::nats::NatsCluster;
 use renkei_testkit::{
     BrokerProcess, MqttClient, PASSWORD, ROOT, USER_ROLES, add_user, eventually_within, metric,
@@ -509,14 +509,6 @@ fn reconnecting(
     (client, subscribed, task)
 }
 
-/// Publishes a Renkei message on its own topic, retained, at QoS 1, as agents send; queued
-/// while the client is between connections.
-async fn publish(client: &rumqttc::AsyncClient, env: &renkei_shared::Envelope) {
-    let topic = renkei_shared::Topic::of(env).unwrap().to_string();
-    let payload = renkei_shared::encode(env).unwrap();
-    let _ = client.publish(topic, QoS::AtLeastOnce, true, payload).await;
-}
-
 /// Sites of the load, all in Shinjuku: `load-000` to `load-{LOAD_SITES - 1}`.
 const LOAD_SITES: u64 = 200;
 
@@ -629,7 +621,7 @@ async fn two_instances_share_one_postgresql_record_through_a_node_kill_a_databas
             while i < mine {
                 let due = (started.elapsed().as_millis() as u64 * RATE / 1000 / SENDERS).min(mine);
                 while i < due {
-                    publish(&sender, &load_message(k + i * SENDERS)).await;
+                    send_on(&sender, &load_message(k + i * SENDERS)).await;
                     sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     i += 1;
                 }
@@ -693,7 +685,7 @@ async fn two_instances_share_one_postgresql_record_through_a_node_kill_a_databas
         }
         before = missing.len();
         for n in &missing {
-            publish(&senders[(*n % SENDERS) as usize], &load_message(*n)).await;
+            send_on(&senders[(*n % SENDERS) as usize], &load_message(*n)).await;
         }
         resent += missing.len() as u64;
     }
